@@ -1,0 +1,123 @@
+"""The backend interface: Backend, QuantLinear, Availability, and the name registry.
+
+Nothing in the core knows a backend by name: adapters register themselves here, and
+third-party packages add theirs through the `quantbridge.backends` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str  # why it is (not) available: library version, kernel for this device, how to install
+
+
+class QuantLinear(nn.Module):
+    """A linear layer as one backend stores and runs it.
+
+    `kernel` names the code that really runs in forward (e.g. "reference-torch"), so a
+    fallback is never reported as a library's kernel.
+    """
+
+    kernel: str = "unknown"
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @property
+    def weight_nbytes(self) -> int:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The [N, K] weight this layer effectively multiplies by, in float32."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class Backend:
+    """One INT4 (or reference) implementation of nn.Linear. Subclasses register by name."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    install_hint: ClassVar[str] = ""
+    quantized: ClassVar[bool] = True  # False for the unquantized reference
+
+    def available(self, device: torch.device) -> Availability:
+        return Availability(True, "built in")
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Raise UserError if this backend cannot do `spec` at all."""
+
+    def quantize(
+        self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None
+    ) -> QuantLinear:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+_BUILTINS = ("fp16", "native")  # modules under quantbridge.adapters
+_loaded = False
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend selectable by its `name`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"backend name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTINS:
+        importlib.import_module(f"quantbridge.adapters.{mod}")
+    for ep in entry_points(group="quantbridge.backends"):
+        ep.load()  # importing the module registers its backends
+
+
+def names() -> list[str]:
+    _load_all()
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    _load_all()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise UserError(f"unknown backend {name!r}; valid backends: {', '.join(names())}") from None
+
+
+def parse_names(csv: str) -> list[str]:
+    """'fp16,native' -> ['fp16', 'native'], validated; duplicates dropped, order kept."""
+    out: list[str] = []
+    for part in csv.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        get(part)
+        if part not in out:
+            out.append(part)
+    if not out:
+        raise UserError(f"no backend given; choose from: {', '.join(names())}")
+    return out
+

@@ -1,0 +1,192 @@
+"""The `quantbridge` command line. Thin: parse, call the library, print.
+
+User errors print one line and exit with code 2; nothing a user can fix shows a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import UserError
+
+EPILOG_COMPARE = """\b
+Examples:
+  quantbridge compare demo --backends fp16,native --batch 1,16 --out runs/demo
+  quantbridge compare ./llama-3-8b --backends native --group-size 64 --symmetric
+  quantbridge compare meta-llama/Llama-3.1-8B --batch 1,16,128 --prefill 512
+
+\b
+Writes OUT/results.json (schema_version 1) and OUT/results.csv, each atomically and
+after every backend, so an interrupted run keeps the backends that finished.
+"""
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,16,128") from None
+    if not out:
+        raise click.BadParameter("give at least one value, e.g. 1,16")
+    return out
+
+
+class _RichProgress:
+    def __init__(self, progress: Progress) -> None:
+        self.p, self.task = progress, None
+
+    def begin(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.p.remove_task(self.task)
+        self.task = self.p.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self.p.advance(self.task, n)
+
+
+class _UserFacingError(click.ClickException):
+    exit_code = 2
+
+
+class _Group(click.Group):
+    """Turns UserError from any command into click's one-line 'Error: ...' with exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise _UserFacingError(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantbridge")
+def cli() -> None:
+    """Compare INT4 linear-layer backends on the same model, per layer, measured honestly.
+
+    \b
+    Start with:
+      quantbridge env                                   # what can run here, and why not
+      quantbridge compare demo --backends fp16,native   # the embedded demo model
+    """
+
+
+@cli.command(epilog=EPILOG_COMPARE)
+@click.argument("model")
+@click.option("--backends", default="fp16,native", show_default=True,
+              help="Comma-separated backend names (see `quantbridge env`). fp16, the reference, always runs.")
+@click.option("--batch", "batches", default="1,16", show_default=True, callback=_int_list,
+              help="Decode batch sizes M: each linear is timed on [M, K] inputs.")
+@click.option("--prefill", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Prefill length: one more M, a single sequence of this many tokens (0 = off).")
+@click.option("--group-size", default=128, show_default=True, type=int, help="Quantization group size: 32, 64, 128 or -1 (per-channel).")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Zero-point fixed at 8, or fitted per group.")
+@click.option("--runs", default=20, show_default=True, type=int, help="Timed forward passes per M (median, p10, p90 are reported).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed forward passes per M first.")
+@click.option("--eval-len", default=256, show_default=True, type=click.IntRange(min=8), help="Tokens per held-out sequence for the error measurement.")
+@click.option("--eval-seqs", default=2, show_default=True, type=click.IntRange(min=1), help="Held-out sequences for the error measurement.")
+@click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of layer paths kept unquantized (still probed).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
+@click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--skip-unavailable", is_flag=True, help="Record unavailable backends as such instead of stopping.")
+@click.option("--no-layers", is_flag=True, help="Print only the whole-model summary, not the per-layer table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables; only the paths written.")
+@click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback.")
+def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool, runs: int,
+            warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str, out_dir: str,
+            skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
+    """Run MODEL through every backend and compare them layer by layer.
+
+    MODEL is `demo` (a small seeded Llama built locally), a Hugging Face model
+    directory, or a hub id. For each backend and each linear layer it records latency
+    per M, isolated and propagated relative error, SQNR and cosine against the
+    unquantized reference, and weight bytes.
+    """
+    from . import backend as registry
+    from .compare import Comparer, Settings
+    from .hardware import resolve_device, resolve_dtype
+    from .models import load_model
+    from .report.terminal import print_comparison
+    from .results import save_csv, save_json
+    from .spec import QuantSpec
+
+    names = registry.parse_names(backends)
+    spec = QuantSpec(group_size=group_size, symmetric=symmetric)
+    settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
+                        eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    console = Console(stderr=True, quiet=quiet)
+    with console.status(f"loading {model}"):
+        loaded = load_model(model, dev, dt)
+    out = Path(out_dir)
+
+    def save(comp) -> None:
+        save_json(comp, out / "results.json")
+        save_csv(comp, out / "results.csv")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
+        comp = Comparer(loaded, names, settings, dev, dt, _RichProgress(bar)).run(on_result=save)
+    if not quiet:
+        # Piped output gets a wide table rather than rich's 80-column default.
+        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
+    click.echo(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def env(as_json: bool) -> None:
+    """Show torch/CUDA/GPU facts and, for every backend, whether it can run here and why.
+
+    \b
+    Example:
+      quantbridge env
+    """
+    import json
+
+    import torch
+    from rich.table import Table
+
+    from . import backend as registry
+    from .hardware import device_info
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = device_info(dev)
+    rows = []
+    for name in registry.names():
+        b = registry.get(name)
+        a = b.available(dev)
+        rows.append({"backend": name, "available": a.ok, "reason": a.reason,
+                     "install": None if a.ok else b.install_hint or None, "description": b.description})
+    if as_json:
+        click.echo(json.dumps({"device": info, "backends": rows}, indent=1))
+        return
+    console = Console()
+    console.print(f"[bold]device[/bold] {info['name']} ({dev.type})   torch {torch.__version__}   CUDA {info['torch_cuda']}")
+    for k in ("capability", "sm_count", "memory_gib", "driver", "sm_clock_mhz", "mem_clock_mhz", "nvml"):
+        if k in info:
+            console.print(f"  {k}: {info[k]}")
+    libs = ", ".join(f"{k} {v}" for k, v in info["libraries"].items() if v)
+    console.print(f"  libraries: {libs}")
+    t = Table(title="backends")
+    for col in ("backend", "available", "why", "description"):
+        t.add_column(col)
+    for r in rows:
+        why = r["reason"] + (f" — {r['install']}" if r["install"] else "")
+        t.add_row(r["backend"], "[green]yes[/green]" if r["available"] else "[red]no[/red]", why, r["description"])
+    console.print(t)
+
+
+def main() -> None:
+    cli(prog_name="quantbridge")
+
+
+if __name__ == "__main__":
+    main()

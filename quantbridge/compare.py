@@ -1,0 +1,270 @@
+"""Orchestration: one reference run, then one isolated run per backend, as result records.
+
+For every backend the model's linear layers are swapped for that backend's QuantLinear
+(everything else is shared with the reference model, not copied), then:
+  errors   isolated (each layer fed the reference input) and propagated (the model's own
+           activations) against the reference layer outputs, on held-out text;
+  latency  every linear timed inside real forward passes, for each M (decode batch sizes
+           and the prefill length), plus the whole forward with probes off and on, which
+           gives the probes' own overhead.
+A backend's failure (exception, NaN, out of memory) becomes its status; the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import math
+import re
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import backend as registry
+from .errors import BackendUnavailable, UserError
+from .hardware import device_info
+from .instrument import LayerTimer, capture_io, isolated_error, propagated_error, time_calls
+from .metrics import summarize
+from .models import LoadedModel, linear_layers
+from .results import BackendResult, Comparison, LayerRecord
+from .spec import QuantSpec
+from .workloads import decode_batches, prefill_batches, text_split, tokenize, windows
+
+REFERENCE = "fp16"
+
+
+@dataclass
+class Settings:
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    batches: list[int] = field(default_factory=lambda: [1, 16])
+    prefill: int = 256  # 0 disables the prefill shape
+    runs: int = 20
+    warmup: int = 3
+    eval_seqs: int = 2
+    eval_len: int = 256
+    skip: str = r"(^|\.)lm_head$"  # layers kept unquantized (regex on the module path)
+    seed: int = 0
+    skip_unavailable: bool = False
+    debug: bool = False  # re-raise backend failures instead of recording them
+
+    def __post_init__(self) -> None:
+        if self.runs < 5:
+            raise UserError(f"--runs {self.runs} is too few for a median with p10/p90; use at least 5 (20 is the default)")
+        if any(m < 1 for m in self.batches) or self.prefill < 0:
+            raise UserError("--batch values must be >= 1 and --prefill >= 0")
+
+    @property
+    def m_values(self) -> list[int]:
+        ms = sorted(set(self.batches))
+        return ms + ([self.prefill] if self.prefill and self.prefill not in ms else [])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("debug")
+        d["m_values"] = self.m_values
+        return d
+
+
+class Progress:
+    """What compare tells about its progress; the CLI renders it, tests ignore it."""
+
+    def begin(self, description: str, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+def with_backend(model: nn.Module, backend: registry.Backend, spec: QuantSpec, targets: set[str]) -> nn.Module:
+    """A structural copy of `model` whose linears are the backend's; all tensors are shared.
+
+    Layers outside `targets` go to the reference backend, so they are probed the same way.
+    """
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    reference = registry.get(REFERENCE)
+    for name, lin in linear_layers(clone).items():
+        q = (backend if name in targets else reference).quantize(lin, spec)
+        clone.set_submodule(name, q)
+    return clone
+
+
+class _L2Flush:
+    """Overwrites a buffer of twice the L2 size between timed runs, so weights come from HBM."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.buf = None
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+            self.buf = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+
+    @property
+    def active(self) -> bool:
+        return self.buf is not None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.random_()  # never zeros: see the measurement rules
+
+
+class Comparer:
+    def __init__(self, loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
+                 dtype: torch.dtype, progress: Progress | None = None) -> None:
+        self.loaded, self.settings, self.device, self.dtype = loaded, settings, device, dtype
+        self.progress = progress or Progress()
+        self.names = [REFERENCE] + [n for n in names if n != REFERENCE]
+        self.linears = linear_layers(loaded.model)
+        if not self.linears:
+            raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
+        skip = re.compile(settings.skip)
+        self.targets = {n for n in self.linears if not skip.search(n)}
+        for n in self.targets:
+            settings.spec.check_layer(n, self.linears[n].in_features)
+        self.backends = {n: registry.get(n) for n in self.names}
+        self.availability = {n: b.available(device) for n, b in self.backends.items()}
+        for n, b in self.backends.items():
+            a = self.availability[n]
+            if not a.ok and not settings.skip_unavailable:
+                hint = f"; {b.install_hint}" if b.install_hint else ""
+                raise BackendUnavailable(f"backend {n} is unavailable: {a.reason}{hint} (or pass --skip-unavailable)")
+            if a.ok:
+                b.check_spec(settings.spec)
+        self.flush = _L2Flush(device)
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _inputs(self) -> None:
+        s = self.settings
+        tokens = tokenize(self.loaded.tokenizer, text_split("eval"))
+        self.eval_ids = windows(tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(self.device)
+        n = s.warmup + s.runs
+        self.step_inputs: dict[int, list[torch.Tensor]] = {}
+        for m in self.m_values:
+            make = prefill_batches if (m == s.prefill and m not in s.batches) else decode_batches
+            self.step_inputs[m] = [x.to(self.device) for x in make(tokens, m, n, s.seed + m)]
+
+    @property
+    def m_values(self) -> list[int]:
+        return self.settings.m_values
+
+    # -- runs -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, on_result: Callable[[Comparison], None] | None = None) -> Comparison:
+        self._inputs()
+        model = self.loaded.model
+        with capture_io(self.linears) as ref_io:
+            self.ref_logits = model(input_ids=self.eval_ids, use_cache=False).logits.float().cpu()
+        self.ref_io = ref_io
+        comp = Comparison(
+            model=self.loaded.info,
+            device=device_info(self.device),
+            settings={**self.settings.to_dict(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                      "l2_flush": self.flush.active, "eval_tokens": self.eval_ids.numel(),
+                      "decode_m": sorted(set(self.settings.batches)),
+                      "prefill_m": [self.settings.prefill] if self.settings.prefill else []},
+        )
+        for name in self.names:
+            comp.backends.append(self._run_one(name))
+            if on_result:
+                on_result(comp)
+        return comp
+
+    def _run_one(self, name: str) -> BackendResult:
+        backend, avail = self.backends[name], self.availability[name]
+        if not avail.ok:
+            return BackendResult(name=name, status="unavailable", reason=avail.reason)
+        qmodel = None
+        try:
+            self.progress.begin(f"{name}: quantize", len(self.targets))
+            qmodel = with_backend(self.loaded.model, backend, self.settings.spec, self.targets)
+            self.progress.advance(len(self.targets))
+            return self._measure(name, qmodel)
+        except Exception as e:  # noqa: BLE001 - one backend's failure must not end the comparison
+            if self.settings.debug:
+                raise
+            return BackendResult(name=name, status="failed", reason=_one_line(e, self.device))
+        finally:
+            del qmodel
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _measure(self, name: str, qmodel: nn.Module) -> BackendResult:
+        s = self.settings
+        qlins = {n: qmodel.get_submodule(n) for n in self.linears}
+        self.progress.begin(f"{name}: error", len(qlins))
+        with propagated_error(qlins, self.ref_io) as prop:
+            out = qmodel(input_ids=self.eval_ids, labels=self.eval_ids, use_cache=False)
+        iso = {}
+        for n, mod in qlins.items():
+            iso[n] = isolated_error(mod, *self.ref_io[n], self.device, self.dtype)
+            self.progress.advance()
+        bad = [n for n in qlins if math.isnan(iso[n].rel_l2) or math.isnan(prop[n].rel_l2)]
+        if bad:
+            return BackendResult(name=name, status="failed", reason=f"non-finite output in layer {bad[0]}",
+                                 kernel=_kernels(qlins, self.targets))
+
+        lat: dict[str, dict[int, dict]] = {n: {} for n in qlins}
+        metrics: dict = {"forward_us": {}, "forward_probed_us": {}, "probe_overhead_pct": {}, "tokens_per_s": {}}
+        self.progress.begin(f"{name}: timing", len(self.m_values))
+        for m in self.m_values:
+            inputs = self.step_inputs[m]
+            fwd = lambda x: qmodel(input_ids=x, use_cache=False)  # noqa: E731
+            for x in inputs[: s.warmup]:
+                fwd(x)
+            timed = inputs[s.warmup:]
+            off = summarize(time_calls(fwd, timed, self.device, self.flush))
+            with LayerTimer(qlins, self.device, len(timed)) as timer:
+                on = summarize(time_calls(fwd, timed, self.device, self.flush))
+            for n, samples in timer.samples_us().items():
+                lat[n][m] = summarize(samples).to_dict()
+            key = str(m)
+            metrics["forward_us"][key] = off.to_dict()
+            metrics["forward_probed_us"][key] = on.to_dict()
+            metrics["probe_overhead_pct"][key] = 100 * (on.median - off.median) / off.median
+            metrics["tokens_per_s"][key] = m * 1e6 / off.median
+            self.progress.advance()
+
+        metrics["eval_loss"] = out.loss.item()
+        metrics["eval_ppl"] = math.exp(out.loss.item())
+        metrics["logits_rel_error"] = _rel(out.logits.float().cpu(), self.ref_logits)
+        layers = [
+            LayerRecord(
+                name=n,
+                shape=[mod.out_features, mod.in_features],
+                quantized=n in self.targets and self.backends[name].quantized,
+                kernel=mod.kernel,
+                weight_bytes=mod.weight_nbytes,
+                latency_us={str(m): v for m, v in lat[n].items()},
+                error={"rel_isolated": iso[n].rel_l2, "rel_propagated": prop[n].rel_l2,
+                       "sqnr_db": iso[n].sqnr_db, "cosine": iso[n].cosine},
+            )
+            for n, mod in qlins.items()
+        ]
+        quant = [r for r in layers if r.quantized] or [r for r in layers if r.name in self.targets]
+        params = sum(r.shape[0] * r.shape[1] for r in quant)
+        return BackendResult(
+            name=name, status="ok", kernel=_kernels(qlins, self.targets),
+            weight_bytes=sum(r.weight_bytes for r in layers),
+            bits_per_weight=8 * sum(r.weight_bytes for r in quant) / params,
+            layers=layers, model_metrics=metrics,
+        )
+
+
+def _kernels(qlins: dict[str, nn.Module], targets: set[str]) -> str:
+    ks = sorted({qlins[n].kernel for n in targets})
+    return "+".join(ks)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double())).item()
+
+
+def _one_line(e: BaseException, device: torch.device) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return f"out of memory on {device}: use smaller --batch/--prefill values or fewer backends per run"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    loc = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    return f"{type(e).__name__}: {msg}{loc}"

@@ -1,0 +1,123 @@
+"""Int4Weight: the canonical packed INT4 weight that every format codec maps to and from.
+
+Layout (for a linear layer with weight W of shape [N, K]):
+  qweight  uint8 [N, K/2]   two 4-bit codes per byte; the low nibble holds the even column
+  scales   [N, K/g]         in the compute dtype
+  zeros    uint8 [N, K/g]   integer zero-points in [0, 15]; w = (q - z) * s (symmetric: z = 8)
+  perm     int64 [K] | None act-order: column j of qweight is input feature perm[j]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import QuantSpec
+
+MAXQ = 15
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in 0..15 (any integer dtype) -> uint8 [N, K/2], low nibble = even column."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of columns ({q.shape[-1]})")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] codes in 0..15."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+@dataclass
+class Int4Weight:
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int  # the real group length along K (per-channel: K)
+    perm: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight occupies as stored (codes, scales, zero-points, permutation)."""
+        tensors = [self.qweight, self.scales, self.zeros] + ([self.perm] if self.perm is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def codes(self) -> torch.Tensor:
+        """uint8 [N, K] codes, columns in storage (permuted) order."""
+        return unpack_int4(self.qweight)
+
+    def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] weight with columns in storage order (what a kernel multiplies x[:, perm] by)."""
+        q = self.codes().to(torch.float32)
+        z = self.zeros.to(torch.float32).repeat_interleave(self.group_size, dim=1)
+        s = self.scales.to(torch.float32).repeat_interleave(self.group_size, dim=1)
+        return ((q - z) * s).to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] weight in the layer's original column order."""
+        w = self.dequantize_stored(dtype)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+    def to(self, device: torch.device | str) -> "Int4Weight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Int4Weight(move(self.qweight), move(self.scales), move(self.zeros), self.group_size, move(self.perm))
+
+
+def quantize_rtn(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype | None = None,
+    perm: torch.Tensor | None = None,
+) -> Int4Weight:
+    """Round-to-nearest group-wise INT4 quantization of a [N, K] weight.
+
+    Asymmetric: per group s = (max - min) / 15, z = round(-min / s).
+    Symmetric: z = 8 and s = 2 * absmax / 15 (the GPTQ convention, so codecs map 1:1).
+    `perm` (act-order) reorders columns before grouping; RTN itself has no use for it,
+    but GPTQ-style weights carry one and the layout must hold it.
+    """
+    n, k = weight.shape
+    g = spec.group_for(k)
+    scale_dtype = scale_dtype or weight.dtype
+    w = weight.detach().to(torch.float32)
+    if perm is not None:
+        w = w[:, perm]
+    wg = w.reshape(n, k // g, g)
+    if spec.symmetric:
+        absmax = wg.abs().amax(dim=-1)
+        scales = (2 * absmax / MAXQ).clamp_min(1e-8)
+        zeros = torch.full_like(scales, 8.0)
+    else:
+        # Include 0 in the range so an all-positive group still represents 0 exactly.
+        wmin = wg.amin(dim=-1).clamp(max=0)
+        wmax = wg.amax(dim=-1).clamp(min=0)
+        scales = ((wmax - wmin) / MAXQ).clamp_min(1e-8)
+        zeros = torch.round(-wmin / scales).clamp(0, MAXQ)
+    # Round the scale to its storage dtype first, so codes are chosen for the scale actually used.
+    scales = scales.to(scale_dtype)
+    s32 = scales.to(torch.float32)
+    q = torch.round(wg / s32.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, MAXQ)
+    return Int4Weight(
+        qweight=pack_int4(q.reshape(n, k)),
+        scales=scales,
+        zeros=zeros.to(torch.uint8),
+        group_size=g,
+        perm=None if perm is None else perm.to(torch.int64),
+    )

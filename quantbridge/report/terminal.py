@@ -1,0 +1,119 @@
+"""Terminal tables (rich) rendered from a Comparison: per-layer and whole-model summary."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..results import BackendResult, Comparison
+
+REFERENCE = "fp16"
+
+
+def _fmt(v: float | None, spec: str = ".3g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _layer_sum(b: BackendResult, m: str) -> float | None:
+    vals = [layer.latency_us.get(m, {}).get("median") for layer in b.layers]
+    return sum(vals) if vals and None not in vals else None
+
+
+def _median(vals: list[float]) -> float | None:
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def spec_label(spec: dict) -> str:
+    g = spec.get("group_size")
+    group = "per-channel" if g == -1 else f"g{g}"
+    return f"INT{spec.get('bits')} {group} {'sym' if spec.get('symmetric') else 'asym'}"
+
+
+def summary_table(comp: Comparison) -> Table:
+    t = Table(title=f"{comp.model.get('name')} on {comp.device.get('name')} — whole model", title_justify="left")
+    for col in ("backend", "status", "kernel", "weight MB", "bits/w", "rel err iso (median)", "eval ppl", "probe overhead"):
+        t.add_column(col, justify="left" if col in ("backend", "status", "kernel") else "right")
+    ms = [str(m) for m in comp.settings.get("m_values", [])]
+    for b in comp.backends:
+        if b.status != "ok":
+            t.add_row(b.name, f"[red]{b.status}[/red]", escape(b.reason or ""), *[""] * 5)
+            continue
+        overhead = b.model_metrics.get("probe_overhead_pct", {})
+        t.add_row(
+            b.name, "ok", escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
+            _fmt(_median([layer.error.get("rel_isolated") for layer in b.layers if layer.quantized] or [0.0])),
+            _fmt(b.model_metrics.get("eval_ppl"), ".1f"),
+            " / ".join(f"{overhead[m]:+.1f}%" for m in ms if m in overhead),
+        )
+    return t
+
+
+def latency_table(comp: Comparison) -> Table:
+    """Sum of per-linear median latencies per M, and the ratio to the reference."""
+    ms = [str(m) for m in comp.settings.get("m_values", [])]
+    ref = comp.backend(REFERENCE)
+    t = Table(title="Σ linear-layer latency, µs (× fp16)", title_justify="left")
+    t.add_column("backend")
+    for m in ms:
+        t.add_column(f"M={m}", justify="right")
+    for b in comp.backends:
+        if b.status != "ok":
+            continue
+        cells = []
+        for m in ms:
+            mine = _layer_sum(b, m)
+            base = _layer_sum(ref, m) if ref and ref.status == "ok" else None
+            cells.append(f"{_fmt(mine, '.1f')}" + (f" ({mine / base:.2f}×)" if mine and base else ""))
+        t.add_row(b.name, *cells)
+    return t
+
+
+def layer_table(comp: Comparison) -> Table:
+    ms = [str(m) for m in comp.settings.get("m_values", [])]
+    m0 = ms[0] if ms else None
+    ref = comp.backend(REFERENCE)
+    ref_lat = {layer.name: layer.latency_us for layer in ref.layers} if ref and ref.status == "ok" else {}
+    shown = [b for b in comp.backends if b.status == "ok" and b.name != REFERENCE] or [
+        b for b in comp.backends if b.status == "ok"
+    ]
+    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×fp16)", title_justify="left")
+    t.add_column("layer", no_wrap=True)
+    t.add_column("N×K", justify="right")
+    if m0:
+        t.add_column(f"{REFERENCE} µs", justify="right")
+    for b in shown:
+        t.add_column(f"{b.name} err", justify="right")
+        t.add_column(f"{b.name} µs", justify="right")
+    if not shown:
+        return t
+    for i, layer in enumerate(shown[0].layers):
+        base = ref_lat.get(layer.name, {}).get(m0, {}).get("median") if m0 else None
+        row = [layer.name, f"{layer.shape[0]}×{layer.shape[1]}"] + ([_fmt(base, ".1f")] if m0 else [])
+        for b in shown:
+            rec = b.layers[i]
+            mine = rec.latency_us.get(m0, {}).get("median") if m0 else None
+            ratio = f" ({mine / base:.2f}×)" if mine and base else ""
+            err = _fmt(rec.error.get("rel_isolated")) if rec.quantized else "kept"
+            row += [err, f"{_fmt(mine, '.1f')}{ratio}"]
+        t.add_row(*row)
+    return t
+
+
+def print_comparison(comp: Comparison, console: Console | None = None, layers: bool = True) -> None:
+    console = console or Console()
+    if layers:
+        console.print(layer_table(comp))
+    console.print(summary_table(comp))
+    console.print(latency_table(comp))
+    s = comp.settings
+    console.print(
+        f"[dim]latency: median of {s.get('runs')} runs after {s.get('warmup')} warm-up, per linear inside real "
+        f"forward passes ({'CUDA events, L2 flushed between runs' if s.get('l2_flush') else 'perf_counter_ns'}); "
+        f"error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}))}; probe overhead per M "
+        f"= whole forward with probes on vs off[/dim]"
+    )

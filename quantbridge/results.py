@@ -1,0 +1,143 @@
+"""The versioned result schema: LayerRecord -> BackendResult -> Comparison, and its files.
+
+Reports and `plan` read results back from these files only. JSON cannot hold infinity,
+so an exact match's SQNR (infinite) is written as null.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "unavailable")
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: list[int]  # [N, K] = [out_features, in_features]
+    quantized: bool
+    kernel: str
+    weight_bytes: int
+    latency_us: dict[str, dict] = field(default_factory=dict)  # str(M) -> {median, p10, p90, n}
+    error: dict[str, float | None] = field(default_factory=dict)  # rel_isolated, rel_propagated, sqnr_db, cosine
+
+
+@dataclass
+class BackendResult:
+    name: str
+    status: str
+    reason: str | None = None
+    kernel: str | None = None
+    weight_bytes: int = 0
+    bits_per_weight: float = 0.0
+    layers: list[LayerRecord] = field(default_factory=list)
+    model_metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} not in {STATUSES}")
+
+
+@dataclass
+class Comparison:
+    model: dict
+    device: dict
+    settings: dict
+    backends: list[BackendResult] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def backend(self, name: str) -> BackendResult | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+    def to_dict(self) -> dict:
+        return _json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Comparison":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"results schema_version {d.get('schema_version')} is not {SCHEMA_VERSION}")
+        backends = [
+            BackendResult(**{**b, "layers": [LayerRecord(**layer) for layer in b.get("layers", [])]})
+            for b in d.get("backends", [])
+        ]
+        return cls(model=d["model"], device=d["device"], settings=d["settings"], backends=backends)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_atomic(path: str | os.PathLike, data: str) -> None:
+    """Write text so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_json(comp: Comparison, path: str | os.PathLike) -> None:
+    write_atomic(path, json.dumps(comp.to_dict(), indent=1, allow_nan=False) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Comparison:
+    with open(path, encoding="utf-8") as f:
+        return Comparison.from_dict(json.load(f))
+
+
+CSV_ERRORS = ("rel_isolated", "rel_propagated", "sqnr_db", "cosine")
+
+
+def to_csv(comp: Comparison) -> str:
+    """One row per (backend, layer, M): flat, for spreadsheets and pandas."""
+    ms = [str(m) for m in comp.settings.get("m_values", [])]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["backend", "status", "layer", "N", "K", "quantized", "kernel", "weight_bytes", "M",
+                "latency_median_us", "latency_p10_us", "latency_p90_us", *CSV_ERRORS])
+    for b in comp.backends:
+        if not b.layers:
+            w.writerow([b.name, b.status] + [""] * 14)
+            continue
+        for layer in b.layers:
+            errs = [_csv_num(layer.error.get(e)) for e in CSV_ERRORS]
+            for m in ms or [""]:
+                lat = layer.latency_us.get(m, {})
+                w.writerow([b.name, b.status, layer.name, *layer.shape, layer.quantized, layer.kernel,
+                            layer.weight_bytes, m, _csv_num(lat.get("median")), _csv_num(lat.get("p10")),
+                            _csv_num(lat.get("p90")), *errs])
+    return buf.getvalue()
+
+
+def _csv_num(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def save_csv(comp: Comparison, path: str | os.PathLike) -> None:
+    write_atomic(path, to_csv(comp))

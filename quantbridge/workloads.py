@@ -1,0 +1,61 @@
+"""Inputs for measurement: real text, tokenised, cut into decode- and prefill-shaped batches.
+
+The shipped text is the Python Language Reference (pydoc topics of CPython 3.11, PSF
+licence): real English prose that needs no dataset hub. Its first 90 % is the
+calibration split, the last 10 % the held-out evaluation split.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+HOLDOUT_FRACTION = 0.1
+
+
+@lru_cache(maxsize=1)
+def shipped_text() -> str:
+    return resources.files("quantbridge").joinpath("data/python_reference.txt").read_text(encoding="utf-8")
+
+
+def text_split(split: str) -> str:
+    """'calib' or 'eval' part of the shipped text, cut at a paragraph boundary."""
+    text = shipped_text()
+    cut = text.rfind("\n\n", 0, int(len(text) * (1 - HOLDOUT_FRACTION)))
+    if split == "calib":
+        return text[:cut]
+    if split == "eval":
+        return text[cut:].lstrip()
+    raise ValueError(f"unknown split {split!r}; use 'calib' or 'eval'")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D LongTensor of token ids for `text` (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(tokens: torch.Tensor, rows: int, cols: int, count: int, seed: int) -> list[torch.Tensor]:
+    """`count` distinct [rows, cols] batches of consecutive tokens at seeded random offsets.
+
+    Distinct batches per timed run, so no run reuses another's activations.
+    """
+    need = rows * cols
+    if tokens.numel() < need:
+        raise ValueError(f"text has {tokens.numel()} tokens, a [{rows}, {cols}] batch needs {need}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - cols + 1, (count, rows), generator=gen)
+    offs = torch.arange(cols)
+    return [tokens[(s.unsqueeze(1) + offs)] for s in starts]
+
+
+def decode_batches(tokens: torch.Tensor, m: int, count: int, seed: int) -> list[torch.Tensor]:
+    """Decode-shaped steps: M sequences of one token each, so every linear sees [M, K]."""
+    return windows(tokens, m, 1, count, seed)
+
+
+def prefill_batches(tokens: torch.Tensor, length: int, count: int, seed: int) -> list[torch.Tensor]:
+    """Prefill-shaped steps: one sequence of `length` tokens, so every linear sees [length, K]."""
+    return windows(tokens, 1, length, count, seed)

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Keep the demo model cache inside the test session, never in the user's home.
+    if "QUANTBRIDGE_CACHE" not in os.environ:
+        os.environ["QUANTBRIDGE_CACHE"] = str(config.rootpath / ".pytest_cache" / "quantbridge")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from quantbridge.models import load_model
+
+    return load_model("demo", torch.device("cpu"), torch.float32)

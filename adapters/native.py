@@ -1,14 +1,33 @@
-"""native: quantbridge's packed INT4 (canonical Int4Weight, round-to-nearest quantization)."""
+"""native: quantbridge's packed INT4 (canonical Int4Weight, round-to-nearest quantization).
+
+On CUDA with fp16/bf16 activations it runs the Triton kernel; elsewhere (CPU, fp32, or no
+Triton) the torch reference kernel, and `kernel` says which.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from quantbridge.backend import Backend, QuantLinear, register
+from quantbridge.backend import Availability, Backend, QuantLinear, register
 from quantbridge.kernels import int4_reference
 from quantbridge.packed import Int4Weight, quantize_rtn
 from quantbridge.spec import QuantSpec
+
+
+def _triton():
+    try:
+        from quantbridge.kernels import int4_triton
+    except ImportError:
+        return None
+    return int4_triton
+
+
+def _kernel_for(device: torch.device, dtype: torch.dtype):
+    """The Triton kernel where it can run, else the reference."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return _triton() or int4_reference
+    return int4_reference
 
 
 class NativeLinear(QuantLinear):
@@ -20,7 +39,8 @@ class NativeLinear(QuantLinear):
         self.register_buffer("perm", weight.perm)
         self.group_size = weight.group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = int4_reference.KERNEL_NAME
+        self._impl = _kernel_for(weight.qweight.device, weight.scales.dtype)
+        self.kernel = self._impl.KERNEL_NAME
 
     @property
     def packed(self) -> Int4Weight:
@@ -34,13 +54,20 @@ class NativeLinear(QuantLinear):
         return self.packed.dequantize(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_reference.int4_linear(x, self.packed, self.bias)
+        return self._impl.int4_linear(x, self.packed, self.bias)
 
 
 @register
 class NativeBackend(Backend):
     name = "native"
     description = "quantbridge packed INT4, round-to-nearest, group-wise asymmetric or symmetric"
+
+    def available(self, device: torch.device) -> Availability:
+        if device.type != "cuda":
+            return Availability(True, f"kernel on {device.type}: reference-torch (the Triton kernel needs CUDA)")
+        if _triton() is None:
+            return Availability(True, "kernel: reference-torch (Triton not installed: pip install quantbridge[triton])")
+        return Availability(True, "kernel: quantbridge.triton (fp16/bf16); reference-torch for fp32")
 
     def quantize(self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None) -> QuantLinear:
         w = quantize_rtn(linear.weight.detach(), spec, scale_dtype=linear.weight.dtype)

@@ -71,7 +71,7 @@ class Backend:
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
-_BUILTINS = ("fp16", "native")  # modules under quantbridge.adapters
+_BUILTINS = ("fp16", "native", "tinygemm", "bnb")  # modules under quantbridge.adapters
 _loaded = False
 
 

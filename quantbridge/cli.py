@@ -140,6 +140,62 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     click.echo(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
 
 
+EPILOG_BENCH = """\b
+Examples:
+  quantbridge bench --quick                                   # CPU smoke run: reference kernel, fp32 matmul
+  quantbridge bench --shapes llama3-8b --batch 1,16,128       # on a GPU
+  quantbridge bench --shapes llama3-8b,llama3-70b --backends native,tinygemm,bnb-nf4,bnb-fp4
+
+\b
+Writes OUT/bench.json (device, driver, clocks, versions, every row), OUT/bench.md and,
+with matplotlib installed, OUT/roofline.png.
+"""
+
+
+@cli.command(epilog=EPILOG_BENCH)
+@click.option("--shapes", default="llama3-8b", show_default=True,
+              help="Shape sets (llama3-8b, llama3-70b, quick) and/or KxN pairs, comma-separated.")
+@click.option("--batch", "batches", default="1,2,4,8,16,32,64,128,512,4096", show_default=True, callback=_int_list,
+              help="M values: tokens per call.")
+@click.option("--backends", default="fp16,native,tinygemm,bnb-nf4,bnb-fp4", show_default=True,
+              help="Backends to time; fp16 (cuBLAS/torch in the compute dtype) always runs as the baseline.")
+@click.option("--group-size", default=128, show_default=True, type=int, help="INT4 group size.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=5), help="Timed runs per row.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=1), help="Untimed runs first.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
+@click.option("--quick", is_flag=True, help="Small shapes, M=1,16, 10 runs: a smoke test that runs anywhere.")
+@click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
+def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs: int, warmup: int, device: str,
+          dtype: str, quick: bool, out_dir: str) -> None:
+    """Time every backend's INT4 linear on real model shapes against the measured memory roof."""
+    import json
+
+    from . import backend as registry
+    from .bench import SHAPE_SETS, parse_shapes, run_bench
+    from .hardware import resolve_device, resolve_dtype
+    from .report.bench import roofline_png, to_markdown
+    from .results import write_atomic
+    from .spec import QuantSpec
+
+    if quick:
+        shapes, batches, runs, warmup = ",".join(f"{k}x{n}" for k, n in SHAPE_SETS["quick"]), [1, 16], 10, 2
+    dev = resolve_device(device)
+    res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
+                    QuantSpec(group_size=group_size), runs=runs, warmup=warmup,
+                    progress=lambda msg: click.echo(f"  {msg}", err=True))
+    out = Path(out_dir)
+    write_atomic(out / "bench.json", json.dumps(res, indent=1) + "\n")
+    md = to_markdown(res)
+    write_atomic(out / "bench.md", md)
+    click.echo(md)
+    try:
+        roofline_png(res, str(out / "roofline.png"))
+        click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'roofline.png'}")
+    except ImportError:
+        click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'} (no plot: pip install matplotlib)")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def env(as_json: bool) -> None:

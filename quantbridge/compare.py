@@ -27,7 +27,7 @@ from torch import nn
 from . import backend as registry
 from .errors import BackendUnavailable, UserError
 from .hardware import device_info
-from .instrument import LayerTimer, capture_io, isolated_error, propagated_error, time_calls
+from .instrument import L2Flush, LayerTimer, capture_io, isolated_error, propagated_error, time_calls
 from .metrics import summarize
 from .models import LoadedModel, linear_layers
 from .results import BackendResult, Comparison, LayerRecord
@@ -91,24 +91,6 @@ def with_backend(model: nn.Module, backend: registry.Backend, spec: QuantSpec, t
     return clone
 
 
-class _L2Flush:
-    """Overwrites a buffer of twice the L2 size between timed runs, so weights come from HBM."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.buf = None
-        if device.type == "cuda":
-            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-            self.buf = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
-
-    @property
-    def active(self) -> bool:
-        return self.buf is not None
-
-    def __call__(self) -> None:
-        if self.buf is not None:
-            self.buf.random_()  # never zeros: see the measurement rules
-
-
 class Comparer:
     def __init__(self, loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
                  dtype: torch.dtype, progress: Progress | None = None) -> None:
@@ -131,7 +113,7 @@ class Comparer:
                 raise BackendUnavailable(f"backend {n} is unavailable: {a.reason}{hint} (or pass --skip-unavailable)")
             if a.ok:
                 b.check_spec(settings.spec)
-        self.flush = _L2Flush(device)
+        self.flush = L2Flush(device)
 
     # -- inputs -----------------------------------------------------------------------------
     def _inputs(self) -> None:

@@ -87,6 +87,24 @@ class LayerTimer:
         return {n: [self.clock.elapsed_us(a, b) for a, b in pairs] for n, pairs in self._pairs.items()}
 
 
+class L2Flush:
+    """Overwrites a buffer of twice the L2 size between timed runs, so weights come from HBM."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.buf = None
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+            self.buf = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+
+    @property
+    def active(self) -> bool:
+        return self.buf is not None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.random_()  # never zeros: see the measurement rules
+
+
 def time_calls(fn: Callable[[torch.Tensor], object], inputs: Iterable[torch.Tensor], device: torch.device,
                between: Callable[[], None] | None = None) -> list[float]:
     """Duration in µs of fn(x) for each x, measured with the same clock the probes use."""

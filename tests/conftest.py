@@ -4,6 +4,12 @@ import pytest
 import torch
 
 
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors. The
+    # variable is read when a kernel module is imported, so it is set before any test imports one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_configure(config):
     # Keep the demo model cache inside the test session, never in the user's home.
     if "QUANTBRIDGE_CACHE" not in os.environ:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check-and-time script: run from the repo root on a CUDA machine with no network.
+# 1. installs carried wheels (.whl/), 2. lays the package out as installed, 3. runs the
+# GPU tests, 4. runs the kernel benchmark. Everything lands in $OUT (default runs/gpu).
+#   SHAPES=llama3-8b BATCH=1,16 bash benchmarks/gpu_run.sh
+set -uo pipefail
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+# No network for a pip install of the project itself: mirror its package-dir mapping.
+rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge /tmp/qb/ \
+  && cp -r adapters /tmp/qb/quantbridge/adapters && cp -r kernels /tmp/qb/quantbridge/kernels
+export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:-/tmp/qbcache} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
+if [ "${TESTS:-1}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} 2>&1 | tail -n 30 | tee "$OUT/gpu-tests.log"
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  python3 -m quantbridge.cli bench --shapes "${SHAPES:-llama3-8b,llama3-70b}" \
+    --batch "${BATCH:-1,2,4,8,16,32,64,128,512,4096}" --backends "${BACKENDS:-fp16,native,tinygemm,bnb-nf4,bnb-fp4}" \
+    --runs "${RUNS:-50}" --out "$OUT" 2>"$OUT/bench-progress.log" | tail -n 80
+fi
+cp "$QUANTBRIDGE_CACHE"/triton-int4-*.json "$OUT/" 2>/dev/null || true

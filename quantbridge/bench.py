@@ -1,0 +1,183 @@
+"""Kernel benchmark: every backend's linear on real model shapes, against the memory roof.
+
+For each (shape, M, backend): check the output against a float64 reference of the
+backend's own dequantized weight, then time it (warm-up, median and p10/p90 of many
+runs, CUDA events, a fresh random input per run, L2 flushed between runs). Achieved
+bandwidth counts the bytes the layer must move (stored weight + x + y) and is compared
+with a device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import backend as registry
+from .errors import UserError
+from .hardware import device_info
+from .instrument import L2Flush, time_calls
+from .metrics import summarize
+from .spec import QuantSpec
+
+# (K, N) = (in_features, out_features) of each distinct linear shape.
+SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
+    "llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
+    "llama3-70b": [(8192, 8192), (8192, 28672), (28672, 8192)],
+    "quick": [(512, 512), (1024, 256)],
+}
+DEFAULT_M = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096]
+REFERENCE = "fp16"
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Row:
+    backend: str
+    kernel: str
+    k: int
+    n: int
+    m: int
+    status: str  # ok | incorrect | failed | unavailable
+    reason: str | None = None
+    median_us: float | None = None
+    p10_us: float | None = None
+    p90_us: float | None = None
+    bytes: int | None = None
+    gbps: float | None = None
+    pct_copy_bw: float | None = None
+    speedup_vs_bf16: float | None = None
+    check_rel_err: float | None = None
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'llama3-8b,llama3-70b' or '4096x4096,8192x28672' (K x N) -> [(K, N), ...]."""
+    out: list[tuple[int, int]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part in SHAPE_SETS:
+            out += SHAPE_SETS[part]
+        elif "x" in part:
+            try:
+                k, n = (int(v) for v in part.split("x"))
+            except ValueError:
+                raise UserError(f"shape {part!r} is not KxN, e.g. 4096x14336") from None
+            out.append((k, n))
+        else:
+            raise UserError(f"unknown shape set {part!r}; use {', '.join(SHAPE_SETS)} or KxN")
+    return list(dict.fromkeys(out))
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, runs: int = 20) -> dict:
+    """Bytes/s of a large device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    s = summarize(time_calls(lambda _: dst.copy_(src), range(runs), device))
+    return {"bytes": 2 * nbytes, "median_us": s.median, "p10_us": s.p10, "p90_us": s.p90,
+            "bytes_per_s": 2 * nbytes / (s.median * 1e-6)}
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, runs: int = 10) -> float:
+    """Measured dense matmul rate: the compute roof of the roofline plot."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    s = summarize(time_calls(lambda _: a @ b, range(runs), device))
+    return 2 * size**3 / (s.median * 1e-6) / 1e12
+
+
+def _check(q: nn.Module, k: int, m: int, device: torch.device, dtype: torch.dtype) -> float:
+    x = torch.randn(min(m, 64), k, device=device, dtype=dtype)
+    ref = x.double() @ q.dequantize().to(device).double().T
+    out = q(x).double()
+    if not torch.isfinite(out).all():
+        return math.nan
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def bench_layer(backend: registry.Backend, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,
+                dtype: torch.dtype, runs: int, warmup: int, flush: L2Flush, bw: float) -> list[Row]:
+    torch.manual_seed(k * 7 + n)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    nn.init.normal_(lin.weight, std=0.02)
+    rows = []
+    try:
+        q = backend.quantize(lin, spec)
+    except (UserError, RuntimeError, TypeError) as e:
+        return [Row(backend.name, "", k, n, m, "failed", str(e).splitlines()[0]) for m in ms]
+    del lin
+    with torch.inference_mode():
+        for m in ms:
+            row = Row(backend.name, q.kernel, k, n, m, "ok")
+            try:
+                row.check_rel_err = _check(q, k, m, device, dtype)
+                if not row.check_rel_err <= CHECK_TOL[dtype]:
+                    row.status, row.reason = "incorrect", f"rel. error {row.check_rel_err:.3g} vs its own dequantized weight"
+                xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(warmup + runs)]
+                for x in xs[:warmup]:
+                    q(x)
+                s = summarize(time_calls(q, xs[warmup:], device, flush))
+            except torch.cuda.OutOfMemoryError:
+                row.status, row.reason = "failed", "out of memory"
+                rows.append(row)
+                torch.cuda.empty_cache()
+                continue
+            row.median_us, row.p10_us, row.p90_us = s.median, s.p10, s.p90
+            row.bytes = q.weight_nbytes + (m * k + m * n) * torch.finfo(dtype).bits // 8
+            row.gbps = row.bytes / (s.median * 1e-6) / 1e9
+            row.pct_copy_bw = 100 * row.bytes / (s.median * 1e-6) / bw
+            rows.append(row)
+    return rows
+
+
+def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], device: torch.device,
+              dtype: torch.dtype, spec: QuantSpec, runs: int = 50, warmup: int = 5,
+              progress: Callable[[str], None] | None = None) -> dict:
+    names = [REFERENCE] + [n for n in names if n != REFERENCE]
+    backends = {n: registry.get(n) for n in names}
+    flush = L2Flush(device)
+    copy = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
+    result = {
+        "schema_version": 1,
+        "device": device_info(device),
+        "settings": {"dtype": str(dtype).removeprefix("torch."), "spec": spec.to_dict(), "runs": runs,
+                     "warmup": warmup, "l2_flush": flush.active, "m_values": ms,
+                     "bytes_counted": "stored weight (codes+scales+zeros) + x + y"},
+        "copy_bandwidth": copy,
+        "matmul_tflops": matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 512),
+        "backends": {},
+        "rows": [],
+    }
+    for name, b in backends.items():
+        a = b.available(device)
+        result["backends"][name] = {"available": a.ok, "reason": a.reason}
+        if a.ok:
+            try:
+                b.check_spec(spec)
+            except UserError as e:
+                result["backends"][name] = {"available": False, "reason": str(e)}
+    for k, n in shapes:
+        for name, b in backends.items():
+            if progress:
+                progress(f"{name} {k}x{n}")
+            info = result["backends"][name]
+            if not info["available"]:
+                rows = [Row(name, "", k, n, m, "unavailable", info["reason"]) for m in ms]
+            else:
+                rows = bench_layer(b, k, n, ms, spec, device, dtype, runs, warmup, flush, copy["bytes_per_s"])
+            result["rows"] += [asdict(r) for r in rows]
+    _speedups(result["rows"])
+    return result
+
+
+def _speedups(rows: list[dict]) -> None:
+    base = {(r["k"], r["n"], r["m"]): r["median_us"] for r in rows if r["backend"] == REFERENCE and r["median_us"]}
+    for r in rows:
+        b = base.get((r["k"], r["n"], r["m"]))
+        if b and r["median_us"]:
+            r["speedup_vs_bf16"] = b / r["median_us"]

@@ -4,15 +4,17 @@
 # GPU tests, 4. runs the kernel benchmark. Everything lands in $OUT (default runs/gpu).
 #   SHAPES=llama3-8b BATCH=1,16 bash benchmarks/gpu_run.sh
 set -uo pipefail
-OUT=${OUT:-runs/gpu}
+OUT=$(realpath -m "${OUT:-runs/gpu}")
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 # No network for a pip install of the project itself: mirror its package-dir mapping.
-rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge /tmp/qb/ \
-  && cp -r adapters /tmp/qb/quantbridge/adapters && cp -r kernels /tmp/qb/quantbridge/kernels
+# Everything runs from that copy, so the repo's own quantbridge/ (without adapters/ and
+# kernels/ inside) is not the one found first on sys.path.
+rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge tests pyproject.toml /tmp/qb/ \
+  && cp -r adapters /tmp/qb/quantbridge/adapters && cp -r kernels /tmp/qb/quantbridge/kernels && cd /tmp/qb || exit 1
 export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:-/tmp/qbcache} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
 if [ "${TESTS:-1}" = 1 ]; then

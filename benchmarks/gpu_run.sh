@@ -18,10 +18,11 @@ rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge tests pyproject.toml /tm
 export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:-/tmp/qbcache} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
 if [ "${TESTS:-1}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} 2>&1 | tail -n 30 | tee "$OUT/gpu-tests.log"
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} \
+    > "$OUT/gpu-tests.log" 2>&1; tail -n 15 "$OUT/gpu-tests.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
-  python3 -m quantbridge.cli bench --shapes "${SHAPES:-llama3-8b,llama3-70b}" \
+  timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --shapes "${SHAPES:-llama3-8b,llama3-70b}" \
     --batch "${BATCH:-1,2,4,8,16,32,64,128,512,4096}" --backends "${BACKENDS:-fp16,native,tinygemm,bnb-nf4,bnb-fp4}" \
     --runs "${RUNS:-50}" --out "$OUT" 2>"$OUT/bench-progress.log" | tail -n 80
 fi

@@ -47,6 +47,7 @@ def _int4_matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, HALF)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     K2 = K // 2
@@ -62,37 +63,53 @@ def _int4_matmul_kernel(
     w_rows = qw_ptr + offs_n[:, None] * K2
     for t in range(t_start, t_end):
         kb = t * HALF + offs_h  # byte column
-        mask_k = kb < K2
-        p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K2)[None, :], other=0)
+        # Put the two nibbles of each byte back in K order (low = even column): [BN, BK].
+        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K))
+        kk = t * BLOCK_K + offs_k
+        x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
         if BLOCK_K <= GROUP:
-            # The whole tile lies in one group: one scale and zero per output row.
+            # One group per tile: sum_k (q - z) s x = s * (sum_k q x - z * sum_k x), so the
+            # inner loop only converts codes; scale and zero-point apply once per tile.
             g = (t * BLOCK_K) // GROUP
-            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0)[:, None]
-            z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0)[:, None].to(tl.int16)
+            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
+            xs = tl.sum(x.to(tl.float32), axis=1)  # [BM]
+            if BLOCK_M == 1:
+                # One token: a CUDA-core reduction beats a padded tensor-core tile.
+                xq = tl.sum(q.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            else:
+                xq = tl.dot(x, tl.trans(q.to(x.dtype)))  # codes 0..15 are exact in fp16/bf16
+            acc += s[None, :] * (xq - xs[:, None] * z[None, :])
         else:
-            g = (2 * kb) // GROUP
-            sz_mask = mask_n[:, None] & mask_k[None, :]
-            s = tl.load(s_ptr + offs_n[:, None] * NGROUPS + g[None, :], mask=sz_mask, other=0.0)
-            z = tl.load(z_ptr + offs_n[:, None] * NGROUPS + g[None, :], mask=sz_mask, other=0).to(tl.int16)
-        w_lo = ((p & 0xF).to(tl.int16) - z).to(s.dtype) * s
-        w_hi = ((p >> 4).to(tl.int16) - z).to(s.dtype) * s
-        xmask = mask_m[:, None] & mask_k[None, :]
-        x_even = tl.load(x_rows + 2 * kb[None, :], mask=xmask, other=0.0)
-        x_odd = tl.load(x_rows + 2 * kb[None, :] + 1, mask=xmask, other=0.0)
-        if BLOCK_M == 1:
-            # One token: a reduction on CUDA cores beats a padded tensor-core tile.
-            acc += tl.sum(w_lo.to(tl.float32) * x_even.to(tl.float32), axis=1)[None, :]
-            acc += tl.sum(w_hi.to(tl.float32) * x_odd.to(tl.float32), axis=1)[None, :]
-        else:
-            acc = tl.dot(x_even, tl.trans(w_lo.to(x_even.dtype)), acc)
-            acc = tl.dot(x_odd, tl.trans(w_hi.to(x_odd.dtype)), acc)
+            # The tile spans several groups: dequantize element-wise.
+            g = kk // GROUP
+            sz_off = offs_n[:, None] * NGROUPS + g[None, :]
+            sz_mask = mask_n[:, None] & (kk < K)[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0)
+            w = (q.to(tl.int16) - z.to(tl.int16)).to(s.dtype) * s
+            if BLOCK_M == 1:
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
-    o_off = offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask, sem="relaxed")
+        # Each split writes its own slice: no atomics and no zero-filled workspace.
+        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(SPLIT_K):
+        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
@@ -100,30 +117,19 @@ Config = tuple[int, int, int, int, int, int]
 
 
 def candidate_configs(m: int, n: int, k: int, group: int) -> list[Config]:
-    """The search space for one shape: small-M tiles with split-K, or large tensor-core tiles."""
-    out: list[Config] = []
-    if m == 1:
-        for bn in (16, 32, 64):
-            for bk in (128, 256, 512):
-                for sk in (1, 2, 4, 8):
-                    for warps in (2, 4):
-                        out.append((1, bn, bk, sk, warps, 3))
-    if m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn in (32, 64, 128):
-            for bk in (64, 128, 256):
-                for sk in (1, 2, 4, 8):
-                    for warps in (4,):
-                        out.append((bm, bn, bk, sk, warps, 3))
+    """The search space for one M bucket: kept small, since every candidate is compiled and timed."""
+    if m == 1:  # CUDA-core reduction, split-K to fill the SMs
+        out = [(1, bn, bk, sk, w, 3) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 4, 8) for w in (2, 4)]
+    elif m <= 16:  # one tensor-core row tile, split-K
+        out = [(16, bn, bk, sk, 4, 3) for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 4)]
+    elif m <= 64:
+        out = [(bm, bn, bk, sk, 4, 3) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2)]
     else:
-        for bm in (64, 128):
-            for bn in (64, 128, 256):
-                for bk in (64, 128):
-                    for warps, stages in ((4, 3), (8, 3), (8, 4)):
-                        out.append((bm, bn, bk, 1, warps, stages))
-    # Tiles that do not fit the problem only waste work; keep at least one candidate.
-    keep = [c for c in out if c[2] // 2 <= max(k // 2, 16) and (k // c[2]) >= c[3]]
-    return keep or out[:1]
+        out = [(bm, bn, 64, 1, w, st) for bm in (64, 128) for bn in (128, 256) for w, st in ((4, 4), (8, 3))]
+    # Prefer tiles inside one group (the factored fast path); never more splits than K-tiles.
+    in_group = [c for c in out if c[2] <= group] or [c for c in out if c[2] == min(x[2] for x in out)]
+    keep = [c for c in in_group if c[2] <= max(k, 64) and k // c[2] >= c[3]]
+    return keep or in_group[:1]
 
 
 def m_bucket(m: int) -> int:
@@ -141,7 +147,7 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
     n = w.out_features
     ngroups = k // w.group_size
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
-    ws = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
+    ws = torch.empty((sk, m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
     _int4_matmul_kernel[grid](
         x2, w.qweight, w.scales, w.zeros, out, ws,
         m, n, k, ngroups, x2.stride(0), out.stride(0),
@@ -149,7 +155,8 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
         num_warps=warps, num_stages=stages,
     )
     if sk > 1:
-        out.copy_(ws)
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, out, m * n, n, out.stride(0), SPLIT_K=sk, BLOCK=block)
     return out
 
 
@@ -200,7 +207,7 @@ class _Tuner:
         best, best_t = None, float("inf")
         for cfg in candidate_configs(mb, w.out_features, k, w.group_size):
             try:
-                t = triton.testing.do_bench(lambda: launch(xb, w, out, cfg), warmup=5, rep=20, return_mode="median")
+                t = triton.testing.do_bench(lambda: launch(xb, w, out, cfg), warmup=2, rep=8, return_mode="median")
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue  # too much shared memory or registers for this tile: not a candidate
             if t < best_t:

@@ -137,7 +137,9 @@ def bench_layer(backend: registry.Backend, k: int, n: int, ms: list[int], spec: 
 
 def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], device: torch.device,
               dtype: torch.dtype, spec: QuantSpec, runs: int = 50, warmup: int = 5,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None,
+              on_shape: Callable[[dict], None] | None = None) -> dict:
+    """Sweep shapes x backends x M; `on_shape` gets the partial result after every shape."""
     names = [REFERENCE] + [n for n in names if n != REFERENCE]
     backends = {n: registry.get(n) for n in names}
     flush = L2Flush(device)
@@ -171,7 +173,9 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
             else:
                 rows = bench_layer(b, k, n, ms, spec, device, dtype, runs, warmup, flush, copy["bytes_per_s"])
             result["rows"] += [asdict(r) for r in rows]
-    _speedups(result["rows"])
+        _speedups(result["rows"])
+        if on_shape:
+            on_shape(result)
     return result
 
 

@@ -181,11 +181,14 @@ def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs:
     if quick:
         shapes, batches, runs, warmup = ",".join(f"{k}x{n}" for k, n in SHAPE_SETS["quick"]), [1, 16], 10, 2
     dev = resolve_device(device)
+    out = Path(out_dir)
+
+    def save(partial: dict) -> None:  # after every shape, so a cut-off run keeps what it measured
+        write_atomic(out / "bench.json", json.dumps(partial, indent=1) + "\n")
+
     res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
                     QuantSpec(group_size=group_size), runs=runs, warmup=warmup,
-                    progress=lambda msg: click.echo(f"  {msg}", err=True))
-    out = Path(out_dir)
-    write_atomic(out / "bench.json", json.dumps(res, indent=1) + "\n")
+                    progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save)
     md = to_markdown(res)
     write_atomic(out / "bench.md", md)
     click.echo(md)

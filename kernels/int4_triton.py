@@ -72,8 +72,9 @@ def _int4_matmul_kernel(
             # One group per tile: sum_k (q - z) s x = s * (sum_k q x - z * sum_k x), so the
             # inner loop only converts codes; scale and zero-point apply once per tile.
             g = (t * BLOCK_K) // GROUP
-            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
+            in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
+            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0).to(tl.float32)
             xs = tl.sum(x.to(tl.float32), axis=1)  # [BM]
             if BLOCK_M == 1:
                 # One token: a CUDA-core reduction beats a padded tensor-core tile.
@@ -167,6 +168,7 @@ class _Tuner:
         self.lock = threading.Lock()
         self.table: dict[str, list[int]] = {}
         self.path: Path | None = None
+        self.memo: dict[tuple[torch.device, str], Config] = {}
 
     def _file(self, device: torch.device) -> Path:
         from quantbridge.models import cache_dir
@@ -192,12 +194,16 @@ class _Tuner:
             # The interpreter checks correctness, not speed: take the first valid candidate.
             return candidate_configs(m_bucket(m), n, k, w.group_size)[0]
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}"
+        hit = self.memo.get((x2.device, key))
+        if hit is not None:  # the per-call path: one dict lookup
+            return hit
         with self.lock:
             self._load(x2.device)
             if key not in self.table:
                 self.table[key] = list(self._search(x2, w, m_bucket(m)))
                 self._save()
-            return tuple(self.table[key])  # type: ignore[return-value]
+            self.memo[(x2.device, key)] = tuple(self.table[key])
+            return self.memo[(x2.device, key)]  # type: ignore[return-value]
 
     @staticmethod
     def _search(x2: torch.Tensor, w: Int4Weight, mb: int) -> Config:

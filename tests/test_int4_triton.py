@@ -54,6 +54,17 @@ def test_interpreter_matches_reference(m, n, k, gs, sym, cfg):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+def test_interpreter_never_reads_scales_past_k():
+    # K=384 is 3 tiles of 128 over 4 splits: the last split has no tile. Memory after the
+    # scales is NaN, so any read past the last group shows up in the output.
+    x, qw, ref = _case(3, 50, 384, 128, False, torch.float32, "cpu", seed=11)
+    buf = torch.full((qw.scales.numel() + 64,), float("nan"))
+    buf[: qw.scales.numel()] = qw.scales.flatten()
+    qw.scales = buf[: qw.scales.numel()].view_as(qw.scales)
+    _check(x, qw, ref, (16, 32, 128, 4, 4, 3), 1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 def test_interpreter_act_order_through_public_entry():
     x, qw, ref = _case(4, 32, 256, 64, False, torch.float32, "cpu", act_order=True, seed=5)
     out = kt.int4_linear(x, qw)

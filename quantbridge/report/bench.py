@@ -30,7 +30,9 @@ def to_markdown(res: dict) -> str:
         f"- {s['dtype']} activations, INT4 group {s['spec']['group_size']}, "
         f"{'symmetric' if s['spec']['symmetric'] else 'asymmetric'}; median of {s['runs']} runs after "
         f"{s['warmup']} warm-up, {'CUDA events' if dev.get('type') == 'cuda' else 'perf_counter_ns'}, "
-        f"fresh random input per run, L2 flushed between runs: {s['l2_flush']}",
+        f"fresh random input per run, L2 flushed between runs: {s['l2_flush']}; timing mode: "
+        f"{', '.join(sorted({r.get('timing') or '—' for r in res['rows'] if r['status'] == 'ok'}))} "
+        "(cuda-graph = one captured call replayed: kernel time without host launch overhead)",
         f"- cell: median µs (speedup vs the unquantized {s['dtype']} `fp16` row); %BW: bytes moved (stored weight + x + y) per "
         "second as a share of the copy bandwidth",
         "",

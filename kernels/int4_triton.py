@@ -35,7 +35,7 @@ def _int4_matmul_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr,
     M, N, K, NGROUPS, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, FACTORED: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
@@ -64,36 +64,39 @@ def _int4_matmul_kernel(
     for t in range(t_start, t_end):
         kb = t * HALF + offs_h  # byte column
         p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K2)[None, :], other=0)
-        # Put the two nibbles of each byte back in K order (low = even column): [BN, BK].
-        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K))
+        lo = p & 0xF  # even columns
+        hi = p >> 4  # odd columns
         kk = t * BLOCK_K + offs_k
         x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
+        # Contiguous load, then split into even/odd columns in registers: the weight tile
+        # keeps its loaded layout and meets each half of x in its own dot.
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
         if BLOCK_K <= GROUP:
-            # One group per tile: sum_k (q - z) s x = s * (sum_k q x - z * sum_k x), so the
-            # inner loop only converts codes; scale and zero-point apply once per tile.
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
             s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0).to(tl.float32)
-            xs = tl.sum(x.to(tl.float32), axis=1)  # [BM]
-            if BLOCK_M == 1:
-                # One token: a CUDA-core reduction beats a padded tensor-core tile.
-                xq = tl.sum(q.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            if FACTORED:
+                # sum_k (q - z) s x = s * (sum_k q x - z * sum_k x): the inner loop only converts
+                # codes (0..15, exact in fp16/bf16); scale and zero apply once per tile.
+                xq = tl.dot(x_even, tl.trans(lo.to(x.dtype)))
+                xq = tl.dot(x_odd, tl.trans(hi.to(x.dtype)), xq)
+                xs = tl.sum(x.to(tl.float32), axis=1)
+                acc += s[None, :] * (xq - xs[:, None] * z[None, :])
             else:
-                xq = tl.dot(x, tl.trans(q.to(x.dtype)))  # codes 0..15 are exact in fp16/bf16
-            acc += s[None, :] * (xq - xs[:, None] * z[None, :])
+                w_lo = ((lo.to(tl.float32) - z[:, None]) * s[:, None]).to(x.dtype)
+                w_hi = ((hi.to(tl.float32) - z[:, None]) * s[:, None]).to(x.dtype)
+                acc = tl.dot(x_even, tl.trans(w_lo), acc)
+                acc = tl.dot(x_odd, tl.trans(w_hi), acc)
         else:
-            # The tile spans several groups: dequantize element-wise.
-            g = kk // GROUP
+            # The tile spans several groups: gather a scale and zero per element.
+            g = (2 * kb) // GROUP
             sz_off = offs_n[:, None] * NGROUPS + g[None, :]
-            sz_mask = mask_n[:, None] & (kk < K)[None, :]
-            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
-            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0)
-            w = (q.to(tl.int16) - z.to(tl.int16)).to(s.dtype) * s
-            if BLOCK_M == 1:
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-            else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            sz_mask = mask_n[:, None] & (kb < K2)[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
+            acc = tl.dot(x_even, tl.trans(((lo.to(tl.float32) - z) * s).to(x.dtype)), acc)
+            acc = tl.dot(x_odd, tl.trans(((hi.to(tl.float32) - z) * s).to(x.dtype)), acc)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -113,24 +116,54 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constex
     tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, NGROUPS, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Canonical Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    mask = (offs_n < N)[:, None] & (kb < K // 2)[None, :]
+    p = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + kb[None, :], mask=mask, other=0)
+    q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = (offs_n < N)[:, None] & (kk < K)[None, :]
+    sz_off = offs_n[:, None] * NGROUPS + (kk // GROUP)[None, :]
+    s = tl.load(s_ptr + sz_off, mask=kmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz_off, mask=kmask, other=0).to(tl.float32)
+    tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], ((q - z) * s).to(w_ptr.dtype.element_ty), mask=kmask)
+
+
+def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight in storage (permuted) column order, computed on the GPU."""
+    n, k = w.out_features, w.in_features
+    out = torch.empty((n, k), device=w.qweight.device, dtype=dtype)
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, 256))
+    _dequant_kernel[grid](w.qweight, w.scales, w.zeros, out, n, k, k // w.group_size, GROUP=w.group_size,
+                          BLOCK_N=32, BLOCK_K=256)
+    return out
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
 Config = tuple[int, int, int, int, int, int]
 
 
+DEQUANT_CUBLAS: Config = (0, 0, 0, 0, 0, 0)  # dequantize with Triton, multiply with cuBLAS
+
+
 def candidate_configs(m: int, n: int, k: int, group: int) -> list[Config]:
     """The search space for one M bucket: kept small, since every candidate is compiled and timed."""
-    if m == 1:  # CUDA-core reduction, split-K to fill the SMs
-        out = [(1, bn, bk, sk, w, 3) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 4, 8) for w in (2, 4)]
-    elif m <= 16:  # one tensor-core row tile, split-K
-        out = [(16, bn, bk, sk, 4, 3) for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 4)]
+    if m <= 16:  # memory-bound: one tensor-core row tile, split-K to fill the SMs
+        out = [(16, bn, bk, sk, w, st) for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
+               for w, st in ((4, 3),)]
     elif m <= 64:
         out = [(bm, bn, bk, sk, 4, 3) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2)]
     else:
         out = [(bm, bn, 64, 1, w, st) for bm in (64, 128) for bn in (128, 256) for w, st in ((4, 4), (8, 3))]
-    # Prefer tiles inside one group (the factored fast path); never more splits than K-tiles.
+    # Prefer tiles inside one group (per-row scales); never more splits than K-tiles.
     in_group = [c for c in out if c[2] <= group] or [c for c in out if c[2] == min(x[2] for x in out)]
-    keep = [c for c in in_group if c[2] <= max(k, 64) and k // c[2] >= c[3]]
-    return keep or in_group[:1]
+    keep = [c for c in in_group if c[2] <= max(k, 64) and k // c[2] >= c[3]] or in_group[:1]
+    return keep + ([DEQUANT_CUBLAS] if m >= 128 else [])
 
 
 def m_bucket(m: int) -> int:
@@ -143,6 +176,8 @@ def m_bucket(m: int) -> int:
 
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Run the kernel on a 2-D, contiguous x with a given configuration."""
+    if cfg == DEQUANT_CUBLAS:
+        return torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
     bm, bn, bk, sk, warps, stages = cfg
     m, k = x2.shape
     n = w.out_features
@@ -152,7 +187,7 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
     _int4_matmul_kernel[grid](
         x2, w.qweight, w.scales, w.zeros, out, ws,
         m, n, k, ngroups, x2.stride(0), out.stride(0),
-        GROUP=w.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+        GROUP=w.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, FACTORED=bm <= 16,
         num_warps=warps, num_stages=stages,
     )
     if sk > 1:

@@ -36,13 +36,14 @@ def _check(x, qw, ref, cfg, tol):
 # (M, N, K, group, symmetric, config): every branch of the kernel, with N and K not
 # multiples of the tiles, split-K with a ragged last split, and per-channel groups.
 INTERPRETER_CASES = [
-    (1, 40, 256, 128, False, (1, 16, 128, 1, 4, 3)),
-    (1, 33, 512, 32, True, (1, 16, 128, 4, 4, 3)),    # tile spans 4 groups: gathered scales
-    (1, 24, 384, 64, False, (1, 16, 256, 2, 4, 3)),   # K=384: last tile half masked
+    (1, 40, 256, 128, False, (16, 16, 128, 1, 4, 3)),   # factored scale/zero, one token
+    (1, 33, 512, 32, True, (16, 16, 128, 4, 4, 3)),     # tile spans 4 groups: gathered scales
+    (1, 24, 384, 64, False, (16, 16, 256, 2, 4, 3)),    # K=384: last tile half masked
     (3, 50, 384, 32, False, (16, 32, 64, 3, 4, 3)),   # dot path, 6 tiles over 3 splits
     (5, 64, 512, 128, True, (16, 32, 256, 2, 4, 3)),
     (20, 24, 256, -1, False, (32, 16, 64, 1, 4, 3)),  # per-channel
-    (70, 20, 128, 64, False, (64, 16, 64, 1, 4, 3)),  # M not a multiple of BLOCK_M
+    (70, 20, 128, 64, False, (64, 16, 64, 1, 4, 3)),  # M not a multiple of BLOCK_M, dequantize-then-dot
+    (40, 36, 256, 128, True, kt.DEQUANT_CUBLAS),       # large-M path: Triton dequantize + matmul
 ]
 
 
@@ -51,6 +52,13 @@ INTERPRETER_CASES = [
 def test_interpreter_matches_reference(m, n, k, gs, sym, cfg):
     x, qw, ref = _case(m, n, k, gs, sym, torch.float32, "cpu", seed=m * 31 + n)
     _check(x, qw, ref, cfg, 1e-5)  # fp32 in the interpreter
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("gs", [32, 128, -1])
+def test_interpreter_dequantize_is_exact(gs):
+    _, qw, _ = _case(1, 40, 512, gs, False, torch.float32, "cpu", seed=gs + 2)
+    assert torch.equal(kt.dequantize(qw, torch.float32), qw.dequantize_stored(torch.float32))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -74,13 +82,14 @@ def test_interpreter_act_order_through_public_entry():
 def test_configs_are_valid_for_shapes():
     for m in (1, 2, 16, 64, 128, 4096):
         cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128)
-        assert cfgs and all(c[2] % 2 == 0 and c[3] >= 1 for c in cfgs)
+        assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[2] % 2 == 0 and c[3] >= 1) for c in cfgs)
     assert kt.m_bucket(1) == 1 and kt.m_bucket(3) == 4 and kt.m_bucket(5000) == 4096
 
 
 # One configuration per kernel path, so the GPU tests compile a handful of kernels
 # instead of tuning every shape (the tuner itself is tested once below).
-GPU_CONFIGS = [(1, 64, 256, 4, 4, 3), (16, 64, 128, 4, 4, 3), (32, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3)]
+GPU_CONFIGS = [(16, 64, 256, 4, 4, 3), (16, 64, 128, 4, 4, 3), (32, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
+               kt.DEQUANT_CUBLAS]
 GPU_SHAPES = [(1, 4096, 4096), (3, 1000, 1152), (16, 264, 640), (33, 4096, 1024), (600, 1000, 1152)]
 
 

@@ -119,28 +119,31 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constex
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, NGROUPS, GROUP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Canonical Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins)."""
+    """Canonical Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins).
+
+    BLOCK_K never crosses a group, so scale and zero are one load per row."""
     HALF: tl.constexpr = BLOCK_K // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kb = tl.program_id(1) * HALF + tl.arange(0, HALF)
-    mask = (offs_n < N)[:, None] & (kb < K // 2)[None, :]
-    p = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + kb[None, :], mask=mask, other=0)
+    mask_n = offs_n < N
+    p = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + kb[None, :], mask=mask_n[:, None] & (kb < K // 2)[None, :], other=0)
     q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    g = (tl.program_id(1) * BLOCK_K) // GROUP
+    s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = (offs_n < N)[:, None] & (kk < K)[None, :]
-    sz_off = offs_n[:, None] * NGROUPS + (kk // GROUP)[None, :]
-    s = tl.load(s_ptr + sz_off, mask=kmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz_off, mask=kmask, other=0).to(tl.float32)
-    tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], ((q - z) * s).to(w_ptr.dtype.element_ty), mask=kmask)
+    w = (q - z[:, None]) * s[:, None]
+    tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[:, None] & (kk < K)[None, :])
 
 
 def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight in storage (permuted) column order, computed on the GPU."""
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), device=w.qweight.device, dtype=dtype)
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, 256))
+    bk = min(w.group_size, 256)  # groups are 32/64/128 or the whole row (per-channel)
+    grid = (triton.cdiv(n, 64), triton.cdiv(k, bk))
     _dequant_kernel[grid](w.qweight, w.scales, w.zeros, out, n, k, k // w.group_size, GROUP=w.group_size,
-                          BLOCK_N=32, BLOCK_K=256)
+                          BLOCK_N=64, BLOCK_K=bk)
     return out
 
 
@@ -154,8 +157,8 @@ DEQUANT_CUBLAS: Config = (0, 0, 0, 0, 0, 0)  # dequantize with Triton, multiply 
 def candidate_configs(m: int, n: int, k: int, group: int) -> list[Config]:
     """The search space for one M bucket: kept small, since every candidate is compiled and timed."""
     if m <= 16:  # memory-bound: one tensor-core row tile, split-K to fill the SMs
-        out = [(16, bn, bk, sk, w, st) for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
-               for w, st in ((4, 3),)]
+        out = [(16, bn, bk, sk, w, st) for bn in (64, 128, 256) for bk in (64, 128) for sk in (2, 4, 8)
+               for w, st in ((4, 3), (4, 5), (8, 4))]
     elif m <= 64:
         out = [(bm, bn, bk, sk, 4, 3) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2)]
     else:

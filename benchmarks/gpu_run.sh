@@ -26,4 +26,12 @@ if [ "${BENCH:-1}" = 1 ]; then
     --batch "${BATCH:-1,2,4,8,16,32,64,128,512,4096}" --backends "${BACKENDS:-fp16,native,tinygemm,bnb-nf4,bnb-fp4}" \
     --runs "${RUNS:-50}" --out "$OUT" 2>"$OUT/bench-progress.log" | tail -n 80
 fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+  for shape in "8192 28672 1" "4096 4096 1" "8192 28672 16"; do
+    timeout 120 "$ncu" --kernel-name regex:_int4_matmul --launch-skip 5 --launch-count 1 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      python3 /work/main/benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
+  done
+fi
 cp "$QUANTBRIDGE_CACHE"/triton-int4-*.json "$OUT/" 2>/dev/null || true

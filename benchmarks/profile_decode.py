@@ -1,0 +1,32 @@
+"""One decode-shaped call of the native Triton kernel, for Nsight Compute.
+
+  ncu --kernel-name regex:_int4_matmul --launch-skip 5 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats python3 benchmarks/profile_decode.py
+
+Usage: python3 benchmarks/profile_decode.py [K N M]   (default: 8192 28672 1, Llama-3-70B gate/up)
+"""
+
+import sys
+
+import torch
+
+from quantbridge.backend import get
+from quantbridge.spec import QuantSpec
+
+
+def main() -> None:
+    k, n, m = (int(v) for v in sys.argv[1:4]) if len(sys.argv) >= 4 else (8192, 28672, 1)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    q = get("native").quantize(lin, QuantSpec(group_size=128))
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(10)]
+    q(xs[0])  # tuning (cached on disk) happens here
+    torch.cuda.synchronize()
+    for x in xs:
+        q(x)
+    torch.cuda.synchronize()
+    print(f"ran native K={k} N={n} M={m}, kernel {q.kernel}")
+
+
+if __name__ == "__main__":
+    main()

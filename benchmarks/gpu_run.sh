@@ -13,7 +13,7 @@ fi
 # No network for a pip install of the project itself: mirror its package-dir mapping.
 # Everything runs from that copy, so the repo's own quantbridge/ (without adapters/ and
 # kernels/ inside) is not the one found first on sys.path.
-rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge tests pyproject.toml /tmp/qb/ \
+rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge tests benchmarks pyproject.toml /tmp/qb/ \
   && cp -r adapters /tmp/qb/quantbridge/adapters && cp -r kernels /tmp/qb/quantbridge/kernels && cd /tmp/qb || exit 1
 export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:-/tmp/qbcache} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
@@ -28,10 +28,13 @@ if [ "${BENCH:-1}" = 1 ]; then
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+  # Profile with the committed tuned configurations, so no tuning launch is the one profiled.
+  mkdir -p "$QUANTBRIDGE_CACHE" && cp benchmarks/results/kernels-H100-80GB-HBM3.tuned-configs.json \
+    "$QUANTBRIDGE_CACHE/triton-int4-NVIDIA_H100_80GB_HBM3-triton$(python3 -c 'import triton; print(triton.__version__)').json"
   for shape in "8192 28672 1" "4096 4096 1" "8192 28672 16"; do
     timeout 120 "$ncu" --kernel-name regex:_int4_matmul --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      python3 /work/main/benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
+      python3 benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
   done
 fi
 cp "$QUANTBRIDGE_CACHE"/triton-int4-*.json "$OUT/" 2>/dev/null || true

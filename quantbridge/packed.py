@@ -121,3 +121,19 @@ def quantize_rtn(
         group_size=g,
         perm=None if perm is None else perm.to(torch.int64),
     )
+
+
+def canonical_perm(w: Int4Weight) -> Int4Weight:
+    """The same weight with each group's columns in ascending input order.
+
+    Scale and zero-point are per group, so the order inside a group does not change the
+    math; formats that record act-order as g_idx (GPTQ, compressed-tensors) keep only the
+    group of each column, and decode to this order. Canonicalising first makes every
+    codec round trip bit-exact.
+    """
+    if w.perm is None:
+        return w
+    n, k, g = w.out_features, w.in_features, w.group_size
+    order = torch.sort(w.perm.reshape(-1, g), dim=1).indices + torch.arange(0, k, g, device=w.perm.device).unsqueeze(1)
+    order = order.reshape(-1)
+    return Int4Weight(pack_int4(w.codes()[:, order]), w.scales, w.zeros, g, w.perm[order])

@@ -1,0 +1,72 @@
+"""GPTQ checkpoints (auto-gptq / GPTQModel / transformers `quant_method: gptq`).
+
+  qweight int32 [K/8, N]   8 codes along K per word, input-column order
+  qzeros  int32 [K/g, N/8] 8 zero-points along N per word
+  scales        [K/g, N]
+  g_idx   int32 [K]        group of each input column (act-order when not k // g)
+checkpoint_format "gptq" (v1, what most checkpoints and vLLM use) stores zero-point - 1;
+"gptq_v2" stores the zero-point itself. v1 cannot store a zero-point of 0 (it wraps to 15).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..packed import Int4Weight, pack_int4
+from ..spec import QuantSpec
+from . import Codec, register
+from .int32pack import (check_canonical_perm, g_idx_from_perm, pack_nibbles, perm_from_g_idx, to_input_order,
+                        unpack_nibbles)
+
+
+def _zero_offset(qcfg: dict) -> int:
+    return 0 if qcfg.get("checkpoint_format", "gptq") == "gptq_v2" else 1
+
+
+@register
+class GPTQCodec(Codec):
+    name = "gptq"
+    suffixes = ("qweight", "qzeros", "scales", "g_idx")
+
+    def __init__(self, checkpoint_format: str = "gptq") -> None:
+        self.checkpoint_format = checkpoint_format
+
+    def encode(self, w: Int4Weight) -> dict[str, torch.Tensor]:
+        n, k = w.out_features, w.in_features
+        check_canonical_perm(w.perm, w.group_size)
+        offset = _zero_offset({"checkpoint_format": self.checkpoint_format})
+        if offset and bool((w.zeros == 0).any()):
+            raise ValueError("a zero-point of 0 cannot be stored in GPTQ v1 (it wraps to 15); "
+                             "write checkpoint_format gptq_v2 or another format")
+        codes = to_input_order(w.codes(), w.perm)  # GPTQ keeps input-column order, g_idx says the group
+        zeros = (w.zeros.to(torch.int16) - offset).to(torch.uint8)
+        return {
+            # word [j, n] holds input columns 8j..8j+7 of output n
+            "qweight": pack_nibbles(codes.t().reshape(k // 8, 8, n).permute(0, 2, 1).reshape(k // 8, 8 * n)),
+            "qzeros": pack_nibbles(zeros.t().contiguous()),
+            "scales": w.scales.t().contiguous(),
+            "g_idx": g_idx_from_perm(w.perm, k, w.group_size, w.qweight.device),
+        }
+
+    def decode(self, t: dict[str, torch.Tensor], qcfg: dict) -> Int4Weight:
+        qweight, scales = t["qweight"], t["scales"]
+        k8, n = qweight.shape
+        k = k8 * 8
+        groups = scales.shape[0]
+        g = k // groups
+        codes = unpack_nibbles(qweight.t().contiguous())  # [N, K]: word j of row n holds k = 8j..8j+7
+        zeros = (unpack_nibbles(t["qzeros"])[:, :n].to(torch.int16) + _zero_offset(qcfg)) & 0xF
+        g_idx = t.get("g_idx")
+        perm = None if g_idx is None else perm_from_g_idx(g_idx, g)
+        if perm is not None:
+            codes = codes[:, perm]
+        return Int4Weight(pack_int4(codes), scales.t().contiguous(), zeros.t().contiguous().to(torch.uint8), g, perm)
+
+    def quantization_config(self, spec: QuantSpec, skipped: list[str]) -> dict:
+        return {"quant_method": "gptq", "bits": 4, "group_size": spec.group_size, "desc_act": spec.act_order,
+                "sym": spec.symmetric, "checkpoint_format": self.checkpoint_format, "pack_dtype": "int32",
+                "modules_in_block_to_quantize": None, "true_sequential": True}
+
+    def matches(self, qcfg: dict) -> bool:
+        return qcfg.get("quant_method") == "gptq"
+

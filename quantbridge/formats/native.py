@@ -1,0 +1,35 @@
+"""quantbridge's own checkpoint layout: the canonical Int4Weight tensors as they are."""
+
+from __future__ import annotations
+
+import torch
+
+from ..packed import Int4Weight
+from ..spec import QuantSpec
+from . import Codec, register
+
+FORMAT_VERSION = 1
+
+
+@register
+class NativeCodec(Codec):
+    name = "native"
+    suffixes = ("qweight", "scales", "zeros", "perm")
+
+    def encode(self, w: Int4Weight) -> dict[str, torch.Tensor]:
+        out = {"qweight": w.qweight, "scales": w.scales, "zeros": w.zeros}
+        if w.perm is not None:
+            out["perm"] = w.perm
+        return out
+
+    def decode(self, t: dict[str, torch.Tensor], qcfg: dict) -> Int4Weight:
+        g = t["qweight"].shape[1] * 2 // t["scales"].shape[1]
+        return Int4Weight(t["qweight"], t["scales"], t["zeros"], g, t.get("perm"))
+
+    def quantization_config(self, spec: QuantSpec, skipped: list[str]) -> dict:
+        return {"quant_method": "quantbridge", "format_version": FORMAT_VERSION, "bits": 4,
+                "group_size": spec.group_size, "symmetric": spec.symmetric, "act_order": spec.act_order,
+                "backend": "native", "ignore": skipped}
+
+    def matches(self, qcfg: dict) -> bool:
+        return qcfg.get("quant_method") == "quantbridge"

@@ -66,6 +66,7 @@ class BnbLinear(QuantLinear):
 
 class _BnbBackend(Backend):
     quant_type: str = "nf4"
+    algorithm = "absmax code book"
     double_quant: bool = False
     install_hint = "pip install quantbridge[bnb]"
 
@@ -85,7 +86,7 @@ class _BnbBackend(Backend):
             raise UserError(f"{self.name} needs a block size of {', '.join(map(str, BLOCK_SIZES))} "
                             f"(--group-size {spec.group_size} given)")
 
-    def quantize(self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None) -> QuantLinear:
+    def quantize(self, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
         return BnbLinear(linear, self.quant_type, spec.group_size, self.double_quant)
 
 

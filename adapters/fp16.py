@@ -36,5 +36,5 @@ class FP16Backend(Backend):
     description = "unquantized reference in the compute dtype (bf16/fp16 on GPU, fp32 on CPU)"
     quantized = False
 
-    def quantize(self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None) -> QuantLinear:
+    def quantize(self, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
         return ReferenceLinear(linear)

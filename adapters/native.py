@@ -69,6 +69,10 @@ class NativeBackend(Backend):
             return Availability(True, "kernel: reference-torch (Triton not installed: pip install quantbridge[triton])")
         return Availability(True, "kernel: quantbridge.triton (fp16/bf16); reference-torch for fp32")
 
-    def quantize(self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None) -> QuantLinear:
-        w = quantize_rtn(linear.weight.detach(), spec, scale_dtype=linear.weight.dtype)
-        return NativeLinear(w, linear.bias)
+    algorithm = "rtn"
+
+    def quantize_weights_of(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
+        return quantize_rtn(linear.weight.detach(), spec, scale_dtype=linear.weight.dtype)
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        return NativeLinear(weight, bias)

@@ -85,10 +85,16 @@ class TinygemmBackend(Backend):
         if spec.group_size not in GROUP_SIZES:
             raise UserError(f"tinygemm needs --group-size in {GROUP_SIZES}, not {spec.group_size}")
 
-    def quantize(self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None) -> QuantLinear:
+    algorithm = "rtn"
+
+    def quantize_weights_of(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
         if linear.weight.dtype != torch.bfloat16:
             raise UserError("tinygemm runs in bf16 only; use --dtype bf16")
-        if linear.in_features % (INNER_K_TILES * 16):
+        return quantize_rtn(linear.weight.detach(), spec, scale_dtype=torch.bfloat16)
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        if weight.in_features % (INNER_K_TILES * 16):
             raise UserError(f"tinygemm needs in_features divisible by {INNER_K_TILES * 16}")
-        w = quantize_rtn(linear.weight.detach(), spec, scale_dtype=torch.bfloat16)
-        return TinygemmLinear(w, linear.bias)
+        if weight.group_size not in GROUP_SIZES:
+            raise UserError(f"tinygemm needs a group size in {GROUP_SIZES}, not {weight.group_size}")
+        return TinygemmLinear(weight, bias)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .packed import Int4Weight
 from .spec import QuantSpec
 
 
@@ -50,13 +51,31 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Token ids a calibrating algorithm (GPTQ, AWQ) runs through the model."""
+
+    input_ids: torch.Tensor  # [samples, length]
+    digest: str  # identifies the text and sampling, for the quantized-weights cache
+
+
 class Backend:
-    """One INT4 (or reference) implementation of nn.Linear. Subclasses register by name."""
+    """One INT4 (or reference) implementation of nn.Linear. Subclasses register by name.
+
+    Three ways a backend turns a model's linears into its own layers:
+      quantize(linear)             layer by layer (RTN-style, bitsandbytes);
+      quantize_weights(model, ...) a whole-model algorithm producing canonical Int4Weights
+                                   (GPTQ, AWQ); the core caches these and calls from_int4;
+      from_int4(weight)            run weights made elsewhere (`compare --weights`, a
+                                   quantized checkpoint) through this backend's kernel.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
     quantized: ClassVar[bool] = True  # False for the unquantized reference
+    algorithm: ClassVar[str] = ""  # how this backend makes its weights ("rtn", "gptq", "awq", "nf4", ...)
+    needs_calibration: ClassVar[bool] = False
 
     def available(self, device: torch.device) -> Availability:
         return Availability(True, "built in")
@@ -64,14 +83,32 @@ class Backend:
     def check_spec(self, spec: QuantSpec) -> None:
         """Raise UserError if this backend cannot do `spec` at all."""
 
-    def quantize(
-        self, linear: nn.Linear, spec: QuantSpec, calib: torch.Tensor | None = None
-    ) -> QuantLinear:
-        raise NotImplementedError
+    def quantize(self, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
+        """One layer, from its float weight."""
+        return self.from_int4(self.quantize_weights_of(linear, spec), linear.bias)
+
+    def quantize_weights_of(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
+        raise NotImplementedError(f"{self.name} has no layer-wise quantizer")
+
+    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                         calib: Calibration | None) -> dict[str, Int4Weight] | None:
+        """Canonical weights for every layer in `linears` (module path -> layer of `model`).
+
+        None: this backend's weights are not canonical INT4 (use quantize per layer).
+        """
+        return None
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        raise NotImplementedError(f"{self.name} cannot run canonical INT4 weights made elsewhere")
+
+    @classmethod
+    def runs_int4(cls) -> bool:
+        """Whether from_int4 is implemented, i.e. shared weights can run through this kernel."""
+        return cls.from_int4 is not Backend.from_int4
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
-_BUILTINS = ("fp16", "native", "tinygemm", "bnb")  # modules under quantbridge.adapters
+_BUILTINS = ("fp16", "native", "tinygemm", "bnb", "gptq", "awq")  # modules under quantbridge.adapters
 _loaded = False
 
 

@@ -19,6 +19,8 @@ EPILOG_COMPARE = """\b
 Examples:
   quantbridge compare demo --backends fp16,native --batch 1,16 --out runs/demo
   quantbridge compare ./llama-3-8b --backends native --group-size 64 --symmetric
+  quantbridge compare demo --backends bnb-nf4,bnb-fp4,gptq,awq,native
+  quantbridge compare demo --weights gptq --backends gptq,native   # same weights, two kernels
   quantbridge compare meta-llama/Llama-3.1-8B --batch 1,16,128 --prefill 512
 
 \b
@@ -86,6 +88,15 @@ def cli() -> None:
               help="Prefill length: one more M, a single sequence of this many tokens (0 = off).")
 @click.option("--group-size", default=128, show_default=True, type=int, help="Quantization group size: 32, 64, 128 or -1 (per-channel).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Zero-point fixed at 8, or fitted per group.")
+@click.option("--act-order", is_flag=True, help="GPTQ act-order (desc_act): quantize columns by activation size; g_idx in the weights.")
+@click.option("--weights", default=None, metavar="BACKEND",
+              help="Quantize once with BACKEND's algorithm (native = RTN, gptq, awq) and run those identical "
+                   "weights through every backend's kernel: kernel differences without algorithm differences.")
+@click.option("--calib", "calib_file", default=None, type=click.Path(dir_okay=False),
+              help="Calibration text file for gptq/awq (default: the shipped text's calibration split).")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration sequences.")
+@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per calibration sequence.")
+@click.option("--no-cache", is_flag=True, help="Re-quantize gptq/awq even if an earlier run cached these weights.")
 @click.option("--runs", default=20, show_default=True, type=int, help="Timed forward passes per M (median, p10, p90 are reported).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed forward passes per M first.")
 @click.option("--eval-len", default=256, show_default=True, type=click.IntRange(min=8), help="Tokens per held-out sequence for the error measurement.")
@@ -98,9 +109,10 @@ def cli() -> None:
 @click.option("--no-layers", is_flag=True, help="Print only the whole-model summary, not the per-layer table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables; only the paths written.")
 @click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback.")
-def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool, runs: int,
-            warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str, out_dir: str,
-            skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
+def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool,
+            act_order: bool, weights: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
+            no_cache: bool, runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
+            out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
     MODEL is `demo` (a small seeded Llama built locally), a Hugging Face model
@@ -117,9 +129,13 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     from .spec import QuantSpec
 
     names = registry.parse_names(backends)
-    spec = QuantSpec(group_size=group_size, symmetric=symmetric)
+    if weights is not None:
+        registry.parse_names(weights)
+    spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
-                        eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug)
+                        eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
+                        calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
+                        cache=not no_cache)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)

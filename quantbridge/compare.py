@@ -17,6 +17,7 @@ import gc
 import itertools
 import math
 import re
+import statistics
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,11 @@ class Settings:
     skip: str = r"(^|\.)lm_head$"  # layers kept unquantized (regex on the module path)
     seed: int = 0
     skip_unavailable: bool = False
+    calib_samples: int = 128
+    calib_len: int = 512
+    calib_file: str | None = None
+    weights: str | None = None  # run this backend's weights through every kernel
+    cache: bool = True  # reuse calibrated quantized weights from an earlier run
     debug: bool = False  # re-raise backend failures instead of recording them
 
     def __post_init__(self) -> None:
@@ -56,6 +62,8 @@ class Settings:
             raise UserError(f"--runs {self.runs} is too few for a median with p10/p90; use at least 5 (20 is the default)")
         if any(m < 1 for m in self.batches) or self.prefill < 0:
             raise UserError("--batch values must be >= 1 and --prefill >= 0")
+        if self.calib_samples < 1 or self.calib_len < 2:
+            raise UserError("--calib-samples must be >= 1 and --calib-len >= 2")
 
     @property
     def m_values(self) -> list[int]:
@@ -77,18 +85,21 @@ class Progress:
     def advance(self, n: int = 1) -> None: ...
 
 
-def with_backend(model: nn.Module, backend: registry.Backend, spec: QuantSpec, targets: set[str]) -> nn.Module:
-    """A structural copy of `model` whose linears are the backend's; all tensors are shared.
+def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec) -> nn.Module:
+    """A structural copy of `model` with `layers` swapped in; all other tensors are shared.
 
-    Layers outside `targets` go to the reference backend, so they are probed the same way.
+    Linears not in `layers` go to the reference backend, so they are probed the same way.
     """
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, memo)
     reference = registry.get(REFERENCE)
     for name, lin in linear_layers(clone).items():
-        q = (backend if name in targets else reference).quantize(lin, spec)
-        clone.set_submodule(name, q)
+        clone.set_submodule(name, layers[name] if name in layers else reference.quantize(lin, spec))
     return clone
+
+
+class NotRunnable(Exception):
+    """This backend cannot run the requested weights (recorded as status 'unavailable')."""
 
 
 class Comparer:
@@ -114,6 +125,17 @@ class Comparer:
             if a.ok:
                 b.check_spec(settings.spec)
         self.flush = L2Flush(device)
+        self.shared_from = settings.weights
+        if self.shared_from is not None:
+            src = registry.get(self.shared_from)
+            if not _canonical(src):
+                raise UserError(f"--weights {self.shared_from}: its weights are not canonical INT4; "
+                                f"use one of: {', '.join(n for n in registry.names() if _canonical(registry.get(n)))}")
+            if not src.available(device).ok:
+                raise BackendUnavailable(f"--weights {self.shared_from}: {src.available(device).reason}")
+            self.backends.setdefault(self.shared_from, src)
+        self._calib = None
+        self._weights_cache: dict[str, dict] = {}
 
     # -- inputs -----------------------------------------------------------------------------
     def _inputs(self) -> None:
@@ -148,6 +170,7 @@ class Comparer:
         )
         for name in self.names:
             comp.backends.append(self._run_one(name))
+            comp.findings = findings(comp)
             if on_result:
                 on_result(comp)
         return comp
@@ -158,10 +181,13 @@ class Comparer:
             return BackendResult(name=name, status="unavailable", reason=avail.reason)
         qmodel = None
         try:
-            self.progress.begin(f"{name}: quantize", len(self.targets))
-            qmodel = with_backend(self.loaded.model, backend, self.settings.spec, self.targets)
-            self.progress.advance(len(self.targets))
-            return self._measure(name, qmodel)
+            layers, weights = self._layers(name)
+            qmodel = with_layers(self.loaded.model, layers, self.settings.spec)
+            result = self._measure(name, qmodel)
+            result.weights = weights
+            return result
+        except NotRunnable as e:
+            return BackendResult(name=name, status="unavailable", reason=str(e))
         except Exception as e:  # noqa: BLE001 - one backend's failure must not end the comparison
             if self.settings.debug:
                 raise
@@ -171,6 +197,61 @@ class Comparer:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    # -- quantization -------------------------------------------------------------------------
+    def _layers(self, name: str) -> tuple[dict[str, nn.Module], str]:
+        """This backend's layers for every target, and which weights they hold."""
+        from .smoothing import build
+
+        b, spec = self.backends[name], self.settings.spec
+        lins = {n: self.linears[n] for n in sorted(self.targets)}
+        if not b.quantized:
+            return {n: b.quantize(lin, spec) for n, lin in lins.items()}, "unquantized"
+        if self.shared_from is not None:
+            if not b.runs_int4():
+                raise NotRunnable(f"{name} cannot run {self.shared_from}'s INT4 weights (its own format only)")
+            ws = self._weights(self.shared_from)
+            label = f"{self.shared_from} (shared)"
+        else:
+            ws = self._weights(name) if b.needs_calibration else None
+            label = b.algorithm or name
+        self.progress.begin(f"{name}: build layers", len(lins))
+        out = {}
+        for n, lin in lins.items():
+            out[n] = build(b, ws[n], lin.bias) if ws is not None else b.quantize(lin, spec)
+            self.progress.advance()
+        return out, label
+
+    def _weights(self, name: str) -> dict:
+        """Canonical weights made by backend `name`'s algorithm; calibrated ones cached on disk."""
+        from . import qcache
+        from .models import cache_dir
+        from .workloads import calibration
+
+        if name in self._weights_cache:
+            return self._weights_cache[name]
+        b, s = self.backends[name], self.settings
+        lins = {n: self.linears[n] for n in sorted(self.targets)}
+        if not b.needs_calibration:
+            self.progress.begin(f"{name}: quantize", len(lins))
+            ws = {}
+            for n, lin in lins.items():
+                ws[n] = b.quantize_weights_of(lin, s.spec)
+                self.progress.advance()
+        else:
+            if self._calib is None:
+                self._calib = calibration(self.loaded.tokenizer, s.calib_samples, s.calib_len, s.calib_file, s.seed)
+            k = qcache.key(model=self.loaded.info.get("hash") or self.loaded.name, algorithm=b.algorithm,
+                           library=b.available(self.device).reason, spec=s.spec.to_dict(), calib=self._calib.digest,
+                           dtype=str(self.dtype), targets=sorted(lins), device=self.device.type)
+            ws = qcache.load(cache_dir(), k, self.device) if s.cache else None
+            if ws is None:
+                self.progress.begin(f"{name}: calibrate + quantize ({s.calib_samples}x{s.calib_len} tokens)", 1)
+                ws = b.quantize_weights(self.loaded.model, lins, s.spec, self._calib)
+                self.progress.advance()
+                qcache.save(cache_dir(), k, ws)
+        self._weights_cache[name] = ws
+        return ws
 
     def _measure(self, name: str, qmodel: nn.Module) -> BackendResult:
         s = self.settings
@@ -232,6 +313,37 @@ class Comparer:
             bits_per_weight=8 * sum(r.weight_bytes for r in quant) / params,
             layers=layers, model_metrics=metrics,
         )
+
+
+def findings(comp: Comparison, baseline: str = "native") -> list[str]:
+    """Per-layer isolated error of every quantized backend against RTN (`native`), computed.
+
+    Also stored as model_metrics["isolated_error_vs_native"] on each backend it applies to.
+    """
+    base = comp.backend(baseline)
+    if base is None or base.status != "ok":
+        return []
+    ref = {r.name: r.error["rel_isolated"] for r in base.layers if r.quantized}
+    out = []
+    for b in comp.backends:
+        if b.status != "ok" or b.name == baseline or b.weights == base.weights:
+            continue
+        pairs = [(r.error["rel_isolated"], ref[r.name]) for r in b.layers if r.quantized and r.name in ref]
+        if not pairs:
+            continue
+        lower = sum(e < e0 for e, e0 in pairs)
+        ratio = statistics.median(e / e0 for e, e0 in pairs if e0 > 0)
+        b.model_metrics["isolated_error_vs_native"] = {"layers_lower": lower, "layers": len(pairs), "median_ratio": ratio}
+        where = "every layer" if lower == len(pairs) else f"{lower} of {len(pairs)} layers"
+        out.append(f"{b.name} ({b.weights} weights): isolated error below native RTN on {where} at the same spec "
+                   f"(median ratio {ratio:.3f})" if lower else
+                   f"{b.name} ({b.weights} weights): isolated error above native RTN on every layer (median ratio {ratio:.3f})")
+    return out
+
+
+def _canonical(b: registry.Backend) -> bool:
+    """Whether a backend's algorithm yields canonical INT4 weights that --weights can share."""
+    return b.quantized and (b.needs_calibration or type(b).quantize_weights_of is not registry.Backend.quantize_weights_of)
 
 
 def _kernels(qlins: dict[str, nn.Module], targets: set[str]) -> str:

@@ -75,9 +75,23 @@ class Int4Weight:
         out[:, self.perm] = w
         return out
 
+    # Activation smoothing unfolded from the model (AWQ): the layer computes
+    # y = (W' (x / in_scale)) / out_scale with W' this weight; None = plain weight.
+    in_scale: torch.Tensor | None = None  # [K], input-column order
+    out_scale: torch.Tensor | None = None  # [N]
+
+    @property
+    def smoothed(self) -> bool:
+        return self.in_scale is not None or self.out_scale is not None
+
+    def plain(self) -> "Int4Weight":
+        """The INT4 weight without its smoothing factors (what a checkpoint's layer stores)."""
+        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
+
     def to(self, device: torch.device | str) -> "Int4Weight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Int4Weight(move(self.qweight), move(self.scales), move(self.zeros), self.group_size, move(self.perm))
+        return Int4Weight(move(self.qweight), move(self.scales), move(self.zeros), self.group_size, move(self.perm),
+                          move(self.in_scale), move(self.out_scale))
 
 
 def quantize_rtn(

@@ -36,6 +36,7 @@ class BackendResult:
     status: str
     reason: str | None = None
     kernel: str | None = None
+    weights: str | None = None  # which algorithm made the weights ("rtn", "gptq", "gptq (shared)", ...)
     weight_bytes: int = 0
     bits_per_weight: float = 0.0
     layers: list[LayerRecord] = field(default_factory=list)
@@ -52,6 +53,7 @@ class Comparison:
     device: dict
     settings: dict
     backends: list[BackendResult] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # plain-language conclusions computed from the numbers
     schema_version: int = SCHEMA_VERSION
 
     def backend(self, name: str) -> BackendResult | None:
@@ -68,7 +70,8 @@ class Comparison:
             BackendResult(**{**b, "layers": [LayerRecord(**layer) for layer in b.get("layers", [])]})
             for b in d.get("backends", [])
         ]
-        return cls(model=d["model"], device=d["device"], settings=d["settings"], backends=backends)
+        return cls(model=d["model"], device=d["device"], settings=d["settings"], backends=backends,
+                   findings=d.get("findings", []))
 
 
 def _json_safe(x):
@@ -117,17 +120,17 @@ def to_csv(comp: Comparison) -> str:
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["backend", "status", "layer", "N", "K", "quantized", "kernel", "weight_bytes", "M",
+    w.writerow(["backend", "status", "weights", "layer", "N", "K", "quantized", "kernel", "weight_bytes", "M",
                 "latency_median_us", "latency_p10_us", "latency_p90_us", *CSV_ERRORS])
     for b in comp.backends:
         if not b.layers:
-            w.writerow([b.name, b.status] + [""] * 14)
+            w.writerow([b.name, b.status, b.weights or ""] + [""] * 14)
             continue
         for layer in b.layers:
             errs = [_csv_num(layer.error.get(e)) for e in CSV_ERRORS]
             for m in ms or [""]:
                 lat = layer.latency_us.get(m, {})
-                w.writerow([b.name, b.status, layer.name, *layer.shape, layer.quantized, layer.kernel,
+                w.writerow([b.name, b.status, b.weights or "", layer.name, *layer.shape, layer.quantized, layer.kernel,
                             layer.weight_bytes, m, _csv_num(lat.get("median")), _csv_num(lat.get("p10")),
                             _csv_num(lat.get("p90")), *errs])
     return buf.getvalue()

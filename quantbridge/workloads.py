@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .backend import Calibration
 
 HOLDOUT_FRACTION = 0.1
 
@@ -59,3 +63,27 @@ def decode_batches(tokens: torch.Tensor, m: int, count: int, seed: int) -> list[
 def prefill_batches(tokens: torch.Tensor, length: int, count: int, seed: int) -> list[torch.Tensor]:
     """Prefill-shaped steps: one sequence of `length` tokens, so every linear sees [length, K]."""
     return windows(tokens, 1, length, count, seed)
+
+
+def calibration(tokenizer, samples: int, length: int, path: str | None = None, seed: int = 0) -> Calibration:
+    """`samples` windows of `length` tokens from the calibration split (or a user's text file)."""
+    import hashlib
+    from pathlib import Path
+
+    from .backend import Calibration
+    from .errors import UserError
+
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"calibration file {path!r} does not exist; pass a UTF-8 text file to --calib")
+        text = p.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = text_split("calib")
+    tokens = tokenize(tokenizer, text)
+    if tokens.numel() < length:
+        raise UserError(f"calibration text has {tokens.numel()} tokens, fewer than --calib-len {length}; "
+                        f"give a longer --calib file or a smaller --calib-len")
+    ids = windows(tokens, samples, length, 1, seed)[0]
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    return Calibration(ids, digest)

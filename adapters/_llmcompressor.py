@@ -1,0 +1,122 @@
+"""Drive llm-compressor's one-shot GPTQ / AWQ on a copy of a model; read back canonical INT4.
+
+llm-compressor (vLLM project) is the maintained home of both algorithms: auto-gptq and
+autoawq are archived, and GPTQModel 7.x needs torch >= 2.14.1 (docs/backends.md). After
+`oneshot`, every quantized linear carries `weight_scale` and `weight_zero_point` (signed
+zero-points, codes in [-8, 7]) and, with act-order "group", `weight_g_idx`; canonical codes
+are those + 8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from torch import nn
+
+from quantbridge.backend import Availability, Calibration
+from quantbridge.formats.int32pack import perm_from_g_idx
+from quantbridge.packed import Int4Weight, canonical_perm, pack_int4
+from quantbridge.spec import QuantSpec
+
+# Calibrate every layer on the unquantized model's activations: the same inputs the isolated error
+# is measured on, so GPTQ minimises exactly what quantbridge reports per layer.
+QUANTIZATION_AWARE = False
+INSTALL_HINT = "pip install quantbridge[gptq] (installs llmcompressor)"
+
+
+def availability(device: torch.device) -> Availability:
+    try:
+        v = version("llmcompressor")
+    except PackageNotFoundError:
+        return Availability(False, "llmcompressor is not installed")
+    try:
+        import llmcompressor  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - an incompatible install shows up here
+        return Availability(False, f"llmcompressor {v} failed to import: {str(e).splitlines()[0]}")
+    return Availability(True, f"llmcompressor {v} quantizes; kernel: reference-torch (llm-compressor ships no "
+                              f"inference kernel; vLLM runs these weights with its own)")
+
+
+def scheme(spec: QuantSpec) -> dict:
+    """compressed-tensors weight args for the spec."""
+    return {"num_bits": 4, "type": "int", "symmetric": spec.symmetric,
+            "strategy": "channel" if spec.group_size == -1 else "group",
+            "group_size": None if spec.group_size == -1 else spec.group_size}
+
+
+def oneshot(model: nn.Module, linears: dict[str, nn.Linear], calib: Calibration, recipe) -> nn.Module:
+    """Run the recipe on a deep copy (the caller's model is left as it was); return the copy."""
+    from datasets import Dataset
+    from llmcompressor import oneshot as run
+
+    work = copy.deepcopy(model).float()  # the algorithms solve in fp32; weights are rounded per spec below
+    ids = calib.input_ids
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    _quiet()
+    with _no_pinning_without_accelerator():
+        run(model=work, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False,
+            quantization_aware_calibration=QUANTIZATION_AWARE)
+    missing = [n for n in linears if not hasattr(work.get_submodule(n), "weight_scale")]
+    if missing:
+        raise RuntimeError(f"llm-compressor left {len(missing)} target layers unquantized, e.g. {missing[0]}")
+    return work
+
+
+def read_int4(module: nn.Linear, group_size: int, scale_dtype: torch.dtype) -> Int4Weight:
+    """Canonical weight from a quantized module: codes = round(w / s) + zp + 8, clamped."""
+    w = module.weight.detach().float()
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    s = module.weight_scale.detach().float().reshape(n, -1)
+    zp = getattr(module, "weight_zero_point", None)
+    zp = torch.zeros_like(s) if zp is None else zp.detach().float().reshape(n, -1)
+    g_idx = getattr(module, "weight_g_idx", None)
+    cols = torch.arange(k) // g if g_idx is None else g_idx.detach().long().cpu()
+    codes = torch.clamp(torch.round(w / s[:, cols]) + zp[:, cols], -8, 7) + 8
+    perm = None if g_idx is None else perm_from_g_idx(g_idx.cpu(), g)
+    if perm is not None:
+        codes = codes[:, perm]
+    return canonical_perm(Int4Weight(pack_int4(codes.to(torch.uint8)), s.to(scale_dtype),
+                                     (zp + 8).to(torch.uint8), g, perm))
+
+
+@contextlib.contextmanager
+def _no_pinning_without_accelerator():
+    """llm-compressor 0.14's AWQ pins cached activations for faster host-to-device copies, which
+    raises on a machine without an accelerator. Pinning changes no value, so skip it there."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available() or not hasattr(IntermediatesCache, "pin_memory"):
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def _quiet() -> None:
+    """llm-compressor logs every layer at INFO through loguru and draws its own tqdm bars;
+    keep the terminal for quantbridge's progress."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from loguru import logger
+
+        logger.remove()
+        logger.add(lambda m: None, level="WARNING")
+    except ImportError:
+        pass
+    logging.getLogger("llmcompressor").setLevel(logging.WARNING)
+
+
+def ignored(model: nn.Module, linears: dict[str, nn.Linear]) -> list[str]:
+    """Every linear of the model that is not a target, for the recipe's `ignore`."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears]

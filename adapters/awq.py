@@ -1,0 +1,82 @@
+"""awq: AWQ (Lin et al.) through llm-compressor's AWQModifier + QuantizationModifier, AWQ GEMM layout.
+
+AWQ searches per-channel scales on calibration activations and folds them into the
+neighbouring layers (norm weights, the previous linear). quantbridge swaps single layers
+into an otherwise unchanged model, so the folded factors are recovered exactly from the
+weights (W_awq = diag(r) W diag(c), a rank-1 ratio) and kept beside the layer
+(quantbridge.smoothing). Weights stay in AWQ's GEMM packing; no AWQ library kernel can run
+here (docs/backends.md), so forward is the reference kernel and `kernel` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.formats.awq import AWQCodec
+from quantbridge.packed import Int4Weight
+from quantbridge.spec import QuantSpec
+
+from . import _llmcompressor as llmc
+from ._format_linear import FormatLinear
+
+RANK1_TOLERANCE = 1e-3  # relative residual of W_awq vs diag(r) W diag(c): pure scaling leaves ~1e-6
+
+
+def unfold_scales(original: torch.Tensor, smoothed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c [K], r [N]) with smoothed = diag(r) @ original @ diag(c), fitted in log space."""
+    w0, w1 = original.double(), smoothed.double()
+    ok = (w0 != 0) & (w1 != 0)
+    log_ratio = torch.where(ok, torch.log(w1.abs()) - torch.log(w0.abs()), torch.nan)
+    log_r = torch.nanmean(log_ratio, dim=1)
+    log_c = torch.nanmean(log_ratio - log_r.unsqueeze(1), dim=0)
+    r, c = torch.exp(log_r), torch.exp(log_c)
+    residual = torch.linalg.vector_norm(w1 - r.unsqueeze(1) * w0 * c) / torch.linalg.vector_norm(w1)
+    if not residual < RANK1_TOLERANCE:
+        raise RuntimeError(f"AWQ changed a weight beyond per-channel scaling (residual {residual:.2e})")
+    return c.float(), r.float()
+
+
+@register
+class AWQBackend(Backend):
+    name = "awq"
+    description = "AWQ (llm-compressor AWQModifier, calibrated), AWQ GEMM checkpoint layout"
+    install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
+    algorithm = "awq"
+    needs_calibration = True
+
+    def available(self, device: torch.device) -> Availability:
+        return llmc.availability(device)
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        from quantbridge.errors import UserError
+
+        if spec.act_order:
+            raise UserError("AWQ has no act-order; drop --act-order or leave awq out")
+
+    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                         calib: Calibration | None) -> dict[str, Int4Weight]:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        if calib is None:
+            raise ValueError("AWQ needs calibration data")
+        ignore = llmc.ignored(model, linears)
+        recipe = [AWQModifier(),
+                  QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": llmc.scheme(spec)}},
+                                       ignore=ignore)]
+        work = llmc.oneshot(model, linears, calib, recipe)
+        out = {}
+        for n, lin in linears.items():
+            mod = work.get_submodule(n)
+            w = llmc.read_int4(mod, spec.group_size, lin.weight.dtype)
+            c, r = unfold_scales(lin.weight.detach().float().cpu(), mod.weight.detach().float().cpu())
+            dev = lin.weight.device
+            w.in_scale = None if torch.allclose(c, torch.ones_like(c), rtol=0, atol=1e-6) else c.to(dev)
+            w.out_scale = None if torch.allclose(r, torch.ones_like(r), rtol=0, atol=1e-6) else r.to(dev)
+            out[n] = w
+        return out
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        return FormatLinear(weight, bias, AWQCodec(), {"version": "gemm"})

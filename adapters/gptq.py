@@ -1,0 +1,51 @@
+"""gptq: GPTQ (Frantar et al.) through llm-compressor's GPTQModifier, weights in GPTQ layout.
+
+The layer keeps the weights exactly as a GPTQ checkpoint stores them (qweight/qzeros/scales/
+g_idx, through quantbridge.formats.gptq). No GPTQ library kernel can run here (see
+docs/backends.md), so forward decodes them and runs the reference kernel: `kernel` says
+`reference-torch`. `--weights gptq` runs the same weights through every other kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.formats.gptq import GPTQCodec
+from quantbridge.packed import Int4Weight
+from quantbridge.spec import QuantSpec
+
+from . import _llmcompressor as llmc
+from ._format_linear import FormatLinear
+
+
+@register
+class GPTQBackend(Backend):
+    name = "gptq"
+    description = "GPTQ (llm-compressor GPTQModifier, calibrated), GPTQ checkpoint layout"
+    install_hint = llmc.INSTALL_HINT
+    algorithm = "gptq"
+    needs_calibration = True
+
+    def available(self, device: torch.device) -> Availability:
+        return llmc.availability(device)
+
+    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                         calib: Calibration | None) -> dict[str, Int4Weight]:
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        if calib is None:
+            raise ValueError("GPTQ needs calibration data")
+        recipe = GPTQModifier(
+            config_groups={"group_0": {"targets": ["Linear"], "weights": {
+                **llmc.scheme(spec), "actorder": "group" if spec.act_order else "static"}}},
+            ignore=llmc.ignored(model, linears),
+        )
+        work = llmc.oneshot(model, linears, calib, recipe)
+        return {n: llmc.read_int4(work.get_submodule(n), spec.group_size, lin.weight.dtype)
+                for n, lin in linears.items()}
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        # In memory the v2 layout: it holds every zero-point (v1 cannot store 0).
+        return FormatLinear(weight, bias, GPTQCodec("gptq_v2"), {"checkpoint_format": "gptq_v2"})

@@ -55,8 +55,8 @@ class AWQBackend(Backend):
         if spec.act_order:
             raise UserError("AWQ has no act-order; drop --act-order or leave awq out")
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
-                         calib: Calibration | None) -> dict[str, Int4Weight]:
+    def _smoothed_model(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                        calib: Calibration | None) -> nn.Module:
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
@@ -66,7 +66,19 @@ class AWQBackend(Backend):
         recipe = [AWQModifier(),
                   QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": llmc.scheme(spec)}},
                                        ignore=ignore)]
-        work = llmc.oneshot(model, linears, calib, recipe)
+        return llmc.oneshot(model, linears, calib, recipe)
+
+    def export(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+               calib: Calibration | None) -> tuple[nn.Module, dict[str, Int4Weight]]:
+        """The AWQ model as a checkpoint holds it: factors folded into norms and previous layers."""
+        work = self._smoothed_model(model, linears, spec, calib)
+        dtype = next(model.parameters()).dtype
+        weights = {n: llmc.read_int4(work.get_submodule(n), spec.group_size, dtype) for n in linears}
+        return work.to(dtype), weights
+
+    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                         calib: Calibration | None) -> dict[str, Int4Weight]:
+        work = self._smoothed_model(model, linears, spec, calib)
         out = {}
         for n, lin in linears.items():
             mod = work.get_submodule(n)

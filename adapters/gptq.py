@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantbridge.errors import UserError
 from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.packed import Int4Weight
@@ -31,15 +32,23 @@ class GPTQBackend(Backend):
     def available(self, device: torch.device) -> Availability:
         return llmc.availability(device)
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        if spec.act_order:
+            raise UserError("llm-compressor 0.14 no longer writes g_idx act-order (desc_act); its GPTQ always "
+                            "processes columns in activation order with contiguous groups. Drop --act-order "
+                            "(desc_act checkpoints from other tools still load: quantbridge compare CHECKPOINT_DIR)")
+
     def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                          calib: Calibration | None) -> dict[str, Int4Weight]:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         if calib is None:
             raise ValueError("GPTQ needs calibration data")
+        self.check_spec(spec)
+        # actorder "weight": columns quantized in activation order, groups stay contiguous, so
+        # the stored layout is that of desc_act=False (no g_idx) with most of act-order's gain.
         recipe = GPTQModifier(
-            config_groups={"group_0": {"targets": ["Linear"], "weights": {
-                **llmc.scheme(spec), "actorder": "group" if spec.act_order else "static"}}},
+            config_groups={"group_0": {"targets": ["Linear"], "weights": {**llmc.scheme(spec), "actorder": "weight"}}},
             ignore=llmc.ignored(model, linears),
         )
         work = llmc.oneshot(model, linears, calib, recipe)

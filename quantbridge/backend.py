@@ -98,6 +98,15 @@ class Backend:
         """
         return None
 
+    def export(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+               calib: Calibration | None) -> tuple[nn.Module, dict[str, Int4Weight]]:
+        """(model, weights) for a checkpoint: algorithms that fold factors into other layers (AWQ)
+        return the model with them folded and plain weights; others the model unchanged."""
+        ws = self.quantize_weights(model, linears, spec, calib)
+        if ws is None:
+            ws = {n: self.quantize_weights_of(lin, spec) for n, lin in linears.items()}
+        return model, ws
+
     def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
         raise NotImplementedError(f"{self.name} cannot run canonical INT4 weights made elsewhere")
 

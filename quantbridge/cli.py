@@ -156,6 +156,62 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     click.echo(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
 
 
+EPILOG_CONVERT = """\b
+Examples:
+  quantbridge convert demo --to gptq runs/demo-gptq --method gptq      # calibrate GPTQ, write a GPTQ checkpoint
+  quantbridge convert runs/demo-gptq --to awq runs/demo-awq            # lossless re-pack, no re-quantization
+  quantbridge convert ./llama --to compressed-tensors ./llama-ct --method awq
+  quantbridge compare runs/demo-awq --backends native,gptq             # a checkpoint's own weights, every kernel
+
+\b
+SRC is `demo`, a model directory or hub id (quantized with --method), or an INT4 checkpoint
+in any supported layout (gptq, awq, compressed-tensors pack-quantized, native), which is
+decoded and re-encoded bit-exactly. The checkpoint's config.json gets the target's
+quantization_config; AWQ cannot hold act-order, GPTQ v1 cannot hold a zero-point of 0.
+"""
+
+
+@cli.command(epilog=EPILOG_CONVERT)
+@click.argument("src")
+@click.option("--to", "to", required=True, type=click.Choice(["gptq", "awq", "compressed-tensors", "native"]),
+              help="Layout of the written checkpoint.")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--method", default="native", show_default=True,
+              help="For a float SRC: the algorithm that makes the weights (native = RTN, gptq, awq).")
+@click.option("--group-size", default=128, show_default=True, type=int, help="32, 64, 128 or -1 (per-channel).")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True)
+@click.option("--act-order", is_flag=True, help="GPTQ act-order (g_idx); not for awq.")
+@click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of linears kept in float.")
+@click.option("--calib", "calib_file", default=None, type=click.Path(dir_okay=False), help="Calibration text for gptq/awq.")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--device", default="auto", show_default=True, help="Where gptq/awq calibrate: auto, cpu, cuda.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def convert(src: str, to: str, out_dir: str, method: str, group_size: int, symmetric: bool, act_order: bool,
+            skip: str, calib_file: str | None, calib_samples: int, calib_len: int, device: str, overwrite: bool) -> None:
+    """Write SRC as an INT4 checkpoint in another layout (lossless between INT4 layouts)."""
+    from .convert import convert as run
+    from .hardware import resolve_device
+    from .spec import QuantSpec
+    from .workloads import calibration
+
+    spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
+    dev = resolve_device(device)
+    with Console(stderr=True).status(f"converting {src} to {to}"):
+        summary = run(src, to, out_dir, method=method, spec=spec, skip=skip, device=dev,
+                      dtype=torch_dtype_for(dev), overwrite=overwrite,
+                      calib_factory=lambda tok: calibration(tok, calib_samples, calib_len, calib_file))
+    click.echo(f"wrote {summary['out']}: {summary['layers']} layers as {summary['format']}, {summary['how']}, "
+               f"{summary['bytes'] / 1e6:.2f} MB")
+
+
+def torch_dtype_for(dev):
+    """Calibrate in fp32 on CPU and bf16 on GPU, as compare does."""
+    from .hardware import resolve_dtype
+
+    return resolve_dtype("auto", dev)
+
+
 EPILOG_BENCH = """\b
 Examples:
   quantbridge bench --quick                                   # CPU smoke run: reference kernel, fp32 matmul

@@ -36,6 +36,7 @@ from .spec import QuantSpec
 from .workloads import decode_batches, prefill_batches, text_split, tokenize, windows
 
 REFERENCE = "fp16"
+CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
 
 
 @dataclass
@@ -112,9 +113,18 @@ class Comparer:
         if not self.linears:
             raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
         skip = re.compile(settings.skip)
-        self.targets = {n for n in self.linears if not skip.search(n)}
-        for n in self.targets:
-            settings.spec.check_layer(n, self.linears[n].in_features)
+        if loaded.int4 is not None:  # a quantized checkpoint: its layers, its weights, every kernel
+            if settings.weights is not None:
+                raise UserError(f"{loaded.name} is a quantized checkpoint: its own weights are run through every "
+                                f"backend; drop --weights")
+            self.targets = set(loaded.int4)
+            from .checkpoint import spec_of
+
+            settings.spec = spec_of(loaded.int4)
+        else:
+            self.targets = {n for n in self.linears if not skip.search(n)}
+            for n in self.targets:
+                settings.spec.check_layer(n, self.linears[n].in_features)
         self.backends = {n: registry.get(n) for n in self.names}
         self.availability = {n: b.available(device) for n, b in self.backends.items()}
         for n, b in self.backends.items():
@@ -125,8 +135,8 @@ class Comparer:
             if a.ok:
                 b.check_spec(settings.spec)
         self.flush = L2Flush(device)
-        self.shared_from = settings.weights
-        if self.shared_from is not None:
+        self.shared_from = CHECKPOINT if loaded.int4 is not None else settings.weights
+        if self.shared_from not in (None, CHECKPOINT):
             src = registry.get(self.shared_from)
             if not _canonical(src):
                 raise UserError(f"--weights {self.shared_from}: its weights are not canonical INT4; "
@@ -211,7 +221,8 @@ class Comparer:
             if not b.runs_int4():
                 raise NotRunnable(f"{name} cannot run {self.shared_from}'s INT4 weights (its own format only)")
             ws = self._weights(self.shared_from)
-            label = f"{self.shared_from} (shared)"
+            label = (f"checkpoint ({self.loaded.info['checkpoint']['format']})" if self.shared_from == CHECKPOINT
+                     else f"{self.shared_from} (shared)")
         else:
             ws = self._weights(name) if b.needs_calibration else None
             label = b.algorithm or name
@@ -228,6 +239,8 @@ class Comparer:
         from .models import cache_dir
         from .workloads import calibration
 
+        if name == CHECKPOINT:
+            return self.loaded.int4
         if name in self._weights_cache:
             return self._weights_cache[name]
         b, s = self.backends[name], self.settings

@@ -9,7 +9,7 @@ import torch
 
 from .errors import UserError
 
-LIBRARIES = ("torch", "transformers", "triton", "bitsandbytes", "gptqmodel", "llmcompressor", "vllm")
+LIBRARIES = ("torch", "transformers", "triton", "bitsandbytes", "llmcompressor", "compressed-tensors", "gptqmodel", "vllm")
 
 
 def library_versions() -> dict[str, str | None]:

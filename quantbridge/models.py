@@ -41,6 +41,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     info: dict = field(default_factory=dict)
+    int4: dict | None = None  # a quantized checkpoint's weights (module path -> Int4Weight)
 
 
 def cache_dir() -> Path:
@@ -131,6 +132,10 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
         path, source = Path(spec).expanduser(), str(Path(spec).expanduser().resolve())
         if not (path / "config.json").exists():
             raise UserError(f"{spec} has no config.json; pass a Hugging Face model directory (save_pretrained output)")
+        from .checkpoint import is_quantized, load_quantized
+
+        if is_quantized(path):
+            return load_quantized(path, device, dtype)
     elif Path(spec).expanduser().exists() or _looks_like_path(spec):
         raise UserError(f"model path {spec!r} does not exist or is not a directory; pass a model directory, a hub id or 'demo'")
     else:

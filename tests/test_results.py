@@ -11,7 +11,7 @@ def _comp():
                         weight_bytes=100, latency_us={"1": {"median": 3.0, "p10": 2.0, "p90": 4.0, "n": 20}},
                         error={"rel_isolated": 0.1, "rel_propagated": 0.12, "sqnr_db": float("inf"), "cosine": 0.99})
     return Comparison(model={"name": "m"}, device={"name": "cpu"}, settings={"m_values": [1]},
-                      backends=[BackendResult(name="native", status="ok", kernel="reference-torch", layers=[layer]),
+                      backends=[BackendResult(name="native", status="ok", kernel="reference-torch", weights="rtn", layers=[layer]),
                                 BackendResult(name="x", status="failed", reason="boom")])
 
 
@@ -51,5 +51,5 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_csv_rows(tmp_path):
     save_csv(_comp(), tmp_path / "r.csv")
     lines = (tmp_path / "r.csv").read_text().splitlines()
-    assert lines[0].startswith("backend,status,layer,N,K")
-    assert len(lines) == 3 and lines[1].startswith("native,ok,model.layers.0.mlp.up_proj,768,256")
+    assert lines[0].startswith("backend,status,weights,layer,N,K")
+    assert len(lines) == 3 and lines[1].startswith("native,ok,rtn,model.layers.0.mlp.up_proj,768,256")

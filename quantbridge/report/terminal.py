@@ -36,16 +36,16 @@ def spec_label(spec: dict) -> str:
 
 def summary_table(comp: Comparison) -> Table:
     t = Table(title=f"{comp.model.get('name')} on {comp.device.get('name')} — whole model", title_justify="left")
-    for col in ("backend", "status", "kernel", "weight MB", "bits/w", "rel err iso (median)", "eval ppl", "probe overhead"):
+    for col in ("backend", "status", "weights", "kernel", "weight MB", "bits/w", "rel err iso (median)", "eval ppl", "probe overhead"):
         t.add_column(col, justify="left" if col in ("backend", "status", "kernel") else "right")
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     for b in comp.backends:
         if b.status != "ok":
-            t.add_row(b.name, f"[red]{b.status}[/red]", escape(b.reason or ""), *[""] * 5)
+            t.add_row(b.name, f"[red]{b.status}[/red]", "", escape(b.reason or ""), *[""] * 5)
             continue
         overhead = b.model_metrics.get("probe_overhead_pct", {})
         t.add_row(
-            b.name, "ok", escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
+            b.name, "ok", escape(b.weights or ""), escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
             _fmt(_median([layer.error.get("rel_isolated") for layer in b.layers if layer.quantized] or [0.0])),
             _fmt(b.model_metrics.get("eval_ppl"), ".1f"),
             " / ".join(f"{overhead[m]:+.1f}%" for m in ms if m in overhead),
@@ -110,6 +110,8 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
         console.print(layer_table(comp))
     console.print(summary_table(comp))
     console.print(latency_table(comp))
+    for line in comp.findings:
+        console.print(f"• {escape(line)}")
     s = comp.settings
     console.print(
         f"[dim]latency: median of {s.get('runs')} runs after {s.get('warmup')} warm-up, per linear inside real "

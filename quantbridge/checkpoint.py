@@ -1,0 +1,165 @@
+"""Quantized checkpoints: read any supported INT4 layout, write any, losslessly.
+
+A checkpoint is a Hugging Face model directory whose config.json carries a
+`quantization_config`; quantized linears store their format's tensors under the module path
+(`model.layers.0.self_attn.q_proj.qweight`, ...), everything else is stored as usual.
+Reading never goes through a quantization library: the codecs in quantbridge.formats
+decode the tensors to the canonical Int4Weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import formats
+from .errors import UserError
+from .models import LoadedModel, _dir_hash, linear_layers
+from .packed import Int4Weight
+from .spec import QuantSpec
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def quantization_config(path: Path) -> dict | None:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return cfg.get("quantization_config")
+
+
+def is_quantized(path: Path) -> bool:
+    return quantization_config(path) is not None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors files; quantbridge reads safetensors checkpoints")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def read_int4(path: Path) -> tuple[formats.Codec, dict, dict[str, Int4Weight], dict[str, torch.Tensor]]:
+    """(codec, quantization_config, quantized layers, the remaining plain tensors)."""
+    qcfg = quantization_config(path)
+    codec = formats.detect(qcfg)
+    tensors = _tensors(path)
+    prefixes = codec.layer_prefixes(list(tensors))
+    if not prefixes:
+        raise UserError(f"{path}: quantization_config says {codec.name} but no layer carries "
+                        f"'{codec.suffixes[0]}' tensors")
+    weights, used = {}, set()
+    for p in prefixes:
+        parts = {s: tensors[f"{p}.{s}"] for s in codec.suffixes if f"{p}.{s}" in tensors}
+        used.update(f"{p}.{s}" for s in parts)
+        try:
+            weights[p] = codec.decode(parts, qcfg)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: layer {p} could not be decoded as {codec.name}: {e}") from None
+    rest = {k: v for k, v in tensors.items() if k not in used}
+    return codec, qcfg, weights, rest
+
+
+def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model with every quantized linear holding its dequantized weight, plus the INT4 weights.
+
+    The dequantized model is the comparison's reference: every backend then runs the very
+    same INT4 weights, and its error is its kernel's alone.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    codec, qcfg, weights, rest = read_int4(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # quantbridge decodes the layers itself
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lins = linear_layers(model)
+    unknown = [p for p in weights if p not in lins]
+    if unknown:
+        raise UserError(f"{path}: quantized tensors for {unknown[0]}, which is not a linear layer of "
+                        f"{type(model).__name__}")
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k.removesuffix(".weight") not in weights]
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has unexpected tensor {unexpected[0]}"
+        raise UserError(f"{path}: checkpoint {what}; is it a {type(model).__name__} checkpoint?")
+    scale_dtypes = sorted({str(w.scales.dtype).removeprefix("torch.") for w in weights.values()})
+    for name, w in weights.items():
+        lins[name].weight.data = w.dequantize(dtype)
+        weights[name] = _cast_scales(w, dtype).to(device)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    info = {"name": str(path), "source": str(Path(path).resolve()), "architecture": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),
+            "hash": _dir_hash(Path(path)),
+            "checkpoint": {"format": codec.name, "quantized_layers": len(weights), "scales_dtype": scale_dtypes,
+                           "quantization_config": qcfg}}
+    return LoadedModel(name=str(path), source=info["source"], model=model, tokenizer=tokenizer, info=info, int4=weights)
+
+
+def _cast_scales(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
+    """Scales in the compute dtype, as kernels take them (exact for fp16 -> fp32; fp16 -> bf16 rounds)."""
+    return Int4Weight(w.qweight, w.scales.to(dtype), w.zeros, w.group_size, w.perm)
+
+
+def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, Int4Weight], codec: formats.Codec,
+                   spec: QuantSpec, overwrite: bool = False) -> Path:
+    """Write a loadable checkpoint; the directory appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; choose another OUT_DIR or pass --overwrite")
+    smoothed = [n for n, w in weights.items() if w.smoothed]
+    if smoothed:
+        raise ValueError(f"{smoothed[0]} carries unfolded smoothing factors; fold them into the model first")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in model.state_dict().items():
+        module, _, leaf = k.rpartition(".")
+        if module in weights and leaf != "bias":  # the float weight and any quantizer state
+            continue
+        if t.data_ptr() in seen:  # tied weights are stored once; transformers re-ties them
+            continue
+        seen.add(t.data_ptr())
+        tensors[k] = t.detach().cpu().contiguous()
+    for name, w in weights.items():
+        try:
+            enc = codec.encode(w.to("cpu"))
+        except ValueError as e:
+            raise UserError(f"cannot write {name} as {codec.name}: {e}") from None
+        tensors.update({f"{name}.{s}": t.contiguous() for s, t in enc.items()})
+    skipped = [n for n in linear_layers(model) if n not in weights]
+    config = model.config.to_dict()
+    config["quantization_config"] = codec.quantization_config(spec, skipped)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def spec_of(weights: dict[str, Int4Weight]) -> QuantSpec:
+    """The spec a set of decoded weights follows (what a converted checkpoint declares)."""
+    w = next(iter(weights.values()))
+    per_channel = all(x.group_size == x.in_features for x in weights.values())
+    symmetric = all(bool((x.zeros == 8).all()) for x in weights.values())
+    return QuantSpec(group_size=-1 if per_channel else w.group_size, symmetric=symmetric,
+                     act_order=any(x.perm is not None for x in weights.values()))

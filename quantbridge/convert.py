@@ -1,0 +1,52 @@
+"""`quantbridge convert`: a float model quantized by one algorithm, or an INT4 checkpoint in one
+layout, written as a checkpoint in another layout. Quantized-to-quantized is lossless."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from . import backend as registry
+from . import formats
+from .checkpoint import is_quantized, read_int4, save_quantized, spec_of
+from .errors import UserError
+from .models import load_model, linear_layers
+from .spec import QuantSpec
+
+
+def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec: QuantSpec | None = None,
+            skip: str = r"(^|\.)lm_head$", device: torch.device | None = None, dtype: torch.dtype | None = None,
+            calib=None, overwrite: bool = False, calib_factory=None) -> dict:
+    """Write SRC as a `to`-format checkpoint in OUT; returns a summary for the CLI."""
+    codec = formats.get(to)
+    device = device or torch.device("cpu")
+    src_path = Path(src).expanduser()
+    if src_path.is_dir() and (src_path / "config.json").exists() and is_quantized(src_path):
+        _, _, weights, rest = read_int4(src_path)
+        stored = next((t.dtype for t in rest.values() if t.is_floating_point()), torch.float16)
+        loaded = load_model(str(src_path), torch.device("cpu"), stored)  # plain tensors in their stored dtype
+        model, spec, how = loaded.model, spec_of(weights), f"decoded from {loaded.info['checkpoint']['format']}"
+    else:
+        loaded = load_model(src, device, dtype or torch.float32)
+        backend = registry.get(method)
+        if not backend.quantized:
+            raise UserError(f"--method {method} does not quantize; use native (RTN), gptq or awq")
+        avail = backend.available(device)
+        if not avail.ok:
+            raise UserError(f"--method {method}: {avail.reason}; {backend.install_hint}")
+        spec = spec or QuantSpec()
+        backend.check_spec(spec)
+        pattern = re.compile(skip)
+        lins = {n: m for n, m in linear_layers(loaded.model).items() if not pattern.search(n)}
+        for n, m in lins.items():
+            spec.check_layer(n, m.in_features)
+        cal = calib_factory(loaded.tokenizer) if backend.needs_calibration and calib_factory else calib
+        model, weights = backend.export(loaded.model, lins, spec, cal)
+        weights = {n: w.to("cpu") for n, w in weights.items()}
+        model = model.to("cpu")
+        how = f"quantized with {method} ({backend.algorithm})"
+    path = save_quantized(Path(out), model, loaded.tokenizer, weights, codec, spec, overwrite=overwrite)
+    return {"out": str(path), "format": codec.name, "layers": len(weights), "how": how, "spec": spec.to_dict(),
+            "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}

@@ -34,6 +34,8 @@ def availability(device: torch.device) -> Availability:
         v = version("llmcompressor")
     except PackageNotFoundError:
         return Availability(False, "llmcompressor is not installed")
+    # Its per-layer INFO logs and import-time device warnings would bury quantbridge's output.
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
     try:
         import llmcompressor  # noqa: F401
     except Exception as e:  # noqa: BLE001 - an incompatible install shows up here

@@ -3,6 +3,7 @@
 # 1. installs carried wheels (.whl/), 2. lays the package out as installed, 3. runs the
 # GPU tests, 4. runs the kernel benchmark. Everything lands in $OUT (default runs/gpu).
 #   SHAPES=llama3-8b BATCH=1,16 bash benchmarks/gpu_run.sh
+#   TESTS=0 BENCH=0 COMPARE=1 bash benchmarks/gpu_run.sh      # compare every backend on a Llama-shaped model
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-runs/gpu}")
 mkdir -p "$OUT"
@@ -25,6 +26,19 @@ if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --shapes "${SHAPES:-llama3-8b,llama3-70b}" \
     --batch "${BATCH:-1,2,4,8,16,32,64,128,512,4096}" --backends "${BACKENDS:-fp16,native,tinygemm,bnb-nf4,bnb-fp4}" \
     --runs "${RUNS:-50}" --out "$OUT" 2>"$OUT/bench-progress.log" | tail -n 80
+fi
+if [ "${COMPARE:-0}" = 1 ]; then
+  # Every backend on a seeded model with real Llama-3-8B layer shapes; then the GPTQ weights
+  # through every kernel that can run them (kernel differences without algorithm differences).
+  model=${COMPARE_MODEL:-llama3-8b-2l}
+  timeout "${COMPARE_TIMEOUT:-400}" python3 -m quantbridge.cli compare "$model" \
+    --backends "${COMPARE_BACKENDS:-native,tinygemm,bnb-nf4,bnb-fp4,gptq,awq}" --batch "${COMPARE_BATCH:-1,16,128}" \
+    --prefill 512 --no-layers --out "$OUT/compare-$model" > "$OUT/compare-$model.txt" 2>"$OUT/compare-$model.log"
+  tail -n 30 "$OUT/compare-$model.txt"; tail -n 5 "$OUT/compare-$model.log"
+  timeout "${COMPARE_TIMEOUT:-400}" python3 -m quantbridge.cli compare "$model" --weights gptq \
+    --backends gptq,native,tinygemm --batch "${COMPARE_BATCH:-1,16,128}" --prefill 512 --no-layers \
+    --out "$OUT/compare-$model-gptq-weights" > "$OUT/compare-$model-gptq-weights.txt" 2>"$OUT/compare-$model-gptq-weights.log"
+  tail -n 20 "$OUT/compare-$model-gptq-weights.txt"; tail -n 5 "$OUT/compare-$model-gptq-weights.log"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

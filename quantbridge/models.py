@@ -33,6 +33,16 @@ DEMO_CONFIG = dict(
 )
 DEMO_SEED = 20261122
 
+# Seeded models with real Llama layer shapes for GPU runs: built in memory (never cached to
+# disk), demo tokenizer. Their weights are random, so only latency and per-layer error mean
+# anything; perplexity does not.
+SEEDED = {
+    "llama3-8b-2l": dict(DEMO_CONFIG, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8),
+    "llama3-70b-1l": dict(DEMO_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
+                          num_attention_heads=64, num_key_value_heads=8),
+}
+
 
 @dataclass
 class LoadedModel:
@@ -126,6 +136,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     """Load MODEL as given on the command line: 'demo', a local directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec in SEEDED:
+        return _load_seeded(spec, device, dtype)
     if spec == DEMO_NAME:
         path, source = demo_path(), DEMO_NAME
     elif Path(spec).expanduser().is_dir():
@@ -162,6 +174,24 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
         info["demo_version"] = DEMO_VERSION
         info["config"] = json.loads(json.dumps(DEMO_CONFIG))
     return LoadedModel(name=info["name"], source=source, model=model, tokenizer=tokenizer, info=info)
+
+
+def _load_seeded(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SEEDED[name])
+    state = torch.random.get_rng_state()
+    torch.manual_seed(DEMO_SEED)
+    try:
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    info = {"name": name, "source": "seeded", "architecture": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),
+            "hash": f"seeded-{name}-{DEMO_SEED}", "config": SEEDED[name],
+            "note": "random seeded weights with real Llama layer shapes: latency and layer error only"}
+    return LoadedModel(name=name, source="seeded", model=model, tokenizer=AutoTokenizer.from_pretrained(demo_path()),
+                       info=info)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:

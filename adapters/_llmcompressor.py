@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 import os
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -60,8 +61,12 @@ def oneshot(model: nn.Module, linears: dict[str, nn.Linear], calib: Calibration,
     ids = calib.input_ids
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     _quiet()
-    with _no_pinning_without_accelerator():
-        run(model=work, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+    with tempfile.TemporaryDirectory() as cfg_dir, _no_pinning_without_accelerator():
+        # llm-compressor re-reads the config from name_or_path and would otherwise build a
+        # processor from it too; in-memory models have no such path, so give it both.
+        work.config.save_pretrained(cfg_dir)
+        work.config._name_or_path = cfg_dir
+        run(model=work, dataset=ds, recipe=recipe, processor=calib.tokenizer, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False,
             quantization_aware_calibration=QUANTIZATION_AWARE)
     missing = [n for n in linears if not hasattr(work.get_submodule(n), "weight_scale")]

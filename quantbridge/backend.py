@@ -7,7 +7,7 @@ third-party packages add theirs through the `quantbridge.backends` entry-point g
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import ClassVar
 
@@ -57,6 +57,7 @@ class Calibration:
 
     input_ids: torch.Tensor  # [samples, length]
     digest: str  # identifies the text and sampling, for the quantized-weights cache
+    tokenizer: object = field(default=None, compare=False)  # the model's, for libraries that ask for it
 
 
 class Backend:

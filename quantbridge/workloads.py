@@ -86,4 +86,4 @@ def calibration(tokenizer, samples: int, length: int, path: str | None = None, s
                         f"give a longer --calib file or a smaller --calib-len")
     ids = windows(tokens, samples, length, 1, seed)[0]
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
-    return Calibration(ids, digest)
+    return Calibration(ids, digest, tokenizer)

@@ -27,6 +27,8 @@ import triton.language as tl
 
 from quantbridge.packed import Int4Weight
 
+from ._fast_launch import FastLauncher
+
 KERNEL_NAME = "quantbridge.triton"
 
 
@@ -187,16 +189,16 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
     ngroups = k // w.group_size
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
     ws = torch.empty((sk, m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
-    _int4_matmul_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros, out, ws,
-        m, n, k, ngroups, x2.stride(0), out.stride(0),
-        GROUP=w.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, FACTORED=bm <= 16,
-        num_warps=warps, num_stages=stages,
-    )
+    _MATMUL(grid, (x2, w.qweight, w.scales, w.zeros, out, ws, m, n, k, ngroups, x2.stride(0), out.stride(0)),
+            (w.group_size, bm, bn, bk, sk, bm <= 16), num_warps=warps, num_stages=stages)
     if sk > 1:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, out, m * n, n, out.stride(0), SPLIT_K=sk, BLOCK=block)
+        _REDUCE((triton.cdiv(m * n, block), 1), (ws, out, m * n, n, out.stride(0)), (sk, block))
     return out
+
+
+_MATMUL = FastLauncher(_int4_matmul_kernel)
+_REDUCE = FastLauncher(_splitk_reduce_kernel)
 
 
 class _Tuner:

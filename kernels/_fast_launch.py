@@ -11,39 +11,37 @@ from __future__ import annotations
 
 import os
 
-import torch
 from triton import knobs
 from triton.runtime.driver import driver
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _spec(a) -> tuple:
-    """What Triton specializes an argument on (its default rules): dtype and 16-byte alignment
-    for tensors; value 1, divisibility by 16 and 64-bit range for integers."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool) or not isinstance(a, int):
-        return (a,)
-    return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
-
-
 class FastLauncher:
+    """Call as launcher(grid, tensors, ints, constexprs, num_warps, num_stages): the kernel's
+    arguments are its tensors, then its runtime integers, then its constexprs, in that order."""
+
     def __init__(self, fn) -> None:
         self.fn = fn
         self.cache: dict[tuple, object] = {}
 
-    def __call__(self, grid: tuple[int, int], args: tuple, constexprs: tuple, **options) -> None:
-        """args: the runtime arguments in order; constexprs: the constexpr values that follow them."""
-        key = (args[0].device.index, constexprs, tuple(sorted(options.items())), tuple(_spec(a) for a in args))
+    def __call__(self, grid: tuple[int, int], tensors: tuple, ints: tuple, constexprs: tuple,
+                 num_warps: int = 4, num_stages: int = 3) -> None:
+        dev = tensors[0].get_device()
+        # Triton's default specialization: tensor dtype and 16-byte alignment; integers equal
+        # to 1, divisible by 16, or past 32 bits. Same key => same compiled kernel.
+        key = (dev, constexprs, num_warps, num_stages,
+               tuple((t.dtype, t.data_ptr() & 15 == 0) for t in tensors),
+               tuple((i == 1, i & 15 == 0, i >= 2**31) for i in ints))
         kernel = self.cache.get(key)
         if kernel is None:
-            names = self.fn.arg_names[len(args):]
-            kernel = self.fn[grid](*args, **dict(zip(names, constexprs)), **options)
+            names = self.fn.arg_names[len(tensors) + len(ints):]
+            kernel = self.fn[grid](*tensors, *ints, **dict(zip(names, constexprs)),
+                                   num_warps=num_warps, num_stages=num_stages)
             if kernel is not None and not _INTERPRET:
                 self.cache[key] = kernel
             return
-        stream = driver.active.get_current_stream(args[0].device.index)
-        meta = kernel.launch_metadata(grid, stream, *args, *constexprs)
+        stream = driver.active.get_current_stream(dev)
+        meta = kernel.launch_metadata(grid, stream, *tensors, *ints, *constexprs)
         kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, meta,
-                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args, *constexprs)
+                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *tensors, *ints, *constexprs)

@@ -189,11 +189,11 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
     ngroups = k // w.group_size
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
     ws = torch.empty((sk, m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
-    _MATMUL(grid, (x2, w.qweight, w.scales, w.zeros, out, ws, m, n, k, ngroups, x2.stride(0), out.stride(0)),
-            (w.group_size, bm, bn, bk, sk, bm <= 16), num_warps=warps, num_stages=stages)
+    _MATMUL(grid, (x2, w.qweight, w.scales, w.zeros, out, ws), (m, n, k, ngroups, x2.stride(0), out.stride(0)),
+            (w.group_size, bm, bn, bk, sk, bm <= 16), warps, stages)
     if sk > 1:
         block = 1024
-        _REDUCE((triton.cdiv(m * n, block), 1), (ws, out, m * n, n, out.stride(0)), (sk, block))
+        _REDUCE((triton.cdiv(m * n, block), 1), (ws, out), (m * n, n, out.stride(0)), (sk, block), 4, 3)
     return out
 
 

@@ -32,6 +32,11 @@ from ._fast_launch import FastLauncher
 KERNEL_NAME = "quantbridge.triton"
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a jit function: calling it from the host costs microseconds per call.
+    return -(-a // b)
+
+
 @triton.jit
 def _int4_matmul_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr,
@@ -143,7 +148,7 @@ def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), device=w.qweight.device, dtype=dtype)
     bk = min(w.group_size, 256)  # groups are 32/64/128 or the whole row (per-channel)
-    grid = (triton.cdiv(n, 64), triton.cdiv(k, bk))
+    grid = (_cdiv(n, 64), _cdiv(k, bk))
     _dequant_kernel[grid](w.qweight, w.scales, w.zeros, out, n, k, k // w.group_size, GROUP=w.group_size,
                           BLOCK_N=64, BLOCK_K=bk)
     return out
@@ -187,13 +192,13 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
     m, k = x2.shape
     n = w.out_features
     ngroups = k // w.group_size
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
+    grid = (_cdiv(m, bm) * _cdiv(n, bn), sk)
     ws = torch.empty((sk, m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
     _MATMUL(grid, (x2, w.qweight, w.scales, w.zeros, out, ws), (m, n, k, ngroups, x2.stride(0), out.stride(0)),
             (w.group_size, bm, bn, bk, sk, bm <= 16), warps, stages)
     if sk > 1:
         block = 1024
-        _REDUCE((triton.cdiv(m * n, block), 1), (ws, out), (m * n, n, out.stride(0)), (sk, block), 4, 3)
+        _REDUCE((_cdiv(m * n, block), 1), (ws, out), (m * n, n, out.stride(0)), (sk, block), 4, 3)
     return out
 
 

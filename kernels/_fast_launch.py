@@ -25,7 +25,7 @@ class FastLauncher:
         self.fn = fn
         self.cache: dict[tuple, object] = {}
 
-    def __call__(self, grid: tuple[int, int], tensors: tuple, ints: tuple, constexprs: tuple,
+    def __call__(self, grid: tuple[int, int, int], tensors: tuple, ints: tuple, constexprs: tuple,
                  num_warps: int = 4, num_stages: int = 3) -> None:
         dev = tensors[0].get_device()
         # Triton's default specialization: tensor dtype and 16-byte alignment; integers equal
@@ -43,5 +43,5 @@ class FastLauncher:
             return
         stream = driver.active.get_current_stream(dev)
         meta = kernel.launch_metadata(grid, stream, *tensors, *ints, *constexprs)
-        kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, meta,
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
                    knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *tensors, *ints, *constexprs)

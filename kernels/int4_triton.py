@@ -114,6 +114,55 @@ def _int4_matmul_kernel(
 
 
 @triton.jit
+def _int4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr,
+    M, N, K, NGROUPS, stride_xm, stride_om,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One activation row per program on CUDA cores: no tensor-core tile to pad M=1 to 16.
+
+    The weight is read as int32 words (8 codes each, column 8i+j in nibble j: the canonical
+    byte layout read little-endian). A tile lies in one group (BLOCK_K divides GROUP), so
+    scale and zero apply once per tile: s * (sum q x - z * sum x).
+    """
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    K8 = K // 8
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    w_rows = qw_ptr + offs_n[:, None] * K8
+    x_row = x_ptr + row * stride_xm
+    for t in range(t_start, t_end):
+        offs_w = t * WORDS + tl.arange(0, WORDS)
+        mask_w = offs_w < K8
+        words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
+        g = (t * BLOCK_K) // GROUP
+        sc = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
+        qx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        xs = tl.zeros((WORDS,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
+            qj = ((words >> (4 * j)) & 0xF).to(tl.float32)
+            qx += tl.sum(qj * xj[None, :], axis=1)
+            xs += xj
+        acc += sc * (qx - zp * tl.sum(xs, axis=0))
+
+    if SPLIT_K == 1:
+        tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(ws_ptr + (pid_k * M + row) * N + offs_n, acc, mask=mask_n)
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -161,8 +210,23 @@ Config = tuple[int, int, int, int, int, int]
 DEQUANT_CUBLAS: Config = (0, 0, 0, 0, 0, 0)  # dequantize with Triton, multiply with cuBLAS
 
 
+def gemv_configs(k: int, group: int) -> list[Config]:
+    """CUDA-core GEMV tiles (BLOCK_M = 1 marks them): each K-tile inside one group, K in words."""
+    if k % 8:
+        return []
+    ok = [bk for bk in (64, 128, 256) if bk <= group and group % bk == 0 or group == k and bk <= max(k, 64)]
+    return [(1, bn, bk, sk, w, st) for bn in (32, 64, 128) for bk in ok for sk in (1, 4, 8)
+            for w, st in ((4, 3), (8, 4)) if _cdiv(k, bk) >= sk]
+
+
 def candidate_configs(m: int, n: int, k: int, group: int) -> list[Config]:
     """The search space for one M bucket: kept small, since every candidate is compiled and timed."""
+    if m <= 2:
+        return gemv_configs(k, group) + _tile_configs(m, n, k, group)
+    return _tile_configs(m, n, k, group)
+
+
+def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:
     if m <= 16:  # memory-bound: one tensor-core row tile, split-K to fill the SMs
         out = [(16, bn, bk, sk, w, st) for bn in (64, 128, 256) for bk in (64, 128) for sk in (2, 4, 8)
                for w, st in ((4, 3), (4, 5), (8, 4))]
@@ -192,17 +256,21 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> t
     m, k = x2.shape
     n = w.out_features
     ngroups = k // w.group_size
-    grid = (_cdiv(m, bm) * _cdiv(n, bn), sk)
     ws = torch.empty((sk, m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
-    _MATMUL(grid, (x2, w.qweight, w.scales, w.zeros, out, ws), (m, n, k, ngroups, x2.stride(0), out.stride(0)),
-            (w.group_size, bm, bn, bk, sk, bm <= 16), warps, stages)
+    if bm == 1:
+        _GEMV((_cdiv(n, bn), sk, m), (x2, w.qweight.view(torch.int32), w.scales, w.zeros, out, ws),
+              (m, n, k, ngroups, x2.stride(0), out.stride(0)), (w.group_size, bn, bk, sk), warps, stages)
+    else:
+        _MATMUL((_cdiv(m, bm) * _cdiv(n, bn), sk, 1), (x2, w.qweight, w.scales, w.zeros, out, ws),
+                (m, n, k, ngroups, x2.stride(0), out.stride(0)), (w.group_size, bm, bn, bk, sk, bm <= 16), warps, stages)
     if sk > 1:
         block = 1024
-        _REDUCE((_cdiv(m * n, block), 1), (ws, out), (m * n, n, out.stride(0)), (sk, block), 4, 3)
+        _REDUCE((_cdiv(m * n, block), 1, 1), (ws, out), (m * n, n, out.stride(0)), (sk, block), 4, 3)
     return out
 
 
 _MATMUL = FastLauncher(_int4_matmul_kernel)
+_GEMV = FastLauncher(_int4_gemv_kernel)
 _REDUCE = FastLauncher(_splitk_reduce_kernel)
 
 

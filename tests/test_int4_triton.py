@@ -44,6 +44,11 @@ INTERPRETER_CASES = [
     (20, 24, 256, -1, False, (32, 16, 64, 1, 4, 3)),  # per-channel
     (70, 20, 128, 64, False, (64, 16, 64, 1, 4, 3)),  # M not a multiple of BLOCK_M, dequantize-then-dot
     (40, 36, 256, 128, True, kt.DEQUANT_CUBLAS),       # large-M path: Triton dequantize + matmul
+    # CUDA-core GEMV (BLOCK_M = 1): words of 8 codes, one group per tile
+    (1, 40, 256, 128, False, (1, 32, 128, 1, 4, 3)),
+    (2, 33, 512, 64, True, (1, 32, 64, 4, 4, 3)),     # two rows, N ragged, split-K
+    (1, 24, 384, -1, False, (1, 16, 128, 2, 4, 3)),   # per-channel, 3 tiles over 2 splits
+    (1, 50, 320, 64, False, (1, 64, 64, 3, 4, 3)),  # 5 tiles over 3 splits, ragged last split
 ]
 
 
@@ -83,12 +88,14 @@ def test_configs_are_valid_for_shapes():
     for m in (1, 2, 16, 64, 128, 4096):
         cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128)
         assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[2] % 2 == 0 and c[3] >= 1) for c in cfgs)
+        # GEMV tiles only for the smallest M, each inside one group
+        assert all(c[0] != 1 or (m <= 2 and 128 % c[2] == 0) for c in cfgs)
     assert kt.m_bucket(1) == 1 and kt.m_bucket(3) == 4 and kt.m_bucket(5000) == 4096
 
 
 # One configuration per kernel path, so the GPU tests compile a handful of kernels
 # instead of tuning every shape (the tuner itself is tested once below).
-GPU_CONFIGS = [(16, 64, 256, 4, 4, 3), (16, 64, 128, 4, 4, 3), (32, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
+GPU_CONFIGS = [(1, 64, 32, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 4, 4, 3), (32, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
                kt.DEQUANT_CUBLAS]
 GPU_SHAPES = [(1, 4096, 4096), (3, 1000, 1152), (16, 264, 640), (33, 4096, 1024), (600, 1000, 1152)]
 

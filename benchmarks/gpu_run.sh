@@ -35,7 +35,7 @@ if [ "${COMPARE:-0}" = 1 ]; then
     --backends "${COMPARE_BACKENDS:-native,tinygemm,bnb-nf4,bnb-fp4,gptq,awq}" --batch "${COMPARE_BATCH:-1,16,128}" \
     --prefill 512 --no-layers --out "$OUT/compare-$model" > "$OUT/compare-$model.txt" 2>"$OUT/compare-$model.log"
   tail -n 30 "$OUT/compare-$model.txt"; tail -n 5 "$OUT/compare-$model.log"
-  timeout "${COMPARE_TIMEOUT:-400}" python3 -m quantbridge.cli compare "$model" --weights gptq \
+  [ "${COMPARE_SHARED:-1}" = 1 ] && timeout "${COMPARE_TIMEOUT:-400}" python3 -m quantbridge.cli compare "$model" --weights gptq \
     --backends gptq,native,tinygemm --batch "${COMPARE_BATCH:-1,16,128}" --prefill 512 --no-layers \
     --out "$OUT/compare-$model-gptq-weights" > "$OUT/compare-$model-gptq-weights.txt" 2>"$OUT/compare-$model-gptq-weights.log"
   tail -n 20 "$OUT/compare-$model-gptq-weights.txt"; tail -n 5 "$OUT/compare-$model-gptq-weights.log"

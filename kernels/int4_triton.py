@@ -215,7 +215,7 @@ def gemv_configs(k: int, group: int) -> list[Config]:
     if k % 8:
         return []
     ok = [bk for bk in (64, 128, 256) if bk <= group and group % bk == 0 or group == k and bk <= max(k, 64)]
-    return [(1, bn, bk, sk, w, st) for bn in (32, 64, 128) for bk in ok for sk in (1, 4, 8)
+    return [(1, bn, bk, sk, w, st) for bn in (64, 128, 256) for bk in ok for sk in (1, 4, 8, 16)
             for w, st in ((4, 3), (8, 4)) if _cdiv(k, bk) >= sk]
 
 

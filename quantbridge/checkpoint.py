@@ -26,9 +26,19 @@ from .spec import QuantSpec
 WEIGHTS_FILE = "model.safetensors"
 
 
+# Older checkpoints keep the quantization settings beside config.json instead of in it.
+_SIDECARS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}  # auto-gptq, AutoAWQ
+
+
 def quantization_config(path: Path) -> dict | None:
     cfg = json.loads((Path(path) / "config.json").read_text())
-    return cfg.get("quantization_config")
+    if cfg.get("quantization_config") is not None:
+        return cfg["quantization_config"]
+    for name, method in _SIDECARS.items():
+        side = Path(path) / name
+        if side.exists():
+            return {"quant_method": method, **json.loads(side.read_text())}
+    return None
 
 
 def is_quantized(path: Path) -> bool:

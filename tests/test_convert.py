@@ -123,3 +123,17 @@ def test_convert_calibrated_methods_load_back(method, tmp_path, demo):
     norm = loaded.model.model.layers[0].input_layernorm.weight
     folded = not torch.equal(norm, demo.model.model.layers[0].input_layernorm.weight)
     assert folded == (method == "awq")
+
+
+def test_auto_gptq_sidecar_config_is_read(rtn_gptq, tmp_path):
+    """auto-gptq checkpoints carry quantize_config.json and no quantization_config in config.json."""
+    import shutil
+
+    old = tmp_path / "old-style"
+    shutil.copytree(rtn_gptq, old)
+    cfg = json.loads((old / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    (old / "config.json").write_text(json.dumps(cfg))
+    (old / "quantize_config.json").write_text(json.dumps({k: v for k, v in q.items() if k != "quant_method"}))
+    a, b = read_int4(rtn_gptq)[2], read_int4(old)[2]
+    assert a.keys() == b.keys() and all(torch.equal(a[n].qweight, b[n].qweight) for n in a)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import tempfile
@@ -61,7 +62,7 @@ def oneshot(model: nn.Module, linears: dict[str, nn.Linear], calib: Calibration,
     ids = calib.input_ids
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     _quiet()
-    with tempfile.TemporaryDirectory() as cfg_dir, _no_pinning_without_accelerator():
+    with tempfile.TemporaryDirectory() as cfg_dir, _no_pinning_without_accelerator(), _no_tqdm():
         # llm-compressor re-reads the config from name_or_path and would otherwise build a
         # processor from it too; in-memory models have no such path, so give it both.
         work.config.save_pretrained(cfg_dir)
@@ -94,6 +95,19 @@ def read_int4(module: nn.Linear, group_size: int, scale_dtype: torch.dtype) -> I
 
 
 @contextlib.contextmanager
+def _no_tqdm():
+    """llm-compressor draws a tqdm bar per pipeline stage; quantbridge shows its own progress."""
+    from tqdm import tqdm
+
+    original = tqdm.__init__
+    tqdm.__init__ = functools.partialmethod(original, disable=True)
+    try:
+        yield
+    finally:
+        tqdm.__init__ = original
+
+
+@contextlib.contextmanager
 def _no_pinning_without_accelerator():
     """llm-compressor 0.14's AWQ pins cached activations for faster host-to-device copies, which
     raises on a machine without an accelerator. Pinning changes no value, so skip it there."""
@@ -113,7 +127,6 @@ def _no_pinning_without_accelerator():
 def _quiet() -> None:
     """llm-compressor logs every layer at INFO through loguru and draws its own tqdm bars;
     keep the terminal for quantbridge's progress."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         from loguru import logger
 

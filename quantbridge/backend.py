@@ -118,7 +118,7 @@ class Backend:
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
-_BUILTINS = ("fp16", "native", "tinygemm", "bnb", "gptq", "awq")  # modules under quantbridge.adapters
+_BUILTINS = ("fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq")  # modules under quantbridge.adapters
 _loaded = False
 
 

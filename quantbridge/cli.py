@@ -97,6 +97,13 @@ def cli() -> None:
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration sequences.")
 @click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per calibration sequence.")
 @click.option("--no-cache", is_flag=True, help="Re-quantize gptq/awq even if an earlier run cached these weights.")
+@click.option("--eval-text", default=None, type=click.Path(dir_okay=False),
+              help="Text file for perplexity and error (default: the shipped held-out split).")
+@click.option("--sensitivity", is_flag=True,
+              help="Per layer, eval loss with only that layer quantized (one forward each): what `plan` needs.")
+@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False),
+              help="Run a mixed-precision plan (from `quantbridge plan`) as one more row; its backends are added.")
+@click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report.html.")
 @click.option("--runs", default=20, show_default=True, type=int, help="Timed forward passes per M (median, p10, p90 are reported).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed forward passes per M first.")
 @click.option("--eval-len", default=256, show_default=True, type=click.IntRange(min=8), help="Tokens per held-out sequence for the error measurement.")
@@ -111,7 +118,7 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback.")
 def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool,
             act_order: bool, weights: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
-            no_cache: bool, runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
+            no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
             out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
@@ -128,14 +135,19 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     from .results import save_csv, save_json
     from .spec import QuantSpec
 
+    from .plan import load_plan
+
     names = registry.parse_names(backends)
+    plan = load_plan(plan_file) if plan_file else None
+    if plan:
+        names += [n for n in registry.parse_names(",".join(plan["backends"]) or "fp16") if n not in names]
     if weights is not None:
         registry.parse_names(weights)
     spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
                         calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
-                        cache=not no_cache)
+                        cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)
@@ -153,7 +165,112 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     if not quiet:
         # Piped output gets a wide table rather than rich's 80-column default.
         print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
-    click.echo(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+    written = [out / "results.json", out / "results.csv"]
+    if report:
+        written.append(_write_report(comp, out / "report.html"))
+    click.echo("wrote " + ", ".join(map(str, written)))
+
+
+def _write_report(comp, path: Path, kind: str = "html") -> Path:
+    from .report.document import to_html, to_markdown
+    from .results import write_atomic
+
+    try:
+        write_atomic(path, to_html(comp) if kind == "html" else to_markdown(comp))
+    except ImportError as e:  # matplotlib missing: say which extra to install
+        raise UserError(f"the HTML report needs matplotlib ({e}); pip install matplotlib or pass --no-report") from None
+    return path
+
+
+@cli.command()
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--html", "html_out", default=None, type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
+@click.option("--md", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a Markdown report.")
+def report(results: str, html_out: str | None, md_out: str | None) -> None:
+    """Render a saved comparison (results.json) as tables, or as HTML / Markdown files.
+
+    \b
+    Examples:
+      quantbridge report runs/demo/results.json                       # tables in the terminal
+      quantbridge report runs/demo/results.json --html r.html --md r.md
+    """
+    from .report.terminal import print_comparison
+
+    comp = _load_results(results)
+    if not html_out and not md_out:
+        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160))
+    for path, kind in ((html_out, "html"), (md_out, "md")):
+        if path:
+            click.echo(f"wrote {_write_report(comp, Path(path), kind)}")
+
+
+def _load_results(path: str):
+    from .results import load_json
+
+    if not Path(path).is_file():
+        raise UserError(f"results file {path!r} does not exist; run `quantbridge compare ... --out DIR` first")
+    try:
+        return load_json(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a quantbridge results.json: {e}") from None
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT", help="Budget: perplexity increase over fp16, in percent.")
+@click.option("--max-weight-gb", type=float, default=None, help="Budget: total linear-layer weight bytes, in GB (1e9).")
+@click.option("--max-latency-ratio", type=float, default=None, help="Budget: Σ layer latency at --batch M over fp16's.")
+@click.option("--batch", "m", type=int, default=None, help="The M whose latency counts (default: the first decode M).")
+@click.option("--backends", default=None,
+              help="Backends the plan may use (default: every ok one in the results; when SOURCE is a model, "
+                   "the ones compared: native,bnb-int8).")
+@click.option("--compare-out", default="runs/plan-compare", show_default=True, type=click.Path(file_okay=False),
+              help="When SOURCE is a model: where its comparison is written.")
+@click.option("--out", "out_file", default="plan.json", show_default=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def plan(ctx: click.Context, source: str, max_ppl_increase: float | None, max_weight_gb: float | None,
+         max_latency_ratio: float | None, m: int | None, backends: str | None, compare_out: str, out_file: str) -> None:
+    """Propose a per-layer assignment (fp16, INT8 or an INT4 backend) that meets a budget.
+
+    SOURCE is a results.json from `compare --sensitivity` (per-layer eval-loss increases),
+    or a model (as for `compare`), which is then compared with --sensitivity first. The
+    plan predicts weight bytes, Σ layer latency and perplexity from the per-layer numbers;
+    `compare --plan` measures them. INT8 comes from bnb-int8 (bitsandbytes LLM.int8()).
+
+    \b
+    Examples:
+      quantbridge compare demo --backends native,gptq,bnb-int8 --sensitivity --out runs/demo
+      quantbridge plan runs/demo/results.json --max-ppl-increase 0.5 --out plan.json
+      quantbridge plan demo --max-weight-gb 0.01                        # compares first
+      quantbridge compare demo --plan plan.json --out runs/demo-plan     # predicted vs measured
+    """
+    import json
+
+    from .plan import Budget, make_plan
+    from .results import write_atomic
+
+    budget = Budget(max_ppl_increase, max_weight_gb, max_latency_ratio)
+    if source.endswith(".json") or Path(source).is_file():
+        results = source
+    else:
+        args = [source, "--backends", backends or "native,bnb-int8", "--sensitivity", "--out", compare_out,
+                "--no-layers"] + (["--batch", str(m)] if m else [])
+        with compare.make_context("compare", args, parent=ctx) as sub:
+            compare.invoke(sub)
+        results = str(Path(compare_out) / "results.json")
+    comp = _load_results(results)
+    m = m or (comp.settings.get("decode_m") or [1])[0]
+    allowed = [b.strip() for b in backends.split(",")] if backends else None
+    p = make_plan(comp, budget, m, allowed)
+    p["source"] = str(Path(results).resolve())
+    write_atomic(out_file, json.dumps(p, indent=1) + "\n")
+    pred, ref = p["predicted"], p["reference"]
+    counts = {b: list(p["layers"].values()).count(b) for b in sorted(set(p["layers"].values()))}
+    click.echo(f"plan: {', '.join(f'{n} layers {b}' for b, n in counts.items())}")
+    click.echo(f"predicted: weights {pred['weight_bytes'] / 1e9:.4g} GB (fp16 {ref['weight_bytes'] / 1e9:.4g}), "
+               f"Σ layer latency at M={m} {pred['latency_us']:.1f} µs ({pred['latency_ratio']:.2f}× fp16), "
+               f"ppl {pred['eval_ppl']:.5g} ({pred['ppl_increase_pct']:+.3f} %)")
+    click.echo(f"wrote {out_file}; check it with: quantbridge compare MODEL --plan {out_file}")
 
 
 EPILOG_CONVERT = """\b

@@ -33,10 +33,12 @@ from .metrics import summarize
 from .models import LoadedModel, linear_layers
 from .results import BackendResult, Comparison, LayerRecord
 from .spec import QuantSpec
+from .telemetry import Sampler
 from .workloads import decode_batches, prefill_batches, text_split, tokenize, windows
 
 REFERENCE = "fp16"
 CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
+PLAN = "plan"  # the row that runs a mixed-precision plan
 
 
 @dataclass
@@ -56,6 +58,9 @@ class Settings:
     calib_file: str | None = None
     weights: str | None = None  # run this backend's weights through every kernel
     cache: bool = True  # reuse calibrated quantized weights from an earlier run
+    eval_text: str | None = None  # a text file for perplexity and error (default: the shipped held-out split)
+    sensitivity: bool = False  # per layer: eval loss with only that layer quantized (one forward each)
+    plan: dict | None = None  # a mixed-precision plan (quantbridge plan) to run as one more row
     debug: bool = False  # re-raise backend failures instead of recording them
 
     def __post_init__(self) -> None:
@@ -151,7 +156,11 @@ class Comparer:
     def _inputs(self) -> None:
         s = self.settings
         tokens = tokenize(self.loaded.tokenizer, text_split("eval"))
-        self.eval_ids = windows(tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(self.device)
+        eval_tokens = tokens if s.eval_text is None else tokenize(self.loaded.tokenizer, _read_text(s.eval_text))
+        if eval_tokens.numel() < s.eval_seqs * s.eval_len:
+            raise UserError(f"evaluation text has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
+                            f"{s.eval_seqs * s.eval_len}: give a longer --eval-text or smaller values")
+        self.eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(self.device)
         n = s.warmup + s.runs
         self.step_inputs: dict[int, list[torch.Tensor]] = {}
         for m in self.m_values:
@@ -168,17 +177,20 @@ class Comparer:
         self._inputs()
         model = self.loaded.model
         with capture_io(self.linears) as ref_io:
-            self.ref_logits = model(input_ids=self.eval_ids, use_cache=False).logits.float().cpu()
+            ref = model(input_ids=self.eval_ids, labels=self.eval_ids, use_cache=False)
+        self.ref_logits, self.ref_loss = ref.logits.float().cpu(), ref.loss.item()
         self.ref_io = ref_io
         comp = Comparison(
             model=self.loaded.info,
             device=device_info(self.device),
             settings={**self.settings.to_dict(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                       "l2_flush": self.flush.active, "eval_tokens": self.eval_ids.numel(),
+                      "eval_source": self.settings.eval_text or "shipped held-out split (python_reference.txt)",
+                      "eval_context": self.settings.eval_len,
                       "decode_m": sorted(set(self.settings.batches)),
                       "prefill_m": [self.settings.prefill] if self.settings.prefill else []},
         )
-        for name in self.names:
+        for name in self.names + ([PLAN] if self.settings.plan else []):
             comp.backends.append(self._run_one(name))
             comp.findings = findings(comp)
             if on_result:
@@ -186,15 +198,19 @@ class Comparer:
         return comp
 
     def _run_one(self, name: str) -> BackendResult:
-        backend, avail = self.backends[name], self.availability[name]
-        if not avail.ok:
-            return BackendResult(name=name, status="unavailable", reason=avail.reason)
+        if name != PLAN and not self.availability[name].ok:
+            return BackendResult(name=name, status="unavailable", reason=self.availability[name].reason)
         qmodel = None
         try:
-            layers, weights = self._layers(name)
-            qmodel = with_layers(self.loaded.model, layers, self.settings.spec)
-            result = self._measure(name, qmodel)
+            with Sampler(self.device) as sampler:
+                layers, weights = self._plan_layers() if name == PLAN else self._layers(name)
+                qmodel = with_layers(self.loaded.model, layers, self.settings.spec)
+                result = self._measure(name, qmodel)
             result.weights = weights
+            result.model_metrics["telemetry"] = sampler.summary()
+            result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+            if name == PLAN:
+                result.model_metrics["plan"] = self.settings.plan
             return result
         except NotRunnable as e:
             return BackendResult(name=name, status="unavailable", reason=str(e))
@@ -207,6 +223,18 @@ class Comparer:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _plan_layers(self) -> tuple[dict[str, nn.Module], str]:
+        """Each layer from the backend the plan assigns it (unassigned layers stay reference)."""
+        choice = self.settings.plan["layers"]
+        unknown = sorted(set(choice.values()) - set(self.backends))
+        if unknown:
+            raise NotRunnable(f"the plan uses backends not in this run: {', '.join(unknown)} (add them to --backends)")
+        out = {}
+        for name in sorted(set(choice.values())):
+            layers, _ = self._layers(name)
+            out.update({n: layers[n] for n, b in choice.items() if b == name and n in layers})
+        return out, "plan"
 
     # -- quantization -------------------------------------------------------------------------
     def _layers(self, name: str) -> tuple[dict[str, nn.Module], str]:
@@ -266,6 +294,26 @@ class Comparer:
         self._weights_cache[name] = ws
         return ws
 
+    def _is_quantized(self, backend: str, layer: str) -> bool:
+        if backend == PLAN:
+            return self.backends.get(self.settings.plan["layers"].get(layer, REFERENCE), self.backends[REFERENCE]).quantized
+        return layer in self.targets and self.backends[backend].quantized
+
+    def _sensitivity(self, qlins: dict[str, nn.Module]) -> dict[str, float]:
+        """Eval loss increase with only one layer swapped into the reference model, per layer."""
+        model, out = self.loaded.model, {}
+        self.progress.begin("sensitivity", len(self.targets))
+        for n in sorted(self.targets):
+            original = model.get_submodule(n)
+            model.set_submodule(n, qlins[n])
+            try:
+                loss = model(input_ids=self.eval_ids, labels=self.eval_ids, use_cache=False).loss.item()
+            finally:
+                model.set_submodule(n, original)
+            out[n] = loss - self.ref_loss
+            self.progress.advance()
+        return out
+
     def _measure(self, name: str, qmodel: nn.Module) -> BackendResult:
         s = self.settings
         qlins = {n: qmodel.get_submodule(n) for n in self.linears}
@@ -304,17 +352,26 @@ class Comparer:
 
         metrics["eval_loss"] = out.loss.item()
         metrics["eval_ppl"] = math.exp(out.loss.item())
+        metrics["eval_ppl_reference"] = math.exp(self.ref_loss)
+        decode = [m for m in self.settings.batches]
+        metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in sorted(set(decode))}
+        if self.settings.prefill and str(self.settings.prefill) in metrics["forward_us"]:
+            metrics["prefill_latency_us"] = metrics["forward_us"][str(self.settings.prefill)]["median"]
+        # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
+        wanted = self.settings.sensitivity and name not in (PLAN, REFERENCE) and self.backends[name].quantized
+        sens = self._sensitivity(qlins) if wanted else {}
         metrics["logits_rel_error"] = _rel(out.logits.float().cpu(), self.ref_logits)
         layers = [
             LayerRecord(
                 name=n,
                 shape=[mod.out_features, mod.in_features],
-                quantized=n in self.targets and self.backends[name].quantized,
+                quantized=self._is_quantized(name, n),
                 kernel=mod.kernel,
                 weight_bytes=mod.weight_nbytes,
                 latency_us={str(m): v for m, v in lat[n].items()},
                 error={"rel_isolated": iso[n].rel_l2, "rel_propagated": prop[n].rel_l2,
-                       "sqnr_db": iso[n].sqnr_db, "cosine": iso[n].cosine},
+                       "sqnr_db": iso[n].sqnr_db, "cosine": iso[n].cosine,
+                       **({"loss_delta": sens[n]} if n in sens else {})},
             )
             for n, mod in qlins.items()
         ]
@@ -328,6 +385,15 @@ class Comparer:
         )
 
 
+def _read_text(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"evaluation text {path!r} does not exist; pass a UTF-8 text file to --eval-text")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
 def findings(comp: Comparison, baseline: str = "native") -> list[str]:
     """Per-layer isolated error of every quantized backend against RTN (`native`), computed.
 
@@ -339,7 +405,7 @@ def findings(comp: Comparison, baseline: str = "native") -> list[str]:
     ref = {r.name: r.error["rel_isolated"] for r in base.layers if r.quantized}
     out = []
     for b in comp.backends:
-        if b.status != "ok" or b.name == baseline or b.weights == base.weights:
+        if b.status != "ok" or b.name in (baseline, PLAN) or b.weights == base.weights:
             continue
         pairs = [(r.error["rel_isolated"], ref[r.name]) for r in b.layers if r.quantized and r.name in ref]
         if not pairs:
@@ -348,9 +414,12 @@ def findings(comp: Comparison, baseline: str = "native") -> list[str]:
         ratio = statistics.median(e / e0 for e, e0 in pairs if e0 > 0)
         b.model_metrics["isolated_error_vs_native"] = {"layers_lower": lower, "layers": len(pairs), "median_ratio": ratio}
         where = "every layer" if lower == len(pairs) else f"{lower} of {len(pairs)} layers"
-        out.append(f"{b.name} ({b.weights} weights): isolated error below native RTN on {where} at the same spec "
+        # Bits per weight side by side: an INT8 backend beating INT4 RTN is no like-for-like win.
+        bits = f"{b.bits_per_weight:.2f} vs {base.bits_per_weight:.2f} bits/w"
+        out.append(f"{b.name} ({b.weights} weights): isolated error below native RTN on {where} at {bits} "
                    f"(median ratio {ratio:.3f})" if lower else
-                   f"{b.name} ({b.weights} weights): isolated error above native RTN on every layer (median ratio {ratio:.3f})")
+                   f"{b.name} ({b.weights} weights): isolated error above native RTN on every layer at {bits} "
+                   f"(median ratio {ratio:.3f})")
     return out
 
 

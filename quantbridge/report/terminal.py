@@ -15,9 +15,7 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def _layer_sum(b: BackendResult, m: str) -> float | None:
-    vals = [layer.latency_us.get(m, {}).get("median") for layer in b.layers]
-    return sum(vals) if vals and None not in vals else None
+from ..recommend import layer_latency_sum as _layer_sum  # noqa: E402
 
 
 def _median(vals: list[float]) -> float | None:
@@ -119,3 +117,9 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
         f"error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}))}; probe overhead per M "
         f"= whole forward with probes on vs off[/dim]"
     )
+    plan = comp.backend("plan")
+    if plan is not None and plan.status == "ok" and "plan" in plan.model_metrics:
+        from .document import plan_rows
+
+        for quantity, pred, meas, diff in plan_rows(comp):
+            console.print(f"plan {quantity}: predicted {pred}, measured {meas} ({diff})")

@@ -1,0 +1,144 @@
+"""Mixed-precision planning: per-layer backend choices that meet a user's budget.
+
+Inputs are a comparison's per-layer records (weight bytes, latency at one M, and the eval
+loss increase with only that layer quantized: `compare --sensitivity`). The model is
+additive: a plan's weight bytes and layer latency are sums (exact up to timing noise), its
+eval loss is the reference loss plus the chosen layers' loss increases (first order: layers
+interact, which `compare --plan` measures). Greedy (see `make_plan`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import UserError
+from .results import Comparison
+
+PLAN_SCHEMA = 1
+REFERENCE = "fp16"
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_ppl_increase_pct: float | None = None
+    max_weight_gb: float | None = None
+    max_latency_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if all(v is None for v in (self.max_ppl_increase_pct, self.max_weight_gb, self.max_latency_ratio)):
+            raise UserError("give a budget: --max-ppl-increase PCT, --max-weight-gb GB or --max-latency-ratio R")
+
+
+def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, dict, float]:
+    """(reference per layer, candidate options per layer, reference eval loss)."""
+    ref = comp.backend(REFERENCE)
+    if ref is None or ref.status != "ok":
+        raise UserError("the results have no ok fp16 reference row; re-run compare")
+    if m not in ref.layers[0].latency_us:
+        raise UserError(f"the results have no latency at M={m}; use --batch with one of "
+                        f"{', '.join(ref.layers[0].latency_us)}")
+    base = {r.name: r for r in ref.layers}
+    options: dict[str, list[tuple[str, object]]] = {n: [] for n in base}
+    for b in comp.backends:
+        if b.status != "ok" or b.name in (REFERENCE, "plan") or (allowed and b.name not in allowed):
+            continue
+        for r in b.layers:
+            if not r.quantized:
+                continue
+            if "loss_delta" not in r.error:
+                raise UserError(f"{b.name} has no per-layer sensitivity in these results; "
+                                f"re-run compare with --sensitivity")
+            options[r.name].append((b.name, r))
+    if not any(options.values()):
+        raise UserError("no quantized backend with ok per-layer results to plan with")
+    return base, options, ref.model_metrics["eval_loss"]
+
+
+def predict(comp: Comparison, layers: dict[str, str], m: str) -> dict:
+    """Weight bytes, latency at M and eval perplexity of a per-layer assignment."""
+    rows = {b.name: {r.name: r for r in b.layers} for b in comp.backends if b.status == "ok"}
+    ref = rows[REFERENCE]
+    ref_loss = comp.backend(REFERENCE).model_metrics["eval_loss"]
+    weight = latency = loss = 0.0
+    for n, r0 in ref.items():
+        r = rows[layers.get(n, REFERENCE)][n]
+        weight += r.weight_bytes
+        latency += r.latency_us[m]["median"]
+        loss += r.error.get("loss_delta", 0.0)
+    base_latency = sum(r.latency_us[m]["median"] for r in ref.values())
+    ppl = math.exp(ref_loss + loss)
+    return {"weight_bytes": int(weight), "latency_us": latency, "latency_ratio": latency / base_latency,
+            "eval_loss": ref_loss + loss, "eval_ppl": ppl, "ppl_increase_pct": 100 * (ppl / math.exp(ref_loss) - 1),
+            "m": int(m)}
+
+
+def make_plan(comp: Comparison, budget: Budget, m: int, allowed: list[str] | None = None) -> dict:
+    """Greedy per-layer assignment that meets `budget` at batch M.
+
+    Layers are visited by their cheapest loss increase per byte saved; each takes the first of
+    its options (in that order) that keeps every budget. The perplexity budget is a ceiling
+    every move respects. Weight and latency budgets are goals: a move that does not meet one
+    yet is taken if it moves towards it. Without a perplexity budget the plan stops as soon as
+    the goals are met (best quality that meets them); with one it saves as much memory as
+    the perplexity budget allows.
+    """
+    key = str(m)
+    base, options, _ = _table(comp, key, allowed)
+    ranked: dict[str, list[tuple[float, str]]] = {}
+    for n, opts in options.items():
+        scored = sorted((max(r.error["loss_delta"], 0.0) / (base[n].weight_bytes - r.weight_bytes), name)
+                        for name, r in opts if base[n].weight_bytes > r.weight_bytes)
+        if scored:
+            ranked[n] = scored
+    order = sorted(ranked, key=lambda n: ranked[n][0])
+    layers: dict[str, str] = {}
+    current = predict(comp, layers, key)
+    for n in order:
+        if budget.max_ppl_increase_pct is None and _goals_met(budget, current):
+            break
+        for _, name in ranked[n]:
+            trial = predict(comp, {**layers, n: name}, key)
+            if _acceptable(budget, current, trial):
+                layers[n], current = name, trial
+                break
+    if not _goals_met(budget, current):
+        raise UserError(f"no plan meets the budget ({_describe(budget)}): the smallest found is "
+                        f"{current['weight_bytes'] / 1e9:.4g} GB at {current['latency_ratio']:.3g}× fp16 latency "
+                        f"and +{current['ppl_increase_pct']:.3g} % perplexity; loosen a budget")
+    return {"schema": PLAN_SCHEMA, "budget": {k: v for k, v in vars(budget).items() if v is not None},
+            "m": m, "layers": {n: layers.get(n, REFERENCE) for n in base},
+            "predicted": current, "reference": predict(comp, {}, key),
+            "backends": sorted(set(layers.values()))}
+
+
+def _goals_met(budget: Budget, p: dict) -> bool:
+    return ((budget.max_weight_gb is None or p["weight_bytes"] <= budget.max_weight_gb * 1e9)
+            and (budget.max_latency_ratio is None or p["latency_ratio"] <= budget.max_latency_ratio))
+
+
+def _acceptable(budget: Budget, current: dict, trial: dict) -> bool:
+    if budget.max_ppl_increase_pct is not None and trial["ppl_increase_pct"] > budget.max_ppl_increase_pct:
+        return False
+    # A latency goal not met yet accepts any move that reduces latency; once met, it must stay met.
+    r = budget.max_latency_ratio
+    return r is None or trial["latency_ratio"] <= r or trial["latency_ratio"] < current["latency_ratio"]
+
+
+def _describe(budget: Budget) -> str:
+    parts = {"max_ppl_increase_pct": "--max-ppl-increase {} %", "max_weight_gb": "--max-weight-gb {}",
+             "max_latency_ratio": "--max-latency-ratio {}"}
+    return ", ".join(f.format(getattr(budget, k)) for k, f in parts.items() if getattr(budget, k) is not None)
+
+
+def load_plan(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"plan file {path!r} does not exist; write one with `quantbridge plan RESULTS.json ... --out FILE`")
+    plan = json.loads(p.read_text())
+    if plan.get("schema") != PLAN_SCHEMA or "layers" not in plan:
+        raise UserError(f"{path} is not a quantbridge plan (schema {PLAN_SCHEMA})")
+    return plan

@@ -1,0 +1,129 @@
+"""The report's figures as PNG bytes (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+from ..recommend import layer_latency_sum
+from ..results import Comparison
+
+REFERENCE = "fp16"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _ok(comp: Comparison, quantized_only: bool = False):
+    return [b for b in comp.backends if b.status == "ok" and (not quantized_only or any(r.quantized for r in b.layers))]
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+
+
+def heatmap(comp: Comparison, value, title: str, cbar: str, log: bool = False) -> bytes | None:
+    """Layer × backend matrix of value(backend_result, layer_record) (None = blank)."""
+    backends = [b for b in _ok(comp) if b.name != REFERENCE]
+    if not backends:
+        return None
+    layers = [r.name for r in backends[0].layers]
+    grid = []
+    for i, n in enumerate(layers):
+        grid.append([value(b, b.layers[i]) if i < len(b.layers) and b.layers[i].name == n else None for b in backends])
+    vals = [v for row in grid for v in row if v is not None and (v > 0 or not log)]
+    if not vals:
+        return None
+    plt = _plt()
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    arr = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(backends), 0.9 + 0.22 * len(layers)))
+    norm = LogNorm(vmin=min(vals), vmax=max(vals)) if log and min(vals) > 0 else None
+    im = ax.imshow(arr, aspect="auto", cmap="viridis", norm=norm)
+    ax.set_xticks(range(len(backends)), [b.name for b in backends], rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=7)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=cbar)
+    return _png(fig)
+
+
+def error_vs_depth(comp: Comparison) -> bytes | None:
+    backends = _ok(comp, quantized_only=True)
+    if not backends:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for b in backends:
+        xs = [i for i, r in enumerate(b.layers) if r.error.get("rel_propagated") is not None]
+        (line,) = ax.plot(xs, [b.layers[i].error["rel_propagated"] for i in xs], label=f"{b.name} propagated")
+        xs = [i for i, r in enumerate(b.layers) if r.quantized]
+        ax.plot(xs, [b.layers[i].error["rel_isolated"] for i in xs], ls=":", marker=".", color=line.get_color(),
+                label=f"{b.name} isolated")
+    ax.set_xlabel("layer index (execution order)")
+    ax.set_ylabel("relative L2 error")
+    ax.set_yscale("log")
+    ax.set_title("error vs depth")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def latency_by_batch(comp: Comparison) -> bytes | None:
+    ms = [str(m) for m in comp.settings.get("m_values", [])]
+    backends = _ok(comp)
+    if not backends or not ms:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for b in backends:
+        pts = [(int(m), v) for m in ms if (v := layer_latency_sum(b, m)) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=b.name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("M (tokens per step)")
+    ax.set_ylabel("Σ linear-layer latency, µs")
+    ax.set_title("latency by batch size")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def overhead(b, r, m: str, ref_rows: dict) -> float | None:
+    mine = r.latency_us.get(m, {}).get("median")
+    base = ref_rows.get(r.name, {}).get(m, {}).get("median")
+    return None if not mine or not base else mine / base
+
+
+def figures(comp: Comparison) -> dict[str, bytes]:
+    """Every figure the report shows, by caption."""
+    ref = comp.backend(REFERENCE)
+    ref_rows = {r.name: r.latency_us for r in ref.layers} if ref and ref.status == "ok" else {}
+    out: dict[str, bytes] = {}
+    ms = [str(m) for m in comp.settings.get("m_values", [])]
+    for m in ms[:1] + ms[-1:] if len(ms) > 1 else ms:
+        png = heatmap(comp, lambda b, r, m=m: overhead(b, r, m, ref_rows),
+                      f"latency vs fp16 at M={m}", "× fp16 (per layer)", log=True)
+        if png:
+            out[f"Latency overhead vs fp16 per layer, M={m}"] = png
+    png = heatmap(comp, lambda b, r: r.error.get("rel_isolated") if r.quantized else None,
+                  "isolated relative error", "relative L2 error", log=True)
+    if png:
+        out["Isolated error per layer"] = png
+    for caption, fn in (("Error vs depth", error_vs_depth), ("Latency by batch size", latency_by_batch)):
+        png = fn(comp)
+        if png:
+            out[caption] = png
+    return out

@@ -273,6 +273,50 @@ def plan(ctx: click.Context, source: str, max_ppl_increase: float | None, max_we
     click.echo(f"wrote {out_file}; check it with: quantbridge compare MODEL --plan {out_file}")
 
 
+@cli.command("serve-stats")
+@click.argument("profile_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+              help="Where the merged results go (default: PROFILE_DIR/results.json).")
+def serve_stats(profile_dir: str, out_file: str | None) -> None:
+    """Merge what `vllm serve ... --quantization quantbridge` profiled into one per-layer table.
+
+    PROFILE_DIR is the QUANTBRIDGE_PROFILE_DIR the server ran with: one worker-*.json per
+    worker process, rewritten every QUANTBRIDGE_PROFILE_FLUSH_S seconds (default 2) and at
+    exit. Latency is per layer and per M (tokens in the step): median, p10, p90 and the call
+    count; the merged file uses the results schema of `compare` (`quantbridge report` reads it).
+
+    \b
+    Example:
+      QUANTBRIDGE_PROFILE_DIR=runs/serve vllm serve ./llama-qb --quantization quantbridge --enforce-eager
+      quantbridge serve-stats runs/serve
+    """
+    from rich.table import Table
+
+    from .results import save_json
+    from .servestats import load_workers, merge, steps
+
+    comp = merge(load_workers(profile_dir))
+    b = comp.backends[0]
+    ms = [str(m) for m in comp.settings["m_values"]]
+    shown = ms if len(ms) <= 6 else ms[:3] + ms[-3:]  # the smallest and largest steps
+    table = Table(title=f"{b.name} on {comp.device['name']}: per-layer latency while serving (µs, median \\[calls])")
+    for col in ["layer", "N×K", "kernel", "steps", *[f"M={m}" for m in shown]]:
+        table.add_column(col, justify="left" if col in ("layer", "kernel") else "right")
+    n_steps = steps(comp)
+    for r in b.layers:
+        cells = [f"{r.latency_us[m]['median']:.1f} [{r.latency_us[m]['count']}]" if m in r.latency_us else "—"
+                 for m in shown]
+        table.add_row(r.name, "×".join(map(str, r.shape)), r.kernel, str(n_steps[r.name]), *cells)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
+    click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "
+               f"Σ time in quantized linears {total / 1e3:.1f} ms; warm-up calls kept apart: "
+               f"{sum(b.model_metrics['warmup_calls'].values())}")
+    out = Path(out_file) if out_file else Path(profile_dir) / "results.json"
+    save_json(comp, out)
+    click.echo(f"wrote {out}")
+
+
 EPILOG_CONVERT = """\b
 Examples:
   quantbridge convert demo --to gptq runs/demo-gptq --method gptq      # calibrate GPTQ, write a GPTQ checkpoint

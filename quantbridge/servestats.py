@@ -1,0 +1,85 @@
+"""Merge the per-worker profile files a vLLM server wrote into one comparison (results schema).
+
+Each worker file (quantbridge/vllm/profiler.py) holds cumulative stats per (layer, M).
+Tensor-parallel ranks time their own shard of every layer on every step: latency samples
+are pooled across ranks, while the step count is rank 0's (each step is one call per layer
+on every rank), and per-rank counts must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .errors import UserError
+from .results import BackendResult, Comparison, LayerRecord
+
+
+def load_workers(directory: str | Path) -> list[dict]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{directory} is not a directory; pass the QUANTBRIDGE_PROFILE_DIR the server wrote to")
+    files = sorted(d.glob("worker-*.json"))
+    if not files:
+        raise UserError(f"{directory} holds no worker-*.json; serve with QUANTBRIDGE_PROFILE_DIR={directory} set")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _quantiles(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+    return {"median": statistics.median(s), "p10": q[0], "p90": q[-1], "n": len(s)}
+
+
+def merge(workers: list[dict]) -> Comparison:
+    layers: dict[str, dict] = {}
+    for w in workers:
+        rank = w.get("tp_rank", 0)
+        for name, info in w["layers"].items():
+            entry = layers.setdefault(name, {"info": info, "m": {}, "rank_counts": {}})
+            for m, acc in info["m"].items():
+                slot = entry["m"].setdefault(m, {"samples": [], "count0": 0, "total_us": 0.0})
+                slot["samples"] += acc["samples_us"]
+                slot["total_us"] += acc["total_us"]
+                if rank == 0:
+                    slot["count0"] += acc["count"]
+                entry["rank_counts"][rank] = entry["rank_counts"].get(rank, 0) + acc["count"]
+    records = []
+    for name, e in layers.items():
+        info = e["info"]
+        latency = {m: {**_quantiles(s["samples"]), "count": s["count0"], "total_us": s["total_us"]}
+                   for m, s in sorted(e["m"].items(), key=lambda kv: int(kv[0])) if s["samples"]}
+        records.append(LayerRecord(name=name, shape=info.get("shape", []), quantized=True, kernel=info.get("kernel", ""),
+                                   weight_bytes=int(info.get("weight_bytes", 0)), latency_us=latency))
+    first = workers[0]
+    backend = first.get("backend", "?")
+    result = BackendResult(name=f"vllm:{backend}", status="ok", kernel=records[0].kernel if records else None,
+                           weights="checkpoint", weight_bytes=sum(r.weight_bytes for r in records), layers=records,
+                           model_metrics={"workers": len(workers), "warmup_calls": _sum_warmup(workers),
+                                          "flushes": [w.get("flushes") for w in workers],
+                                          "calls_per_rank": {n: e["rank_counts"] for n, e in layers.items()}})
+    ms = sorted({int(m) for r in records for m in r.latency_us})
+    return Comparison(model={"name": first.get("model", "served model")},
+                      device={"name": first.get("device", "?")},
+                      settings={"source": "vllm serve", "tp_size": first.get("tp_size", 1), "m_values": ms,
+                                "decode_m": [], "prefill_m": []},
+                      backends=[result])
+
+
+def _sum_warmup(workers: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for w in workers:
+        for n, c in w.get("warmup_calls", {}).items():
+            out[n] = out.get(n, 0) + c
+    return out
+
+
+def steps(comp: Comparison) -> dict[str, int]:
+    """Calls per layer summed over M (rank 0): the number of model steps each layer ran."""
+    return {r.name: sum(v["count"] for v in r.latency_us.values()) for r in comp.backends[0].layers}
+
+
+def tokens(comp: Comparison) -> dict[str, int]:
+    """Tokens per layer summed over steps (rank 0)."""
+    return {r.name: sum(int(m) * v["count"] for m, v in r.latency_us.items()) for r in comp.backends[0].layers}

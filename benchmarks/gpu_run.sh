@@ -4,6 +4,7 @@
 # GPU tests, 4. runs the kernel benchmark. Everything lands in $OUT (default runs/gpu).
 #   SHAPES=llama3-8b BATCH=1,16 bash benchmarks/gpu_run.sh
 #   TESTS=0 BENCH=0 COMPARE=1 bash benchmarks/gpu_run.sh      # compare every backend on a Llama-shaped model
+#   BENCH=0 PLAN=1 TEST_FILES="tests/test_serve_profile.py" bash benchmarks/gpu_run.sh   # metrics, plan, serving runtime
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-runs/gpu}")
 mkdir -p "$OUT"
@@ -39,6 +40,19 @@ if [ "${COMPARE:-0}" = 1 ]; then
     --backends gptq,native,tinygemm --batch "${COMPARE_BATCH:-1,16,128}" --prefill 512 --no-layers \
     --out "$OUT/compare-$model-gptq-weights" > "$OUT/compare-$model-gptq-weights.txt" 2>"$OUT/compare-$model-gptq-weights.log"
   tail -n 20 "$OUT/compare-$model-gptq-weights.txt"; tail -n 5 "$OUT/compare-$model-gptq-weights.log"
+fi
+if [ "${PLAN:-0}" = 1 ]; then
+  # Whole-model metrics with NVML telemetry, per-layer sensitivity, a weight-budget plan, and
+  # the plan run as one more row: predicted against measured on the GPU. One archive back.
+  model=${PLAN_MODEL:-llama3-8b-2l}; P="$OUT/plan-$model"; mkdir -p "$P"
+  report=$(python3 -c 'import matplotlib' 2>/dev/null && echo --report || echo --no-report)  # plots need matplotlib
+  timeout "${PLAN_TIMEOUT:-300}" python3 -m quantbridge.cli compare "$model" --backends "${PLAN_BACKENDS:-native,bnb-nf4,bnb-int8}" \
+    --batch 1,16 --prefill 512 --sensitivity --no-layers $report --out "$P/sens" > "$P/sens.txt" 2> "$P/sens.log"
+  python3 -m quantbridge.cli plan "$P/sens/results.json" --max-weight-gb "${PLAN_GB:-0.5}" --out "$P/plan.json" > "$P/plan.txt" 2>&1
+  timeout "${PLAN_TIMEOUT:-300}" python3 -m quantbridge.cli compare "$model" --plan "$P/plan.json" --batch 1,16 --prefill 512 \
+    --no-layers $report --out "$P/run" > "$P/run.txt" 2> "$P/run.log"
+  cat "$P/plan.txt"; tail -n 12 "$P/run.txt"; tail -n 3 "$P/sens.log" "$P/run.log"
+  tar -czf "$OUT/plan-$model.tar.gz" -C "$OUT" "plan-$model" && rm -rf "$P"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

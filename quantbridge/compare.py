@@ -232,17 +232,18 @@ class Comparer:
             raise NotRunnable(f"the plan uses backends not in this run: {', '.join(unknown)} (add them to --backends)")
         out = {}
         for name in sorted(set(choice.values())):
-            layers, _ = self._layers(name)
-            out.update({n: layers[n] for n, b in choice.items() if b == name and n in layers})
+            # Build only the layers assigned to this backend, so the row's memory is the plan's.
+            layers, _ = self._layers(name, only={n for n, b in choice.items() if b == name})
+            out.update(layers)
         return out, "plan"
 
     # -- quantization -------------------------------------------------------------------------
-    def _layers(self, name: str) -> tuple[dict[str, nn.Module], str]:
-        """This backend's layers for every target, and which weights they hold."""
+    def _layers(self, name: str, only: set[str] | None = None) -> tuple[dict[str, nn.Module], str]:
+        """This backend's layers for every target (or the `only` ones), and which weights they hold."""
         from .smoothing import build
 
         b, spec = self.backends[name], self.settings.spec
-        lins = {n: self.linears[n] for n in sorted(self.targets)}
+        lins = {n: self.linears[n] for n in sorted(self.targets) if only is None or n in only}
         if not b.quantized:
             return {n: b.quantize(lin, spec) for n, lin in lins.items()}, "unquantized"
         if self.shared_from is not None:

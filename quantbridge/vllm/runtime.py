@@ -29,13 +29,23 @@ def run(x: torch.Tensor, index: int) -> torch.Tensor:
     return _call(x, index)
 
 
-def _is_warmup() -> bool:
-    """vLLM's start-up profiling and warm-up passes run without attention metadata."""
+def _forward_context():
     try:
         from vllm.forward_context import get_forward_context, is_forward_context_available
     except ImportError:  # not inside vLLM: every call counts
+        return None
+    return is_forward_context_available, get_forward_context
+
+
+_FC = _forward_context()  # looked up once, not on every profiled call
+
+
+def _is_warmup() -> bool:
+    """vLLM's start-up profiling and warm-up passes run without attention metadata."""
+    if _FC is None:
         return False
-    return not is_forward_context_available() or get_forward_context().attn_metadata is None
+    available, get = _FC
+    return not available() or get().attn_metadata is None
 
 
 def _call(x: torch.Tensor, index: int) -> torch.Tensor:

@@ -354,8 +354,7 @@ class Comparer:
         metrics["eval_loss"] = out.loss.item()
         metrics["eval_ppl"] = math.exp(out.loss.item())
         metrics["eval_ppl_reference"] = math.exp(self.ref_loss)
-        decode = [m for m in self.settings.batches]
-        metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in sorted(set(decode))}
+        metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in sorted(set(self.settings.batches))}
         if self.settings.prefill and str(self.settings.prefill) in metrics["forward_us"]:
             metrics["prefill_latency_us"] = metrics["forward_us"][str(self.settings.prefill)]["median"]
         # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.

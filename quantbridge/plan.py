@@ -30,8 +30,8 @@ class Budget:
             raise UserError("give a budget: --max-ppl-increase PCT, --max-weight-gb GB or --max-latency-ratio R")
 
 
-def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, dict, float]:
-    """(reference per layer, candidate options per layer, reference eval loss)."""
+def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, dict]:
+    """(reference per layer, candidate options per layer)."""
     ref = comp.backend(REFERENCE)
     if ref is None or ref.status != "ok":
         raise UserError("the results have no ok fp16 reference row; re-run compare")
@@ -52,7 +52,7 @@ def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, d
             options[r.name].append((b.name, r))
     if not any(options.values()):
         raise UserError("no quantized backend with ok per-layer results to plan with")
-    return base, options, ref.model_metrics["eval_loss"]
+    return base, options
 
 
 def predict(comp: Comparison, layers: dict[str, str], m: str) -> dict:
@@ -84,7 +84,7 @@ def make_plan(comp: Comparison, budget: Budget, m: int, allowed: list[str] | Non
     the perplexity budget allows.
     """
     key = str(m)
-    base, options, _ = _table(comp, key, allowed)
+    base, options = _table(comp, key, allowed)
     ranked: dict[str, list[tuple[float, str]]] = {}
     for n, opts in options.items():
         scored = sorted((max(r.error["loss_delta"], 0.0) / (base[n].weight_bytes - r.weight_bytes), name)

@@ -104,6 +104,11 @@ def cli() -> None:
 @click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False),
               help="Run a mixed-precision plan (from `quantbridge plan`) as one more row; its backends are added.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report.html.")
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "graph", "eager", "compile"]),
+              help="How layers are timed on CUDA. graph (auto there): each step captured as one CUDA graph with "
+                   "timing events inside it, the GPU time engines see; eager: plain forward passes, host cost per "
+                   "call beside the GPU time; compile: torch.compile reduce-overhead, whole step only. On the CPU "
+                   "timing is synchronous (eager).")
 @click.option("--runs", default=20, show_default=True, type=int, help="Timed forward passes per M (median, p10, p90 are reported).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed forward passes per M first.")
 @click.option("--eval-len", default=256, show_default=True, type=click.IntRange(min=8), help="Tokens per held-out sequence for the error measurement.")
@@ -118,7 +123,8 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback.")
 def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool,
             act_order: bool, weights: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
-            no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
+            no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
+            runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
             out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
@@ -128,11 +134,12 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     unquantized reference, and weight bytes.
     """
     from . import backend as registry
-    from .compare import Comparer, Settings
+    from .compare import Settings, run_comparison, verdict
     from .hardware import resolve_device, resolve_dtype
     from .models import load_model
     from .report.terminal import print_comparison
     from .results import save_csv, save_json
+    from .settings import timing_mode
     from .spec import QuantSpec
 
     from .plan import load_plan
@@ -147,8 +154,9 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
                         calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
-                        cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan)
+                        cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode)
     dev = resolve_device(device)
+    timing_mode(mode, dev)  # fail before loading: graph and compile need CUDA
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)
     with console.status(f"loading {model}"):
@@ -161,7 +169,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
-        comp = Comparer(loaded, names, settings, dev, dt, _RichProgress(bar)).run(on_result=save)
+        comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save)
     if not quiet:
         # Piped output gets a wide table rather than rich's 80-column default.
         print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
@@ -169,6 +177,10 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     if report:
         written.append(_write_report(comp, out / "report.html"))
     click.echo("wrote " + ", ".join(map(str, written)))
+    failed = verdict(comp, names)
+    if failed:
+        click.echo(f"Error: {failed}", err=True)
+        sys.exit(1)
 
 
 def _write_report(comp, path: Path, kind: str = "html") -> Path:

@@ -1,26 +1,21 @@
-"""Orchestration: one reference run, then one isolated run per backend, as result records.
+"""A comparison: one reference run, then one isolated row per backend, as result records.
 
-For every backend the model's linear layers are swapped for that backend's QuantLinear
-(everything else is shared with the reference model, not copied), then:
-  errors   isolated (each layer fed the reference input) and propagated (the model's own
-           activations) against the reference layer outputs, on held-out text;
-  latency  every linear timed inside real forward passes, for each M (decode batch sizes
-           and the prefill length), plus the whole forward with probes off and on, which
-           gives the probes' own overhead.
-A backend's failure (exception, NaN, out of memory) becomes its status; the others go on.
+    rows.py       where a row's layers come from (its own weights, a checkpoint's, --weights')
+    reference.py  the inputs and the reference model's outputs, made once
+    measure.py    one row: errors, per-layer timing per M in the row's mode, model metrics
+    timing.py     the timing modes (graph, eager, compile) and their fallbacks
+This module runs the rows in order: a row's failure (exception, NaN, out of memory) becomes
+its status and the others go on.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
-import itertools
-import math
 import re
 import statistics
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,370 +23,159 @@ from torch import nn
 from . import backend as registry
 from .errors import BackendUnavailable, UserError
 from .hardware import device_info
-from .instrument import L2Flush, LayerTimer, capture_io, isolated_error, propagated_error, time_calls
-from .metrics import summarize
+from .instrument import L2Flush
+from .measure import measure_row, sensitivity
 from .models import LoadedModel, linear_layers
-from .results import BackendResult, Comparison, LayerRecord
+from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, read_eval_text, run_reference
+from .results import BackendResult, Comparison
+from .rows import CHECKPOINT, REFERENCE, NotRunnable, Progress, WeightSource, plan_layers, row_layers, shared_source, with_layers
+from .settings import Settings, timing_mode
 from .spec import QuantSpec
 from .telemetry import Sampler
-from .workloads import decode_batches, prefill_batches, text_split, tokenize, windows
 
-REFERENCE = "fp16"
-CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
 PLAN = "plan"  # the row that runs a mixed-precision plan
 
-
-@dataclass
-class Settings:
-    spec: QuantSpec = field(default_factory=QuantSpec)
-    batches: list[int] = field(default_factory=lambda: [1, 16])
-    prefill: int = 256  # 0 disables the prefill shape
-    runs: int = 20
-    warmup: int = 3
-    eval_seqs: int = 2
-    eval_len: int = 256
-    skip: str = r"(^|\.)lm_head$"  # layers kept unquantized (regex on the module path)
-    seed: int = 0
-    skip_unavailable: bool = False
-    calib_samples: int = 128
-    calib_len: int = 512
-    calib_file: str | None = None
-    weights: str | None = None  # run this backend's weights through every kernel
-    cache: bool = True  # reuse calibrated quantized weights from an earlier run
-    eval_text: str | None = None  # a text file for perplexity and error (default: the shipped held-out split)
-    sensitivity: bool = False  # per layer: eval loss with only that layer quantized (one forward each)
-    plan: dict | None = None  # a mixed-precision plan (quantbridge plan) to run as one more row
-    debug: bool = False  # re-raise backend failures instead of recording them
-
-    def __post_init__(self) -> None:
-        if self.runs < 5:
-            raise UserError(f"--runs {self.runs} is too few for a median with p10/p90; use at least 5 (20 is the default)")
-        if any(m < 1 for m in self.batches) or self.prefill < 0:
-            raise UserError("--batch values must be >= 1 and --prefill >= 0")
-        if self.calib_samples < 1 or self.calib_len < 2:
-            raise UserError("--calib-samples must be >= 1 and --calib-len >= 2")
-
-    @property
-    def m_values(self) -> list[int]:
-        ms = sorted(set(self.batches))
-        return ms + ([self.prefill] if self.prefill and self.prefill not in ms else [])
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("debug")
-        d["m_values"] = self.m_values
-        return d
+__all__ = ["Settings", "run_comparison", "findings", "verdict", "with_layers", "PLAN", "REFERENCE", "CHECKPOINT"]
 
 
-class Progress:
-    """What compare tells about its progress; the CLI renders it, tests ignore it."""
+@dataclass(frozen=True)
+class Rows:
+    """What the rows of one comparison share, fixed before the first row runs."""
 
-    def begin(self, description: str, total: int) -> None: ...
-
-    def advance(self, n: int = 1) -> None: ...
-
-
-def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec) -> nn.Module:
-    """A structural copy of `model` with `layers` swapped in; all other tensors are shared.
-
-    Linears not in `layers` go to the reference backend, so they are probed the same way.
-    """
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    clone = copy.deepcopy(model, memo)
-    reference = registry.get(REFERENCE)
-    for name, lin in linear_layers(clone).items():
-        clone.set_submodule(name, layers[name] if name in layers else reference.quantize(lin, spec))
-    return clone
+    names: list[str]  # backends in order, the reference first
+    targets: set[str]  # the layers a quantized row quantizes
+    spec: QuantSpec  # the checkpoint's own, when MODEL is one
+    shared: str | None  # whose weights every row runs (CHECKPOINT, a --weights backend) or None
+    unavailable: dict[str, str]  # backend -> why it cannot run here (recorded, with --skip-unavailable)
 
 
-class NotRunnable(Exception):
-    """This backend cannot run the requested weights (recorded as status 'unavailable')."""
+def plan_rows(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
+    """Check the request against the model and this machine; raise UserError before any work."""
+    from .checkpoint import spec_of
 
-
-class Comparer:
-    def __init__(self, loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
-                 dtype: torch.dtype, progress: Progress | None = None) -> None:
-        self.loaded, self.settings, self.device, self.dtype = loaded, settings, device, dtype
-        self.progress = progress or Progress()
-        self.names = [REFERENCE] + [n for n in names if n != REFERENCE]
-        self.linears = linear_layers(loaded.model)
-        if not self.linears:
-            raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
+    names = [REFERENCE] + [n for n in names if n != REFERENCE]
+    linears = linear_layers(loaded.model)
+    if not linears:
+        raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
+    shared = shared_source(loaded.int4 is not None, settings.weights, device)
+    if loaded.int4 is not None:  # a quantized checkpoint: its layers, its weights, every kernel
+        targets, spec = set(loaded.int4), spec_of(loaded.int4)
+    else:
         skip = re.compile(settings.skip)
-        if loaded.int4 is not None:  # a quantized checkpoint: its layers, its weights, every kernel
-            if settings.weights is not None:
-                raise UserError(f"{loaded.name} is a quantized checkpoint: its own weights are run through every "
-                                f"backend; drop --weights")
-            self.targets = set(loaded.int4)
-            from .checkpoint import spec_of
-
-            settings.spec = spec_of(loaded.int4)
-        else:
-            self.targets = {n for n in self.linears if not skip.search(n)}
-            for n in self.targets:
-                settings.spec.check_layer(n, self.linears[n].in_features)
-        self.backends = {n: registry.get(n) for n in self.names}
-        self.availability = {n: b.available(device) for n, b in self.backends.items()}
-        for n, b in self.backends.items():
-            a = self.availability[n]
-            if not a.ok and not settings.skip_unavailable:
+        targets, spec = {n for n in linears if not skip.search(n)}, settings.spec
+        for n in targets:
+            spec.check_layer(n, linears[n].in_features)
+    unavailable = {}
+    for n in names:
+        b = registry.get(n)
+        a = b.available(device)
+        if not a.ok:
+            if not settings.skip_unavailable:
                 hint = f"; {b.install_hint}" if b.install_hint else ""
                 raise BackendUnavailable(f"backend {n} is unavailable: {a.reason}{hint} (or pass --skip-unavailable)")
-            if a.ok:
-                b.check_spec(settings.spec)
-        self.flush = L2Flush(device)
-        self.shared_from = CHECKPOINT if loaded.int4 is not None else settings.weights
-        if self.shared_from not in (None, CHECKPOINT):
-            src = registry.get(self.shared_from)
-            if not _canonical(src):
-                raise UserError(f"--weights {self.shared_from}: its weights are not canonical INT4; "
-                                f"use one of: {', '.join(n for n in registry.names() if _canonical(registry.get(n)))}")
-            if not src.available(device).ok:
-                raise BackendUnavailable(f"--weights {self.shared_from}: {src.available(device).reason}")
-            self.backends.setdefault(self.shared_from, src)
-        self._calib = None
-        self._weights_cache: dict[str, dict] = {}
+            unavailable[n] = a.reason
+        elif shared is None:  # each row's own quantizer runs: it must do this spec
+            b.check_spec(spec)
+    if shared not in (None, CHECKPOINT):
+        registry.get(shared).check_spec(spec)  # only the shared weights' quantizer runs
+    return Rows(names, targets, spec, shared, unavailable)
 
-    # -- inputs -----------------------------------------------------------------------------
-    def _inputs(self) -> None:
-        s = self.settings
-        tokens = tokenize(self.loaded.tokenizer, text_split("eval"))
-        eval_tokens = tokens if s.eval_text is None else tokenize(self.loaded.tokenizer, _read_text(s.eval_text))
-        if eval_tokens.numel() < s.eval_seqs * s.eval_len:
-            raise UserError(f"evaluation text has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
-                            f"{s.eval_seqs * s.eval_len}: give a longer --eval-text or smaller values")
-        self.eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(self.device)
-        n = s.warmup + s.runs
-        self.step_inputs: dict[int, list[torch.Tensor]] = {}
-        for m in self.m_values:
-            make = prefill_batches if (m == s.prefill and m not in s.batches) else decode_batches
-            self.step_inputs[m] = [x.to(self.device) for x in make(tokens, m, n, s.seed + m)]
 
-    @property
-    def m_values(self) -> list[int]:
-        return self.settings.m_values
+def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
+                   dtype: torch.dtype, progress: Progress | None = None,
+                   on_result: Callable[[Comparison], None] | None = None) -> Comparison:
+    """Every row of `names` (plus the reference, and the plan if any) on `loaded`, in order.
 
-    # -- runs -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, on_result: Callable[[Comparison], None] | None = None) -> Comparison:
-        self._inputs()
-        model = self.loaded.model
-        with capture_io(self.linears) as ref_io:
-            ref = model(input_ids=self.eval_ids, labels=self.eval_ids, use_cache=False)
-        self.ref_logits, self.ref_loss = ref.logits.float().cpu(), ref.loss.item()
-        self.ref_io = ref_io
-        comp = Comparison(
-            model=self.loaded.info,
-            device=device_info(self.device),
-            settings={**self.settings.to_dict(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                      "l2_flush": self.flush.active, "eval_tokens": self.eval_ids.numel(),
-                      "eval_source": self.settings.eval_text or "shipped held-out split (python_reference.txt)",
-                      "eval_context": self.settings.eval_len,
-                      "decode_m": sorted(set(self.settings.batches)),
-                      "prefill_m": [self.settings.prefill] if self.settings.prefill else []},
-        )
-        for name in self.names + ([PLAN] if self.settings.plan else []):
-            comp.backends.append(self._run_one(name))
-            comp.findings = findings(comp)
-            if on_result:
-                on_result(comp)
-        return comp
+    `on_result` sees the comparison after every row, so a caller can save what finished.
+    """
+    progress = progress or Progress()
+    rows = plan_rows(loaded, names, settings, device)
+    mode = timing_mode(settings.mode, device)
+    linears = linear_layers(loaded.model)
+    eval_text = read_eval_text(settings.eval_text) if settings.eval_text else None
+    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device, eval_text)
+    ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
+    source = WeightSource(
+        model=loaded.model, linears={n: linears[n] for n in sorted(rows.targets)}, spec=rows.spec,
+        model_key=loaded.info.get("hash") or loaded.name, tokenizer=loaded.tokenizer, device=device, dtype=dtype,
+        calib_samples=settings.calib_samples, calib_len=settings.calib_len, calib_file=settings.calib_file,
+        seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress)
+    flush = L2Flush(device)
+    comp = Comparison(
+        model=loaded.info,
+        device=device_info(device),
+        settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "mode": mode, "device": str(device),
+                  "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
+                  "eval_source": ref.eval_source, "eval_context": settings.eval_len,
+                  "decode_m": sorted(set(settings.batches)), "prefill_m": [settings.prefill] if settings.prefill else []},
+    )
+    bad_reference = nonfinite_parameter(loaded.model)
+    for name in rows.names + ([PLAN] if settings.plan else []):
+        if bad_reference is not None:
+            result = BackendResult(name=name, status="failed",
+                                   reason=f"the reference model itself is non-finite: {bad_reference} holds NaN or Inf")
+        elif name in rows.unavailable:
+            result = BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
+        else:
+            result = _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress)
+        comp.backends.append(result)
+        comp.findings = findings(comp)
+        if on_result:
+            on_result(comp)
+    return comp
 
-    def _run_one(self, name: str) -> BackendResult:
-        if name != PLAN and not self.availability[name].ok:
-            return BackendResult(name=name, status="unavailable", reason=self.availability[name].reason)
-        qmodel = None
-        try:
-            with Sampler(self.device) as sampler:
-                layers, weights = self._plan_layers() if name == PLAN else self._layers(name)
-                qmodel = with_layers(self.loaded.model, layers, self.settings.spec)
-                result = self._measure(name, qmodel)
-            result.weights = weights
-            result.model_metrics["telemetry"] = sampler.summary()
-            result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+
+def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: Reference, settings: Settings,
+         mode: str, device: torch.device, dtype: torch.dtype, flush: L2Flush, progress: Progress) -> BackendResult:
+    """One row, isolated: whatever it raises becomes its status."""
+    qmodel = None
+    fmt = (loaded.info.get("checkpoint") or {}).get("format", "")
+    try:
+        with Sampler(device) as sampler:
             if name == PLAN:
-                result.model_metrics["plan"] = self.settings.plan
-            return result
-        except NotRunnable as e:
-            return BackendResult(name=name, status="unavailable", reason=str(e))
-        except Exception as e:  # noqa: BLE001 - one backend's failure must not end the comparison
-            if self.settings.debug:
-                raise
-            return BackendResult(name=name, status="failed", reason=_one_line(e, self.device))
-        finally:
-            del qmodel
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def _plan_layers(self) -> tuple[dict[str, nn.Module], str]:
-        """Each layer from the backend the plan assigns it (unassigned layers stay reference)."""
-        choice = self.settings.plan["layers"]
-        unknown = sorted(set(choice.values()) - set(self.backends))
-        if unknown:
-            raise NotRunnable(f"the plan uses backends not in this run: {', '.join(unknown)} (add them to --backends)")
-        out = {}
-        for name in sorted(set(choice.values())):
-            # Build only the layers assigned to this backend, so the row's memory is the plan's.
-            layers, _ = self._layers(name, only={n for n, b in choice.items() if b == name})
-            out.update(layers)
-        return out, "plan"
-
-    # -- quantization -------------------------------------------------------------------------
-    def _layers(self, name: str, only: set[str] | None = None) -> tuple[dict[str, nn.Module], str]:
-        """This backend's layers for every target (or the `only` ones), and which weights they hold."""
-        from .smoothing import build
-
-        b, spec = self.backends[name], self.settings.spec
-        lins = {n: self.linears[n] for n in sorted(self.targets) if only is None or n in only}
-        if not b.quantized:
-            return {n: b.quantize(lin, spec) for n, lin in lins.items()}, "unquantized"
-        if self.shared_from is not None:
-            if not b.runs_int4():
-                raise NotRunnable(f"{name} cannot run {self.shared_from}'s INT4 weights (its own format only)")
-            ws = self._weights(self.shared_from)
-            label = (f"checkpoint ({self.loaded.info['checkpoint']['format']})" if self.shared_from == CHECKPOINT
-                     else f"{self.shared_from} (shared)")
-        else:
-            ws = self._weights(name) if b.needs_calibration else None
-            label = b.algorithm or name
-        self.progress.begin(f"{name}: build layers", len(lins))
-        out = {}
-        for n, lin in lins.items():
-            out[n] = build(b, ws[n], lin.bias) if ws is not None else b.quantize(lin, spec)
-            self.progress.advance()
-        return out, label
-
-    def _weights(self, name: str) -> dict:
-        """Canonical weights made by backend `name`'s algorithm; calibrated ones cached on disk."""
-        from . import qcache
-        from .models import cache_dir
-        from .workloads import calibration
-
-        if name == CHECKPOINT:
-            return self.loaded.int4
-        if name in self._weights_cache:
-            return self._weights_cache[name]
-        b, s = self.backends[name], self.settings
-        lins = {n: self.linears[n] for n in sorted(self.targets)}
-        if not b.needs_calibration:
-            self.progress.begin(f"{name}: quantize", len(lins))
-            ws = {}
-            for n, lin in lins.items():
-                ws[n] = b.quantize_weights_of(lin, s.spec)
-                self.progress.advance()
-        else:
-            if self._calib is None:
-                self._calib = calibration(self.loaded.tokenizer, s.calib_samples, s.calib_len, s.calib_file, s.seed)
-            k = qcache.key(model=self.loaded.info.get("hash") or self.loaded.name, algorithm=b.algorithm,
-                           library=b.available(self.device).reason, spec=s.spec.to_dict(), calib=self._calib.digest,
-                           dtype=str(self.dtype), targets=sorted(lins), device=self.device.type)
-            ws = qcache.load(cache_dir(), k, self.device) if s.cache else None
-            if ws is None:
-                self.progress.begin(f"{name}: calibrate + quantize ({s.calib_samples}x{s.calib_len} tokens)", 1)
-                ws = b.quantize_weights(self.loaded.model, lins, s.spec, self._calib)
-                self.progress.advance()
-                qcache.save(cache_dir(), k, ws)
-        self._weights_cache[name] = ws
-        return ws
-
-    def _is_quantized(self, backend: str, layer: str) -> bool:
-        if backend == PLAN:
-            return self.backends.get(self.settings.plan["layers"].get(layer, REFERENCE), self.backends[REFERENCE]).quantized
-        return layer in self.targets and self.backends[backend].quantized
-
-    def _sensitivity(self, qlins: dict[str, nn.Module]) -> dict[str, float]:
-        """Eval loss increase with only one layer swapped into the reference model, per layer."""
-        model, out = self.loaded.model, {}
-        self.progress.begin("sensitivity", len(self.targets))
-        for n in sorted(self.targets):
-            original = model.get_submodule(n)
-            model.set_submodule(n, qlins[n])
-            try:
-                loss = model(input_ids=self.eval_ids, labels=self.eval_ids, use_cache=False).loss.item()
-            finally:
-                model.set_submodule(n, original)
-            out[n] = loss - self.ref_loss
-            self.progress.advance()
-        return out
-
-    def _measure(self, name: str, qmodel: nn.Module) -> BackendResult:
-        s = self.settings
-        qlins = {n: qmodel.get_submodule(n) for n in self.linears}
-        self.progress.begin(f"{name}: error", len(qlins))
-        with propagated_error(qlins, self.ref_io) as prop:
-            out = qmodel(input_ids=self.eval_ids, labels=self.eval_ids, use_cache=False)
-        iso = {}
-        for n, mod in qlins.items():
-            iso[n] = isolated_error(mod, *self.ref_io[n], self.device, self.dtype)
-            self.progress.advance()
-        bad = [n for n in qlins if math.isnan(iso[n].rel_l2) or math.isnan(prop[n].rel_l2)]
-        if bad:
-            return BackendResult(name=name, status="failed", reason=f"non-finite output in layer {bad[0]}",
-                                 kernel=_kernels(qlins, self.targets))
-
-        lat: dict[str, dict[int, dict]] = {n: {} for n in qlins}
-        metrics: dict = {"forward_us": {}, "forward_probed_us": {}, "probe_overhead_pct": {}, "tokens_per_s": {}}
-        self.progress.begin(f"{name}: timing", len(self.m_values))
-        for m in self.m_values:
-            inputs = self.step_inputs[m]
-            fwd = lambda x: qmodel(input_ids=x, use_cache=False)  # noqa: E731
-            for x in inputs[: s.warmup]:
-                fwd(x)
-            timed = inputs[s.warmup:]
-            off = summarize(time_calls(fwd, timed, self.device, self.flush))
-            with LayerTimer(qlins, self.device, len(timed)) as timer:
-                on = summarize(time_calls(fwd, timed, self.device, self.flush))
-            for n, samples in timer.samples_us().items():
-                lat[n][m] = summarize(samples).to_dict()
-            key = str(m)
-            metrics["forward_us"][key] = off.to_dict()
-            metrics["forward_probed_us"][key] = on.to_dict()
-            metrics["probe_overhead_pct"][key] = 100 * (on.median - off.median) / off.median
-            metrics["tokens_per_s"][key] = m * 1e6 / off.median
-            self.progress.advance()
-
-        metrics["eval_loss"] = out.loss.item()
-        metrics["eval_ppl"] = math.exp(out.loss.item())
-        metrics["eval_ppl_reference"] = math.exp(self.ref_loss)
-        metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in sorted(set(self.settings.batches))}
-        if self.settings.prefill and str(self.settings.prefill) in metrics["forward_us"]:
-            metrics["prefill_latency_us"] = metrics["forward_us"][str(self.settings.prefill)]["median"]
-        # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
-        wanted = self.settings.sensitivity and name not in (PLAN, REFERENCE) and self.backends[name].quantized
-        sens = self._sensitivity(qlins) if wanted else {}
-        metrics["logits_rel_error"] = _rel(out.logits.float().cpu(), self.ref_logits)
-        layers = [
-            LayerRecord(
-                name=n,
-                shape=[mod.out_features, mod.in_features],
-                quantized=self._is_quantized(name, n),
-                kernel=mod.kernel,
-                weight_bytes=mod.weight_nbytes,
-                latency_us={str(m): v for m, v in lat[n].items()},
-                error={"rel_isolated": iso[n].rel_l2, "rel_propagated": prop[n].rel_l2,
-                       "sqnr_db": iso[n].sqnr_db, "cosine": iso[n].cosine,
-                       **({"loss_delta": sens[n]} if n in sens else {})},
-            )
-            for n, mod in qlins.items()
-        ]
-        quant = [r for r in layers if r.quantized] or [r for r in layers if r.name in self.targets]
-        params = sum(r.shape[0] * r.shape[1] for r in quant)
-        return BackendResult(
-            name=name, status="ok", kernel=_kernels(qlins, self.targets),
-            weight_bytes=sum(r.weight_bytes for r in layers),
-            bits_per_weight=8 * sum(r.weight_bytes for r in quant) / params,
-            layers=layers, model_metrics=metrics,
-        )
+                layers, weights = plan_layers(settings.plan, source, rows.shared, rows.names, fmt)
+                quantized = {n for n, b in settings.plan["layers"].items() if registry.get(b).quantized}
+            else:
+                layers, weights = row_layers(name, source, rows.shared, checkpoint_format=fmt)
+                quantized = rows.targets if registry.get(name).quantized else set()
+            qmodel = with_layers(loaded.model, layers, rows.spec)
+            result = measure_row(name, qmodel, rows.targets, quantized, ref, settings, mode, device, dtype, flush,
+                                 progress)
+            # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
+            if settings.sensitivity and result.status == "ok" and name not in (PLAN, REFERENCE) and quantized:
+                qlins = {n: qmodel.get_submodule(n) for n in sorted(rows.targets)}
+                sens = sensitivity(loaded.model, qlins, sorted(rows.targets), ref.eval_ids, ref.loss, progress)
+                for r in result.layers:
+                    if r.name in sens:
+                        r.error["loss_delta"] = sens[r.name]
+        result.weights = weights
+        result.model_metrics["telemetry"] = sampler.summary()
+        result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+        if name == PLAN:
+            result.model_metrics["plan"] = settings.plan
+        return result
+    except NotRunnable as e:
+        return BackendResult(name=name, status="unavailable", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - one backend's failure must not end the comparison
+        if settings.debug:
+            raise
+        return BackendResult(name=name, status="failed", reason=_one_line(e, device))
+    finally:
+        del qmodel
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def _read_text(path: str) -> str:
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"evaluation text {path!r} does not exist; pass a UTF-8 text file to --eval-text")
-    return p.read_text(encoding="utf-8", errors="replace")
+def verdict(comp: Comparison, requested: list[str]) -> str | None:
+    """Why a finished comparison should exit non-zero: the reference failed, or every requested row did."""
+    ref = comp.backend(REFERENCE)
+    if ref is not None and ref.status != "ok":
+        return f"the reference row failed: {ref.reason}"
+    asked = [b for b in comp.backends if b.name in requested and b.name != REFERENCE]
+    if asked and all(b.status != "ok" for b in asked):
+        return "every requested row failed or was unavailable: " + "; ".join(f"{b.name}: {b.reason}" for b in asked)
+    return None
 
 
 def findings(comp: Comparison, baseline: str = "native") -> list[str]:
@@ -421,20 +205,6 @@ def findings(comp: Comparison, baseline: str = "native") -> list[str]:
                    f"{b.name} ({b.weights} weights): isolated error above native RTN on every layer at {bits} "
                    f"(median ratio {ratio:.3f})")
     return out
-
-
-def _canonical(b: registry.Backend) -> bool:
-    """Whether a backend's algorithm yields canonical INT4 weights that --weights can share."""
-    return b.quantized and (b.needs_calibration or type(b).quantize_weights_of is not registry.Backend.quantize_weights_of)
-
-
-def _kernels(qlins: dict[str, nn.Module], targets: set[str]) -> str:
-    ks = sorted({qlins[n].kernel for n in targets})
-    return "+".join(ks)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double())).item()
 
 
 def _one_line(e: BaseException, device: torch.device) -> str:

@@ -49,13 +49,22 @@ class _Clock:
 
 
 class LayerTimer:
-    """Times every call of the given modules. Use as a context manager around forward passes."""
+    """Times every call of the given modules. Use as a context manager around forward passes.
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, calls_per_layer: int = 0) -> None:
+    Two clocks per call: the device clock (CUDA events without synchronising; on the CPU
+    perf_counter_ns, exact there) and the host clock around the call alone, which is the
+    host's cost of enqueueing the layer's work (`host_samples_us`). With `device_time=False`
+    only the host clock runs, so the passes are not slowed by event records.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, calls_per_layer: int = 0,
+                 device_time: bool = True) -> None:
         self.modules = modules
-        self.clock = _Clock(device, 2 * len(modules) * calls_per_layer)
+        self.device_time = device_time
+        self.clock = _Clock(device, 2 * len(modules) * calls_per_layer if device_time else 0)
         self._pairs: dict[str, list[tuple[int, int]]] = {name: [] for name in modules}
-        self._open: dict[str, int] = {}
+        self._host: dict[str, list[float]] = {name: [] for name in modules}
+        self._open: dict[str, tuple[int, int]] = {}
         self._handles: list = []
 
     def __enter__(self) -> "LayerTimer":
@@ -71,20 +80,86 @@ class LayerTimer:
 
     def _pre(self, name: str) -> Callable:
         def hook(module, args):
-            self._open[name] = self.clock.mark()
+            mark = self.clock.mark() if self.device_time else -1
+            self._open[name] = (mark, time.perf_counter_ns())  # host clock last: it times the call alone
 
         return hook
 
     def _post(self, name: str) -> Callable:
         def hook(module, args, output):
-            self._pairs[name].append((self._open.pop(name), self.clock.mark()))
+            t1 = time.perf_counter_ns()
+            a, t0 = self._open.pop(name)
+            self._host[name].append((t1 - t0) / 1e3)
+            if self.device_time:
+                self._pairs[name].append((a, self.clock.mark()))
 
         return hook
 
     def samples_us(self) -> dict[str, list[float]]:
-        """Per-layer call durations in µs (synchronises once, at the end)."""
+        """Per-layer call durations on the device clock, in µs (synchronises once, at the end)."""
         self.clock.resolve()
         return {n: [self.clock.elapsed_us(a, b) for a, b in pairs] for n, pairs in self._pairs.items()}
+
+    def host_samples_us(self) -> dict[str, list[float]]:
+        """Per-layer host time per call (enqueue cost on CUDA; the whole call on the CPU), in µs."""
+        return self._host
+
+
+class GraphLayerTimer:
+    """Timing events recorded inside a CUDA graph capture, around each module and the step.
+
+    Use as a context manager around the capture, calling `begin()` and `end()` first and
+    last inside it. The events are graph nodes (`external=True`), so every replay records
+    them again; `read()` after a replay gives each layer's GPU time within that replay and
+    the in-graph span from begin to end.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self._pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in modules}
+        self._open: dict[str, torch.cuda.Event] = {}
+        self._span: list[torch.cuda.Event] = []
+        self._handles: list = []
+
+    @staticmethod
+    def _record() -> torch.cuda.Event:
+        ev = torch.cuda.Event(enable_timing=True, external=True)
+        ev.record()
+        return ev
+
+    def __enter__(self) -> "GraphLayerTimer":
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(mod.register_forward_hook(self._post(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def begin(self) -> None:
+        self._span = [self._record()]
+
+    def end(self) -> None:
+        self._span.append(self._record())
+
+    def _pre(self, name: str) -> Callable:
+        def hook(module, args):
+            self._open[name] = self._record()
+
+        return hook
+
+    def _post(self, name: str) -> Callable:
+        def hook(module, args, output):
+            self._pairs[name].append((self._open.pop(name), self._record()))
+
+        return hook
+
+    def read(self) -> tuple[dict[str, float], float]:
+        """({layer: µs in the last replay}, in-graph span µs); call after the replay finished."""
+        layers = {n: sum(a.elapsed_time(b) for a, b in pairs) * 1e3 for n, pairs in self._pairs.items()}
+        return layers, self._span[0].elapsed_time(self._span[1]) * 1e3
 
 
 class L2Flush:

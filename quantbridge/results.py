@@ -15,7 +15,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 had no host_us per layer and no timing per row: its latencies are eager, read as such.
+READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "failed", "unavailable")
 
 
@@ -26,7 +28,8 @@ class LayerRecord:
     quantized: bool
     kernel: str
     weight_bytes: int
-    latency_us: dict[str, dict] = field(default_factory=dict)  # str(M) -> {median, p10, p90, n}
+    latency_us: dict[str, dict] = field(default_factory=dict)  # str(M) -> {median, p10, p90, n}: GPU time in the row's mode
+    host_us: dict[str, dict] = field(default_factory=dict)  # str(M) -> host enqueue cost per call (eager passes)
     error: dict[str, float | None] = field(default_factory=dict)  # rel_isolated, rel_propagated, sqnr_db, cosine
 
 
@@ -37,6 +40,7 @@ class BackendResult:
     reason: str | None = None
     kernel: str | None = None
     weights: str | None = None  # which algorithm made the weights ("rtn", "gptq", "gptq (shared)", ...)
+    timing: str | None = None  # how latency was taken: "graph", "eager", "eager (not capturable: ...)", ...
     weight_bytes: int = 0
     bits_per_weight: float = 0.0
     layers: list[LayerRecord] = field(default_factory=list)
@@ -64,10 +68,12 @@ class Comparison:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Comparison":
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"results schema_version {d.get('schema_version')} is not {SCHEMA_VERSION}")
+        version = d.get("schema_version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"results schema_version {version} is not one of {READABLE_VERSIONS}")
         backends = [
-            BackendResult(**{**b, "layers": [LayerRecord(**layer) for layer in b.get("layers", [])]})
+            BackendResult(**{**({"timing": "eager (schema v1)"} if version == 1 and b.get("layers") else {}), **b,
+                             "layers": [LayerRecord(**layer) for layer in b.get("layers", [])]})
             for b in d.get("backends", [])
         ]
         return cls(model=d["model"], device=d["device"], settings=d["settings"], backends=backends,
@@ -120,19 +126,19 @@ def to_csv(comp: Comparison) -> str:
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["backend", "status", "weights", "layer", "N", "K", "quantized", "kernel", "weight_bytes", "M",
-                "latency_median_us", "latency_p10_us", "latency_p90_us", *CSV_ERRORS])
+    w.writerow(["backend", "status", "weights", "timing", "layer", "N", "K", "quantized", "kernel", "weight_bytes", "M",
+                "latency_median_us", "latency_p10_us", "latency_p90_us", "host_median_us", *CSV_ERRORS])
     for b in comp.backends:
         if not b.layers:
-            w.writerow([b.name, b.status, b.weights or ""] + [""] * 14)
+            w.writerow([b.name, b.status, b.weights or "", b.timing or ""] + [""] * 15)
             continue
         for layer in b.layers:
             errs = [_csv_num(layer.error.get(e)) for e in CSV_ERRORS]
             for m in ms or [""]:
                 lat = layer.latency_us.get(m, {})
-                w.writerow([b.name, b.status, b.weights or "", layer.name, *layer.shape, layer.quantized, layer.kernel,
-                            layer.weight_bytes, m, _csv_num(lat.get("median")), _csv_num(lat.get("p10")),
-                            _csv_num(lat.get("p90")), *errs])
+                w.writerow([b.name, b.status, b.weights or "", b.timing or "", layer.name, *layer.shape, layer.quantized,
+                            layer.kernel, layer.weight_bytes, m, _csv_num(lat.get("median")), _csv_num(lat.get("p10")),
+                            _csv_num(lat.get("p90")), _csv_num(layer.host_us.get(m, {}).get("median")), *errs])
     return buf.getvalue()
 
 

@@ -7,7 +7,7 @@ import torch
 
 from quantbridge import backend as registry
 from quantbridge.backend import Availability, Backend
-from quantbridge.compare import Comparer, Settings
+from quantbridge.compare import Settings, run_comparison
 from quantbridge.errors import BackendUnavailable, UserError
 from quantbridge.models import linear_layers
 from quantbridge.results import Comparison
@@ -18,7 +18,7 @@ FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=
 
 def _run(demo, names, **kw):
     s = Settings(**{**FAST, **kw})
-    return Comparer(demo, names, s, torch.device("cpu"), torch.float32).run()
+    return run_comparison(demo, names, s, torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")

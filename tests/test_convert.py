@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from quantbridge import backend as registry
 from quantbridge.checkpoint import load_quantized, read_int4
 from quantbridge.cli import cli
-from quantbridge.compare import Comparer, Settings
+from quantbridge.compare import Settings, run_comparison
 from quantbridge.convert import convert
 from quantbridge.errors import UserError
 from quantbridge.models import linear_layers
@@ -69,7 +69,7 @@ def test_converted_checkpoints_give_identical_layer_outputs(rtn_gptq, tmp_path, 
 def test_compare_on_a_checkpoint_runs_its_weights_through_every_kernel(rtn_gptq):
     loaded = load_quantized(rtn_gptq, torch.device("cpu"), torch.float32)
     s = Settings(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)
-    comp = Comparer(loaded, ["native", "gptq", "awq", "bnb-nf4"], s, torch.device("cpu"), torch.float32).run()
+    comp = run_comparison(loaded, ["native", "gptq", "awq", "bnb-nf4"], s, torch.device("cpu"), torch.float32)
     for name in ("native", "gptq", "awq"):
         b = comp.backend(name)
         assert b.status == "ok" and b.weights == "checkpoint (gptq)", (name, b.reason)

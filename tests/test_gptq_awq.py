@@ -9,7 +9,7 @@ pytest.importorskip("bitsandbytes")
 
 from quantbridge import backend as registry  # noqa: E402
 from quantbridge.backend import Calibration  # noqa: E402
-from quantbridge.compare import Comparer, Settings  # noqa: E402
+from quantbridge.compare import Settings, run_comparison  # noqa: E402
 from quantbridge.models import linear_layers  # noqa: E402
 from quantbridge.packed import Int4Weight, quantize_rtn  # noqa: E402
 from quantbridge.smoothing import SmoothedLinear  # noqa: E402
@@ -24,7 +24,7 @@ ALL = ["bnb-nf4", "bnb-fp4", "gptq", "awq", "native"]
 def all_five(demo, tmp_path_factory):
     # Default calibration (128 x 512 tokens of the shipped text): GPTQ's Hessians need it.
     s = Settings(**FAST, cache=False)
-    return Comparer(demo, ALL, s, torch.device("cpu"), torch.float32).run()
+    return run_comparison(demo, ALL, s, torch.device("cpu"), torch.float32)
 
 
 def test_all_five_backends_ok(all_five, demo):
@@ -127,8 +127,8 @@ def test_calibrated_weights_are_cached(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gptq, "quantize_weights", counting)
     s = dict(**FAST, calib_samples=8, calib_len=64)
-    first = Comparer(demo, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32).run()
-    second = Comparer(demo, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32).run()
+    first = run_comparison(demo, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32)
+    second = run_comparison(demo, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32)
     assert len(calls) == 1 and list((tmp_path / "quantized").glob("*.safetensors"))
     a, b = first.backend("gptq"), second.backend("gptq")
     assert [r.error["rel_isolated"] for r in a.layers] == [r.error["rel_isolated"] for r in b.layers]
@@ -137,7 +137,7 @@ def test_calibrated_weights_are_cached(demo, tmp_path, monkeypatch):
 def test_shared_weights_same_numbers_through_every_kernel(demo, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
     s = Settings(**FAST, calib_samples=8, calib_len=64, weights="gptq")
-    comp = Comparer(demo, ["gptq", "native", "bnb-nf4"], s, torch.device("cpu"), torch.float32).run()
+    comp = run_comparison(demo, ["gptq", "native", "bnb-nf4"], s, torch.device("cpu"), torch.float32)
     gptq, native, bnb = comp.backend("gptq"), comp.backend("native"), comp.backend("bnb-nf4")
     assert gptq.weights == native.weights == "gptq (shared)"
     assert bnb.status == "unavailable" and "cannot run gptq" in bnb.reason
@@ -149,7 +149,7 @@ def test_weights_from_non_canonical_backend_rejected(demo):
     from quantbridge.errors import UserError
 
     with pytest.raises(UserError, match="not canonical INT4"):
-        Comparer(demo, ["native"], Settings(**FAST, weights="bnb-nf4"), torch.device("cpu"), torch.float32)
+        run_comparison(demo, ["native"], Settings(**FAST, weights="bnb-nf4"), torch.device("cpu"), torch.float32)
 
 
 def test_calibration_file_errors(demo, tmp_path):

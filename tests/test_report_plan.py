@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from quantbridge.cli import cli
-from quantbridge.compare import Comparer, Settings
+from quantbridge.compare import Settings, run_comparison
 from quantbridge.errors import UserError
 from quantbridge.plan import Budget, make_plan, predict
 from quantbridge.recommend import recommendations, sensitive_layers
@@ -28,7 +28,7 @@ FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=
 @pytest.fixture(scope="module")
 def sens(demo):
     """fp16 + native with per-layer sensitivity on the demo model."""
-    return Comparer(demo, ["native"], Settings(**FAST, sensitivity=True), torch.device("cpu"), torch.float32).run()
+    return run_comparison(demo, ["native"], Settings(**FAST, sensitivity=True), torch.device("cpu"), torch.float32)
 
 
 def test_whole_model_metrics(sens, demo):
@@ -43,7 +43,7 @@ def test_whole_model_metrics(sens, demo):
     assert sens.settings["eval_tokens"] == 128 and sens.settings["eval_context"] == 128
     assert "shipped" in sens.settings["eval_source"]
     # the reference perplexity is stable across runs: same text, same windows, same weights
-    again = Comparer(demo, [], Settings(**FAST), torch.device("cpu"), torch.float32).run()
+    again = run_comparison(demo, [], Settings(**FAST), torch.device("cpu"), torch.float32)
     assert again.backends[0].model_metrics["eval_ppl"] == pytest.approx(fp16.model_metrics["eval_ppl"], rel=1e-9)
     assert fp16.model_metrics["eval_ppl"] == pytest.approx(fp16.model_metrics["eval_ppl_reference"], rel=1e-9)
 
@@ -84,10 +84,10 @@ def test_sensitivity_matches_an_independent_single_layer_swap(sens, demo):
 
 def test_eval_text_file(demo, tmp_path):
     with pytest.raises(UserError, match="--eval-text"):
-        Comparer(demo, [], Settings(**FAST, eval_text=str(tmp_path / "none.txt")), torch.device("cpu"), torch.float32).run()
+        run_comparison(demo, [], Settings(**FAST, eval_text=str(tmp_path / "none.txt")), torch.device("cpu"), torch.float32)
     f = tmp_path / "eval.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    comp = Comparer(demo, [], Settings(**FAST, eval_text=str(f)), torch.device("cpu"), torch.float32).run()
+    comp = run_comparison(demo, [], Settings(**FAST, eval_text=str(f)), torch.device("cpu"), torch.float32)
     assert comp.settings["eval_source"] == str(f) and math.isfinite(comp.backends[0].model_metrics["eval_ppl"])
 
 

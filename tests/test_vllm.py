@@ -66,7 +66,7 @@ def _check_stats(prof: Path, served_tokens: int) -> None:
 
 def test_offline_generate_matches_our_model_and_profiles_every_step(checkpoint, tmp_path):
     from quantbridge.backend import get
-    from quantbridge.compare import with_layers
+    from quantbridge.rows import with_layers
     from quantbridge.models import load_model
     from quantbridge.spec import QuantSpec
 

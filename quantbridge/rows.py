@@ -1,0 +1,183 @@
+"""Where a row's layers come from: which weights, made by which algorithm, run by which kernel.
+
+A row runs either its own backend's weights (its quantizer: RTN, GPTQ, AWQ, bitsandbytes'
+code book) or weights shared by every row: a quantized checkpoint's, or one algorithm's
+(`--weights`), so that rows differ only in the kernel. Canonical weights are made once per
+comparison; calibrated ones are cached on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import backend as registry
+from .backend import Backend, Calibration
+from .cachedir import cache_dir
+from .errors import BackendUnavailable, UserError
+from .packed import Int4Weight
+from .spec import QuantSpec
+
+REFERENCE = "fp16"
+CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
+
+
+class NotRunnable(Exception):
+    """This backend cannot run the requested weights (recorded as status 'unavailable')."""
+
+
+class Progress:
+    """What a comparison tells about its progress; the CLI renders it, tests ignore it."""
+
+    def begin(self, description: str, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec) -> nn.Module:
+    """A structural copy of `model` with `layers` swapped in; all other tensors are shared.
+
+    Linears not in `layers` go to the reference backend, so they are probed the same way.
+    """
+    from .models import linear_layers
+
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    reference = registry.get(REFERENCE)
+    for name, lin in linear_layers(clone).items():
+        clone.set_submodule(name, layers[name] if name in layers else reference.quantize(lin, spec))
+    return clone
+
+
+def canonical(b: Backend) -> bool:
+    """Whether a backend's algorithm yields canonical INT4 weights that rows can share."""
+    return b.quantized and (b.needs_calibration or type(b).quantize_weights_of is not Backend.quantize_weights_of)
+
+
+def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -> str | None:
+    """Whose weights every row runs: the checkpoint's, `--weights`' algorithm's, or none (each its own)."""
+    if checkpoint:
+        if weights is not None:
+            raise UserError("MODEL is a quantized checkpoint: its own weights are run through every backend; "
+                            "drop --weights")
+        return CHECKPOINT
+    if weights is None:
+        return None
+    src = registry.get(weights)
+    if not canonical(src):
+        raise UserError(f"--weights {weights}: its weights are not canonical INT4; use one of: "
+                        f"{', '.join(n for n in registry.names() if canonical(registry.get(n)))}")
+    if not src.available(device).ok:
+        raise BackendUnavailable(f"--weights {weights}: {src.available(device).reason}")
+    return weights
+
+
+@dataclass
+class WeightSource:
+    """Canonical INT4 weights by the backend whose algorithm makes them, made once and kept.
+
+    `checkpoint` holds a quantized checkpoint's decoded weights, if MODEL is one.
+    """
+
+    model: nn.Module
+    linears: dict[str, nn.Linear]  # the layers to quantize (targets), by path
+    spec: QuantSpec
+    model_key: str  # identifies the model for the on-disk cache
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    calib_samples: int = 128
+    calib_len: int = 512
+    calib_file: str | None = None
+    seed: int = 0
+    use_cache: bool = True
+    checkpoint: dict[str, Int4Weight] | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    def __post_init__(self) -> None:
+        self._made: dict[str, dict[str, Int4Weight]] = {}
+        self._calib: Calibration | None = None
+
+    def get(self, name: str) -> dict[str, Int4Weight]:
+        if name == CHECKPOINT:
+            return self.checkpoint
+        if name not in self._made:
+            b = registry.get(name)
+            self._made[name] = self._calibrated(b) if b.needs_calibration else self._layerwise(b)
+        return self._made[name]
+
+    def _layerwise(self, b: Backend) -> dict[str, Int4Weight]:
+        self.progress.begin(f"{b.name}: quantize", len(self.linears))
+        out = {}
+        for n, lin in self.linears.items():
+            out[n] = b.quantize_weights_of(lin, self.spec)
+            self.progress.advance()
+        return out
+
+    def _calibrated(self, b: Backend) -> dict[str, Int4Weight]:
+        from . import qcache
+        from .workloads import calibration
+
+        if self._calib is None:
+            self._calib = calibration(self.tokenizer, self.calib_samples, self.calib_len, self.calib_file, self.seed)
+        key = qcache.key(model=self.model_key, algorithm=b.algorithm, library=b.available(self.device).reason,
+                         spec=self.spec.to_dict(), calib=self._calib.digest, dtype=str(self.dtype),
+                         targets=sorted(self.linears), device=self.device.type)
+        ws = qcache.load(cache_dir(), key, self.device) if self.use_cache else None
+        if ws is None:
+            self.progress.begin(f"{b.name}: calibrate + quantize ({self.calib_samples}x{self.calib_len} tokens)", 1)
+            ws = b.quantize_weights(self.model, self.linears, self.spec, self._calib)
+            self.progress.advance()
+            qcache.save(cache_dir(), key, ws)
+        return ws
+
+
+def row_layers(name: str, source: WeightSource, shared: str | None, only: set[str] | None = None,
+               checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
+    """Backend `name`'s layers for every target (or the `only` ones), and a label for their weights."""
+    from .smoothing import build
+
+    b = registry.get(name)
+    lins = {n: lin for n, lin in source.linears.items() if only is None or n in only}
+    if not b.quantized:
+        return {n: b.quantize(lin, source.spec) for n, lin in lins.items()}, "unquantized"
+    if shared is not None:
+        if not b.runs_int4():
+            raise NotRunnable(f"{name} cannot run {shared}'s INT4 weights (its own format only)")
+        ws = source.get(shared)
+        label = f"checkpoint ({checkpoint_format})" if shared == CHECKPOINT else f"{shared} (shared)"
+    else:
+        ws = source.get(name) if b.needs_calibration else None
+        label = b.algorithm or name
+    source.progress.begin(f"{name}: build layers", len(lins))
+    out = {}
+    for n, lin in lins.items():
+        if ws is None:
+            out[n] = b.quantize(lin, source.spec)
+        else:
+            try:
+                out[n] = build(b, ws[n], lin.bias)
+            except ValueError as e:  # the kernel's layout cannot hold these weights (e.g. act-order in AWQ)
+                raise NotRunnable(f"{name} cannot run these weights: {e}") from None
+        source.progress.advance()
+    return out, label
+
+
+def plan_layers(plan: dict, source: WeightSource, shared: str | None, names: list[str],
+                checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
+    """Each layer from the backend the plan assigns it (unassigned layers stay reference)."""
+    choice = plan["layers"]
+    unknown = sorted(set(choice.values()) - set(names))
+    if unknown:
+        raise NotRunnable(f"the plan uses backends not in this run: {', '.join(unknown)} (add them to --backends)")
+    out: dict[str, nn.Module] = {}
+    for name in sorted(set(choice.values())):
+        # Build only the layers assigned to this backend, so the row's memory is the plan's.
+        layers, _ = row_layers(name, source, shared, only={n for n, b in choice.items() if b == name},
+                               checkpoint_format=checkpoint_format)
+        out.update(layers)
+    return out, "plan"

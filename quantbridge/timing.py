@@ -1,0 +1,194 @@
+"""Timing one step shape (one M) of a model, in the row's timing mode.
+
+  eager    plain forward passes; CUDA events (or perf_counter_ns on the CPU) around each
+           linear, and the host clock around each call: the host's enqueue cost, apart.
+  graph    the whole forward captured as one CUDA graph, timing events recorded inside the
+           capture around each linear, so a layer's time is its GPU time within a replayed
+           step: no host gaps, the L2 state its neighbours leave. A second graph without
+           probes gives the step time and, against the probed one, the probes' own cost.
+  compile  torch.compile(mode="reduce-overhead") with every linear an opaque op (as engines
+           run their quantized kernels): whole-step time only.
+
+A mode that cannot run a row (a kernel that synchronises with the host cannot be captured)
+falls back to the next one, graph -> eager, compile -> graph, and the label says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .instrument import GraphLayerTimer, L2Flush, LayerTimer, time_calls
+
+
+class NotCapturable(Exception):
+    """This mode cannot time this model (the message says why, in one line)."""
+
+
+@dataclass
+class Step:
+    """One M: a model, how to call it on an input, and its inputs (warm-up first, then one per run)."""
+
+    model: nn.Module
+    call: Callable[[nn.Module, torch.Tensor], object]
+    inputs: list[torch.Tensor]
+    warmup: int
+    layers: dict[str, nn.Module]  # the probed modules, by path
+    device: torch.device
+    flush: L2Flush
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.call(self.model, x)
+
+    @property
+    def timed(self) -> list[torch.Tensor]:
+        return self.inputs[self.warmup:]
+
+
+@dataclass
+class StepTiming:
+    mode: str
+    label: str  # what the row's `timing` says: the mode, and why when it fell back
+    layer_us: dict[str, list[float]]  # GPU time per layer per run (empty in compile mode)
+    host_us: dict[str, list[float]]  # host time per layer call, eager passes
+    step_us: list[float]  # the whole step, probes off
+    step_probed_us: list[float]  # the whole step, probes on
+    span_us: list[float] | None = None  # graph mode: in-graph time from the step's first to its last event
+
+
+def eager(step: Step) -> StepTiming:
+    for x in step.inputs[: step.warmup]:
+        step.forward(x)
+    off = time_calls(step.forward, step.timed, step.device, step.flush)
+    with LayerTimer(step.layers, step.device, len(step.timed)) as timer:
+        on = time_calls(step.forward, step.timed, step.device, step.flush)
+    return StepTiming("eager", "eager", timer.samples_us(), timer.host_samples_us(), off, on)
+
+
+def _host_only(step: Step) -> dict[str, list[float]]:
+    """Host enqueue cost per layer call in eager passes over the timed inputs (no events)."""
+    with LayerTimer(step.layers, step.device, device_time=False) as timer:
+        for x in step.timed:
+            step.forward(x)
+    torch.cuda.synchronize(step.device)
+    return timer.host_samples_us()
+
+
+def _capture(fn: Callable[[], object], pool=None) -> torch.cuda.CUDAGraph:
+    g = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: the telemetry sampler's thread must not invalidate the capture.
+        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+            fn()
+    except Exception as e:  # noqa: BLE001 - any capture failure means: not capturable
+        _recover()
+        raise NotCapturable(f"not capturable: {_first_line(e)}") from e
+    return g
+
+
+def _recover() -> None:
+    # A failed capture leaves no sticky error, but the stream may hold an invalidated capture's
+    # work; synchronising clears what can be cleared before the fallback runs.
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        pass
+
+
+def graph(step: Step) -> StepTiming:
+    for x in step.inputs[: max(step.warmup, 1)]:  # kernels compile and tune on first use, not in the capture
+        step.forward(x)
+    host = _host_only(step)
+    static = step.inputs[0].clone()
+    # Warm-up on a side stream before capture, as torch.cuda.graphs asks (lazy workspaces).
+    side = torch.cuda.Stream(step.device)
+    side.wait_stream(torch.cuda.current_stream(step.device))
+    with torch.cuda.stream(side):
+        step.forward(static)
+    torch.cuda.current_stream(step.device).wait_stream(side)
+    plain = _capture(lambda: step.forward(static))
+    probes = GraphLayerTimer(step.layers)
+
+    def probed_step() -> None:
+        probes.begin()
+        step.forward(static)
+        probes.end()
+
+    with probes:
+        probed = _capture(probed_step, pool=plain.pool())
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def replay(g: torch.cuda.CUDAGraph, x: torch.Tensor) -> float:
+        step.flush()
+        static.copy_(x)  # inputs rotate: each replay runs on the next real input
+        start.record()
+        g.replay()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) * 1e3
+
+    off = [replay(plain, x) for x in step.timed]
+    on, span = [], []
+    layer_us: dict[str, list[float]] = {n: [] for n in step.layers}
+    for x in step.timed:
+        on.append(replay(probed, x))
+        per_layer, s = probes.read()
+        span.append(s)
+        for n, v in per_layer.items():
+            layer_us[n].append(v)
+    del plain, probed
+    return StepTiming("graph", "graph", layer_us, host, off, on, span)
+
+
+def compile_step(step: Step) -> StepTiming:
+    from .opaque import opaque_linears
+
+    for x in step.inputs[: max(step.warmup, 1)]:
+        step.forward(x)
+    host = _host_only(step)
+    try:
+        with opaque_linears(step.model, step.layers):
+            compiled = torch.compile(step.model, mode="reduce-overhead", dynamic=False, fullgraph=False)
+            run = lambda x: step.call(compiled, x)  # noqa: E731
+            for x in step.inputs[: max(step.warmup, 3)]:  # cudagraph trees: warm-up, record, then replay
+                run(x)
+            off = time_calls(run, step.timed, step.device, step.flush)
+    except Exception as e:  # noqa: BLE001 - dynamo/inductor failures mean: this row cannot be compiled
+        _recover()
+        raise NotCapturable(f"not compilable: {_first_line(e)}") from e
+    return StepTiming("compile", "compile (reduce-overhead; whole step only)", {}, host, off, off)
+
+
+TIMERS: dict[str, Callable[[Step], StepTiming]] = {"eager": eager, "graph": graph, "compile": compile_step}
+FALLBACK = {"compile": "graph", "graph": "eager"}
+
+
+def time_step(mode: str, step: Step) -> StepTiming:
+    """Time `step` in `mode`, falling back (compile -> graph -> eager) where a mode cannot run it."""
+    why: list[str] = []
+    while True:
+        try:
+            timing = TIMERS[mode](step)
+            break
+        except NotCapturable as e:
+            if mode not in FALLBACK:
+                raise
+            why.append(str(e))
+            mode = FALLBACK[mode]
+    timing.label = describe(timing.label, why, step.device.type)
+    return timing
+
+
+def describe(label: str, why: list[str], device_type: str) -> str:
+    """The row's `timing`: the mode that ran, and why the ones asked for first could not."""
+    if device_type != "cuda":
+        return "eager (CPU: synchronous, perf_counter_ns)"
+    return f"{label} ({'; '.join(why)})" if why else label
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

@@ -1,0 +1,259 @@
+"""The parts of a comparison one by one: row planning, weight sources, timing modes, metrics, verdicts."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from quantbridge import backend as registry
+from quantbridge import timing
+from quantbridge.backend import Backend
+from quantbridge.checkpoint import load_quantized, save_quantized
+from quantbridge.cli import cli
+from quantbridge.compare import Settings, plan_rows, run_comparison, verdict
+from quantbridge.errors import UserError
+from quantbridge.instrument import L2Flush
+from quantbridge.measure import timing_metrics
+from quantbridge.models import linear_layers
+from quantbridge.packed import canonical_perm, quantize_rtn
+from quantbridge.results import BackendResult, Comparison, save_json
+from quantbridge.rows import NotRunnable, WeightSource, row_layers
+from quantbridge.settings import timing_mode
+from quantbridge.spec import QuantSpec
+
+FAST = dict(batches=[1, 4], prefill=16, runs=5, warmup=1, eval_seqs=1, eval_len=64)
+CPU = torch.device("cpu")
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+
+
+def _step(model: nn.Module, runs: int = 6, warmup: int = 2) -> timing.Step:
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    inputs = [torch.randn(4, 64) for _ in range(warmup + runs)]
+    return timing.Step(model, lambda mod, x: mod(x), inputs, warmup, lins, CPU, L2Flush(CPU))
+
+
+def test_eager_step_on_cpu_times_layers_and_host_cost():
+    t = timing.time_step("eager", _step(_mlp(0)))
+    assert t.mode == "eager" and t.label == "eager (CPU: synchronous, perf_counter_ns)"
+    assert set(t.layer_us) == set(t.host_us) == {"0", "2"}
+    for n in t.layer_us:
+        assert len(t.layer_us[n]) == len(t.host_us[n]) == 6
+        # On the CPU the host clock runs strictly inside the layer's two marks.
+        assert all(0 < h <= d for h, d in zip(t.host_us[n], t.layer_us[n]))
+    assert len(t.step_us) == len(t.step_probed_us) == 6 and min(t.step_us) > 0
+
+
+def test_fallback_when_a_mode_cannot_capture(monkeypatch):
+    def refuse(step):
+        raise timing.NotCapturable("not capturable: forward synchronises with the host")
+
+    monkeypatch.setitem(timing.TIMERS, "graph", refuse)
+    t = timing.time_step("graph", _step(_mlp(1)))
+    assert t.mode == "eager" and t.layer_us  # the row is still timed, eagerly
+    monkeypatch.setitem(timing.TIMERS, "compile", lambda step: refuse(step))
+    assert timing.time_step("compile", _step(_mlp(2))).mode == "eager"
+
+
+def test_labels_say_why_a_mode_fell_back():
+    why = ["not capturable: CUDA error: operation not permitted when stream is capturing"]
+    assert timing.describe("eager", why, "cuda") == f"eager ({why[0]})"
+    assert timing.describe("graph", [], "cuda") == "graph"
+    assert timing.describe("eager", why, "cpu").startswith("eager (CPU")
+
+
+def test_timing_mode_resolution():
+    assert timing_mode("auto", CPU) == "eager"
+    assert timing_mode("graph", torch.device("cuda")) == "graph"
+    assert timing_mode("auto", torch.device("cuda")) == "graph"
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        timing_mode("graph", CPU)
+    with pytest.raises(UserError, match="--mode"):
+        Settings(mode="fast")
+
+
+def test_timing_metrics_remainder_and_tokens_per_s():
+    """Synthetic graph timings: step remainder = in-graph span minus Σ layers, per run, then median."""
+    layers = {"a": [10.0, 11.0, 12.0, 13.0, 14.0], "b": [5.0, 5.0, 6.0, 6.0, 7.0]}
+    span = [20.0, 21.0, 23.0, 24.0, 26.0]
+    t = timing.StepTiming("graph", "graph", layers, {"a": [30.0] * 5, "b": [31.0] * 5},
+                          step_us=[25.0] * 5, step_probed_us=[27.0] * 5, span_us=span)
+    m = timing_metrics({4: t}, Settings(batches=[4], prefill=0))
+    assert m["linear_sum_us"]["4"]["median"] == 18.0
+    assert m["step_remainder_us"]["4"]["median"] == pytest.approx(5.0)
+    assert m["tokens_per_s"]["4"] == pytest.approx(4e6 / 25.0)
+    assert m["probe_overhead_pct"]["4"] == pytest.approx(8.0)
+    assert m["timing"]["4"] == "graph" and m["decode_tokens_per_s"] == {"4": m["tokens_per_s"]["4"]}
+
+
+def test_compare_records_mode_host_cost_and_timing(demo):
+    comp = run_comparison(demo, ["native"], Settings(**FAST), CPU, torch.float32)
+    assert comp.settings["mode"] == "eager"
+    for b in comp.backends:
+        assert b.status == "ok" and b.timing == "eager (CPU: synchronous, perf_counter_ns)"
+        for r in b.layers:
+            assert set(r.host_us) == set(r.latency_us) == {"1", "4", "16"}
+            assert all(0 < r.host_us[m]["median"] <= r.latency_us[m]["median"] for m in r.host_us)
+        assert set(b.model_metrics["linear_sum_us"]) == {"1", "4", "16"}
+    again = Comparison.from_dict(json.loads(json.dumps(comp.to_dict())))
+    assert again.backends[1].timing == comp.backends[1].timing
+    assert again.backends[1].layers[0].host_us == comp.backends[1].layers[0].host_us
+
+
+def test_schema_v1_results_still_render(demo, tmp_path):
+    comp = run_comparison(demo, ["native"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
+    d = comp.to_dict()
+    d["schema_version"] = 1
+    for b in d["backends"]:
+        b.pop("timing")
+        for r in b["layers"]:
+            r.pop("host_us")
+    (tmp_path / "v1.json").write_text(json.dumps(d))
+    old = Comparison.from_dict(d)
+    assert old.backends[1].timing == "eager (schema v1)" and old.backends[1].layers[0].host_us == {}
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "v1.json"), "--md", str(tmp_path / "r.md")])
+    assert r.exit_code == 0, r.output
+    assert "native" in (tmp_path / "r.md").read_text()
+
+
+def test_verdict():
+    ok = BackendResult(name="fp16", status="ok")
+    bad = BackendResult(name="native", status="failed", reason="boom")
+    c = Comparison(model={}, device={}, settings={}, backends=[ok, bad])
+    assert "every requested row failed" in verdict(c, ["fp16", "native"])
+    assert verdict(Comparison(model={}, device={}, settings={}, backends=[ok, BackendResult("native", "ok")]),
+                   ["native"]) is None
+    c = Comparison(model={}, device={}, settings={}, backends=[BackendResult("fp16", "failed", reason="x"), bad])
+    assert verdict(c, ["native"]).startswith("the reference row failed")
+
+
+def test_nonfinite_reference_fails_every_row_and_names_the_tensor(demo):
+    w = demo.model.model.layers[1].mlp.up_proj.weight
+    saved = w.data[3, 5].item()
+    w.data[3, 5] = float("nan")
+    try:
+        comp = run_comparison(demo, ["native"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
+    finally:
+        w.data[3, 5] = saved
+    assert [b.status for b in comp.backends] == ["failed", "failed"]
+    assert "model.layers.1.mlp.up_proj.weight" in comp.backends[0].reason
+    assert verdict(comp, ["native"]).startswith("the reference row failed")
+
+
+def _source(demo, spec=QuantSpec(), checkpoint=None):
+    lins = {n: m for n, m in linear_layers(demo.model).items() if n != "lm_head"}
+    return WeightSource(model=demo.model, linears=lins, spec=spec, model_key="demo", tokenizer=demo.tokenizer,
+                        device=CPU, dtype=torch.float32, checkpoint=checkpoint)
+
+
+def test_weight_source_makes_weights_once(demo):
+    src = _source(demo)
+    first = src.get("native")
+    assert src.get("native") is first  # kept, not remade
+    w = demo.model.model.layers[0].self_attn.q_proj.weight
+    ref = quantize_rtn(w.detach(), QuantSpec(), scale_dtype=w.dtype)
+    assert torch.equal(first["model.layers.0.self_attn.q_proj"].qweight, ref.qweight)
+
+
+def test_row_layers_own_and_shared_weights(demo):
+    src = _source(demo)
+    layers, label = row_layers("native", src, None)
+    assert label == "rtn" and set(layers) == set(src.linears)
+    layers, label = row_layers("native", src, "native")
+    assert label == "native (shared)"
+    with pytest.raises(NotRunnable, match="cannot run native's INT4 weights"):
+        row_layers("bnb-nf4", src, "native")
+    layers, label = row_layers("fp16", src, "native")
+    assert label == "unquantized"
+
+
+class _Synchronising(Backend):
+    """A kernel that reads a device value on the host every call (bnb-int8 does): never capturable."""
+
+    name = "test-sync"
+
+    def quantize(self, linear, spec):
+        q = registry.get("fp16").quantize(linear, spec)
+        inner = q.forward
+
+        def forward(x):
+            y = inner(x)
+            float(y.abs().max())  # a host read: a synchronisation
+            return y
+
+        q.forward = forward
+        q.kernel = "test-sync"
+        return q
+
+
+@pytest.mark.gpu
+def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_backend():
+    from quantbridge.models import load_model
+
+    dev = torch.device("cuda")
+    registry.register(_Synchronising)
+    try:
+        loaded = load_model("demo", dev, torch.bfloat16)
+        comp = run_comparison(loaded, ["native", "test-sync"], Settings(**FAST), dev, torch.bfloat16)
+    finally:
+        registry._REGISTRY.pop("test-sync")
+    fp16, native, sync = comp.backends
+    assert comp.settings["mode"] == "graph"
+    for b in (fp16, native):
+        assert b.status == "ok" and b.timing == "graph", (b.name, b.reason, b.timing)
+        for m in ("1", "4", "16"):
+            span = b.model_metrics["in_graph_span_us"][m]["median"]
+            lsum = b.model_metrics["linear_sum_us"][m]["median"]
+            assert 0 < lsum < span and b.model_metrics["step_remainder_us"][m]["median"] > 0
+            assert all(r.latency_us[m]["median"] > 0 and r.host_us[m]["median"] > 0 for r in b.layers)
+    assert sync.status == "ok" and sync.timing.startswith("eager (not capturable:"), sync.timing
+
+
+def test_act_order_checkpoint_runs_through_every_kernel_that_can(demo, tmp_path):
+    """A desc_act GPTQ checkpoint (g_idx) made elsewhere: no --act-order was asked for, so no spec refusal."""
+    from quantbridge import formats
+
+    gen = torch.Generator().manual_seed(7)
+    lins = {n: m for n, m in linear_layers(demo.model).items() if n != "lm_head"}
+    spec = QuantSpec(act_order=True)
+    weights = {n: canonical_perm(quantize_rtn(m.weight.detach(), spec, scale_dtype=torch.float32,
+                                              perm=torch.randperm(m.in_features, generator=gen)))
+               for n, m in lins.items()}
+    out = save_quantized(tmp_path / "act", demo.model, demo.tokenizer, weights, formats.get("gptq"), spec)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["desc_act"] is True
+    loaded = load_quantized(out, CPU, torch.float32)
+    comp = run_comparison(loaded, ["native", "gptq", "awq"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU,
+                          torch.float32)
+    for name in ("native", "gptq"):
+        b = comp.backend(name)
+        assert b.status == "ok", (name, b.reason)
+        assert max(r.error["rel_isolated"] for r in b.layers if r.quantized) < 1e-5
+    awq = comp.backend("awq")
+    assert awq.status == "unavailable" and "act-order" in awq.reason
+    assert plan_rows(loaded, ["gptq"], Settings(**FAST), CPU).spec.act_order
+
+
+def test_cli_mode_graph_on_cpu_is_a_one_line_error(tmp_path):
+    r = CliRunner().invoke(cli, ["compare", "demo", "--mode", "graph", "--device", "cpu", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "needs a CUDA device" in r.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_results_files_hold_host_cost_columns(demo, tmp_path):
+    from quantbridge.results import to_csv
+
+    comp = run_comparison(demo, [], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
+    save_json(comp, tmp_path / "r.json")
+    header, first = list(csv.reader(io.StringIO(to_csv(comp))))[:2]
+    assert "host_median_us" in header and "timing" in header
+    row = dict(zip(header, first))
+    assert math.isfinite(float(row["host_median_us"])) and row["timing"].startswith("eager")

@@ -5,6 +5,7 @@
 #   SHAPES=llama3-8b BATCH=1,16 bash benchmarks/gpu_run.sh
 #   TESTS=0 BENCH=0 COMPARE=1 bash benchmarks/gpu_run.sh      # compare every backend on a Llama-shaped model
 #   BENCH=0 PLAN=1 TEST_FILES="tests/test_serve_profile.py" bash benchmarks/gpu_run.sh   # metrics, plan, serving runtime
+#   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-runs/gpu}")
 mkdir -p "$OUT"
@@ -53,6 +54,33 @@ if [ "${PLAN:-0}" = 1 ]; then
     --no-layers $report --out "$P/run" > "$P/run.txt" 2> "$P/run.log"
   cat "$P/plan.txt"; tail -n 12 "$P/run.txt"; tail -n 3 "$P/sens.log" "$P/run.log"
   tar -czf "$OUT/plan-$model.tar.gz" -C "$OUT" "plan-$model" && rm -rf "$P"
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  # Every timing mode once on the demo model: a quick check that capture works end to end.
+  for mode in graph eager compile; do
+    timeout 240 python3 -m quantbridge.cli compare demo --backends fp16,native,tinygemm,bnb-nf4,bnb-int8 --batch 1,16 \
+      --prefill 128 --runs 10 --mode $mode --no-report --no-layers --out "$OUT/smoke-$mode" > "$OUT/smoke-$mode.txt" 2>&1
+    echo "== $mode rc=$?"; grep -E "^│ |timing|Error" "$OUT/smoke-$mode.txt" | head -n 30
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(b['name'], b['status'], b.get('timing'), (b.get('reason') or '')[:200]) for b in d['backends']]" "$OUT/smoke-$mode/results.json"
+  done
+fi
+if [ "${GRAPH:-0}" = 1 ]; then
+  # compare in graph mode twice (repeatability) and in eager mode (host cost per call) on a
+  # model with Llama-3-8B layer shapes; the same kernels alone through `bench`; then the
+  # fidelity check over the four. One archive back.
+  model=${GRAPH_MODEL:-llama3-8b-2l}; G="$OUT/graph-$model"; mkdir -p "$G"
+  backends=${GRAPH_BACKENDS:-fp16,native,tinygemm,bnb-nf4}; batch=${GRAPH_BATCH:-1,16,128}
+  for run in graph graph-repeat eager; do
+    timeout "${GRAPH_TIMEOUT:-300}" python3 -m quantbridge.cli compare "$model" --backends "$backends" --batch "$batch" \
+      --prefill 512 --mode "${run%-repeat}" --no-report --out "$G/$run" > "$G/$run.txt" 2> "$G/$run.log"
+    echo "== compare --mode ${run%-repeat} rc=$?"; tail -n 3 "$G/$run.log"
+  done
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes llama3-8b --batch "$batch,512" \
+    --backends "$backends" --runs 50 --out "$G/bench" > "$G/bench.txt" 2> "$G/bench.log"
+  python3 benchmarks/graph_fidelity.py "$G/graph/results.json" "$G/graph-repeat/results.json" "$G/bench/bench.json" \
+    "$G/eager/results.json" "$G/fidelity.md" > /dev/null 2> "$G/fidelity.log"
+  cat "$G/fidelity.md" "$G/fidelity.log"; sed -n '/Σ linear/,/└/p' "$G/graph.txt" "$G/eager.txt"
+  tar -czf "$OUT/graph-$model.tar.gz" -C "$OUT" "graph-$model" && rm -rf "$G"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

@@ -49,7 +49,7 @@ class Rows:
     unavailable: dict[str, str]  # backend -> why it cannot run here (recorded, with --skip-unavailable)
 
 
-def plan_rows(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
+def check_request(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
     """Check the request against the model and this machine; raise UserError before any work."""
     from .checkpoint import spec_of
 
@@ -89,7 +89,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     `on_result` sees the comparison after every row, so a caller can save what finished.
     """
     progress = progress or Progress()
-    rows = plan_rows(loaded, names, settings, device)
+    rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
     eval_text = read_eval_text(settings.eval_text) if settings.eval_text else None

@@ -15,7 +15,7 @@ from quantbridge import timing
 from quantbridge.backend import Backend
 from quantbridge.checkpoint import load_quantized, save_quantized
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, plan_rows, run_comparison, verdict
+from quantbridge.compare import Settings, check_request, run_comparison, verdict
 from quantbridge.errors import UserError
 from quantbridge.instrument import L2Flush
 from quantbridge.measure import timing_metrics
@@ -239,7 +239,7 @@ def test_act_order_checkpoint_runs_through_every_kernel_that_can(demo, tmp_path)
         assert max(r.error["rel_isolated"] for r in b.layers if r.quantized) < 1e-5
     awq = comp.backend("awq")
     assert awq.status == "unavailable" and "act-order" in awq.reason
-    assert plan_rows(loaded, ["gptq"], Settings(**FAST), CPU).spec.act_order
+    assert check_request(loaded, ["gptq"], Settings(**FAST), CPU).spec.act_order
 
 
 def test_cli_mode_graph_on_cpu_is_a_one_line_error(tmp_path):

@@ -19,7 +19,8 @@ from quantbridge.compare import Settings, run_comparison
 from quantbridge.errors import UserError
 from quantbridge.plan import Budget, make_plan, predict
 from quantbridge.recommend import recommendations, sensitive_layers
-from quantbridge.report.document import plan_check, to_html, to_markdown
+from quantbridge.report.common import plan_check
+from quantbridge.report.document import to_html, to_markdown
 from quantbridge.results import BackendResult, Comparison, LayerRecord, load_json, save_json
 
 FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=128)

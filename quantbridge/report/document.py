@@ -10,7 +10,7 @@ import html
 
 from ..recommend import layer_latency_sum, median_isolated_error, recommendations, sensitive_layers
 from ..results import Comparison
-from .terminal import spec_label
+from .common import plan_rows, spec_label, step_rows, timing_note, STEP_HEAD
 
 REFERENCE = "fp16"
 SENSITIVE_HEAD = ["layer", "value", "worst backend", "measure"]
@@ -23,14 +23,14 @@ def _fmt(v, spec: str = ".4g") -> str:
 def summary_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
     decode = [str(m) for m in comp.settings.get("decode_m", [])]
     prefill = [str(m) for m in comp.settings.get("prefill_m", [])]
-    head = ["backend", "status", "weights", "kernel", "weight MB", "bits/w", "median isolated error", "eval ppl",
+    head = ["backend", "status", "timing", "weights", "kernel", "weight MB", "bits/w", "median isolated error", "eval ppl",
             *[f"tokens/s M={m}" for m in decode], *[f"prefill {m} µs" for m in prefill], "peak memory MB",
             *[f"Σ layer µs M={m} (× fp16)" for m in decode + prefill]]
     ref = comp.backend(REFERENCE)
     rows = []
     for b in comp.backends:
         if b.status != "ok":
-            rows.append([b.name, b.status, "", b.reason or ""] + [""] * (len(head) - 4))
+            rows.append([b.name, b.status, "", "", b.reason or ""] + [""] * (len(head) - 5))
             continue
         mm = b.model_metrics
         sums = []
@@ -39,7 +39,7 @@ def summary_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
             base = layer_latency_sum(ref, m) if ref and ref.status == "ok" else None
             sums.append(f"{_fmt(v, '.1f')}" + (f" ({v / base:.2f}×)" if v and base else ""))
         rows.append([
-            b.name, b.status, b.weights or "", b.kernel or "", _fmt(b.weight_bytes / 1e6, ".2f"),
+            b.name, b.status, b.timing or "", b.weights or "", b.kernel or "", _fmt(b.weight_bytes / 1e6, ".2f"),
             _fmt(b.bits_per_weight, ".2f"), _fmt(median_isolated_error(b) or (0.0 if b.name == REFERENCE else None)),
             _fmt(mm.get("eval_ppl"), ".5g"),
             *[_fmt(mm.get("decode_tokens_per_s", {}).get(m), ".1f") for m in decode],
@@ -69,37 +69,6 @@ def telemetry_rows(comp: Comparison) -> list[list[str]]:
     return rows
 
 
-def plan_rows(comp: Comparison) -> list[list[str]]:
-    """Predicted vs measured for a plan row, if the comparison ran one."""
-    b = comp.backend("plan")
-    if b is None or b.status != "ok" or "plan" not in b.model_metrics:
-        return []
-    return [[k, _fmt(p), _fmt(m), _fmt(None if not p or m is None else 100 * (m / p - 1), "+.2f") + " %"]
-            for k, (p, m) in plan_check(comp).items()]
-
-
-def plan_check(comp: Comparison) -> dict[str, tuple[float, float | None]]:
-    """(predicted, measured) per planned quantity. Latency is compared as a ratio to fp16 in
-    the same run, since absolute timings move between runs; it is predicted twice: from the
-    run the plan was made from, and from this run's own per-backend rows (which isolates the
-    additive model from run-to-run drift of the timings)."""
-    from ..plan import predict
-
-    b, ref = comp.backend("plan"), comp.backend(REFERENCE)
-    plan = b.model_metrics["plan"]
-    pred = plan["predicted"]
-    m = str(pred["m"])
-    mine, base = layer_latency_sum(b, m), layer_latency_sum(ref, m) if ref and ref.status == "ok" else None
-    measured_ratio = mine / base if mine and base else None
-    out = {"weight_bytes": (pred["weight_bytes"], b.weight_bytes),
-           "latency_ratio": (pred["latency_ratio"], measured_ratio)}
-    ok = {x.name for x in comp.backends if x.status == "ok"}
-    if set(plan["layers"].values()) <= ok:
-        out["latency_ratio (this run's rows)"] = (predict(comp, plan["layers"], m)["latency_ratio"], measured_ratio)
-    out["eval_ppl"] = (pred["eval_ppl"], b.model_metrics.get("eval_ppl"))
-    return out
-
-
 def _table_html(head: list[str], rows: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -119,12 +88,11 @@ def _sections(comp: Comparison) -> dict:
     sens = sensitive_layers(comp)
     return {
         "title": f"quantbridge: {comp.model.get('name')} on {comp.device.get('name')}",
-        "setup": (f"{spec_label(s.get('spec', {}))}, {s.get('dtype')} on {s.get('device')}; latency: median of "
-                  f"{s.get('runs')} runs after {s.get('warmup')} warm-up per layer inside real forward passes "
-                  f"({'CUDA events, L2 flushed' if s.get('l2_flush') else 'perf_counter_ns'}); perplexity on "
+        "setup": (f"{spec_label(s.get('spec', {}))}, {s.get('dtype')} on {s.get('device')}; {timing_note(s)}; perplexity on "
                   f"{s.get('eval_tokens')} tokens ({s.get('eval_seqs')} × {s.get('eval_context', s.get('eval_len'))}"
                   f"-token context) of {s.get('eval_source', 'the shipped held-out split')}."),
         "summary": summary_rows(comp),
+        "steps": step_rows(comp),
         "recs": [[r["question"], r["backend"], r["figure"],
                   "" if not r["runner_up"] else f"{r['runner_up']['backend']} ({r['runner_up']['value']:.4g})"]
                  for r in recs],
@@ -157,6 +125,8 @@ def to_html(comp: Comparison) -> str:
 <p>{html.escape(sec['setup'])}</p>
 <h2>Summary</h2>
 {_table_html(*sec['summary'])}
+<h2>Whole step per M</h2>
+{_table_html(STEP_HEAD, sec['steps'])}
 <h2>Recommendation</h2>
 {_table_html(['question', 'backend', 'deciding figure', 'runner-up'], sec['recs'])}
 <ul>{findings}</ul>
@@ -173,7 +143,8 @@ def to_html(comp: Comparison) -> str:
 
 def to_markdown(comp: Comparison) -> str:
     sec = _sections(comp)
-    parts = [f"# {sec['title']}", sec["setup"], "## Summary", _table_md(*sec["summary"]), "## Recommendation",
+    parts = [f"# {sec['title']}", sec["setup"], "## Summary", _table_md(*sec["summary"]), "## Whole step per M",
+             _table_md(STEP_HEAD, sec["steps"]), "## Recommendation",
              _table_md(["question", "backend", "deciding figure", "runner-up"], sec["recs"])]
     parts += [f"- {f}" for f in sec["findings"]]
     if sec["plan"]:

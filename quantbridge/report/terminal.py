@@ -6,16 +6,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..recommend import layer_latency_sum as _layer_sum
 from ..results import BackendResult, Comparison
+from .common import STEP_HEAD, plan_rows, spec_label, step_rows, timing_note
 
 REFERENCE = "fp16"
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
-
-
-from ..recommend import layer_latency_sum as _layer_sum  # noqa: E402
 
 
 def _median(vals: list[float]) -> float | None:
@@ -26,24 +25,19 @@ def _median(vals: list[float]) -> float | None:
     return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
 
 
-def spec_label(spec: dict) -> str:
-    g = spec.get("group_size")
-    group = "per-channel" if g == -1 else f"g{g}"
-    return f"INT{spec.get('bits')} {group} {'sym' if spec.get('symmetric') else 'asym'}"
-
-
 def summary_table(comp: Comparison) -> Table:
     t = Table(title=f"{comp.model.get('name')} on {comp.device.get('name')} — whole model", title_justify="left")
-    for col in ("backend", "status", "weights", "kernel", "weight MB", "bits/w", "rel err iso (median)", "eval ppl", "probe overhead"):
+    for col in ("backend", "status", "timing", "weights", "kernel", "weight MB", "bits/w", "rel err iso (median)", "eval ppl",
+                "probe overhead"):
         t.add_column(col, justify="left" if col in ("backend", "status", "kernel") else "right")
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     for b in comp.backends:
         if b.status != "ok":
-            t.add_row(b.name, f"[red]{b.status}[/red]", "", escape(b.reason or ""), *[""] * 5)
+            t.add_row(b.name, f"[red]{b.status}[/red]", "", "", escape(b.reason or ""), *[""] * 5)
             continue
         overhead = b.model_metrics.get("probe_overhead_pct", {})
         t.add_row(
-            b.name, "ok", escape(b.weights or ""), escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
+            b.name, "ok", escape(b.timing or ""), escape(b.weights or ""), escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
             _fmt(_median([layer.error.get("rel_isolated") for layer in b.layers if layer.quantized] or [0.0])),
             _fmt(b.model_metrics.get("eval_ppl"), ".1f"),
             " / ".join(f"{overhead[m]:+.1f}%" for m in ms if m in overhead),
@@ -68,6 +62,15 @@ def latency_table(comp: Comparison) -> Table:
             base = _layer_sum(ref, m) if ref and ref.status == "ok" else None
             cells.append(f"{_fmt(mine, '.1f')}" + (f" ({mine / base:.2f}×)" if mine and base else ""))
         t.add_row(b.name, *cells)
+    return t
+
+
+def step_table(comp: Comparison) -> Table:
+    t = Table(title="whole step per M: GPU time, the linears' share, host cost per eager layer call", title_justify="left")
+    for col in STEP_HEAD:
+        t.add_column(col, justify="left" if col in ("backend", "timing") else "right")
+    for row in step_rows(comp):
+        t.add_row(*map(escape, row))
     return t
 
 
@@ -108,18 +111,15 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
         console.print(layer_table(comp))
     console.print(summary_table(comp))
     console.print(latency_table(comp))
+    console.print(step_table(comp))
     for line in comp.findings:
         console.print(f"• {escape(line)}")
     s = comp.settings
     console.print(
-        f"[dim]latency: median of {s.get('runs')} runs after {s.get('warmup')} warm-up, per linear inside real "
-        f"forward passes ({'CUDA events, L2 flushed between runs' if s.get('l2_flush') else 'perf_counter_ns'}); "
-        f"error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}))}; probe overhead per M "
-        f"= whole forward with probes on vs off[/dim]"
+        f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}))}; "
+        f"probe overhead per M = whole step with probes on vs off[/dim]"
     )
     plan = comp.backend("plan")
     if plan is not None and plan.status == "ok" and "plan" in plan.model_metrics:
-        from .document import plan_rows
-
         for quantity, pred, meas, diff in plan_rows(comp):
             console.print(f"plan {quantity}: predicted {pred}, measured {meas} ({diff})")

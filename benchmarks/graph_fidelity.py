@@ -1,0 +1,136 @@
+"""How true are compare's graph-mode timings? Three checks and the host cost, from saved runs.
+
+  python benchmarks/graph_fidelity.py GRAPH.json REPEAT.json BENCH.json EAGER.json OUT.md
+
+1. Step: per backend and M, Σ per-layer graph time + the in-graph remainder (both from the
+   probed replays) against the replayed step time of the graph without probes (target 5 %).
+2. Kernel: each layer's graph time against `quantbridge bench`'s CUDA-graph time of the same
+   kernel at the same (K, N, M) (target 10 %); the bench times one layer alone after an L2
+   flush, the step times it between its neighbours.
+3. Repeat: the same command run twice, per-layer medians and Σ (target 3 %).
+4. Host: eager mode's host enqueue cost per layer call, per backend, against fp16's.
+Writes OUT.md and OUT.json (every number behind the tables).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def _load(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _ok(comp: dict) -> dict[str, dict]:
+    return {b["name"]: b for b in comp["backends"] if b["status"] == "ok"}
+
+
+def step_check(comp: dict) -> list[dict]:
+    out = []
+    for name, b in _ok(comp).items():
+        mm = b["model_metrics"]
+        for m, step in mm["forward_us"].items():
+            if m not in mm.get("step_remainder_us", {}):
+                continue
+            lin, rest = mm["linear_sum_us"][m]["median"], mm["step_remainder_us"][m]["median"]
+            out.append({"backend": name, "m": int(m), "timing": mm["timing"][m], "linear_sum_us": lin,
+                        "remainder_us": rest, "step_us": step["median"],
+                        "dev_pct": 100 * (lin + rest - step["median"]) / step["median"]})
+    return out
+
+
+def kernel_check(comp: dict, bench: dict) -> list[dict]:
+    times = {(r["backend"], r["k"], r["n"], r["m"]): r["median_us"] for r in bench["rows"] if r["status"] == "ok"}
+    out = []
+    for name, b in _ok(comp).items():
+        for layer in b["layers"]:
+            n, k = layer["shape"]
+            for m, lat in layer["latency_us"].items():
+                key = (name if layer["quantized"] or name == "fp16" else "fp16", k, n, int(m))
+                if key in times:
+                    out.append({"backend": name, "layer": layer["name"], "k": k, "n": n, "m": int(m),
+                                "graph_us": lat["median"], "bench_us": times[key],
+                                "dev_pct": 100 * (lat["median"] - times[key]) / times[key]})
+    return out
+
+
+def repeat_check(a: dict, b: dict) -> list[dict]:
+    out = []
+    ra, rb = _ok(a), _ok(b)
+    for name in ra.keys() & rb.keys():
+        la = {x["name"]: x for x in ra[name]["layers"]}
+        devs: dict[str, list[float]] = {}
+        for layer in rb[name]["layers"]:
+            for m, lat in layer["latency_us"].items():
+                first = la[layer["name"]]["latency_us"].get(m)
+                if first:
+                    devs.setdefault(m, []).append(100 * abs(lat["median"] - first["median"]) / first["median"])
+        for m, d in devs.items():
+            sa = ra[name]["model_metrics"]["linear_sum_us"][m]["median"]
+            sb = rb[name]["model_metrics"]["linear_sum_us"][m]["median"]
+            out.append({"backend": name, "m": int(m), "layers": len(d), "median_layer_dev_pct": statistics.median(d),
+                        "max_layer_dev_pct": max(d), "sum_dev_pct": 100 * abs(sb - sa) / sa})
+    return out
+
+
+def host_check(comp: dict) -> list[dict]:
+    rows = []
+    ok = _ok(comp)
+    for name, b in ok.items():
+        for m in sorted({m for layer in b["layers"] for m in layer.get("host_us", {})}, key=int):
+            per = [layer["host_us"][m]["median"] for layer in b["layers"] if layer["quantized"] or name == "fp16"]
+            if per:
+                rows.append({"backend": name, "m": int(m), "host_us_median": statistics.median(per),
+                             "gpu_us_median": statistics.median(
+                                 layer["latency_us"][m]["median"] for layer in b["layers"]
+                                 if (layer["quantized"] or name == "fp16") and m in layer["latency_us"])})
+    fp16 = {r["m"]: r["host_us_median"] for r in rows if r["backend"] == "fp16"}
+    for r in rows:
+        r["vs_fp16"] = r["host_us_median"] / fp16[r["m"]] if r["m"] in fp16 else None
+    return rows
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(graph: str, repeat: str, bench: str, eager: str, out: str) -> None:
+    g, r, bn, e = _load(graph), _load(repeat), _load(bench), _load(eager)
+    res = {"device": g["device"].get("name"), "step": step_check(g), "kernel": kernel_check(g, bn),
+           "repeat": repeat_check(g, r), "host": host_check(e)}
+    k = res["kernel"]
+    by_bm: dict[tuple, list[float]] = {}
+    for row in k:
+        by_bm.setdefault((row["backend"], row["m"]), []).append(row["dev_pct"])
+    kernel_summary = [{"backend": b, "m": m, "layers": len(d), "median_dev_pct": statistics.median(d),
+                       "min_dev_pct": min(d), "max_dev_pct": max(d), "within_10pct": sum(abs(x) <= 10 for x in d)}
+                      for (b, m), d in sorted(by_bm.items())]
+    res["kernel_summary"] = kernel_summary
+    md = [f"# Graph-mode timing fidelity on {res['device']}", "",
+          f"Sources: `{graph}`, repeat `{repeat}`, kernels `{bench}`, eager `{eager}`.", "",
+          "## 1. Σ layers + remainder vs the replayed step without probes (target ±5 %)", "",
+          _table(res["step"], ["backend", "m", "linear_sum_us", "remainder_us", "step_us", "dev_pct"]), "",
+          "## 2. Layer in the step vs the same kernel alone (`bench`, CUDA graph, L2 flushed; target ±10 %)", "",
+          _table(kernel_summary, ["backend", "m", "layers", "median_dev_pct", "min_dev_pct", "max_dev_pct",
+                                  "within_10pct"]), "",
+          "## 3. Two runs of the same command (target 3 %)", "",
+          _table(res["repeat"], ["backend", "m", "layers", "median_layer_dev_pct", "max_layer_dev_pct", "sum_dev_pct"]),
+          "", "## 4. Eager host enqueue cost per layer call (median over layers)", "",
+          _table(res["host"], ["backend", "m", "host_us_median", "gpu_us_median", "vs_fp16"]), ""]
+    Path(out).write_text("\n".join(md))
+    Path(out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 6:
+        sys.exit(__doc__.split("\n\n")[1])
+    main(*sys.argv[1:])

@@ -1,0 +1,88 @@
+"""Pieces both report renderers (terminal, HTML/Markdown) share: labels, step and plan rows."""
+
+from __future__ import annotations
+
+import statistics
+
+from ..recommend import layer_latency_sum
+from ..results import Comparison
+
+REFERENCE = "fp16"
+STEP_HEAD = ["backend", "M", "timing", "step µs", "Σ linears µs", "rest of step µs", "tokens/s",
+             "host µs per layer call"]
+
+
+def _fmt(v, spec: str = ".4g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def spec_label(spec: dict) -> str:
+    g = spec.get("group_size")
+    group = "per-channel" if g == -1 else f"g{g}"
+    return f"INT{spec.get('bits')} {group} {'sym' if spec.get('symmetric') else 'asym'}"
+
+
+TIMING_NOTES = {
+    "graph": "per-layer GPU time from timing events inside a CUDA graph of each whole step",
+    "eager": "per-layer time inside plain forward passes",
+    "compile": "whole-step time of torch.compile(reduce-overhead); per-layer times need --mode graph",
+}
+
+
+def timing_note(s: dict) -> str:
+    """How latency was taken, in one clause (results of schema v1 have no mode: eager)."""
+    mode = s.get("mode", "eager")
+    clock = "CUDA events" if s.get("l2_flush") else "perf_counter_ns"
+    flush = ", L2 flushed between runs" if s.get("l2_flush") else ""
+    return (f"latency: median of {s.get('runs')} runs after {s.get('warmup')} warm-up, "
+            f"{TIMING_NOTES.get(mode, mode)} ({clock}{flush}); host µs = host time per eager layer call")
+
+
+def step_rows(comp: Comparison) -> list[list[str]]:
+    """Per row and M: the whole step, the linears' share, the rest, tokens/s, host cost per call."""
+    rows = []
+    for b in comp.backends:
+        if b.status != "ok":
+            continue
+        mm = b.model_metrics
+        for m, step in mm.get("forward_us", {}).items():
+            rest = mm.get("step_remainder_us", {}).get(m, {}).get("median")
+            host = [r.host_us[m]["median"] for r in b.layers if m in r.host_us]
+            rows.append([b.name, m, mm.get("timing", {}).get(m, b.timing or ""), _fmt(step["median"], ".1f"),
+                         _fmt(layer_latency_sum(b, m), ".1f"), _fmt(rest, ".1f"),
+                         _fmt(mm.get("tokens_per_s", {}).get(m), ".1f"),
+                         _fmt(statistics.median(host) if host else None, ".1f")])
+    return rows
+
+
+def plan_rows(comp: Comparison) -> list[list[str]]:
+    """Predicted vs measured for a plan row, if the comparison ran one."""
+    b = comp.backend("plan")
+    if b is None or b.status != "ok" or "plan" not in b.model_metrics:
+        return []
+    return [[k, _fmt(p), _fmt(m), _fmt(None if not p or m is None else 100 * (m / p - 1), "+.2f") + " %"]
+            for k, (p, m) in plan_check(comp).items()]
+
+
+def plan_check(comp: Comparison) -> dict[str, tuple[float, float | None]]:
+    """(predicted, measured) per planned quantity. Latency is compared as a ratio to fp16 in
+    the same run, since absolute timings move between runs; it is predicted twice: from the
+    run the plan was made from, and from this run's own per-backend rows (which isolates the
+    additive model from run-to-run drift of the timings)."""
+    from ..plan import predict
+
+    b, ref = comp.backend("plan"), comp.backend(REFERENCE)
+    plan = b.model_metrics["plan"]
+    pred = plan["predicted"]
+    m = str(pred["m"])
+    mine, base = layer_latency_sum(b, m), layer_latency_sum(ref, m) if ref and ref.status == "ok" else None
+    measured_ratio = mine / base if mine and base else None
+    out = {"weight_bytes": (pred["weight_bytes"], b.weight_bytes),
+           "latency_ratio": (pred["latency_ratio"], measured_ratio)}
+    ok = {x.name for x in comp.backends if x.status == "ok"}
+    if set(plan["layers"].values()) <= ok:
+        out["latency_ratio (this run's rows)"] = (predict(comp, plan["layers"], m)["latency_ratio"], measured_ratio)
+    out["eval_ppl"] = (pred["eval_ppl"], b.model_metrics.get("eval_ppl"))
+    return out
+
+

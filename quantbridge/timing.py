@@ -90,10 +90,15 @@ def _capture(fn: Callable[[], object], pool=None) -> torch.cuda.CUDAGraph:
 
 
 def _recover() -> None:
-    # A failed capture leaves no sticky error, but the stream may hold an invalidated capture's
-    # work; synchronising clears what can be cleared before the fallback runs.
+    # A failed capture leaves torch's CUDA generator marked as capturing (its capture_end never
+    # ran), and every later random op fails. One empty capture that succeeds resets it.
     try:
         torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        scratch = torch.zeros(1, device="cuda")
+        with torch.cuda.graph(g):
+            scratch.add_(1)
+        del g
     except RuntimeError:
         pass
 

@@ -214,7 +214,8 @@ def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_ba
             lsum = b.model_metrics["linear_sum_us"][m]["median"]
             assert 0 < lsum < span and b.model_metrics["step_remainder_us"][m]["median"] > 0
             assert all(r.latency_us[m]["median"] > 0 and r.host_us[m]["median"] > 0 for r in b.layers)
-    assert sync.status == "ok" and sync.timing.startswith("eager (not capturable:"), sync.timing
+    assert sync.status == "ok" and sync.timing.startswith("eager (not capturable:"), (sync.reason, sync.timing)
+    assert torch.isfinite(torch.randn(8, device=dev)).all()  # the failed capture left the generator usable
 
 
 def test_act_order_checkpoint_runs_through_every_kernel_that_can(demo, tmp_path):

@@ -286,7 +286,7 @@ class _Tuner:
         self.memo: dict[tuple[torch.device, str], Config] = {}
 
     def _file(self, device: torch.device) -> Path:
-        from quantbridge.models import cache_dir
+        from quantbridge.cachedir import cache_dir
 
         name = torch.cuda.get_device_name(device).replace(" ", "_")
         return cache_dir() / f"triton-int4-{name}-triton{triton.__version__}.json"

@@ -265,7 +265,7 @@ class Comparer:
     def _weights(self, name: str) -> dict:
         """Canonical weights made by backend `name`'s algorithm; calibrated ones cached on disk."""
         from . import qcache
-        from .models import cache_dir
+        from .cachedir import cache_dir
         from .workloads import calibration
 
         if name == CHECKPOINT:

@@ -22,6 +22,7 @@ class FormatLinear(NativeLinear):
         super().__init__(codec.decode(stored, qcfg), bias)
         self._impl = int4_reference  # never our Triton kernel: this row is the library's weights
         self.kernel = int4_reference.KERNEL_NAME
+        self._bound = None
         self.format = codec.name
         self._nbytes = sum(t.numel() * t.element_size() for t in stored.values())
 

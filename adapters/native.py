@@ -41,6 +41,21 @@ class NativeLinear(QuantLinear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._impl = _kernel_for(weight.qweight.device, weight.scales.dtype)
         self.kernel = self._impl.KERNEL_NAME
+        self._bind()
+
+    def _bind(self) -> None:
+        """Resolve the Triton launch once (per M, on first use) instead of on every call."""
+        bound = getattr(self._impl, "BoundLinear", None)
+        self._bound = None if bound is None or not self.qweight.is_cuda else bound(self.packed, self.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() replace the buffers: the bound launch holds the old ones.
+        out = super()._apply(fn, *args, **kwargs)
+        if self._impl is not int4_reference:
+            self._impl = _kernel_for(self.qweight.device, self.scales.dtype)
+            self.kernel = self._impl.KERNEL_NAME
+        self._bind()
+        return out
 
     @property
     def packed(self) -> Int4Weight:
@@ -54,6 +69,9 @@ class NativeLinear(QuantLinear):
         return self.packed.dequantize(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = self._bound
+        if bound is not None:
+            return bound(x)
         return self._impl.int4_linear(x, self.packed, self.bias)
 
 

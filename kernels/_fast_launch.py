@@ -5,6 +5,12 @@ alignment, value 1) and hashes it on every call: tens of microseconds of host ti
 in eager decode is longer than the kernel itself (benchmarks/launch_overhead.py). The first
 call per specialization goes through Triton as usual and returns the compiled kernel; later
 calls with the same specialization call its launcher directly.
+
+`raw_launcher(kernel)` goes one step further for callers that fix a specialization once
+(int4_triton.BoundLinear): the compiled launcher's C entry point, called with the grid,
+stream and every pointer as a plain integer. Triton's launcher then skips its Python
+wrapper, the launch-metadata dictionary, the (empty) hook chains and, for each pointer
+given as an integer, the `data_ptr()` call and the driver's pointer-attribute query.
 """
 
 from __future__ import annotations
@@ -17,16 +23,62 @@ from triton.runtime.driver import driver
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_RUNTIME = knobs.runtime
+
+
+def hooks_active() -> bool:
+    """Whether a launch hook (e.g. Triton's profiler) wants to see every launch."""
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    return (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
+
+
+def _hook(h):
+    # Triton 3.6 keeps the hooks in a HookChain that is never None: pass None when it is
+    # empty, so the launcher does not call into Python twice per launch for nothing.
+    return h if h is not None and getattr(h, "calls", True) else None
+
+
+class RawLauncher:
+    """A compiled kernel's C launcher with everything fixed but the grid, stream and arguments.
+
+    Call as fn(gx, gy, gz, stream, function, coop, pdl, None, None, metadata, None, None, None, *args),
+    taking `function`, `coop`, `pdl`, `metadata` from this object (see BoundLinear)."""
+
+    __slots__ = ("fn", "function", "coop", "pdl", "metadata")
+
+    def __init__(self, fn, function, coop, pdl, metadata) -> None:
+        self.fn, self.function, self.coop, self.pdl, self.metadata = fn, function, coop, pdl, metadata
+
+
+def raw_launcher(kernel) -> RawLauncher | None:
+    """The C entry point of a compiled kernel's launcher, or None where it cannot be called
+    directly (interpreter, a kernel that needs Triton-allocated scratch memory, another launcher)."""
+    if kernel is None or _INTERPRET:
+        return None
+    run = kernel.run
+    launch = getattr(run, "launch", None)
+    if launch is None or getattr(run, "num_ctas", 1) != 1:
+        return None
+    if getattr(run, "global_scratch_size", 0) or getattr(run, "profile_scratch_size", 0):
+        return None
+    try:
+        return RawLauncher(launch, kernel.function, run.launch_cooperative_grid, run.launch_pdl,
+                           kernel.packed_metadata)
+    except AttributeError:
+        return None
+
+
 class FastLauncher:
     """Call as launcher(grid, tensors, ints, constexprs, num_warps, num_stages): the kernel's
-    arguments are its tensors, then its runtime integers, then its constexprs, in that order."""
+    arguments are its tensors, then its runtime integers, then its constexprs, in that order.
+    It returns the compiled kernel it launched (None in the interpreter)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
         self.cache: dict[tuple, object] = {}
 
     def __call__(self, grid: tuple[int, int, int], tensors: tuple, ints: tuple, constexprs: tuple,
-                 num_warps: int = 4, num_stages: int = 3) -> None:
+                 num_warps: int = 4, num_stages: int = 3):
         dev = tensors[0].get_device()
         # Triton's default specialization: tensor dtype and 16-byte alignment; integers equal
         # to 1, divisible by 16, or past 32 bits. Same key => same compiled kernel.
@@ -40,8 +92,10 @@ class FastLauncher:
                                    num_warps=num_warps, num_stages=num_stages)
             if kernel is not None and not _INTERPRET:
                 self.cache[key] = kernel
-            return
+            return kernel
         stream = driver.active.get_current_stream(dev)
-        meta = kernel.launch_metadata(grid, stream, *tensors, *ints, *constexprs)
+        enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+        meta = kernel.launch_metadata(grid, stream, *tensors, *ints, *constexprs) if enter is not None else None
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
-                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *tensors, *ints, *constexprs)
+                   enter, leave, *tensors, *ints, *constexprs)
+        return kernel

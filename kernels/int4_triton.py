@@ -6,7 +6,8 @@ the even and odd activations in two dots, with no interleave.
 
 Two regimes, one kernel:
   decode  (small M) memory-bound: every weight byte is read once; split-K spreads a layer
-          over all SMs; fp32 partials meet in a workspace with atomics.
+          over all SMs; each split writes its fp32 partial to a workspace and the last
+          split of a tile to finish (a per-tile counter) sums them: one launch, no memset.
   prefill (large M) tensor cores: large M tiles amortise the dequantization.
 The configuration is chosen per (M bucket, N, K, group, dtype) by timing candidates once;
 choices are cached on disk so a second run does not retune.
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from quantbridge.packed import Int4Weight
 
-from ._fast_launch import FastLauncher
+from ._fast_launch import FastLauncher, hooks_active, raw_launcher
 
 KERNEL_NAME = "quantbridge.triton"
 
@@ -38,11 +39,22 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @triton.jit
+def _last_split(cnt, SPLIT_K: tl.constexpr):
+    """True in the program that is the last of SPLIT_K to reach this tile's counter.
+
+    The barrier orders every thread's workspace stores before the (single-thread) release
+    of the counter; the acquire makes the other splits' stores visible to the last one."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+    return arrived == SPLIT_K - 1
+
+
+@triton.jit
 def _int4_matmul_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
     M, N, K, NGROUPS, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, FACTORED: tl.constexpr,
+    SPLIT_K: tl.constexpr, FACTORED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
@@ -106,18 +118,31 @@ def _int4_matmul_kernel(
             acc = tl.dot(x_odd, tl.trans(((hi.to(tl.float32) - z) * s).to(x.dtype)), acc)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
+    out_off = offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # Each split writes its own slice: no atomics and no zero-filled workspace.
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        # Each split writes its own slice; the last of the tile's splits to arrive sums them.
+        ws_off = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=out_mask)
+        if _last_split(cnt_ptr + pid, SPLIT_K):
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in range(SPLIT_K):  # in split order: the sum does not depend on arrival order
+                total += tl.load(ws_ptr + i * M * N + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # the counter is zero again for the next launch
 
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
     M, N, K, NGROUPS, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """One activation row per program on CUDA cores: no tensor-core tile to pad M=1 to 16.
 
@@ -159,19 +184,20 @@ def _int4_gemv_kernel(
     acc = tl.sum(acc2, axis=1)
 
     if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
         tl.store(ws_ptr + (pid_k * M + row) * N + offs_n, acc, mask=mask_n)
-
-
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(SPLIT_K):
-        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + (offs // N) * stride_om + offs % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tile = row * tl.num_programs(0) + pid_n
+        if _last_split(cnt_ptr + tile, SPLIT_K):
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(SPLIT_K):  # in split order: the sum does not depend on arrival order
+                total += tl.load(ws_ptr + (i * M + row) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # the counter is zero again for the next launch
 
 
 @triton.jit
@@ -250,30 +276,89 @@ def m_bucket(m: int) -> int:
     return b
 
 
-def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Run the kernel on a 2-D, contiguous x with a given configuration."""
-    if cfg == DEQUANT_CUBLAS:
-        return torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
-    bm, bn, bk, sk, warps, stages = cfg
+def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
+    bm, bn, _, sk, _, _ = cfg
+    return (_cdiv(n, bn), sk, m) if bm == 1 else (_cdiv(m, bm) * _cdiv(n, bn), sk, 1)
+
+
+def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int) -> tuple[FastLauncher, tuple, tuple]:
+    """(launcher, the integer arguments, the constexprs) of one configuration."""
+    bm, bn, bk, sk, _, _ = cfg
+    n = w.out_features
+    ints = (m, n, k, k // w.group_size)
+    if bm == 1:
+        return _GEMV, ints, (w.group_size, bn, bk, sk)
+    return _MATMUL, ints, (w.group_size, bm, bn, bk, sk, bm <= 16)
+
+
+# Split-K partials, one fp32 buffer per (device, stream): kernels on one stream run one after
+# another, so every layer can share it; two streams never do. A buffer that is outgrown is
+# kept alive: a CUDA graph captured earlier still holds its address.
+_WORKSPACES: dict[int, dict[int, tuple[int, int, torch.Tensor]]] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+try:
+    from torch._C import _cuda_getCurrentRawStream as _current_raw_stream  # what Triton itself calls
+except ImportError:  # a CPU-only build of torch
+    def _current_raw_stream(device_index: int) -> int:
+        return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _raw_stream(device_index: int) -> int:
+    """The current stream's handle; 0 for CPU tensors (the interpreter)."""
+    return _current_raw_stream(device_index) if device_index >= 0 else 0
+
+
+def _workspace(device: torch.device, stream: int, numel: int) -> tuple[int, int, torch.Tensor]:
+    """(numel, address, tensor) of the workspace of this device and stream, grown to `numel`."""
+    pool = _WORKSPACES.setdefault(device.index if device.type == "cuda" else -1, {})
+    entry = pool.get(stream)
+    if entry is None or entry[0] < numel:
+        if entry is not None:
+            _RETIRED.append(entry[2])
+            numel = max(numel, 2 * entry[0])
+        buf = torch.empty(numel, device=device, dtype=torch.float32)
+        entry = pool[stream] = (numel, buf.data_ptr(), buf)
+    return entry
+
+
+def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: torch.Tensor | None,
+         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None):
+    """One launch of a tile configuration; returns the compiled kernel (None in the interpreter)."""
     m, k = x2.shape
     n = w.out_features
-    ngroups = k // w.group_size
-    ws = torch.empty((sk, m, n), device=x2.device, dtype=torch.float32) if sk > 1 else out
-    if bm == 1:
-        _GEMV((_cdiv(n, bn), sk, m), (x2, w.qweight.view(torch.int32), w.scales, w.zeros, out, ws),
-              (m, n, k, ngroups, x2.stride(0), out.stride(0)), (w.group_size, bn, bk, sk), warps, stages)
+    fast, ints, constexprs = _kernel_args(cfg, w, m, k)
+    grid = _grid(cfg, m, n)
+    if cfg[3] > 1:
+        ws = _workspace(x2.device, stream, cfg[3] * m * n)[2]
+        if counters is None:
+            counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32)
     else:
-        _MATMUL((_cdiv(m, bm) * _cdiv(n, bn), sk, 1), (x2, w.qweight, w.scales, w.zeros, out, ws),
-                (m, n, k, ngroups, x2.stride(0), out.stride(0)), (w.group_size, bm, bn, bk, sk, bm <= 16), warps, stages)
-    if sk > 1:
-        block = 1024
-        _REDUCE((_cdiv(m * n, block), 1, 1), (ws, out), (m * n, n, out.stride(0)), (sk, block), 4, 3)
+        ws = counters = out  # never read: SPLIT_K = 1 stores straight to out
+    qw = w.qweight.view(torch.int32) if cfg[0] == 1 else w.qweight
+    tensors = (x2, qw, w.scales, w.zeros, out, ws, counters, out if bias is None else bias)
+    sx = x2.stride(0) if stride_xm is None else stride_xm
+    return fast(grid, tensors, (*ints, sx, out.stride(0)), (*constexprs, bias is not None), cfg[4], cfg[5])
+
+
+def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
+           counters: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x2 @ W^T (+ bias) for a 2-D x (unit stride along K) with a given configuration.
+
+    counters: for split-K, a zeroed int32 buffer with a slot per output tile, left zeroed
+    (allocated here when not given)."""
+    if cfg == DEQUANT_CUBLAS:
+        torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
+        if bias is not None:
+            out += bias
+        return out
+    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()))
     return out
 
 
 _MATMUL = FastLauncher(_int4_matmul_kernel)
 _GEMV = FastLauncher(_int4_gemv_kernel)
-_REDUCE = FastLauncher(_splitk_reduce_kernel)
 
 
 class _Tuner:
@@ -286,7 +371,7 @@ class _Tuner:
         self.memo: dict[tuple[torch.device, str], Config] = {}
 
     def _file(self, device: torch.device) -> Path:
-        from quantbridge.models import cache_dir
+        from quantbridge.cachedir import cache_dir
 
         name = torch.cuda.get_device_name(device).replace(" ", "_")
         return cache_dir() / f"triton-int4-{name}-triton{triton.__version__}.json"
@@ -327,8 +412,11 @@ class _Tuner:
         out = torch.empty((mb, w.out_features), device=x2.device, dtype=x2.dtype)
         best, best_t = None, float("inf")
         for cfg in candidate_configs(mb, w.out_features, k, w.group_size):
+            # Zeroed once: split-K launches leave their tile counters zeroed again.
+            cnt = torch.zeros(_grid(cfg, mb, w.out_features)[0] * mb, device=x2.device, dtype=torch.int32)
             try:
-                t = triton.testing.do_bench(lambda: launch(xb, w, out, cfg), warmup=2, rep=8, return_mode="median")
+                t = triton.testing.do_bench(lambda: launch(xb, w, out, cfg, counters=cnt), warmup=2, rep=8,
+                                            return_mode="median")
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue  # too much shared memory or registers for this tile: not a candidate
             if t < best_t:
@@ -341,17 +429,139 @@ class _Tuner:
 TUNER = _Tuner()
 
 
+def _check(x: torch.Tensor, w: Int4Weight) -> None:
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"activations have {x.shape[-1]} features but the layer takes {w.in_features}")
+    if w.scales.dtype != x.dtype:
+        raise TypeError(f"scales are {w.scales.dtype} but activations are {x.dtype}; quantize with the compute dtype")
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None,
                 config: Config | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) with the Triton kernel; x is [..., K] in fp16 or bf16 (fp32 in the interpreter)."""
+    """y = x @ W^T (+ bias) with the Triton kernel; x is [..., K] in fp16 or bf16 (fp32 in the interpreter).
+
+    Everything is derived on each call; a layer that is called many times uses BoundLinear."""
+    _check(x, w)
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if w.scales.dtype != x2.dtype:
-        raise TypeError(f"scales are {w.scales.dtype} but activations are {x2.dtype}; quantize with the compute dtype")
     out = torch.empty((x2.shape[0], w.out_features), device=x2.device, dtype=x2.dtype)
     if x2.shape[0]:
-        launch(x2, w, out, config or TUNER.config(x2, w))
-    if bias is not None:
+        launch(x2, w, out, config or TUNER.config(x2, w), bias)
+    elif bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], w.out_features)
+
+
+class _Plan:
+    """One layer's launch for one M: everything but x, out and the workspace address."""
+
+    __slots__ = ("cfg", "grid", "tail", "ws_numel", "counters", "cnt_ptr", "raw")
+
+    def __init__(self, cfg: Config, grid, tail, ws_numel, counters, raw) -> None:
+        self.cfg, self.grid, self.tail, self.ws_numel, self.counters, self.raw = cfg, grid, tail, ws_numel, counters, raw
+        self.cnt_ptr = counters.data_ptr() if counters is not None else 0
+
+
+class BoundLinear:
+    """A layer's Triton launches resolved once per M: the per-call path of NativeLinear.
+
+    The weight, its addresses, the configuration, grid, constexprs and the compiled kernel
+    are fixed per (layer, M); a call checks x, allocates `out`, reads the current stream
+    and calls the compiled launcher with every pointer as an integer. Split-K sums its
+    partials inside the one launch (a per-tile counter per plan, zeroed once and left
+    zeroed by every launch) in a workspace shared by all layers on one stream.
+
+    CUDA graphs: nothing on the per-call path synchronises or reads the device. A plan made
+    while a graph is being captured (an M first seen there) is used by that graph only: its
+    counters are zeroed by a memset captured into the graph, not before, so later eager calls
+    make their own. Plans are made on the first call per M, which tunes that M bucket if it
+    was never tuned on this machine: warm up every M before capturing (as vLLM does).
+    """
+
+    MAX_PLANS = 256  # distinct M values kept per layer (prefill lengths vary); others take the uncached path
+
+    def __init__(self, w: Int4Weight, bias: torch.Tensor | None = None, config: Config | None = None) -> None:
+        """config: use this configuration for every M instead of the tuned one (tests, benchmarks)."""
+        if w.smoothed:
+            raise ValueError("BoundLinear takes a plain Int4Weight (fold the smoothing factors first)")
+        self.weight = w
+        self.config = config
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.perm = w.perm
+        self.n, self.k = w.out_features, w.in_features
+        self.dtype = w.scales.dtype
+        self.device = w.qweight.device
+        self.device_index = w.qweight.get_device()
+        for t in (w.qweight, w.scales, w.zeros):
+            if not t.is_contiguous():
+                raise ValueError("BoundLinear needs contiguous qweight, scales and zeros")
+        self.qw_ptr, self.s_ptr, self.z_ptr = w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()
+        self.b_ptr = self.bias.data_ptr() if self.bias is not None else 0
+        self.plans: dict[int, _Plan] = {}
+        self._captured: list[_Plan] = []  # plans a CUDA graph holds; never used again here
+        self._ws = _WORKSPACES.setdefault(self.device_index, {})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not self.dtype or x.get_device() != self.device_index or x.shape[-1] != self.k:
+            return int4_linear(x, self.weight, self.bias)  # raises the error that names the mismatch
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        xp = x2.data_ptr()
+        if xp & 15:  # the kernels are compiled for 16-byte aligned activations
+            x2 = x2.clone()
+            xp = x2.data_ptr()
+        m = x2.shape[0]
+        out = torch.empty((m, self.n), device=self.device, dtype=self.dtype)
+        plan = self.plans.get(m)
+        if plan is not None and plan.raw is not None and not hooks_active():
+            raw = plan.raw
+            stream = _current_raw_stream(self.device_index)
+            if plan.ws_numel:
+                ws = self._ws.get(stream)
+                if ws is None or ws[0] < plan.ws_numel:
+                    ws = _workspace(self.device, stream, plan.ws_numel)
+                wsp = ws[1]
+            else:
+                wsp = 0
+            op = out.data_ptr()
+            g = plan.grid
+            raw.fn(g[0], g[1], g[2], stream, raw.function, raw.coop, raw.pdl, None, None, raw.metadata,
+                   None, None, None, xp, self.qw_ptr, self.s_ptr, self.z_ptr, op, wsp, plan.cnt_ptr,
+                   self.b_ptr or op, *plan.tail)
+        elif m:
+            self._slow(x2, out, plan)
+        elif self.bias is not None:
+            out += self.bias
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
+
+    def _slow(self, x2: torch.Tensor, out: torch.Tensor, plan: _Plan | None) -> None:
+        """First call for this M (tune, compile, bind), the interpreter, cuBLAS configs, launch hooks."""
+        m = x2.shape[0]
+        stream = _raw_stream(self.device_index)
+        if plan is not None:
+            if plan.cfg == DEQUANT_CUBLAS:
+                launch(x2, self.weight, out, plan.cfg, self.bias)
+            else:
+                _run(plan.cfg, x2, self.weight, out, self.bias, plan.counters, stream, self.k)
+            return
+        cfg = self.config or TUNER.config(x2, self.weight)
+        if cfg == DEQUANT_CUBLAS:
+            launch(x2, self.weight, out, cfg, self.bias)
+            plan = _Plan(cfg, None, None, 0, None, None)
+        else:
+            grid = _grid(cfg, m, self.n)
+            sk = cfg[3]
+            counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
+            # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
+            kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k)
+            _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k)
+            tail = (*ints, self.k, self.n, *constexprs, self.bias is not None)
+            plan = _Plan(cfg, grid, tail, sk * m * self.n if sk > 1 else 0, counters, raw_launcher(kernel))
+        if x2.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._captured.append(plan)
+        elif len(self.plans) < self.MAX_PLANS:
+            self.plans[m] = plan

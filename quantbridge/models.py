@@ -54,11 +54,7 @@ class LoadedModel:
     int4: dict | None = None  # a quantized checkpoint's weights (module path -> Int4Weight)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("QUANTBRIDGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quantbridge"
-    )
-    return Path(root)
+from .cachedir import cache_dir  # noqa: F401
 
 
 def _train_tokenizer(vocab_size: int):

@@ -156,3 +156,184 @@ def test_gpu_cached_launches_match_reference():
         kt.launch(big[:, 3:], qw, out, cfg)
         assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2
     assert len(kt._MATMUL.cache) >= 3
+
+
+# --- BoundLinear: the per-layer, per-M cached launch behind NativeLinear.forward ---------
+
+def _bound_case(n, k, gs, dtype, device, act_order, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    perm = torch.randperm(k, generator=gen) if act_order else None
+    qw = quantize_rtn(w, QuantSpec(group_size=gs), scale_dtype=dtype, perm=perm).to(device)
+    b = (torch.randn(n, generator=gen) * 0.5).to(device, dtype) if bias else None
+    return qw, b
+
+
+def _ref(x, qw, b):
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    return ref if b is None else ref + b.double()
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# A split-K GEMV, a split-K tensor-core tile with gathered scales, and a one-split tile.
+BOUND_CONFIGS = [(1, 16, 64, 3, 4, 3), (16, 16, 128, 2, 4, 3), (16, 32, 64, 1, 4, 3)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", BOUND_CONFIGS)
+@pytest.mark.parametrize("act_order,bias", [(False, False), (True, True)])
+def test_interpreter_bound_matches_uncached_across_m(cfg, act_order, bias):
+    qw, b = _bound_case(40, 384, 64, torch.float32, "cpu", act_order, bias, seed=len(cfg) + 7 * act_order)
+    bound = kt.BoundLinear(qw, b, config=cfg)
+    gen = torch.Generator().manual_seed(1)
+    for step, m in enumerate((1, 3, 1, 5, 3)):  # M changes between calls and comes back
+        x = torch.randn(m, 384, generator=gen)
+        if step == 3:
+            x = torch.randn(384, m, generator=gen).T  # non-contiguous activations
+        out = bound(x)
+        ref = _ref(x, qw, b)
+        assert out.shape == (m, 40) and _rel(out, ref) < 1e-5, (m, _rel(out, ref))
+        uncached = kt.int4_linear(x, qw, b, config=cfg)
+        assert _rel(out, uncached.double()) < 1e-6
+    assert sorted(bound.plans) == [1, 3, 5]
+    for plan in bound.plans.values():  # every split-K launch leaves its tile counters at zero
+        assert plan.counters is None or not plan.counters.any()
+    x3 = torch.randn(2, 3, 384, generator=gen)  # [batch, seq, K] as a transformer calls it
+    out3 = bound(x3)
+    assert out3.shape == (2, 3, 40)
+    assert _rel(out3.reshape(6, 40), _ref(x3.reshape(6, 384), qw, b)) < 1e-5
+    empty = bound(torch.randn(0, 384))
+    assert empty.shape == (0, 40)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+def test_interpreter_bound_rejects_what_the_kernel_cannot_run():
+    qw, _ = _bound_case(24, 128, 64, torch.float32, "cpu", False, False, seed=2)
+    bound = kt.BoundLinear(qw, config=(1, 16, 64, 1, 4, 3))
+    with pytest.raises(TypeError, match="scales are"):
+        bound(torch.randn(2, 128, dtype=torch.float64))
+    with pytest.raises(ValueError, match="features"):
+        bound(torch.randn(2, 256))
+    # an activation 4 bytes past an aligned address is copied, not read misaligned
+    buf = torch.randn(2 * 128 + 1)
+    x = buf[1:].view(2, 128)
+    assert _rel(bound(x), _ref(x, qw, None)) < 1e-5
+
+
+def test_native_linear_moves_and_rebinds():
+    from quantbridge.backend import get
+
+    lin = torch.nn.Linear(128, 24)
+    q = get("native").quantize(lin, QuantSpec(group_size=64))
+    assert q._bound is None  # CPU: the reference kernel
+    q = q.to(torch.float32)
+    x = torch.randn(3, 128)
+    ref = x.double() @ q.dequantize().double().T + lin.bias.double()
+    assert _rel(q(x), ref) < 1e-5
+
+
+@pytest.fixture
+def fixed_tuner(monkeypatch):
+    """Tuning compiles every candidate; these tests take one split-K config per path instead."""
+    def config(x2, w):
+        m = x2.shape[0]
+        if m <= 2:
+            return (1, 64, 128, 4, 4, 3)
+        return (16, 64, 128, 4, 4, 3) if m <= 16 else (32, 64, 64, 2, 4, 3) if m < 128 else kt.DEQUANT_CUBLAS
+    monkeypatch.setattr(kt.TUNER, "config", config)
+
+
+def _native(n, k, dtype, act_order, bias, seed, gs=128):
+    from quantbridge.adapters.native import NativeLinear
+
+    qw, b = _bound_case(n, k, gs, dtype, "cuda", act_order, bias, seed)
+    layer = NativeLinear(qw, b)
+    assert layer.kernel == "quantbridge.triton" and layer._bound is not None
+    return layer, qw, b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act_order,bias", [(False, False), (True, True)])
+def test_gpu_native_linear_bound_path(dtype, act_order, bias, fixed_tuner):
+    """NativeLinear's cached launch over a sequence of M, through the compiled launcher,
+    against the float64 reference and the uncached path; fixed split-K configs, fresh inputs."""
+    layer, qw, b = _native(1000, 1152, dtype, act_order, bias, seed=21)
+    gen = torch.Generator().manual_seed(4)
+    for step, m in enumerate((1, 16, 3, 1, 16, 40, 3, 1)):
+        x = torch.randn(m, 1152, generator=gen).cuda().to(dtype)
+        if step == 4:
+            x = torch.randn(1152, m, generator=gen).cuda().to(dtype).T  # non-contiguous
+        if step == 5:
+            x = x.reshape(2, 20, 1152)  # [batch, seq, K]
+        out = layer(x)
+        ref = _ref(x.reshape(-1, 1152), qw, b)
+        assert _rel(out.reshape(-1, 1000), ref) < 1e-2, (m, _rel(out, ref))
+        assert _rel(out.reshape(-1, 1000), kt.int4_linear(x, qw, b).reshape(-1, 1000).double()) < 1e-2
+    plans = layer._bound.plans
+    assert set(plans) == {1, 3, 16, 40}
+    assert all(p.raw is not None for p in plans.values() if p.cfg != kt.DEQUANT_CUBLAS)
+    torch.cuda.synchronize()
+    assert all(p.counters is None or not p.counters.any() for p in plans.values())
+
+
+@pytest.mark.gpu
+def test_gpu_bound_split_k_configs_and_misaligned_input():
+    """Every split-K shape of the fused reduction (GEMV and tensor-core tiles), forced."""
+    for cfg in [(1, 64, 128, 8, 4, 3), (1, 128, 64, 16, 8, 4), (16, 64, 128, 4, 4, 3), (16, 128, 64, 8, 8, 4)]:
+        qw, b = _bound_case(4096, 4096, 128, torch.bfloat16, "cuda", False, True, seed=cfg[1] + cfg[3])
+        bound = kt.BoundLinear(qw, b, config=cfg)
+        for m in (1, 5, 16, 1):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            assert _rel(bound(x), _ref(x, qw, b)) < 1e-2, (cfg, m)
+        big = torch.randn(3, 4096 + 3, device="cuda", dtype=torch.bfloat16)
+        x = big[:, 3:]  # 6 bytes past an aligned address, row stride K + 3
+        assert _rel(bound(x), _ref(x, qw, b)) < 1e-2
+
+
+def _capture(fn, static_x):
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g):
+            static_out = fn(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    return g, static_out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warm", [True, False])
+def test_gpu_cuda_graph_replay_with_new_inputs(warm, fixed_tuner):
+    """Two layers (split-K and not) captured in one graph, replayed with new inputs: the float64
+    answer each time. warm=False captures an M first seen inside the capture (its plan stays
+    the graph's), then runs that M eagerly too."""
+    up, qu, bu = _native(4096, 1024, torch.bfloat16, False, True, seed=31)
+    down, qd, bd = _native(1024, 4096, torch.bfloat16, True, False, seed=32)
+    m = 4 if warm else 2
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    step = lambda t: down(up(t))  # noqa: E731
+    torch.cuda.synchronize()
+    if warm:
+        step(x)
+    else:  # tune and compile for this M outside the capture (tuning times kernels), through twins
+        from quantbridge.adapters.native import NativeLinear
+
+        NativeLinear(qd, None)(NativeLinear(qu, bu)(torch.randn_like(x)))
+    g, out = _capture(step, x)
+    if not warm:
+        assert up._bound._captured and m not in up._bound.plans
+    for _ in range(3):
+        x.copy_(torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        h = (x.double() @ qu.dequantize(torch.float64).T + bu.double()).to(torch.bfloat16)
+        ref = h.double() @ qd.dequantize(torch.float64).T
+        assert _rel(out, ref) < 2e-2
+    fresh = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    eager = step(fresh)
+    h = (fresh.double() @ qu.dequantize(torch.float64).T + bu.double()).to(torch.bfloat16)
+    assert _rel(eager, h.double() @ qd.dequantize(torch.float64).T) < 2e-2

@@ -8,6 +8,7 @@
 #   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-runs/gpu}")
+REPO=$(pwd)
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -19,6 +20,11 @@ fi
 rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge tests benchmarks pyproject.toml /tmp/qb/ \
   && cp -r adapters /tmp/qb/quantbridge/adapters && cp -r kernels /tmp/qb/quantbridge/kernels && cd /tmp/qb || exit 1
 export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:-/tmp/qbcache} PYTHONUNBUFFERED=1
+# Kernel configurations tuned on this device kind by an earlier call (carried as .qbcache/), so
+# a run split over two calls tunes once.
+if ls "$REPO"/.qbcache/triton-int4-*.json >/dev/null 2>&1; then
+  mkdir -p "$QUANTBRIDGE_CACHE" && cp "$REPO"/.qbcache/triton-int4-*.json "$QUANTBRIDGE_CACHE/"
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
 if [ "${TESTS:-1}" = 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} \
@@ -55,6 +61,11 @@ if [ "${PLAN:-0}" = 1 ]; then
   cat "$P/plan.txt"; tail -n 12 "$P/run.txt"; tail -n 3 "$P/sens.log" "$P/run.log"
   tar -czf "$OUT/plan-$model.tar.gz" -C "$OUT" "plan-$model" && rm -rf "$P"
 fi
+if [ "${HOST:-0}" = 1 ]; then
+  # Host enqueue cost per eager layer call: F.linear, native, tinygemm (and where native's goes).
+  timeout "${HOST_TIMEOUT:-240}" python3 benchmarks/profile_host.py "$OUT/host-cost.json" --calls "${HOST_CALLS:-2000}" \
+    > "$OUT/host-cost.log" 2>&1; echo "== host cost rc=$?"; tail -n 25 "$OUT/host-cost.log"
+fi
 if [ "${SMOKE:-0}" = 1 ]; then
   # Every timing mode once on the demo model: a quick check that capture works end to end.
   for mode in graph eager compile; do
@@ -68,18 +79,24 @@ if [ "${GRAPH:-0}" = 1 ]; then
   # compare in graph mode twice (repeatability) and in eager mode (host cost per call) on a
   # model with Llama-3-8B layer shapes; the same kernels alone through `bench`; then the
   # fidelity check over the four. One archive back.
+  # GRAPH_RUNS picks the steps (a call may hold only part of them); an archive of an earlier
+  # call's steps, carried as .qbcache/graph-MODEL.tar.gz, is unpacked first.
   model=${GRAPH_MODEL:-llama3-8b-2l}; G="$OUT/graph-$model"; mkdir -p "$G"
+  [ -f "$REPO/.qbcache/graph-$model.tar.gz" ] && tar -xzf "$REPO/.qbcache/graph-$model.tar.gz" -C "$OUT"
   backends=${GRAPH_BACKENDS:-fp16,native,tinygemm,bnb-nf4}; batch=${GRAPH_BATCH:-1,16,128}
-  for run in graph graph-repeat eager; do
+  for run in ${GRAPH_RUNS:-graph graph-repeat eager bench}; do
+    if [ "$run" = bench ]; then
+      timeout "${BENCH_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes llama3-8b --batch "$batch,512" \
+        --backends "$backends" --runs 50 --out "$G/bench" > "$G/bench.txt" 2> "$G/bench.log"
+      echo "== bench rc=$?"; continue
+    fi
     timeout "${GRAPH_TIMEOUT:-300}" python3 -m quantbridge.cli compare "$model" --backends "$backends" --batch "$batch" \
       --prefill 512 --mode "${run%-repeat}" --no-report --out "$G/$run" > "$G/$run.txt" 2> "$G/$run.log"
     echo "== compare --mode ${run%-repeat} rc=$?"; tail -n 3 "$G/$run.log"
   done
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes llama3-8b --batch "$batch,512" \
-    --backends "$backends" --runs 50 --out "$G/bench" > "$G/bench.txt" 2> "$G/bench.log"
-  python3 benchmarks/graph_fidelity.py "$G/graph/results.json" "$G/graph-repeat/results.json" "$G/bench/bench.json" \
+  [ -f "$G/bench/bench.json" ] && [ -f "$G/eager/results.json" ] && python3 benchmarks/graph_fidelity.py "$G/graph/results.json" "$G/graph-repeat/results.json" "$G/bench/bench.json" \
     "$G/eager/results.json" "$G/fidelity.md" > /dev/null 2> "$G/fidelity.log"
-  cat "$G/fidelity.md" "$G/fidelity.log"; sed -n '/Σ linear/,/└/p' "$G/graph.txt" "$G/eager.txt"
+  cat "$G/fidelity.md" "$G/fidelity.log" 2>/dev/null; sed -n '/whole step per M/,/└/p' "$G"/*.txt
   tar -czf "$OUT/graph-$model.tar.gz" -C "$OUT" "graph-$model" && rm -rf "$G"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -413,7 +413,8 @@ class _Tuner:
         best, best_t = None, float("inf")
         for cfg in candidate_configs(mb, w.out_features, k, w.group_size):
             # Zeroed once: split-K launches leave their tile counters zeroed again.
-            cnt = torch.zeros(_grid(cfg, mb, w.out_features)[0] * mb, device=x2.device, dtype=torch.int32)
+            cnt = None if cfg == DEQUANT_CUBLAS else torch.zeros(
+                _grid(cfg, mb, w.out_features)[0] * mb, device=x2.device, dtype=torch.int32)
             try:
                 t = triton.testing.do_bench(lambda: launch(xb, w, out, cfg, counters=cnt), warmup=2, rep=8,
                                             return_mode="median")

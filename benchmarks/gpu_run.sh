@@ -88,11 +88,12 @@ if [ "${GRAPH:-0}" = 1 ]; then
     if [ "$run" = bench ]; then
       timeout "${BENCH_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes llama3-8b --batch "$batch,512" \
         --backends "$backends" --runs 50 --out "$G/bench" > "$G/bench.txt" 2> "$G/bench.log"
-      echo "== bench rc=$?"; continue
+      echo "== bench rc=$?"; tar -czf "$OUT/graph-$model.tar.gz" -C "$OUT" "graph-$model"; continue
     fi
     timeout "${GRAPH_TIMEOUT:-300}" python3 -m quantbridge.cli compare "$model" --backends "$backends" --batch "$batch" \
       --prefill 512 --mode "${run%-repeat}" --no-report --out "$G/$run" > "$G/$run.txt" 2> "$G/$run.log"
     echo "== compare --mode ${run%-repeat} rc=$?"; tail -n 3 "$G/$run.log"
+    tar -czf "$OUT/graph-$model.tar.gz" -C "$OUT" "graph-$model"  # a call cut off later keeps this step
   done
   [ -f "$G/bench/bench.json" ] && [ -f "$G/eager/results.json" ] && python3 benchmarks/graph_fidelity.py "$G/graph/results.json" "$G/graph-repeat/results.json" "$G/bench/bench.json" \
     "$G/eager/results.json" "$G/fidelity.md" > /dev/null 2> "$G/fidelity.log"

@@ -225,10 +225,14 @@ def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), device=w.qweight.device, dtype=dtype)
     bk = min(w.group_size, 256)  # groups are 32/64/128 or the whole row (per-channel)
-    grid = (_cdiv(n, 64), _cdiv(k, bk))
-    _dequant_kernel[grid](w.qweight, w.scales, w.zeros, out, n, k, k // w.group_size, GROUP=w.group_size,
-                          BLOCK_N=64, BLOCK_K=bk)
+    # Through the fast launcher: at large M every call dequantizes, and Triton's own binder
+    # costs more host time than the dequantization takes on the GPU.
+    _DEQUANT((_cdiv(n, 64), _cdiv(k, bk), 1), (w.qweight, w.scales, w.zeros, out), (n, k, k // w.group_size),
+             (w.group_size, 64, bk))
     return out
+
+
+_DEQUANT = FastLauncher(_dequant_kernel)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)

@@ -429,6 +429,13 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: int, symme
     from .spec import QuantSpec
     from .workloads import calibration
 
+    from .checkpoint import check_out_dir
+    from .preflight import check_skip
+
+    check_skip(skip)
+    _, replaced = check_out_dir(out_dir, overwrite)
+    if replaced:
+        click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)
     spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
     dev = resolve_device(device)
     with Console(stderr=True).status(f"converting {src} to {to}"):

@@ -35,17 +35,17 @@ class RunWriteError(Exception):
         self.path, self.error = path, error
 
 
-def refuse_unsafe(out: Path, option: str) -> None:
+def refuse_unsafe(out: Path, option: str, example: str = "runs/demo") -> None:
     """Refuse /, the home directory, and the current directory or any directory containing it."""
     cwd = Path.cwd().resolve()
     home = Path.home().resolve()
     if out == Path(out.anchor):
-        raise UserError(f"{option} {out} is the file-system root; choose a new directory, e.g. runs/demo")
+        raise UserError(f"{option} {out} is the file-system root; choose a new directory, e.g. {example}")
     if out == home:
-        raise UserError(f"{option} {out} is your home directory; choose a new directory, e.g. runs/demo")
+        raise UserError(f"{option} {out} is your home directory; choose a new directory, e.g. {example}")
     if out == cwd or out in cwd.parents:
         what = "the current directory" if out == cwd else "a directory containing the current directory"
-        raise UserError(f"{option} {out} is {what}; choose a new directory, e.g. runs/demo")
+        raise UserError(f"{option} {out} is {what}; choose a new directory, e.g. {example}")
 
 
 class RunDir:

@@ -157,7 +157,7 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[s
                         f"checkpoints only: choose a new directory")
     shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} files)" if len(entries) > 6 else "")
     if not overwrite:
-        raise UserError(f"OUT_DIR {out} holds a checkpoint ({shown}); pass --overwrite to replace it, "
+        raise UserError(f"OUT_DIR {out} is not empty: it holds a checkpoint ({shown}); pass --overwrite to replace it, "
                         f"or choose another OUT_DIR")
     return path, entries
 

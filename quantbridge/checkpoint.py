@@ -31,13 +31,18 @@ _SIDECARS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}  # auto
 
 
 def quantization_config(path: Path) -> dict | None:
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    from .models import read_config
+
+    cfg = read_config(Path(path))
     if cfg.get("quantization_config") is not None:
         return cfg["quantization_config"]
     for name, method in _SIDECARS.items():
         side = Path(path) / name
         if side.exists():
-            return {"quant_method": method, **json.loads(side.read_text())}
+            try:
+                return {"quant_method": method, **json.loads(side.read_text())}
+            except (ValueError, TypeError) as e:
+                raise UserError(f"{side} is not a JSON object ({e}); fix or remove it") from None
     return None
 
 
@@ -51,9 +56,15 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors files; quantbridge reads safetensors checkpoints")
+    from safetensors import SafetensorError
+
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(str(f)))
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{f} is truncated or corrupt ({first}); re-download or re-save the checkpoint") from None
     return out
 
 
@@ -86,6 +97,9 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .models import check_local_model
+
+    check_local_model(Path(path))  # config, weight headers and tokenizer files, each named if bad
     codec, qcfg, weights, rest = read_int4(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):

@@ -25,8 +25,10 @@ Examples:
   quantbridge compare meta-llama/Llama-3.1-8B --batch 1,16,128 --prefill 512
 
 \b
-Writes OUT/results.json (schema_version 1) and OUT/results.csv, each atomically and
-after every backend, so an interrupted run keeps the backends that finished.
+Writes OUT/results.json (schema_version 1), OUT/results.csv and OUT/report.html. The run
+is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
+only when complete: an interrupted run keeps its finished backends in OUT.partial and the
+previous complete run in OUT. A second compare into the same OUT is refused while one runs.
 """
 
 

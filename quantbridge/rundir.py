@@ -130,7 +130,7 @@ class RunDir:
 
     def files(self, *names: str) -> list[Path]:
         """Where the run's files are once committed."""
-        return [self.out / n for n in names]
+        return [Path(self.given) / n for n in names]
 
     # -- the end --------------------------------------------------------------------------------
     def commit(self) -> Path:

@@ -508,3 +508,12 @@ def test_bitsandbytes_import_is_quiet():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "kernels-community" not in r.stdout + r.stderr
+
+
+@pytest.mark.skipif(find_spec("llmcompressor") is None, reason="needs llmcompressor (test extras)")
+def test_convert_calibration_not_utf8(tmp_path, demo):
+    bad = tmp_path / "calib.txt"
+    bad.write_bytes(b"\xff" * 64)
+    r = _invoke("convert", "demo", "--to", "gptq", tmp_path / "out", "--method", "gptq", "--calib", bad)
+    _one_line_error(r, "is not UTF-8 text")
+    assert not (tmp_path / "out").exists()

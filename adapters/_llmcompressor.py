@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from quantbridge.spec import QuantSpec
 # is measured on, so GPTQ minimises exactly what quantbridge reports per layer.
 QUANTIZATION_AWARE = False
 INSTALL_HINT = "pip install quantbridge[gptq] (installs llmcompressor)"
+# Its per-layer INFO logs and import-time device warnings would bury quantbridge's output; read
+# when llmcompressor is first imported (lazily, by gptq/awq when they calibrate).
+os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
 
 def availability(device: torch.device) -> Availability:
@@ -36,12 +40,10 @@ def availability(device: torch.device) -> Availability:
         v = version("llmcompressor")
     except PackageNotFoundError:
         return Availability(False, "llmcompressor is not installed")
-    # Its per-layer INFO logs and import-time device warnings would bury quantbridge's output.
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-    try:
-        import llmcompressor  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - an incompatible install shows up here
-        return Availability(False, f"llmcompressor {v} failed to import: {str(e).splitlines()[0]}")
+    # Metadata and find_spec only: importing llmcompressor takes seconds (`quantbridge env`
+    # need not); an incompatible install then fails when it calibrates, recorded as that row's failure.
+    if find_spec("llmcompressor") is None:
+        return Availability(False, f"llmcompressor {v} has metadata but no importable package; reinstall it")
     return Availability(True, f"llmcompressor {v} quantizes; kernel: reference-torch (llm-compressor ships no "
                               f"inference kernel; vLLM runs these weights with its own)")
 

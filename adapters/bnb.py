@@ -8,6 +8,7 @@ absmax scales themselves (double quantization).
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 import torch
 from torch import nn
@@ -26,9 +27,27 @@ def _bnb_version() -> str | None:
         return None
 
 
+def import_bnb():
+    """bitsandbytes, imported on first use (it takes seconds, and `quantbridge env` need not).
+
+    Its CPU backend logs a warning at import when the optional `kernels` package (hub kernels
+    for one AVX-512 path) is missing; its own fallback runs instead, so that line is dropped.
+    """
+    import logging
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
 class BnbLinear(QuantLinear):
     def __init__(self, linear: nn.Linear, quant_type: str, blocksize: int, double_quant: bool) -> None:
-        import bitsandbytes as bnb
+        bnb = import_bnb()
 
         super().__init__(linear.in_features, linear.out_features)
         dev, dtype = linear.weight.device, linear.weight.dtype
@@ -55,7 +74,7 @@ class BnbLinear(QuantLinear):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def dequantize(self) -> torch.Tensor:
-        import bitsandbytes.functional as F
+        F = import_bnb().functional
 
         w = self.layer.weight
         return F.dequantize_4bit(w.data, w.quant_state).float().reshape(self.out_features, self.in_features)
@@ -71,13 +90,11 @@ class _BnbBackend(Backend):
     install_hint = "pip install quantbridge[bnb]"
 
     def available(self, device: torch.device) -> Availability:
+        # Metadata and find_spec only: importing bitsandbytes takes seconds. A broken install
+        # then fails when its first layer is built, and that row is recorded as failed.
         v = _bnb_version()
-        if v is None:
+        if v is None or find_spec("bitsandbytes") is None:
             return Availability(False, "bitsandbytes is not installed")
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - a broken native library shows up here
-            return Availability(False, f"bitsandbytes {v} failed to import: {e}")
         where = "CUDA kernels" if device.type == "cuda" else f"{device.type} implementation"
         return Availability(True, f"bitsandbytes {v}, {where}")
 

@@ -13,14 +13,14 @@ from torch import nn
 from quantbridge.backend import QuantLinear, register
 from quantbridge.spec import QuantSpec
 
-from .bnb import _BnbBackend
+from .bnb import _BnbBackend, import_bnb
 
 OUTLIER_THRESHOLD = 6.0
 
 
 class BnbInt8Linear(QuantLinear):
     def __init__(self, linear: nn.Linear) -> None:
-        import bitsandbytes as bnb
+        bnb = import_bnb()
 
         super().__init__(linear.in_features, linear.out_features)
         dev = linear.weight.device

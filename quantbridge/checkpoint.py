@@ -31,13 +31,18 @@ _SIDECARS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}  # auto
 
 
 def quantization_config(path: Path) -> dict | None:
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    from .models import read_config
+
+    cfg = read_config(Path(path))
     if cfg.get("quantization_config") is not None:
         return cfg["quantization_config"]
     for name, method in _SIDECARS.items():
         side = Path(path) / name
         if side.exists():
-            return {"quant_method": method, **json.loads(side.read_text())}
+            try:
+                return {"quant_method": method, **json.loads(side.read_text())}
+            except (ValueError, TypeError) as e:
+                raise UserError(f"{side} is not a JSON object ({e}); fix or remove it") from None
     return None
 
 
@@ -51,9 +56,15 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors files; quantbridge reads safetensors checkpoints")
+    from safetensors import SafetensorError
+
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(str(f)))
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{f} is truncated or corrupt ({first}); re-download or re-save the checkpoint") from None
     return out
 
 
@@ -86,6 +97,9 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .models import check_local_model
+
+    check_local_model(Path(path))  # config, weight headers and tokenizer files, each named if bad
     codec, qcfg, weights, rest = read_int4(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -123,14 +137,51 @@ def _cast_scales(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
     return Int4Weight(w.qweight, w.scales.to(dtype), w.zeros, w.group_size, w.perm)
 
 
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A Hugging Face / quantbridge model directory: a config.json naming a model, weights, no subdirectories."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(cfg, dict) and bool(cfg.get("model_type") or cfg.get("architectures"))
+            and any(any(path.glob(g)) for g in _WEIGHT_GLOBS) and not any(p.is_dir() for p in path.iterdir()))
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[str]]:
+    """OUT resolved and checked before any work; (path, the files --overwrite will replace).
+
+    Refuses /, the home directory, the current directory or any directory containing it, and
+    a non-empty directory that is not a model checkpoint, with --overwrite or without.
+    """
+    from .rundir import refuse_unsafe
+
+    path = Path(out).expanduser().resolve()
+    refuse_unsafe(path, "OUT_DIR", "runs/demo-gptq")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"OUT_DIR {out} is a file, not a directory; choose a new directory for the checkpoint")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not entries:
+        return path, []
+    if not _is_checkpoint(path):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"OUT_DIR {out} is not empty and is not a model checkpoint ({shown}); --overwrite replaces "
+                        f"checkpoints only: choose a new directory")
+    shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} files)" if len(entries) > 6 else "")
+    if not overwrite:
+        raise UserError(f"OUT_DIR {out} is not empty: it holds a checkpoint ({shown}); pass --overwrite to replace it, "
+                        f"or choose another OUT_DIR")
+    return path, entries
+
+
 def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, Int4Weight], codec: formats.Codec,
                    spec: QuantSpec, overwrite: bool = False) -> Path:
     """Write a loadable checkpoint; the directory appears whole or not at all."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another OUT_DIR or pass --overwrite")
+    out, _ = check_out_dir(out, overwrite)
     smoothed = [n for n, w in weights.items() if w.smoothed]
     if smoothed:
         raise ValueError(f"{smoothed[0]} carries unfolded smoothing factors; fold them into the model first")
@@ -160,9 +211,13 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out.exists():  # a checkpoint (check_out_dir): set aside, replaced, then removed
+        aside = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, aside)
+        os.replace(tmp, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return out
 
 

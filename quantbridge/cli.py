@@ -5,6 +5,7 @@ User errors print one line and exit with code 2; nothing a user can fix shows a 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,10 @@ Examples:
   quantbridge compare meta-llama/Llama-3.1-8B --batch 1,16,128 --prefill 512
 
 \b
-Writes OUT/results.json (schema_version 1) and OUT/results.csv, each atomically and
-after every backend, so an interrupted run keeps the backends that finished.
+Writes OUT/results.json (schema_version 1), OUT/results.csv and OUT/report.html. The run
+is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
+only when complete: an interrupted run keeps its finished backends in OUT.partial and the
+previous complete run in OUT. A second compare into the same OUT is refused while one runs.
 """
 
 
@@ -134,22 +137,25 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     unquantized reference, and weight bytes.
     """
     from . import backend as registry
+    from . import preflight
     from .compare import Settings, run_comparison, verdict
     from .hardware import resolve_device, resolve_dtype
     from .models import load_model
     from .report.terminal import print_comparison
-    from .results import save_csv, save_json
+    from .rundir import RunDir, RunWriteError
     from .settings import timing_mode
     from .spec import QuantSpec
 
-    from .plan import load_plan
-
     names = registry.parse_names(backends)
-    plan = load_plan(plan_file) if plan_file else None
+    plan = preflight.check_plan_file(plan_file) if plan_file else None
     if plan:
         names += [n for n in registry.parse_names(",".join(plan["backends"]) or "fp16") if n not in names]
     if weights is not None:
         registry.parse_names(weights)
+    preflight.check_skip(skip)
+    eval_source = preflight.read_text_strict(eval_text, "--eval-text") if eval_text else None
+    if calib_file:
+        preflight.read_text_strict(calib_file, "--calib")
     spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
@@ -159,39 +165,88 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     timing_mode(mode, dev)  # fail before loading: graph and compile need CUDA
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)
-    with console.status(f"loading {model}"):
-        loaded = load_model(model, dev, dt)
-    out = Path(out_dir)
+    run = RunDir(out_dir).prepare()  # checked, locked and staged before the model loads
+    try:
+        with console.status(f"loading {model}"):
+            loaded = load_model(model, dev, dt)
+        _preflight_inputs(loaded, names, settings, eval_source)
 
-    def save(comp) -> None:
-        save_json(comp, out / "results.json")
-        save_csv(comp, out / "results.csv")
+        def save(comp) -> None:  # after every backend, into the staging directory an interruption keeps
+            run.save(comp)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
-        comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save)
-    if not quiet:
-        # Piped output gets a wide table rather than rich's 80-column default.
-        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
-    written = [out / "results.json", out / "results.csv"]
-    if report:
-        written.append(_write_report(comp, out / "report.html"))
-    click.echo("wrote " + ", ".join(map(str, written)))
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
+            comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save)
+        if not quiet:
+            # Piped output gets a wide table rather than rich's 80-column default.
+            print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
+        written = ["results.json", "results.csv"]
+        if report:
+            run.write("report.html", _render_report(comp, "html"))
+            written.append("report.html")
+        run.commit()
+    except KeyboardInterrupt:
+        click.echo(run.kept("Aborted"), err=True)
+        raise click.exceptions.Exit(130) from None
+    except RunWriteError as e:
+        raise UserError(run.kept(f"could not write {e} (free disk space or raise the file-size limit)")) from None
+    finally:
+        run.close()
+    click.echo("wrote " + ", ".join(map(str, run.files(*written))))
     failed = verdict(comp, names)
-    if failed:
+    if failed:  # the results are written; the exit status says the run did not measure what was asked
         click.echo(f"Error: {failed}", err=True)
         sys.exit(1)
 
 
-def _write_report(comp, path: Path, kind: str = "html") -> Path:
+def _preflight_inputs(loaded, names: list[str], settings, eval_source: str | None) -> None:
+    """The checks that need the tokenizer, before the reference run."""
+    from . import backend as registry
+    from . import preflight
+    from .workloads import text_split
+
+    tok = loaded.tokenizer  # --batch/--prefill against the text's tokens: checked where the inputs are cut
+    if eval_source is not None:
+        preflight.check_eval_text(tok, eval_source, settings.eval_seqs, settings.eval_len, f"--eval-text {settings.eval_text}")
+    else:
+        preflight.check_eval_text(tok, text_split("eval"), settings.eval_seqs, settings.eval_len,
+                                  "the shipped evaluation text")
+    calibrating = [n for n in [*names, settings.weights] if n and registry.get(n).needs_calibration]
+    if calibrating and loaded.int4 is None:  # a checkpoint's weights need no calibration
+        preflight.check_calibration(tok, settings.calib_file, settings.calib_len)
+
+
+def _render_report(comp, kind: str = "html") -> str:
     from .report.document import to_html, to_markdown
-    from .results import write_atomic
 
     try:
-        write_atomic(path, to_html(comp) if kind == "html" else to_markdown(comp))
-    except ImportError as e:  # matplotlib missing: say which extra to install
+        return to_html(comp) if kind == "html" else to_markdown(comp)
+    except ImportError as e:  # matplotlib missing (a core dependency): a broken install
         raise UserError(f"the HTML report needs matplotlib ({e}); pip install matplotlib or pass --no-report") from None
+
+
+def _write_report(comp, path: Path, kind: str = "html") -> Path:
+    from .results import write_atomic
+
+    text = _render_report(comp, kind)
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable path for --{kind}") from None
     return path
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Create the parent of an output file and check it can be written, before any work."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file path, e.g. {option} report.{option[2:]}")
+    try:
+        p.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the directory of {option} {path}: {e.strerror or e}; choose a writable path") from None
+    if not os.access(p.resolve().parent, os.W_OK):
+        raise UserError(f"cannot write {option} {path}: its directory is not writable; choose a writable path")
 
 
 @cli.command()
@@ -208,6 +263,9 @@ def report(results: str, html_out: str | None, md_out: str | None) -> None:
     """
     from .report.terminal import print_comparison
 
+    for path, option in ((html_out, "--html"), (md_out, "--md")):
+        if path:
+            _check_writable(path, option)
     comp = _load_results(results)
     if not html_out and not md_out:
         print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160))
@@ -217,13 +275,25 @@ def report(results: str, html_out: str | None, md_out: str | None) -> None:
 
 
 def _load_results(path: str):
-    from .results import load_json
+    import json
+
+    from .results import Comparison, check_loaded, newer_schema
 
     if not Path(path).is_file():
         raise UserError(f"results file {path!r} does not exist; run `quantbridge compare ... --out DIR` first")
     try:
-        return load_json(path)
-    except (ValueError, KeyError, TypeError) as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a quantbridge results.json: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a quantbridge results.json: it holds a JSON {type(data).__name__}, "
+                        f"not an object; pass the results.json `quantbridge compare` wrote")
+    newer = newer_schema(data)
+    if newer:
+        raise UserError(f"{path}: {newer}")
+    try:
+        return check_loaded(Comparison.from_dict(data))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is not a quantbridge results.json: {e}") from None
 
 
@@ -261,7 +331,11 @@ def plan(ctx: click.Context, source: str, max_ppl_increase: float | None, max_we
     from .plan import Budget, make_plan
     from .results import write_atomic
 
+    from . import backend as registry
+
     budget = Budget(max_ppl_increase, max_weight_gb, max_latency_ratio)
+    if backends:
+        registry.parse_names(backends)  # an unknown name fails now, not after a comparison
     if source.endswith(".json") or Path(source).is_file():
         results = source
     else:
@@ -307,7 +381,7 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     from .results import save_json
     from .servestats import load_workers, merge, steps
 
-    comp = merge(load_workers(profile_dir))
+    comp = merge(load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
     b = comp.backends[0]
     ms = [str(m) for m in comp.settings["m_values"]]
     shown = ms if len(ms) <= 6 else ms[:3] + ms[-3:]  # the smallest and largest steps
@@ -368,6 +442,13 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: int, symme
     from .spec import QuantSpec
     from .workloads import calibration
 
+    from .checkpoint import check_out_dir
+    from .preflight import check_skip
+
+    check_skip(skip)
+    _, replaced = check_out_dir(out_dir, overwrite)
+    if replaced:
+        click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)
     spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
     dev = resolve_device(device)
     with Console(stderr=True).status(f"converting {src} to {to}"):

@@ -26,7 +26,8 @@ from .hardware import device_info
 from .instrument import L2Flush
 from .measure import measure_row, sensitivity
 from .models import LoadedModel, linear_layers
-from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, read_eval_text, run_reference
+from .preflight import read_text_strict
+from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
 from .rows import CHECKPOINT, REFERENCE, NotRunnable, Progress, WeightSource, plan_layers, row_layers, shared_source, with_layers
 from .settings import Settings, timing_mode
@@ -92,7 +93,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
-    eval_text = read_eval_text(settings.eval_text) if settings.eval_text else None
+    eval_text = read_text_strict(settings.eval_text, "--eval-text") if settings.eval_text else None
     eval_ids, steps = make_inputs(loaded.tokenizer, settings, device, eval_text)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
     source = WeightSource(

@@ -20,7 +20,15 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
             skip: str = r"(^|\.)lm_head$", device: torch.device | None = None, dtype: torch.dtype | None = None,
             calib=None, overwrite: bool = False, calib_factory=None) -> dict:
     """Write SRC as a `to`-format checkpoint in OUT; returns a summary for the CLI."""
+    from .checkpoint import check_out_dir
+    from .preflight import check_skip
+
     codec = formats.get(to)
+    out, replaced = check_out_dir(out, overwrite)  # before anything is loaded or computed
+    if to == "awq" and spec is not None and spec.act_order:
+        raise UserError("AWQ checkpoints cannot hold act-order (g_idx); drop --act-order or write --to gptq, "
+                        "compressed-tensors or native")
+    check_skip(skip)
     device = device or torch.device("cpu")
     src_path = Path(src).expanduser()
     if src_path.is_dir() and (src_path / "config.json").exists() and is_quantized(src_path):
@@ -48,5 +56,5 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         model = model.to("cpu")
         how = f"quantized with {method} ({backend.algorithm})"
     path = save_quantized(Path(out), model, loaded.tokenizer, weights, codec, spec, overwrite=overwrite)
-    return {"out": str(path), "format": codec.name, "layers": len(weights), "how": how, "spec": spec.to_dict(),
+    return {"out": str(path), "replaced": replaced, "format": codec.name, "layers": len(weights), "how": how, "spec": spec.to_dict(),
             "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}

@@ -128,35 +128,166 @@ def _dir_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+HUB_CHECK_TIMEOUT_S = 3.0
+
+
+def read_config(path: Path) -> dict:
+    """A model directory's config.json as a dict; a one-line error naming the file otherwise."""
+    f = Path(path) / "config.json"
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e}); fix the file or re-save the model (save_pretrained)") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} holds a JSON {type(cfg).__name__}, not an object; re-save the model (save_pretrained)")
+    return cfg
+
+
+def check_local_model(path: Path) -> dict:
+    """Before transformers reads a local directory: config, weight files' headers, tokenizer files."""
+    cfg = read_config(path)
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} is truncated or corrupt ({_first_line(e)}); re-download or re-save the model") from None
+    if not any((Path(path) / n).exists() for n in TOKENIZER_FILES) and not any(Path(path).glob("*.tiktoken")):
+        raise UserError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                        f"model's tokenizer next to it: tokenizer.save_pretrained(DIR)")
+    return cfg
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within `timeout` seconds.
+
+    Run in a thread, so a name lookup that hangs counts as unreachable too.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    url = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else _hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result)
+
+
+def _hub_source(spec: str) -> tuple[str, bool]:
+    """(the hub id, whether to read it from the local cache only), or a one-line error, fast.
+
+    Called only once `spec` is known not to be a local path. Without this, an id that is a typo
+    spends about a minute in transformers' retries on a machine without network.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise UserError(f"model {spec!r} is neither a local path nor a valid hub id (org/name); "
+                        f"pass a model directory, a hub id or 'demo'") from None
+    cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline and not cached:
+        raise UserError(f"model {spec!r} is not a local path and is not in the hub cache, and HF_HUB_OFFLINE is set; "
+                        f"check the name, or unset HF_HUB_OFFLINE to download it")
+    if offline:
+        return spec, True
+    if not _hub_reachable():
+        if cached:  # what an earlier download left in the cache
+            return spec, True
+        raise UserError(f"model {spec!r} is not a local path, and the hub ({_hub_endpoint()}) cannot be reached to "
+                        f"look it up; check the name, or connect to the network (HF_HUB_OFFLINE=1 uses the cache only)")
+    return spec, False
+
+
+def _refuse_gguf(spec: str) -> None:
+    p = Path(spec).expanduser()
+    if p.is_file():
+        with open(p, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+        if gguf or p.suffix.lower() == ".gguf":
+            raise UserError(f"{spec} is a GGUF file; quantbridge cannot read GGUF yet: pass a Hugging Face "
+                            f"safetensors model directory")
+    elif p.suffix.lower() == ".gguf":
+        raise UserError(f"model path {spec!r} does not exist (and GGUF files are not supported yet); "
+                        f"pass a model directory, a hub id or 'demo'")
+
+
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load MODEL as given on the command line: 'demo', a local directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec in SEEDED:
         return _load_seeded(spec, device, dtype)
+    local_only = False
     if spec == DEMO_NAME:
         path, source = demo_path(), DEMO_NAME
     elif Path(spec).expanduser().is_dir():
         path, source = Path(spec).expanduser(), str(Path(spec).expanduser().resolve())
         if not (path / "config.json").exists():
             raise UserError(f"{spec} has no config.json; pass a Hugging Face model directory (save_pretrained output)")
+        check_local_model(path)
         from .checkpoint import is_quantized, load_quantized
 
         if is_quantized(path):
             return load_quantized(path, device, dtype)
-    elif Path(spec).expanduser().exists() or _looks_like_path(spec):
-        raise UserError(f"model path {spec!r} does not exist or is not a directory; pass a model directory, a hub id or 'demo'")
     else:
-        path, source = spec, spec  # a hub id: the normal transformers download path
+        _refuse_gguf(spec)
+        if Path(spec).expanduser().exists() or _looks_like_path(spec):
+            raise UserError(f"model path {spec!r} does not exist or is not a directory; pass a model directory, "
+                            f"a hub id or 'demo'")
+        path, local_only = _hub_source(spec)  # a hub id: the normal transformers download path
+        source = spec
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # quantbridge shows its own progress
+    verbosity = hf_logging.get_verbosity()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {spec!r}: {first}; check the id or path (hub ids need network access)") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        hf_logging.set_verbosity_error()  # its table of newly initialised weights: refused below in one line
+        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only,
+                                                              output_loading_info=True)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"could not load model {spec!r}: {_first_line(e)}; check the id or path (hub ids need "
+                        f"network access)") from None
+    except ValueError as e:  # e.g. a config class AutoModelForCausalLM has no causal-LM model for
+        raise UserError(f"could not load model {spec!r} as a causal language model: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(loading.get("missing_keys") or [])
+    if missing:
+        archs = ", ".join(getattr(model.config, "architectures", None) or ["?"])
+        raise UserError(f"model {spec!r} ({archs}) is not a causal-LM checkpoint: as {type(model).__name__} "
+                        f"{len(missing)} weights would be randomly initialised (e.g. {missing[0]}); pass a "
+                        f"...ForCausalLM checkpoint")
     model.to(device).eval()
     info = {
         "name": spec if source != DEMO_NAME else "demo",

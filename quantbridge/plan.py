@@ -50,6 +50,12 @@ def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, d
                 raise UserError(f"{b.name} has no per-layer sensitivity in these results; "
                                 f"re-run compare with --sensitivity")
             options[r.name].append((b.name, r))
+    if allowed:
+        rows = [b.name for b in comp.backends if b.status == "ok" and b.name not in (REFERENCE, "plan")]
+        absent = [n for n in allowed if n != REFERENCE and n not in rows]
+        if absent:
+            raise UserError(f"--backends {absent[0]} has no ok row in these results (rows: {', '.join(rows) or 'none'}); "
+                            f"choose from those or re-run compare with --backends {absent[0]}")
     if not any(options.values()):
         raise UserError("no quantized backend with ok per-layer results to plan with")
     return base, options
@@ -113,7 +119,10 @@ def make_plan(comp: Comparison, budget: Budget, m: int, allowed: list[str] | Non
 
 
 def _goals_met(budget: Budget, p: dict) -> bool:
-    return ((budget.max_weight_gb is None or p["weight_bytes"] <= budget.max_weight_gb * 1e9)
+    """Whether a prediction meets every budget given (the perplexity ceiling too: a plan that
+    starts above it, e.g. a negative --max-ppl-increase, fails like an unmeetable weight budget)."""
+    return ((budget.max_ppl_increase_pct is None or p["ppl_increase_pct"] <= budget.max_ppl_increase_pct)
+            and (budget.max_weight_gb is None or p["weight_bytes"] <= budget.max_weight_gb * 1e9)
             and (budget.max_latency_ratio is None or p["latency_ratio"] <= budget.max_latency_ratio))
 
 
@@ -138,7 +147,10 @@ def load_plan(path: str) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"plan file {path!r} does not exist; write one with `quantbridge plan RESULTS.json ... --out FILE`")
-    plan = json.loads(p.read_text())
-    if plan.get("schema") != PLAN_SCHEMA or "layers" not in plan:
+    try:
+        plan = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"plan file {path} is not JSON ({e}); pass a file written by `quantbridge plan`") from None
+    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA or not isinstance(plan.get("layers"), dict):
         raise UserError(f"{path} is not a quantbridge plan (schema {PLAN_SCHEMA})")
     return plan

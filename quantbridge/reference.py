@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import UserError
 from .instrument import capture_io
+from .preflight import check_step_sizes
 from .settings import Settings
 from .workloads import decode_batches, prefill_batches, text_split, tokenize, windows
 
@@ -25,15 +26,6 @@ class Reference:
     eval_source: str
 
 
-def read_eval_text(path: str) -> str:
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"evaluation text {path!r} does not exist; pass a UTF-8 text file to --eval-text")
-    return p.read_text(encoding="utf-8", errors="replace")
-
-
 def make_inputs(tokenizer, settings: Settings, device: torch.device,
                 eval_text: str | None = None) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
     """Held-out ids and, per M, distinct decode- or prefill-shaped inputs from real text."""
@@ -46,11 +38,8 @@ def make_inputs(tokenizer, settings: Settings, device: torch.device,
     eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(device)
     n = s.warmup + s.runs
     steps = {}
+    check_step_sizes(s.batches, s.prefill, tokens.numel())
     for m in s.m_values:
-        if m > tokens.numel():
-            flag = "--prefill" if s.is_prefill(m) else "--batch"
-            raise UserError(f"{flag} {m} needs {m} tokens of input text; the shipped held-out text has "
-                            f"{tokens.numel()} tokens with this tokenizer: use {flag} <= {tokens.numel()}")
         make = prefill_batches if s.is_prefill(m) else decode_batches
         steps[m] = [x.to(device) for x in make(tokens, m, n, s.seed + m)]
     return eval_ids, steps

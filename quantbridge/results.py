@@ -96,6 +96,7 @@ def write_atomic(path: str | os.PathLike, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a result file gets the usual mode
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(data)
             f.flush()
@@ -107,6 +108,48 @@ def write_atomic(path: str | os.PathLike, data: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def newer_schema(d: dict) -> str | None:
+    """A one-line explanation when `d` was written with a schema newer than this quantbridge reads."""
+    v = d.get("schema_version")
+    if isinstance(v, int) and not isinstance(v, bool) and v > SCHEMA_VERSION:
+        from . import __version__
+
+        return (f"results schema_version {v} was written by a newer quantbridge; this one ({__version__}) reads "
+                f"up to {SCHEMA_VERSION}: upgrade quantbridge (pip install -U quantbridge)")
+    return None
+
+
+def check_loaded(comp: Comparison) -> Comparison:
+    """Refuse loaded results whose numbers are not numbers (reports would fail half-way through)."""
+    def number(v, where: str) -> None:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where} is {v!r}, not a number")
+
+    for b in comp.backends:
+        if not isinstance(b.layers, list) or not isinstance(b.model_metrics, dict):
+            raise ValueError(f"backend {b.name!r}: layers must be a list and model_metrics an object")
+        number(b.weight_bytes, f"backend {b.name!r} weight_bytes")
+        number(b.bits_per_weight, f"backend {b.name!r} bits_per_weight")
+        for r in b.layers:
+            if not isinstance(r.latency_us, dict) or not isinstance(r.error, dict):
+                raise ValueError(f"{b.name} layer {r.name}: latency_us and error must be objects")
+            number(r.weight_bytes, f"{b.name} layer {r.name} weight_bytes")
+            for m, stats in r.latency_us.items():
+                if not isinstance(stats, dict):
+                    raise ValueError(f"{b.name} layer {r.name} latency at M={m} is {stats!r}, not an object")
+                for k, v in stats.items():
+                    number(v, f"{b.name} layer {r.name} latency {k} at M={m}")
+            for k, v in r.error.items():
+                number(v, f"{b.name} layer {r.name} error {k}")
+    return comp
 
 
 def save_json(comp: Comparison, path: str | os.PathLike) -> None:

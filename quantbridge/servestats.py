@@ -16,14 +16,47 @@ from .errors import UserError
 from .results import BackendResult, Comparison, LayerRecord
 
 
-def load_workers(directory: str | Path) -> list[dict]:
+def load_workers(directory: str | Path, warn=None) -> list[dict]:
+    """Every readable worker-*.json in `directory`; a bad one is skipped and named through `warn`."""
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"{directory} is not a directory; pass the QUANTBRIDGE_PROFILE_DIR the server wrote to")
     files = sorted(d.glob("worker-*.json"))
     if not files:
         raise UserError(f"{directory} holds no worker-*.json; serve with QUANTBRIDGE_PROFILE_DIR={directory} set")
-    return [json.loads(f.read_text()) for f in files]
+    workers, bad = [], []
+    for f in files:
+        try:
+            w = json.loads(f.read_text(encoding="utf-8"))
+            _check_worker(w)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            bad.append(f.name)
+            if warn:
+                warn(f"skipped {f}: {e}")
+            continue
+        workers.append(w)
+    if not workers:
+        raise UserError(f"no usable worker file in {directory} ({', '.join(bad)} could not be read); "
+                        f"let the server run until it flushes its profile (QUANTBRIDGE_PROFILE_FLUSH_S)")
+    return workers
+
+
+def _check_worker(w) -> None:
+    """Raise ValueError unless `w` has the shape merge() reads (profiler.py's worker file)."""
+    if not isinstance(w, dict):
+        raise ValueError(f"a JSON {type(w).__name__}, not a worker profile object")
+    layers = w.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError("no per-layer profile in it ('layers' is missing)")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or not isinstance(info.get("m"), dict):
+            raise ValueError(f"layer {name}: no per-M statistics")
+        for m, acc in info["m"].items():
+            ok = (str(m).isdigit() and isinstance(acc, dict) and isinstance(acc.get("samples_us"), list)
+                  and all(isinstance(v, (int, float)) for v in acc["samples_us"])
+                  and isinstance(acc.get("count"), int) and isinstance(acc.get("total_us"), (int, float)))
+            if not ok:
+                raise ValueError(f"layer {name} at M={m}: malformed statistics")
 
 
 def _quantiles(samples: list[float]) -> dict:

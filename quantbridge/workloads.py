@@ -68,16 +68,14 @@ def prefill_batches(tokens: torch.Tensor, length: int, count: int, seed: int) ->
 def calibration(tokenizer, samples: int, length: int, path: str | None = None, seed: int = 0) -> Calibration:
     """`samples` windows of `length` tokens from the calibration split (or a user's text file)."""
     import hashlib
-    from pathlib import Path
 
     from .backend import Calibration
     from .errors import UserError
 
     if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise UserError(f"calibration file {path!r} does not exist; pass a UTF-8 text file to --calib")
-        text = p.read_text(encoding="utf-8", errors="replace")
+        from .preflight import read_text_strict
+
+        text = read_text_strict(path, "--calib")  # refuses a missing, binary or non-UTF-8 file
     else:
         text = text_split("calib")
     tokens = tokenize(tokenizer, text)

@@ -1,0 +1,105 @@
+"""Checks of compare's settings that can fail before any measuring work starts.
+
+Each function takes plain values (a pattern, a path, a tokenizer, token counts) and raises
+UserError with one line naming the fix, so a bad setting is found in the first second, not
+after the reference run. cli.py calls them before the comparer is built; the ones that need
+the tokenizer right after the model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_skip(pattern: str, option: str = "--skip") -> re.Pattern:
+    """The compiled `--skip` regex, or a one-line error naming what is wrong with it."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{option} {pattern!r} is not a valid regular expression ({e}); "
+                        rf"escape special characters, e.g. --skip '(^|\.)lm_head$'") from None
+
+
+def read_text_strict(path: str | Path, option: str = "--eval-text") -> str:
+    """A text file decoded as UTF-8, refusing binary or otherwise non-UTF-8 files.
+
+    compare reads --eval-text through this (not with errors="replace"), so perplexity is never
+    measured on replacement characters without a word.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{option} file {str(path)!r} does not exist; pass a UTF-8 text file to {option}")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = _replaced(data)
+        raise UserError(f"{option} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, "
+                        f"{bad} undecodable sequence(s)); convert it, e.g. iconv -f latin1 -t utf-8") from None
+    if "\x00" in text:
+        raise UserError(f"{option} {path} holds NUL bytes, so it is binary, not text; pass a UTF-8 text file")
+    if not text.strip():
+        raise UserError(f"{option} {path} is empty; pass a UTF-8 text file with some prose in it")
+    return text
+
+
+def _replaced(data: bytes) -> int:
+    """How many undecodable byte sequences errors="replace" would turn into U+FFFD."""
+    return data.decode("utf-8", errors="replace").count("\ufffd") - data.count("\ufffd".encode())
+
+
+def check_plan_file(path: str | Path) -> dict:
+    """A plan file read and checked (delegates to plan.load_plan, which refuses non-JSON files)."""
+    from .plan import load_plan
+
+    return load_plan(str(path))
+
+
+def step_token_limit(tokenizer) -> int:
+    """Tokens of the shipped held-out split: decode and prefill inputs are windows cut from it.
+
+    workloads.decode_batches(tokens, M, ...) needs M tokens (M sequences of one token) and
+    prefill_batches(tokens, L, ...) needs L (one sequence of L tokens), so the largest M and
+    the largest prefill length are both this count.
+    """
+    from .workloads import text_split, tokenize
+
+    return int(tokenize(tokenizer, text_split("eval")).numel())
+
+
+def check_step_sizes(batches: list[int], prefill: int, limit: int) -> None:
+    """Refuse a --batch or --prefill larger than the tokens the timing inputs are cut from."""
+    over = [m for m in batches if m > limit]
+    if over:
+        raise UserError(f"--batch {over[0]} is above the {limit} tokens of the shipped evaluation text that decode "
+                        f"inputs are cut from; use --batch values of at most {limit}")
+    if prefill > limit:
+        raise UserError(f"--prefill {prefill} is above the {limit} tokens of the shipped evaluation text that "
+                        f"prefill inputs are cut from; use --prefill {limit} or less")
+
+
+def check_eval_text(tokenizer, text: str, eval_seqs: int, eval_len: int, source: str = "the evaluation text") -> int:
+    """Refuse an evaluation text with fewer tokens than --eval-seqs x --eval-len; return its token count."""
+    from .workloads import tokenize
+
+    n = int(tokenize(tokenizer, text).numel())
+    if n < eval_seqs * eval_len:
+        raise UserError(f"{source} has {n} tokens; --eval-seqs x --eval-len needs {eval_seqs * eval_len}: "
+                        f"give a longer --eval-text or smaller values")
+    return n
+
+
+def check_calibration(tokenizer, calib_file: str | None, calib_len: int) -> int:
+    """Refuse a calibration text shorter than --calib-len tokens (before gptq/awq runs); return its count."""
+    from .workloads import text_split, tokenize
+
+    text = read_text_strict(calib_file, "--calib") if calib_file is not None else text_split("calib")
+    n = int(tokenize(tokenizer, text).numel())
+    if n < calib_len:
+        where = f"--calib {calib_file}" if calib_file else "the shipped calibration split"
+        raise UserError(f"{where} has {n} tokens, fewer than --calib-len {calib_len}; "
+                        f"give a longer --calib file or a --calib-len of at most {n}")
+    return n

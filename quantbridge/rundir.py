@@ -1,0 +1,214 @@
+"""compare's output directory: checked and locked before any work, replaced only by a complete run.
+
+A run writes into a staging directory of its own beside OUT (`OUT.partial`), with its
+results after every finished backend. Only when the run is complete (results and report
+written) does it take OUT's place, in one atomic exchange of the two directories
+(renameat2 RENAME_EXCHANGE on Linux; elsewhere the previous run is renamed aside first and
+removed once the new one is in place). An interrupted or failed run leaves OUT as it was
+and its finished rows in OUT.partial.
+
+A lock file beside OUT (`.OUT.lock`, flock) keeps a second compare from writing the same
+OUT while the first is alive; the kernel drops the lock when the process ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+MARKER = ".quantbridge-run"  # JSON: status (running, partial, complete), pid, rows
+# What a run directory may hold; anything else in an existing OUT means it is not ours to replace.
+RUN_FILES = {"results.json", "results.csv", "report.html", "report.md", MARKER}
+
+
+class RunWriteError(Exception):
+    """Writing the run's files failed (disk full, file-size limit, permissions)."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(f"{path}: {error.strerror or error}")
+        self.path, self.error = path, error
+
+
+def refuse_unsafe(out: Path, option: str, example: str = "runs/demo") -> None:
+    """Refuse /, the home directory, and the current directory or any directory containing it."""
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    if out == Path(out.anchor):
+        raise UserError(f"{option} {out} is the file-system root; choose a new directory, e.g. {example}")
+    if out == home:
+        raise UserError(f"{option} {out} is your home directory; choose a new directory, e.g. {example}")
+    if out == cwd or out in cwd.parents:
+        what = "the current directory" if out == cwd else "a directory containing the current directory"
+        raise UserError(f"{option} {out} is {what}; choose a new directory, e.g. {example}")
+
+
+class RunDir:
+    """OUT for one compare run. Use prepare(), then save() per row, write() for the report,
+    commit() when complete; close() always (it keeps OUT.partial only if something was saved)."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.given = str(out)
+        self.out = Path(out).expanduser().resolve()
+        self.staging = self.out.with_name(self.out.name + ".partial")
+        self.lock_path = self.out.with_name(f".{self.out.name}.lock")
+        self.rows: list[str] = []  # rows whose results are on disk in staging
+        self.committed = False
+        self._lock_fd: int | None = None
+
+    # -- before any work ------------------------------------------------------------------------
+    def prepare(self) -> "RunDir":
+        """Check OUT, create its parent, take the lock and create the staging directory."""
+        refuse_unsafe(self.out, "--out")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.given} is a file, not a directory; choose a directory")
+        if self.out.is_dir():
+            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in RUN_FILES
+                             and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # write_atomic's
+            if foreign:
+                raise UserError(f"--out {self.given} holds files that are not a quantbridge run ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot create --out {self.given}: {e.strerror or e}; choose a writable directory") from None
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"another quantbridge compare (pid {holder}) is writing to {self.given}; wait for it to "
+                            f"finish or choose another --out") from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            if self.staging.exists():  # an earlier interrupted run's partial results: ours to replace
+                if not (self.staging / MARKER).is_file():
+                    raise UserError(f"{self.staging} exists and is not a quantbridge partial run; move it away")
+                shutil.rmtree(self.staging)
+            self.staging.mkdir()
+            self._mark("running")
+        except OSError as e:
+            self.close()
+            raise UserError(f"cannot write in {self.out.parent}: {e.strerror or e}; choose a writable --out") from None
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- during the run -------------------------------------------------------------------------
+    def save(self, comp) -> None:
+        """results.json and results.csv of the rows so far, in the staging directory."""
+        from .results import save_csv, save_json
+
+        for name, write in (("results.json", save_json), ("results.csv", save_csv)):
+            path = self.staging / name
+            try:
+                write(comp, path)
+            except OSError as e:
+                raise RunWriteError(path, e) from None
+        self.rows = [b.name for b in comp.backends]
+
+    def write(self, name: str, data: str) -> Path:
+        """Another file of the run (the report), in the staging directory; returns its final path."""
+        from .results import write_atomic
+
+        try:
+            write_atomic(self.staging / name, data)
+        except OSError as e:
+            raise RunWriteError(self.staging / name, e) from None
+        return self.out / name
+
+    def files(self, *names: str) -> list[Path]:
+        """Where the run's files are once committed."""
+        return [Path(self.given) / n for n in names]
+
+    # -- the end --------------------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Put the complete run in OUT's place atomically; the previous run is then removed."""
+        try:
+            self._mark("complete")
+            if self.out.is_dir():
+                old = _exchange(self.staging, self.out)  # the previous run now lies at `old`
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(self.staging, self.out)
+        except OSError as e:
+            raise RunWriteError(self.out, e) from None
+        self.committed = True
+        return self.out
+
+    def close(self) -> None:
+        """Remove an empty staging directory (a run that saved nothing) and release the lock."""
+        try:
+            if not self.committed and self.staging.is_dir():
+                if self.rows:
+                    self._mark("partial")
+                else:
+                    shutil.rmtree(self.staging, ignore_errors=True)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    def kept(self, what: str) -> str:
+        """One line: what stopped the run, which rows were kept where, and that OUT is intact."""
+        if self.rows and (self.staging / "results.json").is_file():
+            rows = f"results of the finished rows ({', '.join(self.rows)}) are in {self.staging}/results.json"
+        else:
+            rows = "no row had finished"
+        if self.out.is_dir() and any(self.out.iterdir()):
+            prev = f"the previous complete run is intact at {self.out}"
+        else:
+            prev = f"{self.out} holds no previous run and was left as it was"
+        return f"{what}: {rows}; {prev}"
+
+    def _mark(self, status: str) -> None:
+        try:
+            data = json.dumps({"status": status, "pid": os.getpid(), "rows": self.rows}) + "\n"
+            (self.staging / MARKER).write_text(data)
+        except OSError:
+            if status != "partial":  # best effort once things already went wrong
+                raise
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(new: Path, out: Path) -> Path:
+    """Swap directories `new` and `out` (both exist); return where the previous `out` now lies.
+
+    renameat2(RENAME_EXCHANGE) swaps them in one step. Where it is missing (not Linux, an old
+    kernel, a file system without it) the previous run is renamed aside first, so at no moment
+    is it gone while the new one is not in place.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        fn = None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if fn(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(out), _RENAME_EXCHANGE) == 0:
+            return new
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(out))
+    aside = out.with_name(f".{out.name}.previous-{os.getpid()}")
+    os.rename(out, aside)
+    try:
+        os.rename(new, out)
+    except OSError:
+        os.rename(aside, out)
+        raise
+    return aside

@@ -1,0 +1,519 @@
+"""Bad input: one line naming the fix, exit code 2 (or the documented non-zero), nothing else touched.
+
+The data-loss cases check that a sentinel file and a previous complete run survive.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantbridge.cli import cli
+
+FAST = ["--runs", "5", "--warmup", "0", "--batch", "1", "--prefill", "0", "--eval-len", "16", "--eval-seqs", "1"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(r, needle: str, code: int = 2) -> None:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, r.output
+    assert needle in errors[0], r.output
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """The model must not be loaded: these checks come first."""
+    import quantbridge.convert
+    import quantbridge.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    for module in (quantbridge.models, quantbridge.convert):  # convert binds the name at import
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory, demo):
+    """A complete compare run (fp16 only, with its report) to copy as the previous run."""
+    out = tmp_path_factory.mktemp("prev") / "run"
+    r = _invoke("compare", "demo", "--backends", "fp16", *FAST, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _previous_in(tmp_path: Path, previous: Path) -> Path:
+    out = tmp_path / "runs" / "latest"
+    shutil.copytree(previous, out)
+    (tmp_path / "runs" / "sentinel.txt").write_text("keep me")
+    return out
+
+
+# -- compare: settings refused before the model loads ---------------------------------------------
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--skip", "("], "--skip '(' is not a valid regular expression"),
+    (["--out", "/proc/nonexistent/x"], "cannot create --out /proc/nonexistent/x"),
+])
+def test_compare_refuses_before_loading(tmp_path, no_model_load, extra, needle):
+    args = ["compare", "demo", *FAST, *extra]
+    if "--out" not in extra:
+        args += ["--out", tmp_path / "out"]
+    _one_line_error(_invoke(*args), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_file_not_json(tmp_path, no_model_load):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    _one_line_error(_invoke("compare", "demo", "--plan", bad, "--out", tmp_path / "out"), "is not JSON")
+    assert bad.read_text() == "{not json" and not (tmp_path / "out").exists()
+
+
+def test_eval_text_not_utf8(tmp_path, no_model_load):
+    bad = tmp_path / "eval.txt"
+    bad.write_bytes(b"some text \xff\xfe more \xc3 text")
+    _one_line_error(_invoke("compare", "demo", "--eval-text", bad, "--out", tmp_path / "out"),
+                    "is not UTF-8 text (byte 0xff at offset 10, 3 undecodable sequence(s))")
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_reader_for_compare():
+    from quantbridge.errors import UserError
+    from quantbridge.preflight import read_text_strict
+
+    with pytest.raises(UserError, match="does not exist"):
+        read_text_strict("/no/such/file.txt")
+
+
+def test_out_is_cwd_or_holds_other_files(tmp_path, monkeypatch, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sentinel.txt").write_text("keep me")
+    _one_line_error(_invoke("compare", "demo", "--out", "."), "is the current directory")
+    _one_line_error(_invoke("compare", "demo", "--out", ".."), "a directory containing the current directory")
+    _one_line_error(_invoke("compare", "demo", "--out", "runs/.."), "is the current directory")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    _one_line_error(_invoke("compare", "demo", "--out", "mine"), "holds files that are not a quantbridge run (notes.txt)")
+    assert (mine / "notes.txt").read_text() == "mine" and (tmp_path / "sentinel.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "sentinel.txt"]
+
+
+def test_second_writer_is_refused(tmp_path, no_model_load, previous):
+    out = _previous_in(tmp_path, previous)
+    before = _snapshot(tmp_path / "runs")
+    with open(out.with_name(".latest.lock"), "a+") as f:  # what a live compare holds
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("12345\n")
+        f.flush()
+        r = _invoke("compare", "demo", *FAST, "--out", out)
+    _one_line_error(r, f"another quantbridge compare (pid 12345) is writing to {out}")
+    after = _snapshot(tmp_path / "runs")
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
+        {k: v for k, v in before.items() if not k.endswith(".lock")}
+
+
+# -- compare: settings refused right after loading, before the first row -------------------------
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--prefill", "99999"], "--prefill 99999 is above the"),
+    (["--batch", "1,99999"], "--batch 99999 is above the"),
+    (["--eval-len", "99999"], "the shipped evaluation text has"),
+])
+def test_step_sizes_above_the_text(tmp_path, demo, previous, extra, needle):
+    out = _previous_in(tmp_path, previous)
+    before = _snapshot(out)
+    r = _invoke("compare", "demo", "--backends", "fp16", *FAST, *extra, "--out", out)
+    _one_line_error(r, needle)
+    assert _snapshot(out) == before and not out.with_name("latest.partial").exists()
+
+
+def test_limit_is_the_shipped_eval_tokens(demo):
+    from quantbridge.preflight import check_step_sizes, step_token_limit
+    from quantbridge.workloads import decode_batches, prefill_batches, text_split, tokenize
+
+    limit = step_token_limit(demo.tokenizer)
+    tokens = tokenize(demo.tokenizer, text_split("eval"))
+    check_step_sizes([limit], limit, limit)  # the largest accepted values really can be built
+    assert decode_batches(tokens, limit, 1, 0)[0].shape == (limit, 1)
+    assert prefill_batches(tokens, limit, 1, 0)[0].shape == (1, limit)
+    with pytest.raises(ValueError):
+        prefill_batches(tokens, limit + 1, 1, 0)
+
+
+@pytest.mark.skipif(find_spec("llmcompressor") is None, reason="needs llmcompressor (test extras)")
+def test_calibration_text_too_short(tmp_path, demo):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("A short calibration text.")
+    r = _invoke("compare", "demo", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")
+    _one_line_error(r, "fewer than --calib-len 512")
+    assert not (tmp_path / "out").exists()
+
+
+# -- compare: a complete run replaces the previous one; an interrupted one does not -----------
+
+
+def test_complete_run_replaces_previous(tmp_path, previous):
+    out = _previous_in(tmp_path, previous)
+    r = _invoke("compare", "demo", "--backends", "fp16,native", *FAST, "--no-report", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert [b["name"] for b in json.loads((out / "results.json").read_text())["backends"]] == ["fp16", "native"]
+    assert not (out / "report.html").exists()  # the previous run's report went with it: no mixed runs
+    assert sorted(p.name for p in out.parent.iterdir()) == [".latest.lock", "latest", "sentinel.txt"]
+    assert oct((out / "results.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
+    import quantbridge.results as results
+
+    out = _previous_in(tmp_path, previous)
+    before = _snapshot(out)
+    real = results.write_atomic
+
+    def full_disk(path, data):
+        if Path(path).name == "report.html":
+            raise OSError(errno.EFBIG, "File too large")
+        return real(path, data)
+
+    monkeypatch.setattr(results, "write_atomic", full_disk)
+    r = _invoke("compare", "demo", "--backends", "fp16,native", *FAST, "--out", out)
+    _one_line_error(r, "File too large")
+    line = r.output.strip().splitlines()[-1]
+    partial = out.with_name("latest.partial")
+    assert f"results of the finished rows (fp16, native) are in {partial}/results.json" in line
+    assert f"the previous complete run is intact at {out}" in line
+    assert _snapshot(out) == before and (tmp_path / "runs" / "sentinel.txt").read_text() == "keep me"
+    assert [b["name"] for b in json.loads((partial / "results.json").read_text())["backends"]] == ["fp16", "native"]
+
+
+def test_exchange_without_renameat2(tmp_path, monkeypatch):
+    import ctypes
+
+    from quantbridge import rundir
+
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    out.mkdir()
+    (new / "results.json").write_text("new")
+    (out / "results.json").write_text("old")
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    old = rundir._exchange(new, out)
+    assert (out / "results.json").read_text() == "new" and (old / "results.json").read_text() == "old"
+
+
+def test_sigint_keeps_previous_run(tmp_path, previous):
+    out = _previous_in(tmp_path, previous)
+    before = _snapshot(out)
+    partial = out.with_name("latest.partial")
+    slow = ["--runs", "60", "--warmup", "0", "--batch", "1,8,32", "--prefill", "128", "--eval-len", "16",
+            "--eval-seqs", "1"]
+    p = subprocess.Popen([sys.executable, "-m", "quantbridge.cli", "compare", "demo", "--backends", "fp16,native",
+                          *slow, "-q", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "QUANTBRIDGE_CACHE": os.environ["QUANTBRIDGE_CACHE"]})
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial / "results.json").exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the first row never finished"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"Aborted: results of the finished rows (fp16) are in {partial}/results.json; "
+                          f"the previous complete run is intact at {out}"), err
+    assert _snapshot(out) == before and (tmp_path / "runs" / "sentinel.txt").read_text() == "keep me"
+    assert [b["name"] for b in json.loads((partial / "results.json").read_text())["backends"]] == ["fp16"]
+
+
+# -- convert: OUT_DIR ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def nested(tmp_path, monkeypatch):
+    child = tmp_path / "parent" / "child"
+    child.mkdir(parents=True)
+    (child / "sentinel.txt").write_text("keep me")
+    (tmp_path / "parent" / "sibling.txt").write_text("keep me too")
+    monkeypatch.chdir(child)
+    return tmp_path / "parent"
+
+
+@pytest.mark.parametrize("out,needle", [
+    ("..", "is a directory containing the current directory"),
+    (".", "is the current directory"),
+    ("/", "is the file-system root"),
+    ("~", "is your home directory"),
+])
+def test_convert_refuses_dangerous_out(nested, no_model_load, out, needle):
+    before = _snapshot(nested)
+    _one_line_error(_invoke("convert", "demo", "--to", "native", out, "--overwrite"), needle)
+    assert _snapshot(nested) == before
+
+
+def test_convert_refuses_non_checkpoint_even_with_overwrite(nested, no_model_load):
+    before = _snapshot(nested)
+    _one_line_error(_invoke("convert", "demo", "--to", "native", "../child", "--overwrite"), "current directory")
+    other = nested / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _one_line_error(_invoke("convert", "demo", "--to", "native", other, "--overwrite"),
+                    "is not empty and is not a model checkpoint (notes.txt); --overwrite replaces checkpoints only")
+    assert (other / "notes.txt").read_text() == "mine" and _snapshot(nested) == {**before, "other/notes.txt": b"mine"}
+
+
+def test_convert_lists_what_overwrite_replaces(nested, demo):
+    ck = nested / "ck"
+    r = _invoke("convert", "demo", "--to", "native", ck)
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in ck.iterdir())
+    _one_line_error(_invoke("convert", "demo", "--to", "native", ck),
+                    f"is not empty: it holds a checkpoint ({', '.join(files[:6])}); pass --overwrite to replace it")
+    r = _invoke("convert", "demo", "--to", "gptq", ck, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert f"--overwrite: the checkpoint in {ck} will be replaced ({', '.join(files)})" in r.output
+    assert (nested / "child" / "sentinel.txt").read_text() == "keep me"
+    assert sorted(p.name for p in nested.iterdir()) == ["child", "ck", "sibling.txt"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--to", "awq", "--act-order"], "AWQ checkpoints cannot hold act-order"),
+    (["--to", "native", "--skip", "("], "--skip '(' is not a valid regular expression"),
+])
+def test_convert_bad_options(tmp_path, no_model_load, args, needle):
+    _one_line_error(_invoke("convert", "demo", tmp_path / "out", *args), needle)
+    assert not (tmp_path / "out").exists()
+
+
+# -- model loading -----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def demo_copy(tmp_path, demo):
+    from quantbridge.models import demo_path
+
+    d = tmp_path / "model"
+    shutil.copytree(demo_path(), d)
+    return d
+
+
+def _compare_model(model, tmp_path):
+    return _invoke("compare", model, "--backends", "fp16", *FAST, "--out", tmp_path / "out")
+
+
+def test_truncated_safetensors(demo_copy, tmp_path):
+    f = demo_copy / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100_000])
+    _one_line_error(_compare_model(demo_copy, tmp_path), f"{f} is truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_quantized_checkpoint(tmp_path, demo):
+    ck = tmp_path / "ck"
+    assert _invoke("convert", "demo", "--to", "gptq", ck).exit_code == 0
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    _one_line_error(_compare_model(ck, tmp_path), f"{f} is truncated or corrupt")
+    _one_line_error(_invoke("convert", ck, "--to", "awq", tmp_path / "awq"), "is truncated or corrupt")
+    assert not (tmp_path / "awq").exists()
+
+
+def test_config_not_json(demo_copy, tmp_path):
+    (demo_copy / "config.json").write_text("{nope")
+    _one_line_error(_compare_model(demo_copy, tmp_path), f"{demo_copy / 'config.json'} is not valid JSON")
+    _one_line_error(_invoke("convert", demo_copy, "--to", "awq", tmp_path / "awq"), "config.json is not valid JSON")
+
+
+def test_no_tokenizer_files(demo_copy, tmp_path):
+    for f in demo_copy.glob("tokenizer*"):
+        f.unlink()
+    r = _compare_model(demo_copy, tmp_path)
+    _one_line_error(r, "has no tokenizer files")
+    assert "sentencepiece" not in r.output and "tiktoken" not in r.output
+
+
+def test_not_a_causal_lm(tmp_path, demo):
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(d)
+    demo.tokenizer.save_pretrained(d)
+    r = _compare_model(d, tmp_path)
+    _one_line_error(r, "(BertModel) is not a causal-LM checkpoint: as BertLMHeadModel")
+    assert "randomly initialised (e.g. cls.predictions" in r.output
+
+
+def test_unknown_name_fails_fast_without_hub(tmp_path, monkeypatch):
+    import quantbridge.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    t = time.monotonic()
+    _one_line_error(_compare_model("quantbridge-test/no-such-model", tmp_path), "cannot be reached to look it up")
+    assert time.monotonic() - t < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(_compare_model("quantbridge-test/no-such-model", tmp_path), "HF_HUB_OFFLINE is set")
+    _one_line_error(_compare_model("a b", tmp_path), "neither a local path nor a valid hub id")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    _one_line_error(_compare_model("m.gguf", tmp_path), "m.gguf is a GGUF file; quantbridge cannot read GGUF yet")
+    _one_line_error(_compare_model("typo.gguf", tmp_path), "model path 'typo.gguf' does not exist")
+
+
+# -- report, serve-stats, plan -----------------------------------------------------------------------
+
+
+def test_report_bad_files(tmp_path, previous):
+    lst = tmp_path / "list.json"
+    lst.write_text("[1, 2]")
+    _one_line_error(_invoke("report", lst), "it holds a JSON list, not an object")
+    data = json.loads((previous / "results.json").read_text())
+    data["backends"][0]["layers"][0]["latency_us"]["1"]["median"] = "fast"
+    s = tmp_path / "string.json"
+    s.write_text(json.dumps(data))
+    _one_line_error(_invoke("report", s), "latency median at M=1 is 'fast', not a number")
+    data = json.loads((previous / "results.json").read_text())
+    data["schema_version"] = 99
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(data))
+    _one_line_error(_invoke("report", newer), "schema_version 99 was written by a newer quantbridge")
+    _one_line_error(_invoke("report", previous / "results.json", "--html", "/proc/nonexistent/r.html"),
+                    "cannot create the directory of --html /proc/nonexistent/r.html")
+    _one_line_error(_invoke("report", previous / "results.json", "--md", tmp_path), "is a directory")
+
+
+def _worker(rank: int) -> dict:
+    return {"backend": "native", "model": "m", "device": "cpu", "tp_rank": rank, "tp_size": 1,
+            "layers": {"model.layers.0.mlp.down_proj": {"shape": [8, 16], "kernel": "reference-torch",
+                                                        "weight_bytes": 80,
+                                                        "m": {"1": {"count": 3, "total_us": 6.0,
+                                                                    "samples_us": [1.0, 2.0, 3.0]}}}}}
+
+
+def test_serve_stats_skips_bad_worker_files(tmp_path):
+    d = tmp_path / "prof"
+    d.mkdir()
+    (d / "worker-0.json").write_text(json.dumps(_worker(0)))
+    bad = {"worker-1.json": "\x00\xffgarbage", "worker-2.json": json.dumps(_worker(0))[:40], "worker-3.json": "[]",
+           "worker-4.json": "{}"}
+    for name, text in bad.items():
+        (d / name).write_text(text)
+    r = _invoke("serve-stats", d)
+    assert r.exit_code == 0, r.output
+    for name in bad:
+        assert f"warning: skipped {d / name}:" in r.output
+    assert "1 worker file(s)" in r.output and "Traceback" not in r.output
+    for name in bad:
+        (d / name).write_text(bad[name])
+    (d / "worker-0.json").write_text("{}")
+    _one_line_error(_invoke("serve-stats", d), "no usable worker file in")
+
+
+@pytest.fixture(scope="module")
+def sensitivity(tmp_path_factory, demo):
+    out = tmp_path_factory.mktemp("sens") / "run"
+    r = _invoke("compare", "demo", "--backends", "native", "--sensitivity", *FAST, "--no-report", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out / "results.json"
+
+
+def test_plan_budgets(tmp_path, sensitivity):
+    plan = tmp_path / "plan.json"
+    _one_line_error(_invoke("plan", sensitivity, "--max-ppl-increase", "-50", "--out", plan), "no plan meets the budget")
+    _one_line_error(_invoke("plan", sensitivity, "--max-weight-gb", "0.000001", "--out", plan), "no plan meets the budget")
+    assert not plan.exists()
+    _one_line_error(_invoke("plan", sensitivity, "--max-ppl-increase", "5", "--backends", "nosuch", "--out", plan),
+                    "unknown backend 'nosuch'")
+    _one_line_error(_invoke("plan", sensitivity, "--max-ppl-increase", "5", "--backends", "bnb-int8", "--out", plan),
+                    "--backends bnb-int8 has no ok row in these results")
+    assert not plan.exists()
+    r = _invoke("plan", sensitivity, "--max-ppl-increase", "5", "--out", plan)
+    assert r.exit_code == 0 and plan.exists(), r.output
+
+
+# -- files, dependencies, start-up -------------------------------------------------------------------
+
+
+def test_result_files_get_the_umask_mode(tmp_path):
+    from quantbridge.results import write_atomic
+
+    write_atomic(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_report_dependencies_are_core():
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("matplotlib") for d in meta["dependencies"])
+
+
+def test_ci_runs_the_readme_first_command():
+    root = Path(__file__).parents[1]
+    ci = (root / ".ci" / "run").read_text()
+    assert "bash .ci/setup && python -m pytest -q" in ci.splitlines()
+    assert "readme_commands | sed -n 1p" in ci and "--system-site-packages" not in ci
+    readme = (root / "README.md").read_text()
+    assert 'pip install "torch==2.13.0" -e . && quantbridge compare demo' in readme
+
+
+def test_env_imports_no_quantization_library():
+    code = ("import sys; from click.testing import CliRunner; from quantbridge.cli import cli; "
+            "r = CliRunner().invoke(cli, ['env', '--json']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('bitsandbytes', 'llmcompressor') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs bitsandbytes (test extras)")
+def test_bitsandbytes_import_is_quiet():
+    r = subprocess.run([sys.executable, "-c", "from quantbridge.adapters.bnb import import_bnb; import_bnb()"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "kernels-community" not in r.stdout + r.stderr
+
+
+@pytest.mark.skipif(find_spec("llmcompressor") is None, reason="needs llmcompressor (test extras)")
+def test_convert_calibration_not_utf8(tmp_path, demo):
+    bad = tmp_path / "calib.txt"
+    bad.write_bytes(b"\xff" * 64)
+    r = _invoke("convert", "demo", "--to", "gptq", tmp_path / "out", "--method", "gptq", "--calib", bad)
+    _one_line_error(r, "is not UTF-8 text")
+    assert not (tmp_path / "out").exists()

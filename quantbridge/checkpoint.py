@@ -19,7 +19,7 @@ from torch import nn
 
 from . import formats
 from .errors import UserError
-from .models import LoadedModel, _dir_hash, linear_layers
+from .loaded import LoadedModel, dir_hash, linear_layers
 from .packed import Int4Weight
 from .spec import QuantSpec
 
@@ -126,7 +126,7 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     tokenizer = AutoTokenizer.from_pretrained(path)
     info = {"name": str(path), "source": str(Path(path).resolve()), "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),
-            "hash": _dir_hash(Path(path)),
+            "hash": dir_hash(Path(path)),
             "checkpoint": {"format": codec.name, "quantized_layers": len(weights), "scales_dtype": scale_dtypes,
                            "quantization_config": qcfg}}
     return LoadedModel(name=str(path), source=info["source"], model=model, tokenizer=tokenizer, info=info, int4=weights)

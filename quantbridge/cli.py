@@ -138,12 +138,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     """
     from . import backend as registry
     from . import preflight
-    from .compare import Settings, run_comparison, verdict
-    from .hardware import resolve_device, resolve_dtype
-    from .models import load_model
-    from .report.terminal import print_comparison
-    from .rundir import RunDir, RunWriteError
-    from .settings import timing_mode
+    from .settings import Settings
     from .spec import QuantSpec
 
     names = registry.parse_names(backends)
@@ -161,8 +156,25 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
                         calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
                         cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode)
+    run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
+                eval_source=eval_source)
+
+
+def run_compare(model: str, names: list[str], settings, device: str, dtype: str, out_dir: str, *, report: bool = True,
+                quiet: bool = False, no_layers: bool = False, eval_source: str | None = None):
+    """What `compare` does once its options are parsed: check, load, run every row, write OUT atomically.
+
+    `plan` calls it too. Exits 1 (after writing) when the reference or every requested row failed.
+    """
+    from .compare import run_comparison, verdict
+    from .hardware import resolve_device, resolve_dtype
+    from .models import load_model
+    from .report.terminal import print_comparison
+    from .rundir import RunDir, RunWriteError
+    from .settings import timing_mode
+
     dev = resolve_device(device)
-    timing_mode(mode, dev)  # fail before loading: graph and compile need CUDA
+    timing_mode(settings.mode, dev)  # fail before loading: graph and compile need CUDA
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)
     run = RunDir(out_dir).prepare()  # checked, locked and staged before the model loads
@@ -197,6 +209,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     if failed:  # the results are written; the exit status says the run did not measure what was asked
         click.echo(f"Error: {failed}", err=True)
         sys.exit(1)
+    return comp
 
 
 def _preflight_inputs(loaded, names: list[str], settings, eval_source: str | None) -> None:
@@ -309,8 +322,7 @@ def _load_results(path: str):
 @click.option("--compare-out", default="runs/plan-compare", show_default=True, type=click.Path(file_okay=False),
               help="When SOURCE is a model: where its comparison is written.")
 @click.option("--out", "out_file", default="plan.json", show_default=True, type=click.Path(dir_okay=False))
-@click.pass_context
-def plan(ctx: click.Context, source: str, max_ppl_increase: float | None, max_weight_gb: float | None,
+def plan(source: str, max_ppl_increase: float | None, max_weight_gb: float | None,
          max_latency_ratio: float | None, m: int | None, backends: str | None, compare_out: str, out_file: str) -> None:
     """Propose a per-layer assignment (fp16, INT8 or an INT4 backend) that meets a budget.
 
@@ -339,10 +351,11 @@ def plan(ctx: click.Context, source: str, max_ppl_increase: float | None, max_we
     if source.endswith(".json") or Path(source).is_file():
         results = source
     else:
-        args = [source, "--backends", backends or "native,bnb-int8", "--sensitivity", "--out", compare_out,
-                "--no-layers"] + (["--batch", str(m)] if m else [])
-        with compare.make_context("compare", args, parent=ctx) as sub:
-            compare.invoke(sub)
+        from .settings import Settings
+
+        names = registry.parse_names(backends or "native,bnb-int8")
+        settings = Settings(sensitivity=True, **({"batches": [m]} if m else {}))
+        run_compare(source, names, settings, "auto", "auto", compare_out, no_layers=True)
         results = str(Path(compare_out) / "results.json")
     comp = _load_results(results)
     m = m or (comp.settings.get("decode_m") or [1])[0]

@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from . import backend as registry
 from .errors import BackendUnavailable, UserError
 from .hardware import device_info
 from .instrument import L2Flush
 from .measure import measure_row, sensitivity
-from .models import LoadedModel, linear_layers
+from .loaded import LoadedModel, linear_layers
 from .preflight import read_text_strict
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison

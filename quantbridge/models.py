@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,17 +42,8 @@ SEEDED = {
 }
 
 
-@dataclass
-class LoadedModel:
-    name: str
-    source: str  # "demo", a directory, or a hub id
-    model: nn.Module
-    tokenizer: object
-    info: dict = field(default_factory=dict)
-    int4: dict | None = None  # a quantized checkpoint's weights (module path -> Int4Weight)
-
-
-from .cachedir import cache_dir  # noqa: F401
+from .cachedir import cache_dir
+from .loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
 
 
 def _train_tokenizer(vocab_size: int):
@@ -114,18 +103,6 @@ def demo_path() -> Path:
 def _looks_like_path(spec: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with slashes is meant as a path.
     return spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1
-
-
-def _dir_hash(path: Path) -> str:
-    """Hash of config and weight file names/sizes: identifies a checkpoint without reading GBs."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    cfg = path / "config.json"
-    if cfg.exists():
-        h.update(cfg.read_bytes())
-    return h.hexdigest()[:16]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -295,7 +272,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
-        "hash": _dir_hash(Path(path)) if isinstance(path, Path) else None,
+        "hash": dir_hash(Path(path)) if isinstance(path, Path) else None,
     }
     if source == DEMO_NAME:
         info["demo_version"] = DEMO_VERSION
@@ -319,8 +296,3 @@ def _load_seeded(name: str, device: torch.device, dtype: torch.dtype) -> LoadedM
             "note": "random seeded weights with real Llama layer shapes: latency and layer error only"}
     return LoadedModel(name=name, source="seeded", model=model, tokenizer=AutoTokenizer.from_pretrained(demo_path()),
                        info=info)
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of the model by module path, in execution-ish (definition) order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -43,7 +43,7 @@ def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec)
 
     Linears not in `layers` go to the reference backend, so they are probed the same way.
     """
-    from .models import linear_layers
+    from .loaded import linear_layers
 
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, memo)

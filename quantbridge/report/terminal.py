@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..recommend import layer_latency_sum as _layer_sum
-from ..results import BackendResult, Comparison
+from ..results import Comparison
 from .common import STEP_HEAD, plan_rows, spec_label, step_rows, timing_note
 
 REFERENCE = "fp16"

@@ -56,3 +56,15 @@ def test_capture_and_errors_against_float64():
     assert abs(iso["2"].rel_l2 - expected.item()) < 1e-5
     # the last layer has no error of its own, but inherits layer 2's
     assert iso["4"].rel_l2 == 0 and prop["4"].rel_l2 > 1e-3
+
+
+def test_host_only_timer_records_host_time_and_no_device_marks():
+    model = _mlp(3)
+    lins = _linears(model)
+    with LayerTimer(lins, torch.device("cpu"), device_time=False) as t:
+        for _ in range(4):
+            model(torch.randn(5, 64))
+    host = t.host_samples_us()
+    assert set(host) == set(lins) and all(len(v) == 4 and min(v) > 0 for v in host.values())
+    assert all(not pairs for pairs in t.samples_us().values())  # no device clock was read
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in lins.values())

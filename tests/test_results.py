@@ -19,11 +19,12 @@ def test_json_round_trip_and_contract(tmp_path):
     p = tmp_path / "r" / "results.json"
     save_json(_comp(), p)
     raw = json.loads(p.read_text())
-    assert raw["schema_version"] == 1
+    assert raw["schema_version"] == 2
     assert set(raw) >= {"model", "device", "settings", "backends"}
     b = raw["backends"][0]
-    assert set(b) >= {"name", "status", "reason", "kernel", "weight_bytes", "bits_per_weight", "layers", "model_metrics"}
-    assert set(b["layers"][0]) >= {"name", "shape", "latency_us", "error"}
+    assert set(b) >= {"name", "status", "reason", "kernel", "timing", "weight_bytes", "bits_per_weight", "layers",
+                      "model_metrics"}
+    assert set(b["layers"][0]) >= {"name", "shape", "latency_us", "host_us", "error"}
     assert b["layers"][0]["error"]["sqnr_db"] is None  # infinite SQNR is written as null
     back = load_json(p)
     assert back.backends[0].layers[0].latency_us["1"]["median"] == 3.0
@@ -51,5 +52,5 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_csv_rows(tmp_path):
     save_csv(_comp(), tmp_path / "r.csv")
     lines = (tmp_path / "r.csv").read_text().splitlines()
-    assert lines[0].startswith("backend,status,weights,layer,N,K")
-    assert len(lines) == 3 and lines[1].startswith("native,ok,rtn,model.layers.0.mlp.up_proj,768,256")
+    assert lines[0].startswith("backend,status,weights,timing,layer,N,K")
+    assert len(lines) == 3 and lines[1].startswith("native,ok,rtn,,model.layers.0.mlp.up_proj,768,256")

@@ -258,3 +258,23 @@ def test_results_files_hold_host_cost_columns(demo, tmp_path):
     assert "host_median_us" in header and "timing" in header
     row = dict(zip(header, first))
     assert math.isfinite(float(row["host_median_us"])) and row["timing"].startswith("eager")
+
+
+class _Exploding(Backend):
+    name = "test-boom"
+
+    def quantize(self, linear, spec):
+        raise RuntimeError("kernel exploded")
+
+
+def test_cli_exits_non_zero_when_every_requested_row_failed(tmp_path):
+    registry.register(_Exploding)
+    try:
+        r = CliRunner().invoke(cli, ["compare", "demo", "--backends", "test-boom", "--batch", "1", "--prefill", "0",
+                                     "--runs", "5", "--warmup", "0", "--eval-seqs", "1", "--eval-len", "32",
+                                     "--no-report", "-q", "--out", str(tmp_path / "run")])
+    finally:
+        registry._REGISTRY.pop("test-boom")
+    assert r.exit_code == 1, r.output
+    assert "every requested row failed" in r.output and "kernel exploded" in r.output
+    assert (tmp_path / "run" / "results.json").is_file()  # what ran is still written

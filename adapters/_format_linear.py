@@ -10,19 +10,17 @@ from __future__ import annotations
 import torch
 
 from quantbridge.formats import Codec
-from quantbridge.kernels import int4_reference
 from quantbridge.packed import Int4Weight
 
 from .native import NativeLinear
 
 
 class FormatLinear(NativeLinear):
+    reference_only = True  # never our Triton kernel: this row is the library's weights
+
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, codec: Codec, qcfg: dict) -> None:
         stored = codec.encode(weight)
         super().__init__(codec.decode(stored, qcfg), bias)
-        self._impl = int4_reference  # never our Triton kernel: this row is the library's weights
-        self.kernel = int4_reference.KERNEL_NAME
-        self._bound = None
         self.format = codec.name
         self._nbytes = sum(t.numel() * t.element_size() for t in stored.values())
 

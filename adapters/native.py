@@ -39,22 +39,34 @@ class NativeLinear(QuantLinear):
         self.register_buffer("perm", weight.perm)
         self.group_size = weight.group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._impl = _kernel_for(weight.qweight.device, weight.scales.dtype)
+        self._impl = int4_reference if self.reference_only else _kernel_for(weight.qweight.device, weight.scales.dtype)
         self.kernel = self._impl.KERNEL_NAME
+        self._retired: list = []
         self._bind()
+
+    reference_only = False  # subclasses that must never run the Triton kernel (FormatLinear)
 
     def _bind(self) -> None:
         """Resolve the Triton launch once (per M, on first use) instead of on every call."""
         bound = getattr(self._impl, "BoundLinear", None)
         self._bound = None if bound is None or not self.qweight.is_cuda else bound(self.packed, self.bias)
+        self._bound_to = self._tensor_key()
+
+    def _tensor_key(self) -> tuple:
+        return tuple((t.data_ptr(), t.dtype, t.device) if t is not None else None
+                     for t in (self.qweight, self.scales, self.zeros, self.perm, self.bias))
 
     def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda()/.half() replace the buffers: the bound launch holds the old ones.
+        # .to()/.cuda()/.half() may replace the buffers, which the bound launch holds. Rebind
+        # only when they really changed: a CUDA graph captured earlier holds the bound
+        # launch's split-K counters, and a no-op .to() must not free them.
         out = super()._apply(fn, *args, **kwargs)
-        if self._impl is not int4_reference:
-            self._impl = _kernel_for(self.qweight.device, self.scales.dtype)
-            self.kernel = self._impl.KERNEL_NAME
-        self._bind()
+        if self._tensor_key() != self._bound_to:
+            if not self.reference_only:
+                self._impl = _kernel_for(self.qweight.device, self.scales.dtype)
+                self.kernel = self._impl.KERNEL_NAME
+            self._retired.append(self._bound)  # graphs captured with it may still replay
+            self._bind()
         return out
 
     @property

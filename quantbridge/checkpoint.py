@@ -31,7 +31,7 @@ _SIDECARS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}  # auto
 
 
 def quantization_config(path: Path) -> dict | None:
-    from .models import read_config
+    from .modeldir import read_config
 
     cfg = read_config(Path(path))
     if cfg.get("quantization_config") is not None:
@@ -97,7 +97,7 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import check_local_model
+    from .modeldir import check_local_model
 
     check_local_model(Path(path))  # config, weight headers and tokenizer files, each named if bad
     codec, qcfg, weights, rest = read_int4(path)

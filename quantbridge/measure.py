@@ -49,10 +49,12 @@ def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
                      "linear_sum_us": {}, "step_remainder_us": {}, "timing": {}}
     for m, t in timings.items():
         key = str(m)
-        off, on = summarize(t.step_us), summarize(t.step_probed_us)
+        off = summarize(t.step_us)
         metrics["forward_us"][key] = off.to_dict()
-        metrics["forward_probed_us"][key] = on.to_dict()
-        metrics["probe_overhead_pct"][key] = 100 * (on.median - off.median) / off.median
+        if t.step_probed_us:  # compile mode has no probes inside its step
+            on = summarize(t.step_probed_us)
+            metrics["forward_probed_us"][key] = on.to_dict()
+            metrics["probe_overhead_pct"][key] = 100 * (on.median - off.median) / off.median
         metrics["tokens_per_s"][key] = m * 1e6 / off.median
         metrics["timing"][key] = t.label
         if t.layer_us:
@@ -61,8 +63,12 @@ def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
             sums = [sum(v[i] for v in t.layer_us.values()) for i in range(runs)]
             metrics["linear_sum_us"][key] = summarize(sums).to_dict()
             if t.span_us is not None:
-                metrics["step_remainder_us"][key] = summarize([s - x for s, x in zip(t.span_us, sums)]).to_dict()
+                # The rest of the step: the unprobed step minus the linears. The probed graph's own
+                # span is longer by the probes' cost (an event node each), kept apart.
+                metrics["step_remainder_us"][key] = off.median - metrics["linear_sum_us"][key]["median"]
                 metrics.setdefault("in_graph_span_us", {})[key] = summarize(t.span_us).to_dict()
+                metrics.setdefault("probe_cost_per_event_us", {})[key] = (
+                    (summarize(t.span_us).median - off.median) / (2 * len(t.layer_us) + 2))
     decode = sorted(set(settings.batches))
     metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in decode}
     if settings.prefill and str(settings.prefill) in metrics["forward_us"]:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-_LAYERS: list[nn.Module] = []  # this process's wrapped layers, by index
+_LAYERS: list[nn.Module | None] = []  # this process's wrapped layers, by index; an index is never reused
 
 
 @torch.library.custom_op("quantbridge::opaque_linear", mutates_args=())
@@ -50,4 +50,7 @@ def opaque_linears(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[N
     finally:
         for name, mod in layers.items():
             model.set_submodule(name, mod)
-        del _LAYERS[start:]
+        # Cleared, not deleted: compiled code from this block holds these indices, and a later
+        # row must never dispatch to them.
+        for i in range(start, len(_LAYERS)):
+            _LAYERS[i] = None

@@ -161,8 +161,8 @@ def row_layers(name: str, source: WeightSource, shared: str | None, only: set[st
         else:
             try:
                 out[n] = build(b, ws[n], lin.bias)
-            except ValueError as e:  # the kernel's layout cannot hold these weights (e.g. act-order in AWQ)
-                raise NotRunnable(f"{name} cannot run these weights: {e}") from None
+            except (ValueError, UserError) as e:  # the kernel cannot hold these weights (act-order in AWQ,
+                raise NotRunnable(f"{name} cannot run these weights: {e}") from None  # a group size it lacks)
         source.progress.advance()
     return out, label
 

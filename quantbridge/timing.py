@@ -15,6 +15,7 @@ falls back to the next one, graph -> eager, compile -> graph, and the label says
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,10 +84,20 @@ def _capture(fn: Callable[[], object], pool=None) -> torch.cuda.CUDAGraph:
         # thread_local: the telemetry sampler's thread must not invalidate the capture.
         with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
             fn()
-    except Exception as e:  # noqa: BLE001 - any capture failure means: not capturable
+    except torch.cuda.OutOfMemoryError:
+        raise  # out of memory is the row's failure, not a reason to time it another way
+    except Exception as e:  # noqa: BLE001 - classified below
+        if not _is_capture_error(e):
+            raise
         _recover()
         raise NotCapturable(f"not capturable: {_first_line(e)}") from e
     return g
+
+
+def _is_capture_error(e: BaseException) -> bool:
+    """Errors that mean 'this work cannot be captured' (a host sync, an unsupported call), not a bug."""
+    text = f"{type(e).__name__} {e}".lower()
+    return "captur" in text or "graph" in text
 
 
 def _recover() -> None:
@@ -95,12 +106,23 @@ def _recover() -> None:
     try:
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        scratch = torch.zeros(1, device="cuda")
+        scratch = torch.zeros(1, device=torch.cuda.current_device())
         with torch.cuda.graph(g):
             scratch.add_(1)
         del g
     except RuntimeError:
         pass
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device, reused: kernels keep per-stream scratch buffers."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[index]
 
 
 def graph(step: Step) -> StepTiming:
@@ -109,7 +131,7 @@ def graph(step: Step) -> StepTiming:
     host = _host_only(step)
     static = step.inputs[0].clone()
     # Warm-up on a side stream before capture, as torch.cuda.graphs asks (lazy workspaces).
-    side = torch.cuda.Stream(step.device)
+    side = _side_stream(step.device)
     side.wait_stream(torch.cuda.current_stream(step.device))
     with torch.cuda.stream(side):
         step.forward(static)
@@ -154,17 +176,34 @@ def compile_step(step: Step) -> StepTiming:
     for x in step.inputs[: max(step.warmup, 1)]:
         step.forward(x)
     host = _host_only(step)
+    reference = _logits(step.forward(step.timed[0]))
     try:
+        torch._dynamo.reset()  # no compiled code or recorded graph carried over from another row
         with opaque_linears(step.model, step.layers):
             compiled = torch.compile(step.model, mode="reduce-overhead", dynamic=False, fullgraph=False)
             run = lambda x: step.call(compiled, x)  # noqa: E731
             for x in step.inputs[: max(step.warmup, 3)]:  # cudagraph trees: warm-up, record, then replay
                 run(x)
+            got = _logits(run(step.timed[0]))
+            err = (torch.linalg.vector_norm((got - reference).double()) / torch.linalg.vector_norm(reference.double())).item()
+            if not err < 1e-2:  # the compiled step must compute what the row's model computes
+                raise NotCapturable(f"not compilable: the compiled step's output differs from eager (rel. error {err:.2g})")
             off = time_calls(run, step.timed, step.device, step.flush)
+    except (NotCapturable, torch.cuda.OutOfMemoryError):
+        raise
     except Exception as e:  # noqa: BLE001 - dynamo/inductor failures mean: this row cannot be compiled
+        if not (type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) or _is_capture_error(e)):
+            raise
         _recover()
         raise NotCapturable(f"not compilable: {_first_line(e)}") from e
-    return StepTiming("compile", "compile (reduce-overhead; whole step only)", {}, host, off, off)
+    finally:
+        torch._dynamo.reset()
+    # No probes run inside the compiled step, so there is no probed step time.
+    return StepTiming("compile", "compile (reduce-overhead; whole step only)", {}, host, off, [])
+
+
+def _logits(out: object) -> torch.Tensor:
+    return getattr(out, "logits", out).float().clone()
 
 
 TIMERS: dict[str, Callable[[Step], StepTiming]] = {"eager": eager, "graph": graph, "compile": compile_step}
@@ -174,15 +213,16 @@ FALLBACK = {"compile": "graph", "graph": "eager"}
 def time_step(mode: str, step: Step) -> StepTiming:
     """Time `step` in `mode`, falling back (compile -> graph -> eager) where a mode cannot run it."""
     why: list[str] = []
-    while True:
-        try:
-            timing = TIMERS[mode](step)
-            break
-        except NotCapturable as e:
-            if mode not in FALLBACK:
-                raise
-            why.append(str(e))
-            mode = FALLBACK[mode]
+    with torch.cuda.device(step.device) if step.device.type == "cuda" else contextlib.nullcontext():
+        while True:
+            try:
+                timing = TIMERS[mode](step)
+                break
+            except NotCapturable as e:
+                if mode not in FALLBACK:
+                    raise
+                why.append(str(e))
+                mode = FALLBACK[mode]
     timing.label = describe(timing.label, why, step.device.type)
     return timing
 

@@ -81,14 +81,15 @@ def test_timing_mode_resolution():
 
 
 def test_timing_metrics_remainder_and_tokens_per_s():
-    """Synthetic graph timings: step remainder = in-graph span minus Σ layers, per run, then median."""
+    """Synthetic graph timings: remainder = unprobed step minus Σ layers; the probes' cost per event apart."""
     layers = {"a": [10.0, 11.0, 12.0, 13.0, 14.0], "b": [5.0, 5.0, 6.0, 6.0, 7.0]}
-    span = [20.0, 21.0, 23.0, 24.0, 26.0]
+    span = [30.0, 31.0, 33.0, 34.0, 36.0]
     t = timing.StepTiming("graph", "graph", layers, {"a": [30.0] * 5, "b": [31.0] * 5},
                           step_us=[25.0] * 5, step_probed_us=[27.0] * 5, span_us=span)
     m = timing_metrics({4: t}, Settings(batches=[4], prefill=0))
     assert m["linear_sum_us"]["4"]["median"] == 18.0
-    assert m["step_remainder_us"]["4"]["median"] == pytest.approx(5.0)
+    assert m["step_remainder_us"]["4"] == pytest.approx(25.0 - 18.0)
+    assert m["probe_cost_per_event_us"]["4"] == pytest.approx((33.0 - 25.0) / 6)
     assert m["tokens_per_s"]["4"] == pytest.approx(4e6 / 25.0)
     assert m["probe_overhead_pct"]["4"] == pytest.approx(8.0)
     assert m["timing"]["4"] == "graph" and m["decode_tokens_per_s"] == {"4": m["tokens_per_s"]["4"]}
@@ -210,9 +211,10 @@ def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_ba
     for b in (fp16, native):
         assert b.status == "ok" and b.timing == "graph", (b.name, b.reason, b.timing)
         for m in ("1", "4", "16"):
-            span = b.model_metrics["in_graph_span_us"][m]["median"]
+            step = b.model_metrics["forward_us"][m]["median"]
             lsum = b.model_metrics["linear_sum_us"][m]["median"]
-            assert 0 < lsum < span and b.model_metrics["step_remainder_us"][m]["median"] > 0
+            assert 0 < lsum < step and b.model_metrics["step_remainder_us"][m] == pytest.approx(step - lsum)
+            assert b.model_metrics["in_graph_span_us"][m]["median"] > lsum
             assert all(r.latency_us[m]["median"] > 0 and r.host_us[m]["median"] > 0 for r in b.layers)
     assert sync.status == "ok" and sync.timing.startswith("eager (not capturable:"), (sync.reason, sync.timing)
     assert torch.isfinite(torch.randn(8, device=dev)).all()  # the failed capture left the generator usable

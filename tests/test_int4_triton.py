@@ -230,9 +230,34 @@ def test_native_linear_moves_and_rebinds():
     q = get("native").quantize(lin, QuantSpec(group_size=64))
     assert q._bound is None  # CPU: the reference kernel
     q = q.to(torch.float32)
+    assert q._retired == []  # a no-op move keeps the bound launch (graphs captured with it stay valid)
     x = torch.randn(3, 128)
     ref = x.double() @ q.dequantize().double().T + lin.bias.double()
     assert _rel(q(x), ref) < 1e-5
+    q = q.to(torch.float64)  # the buffers really change: bind again, keep the old launch alive
+    assert len(q._retired) == 1 and q.kernel == "reference-torch"
+
+
+@pytest.mark.gpu
+def test_gpu_graph_survives_a_no_op_move_and_cpu_round_trip_gets_the_triton_kernel(fixed_tuner):
+    from quantbridge.backend import get
+
+    torch.manual_seed(11)
+    lin = torch.nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)
+    q = get("native").quantize(lin, QuantSpec())
+    static = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    q(static)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = q(static)
+    q.to("cuda")  # no-op: the graph's counters and workspace must stay alive
+    torch.empty(64 << 20, device="cuda").normal_()  # reuse freed memory, if any was freed
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    static.copy_(x)
+    g.replay()
+    ref = x.double() @ q.dequantize().to("cuda").double().T + lin.bias.double()
+    assert _rel(out, ref) < 1e-2
+    assert q.cpu().cuda().kernel == "quantbridge.triton"
 
 
 @pytest.fixture

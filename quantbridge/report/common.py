@@ -46,7 +46,8 @@ def step_rows(comp: Comparison) -> list[list[str]]:
             continue
         mm = b.model_metrics
         for m, step in mm.get("forward_us", {}).items():
-            rest = mm.get("step_remainder_us", {}).get(m, {}).get("median")
+            rest = mm.get("step_remainder_us", {}).get(m)
+            rest = rest.get("median") if isinstance(rest, dict) else rest  # a summary in older files
             host = [r.host_us[m]["median"] for r in b.layers if m in r.host_us]
             rows.append([b.name, m, mm.get("timing", {}).get(m, b.timing or ""), _fmt(step["median"], ".1f"),
                          _fmt(layer_latency_sum(b, m), ".1f"), _fmt(rest, ".1f"),

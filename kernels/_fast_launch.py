@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import triton
 from triton import knobs
 from triton.runtime.driver import driver
 
@@ -53,7 +54,9 @@ class RawLauncher:
 def raw_launcher(kernel) -> RawLauncher | None:
     """The C entry point of a compiled kernel's launcher, or None where it cannot be called
     directly (interpreter, a kernel that needs Triton-allocated scratch memory, another launcher)."""
-    if kernel is None or _INTERPRET:
+    # The C launcher's positional arguments below are Triton 3.6's; another release may order
+    # them differently, so it takes the (slower, checked) FastLauncher path instead.
+    if kernel is None or _INTERPRET or not triton.__version__.startswith("3.6."):
         return None
     run = kernel.run
     launch = getattr(run, "launch", None)

@@ -246,9 +246,9 @@ def test_act_order_checkpoint_runs_through_every_kernel_that_can(demo, tmp_path)
 
 
 def test_cli_mode_graph_on_cpu_is_a_one_line_error(tmp_path):
-    r = CliRunner().invoke(cli, ["compare", "demo", "--mode", "graph", "--device", "cpu", "--out", str(tmp_path)])
+    r = CliRunner().invoke(cli, ["compare", "demo", "--mode", "graph", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and "needs a CUDA device" in r.output
-    assert not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())  # no run directory, lock or staging directory was made
 
 
 def test_results_files_hold_host_cost_columns(demo, tmp_path):

@@ -23,9 +23,11 @@ Examples:
   quantbridge compare demo --backends bnb-nf4,bnb-fp4,gptq,awq,native
   quantbridge compare demo --weights gptq --backends gptq,native   # same weights, two kernels
   quantbridge compare meta-llama/Llama-3.1-8B --batch 1,16,128 --prefill 512
+  quantbridge compare llama3-8b-2l --backends fp16,native,tinygemm --batch 1,16,128   # CUDA graphs (GPU)
+  quantbridge compare llama3-8b-2l --backends fp16,native --mode eager     # + host cost per call
 
 \b
-Writes OUT/results.json (schema_version 1), OUT/results.csv and OUT/report.html. The run
+Writes OUT/results.json (schema_version 2), OUT/results.csv and OUT/report.html. The run
 is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
 only when complete: an interrupted run keeps its finished backends in OUT.partial and the
 previous complete run in OUT. A second compare into the same OUT is refused while one runs.

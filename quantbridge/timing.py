@@ -230,7 +230,7 @@ def time_step(mode: str, step: Step) -> StepTiming:
 def describe(label: str, why: list[str], device_type: str) -> str:
     """The row's `timing`: the mode that ran, and why the ones asked for first could not."""
     if device_type != "cuda":
-        return "eager (CPU: synchronous, perf_counter_ns)"
+        return "eager (CPU, synchronous)"
     return f"{label} ({'; '.join(why)})" if why else label
 
 

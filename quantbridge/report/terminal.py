@@ -66,7 +66,7 @@ def latency_table(comp: Comparison) -> Table:
 
 
 def step_table(comp: Comparison) -> Table:
-    t = Table(title="whole step per M: GPU time, the linears' share, host cost per eager layer call", title_justify="left")
+    t = Table(title="whole step per M: step time, the linears' share, host cost per layer call", title_justify="left")
     for col in STEP_HEAD:
         t.add_column(col, justify="left" if col in ("backend", "timing") else "right")
     for row in step_rows(comp):

@@ -44,8 +44,7 @@ def availability(device: torch.device) -> Availability:
     # need not); an incompatible install then fails when it calibrates, recorded as that row's failure.
     if find_spec("llmcompressor") is None:
         return Availability(False, f"llmcompressor {v} has metadata but no importable package; reinstall it")
-    return Availability(True, f"llmcompressor {v} quantizes; kernel: reference-torch (llm-compressor ships no "
-                              f"inference kernel; vLLM runs these weights with its own)")
+    return Availability(True, f"llmcompressor {v}")
 
 
 def scheme(spec: QuantSpec) -> dict:

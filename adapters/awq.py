@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.kernel import Kernel, register_kernel
+from quantbridge.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.packed import Int4Weight
 from quantbridge.spec import QuantSpec
@@ -38,12 +40,12 @@ def unfold_scales(original: torch.Tensor, smoothed: torch.Tensor) -> tuple[torch
     return c.float(), r.float()
 
 
-@register
-class AWQBackend(Backend):
+@register_quantizer
+class AWQQuantizer(Quantizer):
     name = "awq"
-    description = "AWQ (llm-compressor AWQModifier, calibrated), AWQ GEMM checkpoint layout"
-    install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
     algorithm = "awq"
+    description = "AWQ (llm-compressor AWQModifier + QuantizationModifier, calibrated)"
+    install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
     needs_calibration = True
 
     def available(self, device: torch.device) -> Availability:
@@ -76,8 +78,8 @@ class AWQBackend(Backend):
         weights = {n: llmc.read_int4(work.get_submodule(n), spec.group_size, dtype) for n in linears}
         return work.to(dtype), weights
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
-                         calib: Calibration | None) -> dict[str, Int4Weight]:
+    def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                 calib: Calibration | None) -> dict[str, Int4Weight]:
         work = self._smoothed_model(model, linears, spec, calib)
         out = {}
         for n, lin in linears.items():
@@ -90,5 +92,25 @@ class AWQBackend(Backend):
             out[n] = w
         return out
 
-    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+
+@register_kernel
+class AWQLayoutKernel(Kernel):
+    name = "awq-layout"
+    description = "AWQ GEMM tensors (the [0,2,4,6,1,3,5,7] interleave) decoded once, torch reference matmul"
+
+    def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
+        if weight.perm is not None:
+            return Availability(False, "AWQ's layout has no act-order (g_idx)")
+        return Availability(True, "")
+
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
         return FormatLinear(weight, bias, AWQCodec(), {"version": "gemm"})
+
+
+@register
+class AWQBackend(Backend):
+    name = "awq"
+    description = "AWQ weights (llm-compressor) through the best AWQ kernel here"
+    install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
+    quantizer = "awq"
+    kernels = ("awq-layout",)

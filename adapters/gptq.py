@@ -13,6 +13,8 @@ from torch import nn
 
 from quantbridge.errors import UserError
 from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.kernel import Kernel, register_kernel
+from quantbridge.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.packed import Int4Weight
 from quantbridge.spec import QuantSpec
@@ -21,12 +23,12 @@ from . import _llmcompressor as llmc
 from ._format_linear import FormatLinear
 
 
-@register
-class GPTQBackend(Backend):
+@register_quantizer
+class GPTQQuantizer(Quantizer):
     name = "gptq"
-    description = "GPTQ (llm-compressor GPTQModifier, calibrated), GPTQ checkpoint layout"
-    install_hint = llmc.INSTALL_HINT
     algorithm = "gptq"
+    description = "GPTQ (llm-compressor GPTQModifier, calibrated)"
+    install_hint = llmc.INSTALL_HINT
     needs_calibration = True
 
     def available(self, device: torch.device) -> Availability:
@@ -38,8 +40,8 @@ class GPTQBackend(Backend):
                             "processes columns in activation order with contiguous groups. Drop --act-order "
                             "(desc_act checkpoints from other tools still load: quantbridge compare CHECKPOINT_DIR)")
 
-    def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
-                         calib: Calibration | None) -> dict[str, Int4Weight]:
+    def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                 calib: Calibration | None) -> dict[str, Int4Weight]:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         if calib is None:
@@ -55,6 +57,21 @@ class GPTQBackend(Backend):
         return {n: llmc.read_int4(work.get_submodule(n), spec.group_size, lin.weight.dtype)
                 for n, lin in linears.items()}
 
-    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+
+@register_kernel
+class GPTQLayoutKernel(Kernel):
+    name = "gptq-layout"
+    description = "GPTQ v2 tensors (qweight/qzeros/scales/g_idx) decoded once, torch reference matmul"
+
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
         # In memory the v2 layout: it holds every zero-point (v1 cannot store 0).
         return FormatLinear(weight, bias, GPTQCodec("gptq_v2"), {"checkpoint_format": "gptq_v2"})
+
+
+@register
+class GPTQBackend(Backend):
+    name = "gptq"
+    description = "GPTQ weights (llm-compressor) through the best GPTQ kernel here"
+    install_hint = llmc.INSTALL_HINT
+    quantizer = "gptq"
+    kernels = ("gptq-layout",)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from quantbridge.backend import Availability, Backend, QuantLinear, register
+from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.kernels import int4_reference
-from quantbridge.packed import Int4Weight, quantize_rtn
-from quantbridge.spec import QuantSpec
+from quantbridge.packed import Int4Weight
 
 
 def _triton():
@@ -87,22 +87,50 @@ class NativeLinear(QuantLinear):
         return self._impl.int4_linear(x, self.packed, self.bias)
 
 
-@register
-class NativeBackend(Backend):
-    name = "native"
-    description = "quantbridge packed INT4, round-to-nearest, group-wise asymmetric or symmetric"
+class PinnedReferenceLinear(NativeLinear):
+    """The native layout run by the torch reference kernel wherever it is (the `reference` kernel)."""
+
+    reference_only = True
+
+
+@register_kernel
+class TritonKernel(Kernel):
+    name = "triton"
+    description = "quantbridge's packed-INT4 Triton kernel (GEMV for decode, tensor-core tiles, dequantize+cuBLAS)"
 
     def available(self, device: torch.device) -> Availability:
         if device.type != "cuda":
-            return Availability(True, f"kernel on {device.type}: reference-torch (the Triton kernel needs CUDA)")
-        if _triton() is None:
-            return Availability(True, "kernel: reference-torch (Triton not installed: pip install quantbridge[triton])")
-        return Availability(True, "kernel: quantbridge.triton (fp16/bf16); reference-torch for fp32")
+            return Availability(False, "needs CUDA")
+        mod = _triton()
+        if mod is None:
+            return Availability(False, "Triton is not installed: pip install quantbridge[triton]")
+        import triton
 
-    algorithm = "rtn"
+        return Availability(True, f"triton {triton.__version__}")
 
-    def quantize_weights_of(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
-        return quantize_rtn(linear.weight.detach(), spec, scale_dtype=linear.weight.dtype)
+    def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
+        if dtype not in (torch.float16, torch.bfloat16):
+            return Availability(False, f"needs fp16 or bf16 activations, not {str(dtype).removeprefix('torch.')}")
+        if weight.scales.dtype != dtype:
+            return Availability(False, "scales must be in the activation dtype")
+        return Availability(True, "")
 
-    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
         return NativeLinear(weight, bias)
+
+
+@register_kernel
+class ReferenceKernel(Kernel):
+    name = "reference"
+    description = "torch reference: unpack, dequantize, matmul (any device and dtype; the ground truth)"
+
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        return PinnedReferenceLinear(weight, bias)
+
+
+@register
+class NativeBackend(Backend):
+    name = "native"
+    description = "quantbridge RTN weights through quantbridge's Triton kernel (the torch reference elsewhere)"
+    quantizer = "rtn"
+    kernels = ("triton", "reference")

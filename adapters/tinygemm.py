@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from quantbridge.backend import Availability, Backend, QuantLinear, register
+from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.errors import UserError
-from quantbridge.packed import Int4Weight, quantize_rtn
+from quantbridge.packed import Int4Weight
 from quantbridge.spec import QuantSpec
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -69,32 +70,38 @@ class TinygemmLinear(QuantLinear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-@register
-class TinygemmBackend(Backend):
+@register_kernel
+class TinygemmKernel(Kernel):
     name = "tinygemm"
-    description = "torch's tinygemm INT4 kernel (aten._weight_int4pack_mm) on our RTN weights"
+    description = "torch's tinygemm INT4 kernel (aten._weight_int4pack_mm), bf16 activations"
 
     def available(self, device: torch.device) -> Availability:
         if device.type != "cuda":
             return Availability(False, "torch's tinygemm kernel runs on CUDA only")
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
             return Availability(False, f"torch {torch.__version__} has no aten._weight_int4pack_mm")
-        return Availability(True, f"torch {torch.__version__} tinygemm (bf16 activations)")
+        return Availability(True, f"torch {torch.__version__}")
+
+    def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
+        if dtype != torch.bfloat16:
+            return Availability(False, f"bf16 activations only, not {str(dtype).removeprefix('torch.')} (use --dtype bf16)")
+        if weight.group_size not in GROUP_SIZES:
+            return Availability(False, f"group size {weight.group_size} not in {GROUP_SIZES}")
+        if weight.in_features % (INNER_K_TILES * 16):
+            return Availability(False, f"in_features {weight.in_features} not divisible by {INNER_K_TILES * 16}")
+        return Availability(True, "")
+
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        return TinygemmLinear(weight, bias)
+
+
+@register
+class TinygemmBackend(Backend):
+    name = "tinygemm"
+    description = "quantbridge RTN weights through torch's tinygemm INT4 kernel"
+    quantizer = "rtn"
+    kernels = ("tinygemm",)
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.group_size not in GROUP_SIZES:
             raise UserError(f"tinygemm needs --group-size in {GROUP_SIZES}, not {spec.group_size}")
-
-    algorithm = "rtn"
-
-    def quantize_weights_of(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
-        if linear.weight.dtype != torch.bfloat16:
-            raise UserError("tinygemm runs in bf16 only; use --dtype bf16")
-        return quantize_rtn(linear.weight.detach(), spec, scale_dtype=torch.bfloat16)
-
-    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
-        if weight.in_features % (INNER_K_TILES * 16):
-            raise UserError(f"tinygemm needs in_features divisible by {INNER_K_TILES * 16}")
-        if weight.group_size not in GROUP_SIZES:
-            raise UserError(f"tinygemm needs a group size in {GROUP_SIZES}, not {weight.group_size}")
-        return TinygemmLinear(weight, bias)

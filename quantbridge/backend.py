@@ -61,64 +61,119 @@ class Calibration:
 
 
 class Backend:
-    """One INT4 (or reference) implementation of nn.Linear. Subclasses register by name.
+    """A name users pick (`--backends native`): a quantizer's weights through the best kernel here.
 
-    Three ways a backend turns a model's linears into its own layers:
+    Most backends are a pairing: `quantizer` names the registered Quantizer that makes the
+    weights and `kernels` the registered Kernels that can run them, in priority order (the
+    chooser in kernel.py takes the first that can run each weight, and says why it passed
+    over the others). Fused backends (the unquantized reference, bitsandbytes' code books)
+    override `quantize` instead. The three ways a backend turns a model's linears into its
+    own layers:
       quantize(linear)             layer by layer (RTN-style, bitsandbytes);
       quantize_weights(model, ...) a whole-model algorithm producing canonical Int4Weights
                                    (GPTQ, AWQ); the core caches these and calls from_int4;
       from_int4(weight)            run weights made elsewhere (`compare --weights`, a
-                                   quantized checkpoint) through this backend's kernel.
+                                   quantized checkpoint) through this backend's kernels.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
     quantized: ClassVar[bool] = True  # False for the unquantized reference
-    algorithm: ClassVar[str] = ""  # how this backend makes its weights ("rtn", "gptq", "awq", "nf4", ...)
-    needs_calibration: ClassVar[bool] = False
+    algorithm: ClassVar[str] = ""  # how a fused backend makes its weights ("nf4", ...); pairings take the quantizer's
+    quantizer: ClassVar[str | None] = None  # the registered quantizer that makes this backend's weights
+    kernels: ClassVar[tuple[str, ...]] = ()  # registered kernels that run them, in priority order
+
+    def _quantizer(self):
+        from .quantizer import get_quantizer
+
+        return get_quantizer(self.quantizer) if self.quantizer else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        q = self._quantizer()
+        return bool(q and q.needs_calibration)
+
+    @property
+    def weights_label(self) -> str:
+        q = self._quantizer()
+        return (q.algorithm or q.name) if q else (self.algorithm or self.name)
 
     def available(self, device: torch.device) -> Availability:
-        return Availability(True, "built in")
+        q = self._quantizer()
+        if q is None:
+            return Availability(True, "built in")
+        qa = q.available(device)
+        if not qa.ok or not self.kernels:
+            return qa
+        from .kernel import get_kernel
+
+        ks = [(k, get_kernel(k).available(device)) for k in self.kernels]
+        here = [f"{k} ({a.reason})" for k, a in ks if a.ok]
+        away = [f"{k} ({a.reason})" for k, a in ks if not a.ok]
+        if not here:
+            return Availability(False, "no kernel runs here: " + "; ".join(away))
+        return Availability(True, f"{qa.reason}; kernels here: {', '.join(here)}"
+                                  + (f"; not here: {', '.join(away)}" if away else ""))
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Raise UserError if this backend cannot do `spec` at all."""
+        q = self._quantizer()
+        if q is not None:
+            q.check_spec(spec)
 
     def quantize(self, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
         """One layer, from its float weight."""
         return self.from_int4(self.quantize_weights_of(linear, spec), linear.bias)
 
     def quantize_weights_of(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
-        raise NotImplementedError(f"{self.name} has no layer-wise quantizer")
+        q = self._quantizer()
+        if q is None or q.needs_calibration:
+            raise NotImplementedError(f"{self.name} has no layer-wise quantizer")
+        return q.quantize_layer(linear, spec)
 
     def quantize_weights(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                          calib: Calibration | None) -> dict[str, Int4Weight] | None:
         """Canonical weights for every layer in `linears` (module path -> layer of `model`).
 
-        None: this backend's weights are not canonical INT4 (use quantize per layer).
+        None: this backend's weights are not made by a whole-model algorithm (use quantize per layer).
         """
-        return None
+        q = self._quantizer()
+        return q.quantize(model, linears, spec, calib) if q is not None and q.needs_calibration else None
 
     def export(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                calib: Calibration | None) -> tuple[nn.Module, dict[str, Int4Weight]]:
         """(model, weights) for a checkpoint: algorithms that fold factors into other layers (AWQ)
         return the model with them folded and plain weights; others the model unchanged."""
+        q = self._quantizer()
+        if q is not None and hasattr(q, "export"):
+            return q.export(model, linears, spec, calib)
         ws = self.quantize_weights(model, linears, spec, calib)
         if ws is None:
             ws = {n: self.quantize_weights_of(lin, spec) for n, lin in linears.items()}
         return model, ws
 
     def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
-        raise NotImplementedError(f"{self.name} cannot run canonical INT4 weights made elsewhere")
+        """The first of `kernels` that can run `weight` (activations in the scales' dtype, on its device)."""
+        if not self.kernels:
+            raise NotImplementedError(f"{self.name} cannot run canonical INT4 weights made elsewhere")
+        from .kernel import choose
+
+        choice = choose(self.kernels, weight, weight.qweight.device, weight.scales.dtype)
+        if choice.kernel is None:
+            raise UserError(f"no kernel of {self.name} can run this weight: {choice.why_not}")
+        layer = choice.kernel.build(weight, bias)
+        layer.rejected_kernels = choice.rejected  # what the chooser passed over, and why
+        return layer
 
     @classmethod
     def runs_int4(cls) -> bool:
         """Whether from_int4 is implemented, i.e. shared weights can run through this kernel."""
-        return cls.from_int4 is not Backend.from_int4
+        return bool(cls.kernels) or cls.from_int4 is not Backend.from_int4
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
-_BUILTINS = ("fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq")  # modules under quantbridge.adapters
+_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq")  # modules under quantbridge.adapters
 _loaded = False
 
 

@@ -22,6 +22,7 @@ Examples:
   quantbridge compare ./llama-3-8b --backends native --group-size 64 --symmetric
   quantbridge compare demo --backends bnb-nf4,bnb-fp4,gptq,awq,native
   quantbridge compare demo --weights gptq --backends gptq,native   # same weights, two kernels
+  quantbridge compare demo --weights gptq --kernels reference,gptq-layout --backends fp16
   quantbridge compare meta-llama/Llama-3.1-8B --batch 1,16,128 --prefill 512
   quantbridge compare llama3-8b-2l --backends fp16,native,tinygemm --batch 1,16,128   # CUDA graphs (GPU)
   quantbridge compare llama3-8b-2l --backends fp16,native --mode eager     # + host cost per call
@@ -97,6 +98,9 @@ def cli() -> None:
 @click.option("--weights", default=None, metavar="BACKEND",
               help="Quantize once with BACKEND's algorithm (native = RTN, gptq, awq) and run those identical "
                    "weights through every backend's kernel: kernel differences without algorithm differences.")
+@click.option("--kernels", "kernels_csv", default=None, metavar="K1,K2",
+              help="With --weights (or a quantized checkpoint): one more row per kernel, named WEIGHTS+KERNEL, "
+                   "running those weights through exactly that kernel (see `quantbridge env` for kernels).")
 @click.option("--calib", "calib_file", default=None, type=click.Path(dir_okay=False),
               help="Calibration text file for gptq/awq (default: the shipped text's calibration split).")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration sequences.")
@@ -127,7 +131,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables; only the paths written.")
 @click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback.")
 def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool,
-            act_order: bool, weights: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
+            act_order: bool, weights: str | None, kernels_csv: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
             no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
             runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
             out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
@@ -140,6 +144,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     """
     from . import backend as registry
     from . import preflight
+    from .kernel import parse_kernels
     from .settings import Settings
     from .spec import QuantSpec
 
@@ -157,7 +162,8 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
                         calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
-                        cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode)
+                        cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode,
+                        kernels=parse_kernels(kernels_csv) if kernels_csv else None)
     run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
                 eval_source=eval_source)
 
@@ -207,7 +213,7 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     finally:
         run.close()
     click.echo("wrote " + ", ".join(map(str, run.files(*written))))
-    failed = verdict(comp, names)
+    failed = verdict(comp)
     if failed:  # the results are written; the exit status says the run did not measure what was asked
         click.echo(f"Error: {failed}", err=True)
         sys.exit(1)
@@ -543,30 +549,48 @@ def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def env(as_json: bool) -> None:
-    """Show torch/CUDA/GPU facts and, for every backend, whether it can run here and why.
+    """Show torch/CUDA/GPU facts and what can run here: backends, quantizers and kernels, each
+    with its library and version, or why it cannot run and how to install it.
+
+    \b
+    A backend (what --backends takes) is a quantizer's weights through the first of its
+    kernels that can run them here; --weights Q --kernels K1,K2 runs one quantizer's weights
+    through chosen kernels.
 
     \b
     Example:
       quantbridge env
+      quantbridge env --json
     """
     import json
 
     import torch
+    from rich.markup import escape
     from rich.table import Table
 
     from . import backend as registry
     from .hardware import device_info
+    from .kernel import get_kernel, kernel_names
+    from .quantizer import get_quantizer, quantizer_names
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = device_info(dev)
-    rows = []
-    for name in registry.names():
-        b = registry.get(name)
-        a = b.available(dev)
-        rows.append({"backend": name, "available": a.ok, "reason": a.reason,
-                     "install": None if a.ok else b.install_hint or None, "description": b.description})
+
+    def describe(kind: str, name: str, obj) -> dict:
+        a = obj.available(dev)
+        row = {kind: name, "available": a.ok, "reason": a.reason,
+               "install": None if a.ok else obj.install_hint or None, "description": obj.description}
+        if kind == "backend":
+            row.update(quantizer=obj.quantizer, kernels=list(obj.kernels))
+        return row
+
+    sections = {
+        "backends": [describe("backend", n, registry.get(n)) for n in registry.names()],
+        "quantizers": [describe("quantizer", n, get_quantizer(n)) for n in quantizer_names()],
+        "kernels": [describe("kernel", n, get_kernel(n)) for n in kernel_names()],
+    }
     if as_json:
-        click.echo(json.dumps({"device": info, "backends": rows}, indent=1))
+        click.echo(json.dumps({"device": info, **sections}, indent=1))
         return
     console = Console()
     console.print(f"[bold]device[/bold] {info['name']} ({dev.type})   torch {torch.__version__}   CUDA {info['torch_cuda']}")
@@ -575,13 +599,17 @@ def env(as_json: bool) -> None:
             console.print(f"  {k}: {info[k]}")
     libs = ", ".join(f"{k} {v}" for k, v in info["libraries"].items() if v)
     console.print(f"  libraries: {libs}")
-    t = Table(title="backends")
-    for col in ("backend", "available", "why", "description"):
-        t.add_column(col)
-    for r in rows:
-        why = r["reason"] + (f" — {r['install']}" if r["install"] else "")
-        t.add_row(r["backend"], "[green]yes[/green]" if r["available"] else "[red]no[/red]", why, r["description"])
-    console.print(t)
+    for title, rows in sections.items():
+        kind = title[:-1]
+        t = Table(title=title)
+        for col in (kind, "available", "why", "description"):
+            t.add_column(col)
+        for r in rows:
+            why = r["reason"] + (f" — {r['install']}" if r["install"] else "")
+            desc = escape(r["description"]) + (f" [dim](quantizer {r['quantizer']}, kernels {', '.join(r['kernels'])})[/dim]"
+                                       if r.get("kernels") else "")
+            t.add_row(r[kind], "[green]yes[/green]" if r["available"] else "[red]no[/red]", escape(why), desc)
+        console.print(t)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import re
 import statistics
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,9 @@ from .loaded import LoadedModel, linear_layers
 from .preflight import read_text_strict
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
-from .rows import CHECKPOINT, REFERENCE, NotRunnable, Progress, WeightSource, plan_layers, row_layers, shared_source, with_layers
+from .kernel import get_kernel
+from .rows import (CHECKPOINT, REFERENCE, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
+                   shared_source, with_layers)
 from .settings import Settings, timing_mode
 from .spec import QuantSpec
 from .telemetry import Sampler
@@ -46,7 +48,12 @@ class Rows:
     targets: set[str]  # the layers a quantized row quantizes
     spec: QuantSpec  # the checkpoint's own, when MODEL is one
     shared: str | None  # whose weights every row runs (CHECKPOINT, a --weights backend) or None
-    unavailable: dict[str, str]  # backend -> why it cannot run here (recorded, with --skip-unavailable)
+    unavailable: dict[str, str]  # row -> why it cannot run here (recorded, with --skip-unavailable)
+    kernel_rows: dict[str, str] = field(default_factory=dict)  # `--kernels` row name -> its one kernel
+
+    @property
+    def all(self) -> list[str]:
+        return self.names + list(self.kernel_rows)
 
 
 def check_request(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
@@ -78,7 +85,18 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
             b.check_spec(spec)
     if shared not in (None, CHECKPOINT):
         registry.get(shared).check_spec(spec)  # only the shared weights' quantizer runs
-    return Rows(names, targets, spec, shared, unavailable)
+    kernel_rows = {}
+    if settings.kernels:
+        if shared is None:
+            raise UserError("--kernels runs one set of weights through several kernels: give --weights BACKEND "
+                            "(e.g. --weights gptq) or compare a quantized checkpoint")
+        for k in settings.kernels:
+            row = f"{shared}+{k}"
+            kernel_rows[row] = k
+            a = get_kernel(k).available(device)
+            if not a.ok:
+                unavailable[row] = f"kernel {k}: {a.reason}"
+    return Rows(names, targets, spec, shared, unavailable, kernel_rows)
 
 
 def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
@@ -110,7 +128,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                   "decode_m": sorted(set(settings.batches)), "prefill_m": [settings.prefill] if settings.prefill else []},
     )
     bad_reference = nonfinite_parameter(loaded.model)
-    for name in rows.names + ([PLAN] if settings.plan else []):
+    for name in rows.all + ([PLAN] if settings.plan else []):
         if bad_reference is not None:
             result = BackendResult(name=name, status="failed",
                                    reason=f"the reference model itself is non-finite: {bad_reference} holds NaN or Inf")
@@ -135,6 +153,9 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
             if name == PLAN:
                 layers, weights = plan_layers(settings.plan, source, rows.shared, rows.names, fmt)
                 quantized = {n for n, b in settings.plan["layers"].items() if registry.get(b).quantized}
+            elif name in rows.kernel_rows:
+                layers, weights = kernel_layers(rows.kernel_rows[name], source, rows.shared, fmt)
+                quantized = rows.targets
             else:
                 layers, weights = row_layers(name, source, rows.shared, checkpoint_format=fmt)
                 quantized = rows.targets if registry.get(name).quantized else set()
@@ -167,12 +188,12 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
             torch.cuda.empty_cache()
 
 
-def verdict(comp: Comparison, requested: list[str]) -> str | None:
-    """Why a finished comparison should exit non-zero: the reference failed, or every requested row did."""
+def verdict(comp: Comparison) -> str | None:
+    """Why a finished comparison should exit non-zero: the reference failed, or every other row did."""
     ref = comp.backend(REFERENCE)
     if ref is not None and ref.status != "ok":
         return f"the reference row failed: {ref.reason}"
-    asked = [b for b in comp.backends if b.name in requested and b.name != REFERENCE]
+    asked = [b for b in comp.backends if b.name not in (REFERENCE, PLAN)]
     if asked and all(b.status != "ok" for b in asked):
         return "every requested row failed or was unavailable: " + "; ".join(f"{b.name}: {b.reason}" for b in asked)
     return None

@@ -54,7 +54,7 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         model, weights = backend.export(loaded.model, lins, spec, cal)
         weights = {n: w.to("cpu") for n, w in weights.items()}
         model = model.to("cpu")
-        how = f"quantized with {method} ({backend.algorithm})"
+        how = f"quantized with {method} ({backend.weights_label})"
     path = save_quantized(Path(out), model, loaded.tokenizer, weights, codec, spec, overwrite=overwrite)
     return {"out": str(path), "replaced": replaced, "format": codec.name, "layers": len(weights), "how": how, "spec": spec.to_dict(),
             "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}

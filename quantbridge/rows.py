@@ -55,7 +55,7 @@ def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec)
 
 def canonical(b: Backend) -> bool:
     """Whether a backend's algorithm yields canonical INT4 weights that rows can share."""
-    return b.quantized and (b.needs_calibration or type(b).quantize_weights_of is not Backend.quantize_weights_of)
+    return b.quantized and b.quantizer is not None
 
 
 def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -> str | None:
@@ -124,7 +124,7 @@ class WeightSource:
 
         if self._calib is None:
             self._calib = calibration(self.tokenizer, self.calib_samples, self.calib_len, self.calib_file, self.seed)
-        key = qcache.key(model=self.model_key, algorithm=b.algorithm, library=b.available(self.device).reason,
+        key = qcache.key(model=self.model_key, algorithm=b.weights_label, library=b.available(self.device).reason,
                          spec=self.spec.to_dict(), calib=self._calib.digest, dtype=str(self.dtype),
                          targets=sorted(self.linears), device=self.device.type)
         ws = qcache.load(cache_dir(), key, self.device) if self.use_cache else None
@@ -149,22 +149,42 @@ def row_layers(name: str, source: WeightSource, shared: str | None, only: set[st
         if not b.runs_int4():
             raise NotRunnable(f"{name} cannot run {shared}'s INT4 weights (its own format only)")
         ws = source.get(shared)
-        label = f"checkpoint ({checkpoint_format})" if shared == CHECKPOINT else f"{shared} (shared)"
+        label = shared_label(shared, checkpoint_format)
     else:
         ws = source.get(name) if b.needs_calibration else None
-        label = b.algorithm or name
+        label = b.weights_label
     source.progress.begin(f"{name}: build layers", len(lins))
     out = {}
     for n, lin in lins.items():
-        if ws is None:
-            out[n] = b.quantize(lin, source.spec)
-        else:
-            try:
-                out[n] = build(b, ws[n], lin.bias)
-            except (ValueError, UserError) as e:  # the kernel cannot hold these weights (act-order in AWQ,
-                raise NotRunnable(f"{name} cannot run these weights: {e}") from None  # a group size it lacks)
+        try:
+            out[n] = b.quantize(lin, source.spec) if ws is None else build(b.from_int4, ws[n], lin.bias)
+        except (ValueError, UserError) as e:  # no kernel of this backend can hold these weights here
+            raise NotRunnable(f"{name} cannot run layer {n}: {e}") from None  # (act-order in AWQ, a group size...)
         source.progress.advance()
     return out, label
+
+
+def shared_label(shared: str, checkpoint_format: str = "") -> str:
+    return f"checkpoint ({checkpoint_format})" if shared == CHECKPOINT else f"{shared} (shared)"
+
+
+def kernel_layers(kernel: str, source: WeightSource, shared: str,
+                  checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
+    """The shared weights of every target through exactly one kernel (a `--kernels` row)."""
+    from .kernel import choose
+    from .smoothing import build
+
+    ws = source.get(shared)
+    source.progress.begin(f"{kernel}: build layers", len(source.linears))
+    out = {}
+    for n, lin in source.linears.items():
+        plain = ws[n].plain() if ws[n].smoothed else ws[n]
+        choice = choose([kernel], plain, plain.qweight.device, plain.scales.dtype)
+        if choice.kernel is None:
+            raise NotRunnable(f"kernel {kernel} cannot run layer {n}: {choice.rejected[0][1]}")
+        out[n] = build(choice.kernel.build, ws[n], lin.bias)
+        source.progress.advance()
+    return out, shared_label(shared, checkpoint_format)
 
 
 def plan_layers(plan: dict, source: WeightSource, shared: str | None, names: list[str],

@@ -32,6 +32,7 @@ class Settings:
     calib_len: int = 512
     calib_file: str | None = None
     weights: str | None = None  # run this backend's weights through every kernel
+    kernels: list[str] | None = None  # with shared weights: one more row per kernel, exactly that kernel
     cache: bool = True  # reuse calibrated quantized weights from an earlier run
     eval_text: str | None = None  # a text file for perplexity and error (default: the shipped held-out split)
     sensitivity: bool = False  # per layer: eval loss with only that layer quantized (one forward each)

@@ -47,8 +47,9 @@ class SmoothedLinear(QuantLinear):
         return y if self.bias is None else y + self.bias
 
 
-def build(backend, weight, bias: torch.Tensor | None) -> QuantLinear:
-    """backend.from_int4 for any weight, smoothed or not."""
+def build(make, weight, bias: torch.Tensor | None) -> QuantLinear:
+    """make(weight, bias) -> QuantLinear (a backend's from_int4, a kernel's build) for any weight,
+    smoothed or not."""
     if not weight.smoothed:
-        return backend.from_int4(weight, bias)
-    return SmoothedLinear(backend.from_int4(weight.plain(), None), weight.in_scale, weight.out_scale, bias)
+        return make(weight, bias)
+    return SmoothedLinear(make(weight.plain(), None), weight.in_scale, weight.out_scale, bias)

@@ -1,0 +1,22 @@
+"""rtn: round-to-nearest group-wise INT4, quantbridge's own quantizer (no calibration).
+
+Scales are kept in the layer's dtype (the compute dtype), as the kernels read them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quantbridge.packed import Int4Weight, quantize_rtn
+from quantbridge.quantizer import Quantizer, register_quantizer
+from quantbridge.spec import QuantSpec
+
+
+@register_quantizer
+class RTNQuantizer(Quantizer):
+    name = "rtn"
+    algorithm = "rtn"
+    description = "round-to-nearest, group-wise, asymmetric or symmetric (quantbridge)"
+
+    def quantize_layer(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
+        return quantize_rtn(linear.weight.detach(), spec, scale_dtype=linear.weight.dtype)

@@ -1,0 +1,100 @@
+"""Kernels (who multiplies) and the chooser that picks one for a weight.
+
+A Kernel turns a canonical Int4Weight into a QuantLinear in the kernel's own layout. Before
+that, `can_implement(weight, device, dtype)` says whether it can run this weight here (its
+library, device kind, activation dtype, group size, shape limits, act-order), with the reason
+when it cannot. `choose` tries kernels in a stated priority order and returns the first that
+can, together with every rejected one and why: the shape of vLLM's
+`choose_mp_linear_kernel`. Adapters register kernels by name; the core never names one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .backend import Availability, QuantLinear, _load_all
+from .errors import UserError
+from .packed import Int4Weight
+
+OK = Availability(True, "")
+
+
+class Kernel:
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    install_hint: ClassVar[str] = ""
+
+    def available(self, device: torch.device) -> Availability:
+        """Whether the kernel's library and device kind are here at all (library and version when so)."""
+        return Availability(True, "built in")
+
+    def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
+        """Whether this weight can run through this kernel here; the reason when it cannot."""
+        return OK
+
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        raise NotImplementedError
+
+
+_KERNELS: dict[str, type[Kernel]] = {}
+
+
+def register_kernel(cls: type[Kernel]) -> type[Kernel]:
+    """Class decorator: make a kernel selectable by its `name`."""
+    if cls.name in _KERNELS and _KERNELS[cls.name] is not cls:
+        raise ValueError(f"kernel name {cls.name!r} is registered twice")
+    _KERNELS[cls.name] = cls
+    return cls
+
+
+def kernel_names() -> list[str]:
+    _load_all()
+    return list(_KERNELS)
+
+
+def get_kernel(name: str) -> Kernel:
+    _load_all()
+    try:
+        return _KERNELS[name]()
+    except KeyError:
+        raise UserError(f"unknown kernel {name!r}; valid kernels: {', '.join(kernel_names())}") from None
+
+
+def parse_kernels(csv: str) -> list[str]:
+    """'triton,tinygemm' -> ['triton', 'tinygemm'], validated; duplicates dropped, order kept."""
+    out = [k.strip() for k in csv.split(",") if k.strip()]
+    for k in out:
+        get_kernel(k)
+    if not out:
+        raise UserError(f"no kernel given; choose from: {', '.join(kernel_names())}")
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel chosen for one weight (None when none can), and every rejected one with why."""
+
+    kernel: Kernel | None
+    rejected: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def why_not(self) -> str:
+        return "; ".join(f"{name}: {reason}" for name, reason in self.rejected)
+
+
+def choose(names: Sequence[str], weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Choice:
+    """The first of `names` (in that priority order) that can run `weight` here."""
+    rejected = []
+    for name in names:
+        k = get_kernel(name)
+        for check in (k.available(device), k.can_implement(weight, device, dtype)):
+            if not check.ok:
+                rejected.append((name, check.reason))
+                break
+        else:
+            return Choice(k, tuple(rejected))
+    return Choice(None, tuple(rejected))

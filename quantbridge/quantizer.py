@@ -1,0 +1,63 @@
+"""Quantizers (how codes are chosen): each yields canonical Int4Weights for a model's layers.
+
+Round-to-nearest works layer by layer; GPTQ and AWQ calibrate on the whole model. The core
+caches calibrated weights (rows.WeightSource); a kernel (kernel.py) then runs them.
+bitsandbytes stays a fused backend: its codes are a code book, not INT4 integers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .backend import Availability, Calibration, _load_all
+from .errors import UserError
+from .packed import Int4Weight
+from .spec import QuantSpec
+
+
+class Quantizer:
+    name: ClassVar[str]
+    algorithm: ClassVar[str] = ""  # the label a row's `weights` shows ("rtn", "gptq", "awq")
+    description: ClassVar[str] = ""
+    install_hint: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def available(self, device: torch.device) -> Availability:
+        return Availability(True, "built in")
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Raise UserError if this quantizer cannot make weights of `spec`."""
+
+    def quantize_layer(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
+        raise NotImplementedError(f"{self.name} quantizes the whole model, not layer by layer")
+
+    def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                 calib: Calibration | None) -> dict[str, Int4Weight]:
+        """Canonical weights for every layer in `linears` (module path -> layer of `model`)."""
+        return {n: self.quantize_layer(lin, spec) for n, lin in linears.items()}
+
+
+_QUANTIZERS: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
+    if cls.name in _QUANTIZERS and _QUANTIZERS[cls.name] is not cls:
+        raise ValueError(f"quantizer name {cls.name!r} is registered twice")
+    _QUANTIZERS[cls.name] = cls
+    return cls
+
+
+def quantizer_names() -> list[str]:
+    _load_all()
+    return list(_QUANTIZERS)
+
+
+def get_quantizer(name: str) -> Quantizer:
+    _load_all()
+    try:
+        return _QUANTIZERS[name]()
+    except KeyError:
+        raise UserError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(quantizer_names())}") from None

@@ -16,6 +16,7 @@ from quantbridge.spec import QuantSpec
 class RTNQuantizer(Quantizer):
     name = "rtn"
     algorithm = "rtn"
+    baseline = True
     description = "round-to-nearest, group-wise, asymmetric or symmetric (quantbridge)"
 
     def quantize_layer(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:

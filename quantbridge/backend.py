@@ -201,6 +201,15 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
+def reference_name() -> str:
+    """The registered unquantized backend (`quantized = False`) every comparison measures against."""
+    _load_all()
+    refs = [n for n, cls in _REGISTRY.items() if not cls.quantized]
+    if len(refs) != 1:
+        raise RuntimeError(f"exactly one unquantized reference backend must be registered, found {refs}")
+    return refs[0]
+
+
 def get(name: str) -> Backend:
     _load_all()
     try:

@@ -29,7 +29,8 @@ from .preflight import read_text_strict
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
 from .kernel import get_kernel
-from .rows import (CHECKPOINT, REFERENCE, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
+from .quantizer import baseline_label
+from .rows import (CHECKPOINT, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
                    shared_source, with_layers)
 from .settings import Settings, timing_mode
 from .spec import QuantSpec
@@ -37,7 +38,7 @@ from .telemetry import Sampler
 
 PLAN = "plan"  # the row that runs a mixed-precision plan
 
-__all__ = ["Settings", "run_comparison", "findings", "verdict", "with_layers", "PLAN", "REFERENCE", "CHECKPOINT"]
+__all__ = ["Settings", "run_comparison", "findings", "verdict", "with_layers", "PLAN", "CHECKPOINT"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
     """Check the request against the model and this machine; raise UserError before any work."""
     from .checkpoint import spec_of
 
-    names = [REFERENCE] + [n for n in names if n != REFERENCE]
+    reference = registry.reference_name()
+    names = [reference] + [n for n in names if n != reference]
     linears = linear_layers(loaded.model)
     if not linears:
         raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
@@ -136,6 +138,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
             result = BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
         else:
             result = _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress)
+        result.role = "plan" if name == PLAN else "reference" if name == rows.names[0] else "measured"
         comp.backends.append(result)
         comp.findings = findings(comp)
         if on_result:
@@ -163,7 +166,7 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
             result = measure_row(name, qmodel, rows.targets, quantized, ref, settings, mode, device, dtype, flush,
                                  progress)
             # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
-            if settings.sensitivity and result.status == "ok" and name not in (PLAN, REFERENCE) and quantized:
+            if settings.sensitivity and result.status == "ok" and name != PLAN and quantized:
                 qlins = {n: qmodel.get_submodule(n) for n in sorted(rows.targets)}
                 sens = sensitivity(loaded.model, qlins, sorted(rows.targets), ref.eval_ids, ref.loss, progress)
                 for r in result.layers:
@@ -190,27 +193,30 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
 
 def verdict(comp: Comparison) -> str | None:
     """Why a finished comparison should exit non-zero: the reference failed, or every other row did."""
-    ref = comp.backend(REFERENCE)
+    ref = comp.reference()
     if ref is not None and ref.status != "ok":
         return f"the reference row failed: {ref.reason}"
-    asked = [b for b in comp.backends if b.name not in (REFERENCE, PLAN)]
+    asked = [b for b in comp.backends if b.role == "measured"]
     if asked and all(b.status != "ok" for b in asked):
         return "every requested row failed or was unavailable: " + "; ".join(f"{b.name}: {b.reason}" for b in asked)
     return None
 
 
-def findings(comp: Comparison, baseline: str = "native") -> list[str]:
-    """Per-layer isolated error of every quantized backend against RTN (`native`), computed.
+def findings(comp: Comparison) -> list[str]:
+    """Per-layer isolated error of every quantized row against the baseline quantizer's (RTN), computed.
 
-    Also stored as model_metrics["isolated_error_vs_native"] on each backend it applies to.
+    The baseline row is the first measured row with the baseline quantizer's own weights. Also
+    stored as model_metrics["isolated_error_vs_native"] on each row it applies to (the key
+    keeps its schema name).
     """
-    base = comp.backend(baseline)
-    if base is None or base.status != "ok":
+    label = baseline_label()
+    base = next((b for b in comp.backends if b.role == "measured" and b.status == "ok" and b.weights == label), None)
+    if base is None:
         return []
     ref = {r.name: r.error["rel_isolated"] for r in base.layers if r.quantized}
     out = []
     for b in comp.backends:
-        if b.status != "ok" or b.name in (baseline, PLAN) or b.weights == base.weights:
+        if b.status != "ok" or b.role != "measured" or b.weights == base.weights:
             continue
         pairs = [(r.error["rel_isolated"], ref[r.name]) for r in b.layers if r.quantized and r.name in ref]
         if not pairs:
@@ -221,9 +227,10 @@ def findings(comp: Comparison, baseline: str = "native") -> list[str]:
         where = "every layer" if lower == len(pairs) else f"{lower} of {len(pairs)} layers"
         # Bits per weight side by side: an INT8 backend beating INT4 RTN is no like-for-like win.
         bits = f"{b.bits_per_weight:.2f} vs {base.bits_per_weight:.2f} bits/w"
-        out.append(f"{b.name} ({b.weights} weights): isolated error below native RTN on {where} at {bits} "
+        than = f"{base.name} {label.upper()}"
+        out.append(f"{b.name} ({b.weights} weights): isolated error below {than} on {where} at {bits} "
                    f"(median ratio {ratio:.3f})" if lower else
-                   f"{b.name} ({b.weights} weights): isolated error above native RTN on every layer at {bits} "
+                   f"{b.name} ({b.weights} weights): isolated error above {than} on every layer at {bits} "
                    f"(median ratio {ratio:.3f})")
     return out
 

@@ -16,7 +16,6 @@ from .errors import UserError
 from .results import Comparison
 
 PLAN_SCHEMA = 1
-REFERENCE = "fp16"
 
 
 @dataclass(frozen=True)
@@ -32,16 +31,16 @@ class Budget:
 
 def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, dict]:
     """(reference per layer, candidate options per layer)."""
-    ref = comp.backend(REFERENCE)
+    ref = comp.reference()
     if ref is None or ref.status != "ok":
-        raise UserError("the results have no ok fp16 reference row; re-run compare")
+        raise UserError("the results have no ok reference row; re-run compare")
     if m not in ref.layers[0].latency_us:
         raise UserError(f"the results have no latency at M={m}; use --batch with one of "
                         f"{', '.join(ref.layers[0].latency_us)}")
     base = {r.name: r for r in ref.layers}
     options: dict[str, list[tuple[str, object]]] = {n: [] for n in base}
     for b in comp.backends:
-        if b.status != "ok" or b.name in (REFERENCE, "plan") or (allowed and b.name not in allowed):
+        if b.status != "ok" or b.role != "measured" or (allowed and b.name not in allowed):
             continue
         for r in b.layers:
             if not r.quantized:
@@ -51,8 +50,8 @@ def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, d
                                 f"re-run compare with --sensitivity")
             options[r.name].append((b.name, r))
     if allowed:
-        rows = [b.name for b in comp.backends if b.status == "ok" and b.name not in (REFERENCE, "plan")]
-        absent = [n for n in allowed if n != REFERENCE and n not in rows]
+        rows = [b.name for b in comp.backends if b.status == "ok" and b.role == "measured"]
+        absent = [n for n in allowed if n != ref.name and n not in rows]
         if absent:
             raise UserError(f"--backends {absent[0]} has no ok row in these results (rows: {', '.join(rows) or 'none'}); "
                             f"choose from those or re-run compare with --backends {absent[0]}")
@@ -64,11 +63,12 @@ def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, d
 def predict(comp: Comparison, layers: dict[str, str], m: str) -> dict:
     """Weight bytes, latency at M and eval perplexity of a per-layer assignment."""
     rows = {b.name: {r.name: r for r in b.layers} for b in comp.backends if b.status == "ok"}
-    ref = rows[REFERENCE]
-    ref_loss = comp.backend(REFERENCE).model_metrics["eval_loss"]
+    reference = comp.reference()
+    ref = rows[reference.name]
+    ref_loss = reference.model_metrics["eval_loss"]
     weight = latency = loss = 0.0
     for n, r0 in ref.items():
-        r = rows[layers.get(n, REFERENCE)][n]
+        r = rows[layers.get(n, reference.name)][n]
         weight += r.weight_bytes
         latency += r.latency_us[m]["median"]
         loss += r.error.get("loss_delta", 0.0)
@@ -113,7 +113,7 @@ def make_plan(comp: Comparison, budget: Budget, m: int, allowed: list[str] | Non
                         f"{current['weight_bytes'] / 1e9:.4g} GB at {current['latency_ratio']:.3g}× fp16 latency "
                         f"and +{current['ppl_increase_pct']:.3g} % perplexity; loosen a budget")
     return {"schema": PLAN_SCHEMA, "budget": {k: v for k, v in vars(budget).items() if v is not None},
-            "m": m, "layers": {n: layers.get(n, REFERENCE) for n in base},
+            "m": m, "layers": {n: layers.get(n, comp.reference().name) for n in base},
             "predicted": current, "reference": predict(comp, {}, key),
             "backends": sorted(set(layers.values()))}
 

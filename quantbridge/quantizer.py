@@ -24,6 +24,7 @@ class Quantizer:
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    baseline: ClassVar[bool] = False  # the plain quantizer that calibrated ones are compared with (findings)
 
     def available(self, device: torch.device) -> Availability:
         return Availability(True, "built in")
@@ -53,6 +54,12 @@ def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
 def quantizer_names() -> list[str]:
     _load_all()
     return list(_QUANTIZERS)
+
+
+def baseline_label() -> str | None:
+    """The weights label of the baseline quantizer (round-to-nearest), if one is registered."""
+    _load_all()
+    return next((cls.algorithm or cls.name for cls in _QUANTIZERS.values() if cls.baseline), None)
 
 
 def get_quantizer(name: str) -> Quantizer:

@@ -6,7 +6,6 @@ import statistics
 
 from .results import BackendResult, Comparison
 
-REFERENCE = "fp16"
 
 
 def layer_latency_sum(b: BackendResult, m: str) -> float | None:
@@ -29,9 +28,9 @@ def _pick(candidates: list[tuple[float, str]]) -> tuple[str, float, tuple[str, f
 
 def recommendations(comp: Comparison) -> list[dict]:
     """One entry per question: the backend, the deciding figure, and the runner-up."""
-    ok = [b for b in comp.backends if b.status == "ok" and b.name != "plan"]
+    ok = [b for b in comp.backends if b.status == "ok" and b.role != "plan"]
     quant = [b for b in ok if any(r.quantized for r in b.layers)]
-    ref = comp.backend(REFERENCE)
+    ref = comp.reference()
     decode = [str(m) for m in comp.settings.get("decode_m", [])]
     all_m = [str(m) for m in comp.settings.get("m_values", [])]
     out = []
@@ -76,7 +75,7 @@ def sensitive_layers(comp: Comparison, top: int = 5) -> list[tuple[str, float, s
     key = "loss_delta" if any("loss_delta" in r.error for b in comp.backends for r in b.layers) else "rel_isolated"
     per_layer: dict[str, list[tuple[float, str]]] = {}
     for b in comp.backends:
-        if b.status != "ok" or b.name == "plan":
+        if b.status != "ok" or b.role == "plan":
             continue
         for r in b.layers:
             if r.quantized and r.error.get(key) is not None:

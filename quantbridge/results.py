@@ -19,6 +19,12 @@ SCHEMA_VERSION = 2
 # Version 1 had no host_us per layer and no timing per row: its latencies are eager, read as such.
 READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "failed", "unavailable")
+ROLES = ("reference", "measured", "plan")  # what a row is to a report: the baseline, a row measured, a plan run
+
+
+def _legacy_role(name: str) -> str:
+    # Files written before rows carried a role named the reference "fp16" and the plan row "plan".
+    return {"fp16": "reference", "plan": "plan"}.get(name, "measured")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class BackendResult:
     kernel: str | None = None
     weights: str | None = None  # which algorithm made the weights ("rtn", "gptq", "gptq (shared)", ...)
     timing: str | None = None  # how latency was taken: "graph", "eager", "eager (not capturable: ...)", ...
+    role: str = "measured"  # one of ROLES
     weight_bytes: int = 0
     bits_per_weight: float = 0.0
     layers: list[LayerRecord] = field(default_factory=list)
@@ -49,6 +56,8 @@ class BackendResult:
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status {self.status!r} not in {STATUSES}")
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} not in {ROLES}")
 
 
 @dataclass
@@ -63,6 +72,13 @@ class Comparison:
     def backend(self, name: str) -> BackendResult | None:
         return next((b for b in self.backends if b.name == name), None)
 
+    def reference(self) -> BackendResult | None:
+        """The unquantized row every other row is measured against."""
+        return next((b for b in self.backends if b.role == "reference"), None)
+
+    def plan_row(self) -> BackendResult | None:
+        return next((b for b in self.backends if b.role == "plan"), None)
+
     def to_dict(self) -> dict:
         return _json_safe(asdict(self))
 
@@ -72,7 +88,8 @@ class Comparison:
         if version not in READABLE_VERSIONS:
             raise ValueError(f"results schema_version {version} is not one of {READABLE_VERSIONS}")
         backends = [
-            BackendResult(**{**({"timing": "eager (schema v1)"} if version == 1 and b.get("layers") else {}), **b,
+            BackendResult(**{**({"timing": "eager (schema v1)"} if version == 1 and b.get("layers") else {}),
+                             "role": _legacy_role(b.get("name", "")), **b,
                              "layers": [LayerRecord(**layer) for layer in b.get("layers", [])]})
             for b in d.get("backends", [])
         ]

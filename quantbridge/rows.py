@@ -22,7 +22,6 @@ from .errors import BackendUnavailable, UserError
 from .packed import Int4Weight
 from .spec import QuantSpec
 
-REFERENCE = "fp16"
 CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
 
 
@@ -47,7 +46,7 @@ def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec)
 
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, memo)
-    reference = registry.get(REFERENCE)
+    reference = registry.get(registry.reference_name())
     for name, lin in linear_layers(clone).items():
         clone.set_submodule(name, layers[name] if name in layers else reference.quantize(lin, spec))
     return clone

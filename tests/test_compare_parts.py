@@ -126,12 +126,12 @@ def test_schema_v1_results_still_render(demo, tmp_path):
 
 
 def test_verdict():
-    ok = BackendResult(name="fp16", status="ok")
+    ok = BackendResult(name="fp16", status="ok", role="reference")
     bad = BackendResult(name="native", status="failed", reason="boom")
     c = Comparison(model={}, device={}, settings={}, backends=[ok, bad])
     assert "every requested row failed" in verdict(c)
     assert verdict(Comparison(model={}, device={}, settings={}, backends=[ok, BackendResult("native", "ok")])) is None
-    c = Comparison(model={}, device={}, settings={}, backends=[BackendResult("fp16", "failed", reason="x"), bad])
+    c = Comparison(model={}, device={}, settings={}, backends=[BackendResult("fp16", "failed", reason="x", role="reference"), bad])
     assert verdict(c).startswith("the reference row failed")
 
 

@@ -163,8 +163,8 @@ def _constructed() -> Comparison:
                            error={"rel_isolated": err, "loss_delta": delta})
     rows = {"fp16": (10, 100, 0.0, 1000, 0.0, False), "fast1": (5, 300, 0.10, 300), "fastbig": (20, 80, 0.09, 310),
             "accurate": (30, 400, 0.02, 320), "small": (40, 500, 0.2, 200)}
-    backends = [BackendResult(name=n, status="ok", weight_bytes=v[3], layers=[layer(*v)],
-                              model_metrics={"eval_loss": 1.0}) for n, v in rows.items()]
+    backends = [BackendResult(name=n, status="ok", weight_bytes=v[3], layers=[layer(*v)], model_metrics={"eval_loss": 1.0},
+                              role="reference" if n == "fp16" else "measured") for n, v in rows.items()]
     backends.append(BackendResult(name="broken", status="failed", reason="x"))
     return Comparison(model={"name": "t"}, device={"name": "d"},
                       settings={"decode_m": [1], "m_values": [1, 256]}, backends=backends)

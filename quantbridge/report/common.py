@@ -7,7 +7,6 @@ import statistics
 from ..recommend import layer_latency_sum
 from ..results import Comparison
 
-REFERENCE = "fp16"
 STEP_HEAD = ["backend", "M", "timing", "step µs", "Σ linears µs", "rest of step µs", "tokens/s",
              "host µs per layer call"]
 
@@ -58,7 +57,7 @@ def step_rows(comp: Comparison) -> list[list[str]]:
 
 def plan_rows(comp: Comparison) -> list[list[str]]:
     """Predicted vs measured for a plan row, if the comparison ran one."""
-    b = comp.backend("plan")
+    b = comp.plan_row()
     if b is None or b.status != "ok" or "plan" not in b.model_metrics:
         return []
     return [[k, _fmt(p), _fmt(m), _fmt(None if not p or m is None else 100 * (m / p - 1), "+.2f") + " %"]
@@ -72,7 +71,7 @@ def plan_check(comp: Comparison) -> dict[str, tuple[float, float | None]]:
     additive model from run-to-run drift of the timings)."""
     from ..plan import predict
 
-    b, ref = comp.backend("plan"), comp.backend(REFERENCE)
+    b, ref = comp.plan_row(), comp.reference()
     plan = b.model_metrics["plan"]
     pred = plan["predicted"]
     m = str(pred["m"])

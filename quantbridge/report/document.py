@@ -12,7 +12,6 @@ from ..recommend import layer_latency_sum, median_isolated_error, recommendation
 from ..results import Comparison
 from .common import plan_rows, spec_label, step_rows, timing_note, STEP_HEAD
 
-REFERENCE = "fp16"
 SENSITIVE_HEAD = ["layer", "value", "worst backend", "measure"]
 
 
@@ -26,7 +25,7 @@ def summary_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
     head = ["backend", "status", "timing", "weights", "kernel", "weight MB", "bits/w", "median isolated error", "eval ppl",
             *[f"tokens/s M={m}" for m in decode], *[f"prefill {m} µs" for m in prefill], "peak memory MB",
             *[f"Σ layer µs M={m} (× fp16)" for m in decode + prefill]]
-    ref = comp.backend(REFERENCE)
+    ref = comp.reference()
     rows = []
     for b in comp.backends:
         if b.status != "ok":
@@ -40,7 +39,7 @@ def summary_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
             sums.append(f"{_fmt(v, '.1f')}" + (f" ({v / base:.2f}×)" if v and base else ""))
         rows.append([
             b.name, b.status, b.timing or "", b.weights or "", b.kernel or "", _fmt(b.weight_bytes / 1e6, ".2f"),
-            _fmt(b.bits_per_weight, ".2f"), _fmt(median_isolated_error(b) or (0.0 if b.name == REFERENCE else None)),
+            _fmt(b.bits_per_weight, ".2f"), _fmt(median_isolated_error(b) or (0.0 if b.role == "reference" else None)),
             _fmt(mm.get("eval_ppl"), ".5g"),
             *[_fmt(mm.get("decode_tokens_per_s", {}).get(m), ".1f") for m in decode],
             *[_fmt(mm.get("prefill_latency_us"), ".1f") for _ in prefill],

@@ -7,7 +7,6 @@ import io
 from ..recommend import layer_latency_sum
 from ..results import Comparison
 
-REFERENCE = "fp16"
 
 
 def _plt():
@@ -36,7 +35,7 @@ def _short(name: str) -> str:
 
 def heatmap(comp: Comparison, value, title: str, cbar: str, log: bool = False) -> bytes | None:
     """Layer × backend matrix of value(backend_result, layer_record) (None = blank)."""
-    backends = [b for b in _ok(comp) if b.name != REFERENCE]
+    backends = [b for b in _ok(comp) if b.role != "reference"]
     if not backends:
         return None
     layers = [r.name for r in backends[0].layers]
@@ -109,7 +108,7 @@ def overhead(b, r, m: str, ref_rows: dict) -> float | None:
 
 def figures(comp: Comparison) -> dict[str, bytes]:
     """Every figure the report shows, by caption."""
-    ref = comp.backend(REFERENCE)
+    ref = comp.reference()
     ref_rows = {r.name: r.latency_us for r in ref.layers} if ref and ref.status == "ok" else {}
     out: dict[str, bytes] = {}
     ms = [str(m) for m in comp.settings.get("m_values", [])]

@@ -10,7 +10,6 @@ from ..recommend import layer_latency_sum as _layer_sum
 from ..results import Comparison
 from .common import STEP_HEAD, plan_rows, spec_label, step_rows, timing_note
 
-REFERENCE = "fp16"
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:
@@ -48,8 +47,8 @@ def summary_table(comp: Comparison) -> Table:
 def latency_table(comp: Comparison) -> Table:
     """Sum of per-linear median latencies per M, and the ratio to the reference."""
     ms = [str(m) for m in comp.settings.get("m_values", [])]
-    ref = comp.backend(REFERENCE)
-    t = Table(title="Σ linear-layer latency, µs (× fp16)", title_justify="left")
+    ref = comp.reference()
+    t = Table(title=f"Σ linear-layer latency, µs (× {ref.name if ref else 'reference'})", title_justify="left")
     t.add_column("backend")
     for m in ms:
         t.add_column(f"M={m}", justify="right")
@@ -77,16 +76,17 @@ def step_table(comp: Comparison) -> Table:
 def layer_table(comp: Comparison) -> Table:
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     m0 = ms[0] if ms else None
-    ref = comp.backend(REFERENCE)
+    ref = comp.reference()
     ref_lat = {layer.name: layer.latency_us for layer in ref.layers} if ref and ref.status == "ok" else {}
-    shown = [b for b in comp.backends if b.status == "ok" and b.name != REFERENCE] or [
+    shown = [b for b in comp.backends if b.status == "ok" and b.role != "reference"] or [
         b for b in comp.backends if b.status == "ok"
     ]
-    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×fp16)", title_justify="left")
+    ref_name = ref.name if ref else "reference"
+    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name})", title_justify="left")
     t.add_column("layer", no_wrap=True)
     t.add_column("N×K", justify="right")
     if m0:
-        t.add_column(f"{REFERENCE} µs", justify="right")
+        t.add_column(f"{ref_name} µs", justify="right")
     for b in shown:
         t.add_column(f"{b.name} err", justify="right")
         t.add_column(f"{b.name} µs", justify="right")
@@ -119,7 +119,6 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
         f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}))}; "
         f"probe overhead per M = whole step with probes on vs off[/dim]"
     )
-    plan = comp.backend("plan")
-    if plan is not None and plan.status == "ok" and "plan" in plan.model_metrics:
+    if plan_rows(comp):
         for quantity, pred, meas, diff in plan_rows(comp):
             console.print(f"plan {quantity}: predicted {pred}, measured {meas} ({diff})")

@@ -20,6 +20,7 @@ from .backend import Backend, Calibration
 from .cachedir import cache_dir
 from .errors import BackendUnavailable, UserError
 from .packed import Int4Weight
+from .quantizer import get_quantizer
 from .spec import QuantSpec
 
 CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
@@ -123,7 +124,9 @@ class WeightSource:
 
         if self._calib is None:
             self._calib = calibration(self.tokenizer, self.calib_samples, self.calib_len, self.calib_file, self.seed)
-        key = qcache.key(model=self.model_key, algorithm=b.weights_label, library=b.available(self.device).reason,
+        # The quantizer's library and version (not the backend's kernels: they do not change the weights).
+        library = get_quantizer(b.quantizer).available(self.device).reason
+        key = qcache.key(model=self.model_key, algorithm=b.weights_label, library=library,
                          spec=self.spec.to_dict(), calib=self._calib.digest, dtype=str(self.dtype),
                          targets=sorted(self.linears), device=self.device.type)
         ws = qcache.load(cache_dir(), key, self.device) if self.use_cache else None

@@ -156,7 +156,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                 result = early(name)
                 if result is None:
                     needs = _calibrations(name, rows, settings)
-                    result = _isolated_row(replace(job, name=name, use_cache=settings.cache or needs <= calibrated),
+                    result = _isolated_row(replace(job, name=name, use_cache=settings.cache or bool(needs) and needs <= calibrated),
                                            imports, progress)
                     calibrated |= needs
                 record(result)

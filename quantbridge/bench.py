@@ -238,10 +238,14 @@ class BenchJob:
     runs: int
     warmup: int
     copy_bytes_per_s: float
+    backend_class: str  # "module:qualname", registered in the child if importing did not
 
 
 def bench_backend(job: BenchJob) -> int:
     """In a child: every shape of one backend; each shape's rows are sent to the parent as they finish."""
+    from .compare import register_classes
+
+    register_classes({job.backend: job.backend_class})
     device, dtype = torch.device(job.device), getattr(torch, job.dtype)
     b, flush = registry.get(job.backend), L2Flush(device)
     for k, n in job.shapes:
@@ -273,9 +277,11 @@ def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], 
                     first = message[1][0]
                     done[(name, first["k"], first["n"])] = message[1]
 
-            job = BenchJob(name, shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup, bw)
-            out = iso.run_isolated("quantbridge.bench:bench_backend", job,
-                                   imports=[type(registry.get(name)).__module__], on_message=forward)
+            cls = type(registry.get(name))
+            job = BenchJob(name, shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup, bw,
+                           f"{cls.__module__}:{cls.__qualname__}")
+            out = iso.run_isolated("quantbridge.bench:bench_backend", job, imports=[cls.__module__],
+                                   on_message=forward)
             if not out.ok:
                 reason = (f"{out.reason} (in the backend's process)" if out.exception is not None
                           else f"the backend's process {out.reason}")

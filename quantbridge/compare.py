@@ -143,9 +143,10 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
             record(early(name) or _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress))
         return comp
 
+    classes = backend_classes(_backend_names(order, rows, settings))
     job = RowJob(name="", origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows, settings=settings,
-                 mode=mode, reference_file="", use_cache=settings.cache)
-    imports = _backend_modules(order, rows, settings)
+                 mode=mode, reference_file="", use_cache=settings.cache, backends=classes)
+    imports = sorted({c.partition(":")[0] for c in classes.values()})
     calibrated: set[str] = set()  # algorithms whose weights an earlier row of this comparison cached
     with iso.private_dir("quantbridge-compare-") as tmp:
         job = replace(job, reference_file=str(tmp / "reference.pt"))
@@ -175,6 +176,7 @@ class RowJob:
     mode: str
     reference_file: str  # the Reference, written once by the parent (torch.save)
     use_cache: bool  # read calibrated weights from the on-disk cache (also when an earlier row just wrote them)
+    backends: dict[str, str]  # name -> "module:qualname" of every backend class the row may use
 
 
 def measure_one_row(job: RowJob) -> BackendResult:
@@ -185,6 +187,7 @@ def measure_one_row(job: RowJob) -> BackendResult:
     from .models import load_model
 
     start = time.monotonic()
+    register_classes(job.backends)
     device, dtype = torch.device(job.origin.device), getattr(torch, job.origin.dtype)
     progress = _ForwardedProgress()
     progress.begin(f"{job.name}: loading {job.origin.spec} in the row's process", 1)
@@ -271,13 +274,23 @@ def _calibrations(name: str, rows: Rows, settings: Settings) -> set[str]:
     return {n for n in wanted if registry.get(n).needs_calibration}
 
 
-def _backend_modules(order: list[str], rows: Rows, settings: Settings) -> list[str]:
-    """The modules defining the backends a comparison uses: a child imports them, so each is registered
-    there too (also one registered outside quantbridge and its entry points)."""
+def _backend_names(order: list[str], rows: Rows, settings: Settings) -> set[str]:
     names = {n for n in order if n != PLAN} | ({rows.shared} if rows.shared not in (None, CHECKPOINT) else set())
-    if settings.plan:
-        names |= set(settings.plan["layers"].values())
-    return sorted({type(registry.get(n)).__module__ for n in names})
+    return names | (set(settings.plan["layers"].values()) if settings.plan else set())
+
+
+def backend_classes(names) -> dict[str, str]:
+    """name -> "module:qualname" of each backend's class, as registered here."""
+    return {n: f"{type(b).__module__}:{type(b).__qualname__}" for n in sorted(names) for b in [registry.get(n)]}
+
+
+def register_classes(classes: dict[str, str]) -> None:
+    """In a child process: register the parent's backend classes that importing did not register there
+    (one registered at run time, e.g. by a test, rather than as an import's side effect)."""
+    known = set(registry.names())
+    for name, where in classes.items():
+        if name not in known:
+            registry.register(iso.resolve(where))
 
 
 @contextmanager

@@ -1,9 +1,9 @@
 """Backends and functions that end their own process, for tests/test_isolation.py.
 
-A child process imports this module (compare and bench pass each backend's module to it), and
-the import registers the backends there. In the test process the `crashing_backends` fixture
-registers them for one test at a time. They end the process only inside a child: in-process
-they raise instead, so a mistake cannot take the test run down.
+The `crashing_backends` fixture registers them for one test at a time; a row's child process
+imports this module and registers the same classes (compare and bench hand it each backend's
+"module:qualname"). They end the process only inside a child: in-process they raise
+instead, so a mistake cannot take the test run down.
 """
 
 import os
@@ -73,10 +73,6 @@ def register_all() -> None:
 def unregister_all() -> None:
     for cls in BACKENDS:
         registry._REGISTRY.pop(cls.name, None)
-
-
-if isolation.in_child():
-    register_all()
 
 
 # Plain functions for isolation.run_isolated.

@@ -117,8 +117,8 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
         settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "mode": mode, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
-                  "decode_m": sorted(set(settings.batches)), "prefill_m": [settings.prefill] if settings.prefill else [],
-                  "isolation": how},
+                  "decode_m": sorted(set(settings.batches)),
+                  "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": how},
     )
     bad_reference = nonfinite_parameter(loaded.model)
     order = rows.names + ([PLAN] if settings.plan else [])
@@ -157,8 +157,8 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                 result = early(name)
                 if result is None:
                     needs = _calibrations(name, rows, settings)
-                    result = _isolated_row(replace(job, name=name, use_cache=settings.cache or bool(needs) and needs <= calibrated),
-                                           imports, progress)
+                    cached = settings.cache or bool(needs) and needs <= calibrated
+                    result = _isolated_row(replace(job, name=name, use_cache=cached), imports, progress)
                     calibrated |= needs
                 record(result)
     return comp
@@ -197,7 +197,8 @@ def measure_one_row(job: RowJob) -> BackendResult:
                              reason=f"{job.origin.spec} loaded again in the row's process differs from the compared "
                                     f"model (was it changed in memory after loading?); run with --isolation none")
     ref = iso.load(job.reference_file)
-    ref = replace(ref, eval_ids=ref.eval_ids.to(device), steps={m: [x.to(device) for x in xs] for m, xs in ref.steps.items()})
+    ref = replace(ref, eval_ids=ref.eval_ids.to(device),
+                  steps={m: [x.to(device) for x in xs] for m, xs in ref.steps.items()})
     progress.advance()
     loaded_s = time.monotonic() - start
     source = _weight_source(loaded, job.rows, replace(job.settings, cache=job.use_cache), device, dtype, progress)

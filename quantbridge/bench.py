@@ -5,6 +5,10 @@ backend's own dequantized weight, then time it (warm-up, median and p10/p90 of m
 runs, CUDA events, a fresh random input per run, L2 flushed between runs). Achieved
 bandwidth counts the bytes the layer must move (stored weight + x + y) and is compared
 with a device-to-device copy measured in the same run.
+
+With isolation "process" each backend runs in its own child process (`bench_backend`): one
+that kills its process (a signal, an illegal instruction) fails its remaining rows, naming
+the signal or exit code, and the other backends are measured as usual.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from . import backend as registry
+from . import isolation as iso
 from .errors import UserError
 from .hardware import device_info
 from .instrument import L2Flush, time_calls
@@ -168,8 +173,11 @@ def bench_layer(backend: registry.Backend, k: int, n: int, ms: list[int], spec: 
 def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], device: torch.device,
               dtype: torch.dtype, spec: QuantSpec, runs: int = 50, warmup: int = 5,
               progress: Callable[[str], None] | None = None,
-              on_shape: Callable[[dict], None] | None = None) -> dict:
-    """Sweep shapes x backends x M; `on_shape` gets the partial result after every shape."""
+              on_shape: Callable[[dict], None] | None = None, isolation: str = "none") -> dict:
+    """Sweep shapes x backends x M; `on_shape` gets the partial result after every shape
+    (with isolation "process": after every backend, whose child process ran all its shapes)."""
+    if isolation not in ("process", "none"):
+        raise UserError(f"--isolation {isolation!r} is not one of process, none")
     names = [REFERENCE] + [n for n in names if n != REFERENCE]
     backends = {n: registry.get(n) for n in names}
     flush = L2Flush(device)
@@ -184,6 +192,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         "matmul_tflops": matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 512),
         "backends": {},
         "rows": [],
+        "isolation": isolation,
     }
     for name, b in backends.items():
         a = b.available(device)
@@ -193,6 +202,13 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
                 b.check_spec(spec)
             except UserError as e:
                 result["backends"][name] = {"available": False, "reason": str(e)}
+    if isolation == "process":
+        del flush  # each child has its own; nothing of ours stays on the GPU while they run
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _bench_isolated(result, shapes, ms, names, device, dtype, spec, runs, warmup, copy["bytes_per_s"],
+                        progress, on_shape)
+        return result
     for k, n in shapes:
         for name, b in backends.items():
             if progress:
@@ -207,6 +223,74 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         if on_shape:
             on_shape(result)
     return result
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """One backend's rows, measured in a child process."""
+
+    backend: str
+    shapes: list[tuple[int, int]]
+    ms: list[int]
+    device: str
+    dtype: str
+    spec: QuantSpec
+    runs: int
+    warmup: int
+    copy_bytes_per_s: float
+    backend_class: str  # "module:qualname", registered in the child if importing did not
+
+
+def bench_backend(job: BenchJob) -> int:
+    """In a child: every shape of one backend; each shape's rows are sent to the parent as they finish."""
+    from .compare import register_classes
+
+    register_classes({job.backend: job.backend_class})
+    device, dtype = torch.device(job.device), getattr(torch, job.dtype)
+    b, flush = registry.get(job.backend), L2Flush(device)
+    for k, n in job.shapes:
+        iso.send(("shape", k, n))
+        rows = bench_layer(b, k, n, job.ms, job.spec, device, dtype, job.runs, job.warmup, flush, job.copy_bytes_per_s)
+        iso.send(("rows", [asdict(r) for r in rows]))
+    return len(job.shapes)
+
+
+def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], names: list[str],
+                    device: torch.device, dtype: torch.dtype, spec: QuantSpec, runs: int, warmup: int, bw: float,
+                    progress: Callable[[str], None] | None, on_shape: Callable[[dict], None] | None) -> None:
+    done: dict[tuple[str, int, int], list[dict]] = {}
+
+    def assemble() -> None:  # shape-major, backends in order, as the in-process sweep writes them
+        result["rows"] = [r for k, n in shapes for name in names for r in done.get((name, k, n), [])]
+        _speedups(result["rows"])
+
+    for name in names:
+        info = result["backends"][name]
+        if not info["available"]:
+            for k, n in shapes:
+                done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "unavailable", info["reason"])) for m in ms]
+        else:
+            def forward(message, name=name) -> None:
+                if message[0] == "shape" and progress:
+                    progress(f"{name} {message[1]}x{message[2]}")
+                elif message[0] == "rows":
+                    first = message[1][0]
+                    done[(name, first["k"], first["n"])] = message[1]
+
+            cls = type(registry.get(name))
+            job = BenchJob(name, shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup, bw,
+                           f"{cls.__module__}:{cls.__qualname__}")
+            out = iso.run_isolated("quantbridge.bench:bench_backend", job, imports=[cls.__module__],
+                                   on_message=forward)
+            if not out.ok:
+                reason = (f"{out.reason} (in the backend's process)" if out.exception is not None
+                          else f"the backend's process {out.reason}")
+                for k, n in shapes:
+                    if (name, k, n) not in done:  # shapes finished before the process died are kept
+                        done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "failed", reason)) for m in ms]
+        assemble()
+        if on_shape:
+            on_shape(result)
 
 
 def _speedups(rows: list[dict]) -> None:

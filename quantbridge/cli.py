@@ -28,6 +28,11 @@ Examples:
   quantbridge compare llama3-8b-2l --backends fp16,native --mode eager     # + host cost per call
 
 \b
+Every row runs in its own child process (--isolation process, the default): a backend
+that crashes its process (a signal, os._exit, an illegal instruction) is recorded as a
+failed row naming the signal or exit code, and the other rows finish.
+
+\b
 Writes OUT/results.json (schema_version 2), OUT/results.csv and OUT/report.html. The run
 is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
 only when complete: an interrupted run keeps its finished backends in OUT.partial and the
@@ -129,12 +134,18 @@ def cli() -> None:
 @click.option("--skip-unavailable", is_flag=True, help="Record unavailable backends as such instead of stopping.")
 @click.option("--no-layers", is_flag=True, help="Print only the whole-model summary, not the per-layer table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables; only the paths written.")
-@click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback.")
+@click.option("--isolation", default="process", show_default=True, type=click.Choice(["process", "none"]),
+              help="process: every row runs in its own child process (the model is loaded again there, the "
+                   "reference handed over in a file), so a kernel that kills its process (a signal, an illegal "
+                   "instruction poisoning the CUDA context) fails only its row, and each row's peak memory is its "
+                   "own; none: every row in this process (faster start, about 3-5 s less per row).")
+@click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback (rows then run "
+                                            "in this process).")
 def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool,
             act_order: bool, weights: str | None, kernels_csv: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
             no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
             runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
-            out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, debug: bool) -> None:
+            out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, isolation: str, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
     MODEL is `demo` (a small seeded Llama built locally), a Hugging Face model
@@ -165,11 +176,12 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
                         cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode,
                         kernels=parse_kernels(kernels_csv) if kernels_csv else None)
     run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
-                eval_source=eval_source)
+                eval_source=eval_source, isolation=isolation)
 
 
 def run_compare(model: str, names: list[str], settings, device: str, dtype: str, out_dir: str, *, report: bool = True,
-                quiet: bool = False, no_layers: bool = False, eval_source: str | None = None):
+                quiet: bool = False, no_layers: bool = False, eval_source: str | None = None,
+                isolation: str = "process"):
     """What `compare` does once its options are parsed: check, load, run every row, write OUT atomically.
 
     `plan` calls it too. Exits 1 (after writing) when the reference or every requested row failed.
@@ -196,7 +208,8 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
-            comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save)
+            comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save,
+                                  isolation=isolation)
         if not quiet:
             # Piped output gets a wide table rather than rich's 80-column default.
             print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
@@ -513,8 +526,11 @@ with matplotlib installed, OUT/roofline.png.
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
 @click.option("--quick", is_flag=True, help="Small shapes, M=1,16, 10 runs: a smoke test that runs anywhere.")
 @click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--isolation", default="process", show_default=True, type=click.Choice(["process", "none"]),
+              help="process: each backend runs in its own child process, so one that kills its process fails "
+                   "only its rows; none: everything in this process.")
 def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs: int, warmup: int, device: str,
-          dtype: str, quick: bool, out_dir: str) -> None:
+          dtype: str, quick: bool, out_dir: str, isolation: str) -> None:
     """Time every backend's INT4 linear on real model shapes against the measured memory roof."""
     import json
 
@@ -535,7 +551,7 @@ def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs:
 
     res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
                     QuantSpec(group_size=group_size), runs=runs, warmup=warmup,
-                    progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save)
+                    progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation)
     md = to_markdown(res)
     write_atomic(out / "bench.md", md)
     click.echo(md)

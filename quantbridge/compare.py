@@ -4,8 +4,12 @@
     reference.py  the inputs and the reference model's outputs, made once
     measure.py    one row: errors, per-layer timing per M in the row's mode, model metrics
     timing.py     the timing modes (graph, eager, compile) and their fallbacks
+    isolation.py  a function run in a spawned child process, and how a dead child is described
 This module runs the rows in order: a row's failure (exception, NaN, out of memory) becomes
-its status and the others go on.
+its status and the others go on. With isolation "process" every row runs in its own child
+process (`measure_one_row`): the reference is computed here once and handed over in a file,
+the child loads the model again, and a child that dies (a signal, an exit, a poisoned CUDA
+context) becomes that row's `failed` status.
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ from __future__ import annotations
 import gc
 import re
 import statistics
+import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import backend as registry
+from . import isolation as iso
 from .errors import BackendUnavailable, UserError
 from .hardware import device_info
 from .instrument import L2Flush
 from .measure import measure_row, sensitivity
-from .loaded import LoadedModel, linear_layers
+from .loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
 from .preflight import read_text_strict
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
@@ -37,8 +44,10 @@ from .spec import QuantSpec
 from .telemetry import Sampler
 
 PLAN = "plan"  # the row that runs a mixed-precision plan
+ISOLATION = ("process", "none")  # each row in its own child process, or all in this one
 
-__all__ = ["Settings", "run_comparison", "findings", "verdict", "with_layers", "PLAN", "CHECKPOINT"]
+__all__ = ["Settings", "run_comparison", "measure_one_row", "RowJob", "findings", "verdict", "with_layers", "PLAN",
+           "CHECKPOINT", "ISOLATION"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +112,16 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
 
 def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
                    dtype: torch.dtype, progress: Progress | None = None,
-                   on_result: Callable[[Comparison], None] | None = None) -> Comparison:
+                   on_result: Callable[[Comparison], None] | None = None, isolation: str = "none") -> Comparison:
     """Every row of `names` (plus the reference, and the plan if any) on `loaded`, in order.
 
+    `isolation`: "process" runs each row in its own child process (see `measure_one_row`), "none"
+    in this one. --debug, and a model built in memory (no `origin` to load it again from), run
+    in this process; `settings["isolation"]` in the result says which happened and why.
     `on_result` sees the comparison after every row, so a caller can save what finished.
     """
+    if isolation not in ISOLATION:
+        raise UserError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATION)}")
     progress = progress or Progress()
     rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
@@ -115,35 +129,213 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     eval_text = read_text_strict(settings.eval_text, "--eval-text") if settings.eval_text else None
     eval_ids, steps = make_inputs(loaded.tokenizer, settings, device, eval_text)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
-    source = WeightSource(
-        model=loaded.model, linears={n: linears[n] for n in sorted(rows.targets)}, spec=rows.spec,
-        model_key=loaded.info.get("hash") or loaded.name, tokenizer=loaded.tokenizer, device=device, dtype=dtype,
-        calib_samples=settings.calib_samples, calib_len=settings.calib_len, calib_file=settings.calib_file,
-        seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress)
     flush = L2Flush(device)
+    isolated, how = _isolation(isolation, loaded, settings)
     comp = Comparison(
         model=loaded.info,
         device=device_info(device),
         settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "mode": mode, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
-                  "decode_m": sorted(set(settings.batches)), "prefill_m": [settings.prefill] if settings.prefill else []},
+                  "decode_m": sorted(set(settings.batches)),
+                  "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": how},
     )
     bad_reference = nonfinite_parameter(loaded.model)
-    for name in rows.all + ([PLAN] if settings.plan else []):
-        if bad_reference is not None:
-            result = BackendResult(name=name, status="failed",
-                                   reason=f"the reference model itself is non-finite: {bad_reference} holds NaN or Inf")
-        elif name in rows.unavailable:
-            result = BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
-        else:
-            result = _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress)
-        result.role = "plan" if name == PLAN else "reference" if name == rows.names[0] else "measured"
+    order = rows.all + ([PLAN] if settings.plan else [])
+
+    def record(result: BackendResult) -> None:
+        result.role = "plan" if result.name == PLAN else "reference" if result.name == rows.names[0] else "measured"
         comp.backends.append(result)
         comp.findings = findings(comp)
         if on_result:
             on_result(comp)
+
+    def early(name: str) -> BackendResult | None:
+        if bad_reference is not None:
+            return BackendResult(name=name, status="failed",
+                                 reason=f"the reference model itself is non-finite: {bad_reference} holds NaN or Inf")
+        if name in rows.unavailable:
+            return BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
+        return None
+
+    if not isolated:
+        source = _weight_source(loaded, rows, settings, device, dtype, progress)
+        for name in order:
+            record(early(name) or _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress))
+        return comp
+
+    classes = backend_classes(_backend_names(order, rows, settings))
+    job = RowJob(name="", origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows, settings=settings,
+                 mode=mode, reference_file="", use_cache=settings.cache, backends=classes)
+    imports = sorted({c.partition(":")[0] for c in classes.values()})
+    calibrated: set[str] = set()  # algorithms whose weights an earlier row of this comparison cached
+    with iso.private_dir("quantbridge-compare-") as tmp:
+        job = replace(job, reference_file=str(tmp / "reference.pt"))
+        iso.save(ref, job.reference_file)
+        del ref, flush  # what stays here is the model, parked off the GPU while the children run
+        with _parked(loaded, device):
+            for name in order:
+                result = early(name)
+                if result is None:
+                    needs = _calibrations(name, rows, settings)
+                    cached = settings.cache or bool(needs) and needs <= calibrated
+                    result = _isolated_row(replace(job, name=name, use_cache=cached), imports, progress)
+                    calibrated |= needs
+                record(result)
     return comp
+
+
+@dataclass(frozen=True)
+class RowJob:
+    """What a row's child process is given: all picklable; the reference tensors are in `reference_file`."""
+
+    name: str
+    origin: ModelOrigin  # how to load the model again
+    fingerprint: str  # the compared model's (loaded.fingerprint), checked after loading it again
+    rows: Rows
+    settings: Settings
+    mode: str
+    reference_file: str  # the Reference, written once by the parent (torch.save)
+    use_cache: bool  # read calibrated weights from the on-disk cache (also when an earlier row just wrote them)
+    backends: dict[str, str]  # name -> "module:qualname" of every backend class the row may use
+
+
+def measure_one_row(job: RowJob) -> BackendResult:
+    """One row in a child process: load the model again, read the reference, run `_row`.
+
+    Progress goes to the parent through isolation.send; the result is returned (pickled).
+    """
+    from .models import load_model
+
+    start = time.monotonic()
+    register_classes(job.backends)
+    device, dtype = torch.device(job.origin.device), getattr(torch, job.origin.dtype)
+    progress = _ForwardedProgress()
+    progress.begin(f"{job.name}: loading {job.origin.spec} in the row's process", 1)
+    loaded = load_model(job.origin.spec, device, dtype)
+    if fingerprint(loaded.model) != job.fingerprint:
+        return BackendResult(name=job.name, status="failed",
+                             reason=f"{job.origin.spec} loaded again in the row's process differs from the compared "
+                                    f"model (was it changed in memory after loading?); run with --isolation none")
+    ref = iso.load(job.reference_file)
+    ref = replace(ref, eval_ids=ref.eval_ids.to(device),
+                  steps={m: [x.to(device) for x in xs] for m, xs in ref.steps.items()})
+    progress.advance()
+    loaded_s = time.monotonic() - start
+    source = _weight_source(loaded, job.rows, replace(job.settings, cache=job.use_cache), device, dtype, progress)
+    result = _row(job.name, loaded, job.rows, source, ref, job.settings, job.mode, device, dtype, L2Flush(device),
+                  progress)
+    telemetry = result.model_metrics.get("telemetry")
+    if telemetry:  # the peak is this row's alone: nothing else ran in its process
+        telemetry["memory_kind"] += ", the row's own process"
+    result.model_metrics["isolation"] = {"process": "own", "load_s": loaded_s,
+                                         "row_s": time.monotonic() - start - loaded_s}
+    return result
+
+
+class _ForwardedProgress(Progress):
+    """A child's progress, sent to the parent's Progress."""
+
+    def begin(self, description: str, total: int) -> None:
+        iso.send(("begin", description, total))
+
+    def advance(self, n: int = 1) -> None:
+        iso.send(("advance", n))
+
+
+def _isolated_row(job: RowJob, imports: list[str], progress: Progress) -> BackendResult:
+    def forward(message) -> None:
+        if message[0] == "begin":
+            progress.begin(message[1], message[2])
+        elif message[0] == "advance":
+            progress.advance(message[1])
+
+    progress.begin(f"{job.name}: starting the row's process", 1)
+    # The parent has already loaded (and downloaded) the model: a child never goes to the network.
+    out = iso.run_isolated("quantbridge.compare:measure_one_row", job, imports=imports,
+                           env={"HF_HUB_OFFLINE": "1"}, on_message=forward)
+    if out.ok:
+        result = out.value
+        result.model_metrics.setdefault("isolation", {})["process_s"] = out.seconds
+        return result
+    if out.exception is not None:
+        reason = f"{out.reason} (in the row's process, outside the row's own error handling)"
+    else:  # a signal (SIGKILL, SIGSEGV, SIGILL, SIGABRT ...) or an exit without a result
+        reason = f"the row's process {out.reason}"
+    return BackendResult(name=job.name, status="failed", reason=reason)
+
+
+def _isolation(requested: str, loaded: LoadedModel, settings: Settings) -> tuple[bool, str]:
+    """(run rows in child processes?, what results record about it)."""
+    if requested == "none":
+        return False, "none"
+    if settings.debug:
+        return False, "none (--debug runs every row in the comparing process, so exceptions propagate)"
+    if loaded.origin is None:
+        return False, "none (the model was built in memory and cannot be loaded again in a child process)"
+    return True, "process"
+
+
+def _weight_source(loaded: LoadedModel, rows: Rows, settings: Settings, device: torch.device, dtype: torch.dtype,
+                   progress: Progress) -> WeightSource:
+    linears = linear_layers(loaded.model)
+    return WeightSource(
+        model=loaded.model, linears={n: linears[n] for n in sorted(rows.targets)}, spec=rows.spec,
+        model_key=loaded.info.get("hash") or loaded.name, tokenizer=loaded.tokenizer, device=device, dtype=dtype,
+        calib_samples=settings.calib_samples, calib_len=settings.calib_len, calib_file=settings.calib_file,
+        seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress)
+
+
+def _calibrations(name: str, rows: Rows, settings: Settings) -> set[str]:
+    """The calibrating algorithms (gptq, awq) whose weights row `name` needs."""
+    if rows.shared == CHECKPOINT:
+        return set()
+    if name in rows.kernel_rows:  # a --kernels row runs the shared weights
+        wanted = {rows.shared}
+    else:
+        own = set(settings.plan["layers"].values()) if name == PLAN else {name}
+        quantized = {n for n in own if registry.get(n).quantized}
+        wanted = ({rows.shared} if quantized else set()) if rows.shared is not None else quantized
+    return {n for n in wanted if registry.get(n).needs_calibration}
+
+
+def _backend_names(order: list[str], rows: Rows, settings: Settings) -> set[str]:
+    names = {n for n in order if n != PLAN and n not in rows.kernel_rows}
+    names |= {rows.shared} if rows.shared not in (None, CHECKPOINT) else set()
+    return names | (set(settings.plan["layers"].values()) if settings.plan else set())
+
+
+def backend_classes(names) -> dict[str, str]:
+    """name -> "module:qualname" of each backend's class, as registered here."""
+    return {n: f"{type(b).__module__}:{type(b).__qualname__}" for n in sorted(names) for b in [registry.get(n)]}
+
+
+def register_classes(classes: dict[str, str]) -> None:
+    """In a child process: register the parent's backend classes that importing did not register there
+    (one registered at run time, e.g. by a test, rather than as an import's side effect)."""
+    known = set(registry.names())
+    for name, where in classes.items():
+        if name not in known:
+            registry.register(iso.resolve(where))
+
+
+@contextmanager
+def _parked(loaded: LoadedModel, device: torch.device) -> Iterator[None]:
+    """On CUDA, the model's weights off the GPU while the rows' processes run, so each row's peak is its own."""
+    if device.type != "cuda":
+        yield
+        return
+    loaded.model.to("cpu")
+    if loaded.int4 is not None:
+        loaded.int4 = {n: w.to("cpu") for n, w in loaded.int4.items()}
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:  # the caller gets its model back where it was
+        loaded.model.to(device)
+        if loaded.int4 is not None:
+            loaded.int4 = {n: w.to(device) for n, w in loaded.int4.items()}
 
 
 def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: Reference, settings: Settings,

@@ -13,6 +13,15 @@ from pathlib import Path
 from torch import nn
 
 
+@dataclass(frozen=True)
+class ModelOrigin:
+    """What `models.load_model` was given, so a row's child process can load the same model again."""
+
+    spec: str  # "demo", a seeded name, an absolute directory (float or quantized checkpoint), or a hub id
+    device: str
+    dtype: str  # "float32", "bfloat16", ...
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -21,6 +30,7 @@ class LoadedModel:
     tokenizer: object
     info: dict = field(default_factory=dict)
     int4: dict | None = None  # a quantized checkpoint's weights (module path -> Int4Weight)
+    origin: ModelOrigin | None = None  # None: built in memory, it cannot be loaded again elsewhere
 
 
 def dir_hash(path: Path) -> str:
@@ -32,6 +42,23 @@ def dir_hash(path: Path) -> str:
     cfg = path / "config.json"
     if cfg.exists():
         h.update(cfg.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's tensors: names, shapes, dtypes and a strided sample of each one's bytes.
+
+    A child that loaded the model again checks it against the parent's, so a model changed in
+    memory after loading is never silently replaced by the file's version.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return h.hexdigest()[:16]
 
 

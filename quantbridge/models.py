@@ -184,7 +184,21 @@ def _refuse_gguf(spec: str) -> None:
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load MODEL as given on the command line: 'demo', a local directory or a hub id."""
+    """Load MODEL as given on the command line: 'demo', a local directory or a hub id.
+
+    The result remembers what it was loaded from (`origin`), so a row's child process can load
+    it again: the demo and seeded models are rebuilt from their seeds, directories re-read.
+    """
+    from .loaded import ModelOrigin
+
+    loaded = _load(spec, device, dtype)
+    local = Path(spec).expanduser()
+    where = str(local.resolve()) if spec not in SEEDED and spec != DEMO_NAME and local.is_dir() else spec
+    loaded.origin = ModelOrigin(where, str(device), str(dtype).removeprefix("torch."))
+    return loaded
+
+
+def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec in SEEDED:

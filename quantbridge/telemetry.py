@@ -2,6 +2,8 @@
 
 Peak memory: the torch allocator's peak on CUDA (reset per backend); on CPU the process's
 resident set, sampled (the kernel's own high-water mark is per process, not per backend).
+With compare's rows in child processes (isolation "process") the process is the row's own,
+so either figure is that row's alone.
 GPU telemetry: SM/memory clocks, power and temperature through NVML, sampled on a thread,
 summarised as min / median / max.
 """

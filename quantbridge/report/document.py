@@ -68,6 +68,18 @@ def telemetry_rows(comp: Comparison) -> list[list[str]]:
     return rows
 
 
+def memory_note(comp: Comparison) -> str:
+    """How far the peak memory column is each row's own, from how the rows ran."""
+    how = str(comp.settings.get("isolation") or "none")
+    if how == "process":
+        return ("Every row ran in its own child process (the model loaded again there, the reference handed over in "
+                "a file; on CUDA the comparing process held no weights on the GPU meanwhile), so each peak is that "
+                "row's alone: model, inputs and its own layers.")
+    return ("The rows ran in one process (isolation " + how + "): on CUDA the allocator's peak is reset per row but "
+            "the model stays resident; on the CPU the resident set is the process's, so a row can carry memory an "
+            "earlier row left behind. compare --isolation process measures each row on its own.")
+
+
 def _table_html(head: list[str], rows: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -99,6 +111,7 @@ def _sections(comp: Comparison) -> dict:
                        if k == "loss_delta" else "median isolated relative error over backends"]
                       for n, v, k, worst in sens],
         "telemetry": telemetry_rows(comp),
+        "memory_note": memory_note(comp),
         "findings": comp.findings,
         "plan": plan_rows(comp),
     }
@@ -133,6 +146,7 @@ def to_html(comp: Comparison) -> str:
 <h2>Sensitive layers</h2>
 {_table_html(SENSITIVE_HEAD, sec['sensitive'])}
 <h2>Memory and device telemetry</h2>
+<p>{html.escape(sec['memory_note'])}</p>
 {_table_html(TELEMETRY_HEAD, sec['telemetry'])}
 <h2>Per layer</h2>
 {figs}
@@ -149,7 +163,7 @@ def to_markdown(comp: Comparison) -> str:
     if sec["plan"]:
         parts += ["## Plan: predicted vs measured", _table_md(["quantity", "predicted", "measured", "difference"], sec["plan"])]
     parts += ["## Sensitive layers", _table_md(SENSITIVE_HEAD, sec["sensitive"]),
-              "## Memory and device telemetry", _table_md(TELEMETRY_HEAD, sec["telemetry"])]
+              "## Memory and device telemetry", sec["memory_note"], _table_md(TELEMETRY_HEAD, sec["telemetry"])]
     return "\n\n".join(parts) + "\n"
 
 

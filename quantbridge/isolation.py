@@ -1,0 +1,221 @@
+"""Run one function in a child process, so whatever kills that process kills only it.
+
+    outcome = run_isolated("quantbridge.compare:measure_one_row", job, imports=[...], timeout=600)
+    outcome.ok -> outcome.value          (what the function returned)
+    else       -> outcome.reason          ("killed by SIGSEGV", "exited with code 3", "ValueError: ...")
+
+The child is started with the `spawn` method (a fresh interpreter: never a fork of a parent
+that may hold a CUDA context). The function is named by "module:qualname" and imported in
+the child after `imports` (modules that register things the function needs, e.g. a backend
+defined outside quantbridge). Its arguments and its result travel through files written with
+torch.save in a private temporary directory that is removed afterwards, so tensors never go
+through the pipe; the pipe carries only small messages: the child's `send(...)` calls
+(progress), then "returned" or the exception's type, first line and traceback. A child that
+ends without either (a signal, os._exit, a crash in native code) is described by its exit
+status. Nothing here knows what the function computes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_POLL_S = 0.05
+_KILL_GRACE_S = 5.0  # after a timeout: SIGTERM, then SIGKILL if the child is still there
+
+_conn = None  # in a child: the pipe to the parent (for send)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a child run ended: with the function's value, or with the reason it has none."""
+
+    value: Any = None
+    exitcode: int | None = None  # the process's exit status; negative: killed by that signal
+    signal: str | None = None  # "SIGKILL", "SIGSEGV", ... when a signal ended it
+    exception: str | None = None  # the type name, when the function raised
+    message: str | None = None  # the exception's first line
+    traceback: str | None = None
+    timed_out: float | None = None  # the timeout in seconds, when the child was stopped for it
+    seconds: float = 0.0  # wall time from start to the child's end
+
+    @property
+    def ok(self) -> bool:
+        return self.exception is None and self.signal is None and self.timed_out is None and self.exitcode == 0
+
+    @property
+    def reason(self) -> str | None:
+        """One line saying how the child died; None when it returned."""
+        if self.ok:
+            return None
+        if self.timed_out is not None:
+            return f"timed out after {self.timed_out:g} s (the process was stopped)"
+        if self.exception is not None:
+            return f"{self.exception}: {self.message}" if self.message else self.exception
+        if self.signal is not None:
+            return f"killed by {self.signal}"
+        return f"exited with code {self.exitcode} before returning a result"
+
+
+def send(message: Any) -> None:
+    """In a child started by run_isolated: hand a small picklable message to the parent's on_message.
+
+    Outside such a child it does nothing, so the same code runs in-process too.
+    """
+    if _conn is not None:
+        _conn.send(("message", message))
+
+
+def in_child() -> bool:
+    return _conn is not None
+
+
+@contextmanager
+def private_dir(prefix: str = "quantbridge-") -> Iterator[Path]:
+    """A temporary directory only this user can read (mode 0700), removed with its files afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp creates it 0700
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save(obj: Any, path: str | os.PathLike) -> None:
+    torch.save(obj, path)
+
+
+def load(path: str | os.PathLike) -> Any:
+    """What save wrote (our own files, in our own private directory: full unpickling is intended)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def resolve(target: str) -> Callable:
+    """'package.module:function' -> the function."""
+    module, _, qualname = target.partition(":")
+    if not module or not qualname:
+        raise ValueError(f"target {target!r} is not 'module:function'")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict[str, str] | None = None,
+                 timeout: float | None = None, on_message: Callable[[Any], None] | None = None) -> Outcome:
+    """Call `target(*args)` in a spawned child and return how it ended.
+
+    `imports`: modules the child imports first; `env`: variables set in the child before any
+    import; `timeout`: seconds before the child is stopped (SIGTERM, then SIGKILL);
+    `on_message`: called in the parent, in order, with each message the child `send`s.
+    """
+    ctx = mp.get_context("spawn")
+    start = time.monotonic()
+    with private_dir("quantbridge-child-") as tmp:
+        args_file, result_file = tmp / "args.pt", tmp / "result.pt"
+        save(args, args_file)
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_main, name=f"quantbridge:{target}",
+                           args=(target, str(args_file), str(result_file), list(imports), dict(env or {}), child_end),
+                           daemon=True)
+        proc.start()
+        child_end.close()  # the child holds the only write end: EOF once it is gone
+        final = None
+        timed_out = None
+        try:
+            while True:
+                if timeout is not None and time.monotonic() - start > timeout:
+                    timed_out = timeout
+                    _stop(proc)
+                    break
+                if not parent_end.poll(_POLL_S):
+                    if not proc.is_alive() and not parent_end.poll(0):
+                        break
+                    continue
+                try:
+                    kind, payload = parent_end.recv()
+                except (EOFError, OSError):  # the child is gone (or closed its end)
+                    break
+                if kind == "message":
+                    if on_message is not None:
+                        on_message(payload)
+                else:
+                    final = (kind, payload)
+        except BaseException:  # Ctrl-C or an error in on_message: the child does not outlive us
+            _stop(proc)
+            raise
+        finally:
+            parent_end.close()
+        proc.join()
+        seconds = time.monotonic() - start
+        code = proc.exitcode
+        if timed_out is not None:
+            return Outcome(exitcode=code, signal=signal_name(code), timed_out=timed_out, seconds=seconds)
+        if final is not None and final[0] == "returned" and result_file.exists():
+            # A child that returned and then died on its way out (a native library's teardown) still
+            # handed over a complete result: keep it, with the exit status.
+            return Outcome(value=load(result_file), exitcode=0 if code == 0 else code, seconds=seconds)
+        if final is not None and final[0] == "raised":
+            return Outcome(exitcode=code, exception=final[1]["type"], message=final[1]["message"],
+                           traceback=final[1]["traceback"], seconds=seconds)
+        return Outcome(exitcode=code, signal=signal_name(code), seconds=seconds)
+
+
+def _stop(proc) -> None:
+    if not proc.is_alive():
+        return
+    proc.terminate()
+    proc.join(_KILL_GRACE_S)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _child_main(target: str, args_file: str, result_file: str, imports: list[str], env: dict[str, str],
+                conn) -> None:
+    global _conn
+    os.environ.update(env)
+    _conn = conn
+    try:
+        for module in imports:
+            importlib.import_module(module)
+        fn = resolve(target)
+        value = fn(*load(args_file))
+        tmp = f"{result_file}.tmp"
+        save(value, tmp)
+        os.replace(tmp, result_file)  # complete or absent
+        conn.send(("returned", None))
+    except BaseException as e:  # noqa: BLE001 - the parent records it; SystemExit included
+        try:
+            conn.send(("raised", {"type": type(e).__name__, "message": _first_line(e),
+                                  "traceback": traceback.format_exc()}))
+        except Exception:  # noqa: BLE001 - the pipe is gone: the exit status says enough
+            pass
+    finally:
+        conn.close()

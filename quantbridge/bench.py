@@ -36,7 +36,6 @@ SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
     "quick": [(512, 512), (1024, 256)],
 }
 DEFAULT_M = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096]
-REFERENCE = "fp16"
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -178,7 +177,8 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
     (with isolation "process": after every backend, whose child process ran all its shapes)."""
     if isolation not in ("process", "none"):
         raise UserError(f"--isolation {isolation!r} is not one of process, none")
-    names = [REFERENCE] + [n for n in names if n != REFERENCE]
+    reference = registry.reference_name()  # the unquantized baseline every speedup is against
+    names = [reference] + [n for n in names if n != reference]
     backends = {n: registry.get(n) for n in names}
     flush = L2Flush(device)
     copy = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
@@ -186,7 +186,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         "schema_version": 1,
         "device": device_info(device),
         "settings": {"dtype": str(dtype).removeprefix("torch."), "spec": spec.to_dict(), "runs": runs,
-                     "warmup": warmup, "l2_flush": flush.active, "m_values": ms,
+                     "warmup": warmup, "l2_flush": flush.active, "m_values": ms, "reference": reference,
                      "bytes_counted": "stored weight (codes+scales+zeros) + x + y"},
         "copy_bandwidth": copy,
         "matmul_tflops": matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 512),
@@ -219,7 +219,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
             else:
                 rows = bench_layer(b, k, n, ms, spec, device, dtype, runs, warmup, flush, copy["bytes_per_s"])
             result["rows"] += [asdict(r) for r in rows]
-        _speedups(result["rows"])
+        _speedups(result["rows"], reference)
         if on_shape:
             on_shape(result)
     return result
@@ -262,7 +262,7 @@ def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], 
 
     def assemble() -> None:  # shape-major, backends in order, as the in-process sweep writes them
         result["rows"] = [r for k, n in shapes for name in names for r in done.get((name, k, n), [])]
-        _speedups(result["rows"])
+        _speedups(result["rows"], result["settings"]["reference"])
 
     for name in names:
         info = result["backends"][name]
@@ -293,8 +293,8 @@ def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], 
             on_shape(result)
 
 
-def _speedups(rows: list[dict]) -> None:
-    base = {(r["k"], r["n"], r["m"]): r["median_us"] for r in rows if r["backend"] == REFERENCE and r["median_us"]}
+def _speedups(rows: list[dict], reference: str) -> None:
+    base = {(r["k"], r["n"], r["m"]): r["median_us"] for r in rows if r["backend"] == reference and r["median_us"]}
     for r in rows:
         b = base.get((r["k"], r["n"], r["m"]))
         if b and r["median_us"]:

@@ -107,3 +107,13 @@ def test_env_json_lists_quantizers_and_kernels_with_reasons():
     native = next(b for b in d["backends"] if b["backend"] == "native")
     assert native["quantizer"] == "rtn" and native["kernels"] == ["triton", "reference"]
     assert {q["quantizer"] for q in d["quantizers"]} >= {"rtn", "gptq", "awq"}
+
+
+def test_kernel_rows_in_child_processes_match_in_process(demo):
+    s = Settings(**FAST, weights="native", kernels=["gptq-layout"])
+    here = run_comparison(demo, [], s, CPU, torch.float32)
+    there = run_comparison(demo, [], s, CPU, torch.float32, isolation="process")
+    assert [b.name for b in there.backends] == ["fp16", "native+gptq-layout"]
+    a, b = here.backend("native+gptq-layout"), there.backend("native+gptq-layout")
+    assert b.status == "ok", b.reason
+    assert [r.error["rel_isolated"] for r in a.layers] == [r.error["rel_isolated"] for r in b.layers]

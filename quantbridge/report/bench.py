@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-REFERENCE = "fp16"
 
 
 def _cell(r: dict) -> str:
@@ -47,18 +46,19 @@ def to_markdown(res: dict) -> str:
     by_shape: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for r in res["rows"]:
         by_shape[(r["k"], r["n"])].append(r)
+    reference = res["settings"].get("reference", "fp16")  # files written before it was recorded: fp16
     for (k, n), rows in by_shape.items():
         backends = list(dict.fromkeys(r["backend"] for r in rows))
         cells = {(r["backend"], r["m"]): r for r in rows}
         lines.append(f"## K={k} × N={n}")
         lines.append("")
-        head = ["M"] + backends + [f"{b} %BW" for b in backends if b != REFERENCE]
+        head = ["M"] + backends + [f"{b} %BW" for b in backends if b != reference]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for m in sorted({r["m"] for r in rows}):
             row = [str(m)] + [_cell(cells[(b, m)]) if (b, m) in cells else "" for b in backends]
             for b in backends:
-                if b == REFERENCE:
+                if b == reference:
                     continue
                 r = cells.get((b, m))
                 row.append(f"{r['pct_copy_bw']:.0f}%" if r and r.get("pct_copy_bw") else "")

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import UserError
 from .packed import Int4Weight
+from .registry import Registry
 from .spec import QuantSpec
 
 
@@ -172,17 +173,8 @@ class Backend:
         return bool(cls.kernels) or cls.from_int4 is not Backend.from_int4
 
 
-_REGISTRY: dict[str, type[Backend]] = {}
 _BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq")  # modules under quantbridge.adapters
 _loaded = False
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: make a backend selectable by its `name`."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"backend name {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
 
 
 def _load_all() -> None:
@@ -193,12 +185,15 @@ def _load_all() -> None:
     for mod in _BUILTINS:
         importlib.import_module(f"quantbridge.adapters.{mod}")
     for ep in entry_points(group="quantbridge.backends"):
-        ep.load()  # importing the module registers its backends
+        ep.load()  # importing the module registers its backends (and quantizers, kernels)
 
 
-def names() -> list[str]:
-    _load_all()
-    return list(_REGISTRY)
+BACKENDS: Registry[Backend] = Registry("backend", _load_all)
+_REGISTRY = BACKENDS.classes
+register = BACKENDS.register
+names = BACKENDS.names
+get = BACKENDS.get
+parse_names = BACKENDS.parse
 
 
 def reference_name() -> str:
@@ -208,27 +203,3 @@ def reference_name() -> str:
     if len(refs) != 1:
         raise RuntimeError(f"exactly one unquantized reference backend must be registered, found {refs}")
     return refs[0]
-
-
-def get(name: str) -> Backend:
-    _load_all()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise UserError(f"unknown backend {name!r}; valid backends: {', '.join(names())}") from None
-
-
-def parse_names(csv: str) -> list[str]:
-    """'fp16,native' -> ['fp16', 'native'], validated; duplicates dropped, order kept."""
-    out: list[str] = []
-    for part in csv.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        get(part)
-        if part not in out:
-            out.append(part)
-    if not out:
-        raise UserError(f"no backend given; choose from: {', '.join(names())}")
-    return out
-

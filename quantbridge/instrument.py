@@ -48,7 +48,25 @@ class _Clock:
 
 
 
-class LayerTimer:
+class _Probes:
+    """Pre- and post-forward hooks on every module (`_pre(name)`, `_post(name)`), only inside `with`."""
+
+    modules: dict[str, nn.Module]
+
+    def __enter__(self):
+        self._handles = []
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(mod.register_forward_hook(self._post(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class LayerTimer(_Probes):
     """Times every call of the given modules. Use as a context manager around forward passes.
 
     Two clocks per call: the device clock (CUDA events without synchronising; on the CPU
@@ -65,18 +83,6 @@ class LayerTimer:
         self._pairs: dict[str, list[tuple[int, int]]] = {name: [] for name in modules}
         self._host: dict[str, list[float]] = {name: [] for name in modules}
         self._open: dict[str, tuple[int, int]] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "LayerTimer":
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
-            self._handles.append(mod.register_forward_hook(self._post(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _pre(self, name: str) -> Callable:
         def hook(module, args):
@@ -105,7 +111,7 @@ class LayerTimer:
         return self._host
 
 
-class GraphLayerTimer:
+class GraphLayerTimer(_Probes):
     """Timing events recorded inside a CUDA graph capture, around each module and the step.
 
     Use as a context manager around the capture, calling `begin()` and `end()` first and
@@ -119,24 +125,12 @@ class GraphLayerTimer:
         self._pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in modules}
         self._open: dict[str, torch.cuda.Event] = {}
         self._span: list[torch.cuda.Event] = []
-        self._handles: list = []
 
     @staticmethod
     def _record() -> torch.cuda.Event:
         ev = torch.cuda.Event(enable_timing=True, external=True)
         ev.record()
         return ev
-
-    def __enter__(self) -> "GraphLayerTimer":
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
-            self._handles.append(mod.register_forward_hook(self._post(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def begin(self) -> None:
         self._span = [self._record()]

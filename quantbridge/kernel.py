@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 
 from .backend import Availability, QuantLinear, _load_all
-from .errors import UserError
 from .packed import Int4Weight
+from .registry import Registry
 
 OK = Availability(True, "")
 
@@ -40,38 +40,11 @@ class Kernel:
         raise NotImplementedError
 
 
-_KERNELS: dict[str, type[Kernel]] = {}
-
-
-def register_kernel(cls: type[Kernel]) -> type[Kernel]:
-    """Class decorator: make a kernel selectable by its `name`."""
-    if cls.name in _KERNELS and _KERNELS[cls.name] is not cls:
-        raise ValueError(f"kernel name {cls.name!r} is registered twice")
-    _KERNELS[cls.name] = cls
-    return cls
-
-
-def kernel_names() -> list[str]:
-    _load_all()
-    return list(_KERNELS)
-
-
-def get_kernel(name: str) -> Kernel:
-    _load_all()
-    try:
-        return _KERNELS[name]()
-    except KeyError:
-        raise UserError(f"unknown kernel {name!r}; valid kernels: {', '.join(kernel_names())}") from None
-
-
-def parse_kernels(csv: str) -> list[str]:
-    """'triton,tinygemm' -> ['triton', 'tinygemm'], validated; duplicates dropped, order kept."""
-    out = [k.strip() for k in csv.split(",") if k.strip()]
-    for k in out:
-        get_kernel(k)
-    if not out:
-        raise UserError(f"no kernel given; choose from: {', '.join(kernel_names())}")
-    return list(dict.fromkeys(out))
+KERNELS: Registry[Kernel] = Registry("kernel", _load_all)
+register_kernel = KERNELS.register
+kernel_names = KERNELS.names
+get_kernel = KERNELS.get
+parse_kernels = KERNELS.parse
 
 
 @dataclass(frozen=True)

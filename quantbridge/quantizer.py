@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .backend import Availability, Calibration, _load_all
-from .errors import UserError
 from .packed import Int4Weight
+from .registry import Registry
 from .spec import QuantSpec
 
 
@@ -41,30 +41,13 @@ class Quantizer:
         return {n: self.quantize_layer(lin, spec) for n, lin in linears.items()}
 
 
-_QUANTIZERS: dict[str, type[Quantizer]] = {}
-
-
-def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
-    if cls.name in _QUANTIZERS and _QUANTIZERS[cls.name] is not cls:
-        raise ValueError(f"quantizer name {cls.name!r} is registered twice")
-    _QUANTIZERS[cls.name] = cls
-    return cls
-
-
-def quantizer_names() -> list[str]:
-    _load_all()
-    return list(_QUANTIZERS)
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer", _load_all)
+register_quantizer = QUANTIZERS.register
+quantizer_names = QUANTIZERS.names
+get_quantizer = QUANTIZERS.get
 
 
 def baseline_label() -> str | None:
     """The weights label of the baseline quantizer (round-to-nearest), if one is registered."""
     _load_all()
-    return next((cls.algorithm or cls.name for cls in _QUANTIZERS.values() if cls.baseline), None)
-
-
-def get_quantizer(name: str) -> Quantizer:
-    _load_all()
-    try:
-        return _QUANTIZERS[name]()
-    except KeyError:
-        raise UserError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(quantizer_names())}") from None
+    return next((cls.algorithm or cls.name for cls in QUANTIZERS.classes.values() if cls.baseline), None)

@@ -35,6 +35,7 @@ class FP16Backend(Backend):
     name = "fp16"
     description = "unquantized reference in the compute dtype (bf16/fp16 on GPU, fp32 on CPU)"
     quantized = False
+    reference = True
 
     def quantize(self, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
         return ReferenceLinear(linear)

@@ -80,7 +80,8 @@ class Backend:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
-    quantized: ClassVar[bool] = True  # False for the unquantized reference
+    quantized: ClassVar[bool] = True  # False for unquantized backends
+    reference: ClassVar[bool] = False  # the unquantized backend every comparison measures against (one of them)
     algorithm: ClassVar[str] = ""  # how a fused backend makes its weights ("nf4", ...); pairings take the quantizer's
     quantizer: ClassVar[str | None] = None  # the registered quantizer that makes this backend's weights
     kernels: ClassVar[tuple[str, ...]] = ()  # registered kernels that run them, in priority order
@@ -197,9 +198,9 @@ parse_names = BACKENDS.parse
 
 
 def reference_name() -> str:
-    """The registered unquantized backend (`quantized = False`) every comparison measures against."""
+    """The registered backend marked `reference = True` every comparison measures against."""
     _load_all()
-    refs = [n for n, cls in _REGISTRY.items() if not cls.quantized]
+    refs = [n for n, cls in _REGISTRY.items() if cls.reference]
     if len(refs) != 1:
-        raise RuntimeError(f"exactly one unquantized reference backend must be registered, found {refs}")
+        raise UserError(f"exactly one backend may be the reference (reference = True); registered: {refs or 'none'}")
     return refs[0]

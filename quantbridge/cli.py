@@ -33,7 +33,7 @@ that crashes its process (a signal, os._exit, an illegal instruction) is recorde
 failed row naming the signal or exit code, and the other rows finish.
 
 \b
-Writes OUT/results.json (schema_version 2), OUT/results.csv and OUT/report.html. The run
+Writes OUT/results.json (schema_version 3), OUT/results.csv and OUT/report.html. The run
 is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
 only when complete: an interrupted run keeps its finished backends in OUT.partial and the
 previous complete run in OUT. A second compare into the same OUT is refused while one runs.

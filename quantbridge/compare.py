@@ -180,7 +180,8 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                     needs = _calibrations(name, rows, settings)
                     cached = settings.cache or bool(needs) and needs <= calibrated
                     result = _isolated_row(replace(job, name=name, use_cache=cached), imports, progress)
-                    calibrated |= needs
+                    if result.status == "ok":  # a row that died may not have written the cache
+                        calibrated |= needs
                 record(result)
     return comp
 

@@ -51,10 +51,11 @@ class Outcome:
     traceback: str | None = None
     timed_out: float | None = None  # the timeout in seconds, when the child was stopped for it
     seconds: float = 0.0  # wall time from start to the child's end
+    returned: bool = False  # the function returned and its result was handed over (even if the exit was not clean)
 
     @property
     def ok(self) -> bool:
-        return self.exception is None and self.signal is None and self.timed_out is None and self.exitcode == 0
+        return self.returned
 
     @property
     def reason(self) -> str | None:
@@ -175,7 +176,8 @@ def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict
         if final is not None and final[0] == "returned" and result_file.exists():
             # A child that returned and then died on its way out (a native library's teardown) still
             # handed over a complete result: keep it, with the exit status.
-            return Outcome(value=load(result_file), exitcode=0 if code == 0 else code, seconds=seconds)
+            return Outcome(value=load(result_file), exitcode=code, signal=signal_name(code) if code else None,
+                           seconds=seconds, returned=True)
         if final is not None and final[0] == "raised":
             return Outcome(exitcode=code, exception=final[1]["type"], message=final[1]["message"],
                            traceback=final[1]["traceback"], seconds=seconds)

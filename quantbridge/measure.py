@@ -108,6 +108,10 @@ def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[
     metrics["eval_ppl"] = math.exp(out.loss.item())
     metrics["eval_ppl_reference"] = math.exp(ref.loss)
     metrics["logits_rel_error"] = rel_error(out.logits.float().cpu(), ref.logits)
+    # What the kernel chooser passed over for this row's layers, and why (kernel -> reason).
+    passed_over = {k: why for mod in qlins.values() for k, why in getattr(mod, "rejected_kernels", ())}
+    if passed_over:
+        metrics["kernels_passed_over"] = passed_over
     layers = [
         LayerRecord(
             name=n,

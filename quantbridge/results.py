@@ -15,9 +15,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 1 had no host_us per layer and no timing per row: its latencies are eager, read as such.
-READABLE_VERSIONS = (1, 2)
+# Versions 1 and 2 had no role per row: fp16 was the reference and "plan" the plan row.
+READABLE_VERSIONS = (1, 2, 3)
 STATUSES = ("ok", "failed", "unavailable")
 ROLES = ("reference", "measured", "plan")  # what a row is to a report: the baseline, a row measured, a plan run
 

@@ -55,7 +55,9 @@ def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec)
 
 def canonical(b: Backend) -> bool:
     """Whether a backend's algorithm yields canonical INT4 weights that rows can share."""
-    return b.quantized and b.quantizer is not None
+    # A quantizer pairing, or a backend (e.g. a plugin's) with its own canonical-weights methods.
+    return b.quantized and (b.quantizer is not None or b.needs_calibration
+                            or type(b).quantize_weights_of is not Backend.quantize_weights_of)
 
 
 def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -> str | None:
@@ -125,7 +127,7 @@ class WeightSource:
         if self._calib is None:
             self._calib = calibration(self.tokenizer, self.calib_samples, self.calib_len, self.calib_file, self.seed)
         # The quantizer's library and version (not the backend's kernels: they do not change the weights).
-        library = get_quantizer(b.quantizer).available(self.device).reason
+        library = (get_quantizer(b.quantizer) if b.quantizer else b).available(self.device).reason
         key = qcache.key(model=self.model_key, algorithm=b.weights_label, library=library,
                          spec=self.spec.to_dict(), calib=self._calib.digest, dtype=str(self.dtype),
                          targets=sorted(self.linears), device=self.device.type)
@@ -158,10 +160,14 @@ def row_layers(name: str, source: WeightSource, shared: str | None, only: set[st
     source.progress.begin(f"{name}: build layers", len(lins))
     out = {}
     for n, lin in lins.items():
+        # A UserError is a kernel saying it cannot run this here (no kernel can hold the weight, a
+        # group size it lacks); for weights made elsewhere, so is a codec's ValueError (act-order
+        # in AWQ's layout). Anything else is the row's failure.
+        cannot = (UserError,) if ws is None or shared is None else (UserError, ValueError)
         try:
             out[n] = b.quantize(lin, source.spec) if ws is None else build(b.from_int4, ws[n], lin.bias)
-        except (ValueError, UserError) as e:  # no kernel of this backend can hold these weights here
-            raise NotRunnable(f"{name} cannot run layer {n}: {e}") from None  # (act-order in AWQ, a group size...)
+        except cannot as e:
+            raise NotRunnable(f"{name} cannot run layer {n}: {e}") from None
         source.progress.advance()
     return out, label
 

@@ -96,6 +96,14 @@ def exit3(x):
     _end_process("exit3")
 
 
+def returns_then_dies(x):
+    import atexit
+    import os
+
+    atexit.register(os._exit, 7)  # a native library's teardown crashing after the result was handed over
+    return x * 2
+
+
 def sleeps(x):
     import time
 

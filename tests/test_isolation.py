@@ -56,6 +56,11 @@ def test_dead_child_is_described(fn, signal_name, exitcode, reason):
     assert (out.signal, out.exitcode, out.reason) == (signal_name, exitcode, reason)
 
 
+def test_a_result_handed_over_before_an_unclean_exit_is_kept():
+    out = run_isolated("isolation_backends:returns_then_dies", 21)
+    assert out.ok and out.value == 42 and out.exitcode == 7
+
+
 def test_child_exception_and_timeout():
     out = run_isolated("isolation_backends:raises", "key")
     assert (out.exception, out.message, out.reason) == ("KeyError", "'missing key'", "KeyError: 'missing key'")
@@ -125,7 +130,7 @@ def test_rows_after_a_calibration_read_its_cache(demo, monkeypatch):
 
     def fake(target, job, **kw):
         jobs.append(job)
-        return Outcome(value=BackendResult(name=job.name, status="ok"), exitcode=0)
+        return Outcome(value=BackendResult(name=job.name, status="ok"), exitcode=0, returned=True)
 
     monkeypatch.setattr(compare.iso, "run_isolated", fake)
     _run(demo, ["gptq", "native"], weights="gptq", cache=False)

@@ -19,7 +19,7 @@ def test_json_round_trip_and_contract(tmp_path):
     p = tmp_path / "r" / "results.json"
     save_json(_comp(), p)
     raw = json.loads(p.read_text())
-    assert raw["schema_version"] == 2
+    assert raw["schema_version"] == 3
     assert set(raw) >= {"model", "device", "settings", "backends"}
     b = raw["backends"][0]
     assert set(b) >= {"name", "status", "reason", "kernel", "timing", "weight_bytes", "bits_per_weight", "layers",

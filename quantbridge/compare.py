@@ -370,6 +370,8 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
         result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
         if name == PLAN:
             result.model_metrics["plan"] = settings.plan
+        if name in rows.kernel_rows:
+            result.model_metrics["only_kernel"] = rows.kernel_rows[name]  # a --kernels row: not a backend name
         return result
     except NotRunnable as e:
         return BackendResult(name=name, status="unavailable", reason=str(e))

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 from .errors import UserError
-from . import backend as registry
 from .results import Comparison
 
 PLAN_SCHEMA = 1
@@ -39,11 +38,11 @@ def _table(comp: Comparison, m: str, allowed: list[str] | None) -> tuple[dict, d
         raise UserError(f"the results have no latency at M={m}; use --batch with one of "
                         f"{', '.join(ref.layers[0].latency_us)}")
     base = {r.name: r for r in ref.layers}
-    backends = set(registry.names())
     options: dict[str, list[tuple[str, object]]] = {n: [] for n in base}
     for b in comp.backends:
-        # Only rows compare --plan can build again: registered backends (not WEIGHTS+KERNEL rows).
-        if b.status != "ok" or b.role != "measured" or b.name not in backends or (allowed and b.name not in allowed):
+        # Only rows compare --plan can build again by name: not a --kernels row (WEIGHTS+KERNEL).
+        if (b.status != "ok" or b.role != "measured" or "only_kernel" in b.model_metrics
+                or (allowed and b.name not in allowed)):
             continue
         for r in b.layers:
             if not r.quantized:

@@ -121,3 +121,13 @@ def test_kernel_rows_in_child_processes_match_in_process(demo):
     a, b = here.backend("native+gptq-layout"), there.backend("native+gptq-layout")
     assert b.status == "ok", b.reason
     assert [r.error["rel_isolated"] for r in a.layers] == [r.error["rel_isolated"] for r in b.layers]
+
+
+def test_plan_leaves_kernel_rows_out(demo):
+    from quantbridge.plan import Budget, make_plan
+
+    s = Settings(**FAST, weights="native", kernels=["gptq-layout"], sensitivity=True)
+    comp = run_comparison(demo, ["native"], s, CPU, torch.float32)
+    assert comp.backend("native+gptq-layout").model_metrics["only_kernel"] == "gptq-layout"
+    plan = make_plan(comp, Budget(max_ppl_increase_pct=100.0), 1)
+    assert set(plan["layers"].values()) <= {"fp16", "native"}  # compare --plan can build these by name

@@ -134,3 +134,14 @@ class NativeBackend(Backend):
     description = "quantbridge RTN weights through quantbridge's Triton kernel (the torch reference elsewhere)"
     quantizer = "rtn"
     kernels = ("triton", "reference")
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        layer = super().from_int4(weight, bias)
+        if type(layer) is PinnedReferenceLinear:
+            # The backend follows its weight: built where only the reference runs (the CPU, fp32),
+            # a later move to CUDA in fp16/bf16 takes the Triton kernel. Only an explicit
+            # `--kernels reference` row stays pinned.
+            free = NativeLinear(weight, bias)
+            free.rejected_kernels = layer.rejected_kernels
+            return free
+        return layer

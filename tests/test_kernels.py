@@ -131,3 +131,12 @@ def test_plan_leaves_kernel_rows_out(demo):
     assert comp.backend("native+gptq-layout").model_metrics["only_kernel"] == "gptq-layout"
     plan = make_plan(comp, Budget(max_ppl_increase_pct=100.0), 1)
     assert set(plan["layers"].values()) <= {"fp16", "native"}  # compare --plan can build these by name
+
+
+def test_native_backend_layer_follows_its_weight_but_a_reference_row_stays_pinned():
+    from quantbridge.adapters.native import NativeLinear, PinnedReferenceLinear
+
+    w = _weight(seed=5)
+    layer = registry.get("native").from_int4(w, None)
+    assert type(layer) is NativeLinear and layer.kernel == "reference-torch"  # re-chooses when moved
+    assert type(get_kernel("reference").build(w, None)) is PinnedReferenceLinear

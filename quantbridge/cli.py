@@ -166,7 +166,8 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     if weights is not None:
         registry.parse_names(weights)
     preflight.check_skip(skip)
-    eval_source = preflight.read_text_strict(eval_text, "--eval-text") if eval_text else None
+    if eval_text:  # refused before the model loads when it is not UTF-8 text; compare reads it again
+        preflight.read_text_strict(eval_text, "--eval-text")
     if calib_file:
         preflight.read_text_strict(calib_file, "--calib")
     spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
@@ -176,11 +177,11 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
                         cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode,
                         kernels=parse_kernels(kernels_csv) if kernels_csv else None)
     run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
-                eval_source=eval_source, isolation=isolation)
+                isolation=isolation)
 
 
 def run_compare(model: str, names: list[str], settings, device: str, dtype: str, out_dir: str, *, report: bool = True,
-                quiet: bool = False, no_layers: bool = False, eval_source: str | None = None,
+                quiet: bool = False, no_layers: bool = False,
                 isolation: str = "process"):
     """What `compare` does once its options are parsed: check, load, run every row, write OUT atomically.
 
@@ -201,7 +202,7 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     try:
         with console.status(f"loading {model}"):
             loaded = load_model(model, dev, dt)
-        _preflight_inputs(loaded, names, settings, eval_source)
+        _preflight_inputs(loaded, names, settings)
 
         def save(comp) -> None:  # after every backend, into the staging directory an interruption keeps
             run.save(comp)
@@ -233,18 +234,13 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     return comp
 
 
-def _preflight_inputs(loaded, names: list[str], settings, eval_source: str | None) -> None:
+def _preflight_inputs(loaded, names: list[str], settings) -> None:
     """The checks that need the tokenizer, before the reference run."""
     from . import backend as registry
     from . import preflight
-    from .workloads import text_split
 
-    tok = loaded.tokenizer  # --batch/--prefill against the text's tokens: checked where the inputs are cut
-    if eval_source is not None:
-        preflight.check_eval_text(tok, eval_source, settings.eval_seqs, settings.eval_len, f"--eval-text {settings.eval_text}")
-    else:
-        preflight.check_eval_text(tok, text_split("eval"), settings.eval_seqs, settings.eval_len,
-                                  "the shipped evaluation text")
+    # --batch/--prefill and the eval text's length are checked where the inputs are cut (reference.make_inputs).
+    tok = loaded.tokenizer
     calibrating = [n for n in [*names, settings.weights] if n and registry.get(n).needs_calibration]
     if calibrating and loaded.int4 is None:  # a checkpoint's weights need no calibration
         preflight.check_calibration(tok, settings.calib_file, settings.calib_len)

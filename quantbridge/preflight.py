@@ -81,17 +81,6 @@ def check_step_sizes(batches: list[int], prefill: int, limit: int) -> None:
                         f"prefill inputs are cut from; use --prefill {limit} or less")
 
 
-def check_eval_text(tokenizer, text: str, eval_seqs: int, eval_len: int, source: str = "the evaluation text") -> int:
-    """Refuse an evaluation text with fewer tokens than --eval-seqs x --eval-len; return its token count."""
-    from .workloads import tokenize
-
-    n = int(tokenize(tokenizer, text).numel())
-    if n < eval_seqs * eval_len:
-        raise UserError(f"{source} has {n} tokens; --eval-seqs x --eval-len needs {eval_seqs * eval_len}: "
-                        f"give a longer --eval-text or smaller values")
-    return n
-
-
 def check_calibration(tokenizer, calib_file: str | None, calib_len: int) -> int:
     """Refuse a calibration text shorter than --calib-len tokens (before gptq/awq runs); return its count."""
     from .workloads import text_split, tokenize

@@ -33,7 +33,8 @@ def make_inputs(tokenizer, settings: Settings, device: torch.device,
     tokens = tokenize(tokenizer, text_split("eval"))
     eval_tokens = tokens if eval_text is None else tokenize(tokenizer, eval_text)
     if eval_tokens.numel() < s.eval_seqs * s.eval_len:
-        raise UserError(f"evaluation text has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
+        source = f"--eval-text {s.eval_text}" if eval_text is not None else "the shipped evaluation text"
+        raise UserError(f"{source} has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
                         f"{s.eval_seqs * s.eval_len}: give a longer --eval-text or smaller values")
     eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(device)
     n = s.warmup + s.runs

@@ -110,7 +110,8 @@ class RunDir:
         """results.json and results.csv of the rows so far, in the staging directory."""
         from .results import save_csv, save_json
 
-        for name, write in (("results.json", save_json), ("results.csv", save_csv)):
+        # results.json last: it is what an interrupted run is read back from (see `saved_rows`).
+        for name, write in (("results.csv", save_csv), ("results.json", save_json)):
             path = self.staging / name
             try:
                 write(comp, path)
@@ -151,6 +152,7 @@ class RunDir:
         """Remove an empty staging directory (a run that saved nothing) and release the lock."""
         try:
             if not self.committed and self.staging.is_dir():
+                self.rows = self.saved_rows()
                 if self.rows:
                     self._mark("partial")
                 else:
@@ -162,8 +164,9 @@ class RunDir:
 
     def kept(self, what: str) -> str:
         """One line: what stopped the run, which rows were kept where, and that OUT is intact."""
-        if self.rows and (self.staging / "results.json").is_file():
-            rows = f"results of the finished rows ({', '.join(self.rows)}) are in {self.staging}/results.json"
+        saved = self.saved_rows()
+        if saved:
+            rows = f"results of the finished rows ({', '.join(saved)}) are in {self.staging}/results.json"
         else:
             rows = "no row had finished"
         if self.out.is_dir() and any(self.out.iterdir()):
@@ -171,6 +174,14 @@ class RunDir:
         else:
             prev = f"{self.out} holds no previous run and was left as it was"
         return f"{what}: {rows}; {prev}"
+
+    def saved_rows(self) -> list[str]:
+        """The rows in the staging results.json: what is on disk, whatever moment a signal arrived at."""
+        try:
+            with open(self.staging / "results.json", encoding="utf-8") as f:
+                return [b["name"] for b in json.load(f).get("backends", [])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
 
     def _mark(self, status: str) -> None:
         try:

@@ -25,8 +25,10 @@ from . import isolation as iso
 from .errors import UserError
 from .hardware import device_info
 from .instrument import L2Flush, time_calls
+from .kernel import get_kernel
 from .metrics import summarize
-from .packed import quantize_rtn
+from .packed import Int4Weight, quantize_rtn
+from .rows import NotRunnable
 from .spec import QuantSpec
 
 # (K, N) = (in_features, out_features) of each distinct linear shape.
@@ -129,7 +131,32 @@ def _time(q: nn.Module, xs: list[torch.Tensor], device: torch.device, flush: L2F
     return summarize(time_calls(lambda _: graph.replay(), xs, device, prepare)), "cuda-graph"
 
 
-def bench_layer(backend: registry.Backend, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,
+class KernelSource:
+    """One kernel on its own (`bench --kernels K`): the spec's round-to-nearest codes through
+    exactly that kernel, row `rtn+K`. A kernel's speed does not depend on how its codes were
+    chosen, so this is how GPTQ and AWQ engine kernels are timed without calibrating."""
+
+    needs_calibration = True  # bench_layer hands it canonical weights (from_int4)
+
+    def __init__(self, kernel: str) -> None:
+        self.kernel = kernel
+        self.name = f"rtn+{kernel}"
+
+    def available(self, device: torch.device):
+        return get_kernel(self.kernel).available(device)
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        return None  # what a kernel cannot hold is per weight: can_implement, in from_int4
+
+    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> nn.Module:
+        k = get_kernel(self.kernel)
+        a = k.can_implement(weight, weight.qweight.device, weight.scales.dtype)
+        if not a.ok:
+            raise NotRunnable(a.reason)
+        return k.build(weight, bias)
+
+
+def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,
                 dtype: torch.dtype, runs: int, warmup: int, flush: L2Flush, bw: float) -> list[Row]:
     torch.manual_seed(k * 7 + n)
     lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
@@ -142,8 +169,11 @@ def bench_layer(backend: registry.Backend, k: int, n: int, ms: list[int], spec: 
             q = backend.from_int4(quantize_rtn(lin.weight.detach(), spec, scale_dtype=dtype), None)
         else:
             q = backend.quantize(lin, spec)
-    except (UserError, RuntimeError, TypeError, NotImplementedError) as e:
-        return [Row(backend.name, "", k, n, m, "failed", str(e).splitlines()[0]) for m in ms]
+    except NotRunnable as e:
+        return [Row(backend.name, "", k, n, m, "unavailable", str(e).splitlines()[0]) for m in ms]
+    except (UserError, RuntimeError, TypeError, NotImplementedError, ImportError) as e:
+        return [Row(backend.name, "", k, n, m, "failed", f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                for m in ms]
     del lin
     with torch.inference_mode():
         for m in ms:
@@ -172,14 +202,20 @@ def bench_layer(backend: registry.Backend, k: int, n: int, ms: list[int], spec: 
 def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], device: torch.device,
               dtype: torch.dtype, spec: QuantSpec, runs: int = 50, warmup: int = 5,
               progress: Callable[[str], None] | None = None,
-              on_shape: Callable[[dict], None] | None = None, isolation: str = "none") -> dict:
-    """Sweep shapes x backends x M; `on_shape` gets the partial result after every shape
-    (with isolation "process": after every backend, whose child process ran all its shapes)."""
+              on_shape: Callable[[dict], None] | None = None, isolation: str = "none",
+              kernels: list[str] = ()) -> dict:
+    """Sweep shapes x (backends, then `kernels` on their own) x M; `on_shape` gets the partial
+    result after every shape (with isolation "process": after every backend or kernel, whose
+    child process ran all its shapes)."""
     if isolation not in ("process", "none"):
         raise UserError(f"--isolation {isolation!r} is not one of process, none")
     reference = registry.reference_name()  # the unquantized baseline every speedup is against
     names = [reference] + [n for n in names if n != reference]
-    backends = {n: registry.get(n) for n in names}
+    backends: dict = {n: registry.get(n) for n in names}
+    for k in kernels:
+        src = KernelSource(k)
+        backends[src.name] = src
+    names = list(backends)
     flush = L2Flush(device)
     copy = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
     result = {
@@ -206,7 +242,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         del flush  # each child has its own; nothing of ours stays on the GPU while they run
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        _bench_isolated(result, shapes, ms, names, device, dtype, spec, runs, warmup, copy["bytes_per_s"],
+        _bench_isolated(result, shapes, ms, backends, device, dtype, spec, runs, warmup, copy["bytes_per_s"],
                         progress, on_shape)
         return result
     for k, n in shapes:
@@ -239,15 +275,17 @@ class BenchJob:
     warmup: int
     copy_bytes_per_s: float
     backend_class: str  # "module:qualname", registered in the child if importing did not
+    kernel: str | None = None  # a kernel on its own (KernelSource) instead of a backend
 
 
 def bench_backend(job: BenchJob) -> int:
     """In a child: every shape of one backend; each shape's rows are sent to the parent as they finish."""
     from .compare import register_classes
 
-    register_classes({job.backend: job.backend_class})
+    if job.kernel is None:
+        register_classes({job.backend: job.backend_class})
     device, dtype = torch.device(job.device), getattr(torch, job.dtype)
-    b, flush = registry.get(job.backend), L2Flush(device)
+    b, flush = KernelSource(job.kernel) if job.kernel else registry.get(job.backend), L2Flush(device)
     for k, n in job.shapes:
         iso.send(("shape", k, n))
         rows = bench_layer(b, k, n, job.ms, job.spec, device, dtype, job.runs, job.warmup, flush, job.copy_bytes_per_s)
@@ -255,10 +293,11 @@ def bench_backend(job: BenchJob) -> int:
     return len(job.shapes)
 
 
-def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], names: list[str],
+def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], sources: dict,
                     device: torch.device, dtype: torch.dtype, spec: QuantSpec, runs: int, warmup: int, bw: float,
                     progress: Callable[[str], None] | None, on_shape: Callable[[dict], None] | None) -> None:
     done: dict[tuple[str, int, int], list[dict]] = {}
+    names = list(sources)
 
     def assemble() -> None:  # shape-major, backends in order, as the in-process sweep writes them
         result["rows"] = [r for k, n in shapes for name in names for r in done.get((name, k, n), [])]
@@ -277,14 +316,16 @@ def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], 
                     first = message[1][0]
                     done[(name, first["k"], first["n"])] = message[1]
 
-            cls = type(registry.get(name))
+            src = sources[name]
+            kernel = src.kernel if isinstance(src, KernelSource) else None
+            cls = type(get_kernel(kernel) if kernel else src)
             job = BenchJob(name, shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup, bw,
-                           f"{cls.__module__}:{cls.__qualname__}")
+                           f"{cls.__module__}:{cls.__qualname__}", kernel)
             out = iso.run_isolated("quantbridge.bench:bench_backend", job, imports=[cls.__module__],
                                    on_message=forward)
             if not out.ok:
-                reason = (f"{out.reason} (in the backend's process)" if out.exception is not None
-                          else f"the backend's process {out.reason}")
+                reason = (f"{out.reason} (in the row's process)" if out.exception is not None
+                          else f"the row's process {out.reason}")
                 for k, n in shapes:
                     if (name, k, n) not in done:  # shapes finished before the process died are kept
                         done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "failed", reason)) for m in ms]

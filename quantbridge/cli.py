@@ -501,6 +501,7 @@ Examples:
   quantbridge bench --quick                                   # CPU smoke run: reference kernel, fp32 matmul
   quantbridge bench --shapes llama3-8b --batch 1,16,128       # on a GPU
   quantbridge bench --shapes llama3-8b,llama3-70b --backends native,tinygemm,bnb-nf4,bnb-fp4
+  quantbridge bench --dtype fp16 --backends native --kernels exllamav2,gemlite,autoawq   # engine kernels
 
 \b
 Writes OUT/bench.json (device, driver, clocks, versions, every row), OUT/bench.md and,
@@ -515,6 +516,9 @@ with matplotlib installed, OUT/roofline.png.
               help="M values: tokens per call.")
 @click.option("--backends", default="fp16,native,tinygemm,bnb-nf4,bnb-fp4", show_default=True,
               help="Backends to time; fp16 (cuBLAS/torch in the compute dtype) always runs as the baseline.")
+@click.option("--kernels", "kernels_csv", default=None, metavar="K1,K2",
+              help="Kernels to time on their own, each a row rtn+K: round-to-nearest codes through exactly that "
+                   "kernel (GPTQ/AWQ engine kernels without calibrating; see `quantbridge env`).")
 @click.option("--group-size", default=128, show_default=True, type=int, help="INT4 group size.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=5), help="Timed runs per row.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=1), help="Untimed runs first.")
@@ -525,14 +529,15 @@ with matplotlib installed, OUT/roofline.png.
 @click.option("--isolation", default="process", show_default=True, type=click.Choice(["process", "none"]),
               help="process: each backend runs in its own child process, so one that kills its process fails "
                    "only its rows; none: everything in this process.")
-def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs: int, warmup: int, device: str,
-          dtype: str, quick: bool, out_dir: str, isolation: str) -> None:
+def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | None, group_size: int, runs: int,
+          warmup: int, device: str, dtype: str, quick: bool, out_dir: str, isolation: str) -> None:
     """Time every backend's INT4 linear on real model shapes against the measured memory roof."""
     import json
 
     from . import backend as registry
     from .bench import SHAPE_SETS, parse_shapes, run_bench
     from .hardware import resolve_device, resolve_dtype
+    from .kernel import parse_kernels
     from .report.bench import roofline_png, to_markdown
     from .results import write_atomic
     from .spec import QuantSpec
@@ -547,7 +552,8 @@ def bench(shapes: str, batches: list[int], backends: str, group_size: int, runs:
 
     res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
                     QuantSpec(group_size=group_size), runs=runs, warmup=warmup,
-                    progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation)
+                    progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation,
+                    kernels=parse_kernels(kernels_csv) if kernels_csv else [])
     md = to_markdown(res)
     write_atomic(out / "bench.md", md)
     click.echo(md)
@@ -617,7 +623,7 @@ def env(as_json: bool) -> None:
         for col in (kind, "available", "why", "description"):
             t.add_column(col)
         for r in rows:
-            why = r["reason"] + (f" — {r['install']}" if r["install"] else "")
+            why = r["reason"] + (f" — {r['install']}" if r["install"] and r["install"] not in r["reason"] else "")
             desc = escape(r["description"]) + (f" [dim](quantizer {r['quantizer']}, kernels {', '.join(r['kernels'])})[/dim]"
                                        if r.get("kernels") else "")
             t.add_row(r[kind], "[green]yes[/green]" if r["available"] else "[red]no[/red]", escape(why), desc)

@@ -12,7 +12,8 @@ from quantbridge.cli import cli
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     pytest.importorskip("llmcompressor")
-    r = CliRunner().invoke(cli, ["bench", "--quick", "--backends", "fp16,native,tinygemm,gptq", "--out", str(out)])
+    r = CliRunner().invoke(cli, ["bench", "--quick", "--backends", "fp16,native,tinygemm,gptq",
+                                 "--kernels", "gptq-layout,exllamav2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out, json.loads((out / "bench.json").read_text())
 
@@ -20,10 +21,10 @@ def quick(tmp_path_factory):
 def test_rows_checked_and_timed(quick):
     _, res = quick
     rows = res["rows"]
-    assert {r["backend"] for r in rows} == {"fp16", "native", "tinygemm", "gptq"}
+    assert {r["backend"] for r in rows} == {"fp16", "native", "tinygemm", "gptq", "rtn+gptq-layout", "rtn+exllamav2"}
     for r in rows:
-        if r["backend"] == "tinygemm":  # CUDA only: said so, not faked
-            assert r["status"] == "unavailable" and "CUDA" in r["reason"]
+        if r["backend"] in ("tinygemm", "rtn+exllamav2"):  # CUDA only: said so, not faked
+            assert r["status"] == "unavailable" and ("CUDA" in r["reason"] or "not installed" in r["reason"])
             continue
         assert r["status"] == "ok", r
         assert 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"]
@@ -31,6 +32,7 @@ def test_rows_checked_and_timed(quick):
         assert r["bytes"] > 0 and 0 < r["pct_copy_bw"]
     kernels = {r["backend"]: r["kernel"] for r in rows if r["status"] == "ok"}
     assert kernels["native"] == "reference-torch" and kernels["gptq"] == "reference-torch"
+    assert kernels["rtn+gptq-layout"] == "reference-torch"  # a kernel on its own, RTN codes
     assert {r["m"] for r in rows} == {1, 16}
     assert res["copy_bandwidth"]["bytes_per_s"] > 0
 

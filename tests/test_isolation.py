@@ -151,7 +151,7 @@ def test_bench_killed_backend_keeps_the_others(crashing_backends):
         by.setdefault(r["backend"], []).append(r)
     assert all(r["status"] == "ok" for b in ("fp16", "native") for r in by[b])
     assert len(by["test-sigkill"]) == 4
-    assert all(r["status"] == "failed" and r["reason"] == "the backend's process killed by SIGKILL"
+    assert all(r["status"] == "failed" and r["reason"] == "the row's process killed by SIGKILL"
                for r in by["test-sigkill"])
     assert [(r["k"], r["backend"]) for r in res["rows"]][:6] == [(256, "fp16")] * 2 + [(256, "native")] * 2 + \
         [(256, "test-sigkill")] * 2  # shape-major, as in-process

@@ -42,6 +42,11 @@ def to_markdown(res: dict) -> str:
             kernels.setdefault(r["backend"], r["kernel"])
     lines += ["| backend | kernel that ran |", "|---|---|"]
     lines += [f"| {b} | `{k}` |" for b, k in kernels.items()]
+    not_run = {}  # a row that never ran anywhere: its first reason (the library, the device, a shape limit)
+    for r in res["rows"]:
+        if r["backend"] not in kernels and r["status"] == "unavailable":
+            not_run.setdefault(r["backend"], r["reason"])
+    lines += [f"| {b} | not run: {why} |" for b, why in not_run.items()]
     lines.append("")
     by_shape: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for r in res["rows"]:

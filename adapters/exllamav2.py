@@ -1,0 +1,179 @@
+"""exllamav2: its GPTQ kernel (`gemm_half_q_half`) on GPTQ v1 tensors, CUDA and fp16 only.
+
+exllamav2 0.3.x ships as a pure-Python wheel; its CUDA extension is compiled by torch's JIT
+loader on the first `import exllamav2.ext` (about 3 minutes on an H100). The build is kept
+in quantbridge's cache (`TORCH_EXTENSIONS_DIR`) and reused; an `exllamav2_ext` module
+already importable (a prebuilt wheel, or a build copied onto `PYTHONPATH`) is used as is.
+
+The layer hands exllamav2 the tensors a GPTQ v1 checkpoint stores (qweight, qzeros holding
+zero-point - 1, fp16 scales, g_idx for act-order) through `ext.make_q_matrix`, which
+shuffles qweight in place into its own order and returns a handle that points into those
+tensors: the layer keeps them, rebuilds the handle when they move, and frees it with the
+layer. Large M is exllamav2's own path: it dequantizes into a scratch buffer (at most
+`MAX_DQ_SIZE` elements at a time, exllamav2's default) and calls cuBLAS.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+
+import torch
+
+from quantbridge.backend import Availability, QuantLinear
+from quantbridge.cachedir import cache_dir
+from quantbridge.formats.gptq import GPTQCodec
+from quantbridge.kernel import Kernel, register_kernel
+from quantbridge.packed import Int4Weight
+
+MAX_DQ_SIZE = 512 * 1024**2  # elements dequantized at once for large M: ExLlamaV2Config.max_dq_size
+INSTALL_HINT = "pip install 'quantbridge[exllamav2]' (exllamav2 0.3.2; its CUDA extension builds on first use)"
+
+
+def _version() -> str | None:
+    try:
+        return version("exllamav2")
+    except PackageNotFoundError:
+        return None
+
+
+def _ext():
+    """exllamav2's extension module; the first call may compile it (minutes), into our cache."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    from exllamav2 import ext
+
+    return ext
+
+
+class _Scratch:
+    """One dequantization buffer per device, shared by every layer (as exllamav2's device
+    context shares its scratch). A layer that needs more gets a larger one; handles made
+    earlier keep theirs, which stays alive through the layer's reference."""
+
+    buffers: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, device: torch.device, elements: int) -> torch.Tensor:
+        buf = cls.buffers.get(device)
+        if buf is None or buf.numel() < elements:
+            buf = torch.empty(1 << max(elements - 1, 1).bit_length(), dtype=torch.float16, device=device)
+            cls.buffers[device] = buf
+        return buf
+
+
+class ExllamaV2Linear(QuantLinear):
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.in_features, weight.out_features)
+        t = GPTQCodec("gptq").encode(weight)  # v1: what exllamav2 reads (zero-point - 1)
+        self.register_buffer("qweight", t["qweight"].contiguous())
+        self.register_buffer("qzeros", t["qzeros"].contiguous())
+        self.register_buffer("scales", t["scales"].to(torch.float16).contiguous())
+        self.register_buffer("g_idx", t["g_idx"].to(torch.int32) if weight.perm is not None else None)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float16).clone())
+        self.register_buffer("q_perm", None)
+        self.register_buffer("q_invperm", None)
+        self.group_size = weight.group_size
+        self.kernel = f"exllamav2 {_version()} gemm_half_q_half"
+        self._handle: int | None = None
+        self._key: tuple | None = None
+        self._make_handle()
+
+    def _tensor_key(self) -> tuple:
+        return tuple(t.data_ptr() if t is not None else None for t in (self.qweight, self.qzeros, self.scales, self.bias))
+
+    def _make_handle(self) -> None:
+        self._free()
+        if not self.qweight.is_cuda:
+            return  # a handle only on CUDA; forward says so
+        ext = _ext()
+        n = self.out_features
+        temp_dq = _Scratch.get(self.qweight.device, n * min(self.in_features, MAX_DQ_SIZE // n))
+        w = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
+        if self.bias is not None:
+            w["bias"] = self.bias
+        if self.g_idx is not None:
+            w["g_idx"] = self.g_idx
+        self._handle = ext.make_q_matrix(w, temp_dq, max_dq_rows=MAX_DQ_SIZE // n)
+        if "q_perm" in w:  # act-order: the permutation exllamav2 made; the handle points into it
+            self.q_perm, self.q_invperm = w["q_perm"], w["q_invperm"]
+        self._temp_dq = temp_dq
+        self._key = self._tensor_key()
+
+    def _free(self) -> None:
+        if self._handle is not None:
+            _ext().ext_c.free_q_matrix(self._handle)
+            self._handle = None
+
+    def __del__(self) -> None:
+        try:
+            self._free()
+        except Exception:  # interpreter shutdown: the extension may be gone already
+            pass
+
+    def _apply(self, fn, *args, **kwargs):
+        # The handle points into the buffers: moving them (.to/.cuda) needs a new one. The
+        # shuffled qweight is exllamav2's layout, so it is rebuilt from the canonical form.
+        raise_if_moved = self._handle is not None
+        out = super()._apply(fn, *args, **kwargs)
+        if raise_if_moved and self._tensor_key() != self._key:
+            raise RuntimeError("an exllamav2 layer cannot be moved once built (its handle points into its "
+                               "tensors); build it on the device it runs on")
+        if not raise_if_moved and self.qweight.is_cuda:
+            self._make_handle()
+        return out
+
+    @property
+    def weight_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales, self.q_perm)
+                   if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as exllamav2 reconstructs it from its own layout (`ext_c.reconstruct`)."""
+        if self._handle is None:
+            raise RuntimeError("exllamav2 reconstructs weights on CUDA only")
+        out = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.qweight.device)
+        _ext().ext_c.reconstruct(self._handle, out)
+        w = out.float().t()
+        if self.q_perm is not None:  # rows reconstructed in exllamav2's (act-order) row order
+            restored = torch.empty_like(w)
+            restored[:, self.q_perm.long()] = w
+            w = restored
+        return w.cpu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._handle is None:
+            raise RuntimeError("exllamav2 runs on CUDA only")
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float16, device=x.device)
+        _ext().ext_c.gemm_half_q_half(x2, self._handle, out, False)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+@register_kernel
+class ExllamaV2Kernel(Kernel):
+    name = "exllamav2"
+    description = "exllamav2's GPTQ kernel (gemm_half_q_half), fp16 activations, CUDA"
+    install_hint = INSTALL_HINT
+
+    def available(self, device: torch.device) -> Availability:
+        v = _version()
+        if v is None or find_spec("exllamav2") is None:
+            return Availability(False, f"exllamav2 is not installed: {INSTALL_HINT}")
+        if device.type != "cuda":
+            return Availability(False, f"exllamav2 {v} has CUDA kernels only")
+        return Availability(True, f"exllamav2 {v}")
+
+    def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
+        if dtype != torch.float16:
+            return Availability(False, f"fp16 activations only, not {str(dtype).removeprefix('torch.')} (use --dtype fp16)")
+        if weight.out_features % 8:
+            return Availability(False, f"out_features {weight.out_features} not divisible by 8")
+        if weight.perm is not None and weight.in_features > 65535:
+            return Availability(False, "act-order needs in_features below 65536 (16-bit permutation)")
+        if bool((weight.zeros == 0).any()):
+            return Availability(False, "GPTQ v1 (exllamav2's format) cannot hold a zero-point of 0 (use --symmetric)")
+        return Availability(True, "")
+
+    def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+        return ExllamaV2Linear(weight, bias)

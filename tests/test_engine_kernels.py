@@ -1,0 +1,146 @@
+"""Engine kernels (exllamav2, gemlite, AutoAWQ): their reasons, their layouts, their outputs.
+
+On the CPU: each engine says why it cannot run, the chooser records those reasons, the shape
+and dtype checks refuse what the engine cannot hold, and AutoAWQ's own dequantization of the
+AWQ tensors built for its layer gives back the canonical weight. On a GPU (marked `gpu`):
+every engine layer's output on fresh random inputs against the float64 product of the
+canonical weight, and its own dequantization against that weight.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+from quantbridge import backend as registry
+from quantbridge.kernel import choose, get_kernel
+from quantbridge.packed import Int4Weight, quantize_rtn
+from quantbridge.spec import QuantSpec
+
+CPU = torch.device("cpu")
+ENGINES = ("exllamav2", "gemlite", "autoawq")
+
+
+def _weight(n: int, k: int, g: int, dtype: torch.dtype, device="cpu", symmetric=False, act_order=False,
+            seed: int | None = None) -> Int4Weight:
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    q = quantize_rtn(w.to(dtype), QuantSpec(group_size=g, symmetric=symmetric), scale_dtype=dtype)
+    if act_order:  # a real act-order weight: columns stored in a permuted order, groups contiguous
+        perm = torch.randperm(k, generator=gen)
+        q = quantize_rtn(w[:, perm].to(dtype), QuantSpec(group_size=g, symmetric=symmetric), scale_dtype=dtype)
+        q = Int4Weight(q.qweight, q.scales, q.zeros, q.group_size, perm)
+    return q.to(device) if device != "cpu" else q
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_engines_say_why_not_on_cpu(name):
+    a = get_kernel(name).available(CPU)
+    assert not a.ok
+    assert ("CUDA" in a.reason) or ("not installed" in a.reason), a.reason
+
+
+def test_gptq_and_awq_choose_engines_first_and_record_why_not():
+    w = _weight(64, 256, 128, torch.float32, seed=1)
+    for backend, engines, fallback in (("gptq", ("exllamav2", "gemlite"), "gptq-layout"),
+                                       ("awq", ("autoawq", "gemlite"), "awq-layout")):
+        b = registry.get(backend)
+        assert b.kernels[:2] == engines and b.kernels[-1] == fallback
+        layer = b.from_int4(w, None)
+        rejected = dict(layer.rejected_kernels)
+        assert set(rejected) == set(engines), rejected
+        assert layer.kernel == "reference-torch"  # the fallback says what it is
+
+
+def test_shape_and_dtype_limits_are_reasons():
+    dev = torch.device("cuda")
+    w16 = _weight(64, 256, 128, torch.float16, seed=2)
+    reasons = {
+        "exllamav2": get_kernel("exllamav2").can_implement(w16, dev, torch.bfloat16),
+        "autoawq": get_kernel("autoawq").can_implement(w16, dev, torch.bfloat16),
+        "gemlite": get_kernel("gemlite").can_implement(w16, dev, torch.float32),
+    }
+    for name, r in reasons.items():
+        assert not r.ok and ("fp16" in r.reason), (name, r)
+    for name in ENGINES:
+        assert get_kernel(name).can_implement(w16, dev, torch.float16).ok, name
+
+    zero0 = Int4Weight(w16.qweight, w16.scales, torch.zeros_like(w16.zeros), 128)
+    r = get_kernel("exllamav2").can_implement(zero0, dev, torch.float16)
+    assert not r.ok and "zero-point of 0" in r.reason
+    ao = _weight(64, 256, 128, torch.float16, act_order=True, seed=3)
+    r = get_kernel("autoawq").can_implement(ao, dev, torch.float16)
+    assert not r.ok and "act-order" in r.reason
+    assert get_kernel("exllamav2").can_implement(ao, dev, torch.float16).ok
+    odd = _weight(60, 256, 128, torch.float16, seed=4)
+    assert not get_kernel("exllamav2").can_implement(odd, dev, torch.float16).ok
+    narrow = _weight(64, 80, -1, torch.float16, seed=5)  # per-channel: K = 80
+    assert "divisible by 32" in get_kernel("gemlite").can_implement(narrow, dev, torch.float16).reason
+
+
+def test_chooser_on_a_gpu_weight_without_engines_falls_back():
+    w = _weight(64, 256, 128, torch.bfloat16, seed=6)
+    c = choose(("exllamav2", "gemlite", "gptq-layout"), w, CPU, torch.bfloat16)
+    assert c.kernel.name == "gptq-layout"
+    assert [n for n, _ in c.rejected] == ["exllamav2", "gemlite"]
+
+
+@pytest.mark.skipif(find_spec("awq") is None, reason="autoawq is not installed")
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_autoawq_layout_dequantizes_to_the_canonical_weight(g):
+    from quantbridge.adapters.autoawq import AutoAWQLinear
+
+    w = _weight(96, 256, g, torch.float16)
+    layer = AutoAWQLinear(w, None)
+    got = layer.dequantize().double()
+    want = w.dequantize(torch.float64)
+    # fp16 scales in both: the same products, rounded once to fp16 by AutoAWQ's dequantization
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-6), (got - want).abs().max()
+    assert layer.weight_nbytes == w.qweight.numel() + (w.zeros.numel() // 2) + w.scales.numel() * 2
+    assert "autoawq" in layer.kernel and "WQLinear_GEMM" in layer.kernel
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+
+CASES = [  # (kernel, dtype, symmetric, act_order)
+    ("exllamav2", torch.float16, True, False),
+    ("exllamav2", torch.float16, False, False),
+    ("exllamav2", torch.float16, True, True),
+    ("gemlite", torch.float16, False, False),
+    ("gemlite", torch.bfloat16, False, False),
+    ("gemlite", torch.bfloat16, False, True),
+    ("autoawq", torch.float16, False, False),
+]
+# Relative Frobenius error of y against the float64 product of the canonical weight: the
+# engines compute in fp16/bf16 (gemlite also rounds -zero*scale to the activation dtype).
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,dtype,symmetric,act_order", CASES)
+def test_engine_output_against_float64(name, dtype, symmetric, act_order):
+    pkg = {"exllamav2": "exllamav2", "gemlite": "gemlite", "autoawq": "awq"}[name]
+    if find_spec(pkg) is None:
+        pytest.skip(f"{pkg} is not installed")
+    dev = torch.device("cuda")
+    k = get_kernel(name)
+    assert k.available(dev).ok
+    for n, kk in ((256, 512), (1024, 4096)):
+        w = _weight(n, kk, 128, dtype, device=dev, symmetric=symmetric, act_order=act_order)
+        assert k.can_implement(w, dev, dtype).ok
+        bias = torch.randn(n, device=dev, dtype=dtype) * 0.1
+        layer = k.build(w, bias)
+        ref_w = w.dequantize(torch.float64)
+        deq = layer.dequantize().double()
+        assert (deq - ref_w.cpu()).norm() / ref_w.norm() < TOL[dtype], name  # the engine's own view of its layout
+        for m in (1, 7, 16, 100):
+            x = torch.randn(m, kk, device=dev, dtype=dtype)
+            y = layer(x)
+            assert y.shape == (m, n)
+            want = x.double() @ ref_w.t().to(dev) + bias.double()
+            rel = ((y.double() - want).norm() / want.norm()).item()
+            assert rel < TOL[dtype], (name, m, rel)
+        del layer
+        torch.cuda.synchronize()

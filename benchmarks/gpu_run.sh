@@ -6,6 +6,10 @@
 #   TESTS=0 BENCH=0 COMPARE=1 bash benchmarks/gpu_run.sh      # compare every backend on a Llama-shaped model
 #   BENCH=0 PLAN=1 TEST_FILES="tests/test_serve_profile.py" bash benchmarks/gpu_run.sh   # metrics, plan, serving runtime
 #   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
+#   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
+#   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
+# exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),
+# is carried as .qbcache/exllamav2_ext.so.xz and imported as a prebuilt module: no 3-minute build.
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-runs/gpu}")
 REPO=$(pwd)
@@ -24,6 +28,19 @@ export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:
 # a run split over two calls tunes once.
 if ls "$REPO"/.qbcache/triton-int4-*.json >/dev/null 2>&1; then
   mkdir -p "$QUANTBRIDGE_CACHE" && cp "$REPO"/.qbcache/triton-int4-*.json "$QUANTBRIDGE_CACHE/"
+fi
+if [ -f "$REPO/.qbcache/exllamav2_ext.so.xz" ]; then
+  mkdir -p /tmp/exlext && xz -dc "$REPO/.qbcache/exllamav2_ext.so.xz" > /tmp/exlext/exllamav2_ext.so \
+    && export PYTHONPATH=/tmp/exlext:$PYTHONPATH
+fi
+if [ "${EXL_BUILD:-0}" = 1 ]; then
+  start=$(date +%s)
+  timeout "${EXL_TIMEOUT:-420}" python3 -c "from quantbridge.adapters.exllamav2 import _ext; _ext(); print('exllamav2 extension loaded')" \
+    > "$OUT/exllamav2-build.log" 2>&1
+  echo "== exllamav2 build rc=$? in $(( $(date +%s) - start )) s"; tail -n 3 "$OUT/exllamav2-build.log"
+  so="$QUANTBRIDGE_CACHE/torch_extensions/exllamav2_ext/exllamav2_ext.so"
+  [ -f "$so" ] && strip --strip-debug -o /tmp/exllamav2_ext.so "$so" && xz -T0 -6 -c /tmp/exllamav2_ext.so > "$OUT/exllamav2_ext.so.xz"
+  ls -la "$so" "$OUT/exllamav2_ext.so.xz" 2>&1
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
 if [ "${TESTS:-1}" = 1 ]; then
@@ -47,6 +64,34 @@ if [ "${COMPARE:-0}" = 1 ]; then
     --backends gptq,native,tinygemm --batch "${COMPARE_BATCH:-1,16,128}" --prefill 512 --no-layers \
     --out "$OUT/compare-$model-gptq-weights" > "$OUT/compare-$model-gptq-weights.txt" 2>"$OUT/compare-$model-gptq-weights.log"
   tail -n 20 "$OUT/compare-$model-gptq-weights.txt"; tail -n 5 "$OUT/compare-$model-gptq-weights.log"
+fi
+if [ "${ENGINES:-0}" = 1 ]; then
+  # GPTQ and AWQ weights through the engines' own kernels, fp16 (exllamav2 and AutoAWQ compute
+  # in fp16): 1. the backends as users name them (each through its best kernel here), 2. and 3.
+  # one quantizer's weights through every kernel that can hold them; 4. the kernels alone on
+  # Llama-3 8B and 70B shapes. ENGINE_RUNS picks steps; each step is archived as it ends.
+  model=${ENGINE_MODEL:-llama3-8b-2l}; E="$OUT/engines-$model"; mkdir -p "$E"
+  [ -f "$REPO/.qbcache/engines-$model.tar.gz" ] && tar -xzf "$REPO/.qbcache/engines-$model.tar.gz" -C "$OUT"
+  [ -f "$REPO/.qbcache/qcache-$model.tar" ] && mkdir -p "$QUANTBRIDGE_CACHE" && tar -xf "$REPO/.qbcache/qcache-$model.tar" -C "$QUANTBRIDGE_CACHE"
+  batch=${ENGINE_BATCH:-1,16,128}
+  for run in ${ENGINE_RUNS:-backends gptq awq bench}; do
+    case $run in
+      backends) args="--backends fp16,native,bnb-nf4,gptq,awq" ;;
+      gptq) args="--backends fp16 --weights gptq --kernels exllamav2,gemlite,gptq-layout,triton" ;;
+      awq) args="--backends fp16 --weights awq --kernels autoawq,gemlite,awq-layout,triton" ;;
+      bench)
+        timeout "${BENCH_TIMEOUT:-420}" python3 -m quantbridge.cli bench --dtype fp16 --shapes llama3-8b,llama3-70b \
+          --batch "${ENGINE_BENCH_BATCH:-1,2,4,8,16,32,64,128,512}" --backends fp16,native \
+          --kernels exllamav2,gemlite,autoawq --runs 50 --out "$E/bench" > "$E/bench.txt" 2> "$E/bench.log"
+        echo "== bench rc=$?"; tail -n 3 "$E/bench.log"; tar -czf "$OUT/engines-$model.tar.gz" -C "$OUT" "engines-$model"; continue ;;
+    esac
+    timeout "${ENGINE_TIMEOUT:-400}" python3 -m quantbridge.cli compare "$model" --dtype fp16 $args --batch "$batch" \
+      --prefill 512 --no-report --out "$E/$run" > "$E/$run.txt" 2> "$E/$run.log"
+    echo "== compare $run rc=$?"; tail -n 3 "$E/$run.log"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(b['name'], b['status'], (b.get('reason') or '')[:160], sorted({l['kernel'] for l in b['layers']})[:3]) for b in d['backends']]" "$E/$run/results.json" 2>/dev/null
+    tar -czf "$OUT/engines-$model.tar.gz" -C "$OUT" "engines-$model"
+  done
+  sed -n '/whole step per M/,/└/p' "$E"/*.txt 2>/dev/null | head -n 60
 fi
 if [ "${PLAN:-0}" = 1 ]; then
   # Whole-model metrics with NVML telemetry, per-layer sensitivity, a weight-budget plan, and

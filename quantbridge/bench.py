@@ -22,6 +22,7 @@ from torch import nn
 
 from . import backend as registry
 from . import isolation as iso
+from . import resolve
 from .errors import UserError
 from .hardware import device_info
 from .instrument import L2Flush, time_calls
@@ -210,8 +211,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
     if isolation not in ("process", "none"):
         raise UserError(f"--isolation {isolation!r} is not one of process, none")
     reference = registry.reference_name()  # the unquantized baseline every speedup is against
-    names = [reference] + [n for n in names if n != reference]
-    backends: dict = {n: registry.get(n) for n in names}
+    backends: dict = {r.name: r.obj for r in resolve.backends(names, device)}
     for k in kernels:
         src = KernelSource(k)
         backends[src.name] = src
@@ -231,13 +231,8 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         "isolation": isolation,
     }
     for name, b in backends.items():
-        a = b.available(device)
-        result["backends"][name] = {"available": a.ok, "reason": a.reason}
-        if a.ok:
-            try:
-                b.check_spec(spec)
-            except UserError as e:
-                result["backends"][name] = {"available": False, "reason": str(e)}
+        r = resolve.kernel(b.kernel, device) if isinstance(b, KernelSource) else resolve.backend(name, device, spec)
+        result["backends"][name] = {"available": r.ok, "reason": r.reason}
     if isolation == "process":
         del flush  # each child has its own; nothing of ours stays on the GPU while they run
         if device.type == "cuda":

@@ -162,7 +162,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     names = registry.parse_names(backends)
     plan = preflight.check_plan_file(plan_file) if plan_file else None
     if plan:
-        names += [n for n in registry.parse_names(",".join(plan["backends"]) or "fp16") if n not in names]
+        names += [n for n in registry.parse_names(",".join(plan["backends"]) or registry.reference_name()) if n not in names]
     if weights is not None:
         registry.parse_names(weights)
     preflight.check_skip(skip)
@@ -587,25 +587,25 @@ def env(as_json: bool) -> None:
     from rich.table import Table
 
     from . import backend as registry
+    from . import resolve
     from .hardware import device_info
-    from .kernel import get_kernel, kernel_names
-    from .quantizer import get_quantizer, quantizer_names
+    from .kernel import kernel_names
+    from .quantizer import quantizer_names
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = device_info(dev)
 
-    def describe(kind: str, name: str, obj) -> dict:
-        a = obj.available(dev)
-        row = {kind: name, "available": a.ok, "reason": a.reason,
-               "install": None if a.ok else obj.install_hint or None, "description": obj.description}
-        if kind == "backend":
-            row.update(quantizer=obj.quantizer, kernels=list(obj.kernels))
+    def describe(r: resolve.Resolved) -> dict:
+        row = {r.kind: r.name, "available": r.ok, "reason": r.reason,
+               "install": None if r.ok else r.install_hint or None, "description": r.obj.description}
+        if r.kind == "backend":
+            row.update(quantizer=r.obj.quantizer, kernels=list(r.obj.kernels))
         return row
 
     sections = {
-        "backends": [describe("backend", n, registry.get(n)) for n in registry.names()],
-        "quantizers": [describe("quantizer", n, get_quantizer(n)) for n in quantizer_names()],
-        "kernels": [describe("kernel", n, get_kernel(n)) for n in kernel_names()],
+        "backends": [describe(resolve.backend(n, dev)) for n in registry.names()],
+        "quantizers": [describe(resolve.quantizer(n, dev)) for n in quantizer_names()],
+        "kernels": [describe(resolve.kernel(n, dev)) for n in kernel_names()],
     }
     if as_json:
         click.echo(json.dumps({"device": info, **sections}, indent=1))

@@ -27,6 +27,7 @@ import torch
 
 from . import backend as registry
 from . import isolation as iso
+from . import resolve
 from .errors import BackendUnavailable, UserError
 from .hardware import device_info
 from .instrument import L2Flush
@@ -35,7 +36,6 @@ from .loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
 from .preflight import read_text_strict
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
-from .kernel import get_kernel
 from .quantizer import baseline_label
 from .rows import (CHECKPOINT, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
                    shared_source, with_layers)
@@ -70,8 +70,6 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
     """Check the request against the model and this machine; raise UserError before any work."""
     from .checkpoint import spec_of
 
-    reference = registry.reference_name()
-    names = [reference] + [n for n in names if n != reference]
     linears = linear_layers(loaded.model)
     if not linears:
         raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
@@ -83,19 +81,19 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
         targets, spec = {n for n in linears if not skip.search(n)}, settings.spec
         for n in targets:
             spec.check_layer(n, linears[n].in_features)
+    # With shared weights only their quantizer runs, so only it must do the spec.
+    resolved = resolve.backends(names, device, spec if shared is None else None)
+    names = [r.name for r in resolved]
     unavailable = {}
-    for n in names:
-        b = registry.get(n)
-        a = b.available(device)
-        if not a.ok:
+    for r in resolved:
+        if not r.availability.ok:
             if not settings.skip_unavailable:
-                hint = f"; {b.install_hint}" if b.install_hint else ""
-                raise BackendUnavailable(f"backend {n} is unavailable: {a.reason}{hint} (or pass --skip-unavailable)")
-            unavailable[n] = a.reason
-        elif shared is None:  # each row's own quantizer runs: it must do this spec
-            b.check_spec(spec)
+                raise BackendUnavailable(f"{r.message()} (or pass --skip-unavailable)")
+            unavailable[r.name] = r.reason
+        else:
+            resolve.require(r)  # a spec it cannot quantize to stops the run
     if shared not in (None, CHECKPOINT):
-        registry.get(shared).check_spec(spec)  # only the shared weights' quantizer runs
+        resolve.require(resolve.backend(shared, device, spec))
     kernel_rows = {}
     if settings.kernels:
         if shared is None:
@@ -104,9 +102,9 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
         for k in settings.kernels:
             row = f"{shared}+{k}"
             kernel_rows[row] = k
-            a = get_kernel(k).available(device)
-            if not a.ok:
-                unavailable[row] = f"kernel {k}: {a.reason}"
+            r = resolve.kernel(k, device)
+            if not r.ok:
+                unavailable[row] = f"kernel {k}: {r.reason}"
     return Rows(names, targets, spec, shared, unavailable, kernel_rows)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import backend as registry
-from . import formats
+from . import formats, resolve
 from .checkpoint import is_quantized, read_int4, save_quantized, spec_of
 from .errors import UserError
 from .models import load_model, linear_layers
@@ -38,14 +38,11 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         model, spec, how = loaded.model, spec_of(weights), f"decoded from {loaded.info['checkpoint']['format']}"
     else:
         loaded = load_model(src, device, dtype or torch.float32)
+        spec = spec or QuantSpec()
         backend = registry.get(method)
         if not backend.quantized:
             raise UserError(f"--method {method} does not quantize; use native (RTN), gptq or awq")
-        avail = backend.available(device)
-        if not avail.ok:
-            raise UserError(f"--method {method}: {avail.reason}; {backend.install_hint}")
-        spec = spec or QuantSpec()
-        backend.check_spec(spec)
+        resolve.require(resolve.backend(method, device, spec))
         pattern = re.compile(skip)
         lins = {n: m for n, m in linear_layers(loaded.model).items() if not pattern.search(n)}
         for n, m in lins.items():

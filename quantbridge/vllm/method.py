@@ -24,6 +24,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_s
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
 from .. import backend as registry
+from .. import resolve
 from ..packed import Int4Weight
 from . import profiler as prof
 from .runtime import add_layer, run
@@ -42,9 +43,9 @@ class QuantbridgeConfig(QuantizationConfig):
         self.symmetric = symmetric
         self.backend = os.environ.get(ENV_BACKEND) or backend
         self.ignore = ignore
-        impl = registry.get(self.backend)  # unknown name: a one-line error listing the known ones
-        if not impl.runs_int4():
-            runnable = [n for n in registry.names() if registry.get(n).runs_int4()]
+        runnable = resolve.int4_runners()
+        registry.get(self.backend)  # unknown name: a one-line error listing the known ones
+        if self.backend not in runnable:
             raise ValueError(f"quantbridge backend {self.backend!r} cannot run INT4 checkpoint weights; "
                              f"set {ENV_BACKEND} to one of {', '.join(runnable)}")
 

@@ -9,6 +9,7 @@ canonical weight, and its own dequantization against that weight.
 
 from __future__ import annotations
 
+import os
 from importlib.util import find_spec
 
 import pytest
@@ -100,6 +101,34 @@ def test_autoawq_layout_dequantizes_to_the_canonical_weight(g):
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-6), (got - want).abs().max()
     assert layer.weight_nbytes == w.qweight.numel() + (w.zeros.numel() // 2) + w.scales.numel() * 2
     assert "autoawq" in layer.kernel and "WQLinear_GEMM" in layer.kernel
+
+
+@pytest.mark.skipif(find_spec("awq") is None, reason="autoawq is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs it on the device")
+@pytest.mark.parametrize("k,g,n", [(256, 128, 64), (576, 64, 192), (320, 32, 64)])
+def test_autoawq_triton_gemm_through_the_interpreter(monkeypatch, k, g, n):
+    """AutoAWQ's own Triton GEMM (awq_gemm_triton) on the tensors built for its layer, run by
+    Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1 without a GPU). Only its
+    CUDA device guard is replaced: there is no CUDA device to switch to."""
+    import contextlib
+
+    from quantbridge.adapters.autoawq import AutoAWQLinear, import_gemm
+
+    import_gemm()
+    import awq.modules.triton.gemm as triton_gemm
+
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(triton_gemm, "get_same_device_cm", lambda t: contextlib.nullcontext())
+    w = _weight(n, k, g, torch.float16)
+    bias = torch.randn(n, dtype=torch.float16) * 0.1
+    layer = AutoAWQLinear(w, bias)
+    for m in (1, 5):
+        x = torch.randn(m, k, dtype=torch.float16)
+        y = layer(x)
+        want = x.double() @ w.dequantize(torch.float64).t() + bias.double()
+        rel = ((y.double() - want).norm() / want.norm()).item()
+        assert y.shape == (m, n) and rel < 2e-3, rel  # fp16 products, fp32 accumulation
 
 
 # -- on a GPU ----------------------------------------------------------------------------------

@@ -210,6 +210,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
     child process ran all its shapes)."""
     if isolation not in ("process", "none"):
         raise UserError(f"--isolation {isolation!r} is not one of process, none")
+    spec = spec.fitted({f"{k}x{n}": k for k, n in shapes})  # auto: the largest group dividing every K
     reference = registry.reference_name()  # the unquantized baseline every speedup is against
     backends: dict = {r.name: r.obj for r in resolve.backends(names, device)}
     for k in kernels:

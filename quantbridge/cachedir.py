@@ -1,4 +1,4 @@
-"""Where quantbridge keeps what it builds once: the demo model, tuned kernel configs, quantized weights."""
+"""Where quantbridge keeps what it builds once: the demo and tiny models, tuned kernel configs, quantized weights."""
 
 from __future__ import annotations
 

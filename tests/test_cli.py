@@ -18,11 +18,11 @@ def _invoke(*args):
 
 @pytest.mark.parametrize("args,needle", [
     (["compare", "./no/such/model"], "does not exist"),
-    (["compare", "demo", "--backends", "fp16,nope"], "unknown backend 'nope'; valid backends: fp16, native"),
-    (["compare", "demo", "--group-size", "48"], "group size 48 is not supported"),
-    (["compare", "demo", "--batch", "1,x"], "comma-separated list of integers"),
-    (["compare", "demo", "--runs", "2"], "at least 5"),
-    (["compare", "demo", "--dtype", "int3"], "unknown --dtype"),
+    (["compare", "tiny", "--backends", "fp16,nope"], "unknown backend 'nope'; valid backends: fp16, native"),
+    (["compare", "tiny", "--group-size", "48"], "group size 48 is not supported"),
+    (["compare", "tiny", "--batch", "1,x"], "comma-separated list of integers"),
+    (["compare", "tiny", "--runs", "2"], "at least 5"),
+    (["compare", "tiny", "--dtype", "int3"], "unknown --dtype"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):
     r = _invoke(*args)
@@ -39,9 +39,9 @@ def test_missing_path_via_console_script(tmp_path):
     assert r.stderr.strip().startswith("Error: model path") and "Traceback" not in r.stderr
 
 
-def test_compare_demo_writes_results(tmp_path, demo):
+def test_compare_demo_writes_results(tmp_path, tiny):
     out = tmp_path / "run"
-    r = _invoke("compare", "demo", "--backends", "fp16,native", *FAST, "--out", str(out))
+    r = _invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--out", str(out))
     assert r.exit_code == 0, r.output
     assert "reference-torch" in r.output and "Σ linear-layer latency" in r.output
     data = json.loads((out / "results.json").read_text())

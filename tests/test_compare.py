@@ -1,4 +1,4 @@
-"""A whole comparison on the demo model: schema, one record per linear, plausible errors, isolation."""
+"""A whole comparison on the tiny model: schema, one record per linear, plausible errors, isolation."""
 
 import math
 
@@ -16,18 +16,18 @@ from quantbridge.spec import QuantSpec
 FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=64)
 
 
-def _run(demo, names, **kw):
+def _run(tiny, names, **kw):
     s = Settings(**{**FAST, **kw})
-    return run_comparison(demo, names, s, torch.device("cpu"), torch.float32)
+    return run_comparison(tiny, names, s, torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
-def comp(demo):
-    return _run(demo, ["fp16", "native"])
+def comp(tiny):
+    return _run(tiny, ["fp16", "native"])
 
 
-def test_every_layer_every_backend(comp, demo):
-    names = list(linear_layers(demo.model))
+def test_every_layer_every_backend(comp, tiny):
+    names = list(linear_layers(tiny.model))
     assert [b.name for b in comp.backends] == ["fp16", "native"]
     for b in comp.backends:
         assert b.status == "ok", b.reason
@@ -53,9 +53,9 @@ def test_errors_plausible(comp):
             assert 0.9 < r.error["cosine"] < 1
 
 
-def test_weight_bytes_and_bits(comp, demo):
+def test_weight_bytes_and_bits(comp, tiny):
     fp16, native = comp.backends
-    assert fp16.weight_bytes == sum(m.weight.numel() * 4 for m in linear_layers(demo.model).values())
+    assert fp16.weight_bytes == sum(m.weight.numel() * 4 for m in linear_layers(tiny.model).values())
     assert fp16.bits_per_weight == 32
     # 4-bit codes + fp32 scale + uint8 zero per 128 weights
     assert native.bits_per_weight == pytest.approx(4 + 32 / 128 + 8 / 128)
@@ -108,8 +108,8 @@ def fake_backends():
         registry._REGISTRY.pop(cls.name)
 
 
-def test_failing_backend_does_not_take_others_down(demo, fake_backends):
-    comp = _run(demo, ["test-exploding", "native", "test-nan", "test-missing"], skip_unavailable=True, runs=5)
+def test_failing_backend_does_not_take_others_down(tiny, fake_backends):
+    comp = _run(tiny, ["test-exploding", "native", "test-nan", "test-missing"], skip_unavailable=True, runs=5)
     status = {b.name: (b.status, b.reason) for b in comp.backends}
     assert status["native"][0] == "ok" and status["fp16"][0] == "ok"
     assert status["test-exploding"][0] == "failed" and "kernel exploded" in status["test-exploding"][1]
@@ -117,19 +117,19 @@ def test_failing_backend_does_not_take_others_down(demo, fake_backends):
     assert status["test-missing"] == ("unavailable", "library 'missing' is not installed")
 
 
-def test_unavailable_backend_is_an_error_by_default(demo, fake_backends):
+def test_unavailable_backend_is_an_error_by_default(tiny, fake_backends):
     with pytest.raises(BackendUnavailable, match=r"pip install quantbridge\[missing\].*--skip-unavailable"):
-        _run(demo, ["test-missing"])
+        _run(tiny, ["test-missing"])
 
 
-def test_group_size_must_divide(demo):
+def test_group_size_must_divide(tiny):
     from torch import nn
 
-    odd = demo.model.model.layers[0].mlp
+    odd = tiny.model.model.layers[0].mlp
     saved = odd.down_proj
     odd.down_proj = nn.Linear(96, 256)  # in_features not divisible by 128
     try:
         with pytest.raises(UserError, match="group size 128 does not divide in_features=96"):
-            _run(demo, ["native"], spec=QuantSpec(group_size=128))
+            _run(tiny, ["native"], spec=QuantSpec(group_size=128))
     finally:
         odd.down_proj = saved

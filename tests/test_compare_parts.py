@@ -95,8 +95,8 @@ def test_timing_metrics_remainder_and_tokens_per_s():
     assert m["timing"]["4"] == "graph" and m["decode_tokens_per_s"] == {"4": m["tokens_per_s"]["4"]}
 
 
-def test_compare_records_mode_host_cost_and_timing(demo):
-    comp = run_comparison(demo, ["native"], Settings(**FAST), CPU, torch.float32)
+def test_compare_records_mode_host_cost_and_timing(tiny):
+    comp = run_comparison(tiny, ["native"], Settings(**FAST), CPU, torch.float32)
     assert comp.settings["mode"] == "eager"
     for b in comp.backends:
         assert b.status == "ok" and b.timing == "eager (CPU, synchronous)"
@@ -109,8 +109,8 @@ def test_compare_records_mode_host_cost_and_timing(demo):
     assert again.backends[1].layers[0].host_us == comp.backends[1].layers[0].host_us
 
 
-def test_schema_v1_results_still_render(demo, tmp_path):
-    comp = run_comparison(demo, ["native"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
+def test_schema_v1_results_still_render(tiny, tmp_path):
+    comp = run_comparison(tiny, ["native"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
     d = comp.to_dict()
     d["schema_version"] = 1
     for b in d["backends"]:
@@ -137,12 +137,12 @@ def test_verdict():
     assert verdict(c).startswith("the reference row failed")
 
 
-def test_nonfinite_reference_fails_every_row_and_names_the_tensor(demo):
-    w = demo.model.model.layers[1].mlp.up_proj.weight
+def test_nonfinite_reference_fails_every_row_and_names_the_tensor(tiny):
+    w = tiny.model.model.layers[1].mlp.up_proj.weight
     saved = w.data[3, 5].item()
     w.data[3, 5] = float("nan")
     try:
-        comp = run_comparison(demo, ["native"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
+        comp = run_comparison(tiny, ["native"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
     finally:
         w.data[3, 5] = saved
     assert [b.status for b in comp.backends] == ["failed", "failed"]
@@ -150,23 +150,23 @@ def test_nonfinite_reference_fails_every_row_and_names_the_tensor(demo):
     assert verdict(comp).startswith("the reference row failed")
 
 
-def _source(demo, spec=QuantSpec(), checkpoint=None):
-    lins = {n: m for n, m in linear_layers(demo.model).items() if n != "lm_head"}
-    return WeightSource(model=demo.model, linears=lins, spec=spec, model_key="demo", tokenizer=demo.tokenizer,
+def _source(tiny, spec=QuantSpec(), checkpoint=None):
+    lins = {n: m for n, m in linear_layers(tiny.model).items() if n != "lm_head"}
+    return WeightSource(model=tiny.model, linears=lins, spec=spec, model_key="tiny", tokenizer=tiny.tokenizer,
                         device=CPU, dtype=torch.float32, checkpoint=checkpoint)
 
 
-def test_weight_source_makes_weights_once(demo):
-    src = _source(demo)
+def test_weight_source_makes_weights_once(tiny):
+    src = _source(tiny)
     first = src.get("native")
     assert src.get("native") is first  # kept, not remade
-    w = demo.model.model.layers[0].self_attn.q_proj.weight
+    w = tiny.model.model.layers[0].self_attn.q_proj.weight
     ref = quantize_rtn(w.detach(), QuantSpec(), scale_dtype=w.dtype)
     assert torch.equal(first["model.layers.0.self_attn.q_proj"].qweight, ref.qweight)
 
 
-def test_row_layers_own_and_shared_weights(demo):
-    src = _source(demo)
+def test_row_layers_own_and_shared_weights(tiny):
+    src = _source(tiny)
     layers, label = row_layers("native", src, None)
     assert label == "rtn" and set(layers) == set(src.linears)
     layers, label = row_layers("native", src, "native")
@@ -203,7 +203,7 @@ def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_ba
     dev = torch.device("cuda")
     registry.register(_Synchronising)
     try:
-        loaded = load_model("demo", dev, torch.bfloat16)
+        loaded = load_model("tiny", dev, torch.bfloat16)
         comp = run_comparison(loaded, ["native", "test-sync"], Settings(**FAST), dev, torch.bfloat16)
     finally:
         registry._REGISTRY.pop("test-sync")
@@ -221,17 +221,17 @@ def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_ba
     assert torch.isfinite(torch.randn(8, device=dev)).all()  # the failed capture left the generator usable
 
 
-def test_act_order_checkpoint_runs_through_every_kernel_that_can(demo, tmp_path):
+def test_act_order_checkpoint_runs_through_every_kernel_that_can(tiny, tmp_path):
     """A desc_act GPTQ checkpoint (g_idx) made elsewhere: no --act-order was asked for, so no spec refusal."""
     from quantbridge import formats
 
     gen = torch.Generator().manual_seed(7)
-    lins = {n: m for n, m in linear_layers(demo.model).items() if n != "lm_head"}
+    lins = {n: m for n, m in linear_layers(tiny.model).items() if n != "lm_head"}
     spec = QuantSpec(act_order=True)
     weights = {n: canonical_perm(quantize_rtn(m.weight.detach(), spec, scale_dtype=torch.float32,
                                               perm=torch.randperm(m.in_features, generator=gen)))
                for n, m in lins.items()}
-    out = save_quantized(tmp_path / "act", demo.model, demo.tokenizer, weights, formats.get("gptq"), spec)
+    out = save_quantized(tmp_path / "act", tiny.model, tiny.tokenizer, weights, formats.get("gptq"), spec)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["desc_act"] is True
     loaded = load_quantized(out, CPU, torch.float32)
@@ -247,15 +247,15 @@ def test_act_order_checkpoint_runs_through_every_kernel_that_can(demo, tmp_path)
 
 
 def test_cli_mode_graph_on_cpu_is_a_one_line_error(tmp_path):
-    r = CliRunner().invoke(cli, ["compare", "demo", "--mode", "graph", "--device", "cpu", "--out", str(tmp_path / "out")])
+    r = CliRunner().invoke(cli, ["compare", "tiny", "--mode", "graph", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and "needs a CUDA device" in r.output
     assert not any(tmp_path.iterdir())  # no run directory, lock or staging directory was made
 
 
-def test_results_files_hold_host_cost_columns(demo, tmp_path):
+def test_results_files_hold_host_cost_columns(tiny, tmp_path):
     from quantbridge.results import to_csv
 
-    comp = run_comparison(demo, [], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
+    comp = run_comparison(tiny, [], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
     save_json(comp, tmp_path / "r.json")
     header, first = list(csv.reader(io.StringIO(to_csv(comp))))[:2]
     assert "host_median_us" in header and "timing" in header
@@ -273,7 +273,7 @@ class _Exploding(Backend):
 def test_cli_exits_non_zero_when_every_requested_row_failed(tmp_path):
     registry.register(_Exploding)
     try:
-        r = CliRunner().invoke(cli, ["compare", "demo", "--backends", "test-boom", "--batch", "1", "--prefill", "0",
+        r = CliRunner().invoke(cli, ["compare", "tiny", "--backends", "test-boom", "--batch", "1", "--prefill", "0",
                                      "--runs", "5", "--warmup", "0", "--eval-seqs", "1", "--eval-len", "32",
                                      "--no-report", "-q", "--out", str(tmp_path / "run")])
     finally:

@@ -21,7 +21,7 @@ from quantbridge.spec import QuantSpec
 @pytest.fixture(scope="module")
 def rtn_gptq(tmp_path_factory):
     out = tmp_path_factory.mktemp("ck") / "gptq"
-    convert("demo", "gptq", out, method="native")
+    convert("tiny", "gptq", out, method="native")
     return out
 
 
@@ -39,11 +39,11 @@ def test_checkpoint_chain_is_bit_identical(rtn_gptq, tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-def test_checkpoint_holds_the_quantized_weights(rtn_gptq, demo):
+def test_checkpoint_holds_the_quantized_weights(rtn_gptq, tiny):
     """What convert wrote decodes to exactly the RTN weights of the float model."""
     _, qcfg, weights, _ = read_int4(rtn_gptq)
     assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq"
-    lins = linear_layers(demo.model)
+    lins = linear_layers(tiny.model)
     assert set(weights) == set(lins) - {"lm_head"}
     spec = QuantSpec()
     for n, w in weights.items():
@@ -51,7 +51,7 @@ def test_checkpoint_holds_the_quantized_weights(rtn_gptq, demo):
         assert torch.equal(w.qweight, ref.qweight) and torch.equal(w.zeros, ref.zeros) and torch.equal(w.scales, ref.scales)
 
 
-def test_converted_checkpoints_give_identical_layer_outputs(rtn_gptq, tmp_path, demo):
+def test_converted_checkpoints_give_identical_layer_outputs(rtn_gptq, tmp_path, tiny):
     convert(str(rtn_gptq), "compressed-tensors", tmp_path / "ct")
     a = load_quantized(rtn_gptq, torch.device("cpu"), torch.float32)
     b = load_quantized(tmp_path / "ct", torch.device("cpu"), torch.float32)
@@ -63,7 +63,7 @@ def test_converted_checkpoints_give_identical_layer_outputs(rtn_gptq, tmp_path, 
         assert torch.equal(la(xin), lb(xin)), n
     # the float parts of the model are the original ones
     ids = torch.arange(10, 42).unsqueeze(0)
-    torch.testing.assert_close(a.model.model.embed_tokens(ids), demo.model.model.embed_tokens(ids), rtol=0, atol=0)
+    torch.testing.assert_close(a.model.model.embed_tokens(ids), tiny.model.model.embed_tokens(ids), rtol=0, atol=0)
 
 
 def test_compare_on_a_checkpoint_runs_its_weights_through_every_kernel(rtn_gptq):
@@ -84,7 +84,7 @@ def test_convert_errors(rtn_gptq, tmp_path):
     with pytest.raises(UserError, match="unknown format"):
         convert(str(rtn_gptq), "gguf", tmp_path / "x")
     with pytest.raises(UserError, match="does not quantize"):
-        convert("demo", "gptq", tmp_path / "y", method="fp16")
+        convert("tiny", "gptq", tmp_path / "y", method="fp16")
     act = tmp_path / "act"
     w = quantize_rtn(torch.randn(8, 64), QuantSpec(group_size=32), perm=torch.randperm(64))
     from quantbridge import formats
@@ -95,7 +95,7 @@ def test_convert_errors(rtn_gptq, tmp_path):
 
 
 def test_cli_convert(tmp_path):
-    r = CliRunner().invoke(cli, ["convert", "demo", "--to", "awq", str(tmp_path / "a"), "--group-size", "64"])
+    r = CliRunner().invoke(cli, ["convert", "tiny", "--to", "awq", str(tmp_path / "a"), "--group-size", "64"])
     assert r.exit_code == 0, r.output
     assert "28 layers as awq" in r.output
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
@@ -107,21 +107,21 @@ def test_cli_convert(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_convert_calibrated_methods_load_back(method, tmp_path, demo):
+def test_convert_calibrated_methods_load_back(method, tmp_path, tiny):
     pytest.importorskip("llmcompressor")
     from quantbridge.workloads import calibration
 
     out = tmp_path / method
-    convert("demo", method, out, method=method, calib=calibration(demo.tokenizer, 8, 64))
+    convert("tiny", method, out, method=method, calib=calibration(tiny.tokenizer, 8, 64))
     loaded = load_quantized(out, torch.device("cpu"), torch.float32)
     ids = torch.randint(3, 4096, (1, 48), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        ref = demo.model(input_ids=ids).logits.double()
+        ref = tiny.model(input_ids=ids).logits.double()
         got = loaded.model(input_ids=ids).logits.double()
     rel = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
     assert 1e-3 < rel < 0.3  # quantized, close to the float model: AWQ's folding kept the function
     norm = loaded.model.model.layers[0].input_layernorm.weight
-    folded = not torch.equal(norm, demo.model.model.layers[0].input_layernorm.weight)
+    folded = not torch.equal(norm, tiny.model.model.layers[0].input_layernorm.weight)
     assert folded == (method == "awq")
 
 

@@ -1,4 +1,4 @@
-"""GPTQ and AWQ through llm-compressor: every backend on the demo model, weights read back
+"""GPTQ and AWQ through llm-compressor: every backend on the tiny model, weights read back
 exactly, AWQ's folded factors recovered, calibrated weights cached, shared-weights runs."""
 
 import pytest
@@ -21,14 +21,14 @@ ALL = ["bnb-nf4", "bnb-fp4", "gptq", "awq", "native"]
 
 
 @pytest.fixture(scope="module")
-def all_five(demo, tmp_path_factory):
+def all_five(tiny, tmp_path_factory):
     # Default calibration (128 x 512 tokens of the shipped text): GPTQ's Hessians need it.
     s = Settings(**FAST, cache=False)
-    return run_comparison(demo, ALL, s, torch.device("cpu"), torch.float32)
+    return run_comparison(tiny, ALL, s, torch.device("cpu"), torch.float32)
 
 
-def test_all_five_backends_ok(all_five, demo):
-    n_linear = len(linear_layers(demo.model))
+def test_all_five_backends_ok(all_five, tiny):
+    n_linear = len(linear_layers(tiny.model))
     assert [b.name for b in all_five.backends] == ["fp16", *ALL]
     for b in all_five.backends:
         assert b.status == "ok", (b.name, b.reason)
@@ -57,8 +57,8 @@ def test_awq_error_plausible(all_five):
 
 
 @pytest.fixture(scope="module")
-def small_calib(demo):
-    return calibration(demo.tokenizer, 8, 64)
+def small_calib(tiny):
+    return calibration(tiny.tokenizer, 8, 64)
 
 
 def test_gptq_act_order_is_a_clear_error():
@@ -69,23 +69,23 @@ def test_gptq_act_order_is_a_clear_error():
 
 
 @pytest.mark.parametrize("group_size", [64, -1])
-def test_gptq_weights_read_back_exactly(demo, small_calib, group_size, monkeypatch):
+def test_gptq_weights_read_back_exactly(tiny, small_calib, group_size, monkeypatch):
     """The canonical weight dequantizes to the fake-quantized weight llm-compressor leaves."""
     from quantbridge.adapters import _llmcompressor as llmc
 
     spec = QuantSpec(group_size=group_size)
-    lins = {n: m for n, m in linear_layers(demo.model).items() if n.startswith("model.layers.1.")}
+    lins = {n: m for n, m in linear_layers(tiny.model).items() if n.startswith("model.layers.1.")}
     seen = {}
     real = llmc.oneshot
     monkeypatch.setattr(llmc, "oneshot", lambda *a: seen.setdefault("work", real(*a)))
-    ws = registry.get("gptq").quantize_weights(demo.model, lins, spec, small_calib)
+    ws = registry.get("gptq").quantize_weights(tiny.model, lins, spec, small_calib)
     assert set(ws) == set(lins)
     for n, w in ws.items():
         assert w.perm is None and w.group_size == (w.in_features if group_size == -1 else group_size)
         ref = seen["work"].get_submodule(n).weight.detach().double()
         torch.testing.assert_close(w.dequantize(torch.float64), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
     # the caller's model is untouched
-    assert not hasattr(demo.model.get_submodule(next(iter(lins))), "weight_scale")
+    assert not hasattr(tiny.model.get_submodule(next(iter(lins))), "weight_scale")
 
 
 def test_awq_unfold_recovers_scaling():
@@ -115,7 +115,7 @@ def test_smoothed_linear_against_float64():
     torch.testing.assert_close(layer.dequantize().double(), w64, rtol=1e-6, atol=1e-7)
 
 
-def test_calibrated_weights_are_cached(demo, tmp_path, monkeypatch):
+def test_calibrated_weights_are_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
     calls = []
     gptq = type(registry.get("gptq"))
@@ -127,17 +127,17 @@ def test_calibrated_weights_are_cached(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gptq, "quantize_weights", counting)
     s = dict(**FAST, calib_samples=8, calib_len=64)
-    first = run_comparison(demo, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32)
-    second = run_comparison(demo, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32)
+    first = run_comparison(tiny, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32)
+    second = run_comparison(tiny, ["gptq"], Settings(**s), torch.device("cpu"), torch.float32)
     assert len(calls) == 1 and list((tmp_path / "quantized").glob("*.safetensors"))
     a, b = first.backend("gptq"), second.backend("gptq")
     assert [r.error["rel_isolated"] for r in a.layers] == [r.error["rel_isolated"] for r in b.layers]
 
 
-def test_shared_weights_same_numbers_through_every_kernel(demo, tmp_path, monkeypatch):
+def test_shared_weights_same_numbers_through_every_kernel(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
     s = Settings(**FAST, calib_samples=8, calib_len=64, weights="gptq")
-    comp = run_comparison(demo, ["gptq", "native", "bnb-nf4"], s, torch.device("cpu"), torch.float32)
+    comp = run_comparison(tiny, ["gptq", "native", "bnb-nf4"], s, torch.device("cpu"), torch.float32)
     gptq, native, bnb = comp.backend("gptq"), comp.backend("native"), comp.backend("bnb-nf4")
     assert gptq.weights == native.weights == "gptq (shared)"
     assert bnb.status == "unavailable" and "cannot run gptq" in bnb.reason
@@ -145,22 +145,22 @@ def test_shared_weights_same_numbers_through_every_kernel(demo, tmp_path, monkey
         assert a.error["rel_isolated"] == pytest.approx(b.error["rel_isolated"], rel=1e-6, abs=1e-9)
 
 
-def test_weights_from_non_canonical_backend_rejected(demo):
+def test_weights_from_non_canonical_backend_rejected(tiny):
     from quantbridge.errors import UserError
 
     with pytest.raises(UserError, match="not canonical INT4"):
-        run_comparison(demo, ["native"], Settings(**FAST, weights="bnb-nf4"), torch.device("cpu"), torch.float32)
+        run_comparison(tiny, ["native"], Settings(**FAST, weights="bnb-nf4"), torch.device("cpu"), torch.float32)
 
 
-def test_calibration_file_errors(demo, tmp_path):
+def test_calibration_file_errors(tiny, tmp_path):
     from quantbridge.errors import UserError
 
     with pytest.raises(UserError, match="does not exist"):
-        calibration(demo.tokenizer, 4, 64, str(tmp_path / "nope.txt"))
+        calibration(tiny.tokenizer, 4, 64, str(tmp_path / "nope.txt"))
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     with pytest.raises(UserError, match="--calib-len"):
-        calibration(demo.tokenizer, 4, 64, str(short))
-    cal = calibration(demo.tokenizer, 4, 64)
+        calibration(tiny.tokenizer, 4, 64, str(short))
+    cal = calibration(tiny.tokenizer, 4, 64)
     assert isinstance(cal, Calibration) and cal.input_ids.shape == (4, 64) and len(cal.digest) == 16
     assert isinstance(Int4Weight, type)

@@ -30,8 +30,8 @@ def crashing_backends():
     crash.unregister_all()
 
 
-def _run(demo, names, isolation="process", **kw):
-    return run_comparison(demo, names, Settings(**{**FAST, **kw}), CPU, torch.float32, isolation=isolation)
+def _run(tiny, names, isolation="process", **kw):
+    return run_comparison(tiny, names, Settings(**{**FAST, **kw}), CPU, torch.float32, isolation=isolation)
 
 
 # --- isolation.run_isolated on its own -------------------------------------------------------
@@ -76,8 +76,8 @@ def test_unimportable_target_is_an_exception_not_a_hang():
 
 # --- compare -------------------------------------------------------------------------------
 
-def test_killed_row_fails_alone(demo, crashing_backends, tmp_path):
-    comp = _run(demo, ["test-sigkill", "test-raise", "test-exit3", "native"])
+def test_killed_row_fails_alone(tiny, crashing_backends, tmp_path):
+    comp = _run(tiny, ["test-sigkill", "test-raise", "test-exit3", "native"])
     status = {b.name: (b.status, b.reason) for b in comp.backends}
     assert status["fp16"][0] == "ok" and status["native"][0] == "ok"
     assert status["test-sigkill"] == ("failed", "the row's process killed by SIGKILL")
@@ -94,9 +94,9 @@ def test_killed_row_fails_alone(demo, crashing_backends, tmp_path):
     assert "the row's own process" in native.model_metrics["telemetry"]["memory_kind"]
 
 
-def test_isolated_rows_equal_in_process_rows(demo):
-    a = _run(demo, ["native"], isolation="none")
-    b = _run(demo, ["native"], isolation="process")
+def test_isolated_rows_equal_in_process_rows(tiny):
+    a = _run(tiny, ["native"], isolation="none")
+    b = _run(tiny, ["native"], isolation="process")
     assert a.settings["isolation"] == "none" and b.settings["isolation"] == "process"
     for x, y in zip(a.backends, b.backends, strict=True):
         assert (x.name, x.status, x.kernel, x.weights) == (y.name, y.status, y.kernel, y.weights)
@@ -105,26 +105,26 @@ def test_isolated_rows_equal_in_process_rows(demo):
             assert x.model_metrics[key] == y.model_metrics[key]
 
 
-def test_model_changed_in_memory_is_refused_in_the_child(demo):
-    changed = copy.copy(demo)
-    changed.model = copy.deepcopy(demo.model)
+def test_model_changed_in_memory_is_refused_in_the_child(tiny):
+    changed = copy.copy(tiny)
+    changed.model = copy.deepcopy(tiny.model)
     with torch.no_grad():
         changed.model.model.embed_tokens.weight[0, 0] += 1.0
     comp = _run(changed, ["fp16"])
     assert comp.backends[0].status == "failed" and "changed in memory" in comp.backends[0].reason
 
 
-def test_in_memory_model_and_debug_run_in_process(demo, crashing_backends):
-    built = copy.copy(demo)
+def test_in_memory_model_and_debug_run_in_process(tiny, crashing_backends):
+    built = copy.copy(tiny)
     built.origin = None
     comp = _run(built, ["test-raise"])
     assert comp.settings["isolation"].startswith("none (the model was built in memory")
     assert comp.backend("test-raise").status == "failed"
     with pytest.raises(ValueError, match="kernel refused"):  # --debug re-raises: only possible in-process
-        _run(demo, ["test-raise"], debug=True)
+        _run(tiny, ["test-raise"], debug=True)
 
 
-def test_rows_after_a_calibration_read_its_cache(demo, monkeypatch):
+def test_rows_after_a_calibration_read_its_cache(tiny, monkeypatch):
     """--no-cache: the first row needing gptq's weights calibrates; later rows read what it cached."""
     jobs = []
 
@@ -133,10 +133,10 @@ def test_rows_after_a_calibration_read_its_cache(demo, monkeypatch):
         return Outcome(value=BackendResult(name=job.name, status="ok"), exitcode=0, returned=True)
 
     monkeypatch.setattr(compare.iso, "run_isolated", fake)
-    _run(demo, ["gptq", "native"], weights="gptq", cache=False)
+    _run(tiny, ["gptq", "native"], weights="gptq", cache=False)
     assert [(j.name, j.use_cache) for j in jobs] == [("fp16", False), ("gptq", False), ("native", True)]
     jobs.clear()
-    _run(demo, ["gptq", "awq", "native"], cache=False)
+    _run(tiny, ["gptq", "awq", "native"], cache=False)
     assert [(j.name, j.use_cache) for j in jobs] == [("fp16", False), ("gptq", False), ("awq", False),
                                                       ("native", False)]
 
@@ -160,7 +160,7 @@ def test_bench_killed_backend_keeps_the_others(crashing_backends):
 
 def test_cli_compare_isolated_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["compare", "demo", "--backends", "fp16,native", "--batch", "1", "--prefill", "0",
+    r = CliRunner().invoke(cli, ["compare", "tiny", "--backends", "fp16,native", "--batch", "1", "--prefill", "0",
                                  "--runs", "5", "--warmup", "1", "--eval-len", "32", "--eval-seqs", "1",
                                  "--skip", ONE_LAYER, "--isolation", "process", "--no-report", "--quiet",
                                  "--out", str(out)])

@@ -76,10 +76,10 @@ def test_backend_records_what_the_chooser_passed_over():
         registry.get("tinygemm").from_int4(_weight(), None)
 
 
-def test_kernel_rows_run_one_quantizers_weights_through_each_kernel(demo):
+def test_kernel_rows_run_one_quantizers_weights_through_each_kernel(tiny):
     s = Settings(**FAST, weights="native", kernels=["reference", "gptq-layout", "awq-layout", "tinygemm"],
                  skip_unavailable=True)
-    comp = run_comparison(demo, ["native"], s, CPU, torch.float32)
+    comp = run_comparison(tiny, ["native"], s, CPU, torch.float32)
     rows = {b.name: b for b in comp.backends}
     assert list(rows) == ["fp16", "native", "native+reference", "native+gptq-layout", "native+awq-layout",
                           "native+tinygemm"]
@@ -95,9 +95,9 @@ def test_kernel_rows_run_one_quantizers_weights_through_each_kernel(demo):
     assert native.model_metrics["kernels_passed_over"] == {"triton": "needs CUDA"}
 
 
-def test_kernel_rows_need_shared_weights(demo):
+def test_kernel_rows_need_shared_weights(tiny):
     with pytest.raises(UserError, match="--kernels runs one set of weights through several kernels"):
-        run_comparison(demo, [], Settings(**FAST, kernels=["reference"]), CPU, torch.float32)
+        run_comparison(tiny, [], Settings(**FAST, kernels=["reference"]), CPU, torch.float32)
 
 
 def test_env_json_lists_quantizers_and_kernels_with_reasons():
@@ -113,21 +113,21 @@ def test_env_json_lists_quantizers_and_kernels_with_reasons():
     assert {q["quantizer"] for q in d["quantizers"]} >= {"rtn", "gptq", "awq"}
 
 
-def test_kernel_rows_in_child_processes_match_in_process(demo):
+def test_kernel_rows_in_child_processes_match_in_process(tiny):
     s = Settings(**FAST, weights="native", kernels=["gptq-layout"])
-    here = run_comparison(demo, [], s, CPU, torch.float32)
-    there = run_comparison(demo, [], s, CPU, torch.float32, isolation="process")
+    here = run_comparison(tiny, [], s, CPU, torch.float32)
+    there = run_comparison(tiny, [], s, CPU, torch.float32, isolation="process")
     assert [b.name for b in there.backends] == ["fp16", "native+gptq-layout"]
     a, b = here.backend("native+gptq-layout"), there.backend("native+gptq-layout")
     assert b.status == "ok", b.reason
     assert [r.error["rel_isolated"] for r in a.layers] == [r.error["rel_isolated"] for r in b.layers]
 
 
-def test_plan_leaves_kernel_rows_out(demo):
+def test_plan_leaves_kernel_rows_out(tiny):
     from quantbridge.plan import Budget, make_plan
 
     s = Settings(**FAST, weights="native", kernels=["gptq-layout"], sensitivity=True)
-    comp = run_comparison(demo, ["native"], s, CPU, torch.float32)
+    comp = run_comparison(tiny, ["native"], s, CPU, torch.float32)
     assert comp.backend("native+gptq-layout").model_metrics["only_kernel"] == "gptq-layout"
     plan = make_plan(comp, Budget(max_ppl_increase_pct=100.0), 1)
     assert set(plan["layers"].values()) <= {"fp16", "native"}  # compare --plan can build these by name

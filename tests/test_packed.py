@@ -102,3 +102,18 @@ def test_spec_validation():
     with pytest.raises(UserError, match="does not divide in_features=96"):
         QuantSpec(group_size=64).check_layer("x.proj", 96)
     QuantSpec(group_size=-1).check_layer("x.proj", 96)
+
+
+def test_group_size_auto_fits_the_layers():
+    from quantbridge.errors import UserError
+    from quantbridge.spec import AUTO_GROUP, QuantSpec
+
+    auto = QuantSpec(group_size=AUTO_GROUP)
+    assert auto.fitted({"a": 4096, "b": 14336}).group_size == 128
+    assert auto.fitted({"q": 576, "down": 1536}).group_size == 64  # SmolLM2-135M: 576 = 9 x 64
+    assert auto.fitted({"x": 96}).group_size == 32
+    with pytest.raises(UserError, match="no group size of 128, 64 or 32 divides every quantized layer"):
+        auto.fitted({"odd": 100})
+    with pytest.raises(UserError, match=r"use --group-size 64 or 32 \(dividing every quantized layer\), auto"):
+        QuantSpec(group_size=128).fitted({"q": 576, "down": 1536})
+    assert QuantSpec(group_size=-1).fitted({"odd": 100}).group_size == -1

@@ -27,12 +27,12 @@ FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=
 
 
 @pytest.fixture(scope="module")
-def sens(demo):
-    """fp16 + native with per-layer sensitivity on the demo model."""
-    return run_comparison(demo, ["native"], Settings(**FAST, sensitivity=True), torch.device("cpu"), torch.float32)
+def sens(tiny):
+    """fp16 + native with per-layer sensitivity on the tiny model."""
+    return run_comparison(tiny, ["native"], Settings(**FAST, sensitivity=True), torch.device("cpu"), torch.float32)
 
 
-def test_whole_model_metrics(sens, demo):
+def test_whole_model_metrics(sens, tiny):
     fp16, native = sens.backends
     for b in (fp16, native):
         mm = b.model_metrics
@@ -44,12 +44,12 @@ def test_whole_model_metrics(sens, demo):
     assert sens.settings["eval_tokens"] == 128 and sens.settings["eval_context"] == 128
     assert "shipped" in sens.settings["eval_source"]
     # the reference perplexity is stable across runs: same text, same windows, same weights
-    again = run_comparison(demo, [], Settings(**FAST), torch.device("cpu"), torch.float32)
+    again = run_comparison(tiny, [], Settings(**FAST), torch.device("cpu"), torch.float32)
     assert again.backends[0].model_metrics["eval_ppl"] == pytest.approx(fp16.model_metrics["eval_ppl"], rel=1e-9)
     assert fp16.model_metrics["eval_ppl"] == pytest.approx(fp16.model_metrics["eval_ppl_reference"], rel=1e-9)
 
 
-def test_sensitivity_is_the_single_layer_loss_increase(sens, demo):
+def test_sensitivity_is_the_single_layer_loss_increase(sens, tiny):
     native = sens.backends[1]
     deltas = {r.name: r.error["loss_delta"] for r in native.layers if r.quantized}
     assert len(deltas) == len(native.layers) - 1 and all(math.isfinite(v) for v in deltas.values())
@@ -57,7 +57,7 @@ def test_sensitivity_is_the_single_layer_loss_increase(sens, demo):
     assert "lm_head" not in deltas and all("loss_delta" not in r.error for r in sens.backends[0].layers)
 
 
-def test_sensitivity_matches_an_independent_single_layer_swap(sens, demo):
+def test_sensitivity_matches_an_independent_single_layer_swap(sens, tiny):
     """Recompute one layer's loss increase by writing a float64 RTN fake-quantized weight
     (asymmetric g128, written out here) into a copy of the model: within 1e-4 nats."""
     import copy
@@ -65,7 +65,7 @@ def test_sensitivity_matches_an_independent_single_layer_swap(sens, demo):
     from quantbridge.workloads import text_split, tokenize, windows
 
     name = max((r for r in sens.backends[1].layers if r.quantized), key=lambda r: abs(r.error["loss_delta"])).name
-    model = copy.deepcopy(demo.model)
+    model = copy.deepcopy(tiny.model)
     lin = model.get_submodule(name)
     g = sens.settings["spec"]["group_size"]
     w = lin.weight.detach().double().reshape(lin.out_features, -1, g)
@@ -74,21 +74,21 @@ def test_sensitivity_matches_an_independent_single_layer_swap(sens, demo):
     z = torch.round(-lo / s)
     fq = (torch.clamp(torch.round(w / s + z), 0, 15) - z) * s
     lin.weight.data = fq.reshape(lin.weight.shape).to(lin.weight.dtype)
-    ids = windows(tokenize(demo.tokenizer, text_split("eval")), 1, 128, 1, sens.settings["seed"])[0]
+    ids = windows(tokenize(tiny.tokenizer, text_split("eval")), 1, 128, 1, sens.settings["seed"])[0]
     with torch.no_grad():
-        ref = demo.model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+        ref = tiny.model(input_ids=ids, labels=ids, use_cache=False).loss.item()
         mine = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
     recorded = next(r for r in sens.backends[1].layers if r.name == name).error["loss_delta"]
     assert abs(recorded) > 1e-5
     assert mine - ref == pytest.approx(recorded, abs=1e-4)
 
 
-def test_eval_text_file(demo, tmp_path):
+def test_eval_text_file(tiny, tmp_path):
     with pytest.raises(UserError, match="--eval-text"):
-        run_comparison(demo, [], Settings(**FAST, eval_text=str(tmp_path / "none.txt")), torch.device("cpu"), torch.float32)
+        run_comparison(tiny, [], Settings(**FAST, eval_text=str(tmp_path / "none.txt")), torch.device("cpu"), torch.float32)
     f = tmp_path / "eval.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    comp = run_comparison(demo, [], Settings(**FAST, eval_text=str(f)), torch.device("cpu"), torch.float32)
+    comp = run_comparison(tiny, [], Settings(**FAST, eval_text=str(f)), torch.device("cpu"), torch.float32)
     assert comp.settings["eval_source"] == str(f) and math.isfinite(comp.backends[0].model_metrics["eval_ppl"])
 
 
@@ -110,7 +110,7 @@ def test_html_report_is_self_contained_and_its_figures_decode(sens):
             assert im.size[0] > 300 and im.size[1] > 200
             assert len(np.unique(np.asarray(im.convert("L")))) > 16  # drawn, not blank
     md = to_markdown(sens)
-    assert md.startswith("# quantbridge: demo") and "| question | backend |" in md
+    assert md.startswith("# quantbridge: tiny") and "| question | backend |" in md
 
 
 def _screenshot(chromium: str, page: Path, out: Path) -> "Image.Image":
@@ -198,7 +198,7 @@ def test_plan_budgets_on_constructed_results():
     assert predict(comp, {}, "1")["latency_ratio"] == 1.0
 
 
-def test_plan_then_measure_on_the_demo_model(sens, demo, tmp_path):
+def test_plan_then_measure_on_the_demo_model(sens, tiny, tmp_path):
     """Weight bytes are predicted exactly; the additive eval-loss model within 0.02 nats
     (about 2 % perplexity); latency is reported, not asserted (timing on a shared CPU)."""
     save_json(sens, tmp_path / "results.json")
@@ -208,7 +208,7 @@ def test_plan_then_measure_on_the_demo_model(sens, demo, tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["predicted"]["weight_bytes"] <= 0.012e9 and set(plan["layers"].values()) == {"fp16", "native"}
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["compare", "demo", "--plan", str(tmp_path / "plan.json"), "--batch", "1,4",
+    r = CliRunner().invoke(cli, ["compare", "tiny", "--plan", str(tmp_path / "plan.json"), "--batch", "1,4",
                                  "--prefill", "32", "--runs", "5", "--warmup", "1", "--eval-seqs", "1",
                                  "--eval-len", "128", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output

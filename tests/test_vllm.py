@@ -20,7 +20,7 @@ from quantbridge.servestats import load_workers, merge, steps, tokens
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = Path(os.environ.get("QUANTBRIDGE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 SCRIPT = ROOT / "tests" / "vllm_e2e.py"
-LINEARS = 16  # demo: 4 decoder layers x (qkv_proj, o_proj, gate_up_proj, down_proj) as vLLM fuses them
+LINEARS = 16  # tiny: 4 decoder layers x (qkv_proj, o_proj, gate_up_proj, down_proj) as vLLM fuses them
 
 
 def _has_vllm() -> bool:
@@ -35,9 +35,9 @@ pytestmark = pytest.mark.skipif(not _has_vllm(), reason=f"no vLLM environment at
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, demo):
-    out = tmp_path_factory.mktemp("vllm") / "demo-qb"
-    r = CliRunner().invoke(cli, ["convert", "demo", "--to", "native", str(out)])
+def checkpoint(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("vllm") / "tiny-qb"
+    r = CliRunner().invoke(cli, ["convert", "tiny", "--to", "native", str(out)])
     assert r.exit_code == 0, r.output
     return out
 

@@ -15,9 +15,10 @@ def _fmt(v, spec: str = ".4g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def spec_label(spec: dict) -> str:
+def spec_label(spec: dict, auto: bool = False) -> str:
     g = spec.get("group_size")
-    group = "per-channel" if g == -1 else f"g{g}"
+    group = ("per-channel" if g == -1 else f"g{g}") + (" (auto: the largest of 128/64/32 dividing every layer)"
+                                                         if auto else "")
     return f"INT{spec.get('bits')} {group} {'sym' if spec.get('symmetric') else 'asym'}"
 
 

@@ -99,7 +99,7 @@ def _sections(comp: Comparison) -> dict:
     sens = sensitive_layers(comp)
     return {
         "title": f"quantbridge: {comp.model.get('name')} on {comp.device.get('name')}",
-        "setup": (f"{spec_label(s.get('spec', {}))}, {s.get('dtype')} on {s.get('device')}; {timing_note(s)}; perplexity on "
+        "setup": (f"{spec_label(s.get('spec', {}), s.get('group_size_auto', False))}, {s.get('dtype')} on {s.get('device')}; {timing_note(s)}; perplexity on "
                   f"{s.get('eval_tokens')} tokens ({s.get('eval_seqs')} × {s.get('eval_context', s.get('eval_len'))}"
                   f"-token context) of {s.get('eval_source', 'the shipped held-out split')}."),
         "summary": summary_rows(comp),

@@ -116,7 +116,7 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
         console.print(f"• {escape(line)}")
     s = comp.settings
     console.print(
-        f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}))}; "
+        f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}), s.get('group_size_auto', False))}; "
         f"probe overhead per M = whole step with probes on vs off[/dim]"
     )
     if plan_rows(comp):

@@ -113,4 +113,4 @@ class AWQBackend(Backend):
     description = "AWQ weights (llm-compressor) through the best AWQ kernel here"
     install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
     quantizer = "awq"
-    kernels = ("autoawq", "gemlite", "awq-layout")
+    kernels = ("autoawq", "gemlite", "gptqmodel-awq-torch", "awq-layout")

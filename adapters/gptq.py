@@ -74,4 +74,4 @@ class GPTQBackend(Backend):
     description = "GPTQ weights (llm-compressor) through the best GPTQ kernel here"
     install_hint = llmc.INSTALL_HINT
     quantizer = "gptq"
-    kernels = ("exllamav2", "gemlite", "gptq-layout")
+    kernels = ("exllamav2", "gemlite", "gptqmodel-torch", "gptq-layout")

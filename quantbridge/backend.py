@@ -174,7 +174,7 @@ class Backend:
         return bool(cls.kernels) or cls.from_int4 is not Backend.from_int4
 
 
-_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq", "exllamav2", "gemlite", "autoawq")  # modules under quantbridge.adapters
+_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq", "exllamav2", "gemlite", "autoawq", "gptqmodel")  # modules under quantbridge.adapters
 _loaded = False
 
 

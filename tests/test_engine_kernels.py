@@ -21,7 +21,8 @@ from quantbridge.packed import Int4Weight, quantize_rtn
 from quantbridge.spec import QuantSpec
 
 CPU = torch.device("cpu")
-ENGINES = ("exllamav2", "gemlite", "autoawq")
+ENGINES = ("exllamav2", "gemlite", "autoawq")  # CUDA only
+CPU_ENGINES = ("gptqmodel-torch", "gptqmodel-awq-torch")  # GPTQModel's torch layers: any device
 
 
 def _weight(n: int, k: int, g: int, dtype: torch.dtype, device="cpu", symmetric=False, act_order=False,
@@ -29,8 +30,8 @@ def _weight(n: int, k: int, g: int, dtype: torch.dtype, device="cpu", symmetric=
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     w = torch.randn(n, k, generator=gen) * 0.05
     q = quantize_rtn(w.to(dtype), QuantSpec(group_size=g, symmetric=symmetric), scale_dtype=dtype)
-    if act_order:  # a real act-order weight: columns stored in a permuted order, groups contiguous
-        perm = torch.randperm(k, generator=gen)
+    if act_order:  # a real act-order weight: columns stored in a permuted order (each group's ascending)
+        perm = torch.randperm(k, generator=gen).view(-1, g).sort(dim=1).values.flatten()
         q = quantize_rtn(w[:, perm].to(dtype), QuantSpec(group_size=g, symmetric=symmetric), scale_dtype=dtype)
         q = Int4Weight(q.qweight, q.scales, q.zeros, q.group_size, perm)
     return q.to(device) if device != "cpu" else q
@@ -45,14 +46,16 @@ def test_engines_say_why_not_on_cpu(name):
 
 def test_gptq_and_awq_choose_engines_first_and_record_why_not():
     w = _weight(64, 256, 128, torch.float32, seed=1)
-    for backend, engines, fallback in (("gptq", ("exllamav2", "gemlite"), "gptq-layout"),
-                                       ("awq", ("autoawq", "gemlite"), "awq-layout")):
+    for backend, engines, fallback in (("gptq", ("exllamav2", "gemlite", "gptqmodel-torch"), "gptq-layout"),
+                                       ("awq", ("autoawq", "gemlite", "gptqmodel-awq-torch"), "awq-layout")):
         b = registry.get(backend)
-        assert b.kernels[:2] == engines and b.kernels[-1] == fallback
-        layer = b.from_int4(w, None)
+        assert b.kernels[:3] == engines and b.kernels[-1] == fallback
+        layer = b.from_int4(w, None)  # fp32 activations: no engine takes them
         rejected = dict(layer.rejected_kernels)
         assert set(rejected) == set(engines), rejected
         assert layer.kernel == "reference-torch"  # the fallback says what it is
+        if find_spec("gptqmodel") is not None:
+            assert "float16" in rejected[engines[2]]  # GPTQModel's own validate: fp16/bf16 only
 
 
 def test_shape_and_dtype_limits_are_reasons():
@@ -131,6 +134,32 @@ def test_autoawq_triton_gemm_through_the_interpreter(monkeypatch, k, g, n):
         assert y.shape == (m, n) and rel < 2e-3, rel  # fp16 products, fp32 accumulation
 
 
+@pytest.mark.skipif(find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
+@pytest.mark.parametrize("name,act_order", [("gptqmodel-torch", False), ("gptqmodel-torch", True),
+                                            ("gptqmodel-awq-torch", False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gptqmodel_torch_layers_on_cpu(name, act_order, dtype):
+    """GPTQModel's own torch layers on quantbridge's GPTQ v2 / AWQ tensors: the layer's output on
+    random inputs against the float64 product of the canonical weight, and its own dequantization."""
+    k = get_kernel(name)
+    assert k.available(CPU).ok
+    w = _weight(192, 576, 64, dtype, act_order=act_order)
+    assert k.can_implement(w, CPU, dtype).ok
+    bias = torch.randn(192, dtype=dtype) * 0.1
+    layer = k.build(w, bias)
+    assert layer.kernel.startswith("gptqmodel 7.") and "skipped on CPU" in layer.kernel
+    want_w = w.dequantize(torch.float64)
+    # its dequantization rounds to the activation dtype (bf16: 8 significant bits)
+    atol = {torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
+    assert (layer.dequantize().double() - want_w).abs().max() < atol
+    for m in (1, 9):
+        x = torch.randn(m, 576, dtype=dtype)
+        y = layer(x)
+        want = x.double() @ want_w.t() + bias.double()
+        rel = ((y.double() - want).norm() / want.norm()).item()
+        assert y.dtype == dtype and rel < {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], rel
+
+
 # -- on a GPU ----------------------------------------------------------------------------------
 
 CASES = [  # (kernel, dtype, symmetric, act_order)
@@ -141,6 +170,8 @@ CASES = [  # (kernel, dtype, symmetric, act_order)
     ("gemlite", torch.bfloat16, False, False),
     ("gemlite", torch.bfloat16, False, True),
     ("autoawq", torch.float16, False, False),
+    ("gptqmodel-torch", torch.float16, False, True),
+    ("gptqmodel-awq-torch", torch.bfloat16, False, False),
 ]
 # Relative Frobenius error of y against the float64 product of the canonical weight: the
 # engines compute in fp16/bf16 (gemlite also rounds -zero*scale to the activation dtype).
@@ -150,7 +181,7 @@ TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,dtype,symmetric,act_order", CASES)
 def test_engine_output_against_float64(name, dtype, symmetric, act_order):
-    pkg = {"exllamav2": "exllamav2", "gemlite": "gemlite", "autoawq": "awq"}[name]
+    pkg = {"exllamav2": "exllamav2", "gemlite": "gemlite", "autoawq": "awq"}.get(name, "gptqmodel")
     if find_spec(pkg) is None:
         pytest.skip(f"{pkg} is not installed")
     dev = torch.device("cuda")

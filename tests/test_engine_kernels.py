@@ -204,3 +204,32 @@ def test_engine_output_against_float64(name, dtype, symmetric, act_order):
             assert rel < TOL[dtype], (name, m, rel)
         del layer
         torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
+def test_cpu_matrix_one_weights_through_every_kernel_here():
+    """The quantizer x kernel matrix on the CPU: the same RTN weights through the reference, both
+    GPTQModel torch layers, and the CUDA engines (unavailable rows that say why), in bf16."""
+    from quantbridge.compare import Settings, run_comparison
+    from quantbridge.models import load_model
+
+    tiny16 = load_model("tiny", CPU, torch.bfloat16)
+    s = Settings(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64, weights="native",
+                 kernels=["reference", "gptqmodel-torch", "gptqmodel-awq-torch", "exllamav2", "autoawq"],
+                 skip_unavailable=True)
+    comp = run_comparison(tiny16, [], s, CPU, torch.bfloat16)
+    rows = {b.name: b for b in comp.backends}
+    ran = [rows[f"native+{k}"] for k in ("reference", "gptqmodel-torch", "gptqmodel-awq-torch")]
+    for b in ran:
+        assert b.status == "ok", (b.name, b.reason)
+    assert {lay.kernel for lay in ran[1].layers if lay.quantized} == {
+        "gptqmodel 7.7.0 TorchLinear, eager: its torch.compile step skipped on CPU"}
+    for k in ("exllamav2", "autoawq"):
+        b = rows[f"native+{k}"]
+        assert b.status == "unavailable" and ("CUDA" in b.reason or "not installed" in b.reason), b.reason
+    # the same weights: each layer's isolated error is the same within bf16 rounding
+    for layers in zip(*(b.layers for b in ran)):
+        if not layers[0].quantized:
+            continue
+        errs = [lay.error["rel_isolated"] for lay in layers]
+        assert max(errs) - min(errs) < 0.1 * min(errs), (layers[0].name, errs)

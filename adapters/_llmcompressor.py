@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import os
+import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
@@ -63,7 +63,7 @@ def oneshot(model: nn.Module, linears: dict[str, nn.Linear], calib: Calibration,
     ids = calib.input_ids
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     _quiet()
-    with tempfile.TemporaryDirectory() as cfg_dir, _no_pinning_without_accelerator(), _no_tqdm():
+    with tempfile.TemporaryDirectory() as cfg_dir, _no_pinning_without_accelerator(), _tqdm_into(calib.progress):
         # llm-compressor re-reads the config from name_or_path and would otherwise build a
         # processor from it too; in-memory models have no such path, so give it both.
         work.config.save_pretrained(cfg_dir)
@@ -95,17 +95,40 @@ def read_int4(module: nn.Linear, group_size: int, scale_dtype: torch.dtype) -> I
                                      (zp + 8).to(torch.uint8), g, perm))
 
 
+SUBGRAPH = re.compile(r"^\((\d+)/(\d+)\): Calibrating")
+
+
 @contextlib.contextmanager
-def _no_tqdm():
-    """llm-compressor draws a tqdm bar per pipeline stage; quantbridge shows its own progress."""
+def _tqdm_into(progress):
+    """llm-compressor draws a tqdm bar per pipeline stage; quantbridge shows its own progress.
+
+    Its bars stay hidden, but the sequential pipeline's "(i/N): Calibrating" stages (one per
+    decoder layer) drive quantbridge's bar, so a long calibration shows how far it is and
+    its ETA.
+    """
     from tqdm import tqdm
 
     original = tqdm.__init__
-    tqdm.__init__ = functools.partialmethod(original, disable=True)
+    seen = set()
+
+    def init(self, *args, **kwargs):
+        m = SUBGRAPH.match(str(kwargs.get("desc") or ""))
+        if m and progress is not None:
+            i, n = int(m.group(1)), int(m.group(2))
+            if not seen:
+                progress.begin(f"layer groups of {n}", n)
+            elif i not in seen:
+                progress.advance()  # the previous group is done
+            seen.add(i)
+        original(self, *args, **{**kwargs, "disable": True})
+
+    tqdm.__init__ = init
     try:
         yield
     finally:
         tqdm.__init__ = original
+        if seen and progress is not None:
+            progress.advance()  # the last group
 
 
 @contextlib.contextmanager

@@ -59,6 +59,7 @@ class Calibration:
     input_ids: torch.Tensor  # [samples, length]
     digest: str  # identifies the text and sampling, for the quantized-weights cache
     tokenizer: object = field(default=None, compare=False)  # the model's, for libraries that ask for it
+    progress: object = field(default=None, compare=False)  # begin(description, total) / advance(): rows.Progress
 
 
 class Backend:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
 from .errors import UserError
@@ -211,7 +211,8 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
         def save(comp) -> None:  # after every backend, into the staging directory an interruption keeps
             run.save(comp)
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
             comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save,
                                   isolation=isolation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -36,6 +36,19 @@ class Progress:
     def begin(self, description: str, total: int) -> None: ...
 
     def advance(self, n: int = 1) -> None: ...
+
+
+class _Labelled(Progress):
+    """A stage of a longer step: `begin("layer group", 30)` shows as "LABEL: layer group"."""
+
+    def __init__(self, inner: Progress, label: str) -> None:
+        self.inner, self.label = inner, label
+
+    def begin(self, description: str, total: int) -> None:
+        self.inner.begin(f"{self.label}: {description}", total)
+
+    def advance(self, n: int = 1) -> None:
+        self.inner.advance(n)
 
 
 def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec) -> nn.Module:
@@ -133,8 +146,10 @@ class WeightSource:
                          targets=sorted(self.linears), device=self.device.type)
         ws = qcache.load(cache_dir(), key, self.device) if self.use_cache else None
         if ws is None:
-            self.progress.begin(f"{b.name}: calibrate + quantize ({self.calib_samples}x{self.calib_len} tokens)", 1)
-            ws = b.quantize_weights(self.model, self.linears, self.spec, self._calib)
+            label = f"{b.name}: calibrate + quantize ({self.calib_samples}x{self.calib_len} tokens)"
+            self.progress.begin(label, 1)  # the library's stages, where it reports them, refine this bar
+            ws = b.quantize_weights(self.model, self.linears, self.spec,
+                                    replace(self._calib, progress=_Labelled(self.progress, label)))
             self.progress.advance()
             qcache.save(cache_dir(), key, ws)
         return ws

@@ -164,3 +164,32 @@ def test_calibration_file_errors(tiny, tmp_path):
     cal = calibration(tiny.tokenizer, 4, 64)
     assert isinstance(cal, Calibration) and cal.input_ids.shape == (4, 64) and len(cal.digest) == 16
     assert isinstance(Int4Weight, type)
+
+
+@pytest.mark.parametrize("backend", ["gptq", "awq"])
+def test_calibration_reports_its_layer_groups(tiny, backend):
+    """A calibration is a bar per decoder layer (llm-compressor's sequential stages), not one
+    opaque step: the CLI shows how far it is and its ETA."""
+    from quantbridge.rows import Progress
+
+    class Recorder(Progress):
+        def __init__(self):
+            self.events = []
+
+        def begin(self, description, total):
+            self.events.append(("begin", description, total))
+
+        def advance(self, n=1):
+            self.events.append(("advance", n))
+
+    rec = Recorder()
+    s = Settings(**{**FAST, "batches": [1]}, calib_samples=4, calib_len=32, cache=False)
+    run_comparison(tiny, [backend], s, torch.device("cpu"), torch.float32, progress=rec)
+    layers = tiny.model.config.num_hidden_layers
+    i = next(i for i, e in enumerate(rec.events) if e[0] == "begin" and "layer groups" in e[1])
+    assert rec.events[i][1].startswith(f"{backend}: calibrate + quantize (4x32 tokens): layer groups of")
+    groups = rec.events[i][2]
+    assert groups >= layers  # one stage per decoder layer (plus the head, where it is a stage)
+    after = rec.events[i + 1:]
+    end = next((j for j, e in enumerate(after) if e[0] == "begin"), len(after))
+    assert sum(e[1] for e in after[:end] if e[0] == "advance") >= groups

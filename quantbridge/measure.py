@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .instrument import L2Flush, isolated_error, propagated_error
+from .instrument import L2Flush, isolated_error, propagated_error, time_calls
 from .metrics import summarize
 from .reference import Reference
 from .results import BackendResult, LayerRecord
@@ -43,6 +43,16 @@ def time_row(qmodel: nn.Module, qlins: dict[str, nn.Module], ref: Reference, set
     return out
 
 
+def machine_probe(device: torch.device, dtype: torch.dtype, k: int, runs: int = 21) -> float:
+    """Median µs of one fixed F.linear ([1, k] by [k, k], seeded), the same work in every row."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(k, k, generator=gen).to(device, dtype)
+    xs = [torch.randn(1, k, generator=gen).to(device, dtype) for _ in range(runs + 3)]
+    with torch.inference_mode():
+        samples = time_calls(lambda x: torch.nn.functional.linear(x, w), xs, device)
+    return summarize(samples[3:]).median
+
+
 def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
     """Whole-step figures per M: step time, probes' cost, tokens/s, the time outside the linears."""
     metrics: dict = {"forward_us": {}, "forward_probed_us": {}, "probe_overhead_pct": {}, "tokens_per_s": {},
@@ -55,6 +65,10 @@ def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
             on = summarize(t.step_probed_us)
             metrics["forward_probed_us"][key] = on.to_dict()
             metrics["probe_overhead_pct"][key] = 100 * (on.median - off.median) / off.median
+            # Its spread: the probed runs' p10..p90 against the unprobed ones' p90..p10. A range
+            # that holds 0 means the probes' cost is inside the step's own run-to-run noise.
+            metrics.setdefault("probe_overhead_range_pct", {})[key] = [
+                100 * (on.p10 - off.p90) / off.median, 100 * (on.p90 - off.p10) / off.median]
         metrics["tokens_per_s"][key] = m * 1e6 / off.median
         metrics["timing"][key] = t.label
         if t.layer_us:
@@ -102,8 +116,15 @@ def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[
         return BackendResult(name=name, status="failed", reason=f"non-finite output in layer {bad[0]}",
                              kernel=kernels_label(qlins, targets))
 
+    probe_k = max(mod.in_features for mod in qlins.values())
+    probe_before = machine_probe(device, dtype, probe_k)
     timings = time_row(qmodel, qlins, ref, settings, mode, device, flush, progress, name)
     metrics = timing_metrics(timings, settings)
+    # The same fixed matmul timed just before and after this row's timing, in every row: how
+    # fast the machine ran while this row was timed (its spread across rows is the drift a
+    # shared CPU adds between rows timed minutes apart; see recommend.timing_drift).
+    metrics["machine_probe_us"] = {"before": probe_before, "after": machine_probe(device, dtype, probe_k),
+                                   "work": f"F.linear of [1, {probe_k}] by [{probe_k}, {probe_k}]"}
     metrics["eval_loss"] = out.loss.item()
     metrics["eval_ppl"] = math.exp(out.loss.item())
     metrics["eval_ppl_reference"] = math.exp(ref.loss)

@@ -26,8 +26,20 @@ def _pick(candidates: list[tuple[float, str]]) -> tuple[str, float, tuple[str, f
     return ranked[0][1], ranked[0][0], runner
 
 
+def timing_drift(comp: Comparison) -> float | None:
+    """How much the machine's speed moved between the rows' timings: max/min - 1 of the fixed
+    matmul each row timed before and after its own timing (None where rows did not record it)."""
+    probes = [v for b in comp.backends if b.status == "ok"
+              for v in (b.model_metrics.get("machine_probe_us") or {}).values() if isinstance(v, (int, float))]
+    if len(probes) < 4:  # fewer than two rows
+        return None
+    return max(probes) / min(probes) - 1
+
+
 def recommendations(comp: Comparison) -> list[dict]:
-    """One entry per question: the backend, the deciding figure, and the runner-up."""
+    """One entry per question: the backend, the deciding figure, and the runner-up. A latency
+    question whose winner leads its runner-up by less than the timing drift between rows is
+    marked undecided (`within_drift`): that difference may be the machine, not the kernel."""
     ok = [b for b in comp.backends if b.status == "ok" and b.role != "plan"]
     quant = [b for b in ok if any(r.quantized for r in b.layers)]
     ref = comp.reference()
@@ -35,26 +47,34 @@ def recommendations(comp: Comparison) -> list[dict]:
     all_m = [str(m) for m in comp.settings.get("m_values", [])]
     out = []
 
-    def add(question: str, metric: str, unit: str, cands: list[tuple[float, str]], base: float | None) -> None:
+    drift = timing_drift(comp)
+
+    def add(question: str, metric: str, unit: str, cands: list[tuple[float, str]], base: float | None,
+            timed: bool = False) -> None:
         pick = _pick(cands)
         if pick is None:
             return
         name, value, runner = pick
-        rel = f" ({value / base:.2f}× fp16)" if base else ""
-        out.append({"question": question, "backend": name, "metric": metric, "value": value, "unit": unit,
-                    "figure": f"{metric} {value:.4g} {unit}{rel}",
-                    "runner_up": None if runner is None else {"backend": runner[0], "value": runner[1]}})
+        rel = f" ({value / base:.2f}× {ref.name})" if base and ref else ""
+        entry = {"question": question, "backend": name, "metric": metric, "value": value, "unit": unit,
+                 "figure": f"{metric} {value:.4g} {unit}{rel}",
+                 "runner_up": None if runner is None else {"backend": runner[0], "value": runner[1]}}
+        if timed and drift is not None and runner is not None and value > 0 and runner[1] / value - 1 < drift:
+            entry["within_drift"] = True
+            entry["figure"] += (f"; undecided: {runner[1] / value - 1:.0%} ahead of {runner[0]}, inside the "
+                                f"{drift:.0%} the machine's speed moved between rows")
+        out.append(entry)
 
     if decode:
         m = decode[0]
         add(f"batch-{m} decode", f"Σ linear latency at M={m}", "µs",
             [(v, b.name) for b in ok if (v := layer_latency_sum(b, m)) is not None],
-            layer_latency_sum(ref, m) if ref else None)
+            layer_latency_sum(ref, m) if ref else None, timed=True)
     if all_m:
         m = all_m[-1]
         add(f"large-batch prefill (M={m})", f"Σ linear latency at M={m}", "µs",
             [(v, b.name) for b in ok if (v := layer_latency_sum(b, m)) is not None],
-            layer_latency_sum(ref, m) if ref else None)
+            layer_latency_sum(ref, m) if ref else None, timed=True)
     add("lowest error", "median isolated relative error", "",
         [(v, b.name) for b in quant if (v := median_isolated_error(b)) is not None], None)
     add("least weight memory", "weight bytes", "B", [(b.weight_bytes, b.name) for b in quant],
@@ -69,9 +89,19 @@ def recommendations(comp: Comparison) -> list[dict]:
     return out
 
 
+EPS = {"float32": 1.19e-7, "float16": 9.77e-4, "bfloat16": 7.81e-3}  # machine epsilon per compute dtype
+
+
+def rounding_floor(comp: Comparison) -> float:
+    """Values at or below this are rounding, not a layer's sensitivity: 10 ulps of the compute dtype."""
+    return 10 * EPS.get(str(comp.settings.get("dtype", "float32")), EPS["float32"])
+
+
 def sensitive_layers(comp: Comparison, top: int = 5) -> list[tuple[str, float, str, str]]:
     """The layers with the largest error across quantized backends:
-    (layer, median over backends, measure, the backend where it is worst)."""
+    (layer, median over backends, measure, the backend where it is worst). Layers whose
+    value is at rounding level (`rounding_floor`) or below, or negative, are not listed: an
+    empty list means no layer stands out."""
     key = "loss_delta" if any("loss_delta" in r.error for b in comp.backends for r in b.layers) else "rel_isolated"
     per_layer: dict[str, list[tuple[float, str]]] = {}
     for b in comp.backends:
@@ -80,5 +110,6 @@ def sensitive_layers(comp: Comparison, top: int = 5) -> list[tuple[str, float, s
         for r in b.layers:
             if r.quantized and r.error.get(key) is not None:
                 per_layer.setdefault(r.name, []).append((r.error[key], b.name))
+    floor = rounding_floor(comp)
     ranked = sorted(((statistics.median(v for v, _ in vals), n) for n, vals in per_layer.items()), reverse=True)
-    return [(n, v, key, max(per_layer[n])[1]) for v, n in ranked[:top]]
+    return [(n, v, key, max(per_layer[n])[1]) for v, n in ranked[:top] if v > floor]

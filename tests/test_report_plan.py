@@ -177,7 +177,33 @@ def test_recommendations_follow_the_numbers():
     assert recs["large-batch prefill (M=256)"]["backend"] == "fastbig"
     assert recs["lowest error"]["backend"] == "accurate" and recs["lowest error"]["runner_up"]["backend"] == "fastbig"
     assert recs["least weight memory"]["backend"] == "small"
-    assert sensitive_layers(_constructed())[0][0] == "l0"
+    assert not any(r.get("within_drift") for r in recs.values())  # no row recorded a machine probe
+    # every loss delta is 0 here: no layer is sensitive, and none is listed as if it were
+    assert sensitive_layers(_constructed()) == []
+    comp = _constructed()
+    for b in comp.backends:
+        for r in b.layers:
+            r.error["loss_delta"] = {"fast1": 0.05, "fastbig": 0.04, "accurate": 0.001, "small": 0.3}.get(b.name, 0.0)
+    assert sensitive_layers(comp) == [("l0", pytest.approx(0.045), "loss_delta", "small")]
+
+
+def test_latency_recommendation_inside_the_machine_drift_is_undecided():
+    comp = _constructed()
+    # The machine ran 30 % slower for one row than for another: fast1's 5 µs against the
+    # runner-up's 10 µs (fp16, 2x) is decided; with the runner-up at 6 µs it would not be.
+    for i, b in enumerate(comp.backends):
+        if b.status == "ok":
+            b.model_metrics["machine_probe_us"] = {"before": 10.0 + 3.0 * (i == 1), "after": 10.0}
+    from quantbridge.recommend import timing_drift
+
+    assert timing_drift(comp) == pytest.approx(0.3)
+    recs = {r["question"]: r for r in recommendations(comp)}
+    assert not recs["batch-1 decode"].get("within_drift")  # 2x is outside a 30 % drift
+    comp.backends[1].layers[0].latency_us["1"]["median"] = 5
+    comp.backends[2].layers[0].latency_us["1"]["median"] = 6  # fastbig now 20 % behind fast1
+    recs = {r["question"]: r for r in recommendations(comp)}
+    r = recs["batch-1 decode"]
+    assert r["within_drift"] and "undecided" in r["figure"] and "30%" in r["figure"]
 
 
 def test_plan_budgets_on_constructed_results():

@@ -22,6 +22,26 @@ def spec_label(spec: dict, auto: bool = False) -> str:
     return f"INT{spec.get('bits')} {group} {'sym' if spec.get('symmetric') else 'asym'}"
 
 
+def probe_overhead_label(mm: dict, m: str) -> str:
+    """The probes' cost at one M as its range (p10..p90 of probed vs unprobed steps), not a point:
+    "≈0 (−3.1…+4.0%)" when the range holds zero, else "+1.4% (+0.8…+2.1%)"."""
+    point = mm.get("probe_overhead_pct", {}).get(m)
+    rng = mm.get("probe_overhead_range_pct", {}).get(m)
+    if point is None:
+        return "—"
+    if not rng:  # results written before the range was recorded
+        return f"{point:+.1f}%"
+    lo, hi = rng
+    if lo <= 0 <= hi:
+        return f"≈0 ({lo:+.1f}…{hi:+.1f}%)"
+    return f"{point:+.1f}% ({lo:+.1f}…{hi:+.1f}%)"
+
+
+def drift_note(drift: float) -> str:
+    return (f"timing drift between rows: a fixed matmul timed in every row varied by {drift:.0%}; latency "
+            f"differences between rows smaller than that are not decided by this run")
+
+
 TIMING_NOTES = {
     "graph": "per-layer GPU time from timing events inside a CUDA graph of each whole step",
     "eager": "per-layer time inside plain forward passes",

@@ -8,15 +8,23 @@ from __future__ import annotations
 import base64
 import html
 
-from ..recommend import layer_latency_sum, median_isolated_error, recommendations, sensitive_layers
+from ..recommend import layer_latency_sum, median_isolated_error, recommendations, rounding_floor, sensitive_layers
 from ..results import Comparison
-from .common import plan_rows, spec_label, step_rows, timing_note, STEP_HEAD
+from ..recommend import timing_drift
+from .common import STEP_HEAD, drift_note, plan_rows, spec_label, step_rows, timing_note
 
 SENSITIVE_HEAD = ["layer", "value", "worst backend", "measure"]
+NO_SENSITIVE = "none: no quantized layer's error is above rounding level ({floor:.2g})"
 
 
 def _fmt(v, spec: str = ".4g") -> str:
     return "—" if v is None else format(v, spec)
+
+
+def _error_cell(b) -> float | None:
+    """The row's median isolated error; an exact 0 is a value (shown as 0), not a missing one."""
+    e = median_isolated_error(b)
+    return 0.0 if e is None and b.role == "reference" else e
 
 
 def summary_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
@@ -39,7 +47,7 @@ def summary_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
             sums.append(f"{_fmt(v, '.1f')}" + (f" ({v / base:.2f}×)" if v and base else ""))
         rows.append([
             b.name, b.status, b.timing or "", b.weights or "", b.kernel or "", _fmt(b.weight_bytes / 1e6, ".2f"),
-            _fmt(b.bits_per_weight, ".2f"), _fmt(median_isolated_error(b) or (0.0 if b.role == "reference" else None)),
+            _fmt(b.bits_per_weight, ".2f"), _fmt(_error_cell(b)),
             _fmt(mm.get("eval_ppl"), ".5g"),
             *[_fmt(mm.get("decode_tokens_per_s", {}).get(m), ".1f") for m in decode],
             *[_fmt(mm.get("prefill_latency_us"), ".1f") for _ in prefill],
@@ -101,7 +109,8 @@ def _sections(comp: Comparison) -> dict:
         "title": f"quantbridge: {comp.model.get('name')} on {comp.device.get('name')}",
         "setup": (f"{spec_label(s.get('spec', {}), s.get('group_size_auto', False))}, {s.get('dtype')} on {s.get('device')}; {timing_note(s)}; perplexity on "
                   f"{s.get('eval_tokens')} tokens ({s.get('eval_seqs')} × {s.get('eval_context', s.get('eval_len'))}"
-                  f"-token context) of {s.get('eval_source', 'the shipped held-out split')}."),
+                  f"-token context) of {s.get('eval_source', 'the shipped held-out split')}."
+                  + (f" {drift_note(d)}." if (d := timing_drift(comp)) is not None else "")),
         "summary": summary_rows(comp),
         "steps": step_rows(comp),
         "recs": [[r["question"], r["backend"], r["figure"],
@@ -109,7 +118,7 @@ def _sections(comp: Comparison) -> dict:
                  for r in recs],
         "sensitive": [[n, f"{v:.4g}", worst, "eval loss increase, this layer alone (median over backends)"
                        if k == "loss_delta" else "median isolated relative error over backends"]
-                      for n, v, k, worst in sens],
+                      for n, v, k, worst in sens] or [[NO_SENSITIVE.format(floor=rounding_floor(comp)), "", "", ""]],
         "telemetry": telemetry_rows(comp),
         "memory_note": memory_note(comp),
         "findings": comp.findings,

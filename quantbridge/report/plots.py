@@ -33,8 +33,16 @@ def _short(name: str) -> str:
     return name.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
 
 
+ROWS_PER_PANEL = 56  # layers per column of the heatmap: 8 Llama blocks of 7 linears
+
+
 def heatmap(comp: Comparison, value, title: str, cbar: str, log: bool = False) -> bytes | None:
-    """Layer × backend matrix of value(backend_result, layer_record) (None = blank)."""
+    """Layer × backend matrix of value(backend_result, layer_record) (None = blank).
+
+    A deep model's layers are split into side-by-side panels of at most ROWS_PER_PANEL rows,
+    with the backend names above and below each panel and one colour scale for all of them,
+    so the figure stays about a screen high.
+    """
     backends = [b for b in _ok(comp) if b.role != "reference"]
     if not backends:
         return None
@@ -47,16 +55,23 @@ def heatmap(comp: Comparison, value, title: str, cbar: str, log: bool = False) -
         return None
     plt = _plt()
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
     arr = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(backends), 0.9 + 0.22 * len(layers)))
-    norm = LogNorm(vmin=min(vals), vmax=max(vals)) if log and min(vals) > 0 else None
-    im = ax.imshow(arr, aspect="auto", cmap="viridis", norm=norm)
-    ax.set_xticks(range(len(backends)), [b.name for b in backends], rotation=30, ha="right")
-    ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=7)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=cbar)
+    panels = max(1, -(-len(layers) // ROWS_PER_PANEL))
+    per = -(-len(layers) // panels)
+    norm = LogNorm(vmin=min(vals), vmax=max(vals)) if log and min(vals) > 0 else Normalize(min(vals), max(vals))
+    fig, axes = plt.subplots(1, panels, figsize=(panels * (1.6 + 0.8 * len(backends)) + 1.0, 1.6 + 0.2 * per),
+                             squeeze=False, layout="constrained")  # room for each panel's layer names
+    names = [b.name for b in backends]
+    for p, ax in enumerate(axes[0]):
+        lo, hi = p * per, min(len(layers), (p + 1) * per)
+        im = ax.imshow(arr[lo:hi], aspect="auto", cmap="viridis", norm=norm)
+        ax.set_xticks(range(len(backends)), names, rotation=30, ha="right")
+        ax.tick_params(axis="x", top=True, labeltop=True)  # backend names above the panel too
+        ax.set_yticks(range(hi - lo), [_short(n) for n in layers[lo:hi]], fontsize=7)
+    fig.suptitle(title)
+    fig.colorbar(im, ax=list(axes[0]), label=cbar, shrink=0.6)
     return _png(fig)
 
 

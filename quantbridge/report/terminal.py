@@ -7,8 +7,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..recommend import layer_latency_sum as _layer_sum
+from ..recommend import timing_drift
 from ..results import Comparison
-from .common import STEP_HEAD, plan_rows, spec_label, step_rows, timing_note
+from .common import STEP_HEAD, drift_note, plan_rows, probe_overhead_label, spec_label, step_rows, timing_note
 
 
 
@@ -35,11 +36,12 @@ def summary_table(comp: Comparison) -> Table:
             t.add_row(b.name, f"[red]{b.status}[/red]", "", "", escape(b.reason or ""), *[""] * 5)
             continue
         overhead = b.model_metrics.get("probe_overhead_pct", {})
+        mm = b.model_metrics
         t.add_row(
             b.name, "ok", escape(b.timing or ""), escape(b.weights or ""), escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
             _fmt(_median([layer.error.get("rel_isolated") for layer in b.layers if layer.quantized] or [0.0])),
             _fmt(b.model_metrics.get("eval_ppl"), ".1f"),
-            " / ".join(f"{overhead[m]:+.1f}%" for m in ms if m in overhead),
+            " / ".join(probe_overhead_label(mm, m) for m in ms if m in overhead),
         )
     return t
 
@@ -117,8 +119,11 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
     s = comp.settings
     console.print(
         f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}), s.get('group_size_auto', False))}; "
-        f"probe overhead per M = whole step with probes on vs off[/dim]"
+        f"probe overhead per M = whole step with probes on vs off (p10…p90 range)[/dim]"
     )
+    drift = timing_drift(comp)
+    if drift is not None:
+        console.print(f"[dim]{drift_note(drift)}[/dim]")
     if plan_rows(comp):
         for quantity, pred, meas, diff in plan_rows(comp):
             console.print(f"plan {quantity}: predicted {pred}, measured {meas} ({diff})")

@@ -159,6 +159,8 @@ def _quiet() -> None:
     except ImportError:
         pass
     logging.getLogger("llmcompressor").setLevel(logging.WARNING)
+    # Its sequential pipeline traces the model with torch.fx, which warns about its own API once per trace.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def ignored(model: nn.Module, linears: dict[str, nn.Linear]) -> list[str]:

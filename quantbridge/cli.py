@@ -111,8 +111,13 @@ def cli() -> None:
                    "running those weights through exactly that kernel (see `quantbridge env` for kernels).")
 @click.option("--calib", "calib_file", default=None, type=click.Path(dir_okay=False),
               help="Calibration text file for gptq/awq (default: the shipped text's calibration split).")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration sequences.")
-@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per calibration sequence.")
+@click.option("--calib-samples", default=None, type=click.IntRange(min=1),
+              help="Calibration sequences for GPTQ/AWQ [default: 128 on a GPU, 16 on a CPU].")
+@click.option("--calib-len", default=None, type=click.IntRange(min=2),
+              help="Tokens per calibration sequence [default: 512 on a GPU, 256 on a CPU].")
+@click.option("--full-calibration", is_flag=True,
+              help="128 x 512 calibration tokens on any device (on a CPU: about an hour for GPTQ+AWQ on demo; "
+                   "docs/calibration.md gives what the smaller CPU default costs in perplexity).")
 @click.option("--no-cache", is_flag=True, help="Re-quantize gptq/awq even if an earlier run cached these weights.")
 @click.option("--eval-text", default=None, type=click.Path(dir_okay=False),
               help="Text file for perplexity and error (default: the shipped held-out split).")
@@ -145,7 +150,8 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Let a backend's exception propagate with its traceback (rows then run "
                                             "in this process).")
 def compare(model: str, backends: str, batches: list[int], prefill: int, group_size: str, symmetric: bool,
-            act_order: bool, weights: str | None, kernels_csv: str | None, calib_file: str | None, calib_samples: int, calib_len: int,
+            act_order: bool, weights: str | None, kernels_csv: str | None, calib_file: str | None,
+            calib_samples: int | None, calib_len: int | None, full_calibration: bool,
             no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
             runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
             out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, isolation: str, debug: bool) -> None:
@@ -177,7 +183,8 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     spec = QuantSpec(group_size=parse_group_size(group_size), symmetric=symmetric, act_order=act_order)
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
-                        calib_samples=calib_samples, calib_len=calib_len, calib_file=calib_file, weights=weights,
+                        calib_samples=calib_samples, calib_len=calib_len, full_calibration=full_calibration,
+                        calib_file=calib_file, weights=weights,
                         cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode,
                         kernels=parse_kernels(kernels_csv) if kernels_csv else None)
     run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
@@ -206,7 +213,7 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     try:
         with console.status(f"loading {model}"):
             loaded = load_model(model, dev, dt)
-        _preflight_inputs(loaded, names, settings)
+        _preflight_inputs(loaded, names, settings, dev)
 
         def save(comp) -> None:  # after every backend, into the staging directory an interruption keeps
             run.save(comp)
@@ -239,7 +246,7 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     return comp
 
 
-def _preflight_inputs(loaded, names: list[str], settings) -> None:
+def _preflight_inputs(loaded, names: list[str], settings, device) -> None:
     """The checks that need the tokenizer, before the reference run."""
     from . import backend as registry
     from . import preflight
@@ -248,7 +255,7 @@ def _preflight_inputs(loaded, names: list[str], settings) -> None:
     tok = loaded.tokenizer
     calibrating = [n for n in [*names, settings.weights] if n and registry.get(n).needs_calibration]
     if calibrating and loaded.int4 is None:  # a checkpoint's weights need no calibration
-        preflight.check_calibration(tok, settings.calib_file, settings.calib_len)
+        preflight.check_calibration(tok, settings.calib_file, settings.calibration(device)[1])
 
 
 def _render_report(comp, kind: str = "html") -> str:
@@ -466,15 +473,18 @@ quantization_config; AWQ cannot hold act-order, GPTQ v1 cannot hold a zero-point
 @click.option("--act-order", is_flag=True, help="GPTQ act-order (g_idx); not for awq.")
 @click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of linears kept in float.")
 @click.option("--calib", "calib_file", default=None, type=click.Path(dir_okay=False), help="Calibration text for gptq/awq.")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--calib-samples", default=None, type=click.IntRange(min=1), help="[default: 128 on a GPU, 16 on a CPU]")
+@click.option("--calib-len", default=None, type=click.IntRange(min=2), help="[default: 512 on a GPU, 256 on a CPU]")
+@click.option("--full-calibration", is_flag=True, help="128 x 512 calibration tokens on any device.")
 @click.option("--device", default="auto", show_default=True, help="Where gptq/awq calibrate: auto, cpu, cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symmetric: bool, act_order: bool,
-            skip: str, calib_file: str | None, calib_samples: int, calib_len: int, device: str, overwrite: bool) -> None:
+            skip: str, calib_file: str | None, calib_samples: int | None, calib_len: int | None, full_calibration: bool,
+            device: str, overwrite: bool) -> None:
     """Write SRC as an INT4 checkpoint in another layout (lossless between INT4 layouts)."""
     from .convert import convert as run
     from .hardware import resolve_device
+    from .settings import calibration_size
     from .spec import QuantSpec, parse_group_size
     from .workloads import calibration
 
@@ -487,10 +497,11 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symme
         click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)
     spec = QuantSpec(group_size=parse_group_size(group_size), symmetric=symmetric, act_order=act_order)
     dev = resolve_device(device)
+    samples, length, _ = calibration_size(calib_samples, calib_len, dev, full_calibration)
     with Console(stderr=True).status(f"converting {src} to {to}"):
         summary = run(src, to, out_dir, method=method, spec=spec, skip=skip, device=dev,
                       dtype=torch_dtype_for(dev), overwrite=overwrite,
-                      calib_factory=lambda tok: calibration(tok, calib_samples, calib_len, calib_file))
+                      calib_factory=lambda tok: calibration(tok, samples, length, calib_file))
     click.echo(f"wrote {summary['out']}: {summary['layers']} layers as {summary['format']}, {summary['how']}, "
                f"{summary['bytes'] / 1e6:.2f} MB")
 

@@ -131,7 +131,8 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     comp = Comparison(
         model=loaded.info,
         device=device_info(device),
-        settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "group_size_auto": settings.spec.auto, "mode": mode, "device": str(device),
+        settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "group_size_auto": settings.spec.auto,
+                  "calibration": dict(zip(("samples", "length", "chosen"), settings.calibration(device))), "mode": mode, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
                   "decode_m": sorted(set(settings.batches)),
@@ -277,10 +278,11 @@ def _isolation(requested: str, loaded: LoadedModel, settings: Settings) -> tuple
 def _weight_source(loaded: LoadedModel, rows: Rows, settings: Settings, device: torch.device, dtype: torch.dtype,
                    progress: Progress) -> WeightSource:
     linears = linear_layers(loaded.model)
+    samples, length, _ = settings.calibration(device)
     return WeightSource(
         model=loaded.model, linears={n: linears[n] for n in sorted(rows.targets)}, spec=rows.spec,
         model_key=loaded.info.get("hash") or loaded.name, tokenizer=loaded.tokenizer, device=device, dtype=dtype,
-        calib_samples=settings.calib_samples, calib_len=settings.calib_len, calib_file=settings.calib_file,
+        calib_samples=samples, calib_len=length, calib_file=settings.calib_file,
         seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress)
 
 

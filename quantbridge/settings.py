@@ -15,6 +15,22 @@ from .spec import QuantSpec
 #   compile  torch.compile(mode="reduce-overhead"): whole-step time only
 TIMING_MODES = ("auto", "graph", "eager", "compile")
 
+# Calibration (GPTQ, AWQ) sequences x tokens. The full size is what llm-compressor's examples
+# use; on a CPU it takes an hour for SmolLM2-135M, so CPU runs default to a smaller one whose
+# cost in perplexity is measured in docs/calibration.md. --full-calibration asks for the full size.
+CALIB_FULL = (128, 512)
+CALIB_CPU = (16, 256)
+
+
+def calibration_size(samples: int | None, length: int | None, device: torch.device,
+                     full: bool = False) -> tuple[int, int, str]:
+    """(samples, length, why): what was asked, else the full size on a GPU or with `full`, else the CPU size."""
+    default, why = (CALIB_FULL, "full") if full or device.type == "cuda" else (CALIB_CPU, "CPU default")
+    if samples is not None and length is not None:
+        return samples, length, "as given"
+    return (samples or default[0], length or default[1],
+            why if samples is None and length is None else f"as given, else the {why}")
+
 
 @dataclass
 class Settings:
@@ -28,8 +44,9 @@ class Settings:
     skip: str = r"(^|\.)lm_head$"  # layers kept unquantized (regex on the module path)
     seed: int = 0
     skip_unavailable: bool = False
-    calib_samples: int = 128
-    calib_len: int = 512
+    calib_samples: int | None = None  # None: calibration_size's default for the device
+    calib_len: int | None = None
+    full_calibration: bool = False  # the full size (CALIB_FULL) on any device
     calib_file: str | None = None
     weights: str | None = None  # run this backend's weights through every kernel
     kernels: list[str] | None = None  # with shared weights: one more row per kernel, exactly that kernel
@@ -45,7 +62,7 @@ class Settings:
             raise UserError(f"--runs {self.runs} is too few for a median with p10/p90; use at least 5 (20 is the default)")
         if any(m < 1 for m in self.batches) or self.prefill < 0:
             raise UserError("--batch values must be >= 1 and --prefill >= 0")
-        if self.calib_samples < 1 or self.calib_len < 2:
+        if (self.calib_samples is not None and self.calib_samples < 1) or (self.calib_len is not None and self.calib_len < 2):
             raise UserError("--calib-samples must be >= 1 and --calib-len >= 2")
         if self.mode not in TIMING_MODES:
             raise UserError(f"--mode {self.mode!r} is not one of {', '.join(TIMING_MODES)}")
@@ -54,6 +71,9 @@ class Settings:
     def m_values(self) -> list[int]:
         ms = sorted(set(self.batches))
         return ms + ([self.prefill] if self.prefill and self.prefill not in ms else [])
+
+    def calibration(self, device: torch.device) -> tuple[int, int, str]:
+        return calibration_size(self.calib_samples, self.calib_len, device, self.full_calibration)
 
     def is_prefill(self, m: int) -> bool:
         return m == self.prefill and m not in self.batches

@@ -281,3 +281,15 @@ def test_cli_exits_non_zero_when_every_requested_row_failed(tmp_path):
     assert r.exit_code == 1, r.output
     assert "every requested row failed" in r.output and "kernel exploded" in r.output
     assert (tmp_path / "run" / "results.json").is_file()  # what ran is still written
+
+
+def test_calibration_size_defaults_per_device():
+    from quantbridge.settings import CALIB_CPU, CALIB_FULL, calibration_size
+
+    gpu = torch.device("cuda")
+    assert calibration_size(None, None, CPU) == (*CALIB_CPU, "CPU default")
+    assert calibration_size(None, None, gpu) == (*CALIB_FULL, "full")
+    assert calibration_size(None, None, CPU, full=True) == (*CALIB_FULL, "full")
+    assert calibration_size(8, 64, CPU, full=True) == (8, 64, "as given")
+    assert calibration_size(8, None, CPU) == (8, CALIB_CPU[1], "as given, else the CPU default")
+    assert Settings(calib_samples=4).calibration(CPU)[:2] == (4, CALIB_CPU[1])

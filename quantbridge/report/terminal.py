@@ -121,6 +121,10 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
         f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}), s.get('group_size_auto', False))}; "
         f"probe overhead per M = whole step with probes on vs off (p10…p90 range)[/dim]"
     )
+    cal = s.get("calibration")
+    if cal:
+        console.print(f"[dim]calibration for calibrated quantizers: {cal['samples']} x {cal['length']} tokens "
+                      f"({cal['chosen']}; --full-calibration for 128 x 512)[/dim]")
     drift = timing_drift(comp)
     if drift is not None:
         console.print(f"[dim]{drift_note(drift)}[/dim]")

@@ -37,9 +37,11 @@ class NativeLinear(QuantLinear):
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
         self.register_buffer("perm", weight.perm)
+        self.register_buffer("offsets", weight.offsets)  # float offsets (GGUF): the reference kernel only
         self.group_size = weight.group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._impl = int4_reference if self.reference_only else _kernel_for(weight.qweight.device, weight.scales.dtype)
+        self._impl = (int4_reference if self.reference_only or weight.offsets is not None
+                      else _kernel_for(weight.qweight.device, weight.scales.dtype))
         self.kernel = self._impl.KERNEL_NAME
         self._retired: list = []
         self._bind()
@@ -54,7 +56,7 @@ class NativeLinear(QuantLinear):
 
     def _tensor_key(self) -> tuple:
         return tuple((t.data_ptr(), t.dtype, t.device) if t is not None else None
-                     for t in (self.qweight, self.scales, self.zeros, self.perm, self.bias))
+                     for t in (self.qweight, self.scales, self.zeros, self.perm, self.offsets, self.bias))
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() may replace the buffers, which the bound launch holds. Rebind
@@ -62,7 +64,7 @@ class NativeLinear(QuantLinear):
         # launch's split-K counters, and a no-op .to() must not free them.
         out = super()._apply(fn, *args, **kwargs)
         if self._tensor_key() != self._bound_to:
-            if not self.reference_only:
+            if not self.reference_only and self.offsets is None:
                 self._impl = _kernel_for(self.qweight.device, self.scales.dtype)
                 self.kernel = self._impl.KERNEL_NAME
             self._retired.append(self._bound)  # graphs captured with it may still replay
@@ -71,7 +73,7 @@ class NativeLinear(QuantLinear):
 
     @property
     def packed(self) -> Int4Weight:
-        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
+        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm, offsets=self.offsets)
 
     @property
     def weight_nbytes(self) -> int:
@@ -123,6 +125,7 @@ class TritonKernel(Kernel):
 class ReferenceKernel(Kernel):
     name = "reference"
     description = "torch reference: unpack, dequantize, matmul (any device and dtype; the ground truth)"
+    takes_offsets = True
 
     def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
         return PinnedReferenceLinear(weight, bias)

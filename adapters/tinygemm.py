@@ -1,7 +1,8 @@
 """tinygemm: torch's built-in INT4 kernel (aten._weight_int4pack_mm), CUDA and bf16 only.
 
 It takes our round-to-nearest weights, re-packed into tinygemm's tiled layout; its
-zero-point is a float offset: w = (q - 8) * s + zero, so zero = (8 - z) * s.
+zero-point is a float offset: w = (q - 8) * s + zero, so zero = (8 - z) * s, and for weights
+with float offsets (GGUF Q4_1/Q4_K, w = q * s + m) zero = m + 8 * s. Both are rounded to bf16.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def to_tinygemm(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     packed = (q[:, 0::2] << 4) | q[:, 1::2]  # tinygemm's input: high nibble = even column
     packed = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), INNER_K_TILES)
     s = w.scales.to(torch.float32)
-    zero = (8 - w.zeros.to(torch.float32)) * s
+    zero = (8 - w.zeros.to(torch.float32)) * s if w.offsets is None else w.offsets.to(torch.float32) + 8 * s
     sz = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, sz
 
@@ -74,6 +75,7 @@ class TinygemmLinear(QuantLinear):
 class TinygemmKernel(Kernel):
     name = "tinygemm"
     description = "torch's tinygemm INT4 kernel (aten._weight_int4pack_mm), bf16 activations"
+    takes_offsets = True  # its zero-point is a float already
 
     def available(self, device: torch.device) -> Availability:
         if device.type != "cuda":

@@ -134,7 +134,7 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
 
 def _cast_scales(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
     """Scales in the compute dtype, as kernels take them (exact for fp16 -> fp32; fp16 -> bf16 rounds)."""
-    return Int4Weight(w.qweight, w.scales.to(dtype), w.zeros, w.group_size, w.perm)
+    return Int4Weight(w.qweight, w.scales.to(dtype), w.zeros, w.group_size, w.perm, offsets=w.offsets)
 
 
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")

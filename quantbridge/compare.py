@@ -131,8 +131,10 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     comp = Comparison(
         model=loaded.info,
         device=device_info(device),
-        settings={**settings.to_dict(), "spec": rows.spec.to_dict(), "group_size_auto": settings.spec.auto,
-                  "calibration": dict(zip(("samples", "length", "chosen"), settings.calibration(device))), "mode": mode, "device": str(device),
+        settings={**settings.to_dict(), "spec": rows.spec.to_dict(),
+                  "group_size_auto": settings.spec.auto and loaded.int4 is None,
+                  **({"calibration": dict(zip(("samples", "length", "chosen"), settings.calibration(device)))}
+                     if _calibrates(rows, settings, loaded) else {}), "mode": mode, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
                   "decode_m": sorted(set(settings.batches)),
@@ -383,6 +385,14 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _calibrates(rows: Rows, settings: Settings, loaded: LoadedModel) -> bool:
+    """Whether any row's weights come from a calibrating quantizer (not from a checkpoint)."""
+    if loaded.int4 is not None:
+        return False
+    names = [rows.shared] if rows.shared else rows.names + list((settings.plan or {}).get("backends", []))
+    return any(registry.get(n).needs_calibration for n in names if n in registry.names())
 
 
 def verdict(comp: Comparison) -> str | None:

@@ -14,13 +14,9 @@ without importing the package.
 
 from __future__ import annotations
 
-import os
-import shutil
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
-
-import torch
 
 from .cachedir import cache_dir
 from .errors import UserError
@@ -54,36 +50,12 @@ def package_version() -> str | None:
 
 def demo_path() -> Path:
     """The demo model as a Hugging Face directory in the cache, converted on first use (atomically)."""
+    from .ggufmodel import to_hf_dir
+
     path = cache_dir() / f"smollm2-135m-instruct-q4_1-v{VERSION}"
     if (path / "config.json").exists():
         return path
     src = gguf_path()
     if find_spec("gguf") is None:
         raise UserError("reading the demo's GGUF file needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # the GGUF marker that makes transformers refuse to save
-        del config.quantization_config
-    plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.config.quantbridge_source = {"package": PACKAGE, "version": package_version(), "file": GGUF_FILE,
-                                       "note": "GGUF weights dequantized to float32 by the gguf package"}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return to_hf_dir(src, path, {"package": PACKAGE, "version": package_version()})

@@ -21,12 +21,17 @@ from .packed import Int4Weight
 from .registry import Registry
 
 OK = Availability(True, "")
+NO_OFFSETS = ("its layout has integer zero-points only; these weights have a float offset per group "
+              "(GGUF Q4_1/Q4_K: w = q*s + m)")
 
 
 class Kernel:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
+    # Whether it runs weights with float offsets per group (w = q * s + m: GGUF Q4_1, Q4_K) as
+    # well as integer zero-points; the chooser passes over those that do not.
+    takes_offsets: ClassVar[bool] = False
 
     def available(self, device: torch.device) -> Availability:
         """Whether the kernel's library and device kind are here at all (library and version when so)."""
@@ -64,6 +69,9 @@ def choose(names: Sequence[str], weight: Int4Weight, device: torch.device, dtype
     rejected = []
     for name in names:
         k = get_kernel(name)
+        if weight.offsets is not None and not k.takes_offsets:
+            rejected.append((name, NO_OFFSETS))
+            continue
         for check in (k.available(device), k.can_implement(weight, device, dtype)):
             if not check.ok:
                 rejected.append((name, check.reason))

@@ -15,6 +15,7 @@ from .errors import UserError
 from .workloads import shipped_text
 
 DEMO_NAME = demo.NAME  # the default: a real trained model
+DEMO_GGUF_NAME = "demo-gguf"  # the demo with the GGUF's own Q4_1 codes as every row's weights
 TINY_NAME = "tiny"  # a small seeded random Llama: seconds to load, for fast runs and tests
 TINY_VERSION = 1  # bump when tiny's config, seed or tokenizer recipe changes
 TINY_CONFIG = dict(
@@ -46,6 +47,7 @@ SEEDED = {
 
 
 from .cachedir import cache_dir
+from .ggufmodel import is_gguf
 from .loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
 from .modeldir import _first_line, check_local_model
 
@@ -175,15 +177,19 @@ def _hub_source(spec: str) -> tuple[str, bool]:
 
 def _refuse_gguf(spec: str) -> None:
     p = Path(spec).expanduser()
-    if p.is_file():
-        with open(p, "rb") as f:
-            gguf = f.read(4) == b"GGUF"
-        if gguf or p.suffix.lower() == ".gguf":
-            raise UserError(f"{spec} is a GGUF file; quantbridge cannot read GGUF yet: pass a Hugging Face "
-                            f"safetensors model directory")
-    elif p.suffix.lower() == ".gguf":
-        raise UserError(f"model path {spec!r} does not exist (and GGUF files are not supported yet); "
-                        f"pass a model directory, a hub id, 'demo' or 'tiny'")
+    if p.is_file() and p.suffix.lower() == ".gguf":  # named .gguf but without the GGUF magic
+        raise UserError(f"{spec} is not a GGUF file (it does not start with 'GGUF'); is it truncated?")
+    if not p.exists() and p.suffix.lower() == ".gguf":
+        raise UserError(f"GGUF file {spec!r} does not exist")
+
+
+def _load_gguf(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A GGUF file (or `demo-gguf`, the demo's own file): the float reference and the file's INT4 codes."""
+    from .ggufmodel import load_gguf
+
+    if spec == DEMO_GGUF_NAME:
+        return load_gguf(demo.gguf_path(), device, dtype, DEMO_GGUF_NAME, hf_dir=demo.demo_path())
+    return load_gguf(Path(spec).expanduser(), device, dtype, spec)
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -196,7 +202,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
 
     loaded = _load(spec, device, dtype)
     local = Path(spec).expanduser()
-    where = str(local.resolve()) if spec not in (*SEEDED, DEMO_NAME, TINY_NAME) and local.is_dir() else spec
+    named = (*SEEDED, DEMO_NAME, DEMO_GGUF_NAME, TINY_NAME)
+    where = str(local.resolve()) if spec not in named and (local.is_dir() or local.is_file()) else spec
     loaded.origin = ModelOrigin(where, str(device), str(dtype).removeprefix("torch."))
     return loaded
 
@@ -206,6 +213,8 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
 
     if spec in SEEDED:
         return _load_seeded(spec, device, dtype)
+    if spec == DEMO_GGUF_NAME or is_gguf(Path(spec).expanduser()):
+        return _load_gguf(spec, device, dtype)
     local_only = False
     if spec == DEMO_NAME:
         path, source = demo.demo_path(), DEMO_NAME

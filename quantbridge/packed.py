@@ -5,6 +5,9 @@ Layout (for a linear layer with weight W of shape [N, K]):
   scales   [N, K/g]         in the compute dtype
   zeros    uint8 [N, K/g]   integer zero-points in [0, 15]; w = (q - z) * s (symmetric: z = 8)
   perm     int64 [K] | None act-order: column j of qweight is input feature perm[j]
+  offsets  float32 [N, K/g] | None  a float offset per group instead: w = q * s + offset (GGUF
+           Q4_1 and Q4_K store weights so; integer zero-points cannot hold them, so only the
+           kernels marked `takes_offsets` run such weights, and zeros are then unused)
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ class Int4Weight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this weight occupies as stored (codes, scales, zero-points, permutation)."""
-        tensors = [self.qweight, self.scales, self.zeros] + ([self.perm] if self.perm is not None else [])
+        """Bytes this weight occupies as stored (codes, scales, zero-points or offsets, permutation)."""
+        tensors = [self.qweight, self.scales, self.zeros if self.offsets is None else self.offsets]
+        tensors += [self.perm] if self.perm is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def codes(self) -> torch.Tensor:
@@ -62,8 +66,10 @@ class Int4Weight:
     def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] weight with columns in storage order (what a kernel multiplies x[:, perm] by)."""
         q = self.codes().to(torch.float32)
-        z = self.zeros.to(torch.float32).repeat_interleave(self.group_size, dim=1)
         s = self.scales.to(torch.float32).repeat_interleave(self.group_size, dim=1)
+        if self.offsets is not None:  # q * s + m, in this order: GGUF's own float32 arithmetic, bit for bit
+            return (q * s + self.offsets.to(torch.float32).repeat_interleave(self.group_size, dim=1)).to(dtype)
+        z = self.zeros.to(torch.float32).repeat_interleave(self.group_size, dim=1)
         return ((q - z) * s).to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,6 +85,7 @@ class Int4Weight:
     # y = (W' (x / in_scale)) / out_scale with W' this weight; None = plain weight.
     in_scale: torch.Tensor | None = None  # [K], input-column order
     out_scale: torch.Tensor | None = None  # [N]
+    offsets: torch.Tensor | None = None  # [N, K/g] float: see the module docstring
 
     @property
     def smoothed(self) -> bool:
@@ -86,12 +93,12 @@ class Int4Weight:
 
     def plain(self) -> "Int4Weight":
         """The INT4 weight without its smoothing factors (what a checkpoint's layer stores)."""
-        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
+        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm, offsets=self.offsets)
 
     def to(self, device: torch.device | str) -> "Int4Weight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Int4Weight(move(self.qweight), move(self.scales), move(self.zeros), self.group_size, move(self.perm),
-                          move(self.in_scale), move(self.out_scale))
+                          move(self.in_scale), move(self.out_scale), move(self.offsets))
 
 
 def quantize_rtn(

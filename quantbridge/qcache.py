@@ -15,7 +15,7 @@ import torch
 
 from .packed import Int4Weight
 
-_FIELDS = ("qweight", "scales", "zeros", "perm", "in_scale", "out_scale")
+_FIELDS = ("qweight", "scales", "zeros", "perm", "in_scale", "out_scale", "offsets")
 
 
 def key(**parts) -> str:

@@ -46,6 +46,14 @@ _CODECS: dict[str, Codec] = {}
 _MODULES = ("native", "gptq", "awq", "compressed_tensors")
 
 
+def require_integer_zeros(w, fmt: str) -> None:
+    """Every INT4 checkpoint layout stores integer zero-points: a weight with float offsets
+    (GGUF Q4_1/Q4_K) cannot be written to one without changing its values."""
+    if getattr(w, "offsets", None) is not None:
+        raise ValueError(f"{fmt} stores integer zero-points; these weights have a float offset per group "
+                         "(GGUF Q4_1/Q4_K: w = q*s + m), which it cannot hold exactly")
+
+
 def register(cls: type[Codec]) -> type[Codec]:
     _CODECS[cls.name] = cls()
     return cls

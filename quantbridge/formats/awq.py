@@ -13,7 +13,7 @@ import torch
 
 from ..packed import Int4Weight, pack_int4
 from ..spec import QuantSpec
-from . import Codec, register
+from . import Codec, register, require_integer_zeros
 from .int32pack import pack_nibbles, unpack_nibbles
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -25,6 +25,7 @@ class AWQCodec(Codec):
     suffixes = ("qweight", "qzeros", "scales")
 
     def encode(self, w: Int4Weight) -> dict[str, torch.Tensor]:
+        require_integer_zeros(w, "AWQ")
         if w.perm is not None:
             raise ValueError("AWQ checkpoints cannot hold act-order (a column permutation); "
                              "convert to gptq or compressed-tensors instead")

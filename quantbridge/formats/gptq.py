@@ -14,7 +14,7 @@ import torch
 
 from ..packed import Int4Weight, pack_int4
 from ..spec import QuantSpec
-from . import Codec, register
+from . import Codec, register, require_integer_zeros
 from .int32pack import (check_canonical_perm, g_idx_from_perm, pack_nibbles, perm_from_g_idx, to_input_order,
                         unpack_nibbles)
 
@@ -32,6 +32,7 @@ class GPTQCodec(Codec):
         self.checkpoint_format = checkpoint_format
 
     def encode(self, w: Int4Weight) -> dict[str, torch.Tensor]:
+        require_integer_zeros(w, "GPTQ")
         n, k = w.out_features, w.in_features
         check_canonical_perm(w.perm, w.group_size)
         offset = _zero_offset({"checkpoint_format": self.checkpoint_format})

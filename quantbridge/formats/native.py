@@ -1,4 +1,8 @@
-"""quantbridge's own checkpoint layout: the canonical Int4Weight tensors as they are."""
+"""quantbridge's own checkpoint layout: the canonical Int4Weight tensors as they are.
+
+It is the one layout that also holds float offsets per group (`offsets`, GGUF Q4_1/Q4_K),
+so a GGUF model converts to it without changing a value.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,19 @@ FORMAT_VERSION = 1
 @register
 class NativeCodec(Codec):
     name = "native"
-    suffixes = ("qweight", "scales", "zeros", "perm")
+    suffixes = ("qweight", "scales", "zeros", "perm", "offsets")
 
     def encode(self, w: Int4Weight) -> dict[str, torch.Tensor]:
         out = {"qweight": w.qweight, "scales": w.scales, "zeros": w.zeros}
         if w.perm is not None:
             out["perm"] = w.perm
+        if w.offsets is not None:
+            out["offsets"] = w.offsets
         return out
 
     def decode(self, t: dict[str, torch.Tensor], qcfg: dict) -> Int4Weight:
         g = t["qweight"].shape[1] * 2 // t["scales"].shape[1]
-        return Int4Weight(t["qweight"], t["scales"], t["zeros"], g, t.get("perm"))
+        return Int4Weight(t["qweight"], t["scales"], t["zeros"], g, t.get("perm"), offsets=t.get("offsets"))
 
     def quantization_config(self, spec: QuantSpec, skipped: list[str]) -> dict:
         return {"quant_method": "quantbridge", "format_version": FORMAT_VERSION, "bits": 4,

@@ -12,7 +12,8 @@ from . import backend as registry
 from . import formats, resolve
 from .checkpoint import is_quantized, read_int4, save_quantized, spec_of
 from .errors import UserError
-from .models import load_model, linear_layers
+from .ggufmodel import is_gguf
+from .models import DEMO_GGUF_NAME, load_model, linear_layers
 from .spec import QuantSpec
 
 
@@ -31,7 +32,19 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
     check_skip(skip)
     device = device or torch.device("cpu")
     src_path = Path(src).expanduser()
-    if src_path.is_dir() and (src_path / "config.json").exists() and is_quantized(src_path):
+    if src == DEMO_GGUF_NAME or is_gguf(src_path):
+        # A GGUF's own codes, decoded exactly; a layout with integer zero-points refuses Q4_1/Q4_K.
+        loaded = load_model(src, torch.device("cpu"), torch.float32)
+        weights = {n: w.to("cpu") for n, w in loaded.int4.items()}
+        for w in weights.values():
+            try:
+                codec.encode(w)
+            except ValueError as e:
+                raise UserError(f"cannot write {src} as {to} without changing its weights: {e}; "
+                                "--to native holds them exactly") from None
+            break
+        model, spec, how = loaded.model, spec_of(weights), f"decoded from {loaded.info['checkpoint']['format']}"
+    elif src_path.is_dir() and (src_path / "config.json").exists() and is_quantized(src_path):
         _, _, weights, rest = read_int4(src_path)
         stored = next((t.dtype for t in rest.values() if t.is_floating_point()), torch.float16)
         loaded = load_model(str(src_path), torch.device("cpu"), stored)  # plain tensors in their stored dtype

@@ -117,3 +117,22 @@ def test_the_shipped_gguf_through_native_and_reference_kernels(tmp_path):
         assert len(errs) == 210 and max(errs) <= 1e-5, max(errs)
     assert rows["checkpoint+awq-layout"].status == "unavailable"
     assert "float offset" in rows["checkpoint+awq-layout"].reason
+
+
+@NEEDS_DEMO
+def test_convert_gguf_to_native_is_exact_and_gptq_refuses(tmp_path):
+    from click.testing import CliRunner
+
+    from quantbridge.checkpoint import read_int4
+    from quantbridge.cli import cli
+    from quantbridge.models import load_model
+
+    r = CliRunner().invoke(cli, ["convert", "demo-gguf", "--to", "gptq", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "float offset per group" in r.output and "--to native" in r.output
+    r = CliRunner().invoke(cli, ["convert", "demo-gguf", "--to", "native", str(tmp_path / "n")])
+    assert r.exit_code == 0, r.output
+    _, _, written, _ = read_int4(tmp_path / "n")
+    src = load_model("demo-gguf", torch.device("cpu"), torch.float32).int4
+    assert set(written) == set(src)
+    for n, w in written.items():
+        assert torch.equal(w.dequantize(), src[n].dequantize()), n

@@ -98,6 +98,12 @@ class Backend:
         return bool(q and q.needs_calibration)
 
     @property
+    def whole_model(self) -> bool:
+        """Its weights are made for the whole model at once (calibrated, or read from the model's file)."""
+        q = self._quantizer()
+        return bool(q and (q.needs_calibration or getattr(q, "reads_model", False)))
+
+    @property
     def weights_label(self) -> str:
         q = self._quantizer()
         return (q.algorithm or q.name) if q else (self.algorithm or self.name)
@@ -175,7 +181,7 @@ class Backend:
         return bool(cls.kernels) or cls.from_int4 is not Backend.from_int4
 
 
-_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq", "exllamav2", "gemlite", "autoawq", "gptqmodel")  # modules under quantbridge.adapters
+_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq", "exllamav2", "gemlite", "autoawq", "gptqmodel", "gguf")  # modules under quantbridge.adapters
 _loaded = False
 
 

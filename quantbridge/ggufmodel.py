@@ -62,7 +62,7 @@ def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
         del config.quantization_config
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    plain.config.quantbridge_source = {"gguf": src.name, **(note or {}),
+    plain.config.quantbridge_source = {"gguf": src.name, "path": str(src.resolve()), **(note or {}),
                                        "note": "GGUF weights dequantized to float32 by the gguf package"}
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,8 +114,6 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
               note: dict | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import _cast_scales
-
     from transformers.utils import logging as hf_logging
 
     hf_dir = to_hf_dir(src, hf_dir or cache_dir() / f"gguf-{_file_key(src)}", note)
@@ -130,7 +128,7 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
         if not torch.equal(w.dequantize(dtype), lins[n].weight.data):
             raise UserError(f"{src}: {n} read from the GGUF file does not match the loaded model's weight; "
                             "this GGUF layout is not one quantbridge maps exactly")
-        weights[n] = _cast_scales(w, dtype).to(device)
+        weights[n] = w.to(device)  # scales as stored: see adapters/gguf.py
     model.to(device).eval()
     info = {"name": name, "source": str(src.resolve()), "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),

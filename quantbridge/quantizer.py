@@ -24,6 +24,7 @@ class Quantizer:
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    reads_model: ClassVar[bool] = False  # its codes come from the model's own files (GGUF), whole-model, uncached
     baseline: ClassVar[bool] = False  # the plain quantizer that calibrated ones are compared with (findings)
 
     def available(self, device: torch.device) -> Availability:

@@ -122,7 +122,13 @@ class WeightSource:
             return self.checkpoint
         if name not in self._made:
             b = registry.get(name)
-            self._made[name] = self._calibrated(b) if b.needs_calibration else self._layerwise(b)
+            q = get_quantizer(b.quantizer) if b.quantizer else None
+            if q is not None and q.reads_model:  # read from the model's own file: nothing to calibrate or cache
+                self.progress.begin(f"{b.name}: read the model's codes", 1)
+                self._made[name] = q.quantize(self.model, self.linears, self.spec, None)
+                self.progress.advance()
+            else:
+                self._made[name] = self._calibrated(b) if b.needs_calibration else self._layerwise(b)
         return self._made[name]
 
     def _layerwise(self, b: Backend) -> dict[str, Int4Weight]:
@@ -170,7 +176,7 @@ def row_layers(name: str, source: WeightSource, shared: str | None, only: set[st
         ws = source.get(shared)
         label = shared_label(shared, checkpoint_format)
     else:
-        ws = source.get(name) if b.needs_calibration else None
+        ws = source.get(name) if b.whole_model else None
         label = b.weights_label
     source.progress.begin(f"{name}: build layers", len(lins))
     out = {}

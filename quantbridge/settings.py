@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import UserError
-from .spec import QuantSpec
+from .spec import AUTO_GROUP, QuantSpec
 
 # How per-layer time is taken on CUDA (on the CPU every mode is synchronous host timing):
 #   graph    the whole step captured as one CUDA graph, events recorded inside it (default on CUDA)
@@ -34,7 +34,7 @@ def calibration_size(samples: int | None, length: int | None, device: torch.devi
 
 @dataclass
 class Settings:
-    spec: QuantSpec = field(default_factory=QuantSpec)
+    spec: QuantSpec = field(default_factory=lambda: QuantSpec(group_size=AUTO_GROUP))  # auto: fitted to the layers
     batches: list[int] = field(default_factory=lambda: [1, 16])
     prefill: int = 256  # 0 disables the prefill shape
     runs: int = 20

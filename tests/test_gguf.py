@@ -136,3 +136,24 @@ def test_convert_gguf_to_native_is_exact_and_gptq_refuses(tmp_path):
     assert set(written) == set(src)
     for n, w in written.items():
         assert torch.equal(w.dequantize(), src[n].dequantize()), n
+
+
+@NEEDS_DEMO
+def test_gguf_backend_reads_the_demo_file_and_refuses_other_models(tiny):
+    """`--backends gguf` on the demo: the GGUF's own codes, whose dequantization is the reference
+    itself (error at rounding level, the same perplexity); on a model that did not come from a
+    GGUF file the row is unavailable and says why."""
+    from quantbridge.compare import Settings, run_comparison
+    from quantbridge.models import load_model
+
+    s = Settings(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)
+    comp = run_comparison(load_model("demo", torch.device("cpu"), torch.float32), ["gguf"], s,
+                          torch.device("cpu"), torch.float32)
+    ref, row = comp.backends
+    assert row.status == "ok" and row.weights == "gguf", row.reason
+    errs = [lay.error["rel_isolated"] for lay in row.layers if lay.quantized]
+    assert len(errs) == 210 and max(errs) <= 1e-5
+    assert row.model_metrics["eval_ppl"] == pytest.approx(ref.model_metrics["eval_ppl"], rel=1e-4)
+    assert abs(row.bits_per_weight - 5.0) < 1e-6  # Q4_1: 4-bit codes, fp16 scale and offset per 32
+    comp = run_comparison(tiny, ["gguf"], s, torch.device("cpu"), torch.float32)
+    assert comp.backends[1].status == "unavailable" and "did not come from" in comp.backends[1].reason

@@ -1,0 +1,77 @@
+"""gguf: llama.cpp's own INT4 codes, read from the GGUF file the model was loaded from.
+
+For a model that came from a GGUF file (`demo`, which is SmolLM2's Q4_1 GGUF, or any
+`.gguf` MODEL), this quantizer chooses no codes: it reads the file's Q4_0/Q4_1/Q4_K tensors
+(formats/gguf.py, bit-exact) for the compared layers. The reference model holds those same
+weights dequantized, so a `gguf` row's error is its kernel's alone, and its perplexity is
+that of the GGUF as shipped. Q4_1 and Q4_K carry a float offset per group, which only the
+kernels marked `takes_offsets` run (tinygemm on CUDA, the torch reference everywhere).
+A model that did not come from a GGUF file makes the row unavailable, with that reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbridge.backend import Backend, Calibration, register
+from quantbridge.packed import Int4Weight
+from quantbridge.quantizer import Quantizer, register_quantizer
+from quantbridge.rows import NotRunnable
+from quantbridge.spec import QuantSpec
+
+
+def gguf_source(model: nn.Module) -> Path | None:
+    """The GGUF file a model was converted from (recorded in its config when quantbridge converted it)."""
+    src = getattr(model.config, "quantbridge_source", None) or {}
+    path = Path(src["path"]) if src.get("path") else None
+    if (path is None or not path.is_file()) and src.get("package"):  # the demo: the installed package's file
+        from quantbridge import demo
+
+        try:
+            path = demo.gguf_path()
+        except Exception:  # noqa: BLE001 - the package is gone: no source
+            return None
+    return path if path is not None and path.is_file() else None
+
+
+@register_quantizer
+class GGUFQuantizer(Quantizer):
+    name = "gguf"
+    algorithm = "gguf"
+    description = "llama.cpp's own codes (Q4_0/Q4_1/Q4_K) from the GGUF file the model came from"
+    reads_model = True  # its codes come from the model's own file, for the whole model at once
+
+    def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                 calib: Calibration | None) -> dict[str, Int4Weight]:
+        from quantbridge.ggufmodel import read_int4
+
+        src = gguf_source(model)
+        if src is None:
+            raise NotRunnable("gguf reads the codes of the GGUF file a model came from; this model did not come "
+                              "from one (compare demo, demo-gguf or a .gguf file)")
+        weights, kinds, others = read_int4(src, model)
+        missing = [n for n in linears if n not in weights]
+        if missing:
+            raise NotRunnable(f"{src.name} has no 4-bit tensor for {missing[0]} ({others.get(missing[0], 'absent')}); "
+                              "pass --skip for it")
+        out = {}
+        for n, lin in linears.items():
+            # scales and offsets as the file stores them (fp16; Q4_K's folded ones fp32): the kernels
+            # that take offsets compute in float32 or convert them themselves
+            w = weights[n].to(lin.weight.device)
+            if not torch.equal(w.dequantize(lin.weight.dtype), lin.weight.data):
+                raise NotRunnable(f"{n}: the model's weight is not {src.name}'s {kinds[n]} tensor dequantized "
+                                  "(was the model changed after it was loaded?)")
+            out[n] = w
+        return out
+
+
+@register
+class GGUFBackend(Backend):
+    name = "gguf"
+    description = "the GGUF file's own Q4 codes (llama.cpp's quantization) through the best kernel that takes them"
+    quantizer = "gguf"
+    kernels = ("tinygemm", "reference")

@@ -11,30 +11,15 @@ A model that did not come from a GGUF file makes the row unavailable, with that 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from quantbridge.backend import Backend, Calibration, register
+from quantbridge.ggufmodel import gguf_source
 from quantbridge.packed import Int4Weight
 from quantbridge.quantizer import Quantizer, register_quantizer
 from quantbridge.rows import NotRunnable
 from quantbridge.spec import QuantSpec
-
-
-def gguf_source(model: nn.Module) -> Path | None:
-    """The GGUF file a model was converted from (recorded in its config when quantbridge converted it)."""
-    src = getattr(model.config, "quantbridge_source", None) or {}
-    path = Path(src["path"]) if src.get("path") else None
-    if (path is None or not path.is_file()) and src.get("package"):  # the demo: the installed package's file
-        from quantbridge import demo
-
-        try:
-            path = demo.gguf_path()
-        except Exception:  # noqa: BLE001 - the package is gone: no source
-            return None
-    return path if path is not None and path.is_file() else None
 
 
 @register_quantizer

@@ -97,6 +97,14 @@ class Backend:
         q = self._quantizer()
         return bool(q and q.needs_calibration)
 
+    # An engine runs the whole model itself (llama.cpp): no layers are swapped in, so its row has
+    # whole-model figures only, from measure_engine.
+    engine: ClassVar[bool] = False
+
+    def measure_engine(self, model: nn.Module, ref, settings, device: torch.device):
+        """The row of an engine backend (a results.BackendResult); `ref` is the comparison's reference.Reference."""
+        raise NotImplementedError
+
     @property
     def whole_model(self) -> bool:
         """Its weights are made for the whole model at once (calibrated, or read from the model's file)."""
@@ -181,7 +189,7 @@ class Backend:
         return bool(cls.kernels) or cls.from_int4 is not Backend.from_int4
 
 
-_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq", "exllamav2", "gemlite", "autoawq", "gptqmodel", "gguf")  # modules under quantbridge.adapters
+_BUILTINS = ("rtn", "fp16", "native", "tinygemm", "bnb", "bnb_int8", "gptq", "awq", "exllamav2", "gemlite", "autoawq", "gptqmodel", "gguf", "llamacpp")  # modules under quantbridge.adapters
 _loaded = False
 
 

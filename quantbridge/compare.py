@@ -347,6 +347,11 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
     fmt = (loaded.info.get("checkpoint") or {}).get("format", "")
     try:
         with Sampler(device) as sampler:
+            if name not in rows.kernel_rows and name != PLAN and registry.get(name).engine:
+                result = registry.get(name).measure_engine(loaded.model, ref, settings, device)
+                result.model_metrics["telemetry"] = sampler.summary()
+                result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+                return result
             if name == PLAN:
                 layers, weights = plan_layers(settings.plan, source, rows.shared, rows.names, fmt)
                 quantized = {n for n, b in settings.plan["layers"].items() if registry.get(b).quantized}

@@ -40,6 +40,20 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def gguf_source(model: nn.Module) -> Path | None:
+    """The GGUF file a model was converted from (recorded in its config when quantbridge converted it)."""
+    src = getattr(model.config, "quantbridge_source", None) or {}
+    path = Path(src["path"]) if src.get("path") else None
+    if (path is None or not path.is_file()) and src.get("package"):  # the demo: the installed package's file
+        from . import demo
+
+        try:
+            path = demo.gguf_path()
+        except Exception:  # noqa: BLE001 - the package is gone: no source
+            return None
+    return path if path is not None and path.is_file() else None
+
+
 def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
     """`src` (GGUF) as a Hugging Face directory at `out`, converted on first use (atomically)."""
     if (out / "config.json").exists():

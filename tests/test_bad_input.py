@@ -167,8 +167,8 @@ def test_limit_is_the_shipped_eval_tokens(tiny):
 def test_calibration_text_too_short(tmp_path, tiny):
     calib = tmp_path / "calib.txt"
     calib.write_text("A short calibration text.")
-    r = _invoke("compare", "tiny", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")
-    _one_line_error(r, "fewer than --calib-len 512")
+    r = _invoke("compare", "tiny", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")  # the CPU default length (settings.CALIB_CPU)
+    _one_line_error(r, "fewer than --calib-len 256")
     assert not (tmp_path / "out").exists()
 
 

@@ -157,3 +157,25 @@ def test_gguf_backend_reads_the_demo_file_and_refuses_other_models(tiny):
     assert abs(row.bits_per_weight - 5.0) < 1e-6  # Q4_1: 4-bit codes, fp16 scale and offset per 32
     comp = run_comparison(tiny, ["gguf"], s, torch.device("cpu"), torch.float32)
     assert comp.backends[1].status == "unavailable" and "did not come from" in comp.backends[1].reason
+
+
+@NEEDS_DEMO
+@pytest.mark.skipif(find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (see .ci/setup)")
+def test_llama_cpp_row_runs_the_same_file_on_the_same_tokens():
+    """The llama.cpp row: the demo's GGUF through llama.cpp itself, its perplexity on the same
+    held-out ids (its own Q4_1 x Q8 kernels: close to, not equal to, the float reference), its
+    decode and prefill speed, and no per-layer figures, said so."""
+    from quantbridge.compare import Settings, run_comparison
+    from quantbridge.models import load_model
+
+    s = Settings(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=64)
+    comp = run_comparison(load_model("demo", torch.device("cpu"), torch.float32), ["llama.cpp"], s,
+                          torch.device("cpu"), torch.float32)
+    ref, row = comp.backends
+    assert row.status == "ok", row.reason
+    mm = row.model_metrics
+    assert row.layers == [] and "not available" in mm["per_layer"]
+    assert mm["eval_ppl"] == pytest.approx(ref.model_metrics["eval_ppl"], rel=0.05)
+    assert mm["decode_tokens_per_s"]["1"] > 0 and mm["prefill_latency_us"] > 0
+    assert "4" in mm["decode_not_measured"]
+    assert row.kernel.startswith("llama.cpp (llama-cpp-python 0.3.")

@@ -43,7 +43,7 @@ def heatmap(comp: Comparison, value, title: str, cbar: str, log: bool = False) -
     with the backend names above and below each panel and one colour scale for all of them,
     so the figure stays about a screen high.
     """
-    backends = [b for b in _ok(comp) if b.role != "reference"]
+    backends = [b for b in _ok(comp) if b.role != "reference" and b.layers]  # engine rows have no layers
     if not backends:
         return None
     layers = [r.name for r in backends[0].layers]
@@ -89,7 +89,9 @@ def error_vs_depth(comp: Comparison) -> bytes | None:
                 label=f"{b.name} isolated")
     ax.set_xlabel("layer index (execution order)")
     ax.set_ylabel("relative L2 error")
-    ax.set_yscale("log")
+    positive = any(v > 0 for b in backends for r in b.layers for v in (r.error.get("rel_propagated"),
+                                                                        r.error.get("rel_isolated")) if v)
+    ax.set_yscale("log" if positive else "linear")  # exact rows (GGUF codes through the reference) are all 0
     ax.set_title("error vs depth")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)

@@ -38,11 +38,33 @@ def summary_table(comp: Comparison) -> Table:
         overhead = b.model_metrics.get("probe_overhead_pct", {})
         mm = b.model_metrics
         t.add_row(
-            b.name, "ok", escape(b.timing or ""), escape(b.weights or ""), escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"), _fmt(b.bits_per_weight, ".2f"),
-            _fmt(_median([layer.error.get("rel_isolated") for layer in b.layers if layer.quantized] or [0.0])),
+            b.name, "ok", escape(b.timing or ""), escape(b.weights or ""), escape(b.kernel or ""), _fmt(b.weight_bytes / 1e6, ".2f"),
+            _fmt(b.bits_per_weight or None, ".2f"),
+            # no layers: an engine row (its own whole-model run), whose per-layer error is not measured
+            _fmt(_median([layer.error.get("rel_isolated") for layer in b.layers if layer.quantized] or [0.0])
+                 if b.layers else None),
             _fmt(b.model_metrics.get("eval_ppl"), ".1f"),
             " / ".join(probe_overhead_label(mm, m) for m in ms if m in overhead),
         )
+    return t
+
+
+def model_table(comp: Comparison) -> Table:
+    """The rows side by side as a deployment table: memory, decode tokens/s, perplexity."""
+    decode = [str(m) for m in comp.settings.get("decode_m", [])]
+    t = Table(title="memory, speed, quality per row", title_justify="left")
+    for col in ("backend", "weight MB", "peak memory MB", *[f"tokens/s M={m}" for m in decode], "eval ppl",
+                "per-layer figures"):
+        t.add_column(col, justify="left" if col in ("backend", "per-layer figures") else "right")
+    for b in comp.backends:
+        if b.status != "ok":
+            continue
+        mm = b.model_metrics
+        tps = mm.get("decode_tokens_per_s", {})
+        t.add_row(b.name, _fmt(b.weight_bytes / 1e6, ".1f"), _fmt((mm.get("peak_memory_bytes") or 0) / 1e6 or None, ".0f"),
+                  *[_fmt(tps.get(m), ".1f") if m in tps else escape(mm.get("decode_not_measured", {}).get(m, "—"))
+                    for m in decode],
+                  _fmt(mm.get("eval_ppl"), ".2f"), "yes" if b.layers else escape(mm.get("per_layer", "none")))
     return t
 
 
@@ -80,9 +102,8 @@ def layer_table(comp: Comparison) -> Table:
     m0 = ms[0] if ms else None
     ref = comp.reference()
     ref_lat = {layer.name: layer.latency_us for layer in ref.layers} if ref and ref.status == "ok" else {}
-    shown = [b for b in comp.backends if b.status == "ok" and b.role != "reference"] or [
-        b for b in comp.backends if b.status == "ok"
-    ]
+    with_layers = [b for b in comp.backends if b.status == "ok" and b.layers]  # engine rows have none
+    shown = [b for b in with_layers if b.role != "reference"] or with_layers
     ref_name = ref.name if ref else "reference"
     t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name})", title_justify="left")
     t.add_column("layer", no_wrap=True)
@@ -112,6 +133,7 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
     if layers:
         console.print(layer_table(comp))
     console.print(summary_table(comp))
+    console.print(model_table(comp))
     console.print(latency_table(comp))
     console.print(step_table(comp))
     for line in comp.findings:

@@ -130,6 +130,8 @@ def layer_table(comp: Comparison) -> Table:
 
 def print_comparison(comp: Comparison, console: Console | None = None, layers: bool = True) -> None:
     console = console or Console()
+    if comp.model.get("note"):  # what the reference is (a GGUF's weights dequantized, random seeded weights)
+        console.print(f"[dim]{escape(comp.model.get('name', ''))}: {escape(comp.model['note'])}[/dim]")
     if layers:
         console.print(layer_table(comp))
     console.print(summary_table(comp))

@@ -392,8 +392,9 @@ def test_unknown_name_fails_fast_without_hub(tmp_path, monkeypatch):
 def test_gguf(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
-    _one_line_error(_compare_model("m.gguf", tmp_path), "m.gguf is a GGUF file; quantbridge cannot read GGUF yet")
-    _one_line_error(_compare_model("typo.gguf", tmp_path), "model path 'typo.gguf' does not exist")
+    # a GGUF header with nothing in it: read as GGUF, refused in one line
+    _one_line_error(_compare_model("m.gguf", tmp_path), "could not read m.gguf as a GGUF causal LM")
+    _one_line_error(_compare_model("typo.gguf", tmp_path), "GGUF file 'typo.gguf' does not exist")
 
 
 # -- report, serve-stats, plan -----------------------------------------------------------------------

@@ -55,7 +55,8 @@ class AutoAWQLinear(QuantLinear):
         self.layer = layer
         self.group_size = weight.group_size
         path = "awq_ext gemm_forward_cuda" if gemm.awq_ext is not None else "triton awq_gemm_triton"
-        self.kernel = f"autoawq {_version()} WQLinear_GEMM ({path})"
+        # its own switch: at batch x seq >= 1024 it dequantizes and calls torch.matmul (cuBLAS)
+        self.kernel = f"autoawq {_version()} WQLinear_GEMM ({path}; dequantize + matmul from 1024 tokens)"
 
     @property
     def weight_nbytes(self) -> int:

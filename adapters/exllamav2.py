@@ -8,8 +8,8 @@ already importable (a prebuilt wheel, or a build copied onto `PYTHONPATH`) is us
 The layer hands exllamav2 the tensors a GPTQ v1 checkpoint stores (qweight, qzeros holding
 zero-point - 1, fp16 scales, g_idx for act-order) through `ext.make_q_matrix`, which
 shuffles qweight in place into its own order and returns a handle that points into those
-tensors: the layer keeps them, rebuilds the handle when they move, and frees it with the
-layer. Large M is exllamav2's own path: it dequantizes into a scratch buffer (at most
+tensors: the layer keeps them, encodes them again from a kept canonical copy and makes a new
+handle when they move, and frees the handle with the layer. Large M is exllamav2's own path: it dequantizes into a scratch buffer (at most
 `MAX_DQ_SIZE` elements at a time, exllamav2's default) and calls cuBLAS.
 """
 
@@ -75,6 +75,7 @@ class ExllamaV2Linear(QuantLinear):
         self.register_buffer("q_invperm", None)
         self.group_size = weight.group_size
         self.kernel = f"exllamav2 {_version()} gemm_half_q_half"
+        self._canonical = (weight.to("cpu"), None if bias is None else bias.detach().cpu())  # to rebuild after a move
         self._handle: int | None = None
         self._key: tuple | None = None
         self._make_handle()
@@ -112,14 +113,21 @@ class ExllamaV2Linear(QuantLinear):
             pass
 
     def _apply(self, fn, *args, **kwargs):
-        # The handle points into the buffers: moving them (.to/.cuda) needs a new one. The
-        # shuffled qweight is exllamav2's layout, so it is rebuilt from the canonical form.
-        raise_if_moved = self._handle is not None
+        # The handle points into the buffers, and exllamav2 shuffled qweight in place: after a
+        # move (.to/.cuda) the tensors are encoded again from the kept canonical copy on the new
+        # device and a new handle made; the old one is freed first, never left pointing at freed memory.
+        before = self._tensor_key()
         out = super()._apply(fn, *args, **kwargs)
-        if raise_if_moved and self._tensor_key() != self._key:
-            raise RuntimeError("an exllamav2 layer cannot be moved once built (its handle points into its "
-                               "tensors); build it on the device it runs on")
-        if not raise_if_moved and self.qweight.is_cuda:
+        if self._tensor_key() != before or (self._handle is None and self.qweight.is_cuda):
+            self._free()
+            weight, bias = self._canonical
+            dev = self.qweight.device
+            t = GPTQCodec("gptq").encode(weight.to(dev))
+            self.qweight, self.qzeros = t["qweight"].contiguous(), t["qzeros"].contiguous()
+            self.scales = t["scales"].to(torch.float16).contiguous()
+            self.g_idx = t["g_idx"].to(torch.int32) if weight.perm is not None else None
+            self.bias = None if bias is None else bias.to(dev, torch.float16)
+            self.q_perm = self.q_invperm = None
             self._make_handle()
         return out
 
@@ -137,7 +145,7 @@ class ExllamaV2Linear(QuantLinear):
         w = out.float().t()
         if self.q_perm is not None:  # rows reconstructed in exllamav2's (act-order) row order
             restored = torch.empty_like(w)
-            restored[:, self.q_perm.long()] = w
+            restored[:, self.q_perm.to(torch.int64) & 0xFFFF] = w  # int16 holds 0..65535 as signed
             w = restored
         return w.cpu()
 

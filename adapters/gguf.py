@@ -31,6 +31,7 @@ class GGUFQuantizer(Quantizer):
 
     def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                  calib: Calibration | None) -> dict[str, Int4Weight]:
+        from quantbridge.checkpoint import _cast_scales
         from quantbridge.ggufmodel import read_int4
 
         src = gguf_source(model)
@@ -44,9 +45,9 @@ class GGUFQuantizer(Quantizer):
                               "pass --skip for it")
         out = {}
         for n, lin in linears.items():
-            # scales and offsets as the file stores them (fp16; Q4_K's folded ones fp32): the kernels
-            # that take offsets compute in float32 or convert them themselves
-            w = weights[n].to(lin.weight.device)
+            # scales in the compute dtype, as kernels take them (fp16 -> fp32 is exact; -> bf16 rounds),
+            # offsets as the file stores them: the kernels that take them convert them themselves
+            w = _cast_scales(weights[n], lin.weight.dtype).to(lin.weight.device)
             if not torch.equal(w.dequantize(lin.weight.dtype), lin.weight.data):
                 raise NotRunnable(f"{n}: the model's weight is not {src.name}'s {kinds[n]} tensor dequantized "
                                   "(was the model changed after it was loaded?)")

@@ -93,6 +93,10 @@ class LlamaCppBackend(Backend):
                          "per_layer": PER_LAYER, "engine": f"llama.cpp through llama-cpp-python {_version()}",
                          "threads": threads, "forward_us": {}, "tokens_per_s": {}, "timing": {}}
         flat = ids.reshape(-1).tolist()
+        if len(flat) < 16 + settings.warmup + settings.runs:
+            return BackendResult(name=self.name, status="failed", reason=(
+                f"the evaluation text has {len(flat)} tokens, fewer than the 16-token prefix plus "
+                f"{settings.warmup + settings.runs} timed decode steps; use a longer --eval-text or fewer --runs"))
         # decode, M = 1: each timed run evaluates one more token after a 16-token prefix
         llm.reset()
         llm.eval(flat[:16])

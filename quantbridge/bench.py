@@ -137,11 +137,13 @@ class KernelSource:
     exactly that kernel, row `rtn+K`. A kernel's speed does not depend on how its codes were
     chosen, so this is how GPTQ and AWQ engine kernels are timed without calibrating."""
 
-    needs_calibration = True  # bench_layer hands it canonical weights (from_int4)
+    takes_canonical = True  # bench_layer hands it canonical (RTN) weights through from_int4
 
     def __init__(self, kernel: str) -> None:
+        from .quantizer import baseline_label
+
         self.kernel = kernel
-        self.name = f"rtn+{kernel}"
+        self.name = f"{baseline_label() or 'rtn'}+{kernel}"
 
     def available(self, device: torch.device):
         return get_kernel(self.kernel).available(device)
@@ -163,8 +165,12 @@ def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: li
     lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
     nn.init.normal_(lin.weight, std=0.02)
     rows = []
+    if getattr(backend, "engine", False) or (getattr(backend, "whole_model", False) and not backend.needs_calibration):
+        why = ("it runs a whole model file, not one layer" if getattr(backend, "engine", False)
+               else "its weights are read from a model's own file, which a bench shape does not have")
+        return [Row(backend.name, "", k, n, m, "unavailable", why) for m in ms]
     try:
-        if backend.needs_calibration:
+        if getattr(backend, "takes_canonical", False) or backend.needs_calibration:
             # A kernel's speed does not depend on how its codes were chosen: time a calibrated
             # backend's layer (its own layout and kernel) on round-to-nearest codes.
             q = backend.from_int4(quantize_rtn(lin.weight.detach(), spec, scale_dtype=dtype), None)

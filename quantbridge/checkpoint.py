@@ -204,6 +204,8 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
     skipped = [n for n in linear_layers(model) if n not in weights]
     config = model.config.to_dict()
     config["quantization_config"] = codec.quantization_config(spec, skipped)
+    if any(w.offsets is not None for w in weights.values()):  # readers that do not take them must refuse
+        config["quantization_config"]["float_offsets"] = True
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

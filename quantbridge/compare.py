@@ -85,6 +85,10 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
     names = [r.name for r in resolved]
     unavailable = {}
     for r in resolved:
+        if r.obj.engine and shared not in (None, CHECKPOINT) and r.availability.ok:
+            unavailable[r.name] = (f"{r.name} runs its own model file as a whole; it cannot run --weights "
+                                   f"{shared}'s weights")
+            continue
         if not r.availability.ok:
             if not settings.skip_unavailable:
                 raise BackendUnavailable(f"{r.message()} (or pass --skip-unavailable)")

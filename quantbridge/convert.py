@@ -36,13 +36,12 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         # A GGUF's own codes, decoded exactly; a layout with integer zero-points refuses Q4_1/Q4_K.
         loaded = load_model(src, torch.device("cpu"), torch.float32)
         weights = {n: w.to("cpu") for n, w in loaded.int4.items()}
-        for w in weights.values():
+        for n, w in weights.items():  # each layer: a file may mix Q4_0 (integer zeros) with Q4_1/Q4_K
             try:
                 codec.encode(w)
             except ValueError as e:
-                raise UserError(f"cannot write {src} as {to} without changing its weights: {e}; "
+                raise UserError(f"cannot write {src} as {to} without changing its weights ({n}): {e}; "
                                 "--to native holds them exactly") from None
-            break
         model, spec, how = loaded.model, spec_of(weights), f"decoded from {loaded.info['checkpoint']['format']}"
     elif src_path.is_dir() and (src_path / "config.json").exists() and is_quantized(src_path):
         _, _, weights, rest = read_int4(src_path)

@@ -52,7 +52,7 @@ def demo_path() -> Path:
     """The demo model as a Hugging Face directory in the cache, converted on first use (atomically)."""
     from .ggufmodel import to_hf_dir
 
-    path = cache_dir() / f"smollm2-135m-instruct-q4_1-v{VERSION}"
+    path = cache_dir() / f"smollm2-135m-instruct-q4_1-v{VERSION}-{PACKAGE}-{package_version() or 'none'}"
     if (path / "config.json").exists():
         return path
     src = gguf_path()

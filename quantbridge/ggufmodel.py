@@ -42,7 +42,7 @@ def _file_key(path: Path) -> str:
 
 def gguf_source(model: nn.Module) -> Path | None:
     """The GGUF file a model was converted from (recorded in its config when quantbridge converted it)."""
-    src = getattr(model.config, "quantbridge_source", None) or {}
+    src = getattr(getattr(model, "config", None), "quantbridge_source", None) or {}
     path = Path(src["path"]) if src.get("path") else None
     if (path is None or not path.is_file()) and src.get("package"):  # the demo: the installed package's file
         from . import demo
@@ -130,6 +130,8 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
 
     from transformers.utils import logging as hf_logging
 
+    from .checkpoint import _cast_scales
+
     hf_dir = to_hf_dir(src, hf_dir or cache_dir() / f"gguf-{_file_key(src)}", note)
     hf_logging.disable_progress_bar()  # quantbridge shows its own progress
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
@@ -142,7 +144,7 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
         if not torch.equal(w.dequantize(dtype), lins[n].weight.data):
             raise UserError(f"{src}: {n} read from the GGUF file does not match the loaded model's weight; "
                             "this GGUF layout is not one quantbridge maps exactly")
-        weights[n] = w.to(device)  # scales as stored: see adapters/gguf.py
+        weights[n] = _cast_scales(w, dtype).to(device)  # scales in the compute dtype, as kernels take them
     model.to(device).eval()
     info = {"name": name, "source": str(src.resolve()), "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),

@@ -116,7 +116,7 @@ def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[
         return BackendResult(name=name, status="failed", reason=f"non-finite output in layer {bad[0]}",
                              kernel=kernels_label(qlins, targets))
 
-    probe_k = max(mod.in_features for mod in qlins.values())
+    probe_k = min(1024, max(mod.in_features for mod in qlins.values()))  # small: it must not move the row's peak memory
     probe_before = machine_probe(device, dtype, probe_k)
     timings = time_row(qmodel, qlins, ref, settings, mode, device, flush, progress, name)
     metrics = timing_metrics(timings, settings)

@@ -93,15 +93,15 @@ EPS = {"float32": 1.19e-7, "float16": 9.77e-4, "bfloat16": 7.81e-3}  # machine e
 
 
 def rounding_floor(comp: Comparison) -> float:
-    """Values at or below this are rounding, not a layer's sensitivity: 10 ulps of the compute dtype."""
-    return 10 * EPS.get(str(comp.settings.get("dtype", "float32")), EPS["float32"])
+    """A relative error at or below this is the compute dtype's own rounding (its machine epsilon)."""
+    return EPS.get(str(comp.settings.get("dtype", "float32")), EPS["float32"])
 
 
 def sensitive_layers(comp: Comparison, top: int = 5) -> list[tuple[str, float, str, str]]:
     """The layers with the largest error across quantized backends:
-    (layer, median over backends, measure, the backend where it is worst). Layers whose
-    value is at rounding level (`rounding_floor`) or below, or negative, are not listed: an
-    empty list means no layer stands out."""
+    (layer, median over backends, measure, the backend where it is worst). A relative error at
+    rounding level (`rounding_floor`) or a loss increase of 0 or less is not listed: an empty
+    list means no layer stands out."""
     key = "loss_delta" if any("loss_delta" in r.error for b in comp.backends for r in b.layers) else "rel_isolated"
     per_layer: dict[str, list[tuple[float, str]]] = {}
     for b in comp.backends:
@@ -110,6 +110,6 @@ def sensitive_layers(comp: Comparison, top: int = 5) -> list[tuple[str, float, s
         for r in b.layers:
             if r.quantized and r.error.get(key) is not None:
                 per_layer.setdefault(r.name, []).append((r.error[key], b.name))
-    floor = rounding_floor(comp)
+    floor = rounding_floor(comp) if key == "rel_isolated" else 0.0  # a loss increase must be positive
     ranked = sorted(((statistics.median(v for v, _ in vals), n) for n, vals in per_layer.items()), reverse=True)
     return [(n, v, key, max(per_layer[n])[1]) for v, n in ranked[:top] if v > floor]

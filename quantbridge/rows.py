@@ -42,9 +42,10 @@ class _Labelled(Progress):
     """A stage of a longer step: `begin("layer group", 30)` shows as "LABEL: layer group"."""
 
     def __init__(self, inner: Progress, label: str) -> None:
-        self.inner, self.label = inner, label
+        self.inner, self.label, self.began = inner, label, False
 
     def begin(self, description: str, total: int) -> None:
+        self.began = True  # the stages now own the bar: the step's own final advance is not theirs
         self.inner.begin(f"{self.label}: {description}", total)
 
     def advance(self, n: int = 1) -> None:
@@ -154,9 +155,10 @@ class WeightSource:
         if ws is None:
             label = f"{b.name}: calibrate + quantize ({self.calib_samples}x{self.calib_len} tokens)"
             self.progress.begin(label, 1)  # the library's stages, where it reports them, refine this bar
-            ws = b.quantize_weights(self.model, self.linears, self.spec,
-                                    replace(self._calib, progress=_Labelled(self.progress, label)))
-            self.progress.advance()
+            stages = _Labelled(self.progress, label)
+            ws = b.quantize_weights(self.model, self.linears, self.spec, replace(self._calib, progress=stages))
+            if not stages.began:
+                self.progress.advance()
             qcache.save(cache_dir(), key, ws)
         return ws
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.util import find_spec
 
 import numpy as np
@@ -131,6 +132,7 @@ def test_convert_gguf_to_native_is_exact_and_gptq_refuses(tmp_path):
     assert r.exit_code == 2 and "float offset per group" in r.output and "--to native" in r.output
     r = CliRunner().invoke(cli, ["convert", "demo-gguf", "--to", "native", str(tmp_path / "n")])
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "n" / "config.json").read_text())["quantization_config"]["float_offsets"] is True
     _, _, written, _ = read_int4(tmp_path / "n")
     src = load_model("demo-gguf", torch.device("cpu"), torch.float32).int4
     assert set(written) == set(src)
@@ -154,7 +156,8 @@ def test_gguf_backend_reads_the_demo_file_and_refuses_other_models(tiny):
     errs = [lay.error["rel_isolated"] for lay in row.layers if lay.quantized]
     assert len(errs) == 210 and max(errs) <= 1e-5
     assert row.model_metrics["eval_ppl"] == pytest.approx(ref.model_metrics["eval_ppl"], rel=1e-4)
-    assert abs(row.bits_per_weight - 5.0) < 1e-6  # Q4_1: 4-bit codes, fp16 scale and offset per 32
+    # Q4_1: 4-bit codes, a scale (in the fp32 compute dtype here) and an fp16 offset per 32
+    assert abs(row.bits_per_weight - (4 + (32 + 16) / 32)) < 1e-6
     comp = run_comparison(tiny, ["gguf"], s, torch.device("cpu"), torch.float32)
     assert comp.backends[1].status == "unavailable" and "did not come from" in comp.backends[1].reason
 

@@ -72,6 +72,9 @@ class QuantbridgeConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "QuantbridgeConfig":
         if config.get("bits", 4) != 4:
             raise ValueError(f"quantbridge checkpoints are 4-bit; this one says bits={config.get('bits')}")
+        if config.get("float_offsets"):
+            raise ValueError("this quantbridge checkpoint holds float offsets per group (converted from GGUF "
+                             "Q4_1/Q4_K); the vLLM plugin serves integer zero-points only")
         if config.get("act_order"):
             raise ValueError("act-order quantbridge checkpoints cannot be served by vLLM: fused q/k/v and gate/up "
                              "layers need one input order; convert without act-order")

@@ -14,15 +14,13 @@ Other tensor types (Q8_0, Q6_K, F16, F32) stay unquantized and `info` lists them
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cachedir import cache_dir
+from .cachedir import cache_dir, save_model_dir
 from .errors import UserError
 from .formats.gguf import Q4_TYPES, decode, permute_rows
 from .loaded import LoadedModel, linear_layers
@@ -40,7 +38,7 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def gguf_source(model: nn.Module) -> Path | None:
+def gguf_source(model: torch.nn.Module) -> Path | None:
     """The GGUF file a model was converted from (recorded in its config when quantbridge converted it)."""
     src = getattr(getattr(model, "config", None), "quantbridge_source", None) or {}
     path = Path(src["path"]) if src.get("path") else None
@@ -78,15 +76,7 @@ def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.config.quantbridge_source = {"gguf": src.name, "path": str(src.resolve()), **(note or {}),
                                        "note": "GGUF weights dequantized to float32 by the gguf package"}
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_model_dir(out, plain, tok)
 
 
 def read_int4(src: Path, model: torch.nn.Module) -> tuple[dict, dict[str, str], dict[str, str]]:

@@ -46,7 +46,7 @@ SEEDED = {
 }
 
 
-from .cachedir import cache_dir
+from .cachedir import cache_dir, save_model_dir
 from .ggufmodel import is_gguf
 from .loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
 from .modeldir import _first_line, check_local_model
@@ -94,16 +94,7 @@ def tiny_path() -> Path:
 
     hf_logging.disable_progress_bar()
     model, tok = build_tiny()
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first: keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return save_model_dir(path, model, tok)
 
 
 def _looks_like_path(spec: str) -> bool:

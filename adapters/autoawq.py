@@ -12,12 +12,11 @@ transformers 5.
 from __future__ import annotations
 
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear
+from quantbridge.backend import Availability, QuantLinear, dist_version
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.packed import Int4Weight
@@ -27,10 +26,7 @@ GROUP_SIZES = (32, 64, 128)  # AWQ_TRITON_SUPPORTED_GROUP_SIZES, besides one gro
 
 
 def _version() -> str | None:
-    try:
-        return version("autoawq")
-    except PackageNotFoundError:
-        return None
+    return dist_version("autoawq")
 
 
 def import_gemm():

@@ -16,26 +16,22 @@ handle when they move, and frees the handle with the layer. Large M is exllamav2
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear
+from quantbridge.backend import Availability, QuantLinear, dist_version
 from quantbridge.cachedir import cache_dir
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight
+from quantbridge.packed import Int4Weight, unpermute_columns
 
 MAX_DQ_SIZE = 512 * 1024**2  # elements dequantized at once for large M: ExLlamaV2Config.max_dq_size
 INSTALL_HINT = "pip install 'quantbridge[exllamav2]' (exllamav2 0.3.2; its CUDA extension builds on first use)"
 
 
 def _version() -> str | None:
-    try:
-        return version("exllamav2")
-    except PackageNotFoundError:
-        return None
+    return dist_version("exllamav2")
 
 
 def _ext():
@@ -142,12 +138,9 @@ class ExllamaV2Linear(QuantLinear):
             raise RuntimeError("exllamav2 reconstructs weights on CUDA only")
         out = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.qweight.device)
         _ext().ext_c.reconstruct(self._handle, out)
-        w = out.float().t()
-        if self.q_perm is not None:  # rows reconstructed in exllamav2's (act-order) row order
-            restored = torch.empty_like(w)
-            restored[:, self.q_perm.to(torch.int64) & 0xFFFF] = w  # int16 holds 0..65535 as signed
-            w = restored
-        return w.cpu()
+        # rows reconstructed in exllamav2's (act-order) row order; int16 holds 0..65535 as signed
+        perm = None if self.q_perm is None else self.q_perm.to(torch.int64) & 0xFFFF
+        return unpermute_columns(out.float().t(), perm).cpu()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._handle is None:

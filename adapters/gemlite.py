@@ -11,24 +11,20 @@ name, so it is imported only when a layer is built, on CUDA.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear
+from quantbridge.backend import Availability, QuantLinear, dist_version
 from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight
+from quantbridge.packed import Int4Weight, unpermute_columns
 
 INSTALL_HINT = "pip install 'quantbridge[gemlite]' (gemlite 0.6, pure Triton)"
 DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _version() -> str | None:
-    try:
-        return version("gemlite")
-    except PackageNotFoundError:
-        return None
+    return dist_version("gemlite")
 
 
 class GemliteLinear(QuantLinear):
@@ -59,12 +55,7 @@ class GemliteLinear(QuantLinear):
         g = self.group_size
         s = self.layer.scales.detach().t().float().repeat_interleave(g, dim=1)  # stored [K/g, N]
         z = self.layer.zeros.detach().t().float().repeat_interleave(g, dim=1)
-        w = (codes * s + z).cpu()
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm.cpu()] = w
-        return out
+        return unpermute_columns((codes * s + z).cpu(), self.perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:

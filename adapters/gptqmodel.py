@@ -21,12 +21,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear
+from quantbridge.backend import Availability, QuantLinear, dist_version
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.kernel import Kernel, register_kernel
@@ -38,10 +37,7 @@ _ENV_SET_ON_IMPORT = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEV
 
 
 def _version() -> str | None:
-    try:
-        return version("gptqmodel")
-    except PackageNotFoundError:
-        return None
+    return dist_version("gptqmodel")
 
 
 def import_layers():

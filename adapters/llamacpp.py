@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 import time
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 import numpy as np
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, register
+from quantbridge.backend import Availability, Backend, dist_version, register
 from quantbridge.metrics import summarize
 from quantbridge.results import BackendResult
 
@@ -36,10 +35,7 @@ PER_LAYER = "not available: llama.cpp runs the whole model in one call"
 
 
 def _version() -> str | None:
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        return None
+    return dist_version("llama-cpp-python")
 
 
 def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:

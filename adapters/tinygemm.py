@@ -13,7 +13,7 @@ from torch import nn
 from quantbridge.backend import Availability, Backend, QuantLinear, register
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.errors import UserError
-from quantbridge.packed import Int4Weight
+from quantbridge.packed import Int4Weight, unpermute_columns
 from quantbridge.spec import QuantSpec
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -54,12 +54,7 @@ class TinygemmLinear(QuantLinear):
         sz = self.scales_and_zeros.float().cpu()
         s = sz[..., 0].T.repeat_interleave(w.group_size, dim=1)
         zero = sz[..., 1].T.repeat_interleave(w.group_size, dim=1)
-        stored = (w.codes().float() - 8) * s + zero
-        if w.perm is None:
-            return stored
-        out = torch.empty_like(stored)
-        out[:, w.perm.cpu()] = stored
-        return out
+        return unpermute_columns((w.codes().float() - 8) * s + zero, w.perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:

@@ -26,6 +26,16 @@ class Availability:
     reason: str  # why it is (not) available: library version, kernel for this device, how to install
 
 
+def dist_version(name: str) -> str | None:
+    """The installed version of a distribution (None when absent), without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 class QuantLinear(nn.Module):
     """A linear layer as one backend stores and runs it.
 

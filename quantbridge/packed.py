@@ -36,6 +36,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def unpermute_columns(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """[N, K] columns in storage order -> input-feature order (column j is input perm[j])."""
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm.to(w.device)] = w
+    return out
+
+
 @dataclass
 class Int4Weight:
     qweight: torch.Tensor
@@ -74,12 +83,7 @@ class Int4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] weight in the layer's original column order."""
-        w = self.dequantize_stored(dtype)
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm] = w
-        return out
+        return unpermute_columns(self.dequantize_stored(dtype), self.perm)
 
     # Activation smoothing unfolded from the model (AWQ): the layer computes
     # y = (W' (x / in_scale)) / out_scale with W' this weight; None = plain weight.

@@ -149,9 +149,14 @@ def test_gptqmodel_torch_layers_on_cpu(name, act_order, dtype):
     layer = k.build(w, bias)
     assert layer.kernel.startswith("gptqmodel 7.") and "skipped on CPU" in layer.kernel
     want_w = w.dequantize(torch.float64)
-    # its dequantization rounds to the activation dtype (bf16: 8 significant bits)
-    atol = {torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
-    assert (layer.dequantize().double() - want_w).abs().max() < atol
+    # its dequantization computes in the activation dtype, possibly as q*s - z*s (two rounded
+    # products): each weight within 2 unit roundoffs (fp16 2^-11, bf16 2^-8) of |w| + 16 s of its
+    # group. (A fixed absolute bound failed now and then on bf16 weights near 0.3.)
+    from quantbridge.packed import unpermute_columns
+
+    u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    s = unpermute_columns(w.scales.double().repeat_interleave(w.group_size, dim=1), w.perm)
+    assert ((layer.dequantize().double() - want_w).abs() <= 2 * u * (want_w.abs() + 16 * s)).all()
     for m in (1, 9):
         x = torch.randn(m, 576, dtype=dtype)
         y = layer(x)

@@ -5,7 +5,8 @@ For a model that came from a GGUF file (`demo`, which is SmolLM2's Q4_1 GGUF, or
 (formats/gguf.py, bit-exact) for the compared layers. The reference model holds those same
 weights dequantized, so a `gguf` row's error is its kernel's alone, and its perplexity is
 that of the GGUF as shipped. Q4_1 and Q4_K carry a float offset per group, which only the
-kernels marked `takes_offsets` run (tinygemm on CUDA, the torch reference everywhere).
+kernels marked `takes_offsets` run (the Triton kernel and tinygemm on CUDA, the torch reference
+everywhere).
 A model that did not come from a GGUF file makes the row unavailable, with that reason.
 """
 
@@ -60,4 +61,4 @@ class GGUFBackend(Backend):
     name = "gguf"
     description = "the GGUF file's own Q4 codes (llama.cpp's quantization) through the best kernel that takes them"
     quantizer = "gguf"
-    kernels = ("tinygemm", "reference")
+    kernels = ("triton", "tinygemm", "reference")

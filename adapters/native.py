@@ -37,10 +37,10 @@ class NativeLinear(QuantLinear):
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
         self.register_buffer("perm", weight.perm)
-        self.register_buffer("offsets", weight.offsets)  # float offsets (GGUF): the reference kernel only
+        self.register_buffer("offsets", weight.offsets)  # float offsets per group (GGUF Q4_1/Q4_K)
         self.group_size = weight.group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._impl = (int4_reference if self.reference_only or weight.offsets is not None
+        self._impl = (int4_reference if self.reference_only
                       else _kernel_for(weight.qweight.device, weight.scales.dtype))
         self.kernel = self._impl.KERNEL_NAME
         self._retired: list = []
@@ -64,7 +64,7 @@ class NativeLinear(QuantLinear):
         # launch's split-K counters, and a no-op .to() must not free them.
         out = super()._apply(fn, *args, **kwargs)
         if self._tensor_key() != self._bound_to:
-            if not self.reference_only and self.offsets is None:
+            if not self.reference_only:
                 self._impl = _kernel_for(self.qweight.device, self.scales.dtype)
                 self.kernel = self._impl.KERNEL_NAME
             self._retired.append(self._bound)  # graphs captured with it may still replay
@@ -99,6 +99,7 @@ class PinnedReferenceLinear(NativeLinear):
 class TritonKernel(Kernel):
     name = "triton"
     description = "quantbridge's packed-INT4 Triton kernel (GEMV for decode, tensor-core tiles, dequantize+cuBLAS)"
+    takes_offsets = True  # w = q * s + m is one more term per tile (GGUF Q4_1/Q4_K)
 
     def available(self, device: torch.device) -> Availability:
         if device.type != "cuda":

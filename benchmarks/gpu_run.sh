@@ -8,6 +8,8 @@
 #   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
 #   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
+#   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
+# PRECOMPILE=1 compiles every tuning candidate in parallel first (benchmarks/precompile_triton.py).
 # exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),
 # is carried as .qbcache/exllamav2_ext.so.xz and imported as a prebuilt module: no 3-minute build.
 set -uo pipefail
@@ -33,19 +35,33 @@ if [ -f "$REPO/.qbcache/exllamav2_ext.so.xz" ]; then
   mkdir -p /tmp/exlext && xz -dc "$REPO/.qbcache/exllamav2_ext.so.xz" > /tmp/exlext/exllamav2_ext.so \
     && export PYTHONPATH=/tmp/exlext:$PYTHONPATH
 fi
-if [ "${EXL_BUILD:-0}" = 1 ]; then
+exl_build() {
   start=$(date +%s)
-  timeout "${EXL_TIMEOUT:-420}" python3 -c "from quantbridge.adapters.exllamav2 import _ext; _ext(); print('exllamav2 extension loaded')" \
+  MAX_JOBS=${EXL_JOBS:-8} timeout "${EXL_TIMEOUT:-420}" python3 -c "from quantbridge.adapters.exllamav2 import _ext; _ext(); print('exllamav2 extension loaded')" \
     > "$OUT/exllamav2-build.log" 2>&1
   echo "== exllamav2 build rc=$? in $(( $(date +%s) - start )) s"; tail -n 3 "$OUT/exllamav2-build.log"
   so="$QUANTBRIDGE_CACHE/torch_extensions/exllamav2_ext/exllamav2_ext.so"
   [ -f "$so" ] && strip --strip-debug -o /tmp/exllamav2_ext.so "$so" && xz -T0 -6 -c /tmp/exllamav2_ext.so > "$OUT/exllamav2_ext.so.xz"
   ls -la "$so" "$OUT/exllamav2_ext.so.xz" 2>&1
+}
+# The build (minutes, CPU) runs beside the Triton precompilation; the tests wait for it.
+[ "${EXL_BUILD:-0}" = 1 ] && { exl_build > "$OUT/exllamav2-build.summary" 2>&1 & exl_pid=$!; }
+if [ "${PRECOMPILE:-0}" = 1 ]; then
+  timeout "${PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --batch "${PRE_BATCH:-1,2,4,8,16,32,64,128,512}" \
+    --dtypes "${PRE_DTYPES:-bf16}" --modes "${PRE_MODES:-}" --workers "${PRE_WORKERS:-8}" 2>&1 | tail -n 3
 fi
+[ -n "${exl_pid:-}" ] && { wait "$exl_pid"; cat "$OUT/exllamav2-build.summary"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
 if [ "${TESTS:-1}" = 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} \
     > "$OUT/gpu-tests.log" 2>&1; tail -n 15 "$OUT/gpu-tests.log"
+fi
+if [ "${VARIANTS:-0}" = 1 ]; then
+  # A/B of kernel variants (benchmarks/kernel_variants.py), each tuned on its own.
+  timeout "${VARIANTS_TIMEOUT:-300}" python3 benchmarks/kernel_variants.py "$OUT/kernel-variants.json" \
+    --shapes "${VAR_SHAPES:-8192x28672,4096x4096,4096x14336,14336x4096}" --batch "${VAR_BATCH:-1,4,16,64,128}" \
+    --variants "${VAR_VARIANTS:-i2f,magic,inplace}" > "$OUT/kernel-variants.txt" 2> "$OUT/kernel-variants.log"
+  echo "== variants rc=$?"; cat "$OUT/kernel-variants.txt"; tail -n 3 "$OUT/kernel-variants.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --shapes "${SHAPES:-llama3-8b,llama3-70b}" \
@@ -147,11 +163,10 @@ if [ "${GRAPH:-0}" = 1 ]; then
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
-  # Profile with the committed tuned configurations, so no tuning launch is the one profiled.
-  mkdir -p "$QUANTBRIDGE_CACHE" && cp benchmarks/results/kernels-H100-80GB-HBM3.tuned-configs.json \
-    "$QUANTBRIDGE_CACHE/triton-int4-NVIDIA_H100_80GB_HBM3-triton$(python3 -c 'import triton; print(triton.__version__)').json"
+  # Run after a step that tuned these shapes (BENCH, VARIANTS) or with a carried tuned table:
+  # profile_decode.py warms up first, so the profiled launch is never a tuning one.
   for shape in "8192 28672 1" "4096 4096 1" "8192 28672 16"; do
-    timeout 120 "$ncu" --kernel-name regex:_int4_matmul --launch-skip 5 --launch-count 1 --section SpeedOfLight \
+    timeout 120 "$ncu" --kernel-name regex:_int4_(matmul|gemv) --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       python3 benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
   done

@@ -29,8 +29,12 @@ import triton.language as tl
 from quantbridge.packed import Int4Weight
 
 from ._fast_launch import FastLauncher, hooks_active, raw_launcher
+from .int4_codes import as_float, dequant_words
 
 KERNEL_NAME = "quantbridge.triton"
+# Bumped when the kernels change in a way that can move the best configuration: tuned
+# choices are kept per revision, so an older table is never applied to a newer kernel.
+REVISION = "r2"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -51,11 +55,26 @@ def _last_split(cnt, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def _int4_matmul_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
-    M, N, K, NGROUPS, stride_xm, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
+    M, N, K, NGROUPS, stride_wn, magic_bits, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, FACTORED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, FACTORED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr,
+    MODE: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
 ):
+    """Tensor-core tiles. OFFSETS: w = q * s + m with a float offset m per group (m_ptr)
+    instead of (q - z) * s. EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask
+    (the weight is then read in 16-byte vectors). stride_wn: elements per weight row.
+
+    MODE 3 with one group per tile (WORD_TILES): the weight is read as int32 words and each
+    word becomes its 8 codes minus the zero point, exactly, in the activation dtype
+    (codes.dequant_words: 11 instructions per 8 codes); the scale applies once per tile. For
+    BLOCK_M <= 16 the product is computed transposed (W x^T), so N, not the few rows of x,
+    is the tensor-core M dimension (wgmma on Hopper). Otherwise the weight is read as bytes,
+    each tile split into even and odd columns, the two nibbles meeting the even and odd
+    activations in two dots.
+    """
+    WORD_TILES: tl.constexpr = MODE == 3 and BLOCK_K <= GROUP
+    SWAP: tl.constexpr = WORD_TILES and BLOCK_M <= 16
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -74,48 +93,98 @@ def _int4_matmul_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_start = pid_k * per_split
-    # Tiles past K (in the last split) are fully masked below: they load nothing.
-    t_end = t_start + per_split
+    if EVEN_K:
+        t_end = tl.minimum(t_start + per_split, k_tiles)
+    else:
+        # Tiles past K (in the last split) are fully masked below: they load nothing.
+        t_end = t_start + per_split
 
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_rows = qw_ptr + offs_n[:, None] * K2
+    w_rows = qw_ptr + offs_n[:, None] * stride_wn
     for t in range(t_start, t_end):
-        kb = t * HALF + offs_h  # byte column
-        p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K2)[None, :], other=0)
-        lo = p & 0xF  # even columns
-        hi = p >> 4  # odd columns
         kk = t * BLOCK_K + offs_k
-        x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
-        # Contiguous load, then split into even/odd columns in registers: the weight tile
-        # keeps its loaded layout and meets each half of x in its own dot.
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
-        if BLOCK_K <= GROUP:
+        if EVEN_K:
+            x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
+        if WORD_TILES:
+            WORDS: tl.constexpr = BLOCK_K // 8
+            offs_w = t * WORDS + tl.arange(0, WORDS)
+            if EVEN_K:
+                words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+            else:
+                words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0,
+                                eviction_policy="evict_first")
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
             s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0).to(tl.float32)
-            if FACTORED:
-                # sum_k (q - z) s x = s * (sum_k q x - z * sum_k x): the inner loop only converts
-                # codes (0..15, exact in fp16/bf16); scale and zero apply once per tile.
-                xq = tl.dot(x_even, tl.trans(lo.to(x.dtype)))
-                xq = tl.dot(x_odd, tl.trans(hi.to(x.dtype)), xq)
-                xs = tl.sum(x.to(tl.float32), axis=1)
-                acc += s[None, :] * (xq - xs[:, None] * z[None, :])
+            if OFFSETS:
+                z = tl.zeros((BLOCK_N,), dtype=tl.uint8)
             else:
-                w_lo = ((lo.to(tl.float32) - z[:, None]) * s[:, None]).to(x.dtype)
-                w_hi = ((hi.to(tl.float32) - z[:, None]) * s[:, None]).to(x.dtype)
-                acc = tl.dot(x_even, tl.trans(w_lo), acc)
-                acc = tl.dot(x_odd, tl.trans(w_hi), acc)
+                z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
+            q = tl.reshape(dequant_words(words, z, x.dtype, USE_ASM), (BLOCK_N, BLOCK_K))  # q - z, exact
+            if SWAP:
+                part = tl.dot(q, tl.trans(x))  # [BLOCK_N, BLOCK_M]
+                acc_t += s[:, None] * part
+                if OFFSETS:
+                    acc_t += tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[:, None] * \
+                        tl.sum(x.to(tl.float32), axis=1)[None, :]
+            else:
+                acc += s[None, :] * tl.dot(x, tl.trans(q))
+                if OFFSETS:
+                    acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * \
+                        tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[None, :]
         else:
-            # The tile spans several groups: gather a scale and zero per element.
-            g = (2 * kb) // GROUP
-            sz_off = offs_n[:, None] * NGROUPS + g[None, :]
-            sz_mask = mask_n[:, None] & (kb < K2)[None, :]
-            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
-            acc = tl.dot(x_even, tl.trans(((lo.to(tl.float32) - z) * s).to(x.dtype)), acc)
-            acc = tl.dot(x_odd, tl.trans(((hi.to(tl.float32) - z) * s).to(x.dtype)), acc)
+            kb = t * HALF + offs_h  # byte column
+            if EVEN_K:
+                p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None], other=0,
+                            eviction_policy="evict_first" if MODE > 0 else "")
+            else:
+                p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K2)[None, :], other=0,
+                            eviction_policy="evict_first" if MODE > 0 else "")  # read once: keep L2 for x and scales
+            lo = p & 0xF  # even columns
+            hi = p >> 4  # odd columns
+            # Contiguous load, then split into even/odd columns in registers: the weight tile
+            # keeps its loaded layout and meets each half of x in its own dot.
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+            if BLOCK_K <= GROUP:
+                g = (t * BLOCK_K) // GROUP
+                in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
+                s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)
+                if OFFSETS:
+                    b = tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)
+                else:
+                    b = -s * tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0).to(tl.float32)
+                if FACTORED:
+                    # sum_k (q s + b) x = s * sum_k q x + b * sum_k x (b = -z s, or the offset): the
+                    # inner loop only converts codes (0..15, exact in fp16/bf16); scale and zero
+                    # apply once per tile.
+                    xq = tl.dot(x_even, tl.trans(as_float(lo, x.dtype, MODE)))
+                    xq = tl.dot(x_odd, tl.trans(as_float(hi, x.dtype, MODE)), xq)
+                    xs = tl.sum(x.to(tl.float32), axis=1)
+                    acc += s[None, :] * xq + xs[:, None] * b[None, :]
+                else:
+                    w_lo = (as_float(lo, tl.float32, MODE) * s[:, None] + b[:, None]).to(x.dtype)
+                    w_hi = (as_float(hi, tl.float32, MODE) * s[:, None] + b[:, None]).to(x.dtype)
+                    acc = tl.dot(x_even, tl.trans(w_lo), acc)
+                    acc = tl.dot(x_odd, tl.trans(w_hi), acc)
+            else:
+                # The tile spans several groups: gather a scale and zero per element.
+                g = (2 * kb) // GROUP
+                sz_off = offs_n[:, None] * NGROUPS + g[None, :]
+                sz_mask = mask_n[:, None] & (kb < K2)[None, :]
+                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                if OFFSETS:
+                    b = tl.load(m_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                else:
+                    b = -s * tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
+                acc = tl.dot(x_even, tl.trans((as_float(lo, tl.float32, MODE) * s + b).to(x.dtype)), acc)
+                acc = tl.dot(x_odd, tl.trans((as_float(hi, tl.float32, MODE) * s + b).to(x.dtype)), acc)
+    if SWAP:
+        acc = tl.trans(acc_t)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     out_off = offs_m[:, None] * stride_om + offs_n[None, :]
@@ -139,18 +208,29 @@ def _int4_matmul_kernel(
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
-    M, N, K, NGROUPS, stride_xm, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
+    M, N, K, NGROUPS, stride_wn, magic_bits, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     """One activation row per program on CUDA cores: no tensor-core tile to pad M=1 to 16.
 
     The weight is read as int32 words (8 codes each, column 8i+j in nibble j: the canonical
     byte layout read little-endian). A tile lies in one group (BLOCK_K divides GROUP), so
-    scale and zero apply once per tile: s * (sum q x - z * sum x). The accumulator keeps
-    the word axis ([BLOCK_N, WORDS]) and is reduced once at the end: a cross-thread
-    reduction per nibble and tile cost more issue slots than the arithmetic itself.
+    scale and zero apply once per tile. The accumulator keeps the word axis ([BLOCK_N, WORDS])
+    and is reduced once at the end: a cross-thread reduction per nibble and tile cost more
+    issue slots than the arithmetic itself.
+
+    MODE (see CODE_MODES) 1: each nibble is shifted down, ORed into the mantissa of 2^23, and
+    (2^23 + z) is subtracted, which gives q - z exactly in one FADD, with no integer-to-float
+    conversion (a quarter-rate instruction on Hopper, and the bound of this loop) and no
+    per-tile zero term: s * sum (q - z) x. >= 2: nibbles 0-4 stay in place (the mantissa of
+    2^23 holds bits 0..22), giving (q - z) 16^p with x scaled by 16^-p (exact: powers of
+    two); nibbles 5-7 come from one shift of the word by 12: one shift per word, not eight.
+    2^23's bits come in as an argument (magic_bits), so the and and the or of each nibble
+    are one lop3 (an instruction takes one immediate). OFFSETS: s * sum q x + m * sum x.
+    EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask.
     """
     WORDS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -165,22 +245,67 @@ def _int4_gemv_kernel(
     t_end = tl.minimum(t_start + per_split, k_tiles)
 
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    w_rows = qw_ptr + offs_n[:, None] * K8
+    w_rows = qw_ptr + offs_n[:, None] * stride_wn
     x_row = x_ptr + row * stride_xm
     for t in range(t_start, t_end):
         offs_w = t * WORDS + tl.arange(0, WORDS)
-        mask_w = offs_w < K8
-        words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
+        mask_w = (offs_w < K8) | EVEN_K  # constant true for EVEN_K: no mask along the row
+        if EVEN_K and MODE >= 2:
+            words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+        else:
+            words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0,
+                            eviction_policy="evict_first" if MODE > 0 else "")  # read once: keep L2 for x and scales
         g = (t * BLOCK_K) // GROUP
         sc = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
+        if OFFSETS:
+            zp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            off = tl.load(m_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
+        else:
+            zp = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
         qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         xs = tl.zeros((WORDS,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
-            qx += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
-            xs += xj
-        acc2 += sc[:, None] * (qx - zp[:, None] * xs[None, :])
+        if MODE >= 2:
+            upper = words >> 12  # nibbles 5, 6, 7 now at positions 2, 3, 4
+            for j in tl.static_range(8):
+                if EVEN_K:
+                    xj = tl.load(x_row + offs_w * 8 + j).to(tl.float32)
+                else:
+                    xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
+                if j < 5:  # nibble j at bits 4j..4j+3
+                    bits = (words & (0xF << (4 * j))) | magic_bits
+                    qf = bits.to(tl.float32, bitcast=True) - (8388608.0 + zp * (1 << (4 * j)))[:, None]
+                    qx += qf * (xj * (1.0 / (1 << (4 * j))))[None, :]
+                else:  # nibble j at bits 4(j-3).. of the shifted word
+                    bits = (upper & (0xF << (4 * (j - 3)))) | magic_bits
+                    qf = bits.to(tl.float32, bitcast=True) - (8388608.0 + zp * (1 << (4 * (j - 3))))[:, None]
+                    qx += qf * (xj * (1.0 / (1 << (4 * (j - 3)))))[None, :]
+                if OFFSETS:
+                    xs += xj
+            if OFFSETS:
+                acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
+            else:
+                acc2 += sc[:, None] * qx
+        elif MODE == 1:
+            bias = (8388608.0 + zp)[:, None]  # 2^23 + z, exact
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
+                qf = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - bias
+                qx += qf * xj[None, :]
+                if OFFSETS:
+                    xs += xj
+            if OFFSETS:
+                acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
+            else:
+                acc2 += sc[:, None] * qx
+        else:
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
+                qx += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
+                xs += xj
+            if OFFSETS:
+                acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
+            else:
+                acc2 += sc[:, None] * (qx - zp[:, None] * xs[None, :])
     acc = tl.sum(acc2, axis=1)
 
     if SPLIT_K == 1:
@@ -201,22 +326,27 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, NGROUPS, GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, m_ptr, w_ptr, N, K, NGROUPS, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSETS: tl.constexpr):
     """Canonical Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins).
 
-    BLOCK_K never crosses a group, so scale and zero are one load per row."""
+    BLOCK_K never crosses a group, so scale and zero are one load per row. The arithmetic is
+    the reference's, (q - z) * s or q * s + m in fp32, so the result is the same bit for bit."""
     HALF: tl.constexpr = BLOCK_K // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kb = tl.program_id(1) * HALF + tl.arange(0, HALF)
     mask_n = offs_n < N
     p = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + kb[None, :], mask=mask_n[:, None] & (kb < K // 2)[None, :], other=0)
-    q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    q = as_float(tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)), tl.float32, 1)
     g = (tl.program_id(1) * BLOCK_K) // GROUP
     s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = (q - z[:, None]) * s[:, None]
+    if OFFSETS:
+        m = tl.load(m_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
+        w = q * s[:, None] + m[:, None]
+    else:
+        z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
+        w = (q - z[:, None]) * s[:, None]
     tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[:, None] & (kk < K)[None, :])
 
 
@@ -227,12 +357,28 @@ def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     bk = min(w.group_size, 256)  # groups are 32/64/128 or the whole row (per-channel)
     # Through the fast launcher: at large M every call dequantizes, and Triton's own binder
     # costs more host time than the dequantization takes on the GPU.
-    _DEQUANT((_cdiv(n, 64), _cdiv(k, bk), 1), (w.qweight, w.scales, w.zeros, out), (n, k, k // w.group_size),
-             (w.group_size, 64, bk))
+    _DEQUANT((_cdiv(n, 64), _cdiv(k, bk), 1), (w.qweight, w.scales, w.zeros, _offsets(w), out),
+             (n, k, k // w.group_size), (w.group_size, 64, bk, w.offsets is not None))
     return out
 
 
 _DEQUANT = FastLauncher(_dequant_kernel)
+
+
+def _offsets(w: Int4Weight) -> torch.Tensor:
+    """The offsets tensor, or (never read) the zero-points in its place."""
+    return w.zeros if w.offsets is None else w.offsets
+
+
+# How codes become floats, each mode adding to the one before (int4_codes, the kernels'
+# docstrings): "i2f" converts (the kernels' first form); "magic" uses the bit trick;
+# "inplace" also keeps the GEMV's nibbles in place and drops K masks where K is a multiple
+# of the tile; "asm" also dequantizes tensor-core tiles eight codes per word in PTX, zero
+# folded in, with W x^T for M <= 16. All are kept so benchmarks/kernel_variants.py can time
+# them on one device; the tuner keeps a table entry per mode.
+CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3}
+CODE_MODE = "asm"
+_MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
@@ -260,7 +406,7 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[Config]:
 
 def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:
     if m <= 16:  # memory-bound: one tensor-core row tile, split-K to fill the SMs
-        out = [(16, bn, bk, sk, w, st) for bn in (64, 128, 256) for bk in (64, 128) for sk in (2, 4, 8)
+        out = [(16, bn, bk, sk, w, st) for bn in (64, 128, 256) for bk in (64, 128) for sk in (1, 2, 4, 8)
                for w, st in ((4, 3), (4, 5), (8, 4))]
     elif m <= 64:
         out = [(bm, bn, bk, sk, 4, 3) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2)]
@@ -285,14 +431,25 @@ def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
     return (_cdiv(n, bn), sk, m) if bm == 1 else (_cdiv(m, bm) * _cdiv(n, bn), sk, 1)
 
 
-def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int) -> tuple[FastLauncher, tuple, tuple]:
-    """(launcher, the integer arguments, the constexprs) of one configuration."""
+def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
+    """(launcher, the weight view it reads, the integer arguments, the constexprs) of one configuration."""
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
-    ints = (m, n, k, k // w.group_size)
+    mode = CODE_MODES[CODE_MODE]
+    if mode == 3 and k % 8:
+        mode = 2  # rows that are not whole int32 words: the byte path
+    words = bm == 1 or (mode == 3 and bk <= w.group_size)  # the kernels' WORD_TILES
+    qw = w.qweight.view(torch.int32) if words else w.qweight
+    ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
+    tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
-        return _GEMV, ints, (w.group_size, bn, bk, sk)
-    return _MATMUL, ints, (w.group_size, bm, bn, bk, sk, bm <= 16)
+        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail)
+    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail)
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter runs no PTX: the kernels then take inline assembly's plain-op twin."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Split-K partials, one fp32 buffer per (device, stream): kernels on one stream run one after
@@ -332,7 +489,7 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
     """One launch of a tile configuration; returns the compiled kernel (None in the interpreter)."""
     m, k = x2.shape
     n = w.out_features
-    fast, ints, constexprs = _kernel_args(cfg, w, m, k)
+    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None)
     grid = _grid(cfg, m, n)
     if cfg[3] > 1:
         ws = _workspace(x2.device, stream, cfg[3] * m * n)[2]
@@ -340,10 +497,9 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
             counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32)
     else:
         ws = counters = out  # never read: SPLIT_K = 1 stores straight to out
-    qw = w.qweight.view(torch.int32) if cfg[0] == 1 else w.qweight
-    tensors = (x2, qw, w.scales, w.zeros, out, ws, counters, out if bias is None else bias)
+    tensors = (x2, qw, w.scales, w.zeros, _offsets(w), out, ws, counters, out if bias is None else bias)
     sx = x2.stride(0) if stride_xm is None else stride_xm
-    return fast(grid, tensors, (*ints, sx, out.stride(0)), (*constexprs, bias is not None), cfg[4], cfg[5])
+    return fast(grid, tensors, (*ints, sx, out.stride(0)), constexprs, cfg[4], cfg[5])
 
 
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
@@ -378,7 +534,7 @@ class _Tuner:
         from quantbridge.cachedir import cache_dir
 
         name = torch.cuda.get_device_name(device).replace(" ", "_")
-        return cache_dir() / f"triton-int4-{name}-triton{triton.__version__}.json"
+        return cache_dir() / f"triton-int4-{REVISION}-{name}-triton{triton.__version__}.json"
 
     def _load(self, device: torch.device) -> None:
         path = self._file(device)
@@ -397,7 +553,7 @@ class _Tuner:
         if os.environ.get("TRITON_INTERPRET") == "1" or not x2.is_cuda:
             # The interpreter checks correctness, not speed: take the first valid candidate.
             return candidate_configs(m_bucket(m), n, k, w.group_size)[0]
-        key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}"
+        key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}"
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
@@ -498,10 +654,11 @@ class BoundLinear:
         self.dtype = w.scales.dtype
         self.device = w.qweight.device
         self.device_index = w.qweight.get_device()
-        for t in (w.qweight, w.scales, w.zeros):
+        for t in (w.qweight, w.scales, w.zeros, _offsets(w)):
             if not t.is_contiguous():
-                raise ValueError("BoundLinear needs contiguous qweight, scales and zeros")
+                raise ValueError("BoundLinear needs contiguous qweight, scales, zeros and offsets")
         self.qw_ptr, self.s_ptr, self.z_ptr = w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()
+        self.m_ptr = _offsets(w).data_ptr()
         self.b_ptr = self.bias.data_ptr() if self.bias is not None else 0
         self.plans: dict[int, _Plan] = {}
         self._captured: list[_Plan] = []  # plans a CUDA graph holds; never used again here
@@ -535,7 +692,7 @@ class BoundLinear:
             op = out.data_ptr()
             g = plan.grid
             raw.fn(g[0], g[1], g[2], stream, raw.function, raw.coop, raw.pdl, None, None, raw.metadata,
-                   None, None, None, xp, self.qw_ptr, self.s_ptr, self.z_ptr, op, wsp, plan.cnt_ptr,
+                   None, None, None, xp, self.qw_ptr, self.s_ptr, self.z_ptr, self.m_ptr, op, wsp, plan.cnt_ptr,
                    self.b_ptr or op, *plan.tail)
         elif m:
             self._slow(x2, out, plan)
@@ -563,8 +720,8 @@ class BoundLinear:
             counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
             kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k)
-            _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k)
-            tail = (*ints, self.k, self.n, *constexprs, self.bias is not None)
+            _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None)
+            tail = (*ints, self.k, self.n, *constexprs)
             plan = _Plan(cfg, grid, tail, sk * m * self.n if sk > 1 else 0, counters, raw_launcher(kernel))
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():
             self._captured.append(plan)

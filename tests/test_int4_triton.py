@@ -84,6 +84,62 @@ def test_interpreter_act_order_through_public_entry():
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def _with_offsets(qw, dtype, seed):
+    """The same codes and scales with a random float offset per group (w = q * s + m, GGUF's form)."""
+    from quantbridge.packed import Int4Weight
+
+    gen = torch.Generator().manual_seed(seed)
+    m = (torch.randn(qw.scales.shape, generator=gen) * qw.scales.float().abs().mean() * 8).to(dtype)
+    return Int4Weight(qw.qweight, qw.scales, torch.zeros_like(qw.zeros), qw.group_size, qw.perm,
+                      offsets=m.to(qw.qweight.device))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("m,n,k,gs,sym,cfg", INTERPRETER_CASES)
+@pytest.mark.parametrize("off_dtype", [torch.float32, torch.float16])
+def test_interpreter_float_offsets_match_reference(m, n, k, gs, sym, cfg, off_dtype):
+    # Every kernel path with w = q * s + m (Q4_1 keeps m in fp16, Q4_K in fp32).
+    x, qw, _ = _case(m, n, k, gs, sym, torch.float32, "cpu", seed=m * 17 + n)
+    qw = _with_offsets(qw, off_dtype, seed=n)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    _check(x, qw, ref, cfg, 1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [(16, 16, 128, 2, 4, 3), (32, 16, 64, 1, 4, 3), (16, 16, 256, 2, 4, 3), (1, 32, 128, 2, 4, 3)])
+@pytest.mark.parametrize("offsets", [False, True])
+def test_interpreter_fp16_codes_by_bit_trick(cfg, offsets):
+    # fp16 activations take the 1024 + q path of _as_float (the interpreter has no bf16);
+    # the bound is fp16's rounding of the output (2^-11) with room for the sum's.
+    x, qw, _ = _case(3, 40, 512, 128, False, torch.float16, "cpu", seed=len(cfg) + offsets)
+    if offsets:
+        qw = _with_offsets(qw, torch.float16, seed=3)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    _check(x, qw, ref, cfg, 1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("gs", [32, 128])
+def test_interpreter_dequantize_offsets_is_exact(gs):
+    _, qw, _ = _case(1, 40, 512, gs, False, torch.float32, "cpu", seed=gs + 9)
+    qw = _with_offsets(qw, torch.float16, seed=gs)
+    assert torch.equal(kt.dequantize(qw, torch.float32), qw.dequantize_stored(torch.float32))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("m,n,k,gs,sym,cfg", INTERPRETER_CASES[::2])
+@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace"])
+@pytest.mark.parametrize("offsets", [False, True])
+def test_interpreter_other_code_modes_match(m, n, k, gs, sym, cfg, mode, offsets, monkeypatch):
+    # The modes kept for A/B timing beside the default (benchmarks/kernel_variants.py).
+    monkeypatch.setattr(kt, "CODE_MODE", mode)
+    x, qw, _ = _case(m, n, k, gs, sym, torch.float32, "cpu", seed=m * 7 + n)
+    if offsets:
+        qw = _with_offsets(qw, torch.float32, seed=m)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    _check(x, qw, ref, cfg, 1e-5)
+
+
 def test_configs_are_valid_for_shapes():
     for m in (1, 2, 16, 64, 128, 4096):
         cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128)
@@ -110,6 +166,36 @@ def test_gpu_kernel_matches_reference(dtype, gs, sym):
         x, qw, ref = _case(m, n, k, gs, sym, dtype, "cuda", seed=i)
         for cfg in GPU_CONFIGS:
             _check(x, qw, ref, cfg, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("off_dtype", [torch.float32, torch.float16])
+def test_gpu_float_offsets_match_reference(dtype, off_dtype):
+    from quantbridge.adapters.native import NativeLinear
+
+    for i, (m, n, k) in enumerate(GPU_SHAPES[:4]):
+        x, qw, _ = _case(m, n, k, 64, False, dtype, "cuda", seed=40 + i)
+        qw = _with_offsets(qw, off_dtype, seed=i)
+        ref = x.double() @ qw.dequantize(torch.float64).T
+        for cfg in GPU_CONFIGS:
+            _check(x, qw, ref, cfg, 1e-2)
+        layer = NativeLinear(qw, None)  # the bound launch path, as gguf weights take it on CUDA
+        assert layer.kernel == "quantbridge.triton"
+        for cfg in GPU_CONFIGS[:-1]:
+            layer._bound.config, layer._bound.plans = cfg, {}
+            rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
+            assert rel < 1e-2, (cfg, rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace"])
+def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
+    monkeypatch.setattr(kt, "CODE_MODE", mode)  # the modes benchmarks/kernel_variants.py times
+    x, qw, ref = _case(3, 1000, 1152, 128, False, dtype, "cuda", seed=5)
+    for cfg in GPU_CONFIGS:
+        _check(x, qw, ref, cfg, 1e-2)
 
 
 @pytest.mark.gpu

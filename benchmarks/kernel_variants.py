@@ -1,0 +1,88 @@
+"""A/B timing of native Triton kernel variants on one device, in one process.
+
+Each variant is a setting of kernels/int4_triton.py (today `CODE_MODE`: how codes become
+floats, by conversion, by the bit trick, or by the bit trick without per-nibble shifts in
+the GEMV). Every variant is
+tuned on its own (the tuner keeps a separate table entry per variant) and timed by the
+bench harness: CUDA-graph replay, L2 flushed, a fresh random input per replay, median and
+p10/p90 of --runs. Predictions and outcomes go to benchmarks/NOTES.md.
+
+  python3 benchmarks/kernel_variants.py OUT.json --shapes 8192x28672,4096x4096 --batch 1,4,16,64,128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+import torch
+
+from quantbridge import bench
+from quantbridge.instrument import L2Flush
+from quantbridge.results import write_atomic
+from quantbridge.spec import QuantSpec
+
+VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace")}
+
+
+class _Variant:
+    """A bench source: the native layer built (and first called) under one kernel setting."""
+
+    takes_canonical = True
+    needs_calibration = False
+
+    def __init__(self, name: str, settings: dict) -> None:
+        self.name, self.settings = name, settings
+
+    def apply(self) -> None:
+        from quantbridge.kernels import int4_triton as kt
+
+        for key, value in self.settings.items():
+            setattr(kt, key, value)
+
+    def from_int4(self, weight, bias):
+        from quantbridge.adapters.native import NativeLinear
+
+        self.apply()
+        return NativeLinear(weight, bias)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--shapes", default="8192x28672,4096x4096,4096x14336,14336x4096")
+    ap.add_argument("--batch", default="1,4,16,64,128")
+    ap.add_argument("--variants", default="i2f,magic,inplace")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_variants: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    ms = [int(m) for m in a.batch.split(",")]
+    bw = bench.copy_bandwidth(device)["bytes_per_s"]
+    flush = L2Flush(device)
+    rows = []
+    for k, n in bench.parse_shapes(a.shapes):
+        for name in a.variants.split(","):
+            v = _Variant(name, VARIANTS[name])
+            v.apply()  # the bench's layer is built and first called under this setting
+            for r in bench.bench_layer(v, k, n, ms, QuantSpec(group_size=128), device, dtype, a.runs, 5, flush, bw):
+                rows.append(asdict(r) | {"variant": name})
+                print(f"{k}x{n} M={r.m:<4} {name:6} {r.status:9} {r.median_us or float('nan'):8.1f} us "
+                      f"p10 {r.p10_us or float('nan'):.1f} p90 {r.p90_us or float('nan'):.1f} "
+                      f"{r.pct_copy_bw or float('nan'):5.1f}% BW err {r.check_rel_err or float('nan'):.2g}", flush=True)
+    from quantbridge.kernels import int4_triton as kt
+
+    configs = {key: cfg for (_, key), cfg in kt.TUNER.memo.items()}
+    write_atomic(a.out, json.dumps({"device": torch.cuda.get_device_name(device), "copy_bytes_per_s": bw,
+                                    "rows": rows, "configs": configs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Compile every tuning candidate of the native Triton kernel ahead of time, in parallel.
+
+The tuner (kernels/int4_triton.py) compiles each candidate configuration the first time it
+times it, one after another: a few hundred compilations at one to two seconds each on the
+GPU machine's slow host CPU. Compiling them here first, spread over worker processes, fills
+Triton's on-disk cache, so the tuner's own compilations become cache hits.
+
+A compiled kernel is shared by every shape with the same specialization (dtypes, 16-byte
+alignment, which integers are 1 or multiples of 16), so one small problem per M bucket
+stands for all Llama shapes: M is the bucket itself, N = 1024, K = 4096 (K/g = 32).
+
+  python3 benchmarks/precompile_triton.py --batch 1,4,16,64,128 --dtypes bf16,fp16 --workers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from quantbridge.bench import parse_shapes
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group: int, modes: list[str]) -> list:
+    from quantbridge.kernels import int4_triton as kt
+
+    # M only enters the specialization as "is 1" or "a multiple of 16": one M per class.
+    jobs: dict[tuple, tuple] = {}
+    for m in ms:
+        mb = kt.m_bucket(m)
+        cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
+        for k, n in shapes:
+            for cfg in kt.candidate_configs(mb, n, k, group):
+                for dt in dtypes:
+                    for mode in modes:
+                        jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
+    return sorted(jobs.values())
+
+
+def _worker(rank: int, jobs: list, group: int, counts) -> None:
+    from quantbridge.kernels import int4_triton as kt
+    from quantbridge.packed import quantize_rtn
+    from quantbridge.spec import QuantSpec
+
+    n, k = 1024, 4096
+    ok = 0
+    for i, (mb, cfg, dt, mode) in enumerate(jobs):
+        if i % counts[1] != rank:
+            continue
+        kt.CODE_MODE = mode
+        dtype = DTYPES[dt]
+        w = quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")
+        x = torch.randn(mb, k, device="cuda", dtype=dtype)
+        out = torch.empty(mb, n, device="cuda", dtype=dtype)
+        try:
+            kt.launch(x, w, out, cfg)
+            ok += 1
+        except Exception:  # too many registers or too much shared memory: the tuner skips it too
+            pass
+    torch.cuda.synchronize()
+    counts[0][rank] = ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
+    ap.add_argument("--batch", default="1,2,4,8,16,32,64,128,512")
+    ap.add_argument("--dtypes", default="bf16")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--modes", default="", help="code modes to compile (default: the kernel's own); "
+                    "kernel_variants.py times i2f,magic,inplace")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("precompile_triton: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from quantbridge.kernels import int4_triton as kt
+
+    modes = a.modes.split(",") if a.modes else [kt.CODE_MODE]
+    jobs = _jobs(parse_shapes(a.shapes), [int(m) for m in a.batch.split(",")], a.dtypes.split(","),
+                 a.group_size, modes)
+    start = time.perf_counter()
+    done = mp.Manager().list([0] * a.workers)
+    mp.spawn(_worker, args=(jobs, a.group_size, (done, a.workers)), nprocs=a.workers, join=True)
+    print(f"precompiled {sum(done)} of {len(jobs)} kernels in {time.perf_counter() - start:.0f} s "
+          f"over {a.workers} processes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Instructions per INT4 code in the native kernels' main loop, from SASS, with no GPU.
+
+Triton compiles for a named target (sm_90 by default) without a device; nvdisasm (shipped
+with Triton) turns the cubin into SASS. The longest loop of each kernel is its K loop; its
+instruction count divided by the codes one thread handles per iteration is the issue cost
+per code: the figure the kernel variants in benchmarks/NOTES.md predict from.
+
+Integer arguments are specialized as Triton does at run time for Llama shapes (pointers
+16-byte aligned, integers multiples of 16), so vector widths match a real launch.
+
+  python3 benchmarks/sass_counts.py                       # every mode, the decode and tile configs
+  python3 benchmarks/sass_counts.py --modes asm --dtype fp16 --config 16,128,128,4,4,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from quantbridge.kernels import int4_triton as kt
+
+_TY = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def _signature(fn, dtype: str, words: bool, offsets: bool) -> dict[str, str]:
+    ptr = {"x_ptr": dtype, "qw_ptr": "i32" if words else "u8", "s_ptr": dtype, "z_ptr": "u8",
+           "m_ptr": "fp32" if offsets else "u8", "out_ptr": dtype, "ws_ptr": "fp32", "cnt_ptr": "i32", "b_ptr": dtype}
+    sig = {}
+    for name in fn.arg_names:
+        if name in ptr:
+            sig[name] = "*" + ptr[name]
+        elif name[0].isupper() and name not in ("M", "N", "K", "NGROUPS"):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192,
+                 offsets: bool = False, arch: int = 90) -> str:
+    """SASS of the kernel one configuration launches (M = 1 for GEMV tiles, 16 otherwise)."""
+    bm, bn, bk, sk, warps, stages = cfg
+    mode_i = kt.CODE_MODES[mode]
+    words = bm == 1 or (mode_i == 3 and bk <= group)
+    fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
+    head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)
+    consts = head + (False, offsets, mode_i, k % bk == 0, True)
+    sig = _signature(fn, _TY[dtype], words, offsets)
+    names = [n for n in fn.arg_names if sig[n] == "constexpr"]
+    # M is 1 for a GEMV launch (specialized away), and never assumed a multiple of 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and n != "M"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(zip(names, consts)), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest backward-branch loop (the K loop)."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        lab = re.match(r"\s*\.L_x_(\d+):", line)
+        if lab:
+            labels[int(lab.group(1))] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append(m.group(1))
+    best = (0, -1)
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA.*\.L_x_(\d+)", text)
+        if m and labels.get(int(m.group(1)), i + 1) <= i and i - labels[int(m.group(1))] > best[1] - best[0]:
+            best = (labels[int(m.group(1))], i)
+    return ins[best[0]:best[1] + 1]
+
+
+def opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
+def report(cfg: kt.Config, mode: str, dtype: str, offsets: bool = False) -> str:
+    loop = main_loop(compile_sass(cfg, mode, dtype, offsets=offsets))
+    codes = cfg[1] * cfg[2] / (32 * cfg[4])  # BLOCK_N x BLOCK_K codes per iteration over the threads
+    ops = collections.Counter(opcode(t) for t in loop)
+    top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+    return f"{str(cfg):26} {mode:8} {dtype} {len(loop):5} instr  {len(loop) / codes:5.2f}/code  {top}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default=",".join(kt.CODE_MODES))
+    ap.add_argument("--dtype", default="bf16", choices=sorted(_TY))
+    ap.add_argument("--config", action="append", help="BM,BN,BK,SPLIT_K,warps,stages (repeatable)")
+    ap.add_argument("--offsets", action="store_true", help="float offsets per group (GGUF Q4_1/Q4_K)")
+    a = ap.parse_args(argv)
+    cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
+        (1, 128, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 4, 8, 4), (64, 128, 64, 2, 4, 3)]
+    for cfg in cfgs:
+        for mode in a.modes.split(","):
+            print(report(cfg, mode, a.dtype, a.offsets), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

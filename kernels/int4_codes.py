@@ -1,0 +1,85 @@
+"""INT4 codes to floats inside Triton kernels, exactly and without int-to-float conversions.
+
+An integer-to-float conversion issues at a quarter of the FP32 rate on Hopper, and the
+decode loop converts every code. The bit trick instead: a code q ORed into the low mantissa
+bits of 2^e is the float 2^e + q, and subtracting 2^e (or 2^e + z) is exact:
+  fp16  2^10 = 0x6400 (ulp 1 up to 2048)   bf16  2^7 = 0x4300 (ulp 1 up to 256)
+  fp32  2^23 = 0x4B000000
+`dequant_words` does it two codes per 32-bit register (two fp16/bf16 halves), eight codes
+per int32 word of the canonical layout (column 8i + j in nibble j), in 11 PTX instructions
+per word: 3 shifts, 4 lop3 (and-or in one), 4 packed fma that subtract 2^e + z.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# $8 is the word, $9 the packed pair -(2^e + z) in the output dtype. Nibbles j and j + 4 of
+# (word >> 4j) land in the two halves; the fma by 1.0 subtracts 2^e + z from both at once.
+_WORD_TO_8 = """{{
+.reg .b32 t0, t1, t2, t3, s1, s2, s3, m, one;
+mov.b32 m, {magic};
+mov.b32 one, {one};
+shr.b32 s1, $8, 4;
+shr.b32 s2, $8, 8;
+shr.b32 s3, $8, 12;
+lop3.b32 t0, $8, 0x000F000F, m, 0xEA;
+lop3.b32 t1, s1, 0x000F000F, m, 0xEA;
+lop3.b32 t2, s2, 0x000F000F, m, 0xEA;
+lop3.b32 t3, s3, 0x000F000F, m, 0xEA;
+fma.rn.{ty} t0, t0, one, $9;
+fma.rn.{ty} t1, t1, one, $9;
+fma.rn.{ty} t2, t2, one, $9;
+fma.rn.{ty} t3, t3, one, $9;
+mov.b32 {{$0, $4}}, t0;
+mov.b32 {{$1, $5}}, t1;
+mov.b32 {{$2, $6}}, t2;
+mov.b32 {{$3, $7}}, t3;
+}}"""
+ASM_BF16 = tl.constexpr(_WORD_TO_8.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
+ASM_FP16 = tl.constexpr(_WORD_TO_8.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
+
+
+@triton.jit
+def as_float(q, DT: tl.constexpr, MODE: tl.constexpr):
+    """Codes 0..15 (any integer type) as exact DT values; MODE 0 converts, MODE > 0 uses the bit trick."""
+    if MODE == 0:
+        return q.to(DT)
+    if DT == tl.float16:
+        return (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif DT == tl.bfloat16:
+        return (q.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def dequant_words(words, z, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [R, W] and zero-points z [R] (uint8) -> q - z as DT [R, W, 2, 2, 2]
+    (reshape to [R, 8W] for the canonical column order). USE_ASM False (Triton's
+    interpreter, which runs no PTX): the same values by plain integer ops."""
+    if USE_ASM:
+        if DT == tl.float16:
+            bias = (-(1024.0 + z.to(tl.float32))).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bias = (bias | (bias << 16))[:, None] + tl.zeros_like(words)
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, bias], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            bias = (-(128.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bias = (bias | (bias << 16))[:, None] + tl.zeros_like(words)
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, bias], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32)[:, None]
+        q0 = (((words >> 0) & 0xF).to(tl.float32) - zf).to(DT)
+        q1 = (((words >> 4) & 0xF).to(tl.float32) - zf).to(DT)
+        q2 = (((words >> 8) & 0xF).to(tl.float32) - zf).to(DT)
+        q3 = (((words >> 12) & 0xF).to(tl.float32) - zf).to(DT)
+        q4 = (((words >> 16) & 0xF).to(tl.float32) - zf).to(DT)
+        q5 = (((words >> 20) & 0xF).to(tl.float32) - zf).to(DT)
+        q6 = (((words >> 24) & 0xF).to(tl.float32) - zf).to(DT)
+        q7 = (((words >> 28) & 0xF).to(tl.float32) - zf).to(DT)
+    # join appends a minor axis, so the first join is the most significant bit of j:
+    # [..., a, b, c] holds nibble 4a + 2b + c.
+    return tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))

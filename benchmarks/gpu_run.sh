@@ -50,18 +50,18 @@ if [ "${PRECOMPILE:-0}" = 1 ]; then
   timeout "${PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --batch "${PRE_BATCH:-1,2,4,8,16,32,64,128,512}" \
     --dtypes "${PRE_DTYPES:-bf16}" --modes "${PRE_MODES:-}" --workers "${PRE_WORKERS:-8}" 2>&1 | tail -n 3
 fi
-[ -n "${exl_pid:-}" ] && { wait "$exl_pid"; cat "$OUT/exllamav2-build.summary"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
-if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} \
-    > "$OUT/gpu-tests.log" 2>&1; tail -n 15 "$OUT/gpu-tests.log"
-fi
 if [ "${VARIANTS:-0}" = 1 ]; then
   # A/B of kernel variants (benchmarks/kernel_variants.py), each tuned on its own.
   timeout "${VARIANTS_TIMEOUT:-300}" python3 benchmarks/kernel_variants.py "$OUT/kernel-variants.json" \
     --shapes "${VAR_SHAPES:-8192x28672,4096x4096,4096x14336,14336x4096}" --batch "${VAR_BATCH:-1,4,16,64,128}" \
     --variants "${VAR_VARIANTS:-i2f,magic,inplace}" > "$OUT/kernel-variants.txt" 2> "$OUT/kernel-variants.log"
   echo "== variants rc=$?"; cat "$OUT/kernel-variants.txt"; tail -n 3 "$OUT/kernel-variants.log"
+fi
+[ -n "${exl_pid:-}" ] && { wait "$exl_pid"; cat "$OUT/exllamav2-build.summary"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest ${TEST_ARGS:--q} -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} \
+    > "$OUT/gpu-tests.log" 2>&1; tail -n 15 "$OUT/gpu-tests.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --shapes "${SHAPES:-llama3-8b,llama3-70b}" \
@@ -166,7 +166,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # Run after a step that tuned these shapes (BENCH, VARIANTS) or with a carried tuned table:
   # profile_decode.py warms up first, so the profiled launch is never a tuning one.
   for shape in "8192 28672 1" "4096 4096 1" "8192 28672 16"; do
-    timeout 120 "$ncu" --kernel-name regex:_int4_(matmul|gemv) --launch-skip 5 --launch-count 1 --section SpeedOfLight \
+    timeout 120 "$ncu" --kernel-name "regex:_int4_(matmul|gemv)" --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       python3 benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
   done

@@ -70,9 +70,11 @@ def test_offsets_reach_only_kernels_that_take_them():
 
     rng = np.random.default_rng()
     w = decode("Q4_1", quants.quantize(rng.standard_normal((16, 64)).astype(np.float32), T.Q4_1), 16, 64)
-    c = choose(["triton", "gptq-layout", "reference"], w, torch.device("cpu"), torch.float32)
+    c = choose(["gptq-layout", "awq-layout", "reference"], w, torch.device("cpu"), torch.float32)
     assert c.kernel.name == "reference"
-    assert all("float offset" in why for _, why in c.rejected)
+    assert len(c.rejected) == 2 and all("float offset" in why for _, why in c.rejected)
+    c = choose(["triton", "reference"], w, torch.device("cpu"), torch.float32)
+    assert c.rejected == (("triton", "needs CUDA"),)  # it takes offsets; the CPU is what it lacks
     for fmt in ("gptq", "awq", "compressed-tensors"):
         with pytest.raises(ValueError, match="float offset per group"):
             codec(fmt).encode(w)

@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.variants.split(","):
             v = _Variant(name, VARIANTS[name])
             v.apply()  # the bench's layer is built and first called under this setting
-            for r in bench.bench_layer(v, k, n, ms, QuantSpec(group_size=128), device, dtype, a.runs, 5, flush, bw):
+            try:
+                got = bench.bench_layer(v, k, n, ms, QuantSpec(group_size=128), device, dtype, a.runs, 5, flush, bw)
+            except Exception as e:  # a variant that fails to compile or run: the others still get measured
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                got = [bench.Row(name, "", k, n, m, "failed", reason) for m in ms]
+                print(f"{k}x{n} {name}: failed: {reason}", flush=True)
+            for r in got:
                 rows.append(asdict(r) | {"variant": name})
                 print(f"{k}x{n} M={r.m:<4} {name:6} {r.status:9} {r.median_us or float('nan'):8.1f} us "
                       f"p10 {r.p10_us or float('nan'):.1f} p90 {r.p90_us or float('nan'):.1f} "

@@ -24,7 +24,7 @@ from quantbridge.backend import Availability, QuantLinear, dist_version
 from quantbridge.cachedir import cache_dir
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight, unpermute_columns
+from quantbridge.packed import Int4Weight
 
 MAX_DQ_SIZE = 512 * 1024**2  # elements dequantized at once for large M: ExLlamaV2Config.max_dq_size
 INSTALL_HINT = "pip install 'quantbridge[exllamav2]' (exllamav2 0.3.2; its CUDA extension builds on first use)"
@@ -137,10 +137,10 @@ class ExllamaV2Linear(QuantLinear):
         if self._handle is None:
             raise RuntimeError("exllamav2 reconstructs weights on CUDA only")
         out = torch.empty(self.in_features, self.out_features, dtype=torch.float16, device=self.qweight.device)
+        # reconstruct writes each row back to q_perm[row] (its source row in q_matrix.cu's
+        # reconstruct kernels): the output is in input-feature order already, act-order or not.
         _ext().ext_c.reconstruct(self._handle, out)
-        # rows reconstructed in exllamav2's (act-order) row order; int16 holds 0..65535 as signed
-        perm = None if self.q_perm is None else self.q_perm.to(torch.int64) & 0xFFFF
-        return unpermute_columns(out.float().t(), perm).cpu()
+        return out.float().t().cpu()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._handle is None:

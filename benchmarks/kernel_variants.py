@@ -24,7 +24,7 @@ from quantbridge.instrument import L2Flush
 from quantbridge.results import write_atomic
 from quantbridge.spec import QuantSpec
 
-VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace")}
+VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm")}
 
 
 class _Variant:

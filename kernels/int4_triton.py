@@ -73,8 +73,12 @@ def _int4_matmul_kernel(
     each tile split into even and odd columns, the two nibbles meeting the even and odd
     activations in two dots.
     """
-    WORD_TILES: tl.constexpr = MODE == 3 and BLOCK_K <= GROUP
+    WORD_TILES: tl.constexpr = MODE == 3 and BLOCK_K <= GROUP and BLOCK_M <= 64
     SWAP: tl.constexpr = WORD_TILES and BLOCK_M <= 16
+    # MODE 3 runs tiles of BLOCK_M > 64 as byte tiles converting codes with cvt, as "i2f"
+    # does: on the H200 its 128-row word tiles spilled registers and the bit trick's fp32
+    # path (two lop3 per code) was slower there (benchmarks/NOTES.md).
+    CONV: tl.constexpr = 0 if MODE == 3 and BLOCK_M > 64 else MODE
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -162,13 +166,13 @@ def _int4_matmul_kernel(
                     # sum_k (q s + b) x = s * sum_k q x + b * sum_k x (b = -z s, or the offset): the
                     # inner loop only converts codes (0..15, exact in fp16/bf16); scale and zero
                     # apply once per tile.
-                    xq = tl.dot(x_even, tl.trans(as_float(lo, x.dtype, MODE)))
-                    xq = tl.dot(x_odd, tl.trans(as_float(hi, x.dtype, MODE)), xq)
+                    xq = tl.dot(x_even, tl.trans(as_float(lo, x.dtype, CONV)))
+                    xq = tl.dot(x_odd, tl.trans(as_float(hi, x.dtype, CONV)), xq)
                     xs = tl.sum(x.to(tl.float32), axis=1)
                     acc += s[None, :] * xq + xs[:, None] * b[None, :]
                 else:
-                    w_lo = (as_float(lo, tl.float32, MODE) * s[:, None] + b[:, None]).to(x.dtype)
-                    w_hi = (as_float(hi, tl.float32, MODE) * s[:, None] + b[:, None]).to(x.dtype)
+                    w_lo = (as_float(lo, tl.float32, CONV) * s[:, None] + b[:, None]).to(x.dtype)
+                    w_hi = (as_float(hi, tl.float32, CONV) * s[:, None] + b[:, None]).to(x.dtype)
                     acc = tl.dot(x_even, tl.trans(w_lo), acc)
                     acc = tl.dot(x_odd, tl.trans(w_hi), acc)
             else:
@@ -181,8 +185,8 @@ def _int4_matmul_kernel(
                     b = tl.load(m_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
                 else:
                     b = -s * tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
-                acc = tl.dot(x_even, tl.trans((as_float(lo, tl.float32, MODE) * s + b).to(x.dtype)), acc)
-                acc = tl.dot(x_odd, tl.trans((as_float(hi, tl.float32, MODE) * s + b).to(x.dtype)), acc)
+                acc = tl.dot(x_even, tl.trans((as_float(lo, tl.float32, CONV) * s + b).to(x.dtype)), acc)
+                acc = tl.dot(x_odd, tl.trans((as_float(hi, tl.float32, CONV) * s + b).to(x.dtype)), acc)
     if SWAP:
         acc = tl.trans(acc_t)
 
@@ -438,7 +442,7 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool) -> 
     mode = CODE_MODES[CODE_MODE]
     if mode == 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
-    words = bm == 1 or (mode == 3 and bk <= w.group_size)  # the kernels' WORD_TILES
+    words = bm == 1 or (mode == 3 and bk <= w.group_size and bm <= 64)  # the kernels' WORD_TILES
     qw = w.qweight.view(torch.int32) if words else w.qweight
     ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())

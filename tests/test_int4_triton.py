@@ -89,7 +89,7 @@ def _with_offsets(qw, dtype, seed):
     from quantbridge.packed import Int4Weight
 
     gen = torch.Generator().manual_seed(seed)
-    m = (torch.randn(qw.scales.shape, generator=gen) * qw.scales.float().abs().mean() * 8).to(dtype)
+    m = (torch.randn(qw.scales.shape, generator=gen) * qw.scales.float().abs().mean().cpu() * 8).to(dtype)
     return Int4Weight(qw.qweight, qw.scales, torch.zeros_like(qw.zeros), qw.group_size, qw.perm,
                       offsets=m.to(qw.qweight.device))
 

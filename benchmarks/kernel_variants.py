@@ -24,7 +24,7 @@ from quantbridge.instrument import L2Flush
 from quantbridge.results import write_atomic
 from quantbridge.spec import QuantSpec
 
-VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm")}
+VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch")}
 
 
 class _Variant:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--shapes", default="8192x28672,4096x4096,4096x14336,14336x4096")
     ap.add_argument("--batch", default="1,4,16,64,128")
-    ap.add_argument("--variants", default="i2f,magic,inplace")
+    ap.add_argument("--variants", default="i2f,magic,inplace,asm,prefetch")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     a = ap.parse_args(argv)

@@ -65,7 +65,7 @@ def _int4_matmul_kernel(
     instead of (q - z) * s. EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask
     (the weight is then read in 16-byte vectors). stride_wn: elements per weight row.
 
-    MODE 3 with one group per tile (WORD_TILES): the weight is read as int32 words and each
+    MODE >= 3 with one group per tile (WORD_TILES): the weight is read as int32 words and each
     word becomes its 8 codes minus the zero point, exactly, in the activation dtype
     (codes.dequant_words: 11 instructions per 8 codes); the scale applies once per tile. For
     BLOCK_M <= 16 the product is computed transposed (W x^T), so N, not the few rows of x,
@@ -73,12 +73,12 @@ def _int4_matmul_kernel(
     each tile split into even and odd columns, the two nibbles meeting the even and odd
     activations in two dots.
     """
-    WORD_TILES: tl.constexpr = MODE == 3 and BLOCK_K <= GROUP and BLOCK_M <= 64
+    WORD_TILES: tl.constexpr = MODE >= 3 and BLOCK_K <= GROUP and BLOCK_M <= 64
     SWAP: tl.constexpr = WORD_TILES and BLOCK_M <= 16
-    # MODE 3 runs tiles of BLOCK_M > 64 as byte tiles converting codes with cvt, as "i2f"
+    # MODE >= 3 runs tiles of BLOCK_M > 64 as byte tiles converting codes with cvt, as "i2f"
     # does: on the H200 its 128-row word tiles spilled registers and the bit trick's fp32
     # path (two lop3 per code) was slower there (benchmarks/NOTES.md).
-    CONV: tl.constexpr = 0 if MODE == 3 and BLOCK_M > 64 else MODE
+    CONV: tl.constexpr = 0 if MODE >= 3 and BLOCK_M > 64 else MODE
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -211,6 +211,16 @@ def _int4_matmul_kernel(
 
 
 @triton.jit
+def _tile_words(w_rows, t, valid, mask_n, K8, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The GEMV's K-tile t of words ([BLOCK_N, WORDS]); all zero where `valid` is false."""
+    offs_w = t * WORDS + tl.arange(0, WORDS)
+    mask = mask_n[:, None] & valid
+    if not EVEN_K:
+        mask = mask & (offs_w < K8)[None, :]
+    return tl.load(w_rows + offs_w[None, :], mask=mask, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
     M, N, K, NGROUPS, stride_wn, magic_bits, stride_xm, stride_om,
@@ -251,10 +261,17 @@ def _int4_gemv_kernel(
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     w_rows = qw_ptr + offs_n[:, None] * stride_wn
     x_row = x_ptr + row * stride_xm
+    if MODE >= 4:
+        ahead = _tile_words(w_rows, t_start, t_start < t_end, mask_n, K8, WORDS, EVEN_K)
     for t in range(t_start, t_end):
         offs_w = t * WORDS + tl.arange(0, WORDS)
         mask_w = (offs_w < K8) | EVEN_K  # constant true for EVEN_K: no mask along the row
-        if EVEN_K and MODE >= 2:
+        if MODE >= 4:
+            # The next tile's load is issued before this one is decoded: its latency hides
+            # behind the arithmetic instead of stalling the next iteration.
+            words = ahead
+            ahead = _tile_words(w_rows, t + 1, t + 1 < t_end, mask_n, K8, WORDS, EVEN_K)
+        elif EVEN_K and MODE >= 2:
             words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None], other=0, eviction_policy="evict_first")
         else:
             words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0,
@@ -378,9 +395,11 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # docstrings): "i2f" converts (the kernels' first form); "magic" uses the bit trick;
 # "inplace" also keeps the GEMV's nibbles in place and drops K masks where K is a multiple
 # of the tile; "asm" also dequantizes tensor-core tiles eight codes per word in PTX, zero
-# folded in, with W x^T for M <= 16. All are kept so benchmarks/kernel_variants.py can time
-# them on one device; the tuner keeps a table entry per mode.
-CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3}
+# folded in, with W x^T for M <= 16; "prefetch" also loads the GEMV's next tile of words
+# while the current one is decoded (not yet timed on a GPU). All are kept so
+# benchmarks/kernel_variants.py can time them on one device; the tuner keeps a table entry
+# per mode.
+CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4}
 CODE_MODE = "asm"
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
@@ -440,9 +459,9 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool) -> 
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
-    if mode == 3 and k % 8:
+    if mode >= 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
-    words = bm == 1 or (mode == 3 and bk <= w.group_size and bm <= 64)  # the kernels' WORD_TILES
+    words = bm == 1 or (mode >= 3 and bk <= w.group_size and bm <= 64)  # the kernels' WORD_TILES
     qw = w.qweight.view(torch.int32) if words else w.qweight
     ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())

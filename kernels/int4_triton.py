@@ -573,7 +573,7 @@ class _Tuner:
     def config(self, x2: torch.Tensor, w: Int4Weight) -> Config:
         m, k = x2.shape
         n = w.out_features
-        if os.environ.get("TRITON_INTERPRET") == "1" or not x2.is_cuda:
+        if _interpreting() or not x2.is_cuda:
             # The interpreter checks correctness, not speed: take the first valid candidate.
             return candidate_configs(m_bucket(m), n, k, w.group_size)[0]
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}"

@@ -67,7 +67,7 @@ def _int4_matmul_kernel(
 
     MODE >= 3 with one group per tile (WORD_TILES): the weight is read as int32 words and each
     word becomes its 8 codes minus the zero point, exactly, in the activation dtype
-    (codes.dequant_words: 11 instructions per 8 codes); the scale applies once per tile. For
+    (int4_codes.dequant_words: 11 instructions per 8 codes); the scale applies once per tile. For
     BLOCK_M <= 16 the product is computed transposed (W x^T), so N, not the few rows of x,
     is the tensor-core M dimension (wgmma on Hopper). Otherwise the weight is read as bytes,
     each tile split into even and odd columns, the two nibbles meeting the even and odd

@@ -302,10 +302,6 @@ def _int4_gemv_kernel(
                     qx += qf * (xj * (1.0 / (1 << (4 * (j - 3)))))[None, :]
                 if OFFSETS:
                     xs += xj
-            if OFFSETS:
-                acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
-            else:
-                acc2 += sc[:, None] * qx
         elif MODE == 1:
             bias = (8388608.0 + zp)[:, None]  # 2^23 + z, exact
             for j in tl.static_range(8):
@@ -314,19 +310,17 @@ def _int4_gemv_kernel(
                 qx += qf * xj[None, :]
                 if OFFSETS:
                     xs += xj
-            if OFFSETS:
-                acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
-            else:
-                acc2 += sc[:, None] * qx
         else:
             for j in tl.static_range(8):
                 xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
                 qx += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
                 xs += xj
-            if OFFSETS:
-                acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
-            else:
-                acc2 += sc[:, None] * (qx - zp[:, None] * xs[None, :])
+        if OFFSETS:
+            acc2 += sc[:, None] * qx + off[:, None] * xs[None, :]
+        elif MODE >= 1:
+            acc2 += sc[:, None] * qx  # qx holds sum (q - z) x already
+        else:
+            acc2 += sc[:, None] * (qx - zp[:, None] * xs[None, :])
     acc = tl.sum(acc2, axis=1)
 
     if SPLIT_K == 1:

@@ -49,13 +49,14 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
     from quantbridge.spec import QuantSpec
 
     n, k = 1024, 4096
+    weights = {dt: quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")
+               for dt, dtype in DTYPES.items()}
     ok = 0
     for i, (mb, cfg, dt, mode) in enumerate(jobs):
         if i % counts[1] != rank:
             continue
         kt.CODE_MODE = mode
-        dtype = DTYPES[dt]
-        w = quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")
+        dtype, w = DTYPES[dt], weights[dt]
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
         try:

@@ -6,6 +6,7 @@
 #   TESTS=0 BENCH=0 COMPARE=1 bash benchmarks/gpu_run.sh      # compare every backend on a Llama-shaped model
 #   BENCH=0 PLAN=1 TEST_FILES="tests/test_serve_profile.py" bash benchmarks/gpu_run.sh   # metrics, plan, serving runtime
 #   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
+#   TESTS=0 BENCH=0 PROBES=1 bash benchmarks/gpu_run.sh     # the probes' cost per M and the machine check, graph mode
 #   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
@@ -160,6 +161,18 @@ if [ "${GRAPH:-0}" = 1 ]; then
     "$G/eager/results.json" "$G/fidelity.md" > /dev/null 2> "$G/fidelity.log"
   cat "$G/fidelity.md" "$G/fidelity.log" 2>/dev/null; sed -n '/whole step per M/,/└/p' "$G"/*.txt
   tar -czf "$OUT/graph-$model.tar.gz" -C "$OUT" "graph-$model" && rm -rf "$G"
+fi
+if [ "${PROBES:-0}" = 1 ]; then
+  # The probes' own cost and the machine check in graph mode, on a model of many small layers
+  # (tiny: 29 linears, the worst case for per-layer probes) and one of Llama-3-8B layer shapes.
+  for model in ${PROBE_MODELS:-tiny llama3-8b-2l}; do
+    timeout "${PROBE_TIMEOUT:-300}" python3 -m quantbridge.cli compare "$model" --backends "${PROBE_BACKENDS:-fp16,native,tinygemm}" \
+      --batch "${PROBE_BATCH:-1,16,128}" --prefill 512 --mode graph --no-report --out "$OUT/probes-$model" \
+      > "$OUT/probes-$model.txt" 2> "$OUT/probes-$model.log"
+    echo "== probes $model rc=$?"; tail -n 3 "$OUT/probes-$model.log"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(b['name'], b['status'], {k: (round(v, 2) if isinstance(v, float) else v) for k, v in b['model_metrics'].get('probe_overhead_pct', {}).items()}, b['model_metrics'].get('probe_graphs'), b['model_metrics'].get('probe_cost_per_layer_us'), b['model_metrics'].get('machine_check')) for b in d['backends']]" "$OUT/probes-$model/results.json"
+    grep -E "probe|machine|steady|slowed" "$OUT/probes-$model.txt" | head -n 8
+  done
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

@@ -27,7 +27,7 @@ import torch
 
 from . import backend as registry
 from . import isolation as iso
-from . import resolve
+from . import machinecheck, resolve
 from .errors import BackendUnavailable, UserError
 from .hardware import device_info
 from .instrument import L2Flush
@@ -367,7 +367,7 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
                 quantized = rows.targets if registry.get(name).quantized else set()
             qmodel = with_layers(loaded.model, layers, rows.spec)
             result = measure_row(name, qmodel, rows.targets, quantized, ref, settings, mode, device, dtype, flush,
-                                 progress)
+                                 progress, lambda: sampler.outside_peak(lambda: machinecheck.measure(device)))
             # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
             if settings.sensitivity and result.status == "ok" and name != PLAN and quantized:
                 qlins = {n: qmodel.get_submodule(n) for n in sorted(rows.targets)}

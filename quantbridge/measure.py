@@ -8,17 +8,20 @@ state an earlier step left behind.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .instrument import L2Flush, isolated_error, propagated_error, time_calls
+from . import machinecheck
+from .instrument import L2Flush, isolated_error, propagated_error
 from .metrics import summarize
 from .reference import Reference
 from .results import BackendResult, LayerRecord
 from .rows import Progress
 from .settings import Settings
-from .timing import Step, StepTiming, time_step
+from .timing import PROBE_BUDGET, Step, StepTiming, time_step
 
 
 def _call(model: nn.Module, x: torch.Tensor) -> object:
@@ -43,16 +46,6 @@ def time_row(qmodel: nn.Module, qlins: dict[str, nn.Module], ref: Reference, set
     return out
 
 
-def machine_probe(device: torch.device, dtype: torch.dtype, k: int, runs: int = 21) -> float:
-    """Median µs of one fixed F.linear ([1, k] by [k, k], seeded), the same work in every row."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(k, k, generator=gen).to(device, dtype)
-    xs = [torch.randn(1, k, generator=gen).to(device, dtype) for _ in range(runs + 3)]
-    with torch.inference_mode():
-        samples = time_calls(lambda x: torch.nn.functional.linear(x, w), xs, device)
-    return summarize(samples[3:]).median
-
-
 def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
     """Whole-step figures per M: step time, probes' cost, tokens/s, the time outside the linears."""
     metrics: dict = {"forward_us": {}, "forward_probed_us": {}, "probe_overhead_pct": {}, "tokens_per_s": {},
@@ -64,11 +57,20 @@ def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
         if t.step_probed_us:  # compile mode has no probes inside its step
             on = summarize(t.step_probed_us)
             metrics["forward_probed_us"][key] = on.to_dict()
-            metrics["probe_overhead_pct"][key] = 100 * (on.median - off.median) / off.median
+            # Graph mode probes the linears in several graphs: the overhead is the costliest one's.
+            worst = on
+            if t.probed_by_graph:
+                worst = max((summarize(g) for g in t.probed_by_graph), key=lambda x: x.median)
+                metrics.setdefault("probe_graphs", {})[key] = len(t.probed_by_graph)
+                metrics["probe_budget_pct"] = 100 * PROBE_BUDGET
+                # Each graph's extra time over the plain step, per layer it probed; the median graph.
+                metrics.setdefault("probe_cost_per_layer_us", {})[key] = statistics.median(
+                    (summarize(g).median - off.median) / n for g, n in zip(t.probed_by_graph, t.probed_layers_by_graph))
+            metrics["probe_overhead_pct"][key] = 100 * (worst.median - off.median) / off.median
             # Its spread: the probed runs' p10..p90 against the unprobed ones' p90..p10. A range
             # that holds 0 means the probes' cost is inside the step's own run-to-run noise.
             metrics.setdefault("probe_overhead_range_pct", {})[key] = [
-                100 * (on.p10 - off.p90) / off.median, 100 * (on.p90 - off.p10) / off.median]
+                100 * (worst.p10 - off.p90) / off.median, 100 * (worst.p90 - off.p10) / off.median]
         metrics["tokens_per_s"][key] = m * 1e6 / off.median
         metrics["timing"][key] = t.label
         if t.layer_us:
@@ -77,12 +79,10 @@ def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
             sums = [sum(v[i] for v in t.layer_us.values()) for i in range(runs)]
             metrics["linear_sum_us"][key] = summarize(sums).to_dict()
             if t.span_us is not None:
-                # The rest of the step: the unprobed step minus the linears. The probed graph's own
-                # span is longer by the probes' cost (an event node each), kept apart.
+                # The rest of the step: the unprobed step minus the linears (the probed graphs'
+                # spans are longer by the probes' cost, kept apart).
                 metrics["step_remainder_us"][key] = off.median - metrics["linear_sum_us"][key]["median"]
                 metrics.setdefault("in_graph_span_us", {})[key] = summarize(t.span_us).to_dict()
-                metrics.setdefault("probe_cost_per_event_us", {})[key] = (
-                    (summarize(t.span_us).median - off.median) / (2 * len(t.layer_us) + 2))
     decode = sorted(set(settings.batches))
     metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in decode}
     if settings.prefill and str(settings.prefill) in metrics["forward_us"]:
@@ -100,8 +100,11 @@ def row_timing_label(timings: dict[int, StepTiming]) -> str:
 @torch.inference_mode()
 def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[str], ref: Reference,
                 settings: Settings, mode: str, device: torch.device, dtype: torch.dtype, flush: L2Flush,
-                progress: Progress | None = None) -> BackendResult:
-    """One row, from its model with its layers swapped in. `quantized` are the layers it quantizes."""
+                progress: Progress | None = None,
+                machine_check: Callable[[], dict] | None = None) -> BackendResult:
+    """One row, from its model with its layers swapped in. `quantized` are the layers it quantizes.
+
+    `machine_check` times the fixed work of machinecheck.measure (before and after the timing)."""
     progress = progress or Progress()
     qlins = {n: qmodel.get_submodule(n) for n in ref.io}
     progress.begin(f"{name}: error", len(qlins))
@@ -116,15 +119,14 @@ def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[
         return BackendResult(name=name, status="failed", reason=f"non-finite output in layer {bad[0]}",
                              kernel=kernels_label(qlins, targets))
 
-    probe_k = min(1024, max(mod.in_features for mod in qlins.values()))  # small: it must not move the row's peak memory
-    probe_before = machine_probe(device, dtype, probe_k)
+    # The same fixed work timed just before and after this row's timing, in every row: how fast
+    # the machine itself ran meanwhile (its spread across rows is the drift recommend holds
+    # latency rankings against; see machinecheck).
+    before = machine_check() if machine_check else None
     timings = time_row(qmodel, qlins, ref, settings, mode, device, flush, progress, name)
     metrics = timing_metrics(timings, settings)
-    # The same fixed matmul timed just before and after this row's timing, in every row: how
-    # fast the machine ran while this row was timed (its spread across rows is the drift a
-    # shared CPU adds between rows timed minutes apart; see recommend.timing_drift).
-    metrics["machine_probe_us"] = {"before": probe_before, "after": machine_probe(device, dtype, probe_k),
-                                   "work": f"F.linear of [1, {probe_k}] by [{probe_k}, {probe_k}]"}
+    if before is not None:
+        metrics["machine_check"] = machinecheck.before_after(before, machine_check(), device)
     metrics["eval_loss"] = out.loss.item()
     metrics["eval_ppl"] = math.exp(out.loss.item())
     metrics["eval_ppl_reference"] = math.exp(ref.loss)

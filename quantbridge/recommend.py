@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+from . import machinecheck
 from .results import BackendResult, Comparison
 
 
@@ -27,13 +28,11 @@ def _pick(candidates: list[tuple[float, str]]) -> tuple[str, float, tuple[str, f
 
 
 def timing_drift(comp: Comparison) -> float | None:
-    """How much the machine's speed moved between the rows' timings: max/min - 1 of the fixed
-    matmul each row timed before and after its own timing (None where rows did not record it)."""
-    probes = [v for b in comp.backends if b.status == "ok"
-              for v in (b.model_metrics.get("machine_probe_us") or {}).values() if isinstance(v, (int, float))]
-    if len(probes) < 4:  # fewer than two rows
-        return None
-    return max(probes) / min(probes) - 1
+    """How much the machine's own speed moved between the rows' timings (machinecheck.drift of
+    the fixed work every row timed before and after; None where fewer than two rows recorded it)."""
+    return machinecheck.drift([rec for b in comp.backends if b.status == "ok"
+                               for rec in [b.model_metrics.get("machine_check") or b.model_metrics.get("machine_probe_us")]
+                               if isinstance(rec, dict)])
 
 
 def recommendations(comp: Comparison) -> list[dict]:
@@ -61,8 +60,8 @@ def recommendations(comp: Comparison) -> list[dict]:
                  "runner_up": None if runner is None else {"backend": runner[0], "value": runner[1]}}
         if timed and drift is not None and runner is not None and value > 0 and runner[1] / value - 1 < drift:
             entry["within_drift"] = True
-            entry["figure"] += (f"; undecided: {runner[1] / value - 1:.0%} ahead of {runner[0]}, inside the "
-                                f"{drift:.0%} the machine's speed moved between rows")
+            entry["figure"] += (f"; undecided: {runner[1] / value - 1:.0%} ahead of {runner[0]}, but the machine's "
+                                f"own speed moved by {machinecheck.slowdown(drift)} between rows")
         out.append(entry)
 
     if decode:

@@ -2,10 +2,11 @@
 
   eager    plain forward passes; CUDA events (or perf_counter_ns on the CPU) around each
            linear, and the host clock around each call: the host's enqueue cost, apart.
-  graph    the whole forward captured as one CUDA graph, timing events recorded inside the
+  graph    the whole forward captured as a CUDA graph, timing events recorded inside the
            capture around each linear, so a layer's time is its GPU time within a replayed
-           step: no host gaps, the L2 state its neighbours leave. A second graph without
-           probes gives the step time and, against the probed one, the probes' own cost.
+           step: no host gaps, the L2 state its neighbours leave. A graph without probes
+           gives the step time; the linears are probed in as many further graphs as keep
+           each one's cost within PROBE_BUDGET of the step, measured against the plain one.
   compile  torch.compile(mode="reduce-overhead") with every linear an opaque op (as engines
            run their quantized kernels): whole-step time only.
 
@@ -16,6 +17,7 @@ falls back to the next one, graph -> eager, compile -> graph, and the label says
 from __future__ import annotations
 
 import contextlib
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +60,10 @@ class StepTiming:
     step_us: list[float]  # the whole step, probes off
     step_probed_us: list[float]  # the whole step, probes on
     span_us: list[float] | None = None  # graph mode: in-graph time from the step's first to its last event
+    # Graph mode: the linears are probed in several graphs (PROBE_BUDGET); each one's replay
+    # times and how many layers it probed.
+    probed_by_graph: list[list[float]] | None = None
+    probed_layers_by_graph: list[int] | None = None
 
 
 def eager(step: Step) -> StepTiming:
@@ -125,6 +131,24 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
+# The share of the unprobed step that the timing events of one probed graph may add. Every
+# event record is a graph node of its own (about 1 µs each on an H100), so probing all of a
+# decode step's linears in one graph would lengthen it by 10-20 %; the linears are therefore
+# spread over as many probed graphs as keep each one within this share of the step.
+PROBE_BUDGET = 0.02
+_ESTIMATE_RUNS = 5
+
+
+def probe_groups(names: list[str], step_us: float, per_layer_us: float, budget: float = PROBE_BUDGET) -> list[list[str]]:
+    """Layers split into interleaved groups, each probed in a graph of its own, so that one
+    graph's probes add at most `budget` of `step_us` at `per_layer_us` per probed layer."""
+    if per_layer_us <= 0 or not names:
+        return [list(names)] if names else []
+    per_group = max(1, int(budget * step_us / per_layer_us))
+    groups = -(-len(names) // per_group)
+    return [names[j::groups] for j in range(groups)]
+
+
 def graph(step: Step) -> StepTiming:
     for x in step.inputs[: max(step.warmup, 1)]:  # kernels compile and tune on first use, not in the capture
         step.forward(x)
@@ -137,15 +161,6 @@ def graph(step: Step) -> StepTiming:
         step.forward(static)
     torch.cuda.current_stream(step.device).wait_stream(side)
     plain = _capture(lambda: step.forward(static))
-    probes = GraphLayerTimer(step.layers)
-
-    def probed_step() -> None:
-        probes.begin()
-        step.forward(static)
-        probes.end()
-
-    with probes:
-        probed = _capture(probed_step, pool=plain.pool())
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def replay(g: torch.cuda.CUDAGraph, x: torch.Tensor) -> float:
@@ -157,17 +172,45 @@ def graph(step: Step) -> StepTiming:
         stop.synchronize()
         return start.elapsed_time(stop) * 1e3
 
-    off = [replay(plain, x) for x in step.timed]
-    on, span = [], []
+    def probed_graph(names: list[str]) -> tuple[torch.cuda.CUDAGraph, GraphLayerTimer]:
+        probes = GraphLayerTimer({n: step.layers[n] for n in names})
+
+        def probed_step() -> None:
+            probes.begin()
+            step.forward(static)
+            probes.end()
+
+        with probes:
+            return _capture(probed_step, pool=plain.pool()), probes
+
+    # What one probed layer costs here: a graph probing every layer against the plain one.
+    names = list(step.layers)
+    every = probed_graph(names)
+    estimate = step.timed[:_ESTIMATE_RUNS]
+    t_plain = statistics.median(replay(plain, x) for x in estimate)
+    t_every = statistics.median(replay(every[0], x) for x in estimate)
+    groups = probe_groups(names, t_plain, (t_every - t_plain) / max(len(names), 1))
+    graphs = [every] if len(groups) <= 1 else [probed_graph(g) for g in groups]
+    del every
+
+    # Round robin over the inputs: the plain step, then each probed graph, so that a change in the
+    # machine's speed during the run moves all of them alike.
+    off: list[float] = []
+    by_graph: list[list[float]] = [[] for _ in graphs]
+    span: list[float] = []
     layer_us: dict[str, list[float]] = {n: [] for n in step.layers}
     for x in step.timed:
-        on.append(replay(probed, x))
-        per_layer, s = probes.read()
-        span.append(s)
-        for n, v in per_layer.items():
-            layer_us[n].append(v)
-    del plain, probed
-    return StepTiming("graph", "graph", layer_us, host, off, on, span)
+        off.append(replay(plain, x))
+        for times, (g, probes) in zip(by_graph, graphs):
+            times.append(replay(g, x))
+            per_layer, s = probes.read()
+            span.append(s)
+            for n, v in per_layer.items():
+                layer_us[n].append(v)
+    sizes = [len(p.modules) for _, p in graphs]
+    del plain, graphs
+    return StepTiming("graph", "graph", layer_us, host, off, [t for times in by_graph for t in times], span,
+                      probed_by_graph=by_graph, probed_layers_by_graph=sizes)
 
 
 def compile_step(step: Step) -> StepTiming:

@@ -70,6 +70,17 @@ def test_probe_overhead_measured(comp):
         assert m["eval_ppl"] > 1
 
 
+def test_every_row_times_the_fixed_work_before_and_after(comp):
+    from quantbridge.recommend import timing_drift
+
+    for b in comp.backends:
+        check = b.model_metrics["machine_check"]
+        assert "host clock" in check["clock"]  # on the CPU
+        (work,) = check["work"].values()
+        assert "F.linear" in work["work"] and work["before_us"] > 0 and work["after_us"] > 0
+    assert timing_drift(comp) >= 0
+
+
 def test_json_round_trip(comp):
     again = Comparison.from_dict(comp.to_dict())
     assert again.to_dict() == comp.to_dict()

@@ -81,18 +81,34 @@ def test_timing_mode_resolution():
 
 
 def test_timing_metrics_remainder_and_tokens_per_s():
-    """Synthetic graph timings: remainder = unprobed step minus Σ layers; the probes' cost per event apart."""
+    """Synthetic graph timings: remainder = unprobed step minus Σ layers; the probes' cost per layer apart."""
     layers = {"a": [10.0, 11.0, 12.0, 13.0, 14.0], "b": [5.0, 5.0, 6.0, 6.0, 7.0]}
     span = [30.0, 31.0, 33.0, 34.0, 36.0]
+    # Two probed graphs, one layer each: +1 µs and +3 µs over the 25 µs plain step.
+    by_graph = [[26.0] * 5, [28.0] * 5]
     t = timing.StepTiming("graph", "graph", layers, {"a": [30.0] * 5, "b": [31.0] * 5},
-                          step_us=[25.0] * 5, step_probed_us=[27.0] * 5, span_us=span)
+                          step_us=[25.0] * 5, step_probed_us=[x for g in by_graph for x in g], span_us=span,
+                          probed_by_graph=by_graph, probed_layers_by_graph=[1, 1])
     m = timing_metrics({4: t}, Settings(batches=[4], prefill=0))
     assert m["linear_sum_us"]["4"]["median"] == 18.0
     assert m["step_remainder_us"]["4"] == pytest.approx(25.0 - 18.0)
-    assert m["probe_cost_per_event_us"]["4"] == pytest.approx((33.0 - 25.0) / 6)
+    assert m["probe_cost_per_layer_us"]["4"] == pytest.approx(2.0)  # the median of 1 and 3
+    assert m["probe_graphs"]["4"] == 2
     assert m["tokens_per_s"]["4"] == pytest.approx(4e6 / 25.0)
-    assert m["probe_overhead_pct"]["4"] == pytest.approx(8.0)
+    assert m["probe_overhead_pct"]["4"] == pytest.approx(12.0)  # the costliest graph's
     assert m["timing"]["4"] == "graph" and m["decode_tokens_per_s"] == {"4": m["tokens_per_s"]["4"]}
+
+
+@pytest.mark.parametrize("n,step_us,per_layer_us", [(211, 1500.0, 2.3), (14, 400.0, 2.3), (7, 10_000.0, 1.1),
+                                                    (30, 50.0, 5.0)])
+def test_probe_groups_keep_each_graph_within_the_budget(n, step_us, per_layer_us):
+    names = [f"layer{i}" for i in range(n)]
+    groups = timing.probe_groups(names, step_us, per_layer_us)
+    assert sorted(x for g in groups for x in g) == sorted(names)  # every layer probed exactly once
+    biggest = max(len(g) for g in groups)
+    assert biggest == 1 or biggest * per_layer_us <= timing.PROBE_BUDGET * step_us
+    assert len(groups) == -(-n // max(1, int(timing.PROBE_BUDGET * step_us / per_layer_us)))  # no more than needed
+    assert timing.probe_groups(names, step_us, 0.0) == [names]  # probes that cost nothing: one graph
 
 
 def test_compare_records_mode_host_cost_and_timing(tiny):

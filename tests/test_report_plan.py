@@ -193,10 +193,12 @@ def test_latency_recommendation_inside_the_machine_drift_is_undecided():
     # runner-up's 10 µs (fp16, 2x) is decided; with the runner-up at 6 µs it would not be.
     for i, b in enumerate(comp.backends):
         if b.status == "ok":
-            b.model_metrics["machine_probe_us"] = {"before": 10.0 + 3.0 * (i == 1), "after": 10.0}
+            b.model_metrics["machine_check"] = {"clock": "test", "work": {
+                "memory": {"work": "copy", "before_us": 10.0 + 3.0 * (i == 1), "after_us": 10.0},
+                "compute": {"work": "matmul", "before_us": 20.0, "after_us": 20.0 + 2.0 * (i == 2)}}}
     from quantbridge.recommend import timing_drift
 
-    assert timing_drift(comp) == pytest.approx(0.3)
+    assert timing_drift(comp) == pytest.approx(0.3)  # the larger of the two kernels' spreads
     recs = {r["question"]: r for r in recommendations(comp)}
     assert not recs["batch-1 decode"].get("within_drift")  # 2x is outside a 30 % drift
     comp.backends[1].layers[0].latency_us["1"]["median"] = 5
@@ -204,6 +206,29 @@ def test_latency_recommendation_inside_the_machine_drift_is_undecided():
     recs = {r["question"]: r for r in recommendations(comp)}
     r = recs["batch-1 decode"]
     assert r["within_drift"] and "undecided" in r["figure"] and "30%" in r["figure"]
+
+
+def test_results_of_the_one_matmul_machine_probe_still_give_a_drift():
+    comp = _constructed()
+    for i, b in enumerate(comp.backends):
+        if b.status == "ok":
+            b.model_metrics["machine_probe_us"] = {"before": 10.0 + 3.0 * (i == 1), "after": 10.0, "work": "F.linear"}
+    from quantbridge.recommend import timing_drift
+
+    assert timing_drift(comp) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("drift,words,not_words", [
+    (0.04, ["steady", "4%"], ["slowed", "rerun"]),
+    (0.45, ["slowed this machine by up to 45%", "not reliable", "rerun on an idle machine"], ["steady"]),
+    (304.59, ["305.6×", "rerun on an idle machine"], ["30459%", "%"]),
+])
+def test_drift_is_said_in_words_a_person_acts_on(drift, words, not_words):
+    from quantbridge.report.common import drift_note
+
+    note = drift_note(drift)
+    assert all(w in note for w in words), note
+    assert not any(w in note for w in not_words), note
 
 
 def test_plan_budgets_on_constructed_results():

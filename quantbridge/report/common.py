@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+from ..machinecheck import slowdown
 from ..recommend import layer_latency_sum
 from ..results import Comparison
 
@@ -37,9 +38,35 @@ def probe_overhead_label(mm: dict, m: str) -> str:
     return f"{point:+.1f}% ({lo:+.1f}…{hi:+.1f}%)"
 
 
+def probe_note(comp: Comparison) -> str:
+    """How the probes' cost was measured, and what one probed layer costs (graph mode)."""
+    note = "probe overhead per M = the whole step with probes on vs off (p10…p90 range)"
+    costs = [c for b in comp.backends if b.status == "ok"
+             for c in (b.model_metrics.get("probe_cost_per_layer_us") or {}).values()]
+    graphs = [g for b in comp.backends if b.status == "ok" for g in (b.model_metrics.get("probe_graphs") or {}).values()]
+    budget = max((b.model_metrics.get("probe_budget_pct", 0) for b in comp.backends if b.status == "ok"), default=0)
+    if costs and graphs:
+        span = f"{min(graphs)}" if min(graphs) == max(graphs) else f"{min(graphs)}–{max(graphs)}"
+        note += (f"; in graph mode the linears are probed in {span} graph(s), as many as keep each one's probes "
+                 f"within {budget:.0f} % of the step, and the figure is the costliest graph's; one probed layer costs "
+                 f"{statistics.median(costs):.2f} µs (median over rows and M: a probed graph's extra time over the "
+                 f"plain step, per layer it probes)")
+    return note
+
+
+# A drift below this is a steady machine; above it the note says, in words, that other work
+# slowed the machine and that latency rankings between rows are unreliable.
+STEADY = 0.10
+
+
 def drift_note(drift: float) -> str:
-    return (f"timing drift between rows: a fixed matmul timed in every row varied by {drift:.0%}; latency "
-            f"differences between rows smaller than that are not decided by this run")
+    """The machine check across rows (machinecheck.drift) in words a person acts on."""
+    if drift < STEADY:
+        return (f"the machine ran at a steady speed: fixed work timed before and after every row stayed "
+                f"within {drift:.0%}")
+    return (f"other work slowed this machine by up to {slowdown(drift)} while the rows were timed (fixed work "
+            f"timed before and after every row); latency rankings between rows closer than that are not "
+            f"reliable: rerun on an idle machine")
 
 
 TIMING_NOTES = {

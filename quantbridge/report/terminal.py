@@ -9,7 +9,8 @@ from rich.table import Table
 from ..recommend import layer_latency_sum as _layer_sum
 from ..recommend import timing_drift
 from ..results import Comparison
-from .common import STEP_HEAD, drift_note, plan_rows, probe_overhead_label, spec_label, step_rows, timing_note
+from .common import (STEP_HEAD, drift_note, plan_rows, probe_note, probe_overhead_label, spec_label, step_rows,
+                     timing_note)
 
 
 
@@ -143,7 +144,7 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
     s = comp.settings
     console.print(
         f"[dim]{timing_note(s)}; error on {s.get('eval_tokens')} held-out tokens; {spec_label(s.get('spec', {}), s.get('group_size_auto', False))}; "
-        f"probe overhead per M = whole step with probes on vs off (p10…p90 range)[/dim]"
+        f"{probe_note(comp)}[/dim]"
     )
     cal = s.get("calibration")
     if cal:

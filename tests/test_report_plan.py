@@ -1,6 +1,7 @@
 """Whole-model metrics, the HTML/Markdown report, recommendations and the plan round trip."""
 
 import base64
+import copy
 import io
 import json
 import math
@@ -104,13 +105,31 @@ def test_html_report_is_self_contained_and_its_figures_decode(sens):
     for heading in ("Summary", "Recommendation", "Sensitive layers", "Per layer"):
         assert f"<h2>{heading}</h2>" in page
     imgs = _images(page)
-    assert len(imgs) == 5  # latency heatmaps at the smallest and largest M, error heatmap, depth, batch
+    # One quantized row: lines against depth (latency ratio, error) and latency by batch, no heatmaps.
+    assert len(imgs) == 3 and "against depth" in page and "heatmap" not in page.lower()
     for png in imgs:
         with Image.open(io.BytesIO(png)) as im:
             assert im.size[0] > 300 and im.size[1] > 200
             assert len(np.unique(np.asarray(im.convert("L")))) > 16  # drawn, not blank
     md = to_markdown(sens)
     assert md.startswith("# quantbridge: tiny") and "| question | backend |" in md
+
+
+def test_many_rows_get_heatmaps_few_get_lines(sens):
+    from quantbridge.report.plots import HEATMAP_MIN_ROWS, figures
+
+    few = figures(sens)
+    assert not any("per layer, M=" in c or c == "Isolated error per layer" for c in few)
+    assert any("against depth" in c for c in few)
+    many = copy.deepcopy(sens)
+    native = many.backends[1]
+    for i in range(HEATMAP_MIN_ROWS - 1):  # more quantized rows: copies of native under other names
+        extra = copy.deepcopy(native)
+        extra.name = f"native-copy{i}"
+        many.backends.append(extra)
+    caps = figures(many)
+    assert "Isolated error per layer" in caps and sum("Latency overhead vs fp16 per layer" in c for c in caps) == 2
+    assert not any("against depth" in c for c in caps)
 
 
 def _screenshot(chromium: str, page: Path, out: Path) -> "Image.Image":

@@ -123,21 +123,57 @@ def overhead(b, r, m: str, ref_rows: dict) -> float | None:
     return None if not mine or not base else mine / base
 
 
+# Below this many compared rows a heatmap is a column or two cut into strips: lines against
+# depth, one per row, show the same numbers readably.
+HEATMAP_MIN_ROWS = 4
+
+
+def latency_vs_depth(comp: Comparison, ms: list[str], ref_rows: dict) -> bytes | None:
+    """Each layer's latency over fp16's against its depth: a line per row and M (few rows)."""
+    backends = [b for b in _ok(comp) if b.role != "reference" and b.layers]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    drawn = False
+    for b in backends:
+        color = None
+        for m, style in zip(ms, ("-", "--")):
+            pts = [(i, v) for i, r in enumerate(b.layers) if (v := overhead(b, r, m, ref_rows)) is not None]
+            if pts:
+                (line,) = ax.plot(*zip(*pts), ls=style, marker=".", color=color, label=f"{b.name} M={m}")
+                color, drawn = line.get_color(), True
+    if not drawn:
+        _plt().close(fig)
+        return None
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer index (execution order)")
+    ax.set_ylabel("latency × fp16 (per layer)")
+    ax.set_title("latency vs fp16 against depth")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
 def figures(comp: Comparison) -> dict[str, bytes]:
-    """Every figure the report shows, by caption."""
+    """Every figure the report shows, by caption: heatmaps for many rows, lines against depth for few."""
     ref = comp.reference()
     ref_rows = {r.name: r.latency_us for r in ref.layers} if ref and ref.status == "ok" else {}
     out: dict[str, bytes] = {}
     ms = [str(m) for m in comp.settings.get("m_values", [])]
-    for m in ms[:1] + ms[-1:] if len(ms) > 1 else ms:
-        png = heatmap(comp, lambda b, r, m=m: overhead(b, r, m, ref_rows),
-                      f"latency vs fp16 at M={m}", "× fp16 (per layer)", log=True)
+    ms = ms[:1] + ms[-1:] if len(ms) > 1 else ms
+    many = len([b for b in _ok(comp) if b.role != "reference" and b.layers]) >= HEATMAP_MIN_ROWS
+    if many:
+        for m in ms:
+            png = heatmap(comp, lambda b, r, m=m: overhead(b, r, m, ref_rows),
+                          f"latency vs fp16 at M={m}", "× fp16 (per layer)", log=True)
+            if png:
+                out[f"Latency overhead vs fp16 per layer, M={m}"] = png
+        png = heatmap(comp, lambda b, r: r.error.get("rel_isolated") if r.quantized else None,
+                      "isolated relative error", "relative L2 error", log=True)
         if png:
-            out[f"Latency overhead vs fp16 per layer, M={m}"] = png
-    png = heatmap(comp, lambda b, r: r.error.get("rel_isolated") if r.quantized else None,
-                  "isolated relative error", "relative L2 error", log=True)
-    if png:
-        out["Isolated error per layer"] = png
+            out["Isolated error per layer"] = png
+    elif png := latency_vs_depth(comp, ms, ref_rows):
+        out[f"Latency vs fp16 per layer against depth, M={' and '.join(ms)}"] = png
+    # Error against depth is a line plot at any number of rows (isolated and propagated).
     for caption, fn in (("Error vs depth", error_vs_depth), ("Latency by batch size", latency_by_batch)):
         png = fn(comp)
         if png:

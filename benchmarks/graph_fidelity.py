@@ -37,11 +37,17 @@ def step_check(comp: dict) -> list[dict]:
             if m not in mm.get("in_graph_span_us", {}):
                 continue
             lin, span = mm["linear_sum_us"][m]["median"], mm["in_graph_span_us"][m]["median"]
-            events = 2 * len(b["layers"]) + 2
+            # Per probed layer (two events each): what the results measured against the plain step;
+            # older results probed every layer in one graph and are worked out from its span.
+            per_layer = (mm.get("probe_cost_per_layer_us") or {}).get(m)
+            if per_layer is None:
+                per_layer = (span - step["median"]) / (len(b["layers"]) + 1)
             out.append({"backend": name, "m": int(m), "timing": mm["timing"][m], "linear_sum_us": lin,
                         "step_us": step["median"], "remainder_us": step["median"] - lin,
                         "linear_share_pct": 100 * lin / step["median"], "probed_span_us": span,
-                        "probe_cost_per_event_us": (span - step["median"]) / events})
+                        "probe_graphs": (mm.get("probe_graphs") or {}).get(m, 1),
+                        "probe_overhead_pct": mm["probe_overhead_pct"][m],
+                        "probe_cost_per_layer_us": per_layer})
     return out
 
 
@@ -137,7 +143,7 @@ def main(graph: str, repeat: str, bench: str, eager: str, out: str) -> None:
           "gaps); the probed graph's span is longer than the unprobed step by the timing events "
           "themselves (two per layer and two per step, each a graph node).", "",
           _table(res["step"], ["backend", "m", "linear_sum_us", "step_us", "remainder_us", "linear_share_pct",
-                               "probed_span_us", "probe_cost_per_event_us"]), "",
+                               "probed_span_us", "probe_graphs", "probe_overhead_pct", "probe_cost_per_layer_us"]), "",
           "The same remainder across rows (target: within 5 % of each other):", "",
           _table(res["remainder"], ["m", "rows", "min_us", "max_us", "spread_pct"]), "",
           "## 2. Layer in the step vs the same kernel alone (`bench`, CUDA graph, L2 flushed; target ±10 %)", "",

@@ -182,6 +182,7 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
     from safetensors.torch import save_file
 
     out, _ = check_out_dir(out, overwrite)
+    codec = codec.for_checkpoint(spec)  # e.g. GPTQ: v1 when symmetric, v2 when not (formats/gptq.py)
     smoothed = [n for n, w in weights.items() if w.smoothed]
     if smoothed:
         raise ValueError(f"{smoothed[0]} carries unfolded smoothing factors; fold them into the model first")

@@ -72,6 +72,7 @@ class CompressedTensorsCodec(Codec):
 
     def for_checkpoint(self, spec: QuantSpec) -> "CompressedTensorsCodec":
         if spec.act_order:
-            raise UserError("compressed-tensors checkpoints no longer hold act-order (g_idx): compressed-tensors 0.19 "
-                            "and vLLM 0.32 refuse actorder 'group'; write --to gptq or native, or drop --act-order")
+            raise UserError("act-order (g_idx) weights: compressed-tensors checkpoints no longer hold act-order "
+                            "(compressed-tensors 0.19 and vLLM 0.32 refuse actorder 'group'); write --to gptq or "
+                            "native, or quantize without --act-order")
         return self

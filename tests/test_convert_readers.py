@@ -167,3 +167,11 @@ def test_gptq_checkpoint_of_an_unread_layout_is_a_one_line_error(tmp_path, tiny)
         (path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(UserError, match=msg):
             read_int4(path)
+
+
+def test_act_order_is_declared_only_where_the_weights_have_it(tmp_path):
+    """RTN keeps no permutation: desc_act: true with a trivial g_idx would be a false claim (and makes
+    vLLM 0.32 refuse a checkpoint it can serve)."""
+    convert("tiny", "gptq", tmp_path / "g", spec=QuantSpec(act_order=True))
+    _, qcfg, weights, _ = read_int4(tmp_path / "g")
+    assert qcfg["desc_act"] is False and all(w.perm is None for w in weights.values())

@@ -84,7 +84,8 @@ def test_gptq_checkpoint_format_is_read_from_either_field():
     w = random_weight(16, 128, 32, seed=6)
     v2 = formats.gptq.GPTQCodec("gptq_v2").encode(w)
     codec = formats.get("gptq")
-    for qcfg in ({"format": "gptq_v2"}, {"checkpoint_format": "gptq_v2"}, {"format": "GPTQ_V2", "checkpoint_format": "gptq_v2"}):
+    for qcfg in ({"format": "gptq_v2"}, {"checkpoint_format": "gptq_v2"},
+                 {"format": "GPTQ_V2", "checkpoint_format": "gptq_v2"}):
         assert_same(codec.decode(v2, qcfg), w)
     for qcfg, msg in (({"checkpoint_format": "gptq", "format": "gptq_v2"}, "disagree"),
                       ({"checkpoint_format": "marlin"}, "'marlin' is not supported"),

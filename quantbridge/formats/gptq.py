@@ -9,10 +9,10 @@ checkpoint_format "gptq" (v1, what most checkpoints and vLLM use) stores zero-po
 
 A checkpoint is written as v1 when it is symmetric (every GPTQ reader takes it) and as v2
 when it is asymmetric: GPTQModel loads an asymmetric v1 checkpoint only when its
-`meta.quantizer` names GPTQModel >= 0.9.0 as the quantizer (older asymmetric v1 checkpoints
-were packed with an overflowing zero-point), which quantbridge cannot honestly claim, while
-it, vLLM (0.12 and later: PR #26092) and transformers through GPTQModel read `gptq_v2` as it is.
-docs/backends.md, "What convert writes", has the readers of each.
+`meta.quantizer` names GPTQModel >= 0.9.0 as the quantizer (other tools' asymmetric v1
+checkpoints predate its fixed asymmetric math), which quantbridge cannot honestly claim; it loads
+`gptq_v2` from any producer, as transformers does through it. (vLLM 0.32 refuses asymmetric
+GPTQ either way.) docs/backends.md, "What convert writes", has the readers of each.
 """
 
 from __future__ import annotations

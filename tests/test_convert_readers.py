@@ -4,7 +4,9 @@ act-order) and `--to awq`; compressed-tensors (through transformers) for `--to c
 
 Each library's dequantized weights must equal quantbridge's own dequantization bit for bit, and
 GPTQModel's layer outputs on random inputs must match the float64 product of those weights.
-Skipped, with the reason, where a library is not installed.
+Also: what each checkpoint declares, what no current reader opens is refused, and an
+llm-compressor checkpoint round-trips through --to gptq byte for byte. Skipped, with the
+reason, where a library is not installed.
 """
 
 import json
@@ -175,3 +177,39 @@ def test_act_order_is_declared_only_where_the_weights_have_it(tmp_path):
     convert("tiny", "gptq", tmp_path / "g", spec=QuantSpec(act_order=True))
     _, qcfg, weights, _ = read_int4(tmp_path / "g")
     assert qcfg["desc_act"] is False and all(w.perm is None for w in weights.values())
+
+
+def test_llm_compressor_checkpoint_round_trips_through_gptq(tmp_path, tiny):
+    """compressed-tensors written by llm-compressor itself -> --to gptq (asymmetric: gptq_v2) -> back
+    to compressed-tensors: the quantized tensors identical byte for byte, a zero-point of 0 included
+    (which v1 cannot hold)."""
+    pytest.importorskip("llmcompressor")
+    import copy
+
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = copy.deepcopy(tiny.model)
+    with torch.no_grad():  # one group of non-negative weights: its zero-point is 0
+        w = model.model.layers[0].self_attn.q_proj.weight
+        w[0, :128] = w[0, :128].abs() + 1e-3
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
+    oneshot(model=model, recipe=QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}},
+                                                     ignore=["lm_head"]))
+    src = tmp_path / "llmc"
+    model.save_pretrained(src, save_compressed=True)
+    tiny.tokenizer.save_pretrained(src)
+    assert int(read_int4(src)[2]["model.layers.0.self_attn.q_proj"].zeros[0, 0]) == 0
+    convert(str(src), "gptq", tmp_path / "g")
+    assert read_int4(tmp_path / "g")[1]["checkpoint_format"] == "gptq_v2"
+    convert(str(tmp_path / "g"), "compressed-tensors", tmp_path / "back")
+    from safetensors.torch import load_file
+
+    a = {}
+    for f in sorted(src.glob("*.safetensors")):
+        a.update(load_file(str(f)))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    packed = [k for k in a if k.rpartition(".")[2].startswith("weight_")]
+    assert len(packed) == 4 * LAYERS and a.keys() == b.keys()  # packed, scale, zero point, shape
+    for k in packed:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

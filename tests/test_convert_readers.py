@@ -146,14 +146,20 @@ def test_act_order_is_not_written_as_compressed_tensors(tmp_path, tiny):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["act"]
 
 
-def test_cli_names_the_variant_and_refuses_act_order_compressed_tensors(tmp_path):
+def test_cli_names_the_variant_and_refuses_act_order_compressed_tensors(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
+    import quantbridge.convert
     from quantbridge.cli import cli
 
     for flag, variant in (("--asymmetric", "gptq (v2)"), ("--symmetric", "gptq (v1)")):
         r = CliRunner().invoke(cli, ["convert", "tiny", "--to", "gptq", str(tmp_path / flag), flag])
         assert r.exit_code == 0 and f"28 layers as {variant}," in r.output, r.output
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the request was refused")
+
+    monkeypatch.setattr(quantbridge.convert, "load_model", refuse)
     r = CliRunner().invoke(cli, ["convert", "tiny", "--to", "compressed-tensors", str(tmp_path / "ct"), "--act-order"])
     assert r.exit_code == 2 and "no longer hold act-order" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "ct").exists()

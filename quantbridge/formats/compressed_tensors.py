@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from ..packed import Int4Weight, pack_int4
 from ..spec import QuantSpec
-from ..errors import UserError
 from . import Codec, register, require_integer_zeros
 from .int32pack import (check_canonical_perm, g_idx_from_perm, pack_nibbles, perm_from_g_idx, to_input_order,
                         unpack_nibbles)

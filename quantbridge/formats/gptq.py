@@ -104,4 +104,3 @@ class GPTQCodec(Codec):
     @property
     def label(self) -> str:
         return f"gptq ({'v2' if self.checkpoint_format == 'gptq_v2' else 'v1'})"
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -182,6 +183,9 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
     from safetensors.torch import save_file
 
     out, _ = check_out_dir(out, overwrite)
+    # The metadata describes the tensors: act-order (desc_act, refused by vLLM 0.32) only where a layer has one.
+    spec = replace(spec, act_order=any(w.perm is not None for w in weights.values()))
+    codec = codec.for_checkpoint(spec)  # e.g. GPTQ: v1 when symmetric, v2 when not (formats/gptq.py)
     smoothed = [n for n, w in weights.items() if w.smoothed]
     if smoothed:
         raise ValueError(f"{smoothed[0]} carries unfolded smoothing factors; fold them into the model first")

@@ -456,7 +456,9 @@ Examples:
 SRC is `demo`, a model directory or hub id (quantized with --method), or an INT4 checkpoint
 in any supported layout (gptq, awq, compressed-tensors pack-quantized, native), which is
 decoded and re-encoded bit-exactly. The checkpoint's config.json gets the target's
-quantization_config; AWQ cannot hold act-order, GPTQ v1 cannot hold a zero-point of 0.
+quantization_config. GPTQ is written as v1 when symmetric and as gptq_v2 when asymmetric
+(what GPTQModel loads); AWQ and compressed-tensors hold no act-order. Which tools open
+each: docs/backends.md, "What convert writes".
 """
 
 

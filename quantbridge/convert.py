@@ -27,8 +27,9 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
     codec = formats.get(to)
     out, replaced = check_out_dir(out, overwrite)  # before anything is loaded or computed
     if to == "awq" and spec is not None and spec.act_order:
-        raise UserError("AWQ checkpoints cannot hold act-order (g_idx); drop --act-order or write --to gptq, "
-                        "compressed-tensors or native")
+        raise UserError("AWQ checkpoints cannot hold act-order (g_idx); drop --act-order or write --to gptq or native")
+    if spec is not None:
+        codec.for_checkpoint(spec)  # a layout that cannot hold what was asked refuses before any work
     check_skip(skip)
     device = device or torch.device("cpu")
     src_path = Path(src).expanduser()
@@ -63,6 +64,7 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         weights = {n: w.to("cpu") for n, w in weights.items()}
         model = model.to("cpu")
         how = f"quantized with {method} ({backend.weights_label})"
+    codec = codec.for_checkpoint(spec)  # the variant written (GPTQ v1 or v2), named in the summary
     path = save_quantized(Path(out), model, loaded.tokenizer, weights, codec, spec, overwrite=overwrite)
-    return {"out": str(path), "replaced": replaced, "format": codec.name, "layers": len(weights), "how": how, "spec": spec.to_dict(),
+    return {"out": str(path), "replaced": replaced, "format": codec.label, "layers": len(weights), "how": how, "spec": spec.to_dict(),
             "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}

@@ -42,7 +42,8 @@ def test_checkpoint_chain_is_bit_identical(rtn_gptq, tmp_path):
 def test_checkpoint_holds_the_quantized_weights(rtn_gptq, tiny):
     """What convert wrote decodes to exactly the RTN weights of the float model."""
     _, qcfg, weights, _ = read_int4(rtn_gptq)
-    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == "gptq"
+    # asymmetric (the default): gptq_v2, what GPTQModel loads (formats/gptq.py)
+    assert qcfg["quant_method"] == "gptq" and qcfg["checkpoint_format"] == qcfg["format"] == "gptq_v2"
     lins = linear_layers(tiny.model)
     assert set(weights) == set(lins) - {"lm_head"}
     spec = QuantSpec()

@@ -78,6 +78,50 @@ def test_gptq_v1_zero_offset_and_zero_point_zero():
     assert_same(v2.decode(v2.encode(w), {"checkpoint_format": "gptq_v2"}), w)
 
 
+def test_gptq_checkpoint_format_is_read_from_either_field():
+    """vLLM reads `checkpoint_format`, GPTQModel and transformers `format`: either decides v1/v2;
+    a disagreement or another layout under quant_method gptq (marlin, gptq_p) is refused, never read as v1."""
+    w = random_weight(16, 128, 32, seed=6)
+    v2 = formats.gptq.GPTQCodec("gptq_v2").encode(w)
+    codec = formats.get("gptq")
+    for qcfg in ({"format": "gptq_v2"}, {"checkpoint_format": "gptq_v2"},
+                 {"format": "GPTQ_V2", "checkpoint_format": "gptq_v2"}):
+        assert_same(codec.decode(v2, qcfg), w)
+    for qcfg, msg in (({"checkpoint_format": "gptq", "format": "gptq_v2"}, "disagree"),
+                      ({"checkpoint_format": "marlin"}, "'marlin' is not supported"),
+                      ({"format": "gptq_p"}, "'gptq_p' is not supported")):
+        with pytest.raises(ValueError, match=msg):
+            codec.decode(v2, qcfg)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_variant_written_for_a_checkpoint(sym):
+    """Symmetric: v1 (every GPTQ reader); asymmetric: gptq_v2 (what GPTQModel loads without a
+    meta.quantizer naming itself). Both metadata fields name it; the tensors decode back."""
+    from quantbridge.spec import QuantSpec
+
+    spec = QuantSpec(symmetric=sym)
+    codec = formats.get("gptq").for_checkpoint(spec)
+    fmt = "gptq" if sym else "gptq_v2"
+    qcfg = codec.quantization_config(spec, [])
+    assert qcfg["checkpoint_format"] == qcfg["format"] == fmt and qcfg["sym"] is sym
+    assert codec.label == ("gptq (v1)" if sym else "gptq (v2)")
+    w = random_weight(24, 256, 64, sym=sym, seed=8)
+    if not sym:
+        w.zeros[0, 0] = 0  # v2 holds the zero-point 0 that v1 cannot
+    assert_same(formats.get("gptq").decode(codec.encode(w), qcfg), w)
+
+
+def test_compressed_tensors_refuses_writing_act_order():
+    from quantbridge.errors import UserError
+    from quantbridge.spec import QuantSpec
+
+    ct = formats.get("compressed-tensors")
+    assert ct.for_checkpoint(QuantSpec()) is ct
+    with pytest.raises(UserError, match="actorder 'group'"):
+        ct.for_checkpoint(QuantSpec(act_order=True))
+
+
 def test_gptq_awq_native_gptq_chain_is_bit_identical():
     """GPTQ tensors -> canonical -> AWQ -> canonical -> native -> canonical -> GPTQ tensors."""
     gptq, awq, native = (formats.get(f) for f in ("gptq", "awq", "native"))

@@ -36,6 +36,15 @@ class Codec:
     def matches(self, qcfg: dict) -> bool:
         raise NotImplementedError
 
+    def for_checkpoint(self, spec: QuantSpec) -> "Codec":
+        """The variant of this layout that a checkpoint of `spec` is written in (most layouts have one)."""
+        return self
+
+    @property
+    def label(self) -> str:
+        """What the CLI says was written: the layout, and its variant where it has several."""
+        return self.name
+
     def layer_prefixes(self, keys: list[str]) -> list[str]:
         """Module paths of the quantized layers among a checkpoint's tensor names."""
         marker = "." + self.suffixes[0]

@@ -28,7 +28,7 @@ class AWQCodec(Codec):
         require_integer_zeros(w, "AWQ")
         if w.perm is not None:
             raise ValueError("AWQ checkpoints cannot hold act-order (a column permutation); "
-                             "convert to gptq or compressed-tensors instead")
+                             "convert to gptq or native instead")
         return {
             "qweight": pack_nibbles(w.codes().t().contiguous(), AWQ_ORDER),
             "qzeros": pack_nibbles(w.zeros.t().contiguous(), AWQ_ORDER),

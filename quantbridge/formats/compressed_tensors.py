@@ -6,12 +6,16 @@
   weight_g_idx       int32 [K]             act-order ("actorder": "group") only
   weight_shape       int64 [2]             [N, K]
 Symmetric weights carry no zero-point: signed value 0 is code 8, the canonical z = 8.
+Checkpoints with weight_g_idx ("actorder": "group") are read, but not written: compressed-tensors
+0.19 and vLLM 0.32 refuse them ("actorder='group' has been removed"), so act-order weights go to
+GPTQ or native instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from ..packed import Int4Weight, pack_int4
 from ..spec import QuantSpec
 from . import Codec, register, require_integer_zeros
@@ -65,3 +69,10 @@ class CompressedTensorsCodec(Codec):
 
     def matches(self, qcfg: dict) -> bool:
         return qcfg.get("quant_method") == "compressed-tensors" and qcfg.get("format") == "pack-quantized"
+
+    def for_checkpoint(self, spec: QuantSpec) -> "CompressedTensorsCodec":
+        if spec.act_order:
+            raise UserError("act-order (g_idx) weights: compressed-tensors checkpoints no longer hold act-order "
+                            "(compressed-tensors 0.19 and vLLM 0.32 refuse actorder 'group'); write --to gptq or "
+                            "native, or quantize without --act-order")
+        return self

@@ -6,6 +6,13 @@
   g_idx   int32 [K]        group of each input column (act-order when not k // g)
 checkpoint_format "gptq" (v1, what most checkpoints and vLLM use) stores zero-point - 1;
 "gptq_v2" stores the zero-point itself. v1 cannot store a zero-point of 0 (it wraps to 15).
+
+A checkpoint is written as v1 when it is symmetric (every GPTQ reader takes it) and as v2
+when it is asymmetric: GPTQModel loads an asymmetric v1 checkpoint only when its
+`meta.quantizer` names GPTQModel >= 0.9.0 as the quantizer (other tools' asymmetric v1
+checkpoints predate its fixed asymmetric math), which quantbridge cannot honestly claim; it loads
+`gptq_v2` from any producer, as transformers does through it. (vLLM 0.32 refuses asymmetric
+GPTQ either way.) docs/backends.md, "What convert writes", has the readers of each.
 """
 
 from __future__ import annotations
@@ -19,8 +26,24 @@ from .int32pack import (check_canonical_perm, g_idx_from_perm, pack_nibbles, per
                         unpack_nibbles)
 
 
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def checkpoint_format(qcfg: dict) -> str:
+    """v1 or v2, from `checkpoint_format` (what vLLM reads) or `format` (GPTQModel's and transformers'
+    name for it); another layout stored under quant_method gptq (e.g. marlin) is refused, not guessed."""
+    named = {k: str(qcfg[k]).lower() for k in ("checkpoint_format", "format") if qcfg.get(k) is not None}
+    if len(set(named.values())) > 1:
+        raise ValueError(f"checkpoint_format {named['checkpoint_format']!r} and format {named['format']!r} disagree; "
+                         "fix the checkpoint's quantization_config")
+    fmt = next(iter(named.values()), "gptq")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; quantbridge reads gptq (v1) and gptq_v2")
+    return fmt
+
+
 def _zero_offset(qcfg: dict) -> int:
-    return 0 if qcfg.get("checkpoint_format", "gptq") == "gptq_v2" else 1
+    return 0 if checkpoint_format(qcfg) == "gptq_v2" else 1
 
 
 @register
@@ -29,6 +52,8 @@ class GPTQCodec(Codec):
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, checkpoint_format: str = "gptq") -> None:
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"GPTQ checkpoint_format {checkpoint_format!r}: use one of {CHECKPOINT_FORMATS}")
         self.checkpoint_format = checkpoint_format
 
     def encode(self, w: Int4Weight) -> dict[str, torch.Tensor]:
@@ -64,10 +89,18 @@ class GPTQCodec(Codec):
         return Int4Weight(pack_int4(codes), scales.t().contiguous(), zeros.t().contiguous().to(torch.uint8), g, perm)
 
     def quantization_config(self, spec: QuantSpec, skipped: list[str]) -> dict:
+        # `format` is GPTQModel's and transformers' field, `checkpoint_format` vLLM's: both, always equal.
         return {"quant_method": "gptq", "bits": 4, "group_size": spec.group_size, "desc_act": spec.act_order,
-                "sym": spec.symmetric, "checkpoint_format": self.checkpoint_format, "pack_dtype": "int32",
-                "modules_in_block_to_quantize": None, "true_sequential": True}
+                "sym": spec.symmetric, "checkpoint_format": self.checkpoint_format, "format": self.checkpoint_format,
+                "pack_dtype": "int32", "modules_in_block_to_quantize": None, "true_sequential": True}
 
     def matches(self, qcfg: dict) -> bool:
         return qcfg.get("quant_method") == "gptq"
 
+    def for_checkpoint(self, spec: QuantSpec) -> "GPTQCodec":
+        # v1 for symmetric weights (every GPTQ reader), v2 for asymmetric ones (see the module doc).
+        return GPTQCodec("gptq" if spec.symmetric else "gptq_v2")
+
+    @property
+    def label(self) -> str:
+        return f"gptq ({'v2' if self.checkpoint_format == 'gptq_v2' else 'v1'})"

@@ -41,12 +41,17 @@ previous complete run in OUT. A second compare into the same OUT is refused whil
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
+    """A comma-separated list of positive integers (batch sizes): 0 or a negative value is refused here,
+    before any work, rather than running as something else."""
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,16,128") from None
     if not out:
         raise click.BadParameter("give at least one value, e.g. 1,16")
+    bad = [v for v in out if v < 1]
+    if bad:
+        raise click.BadParameter(f"{bad[0]} is not a positive integer; every value must be at least 1, e.g. 1,16,128")
     return out
 
 
@@ -344,7 +349,8 @@ def _load_results(path: str):
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PCT", help="Budget: perplexity increase over fp16, in percent.")
 @click.option("--max-weight-gb", type=float, default=None, help="Budget: total linear-layer weight bytes, in GB (1e9).")
 @click.option("--max-latency-ratio", type=float, default=None, help="Budget: Σ layer latency at --batch M over fp16's.")
-@click.option("--batch", "m", type=int, default=None, help="The M whose latency counts (default: the first decode M).")
+@click.option("--batch", "m", type=click.IntRange(min=1), default=None,
+              help="The M whose latency counts (default: the first decode M).")
 @click.option("--backends", default=None,
               help="Backends the plan may use (default: every ok one in the results; when SOURCE is a model, "
                    "the ones compared: native,bnb-int8).")

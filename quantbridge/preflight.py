@@ -9,6 +9,7 @@ the tokenizer right after the model is loaded.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import UserError
@@ -21,6 +22,18 @@ def check_skip(pattern: str, option: str = "--skip") -> re.Pattern:
     except re.error as e:
         raise UserError(f"{option} {pattern!r} is not a valid regular expression ({e}); "
                         rf"escape special characters, e.g. --skip '(^|\.)lm_head$'") from None
+
+
+def skip_targets(layers: Iterable[str], pattern: str, model: str, option: str = "--skip") -> list[str]:
+    """The layers left to quantize once `pattern` is skipped; none left is refused here, before any
+    work (every row would otherwise measure nothing and fail on its first division)."""
+    layers = list(layers)
+    skip = check_skip(pattern, option)
+    targets = [n for n in layers if not skip.search(n)]
+    if layers and not targets:
+        raise UserError(f"{option} {pattern!r} matches every linear layer of {model} ({len(layers)}): nothing left "
+                        rf"to quantize; narrow the pattern, e.g. the default {option} '(^|\.)lm_head$'")
+    return targets
 
 
 def read_text_strict(path: str | Path, option: str = "--eval-text") -> str:

@@ -33,7 +33,7 @@ from .instrument import L2Flush
 from .measure import measure_row, sensitivity
 from .plan import check_plan_layers
 from .loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
-from .preflight import read_text_strict, skip_targets
+from .preflight import skip_targets
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
 from .quantizer import baseline_label
@@ -128,8 +128,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
-    eval_text = read_text_strict(settings.eval_text, "--eval-text") if settings.eval_text else None
-    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device, eval_text)
+    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
     flush = L2Flush(device)
     isolated, how = _isolation(isolation, loaded, settings)

@@ -513,9 +513,11 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symme
     from .workloads import calibration
 
     from .checkpoint import check_out_dir
-    from .preflight import check_skip
+    from .preflight import TEXT_CHECK_BYTES, check_skip, read_text_strict
 
     check_skip(skip)
+    if calib_file:  # a binary or non-UTF-8 file is refused before the model loads, as in compare
+        read_text_strict(calib_file, "--calib", TEXT_CHECK_BYTES)
     _, replaced = check_out_dir(out_dir, overwrite)
     if replaced:
         click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)

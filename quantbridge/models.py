@@ -48,7 +48,7 @@ SEEDED = {
 
 from .cachedir import cache_dir, save_model_dir
 from .ggufmodel import is_gguf
-from .loaded import LoadedModel, dir_hash, linear_layers, refuse_mismatched  # noqa: F401 - re-exported for callers
+from .loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
 from .modeldir import _first_line, check_local_model
 
 
@@ -248,6 +248,8 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         hf_logging.set_verbosity(verbosity)
     mismatched = sorted(loading.get("mismatched_keys") or [])
     if mismatched:
+        from .loaded import refuse_mismatched
+
         refuse_mismatched(mismatched, path if isinstance(path, Path) else None, spec)
     missing = list(loading.get("missing_keys") or [])
     if missing:

@@ -159,8 +159,10 @@ def load_plan(path: str) -> dict:
     if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA or not isinstance(plan.get("layers"), dict):
         raise UserError(f"{path} is not a quantbridge plan (schema {PLAN_SCHEMA})")
     bad = next(((n, b) for n, b in plan["layers"].items() if not isinstance(b, str)), None)
-    if bad is not None or not isinstance(plan.get("backends", []), list):
-        what = f"layer {bad[0]} is assigned {bad[1]!r}, not a backend name" if bad else "'backends' is not a list"
+    listed = plan.get("backends", [])
+    if bad is not None or not isinstance(listed, list) or not all(isinstance(b, str) for b in listed):
+        what = (f"layer {bad[0]} is assigned {bad[1]!r}, not a backend name" if bad
+                else "'backends' is not a list of backend names")
         raise UserError(f"{path} is not a usable quantbridge plan: {what}; write one with `quantbridge plan`")
     from . import backend as registry
 

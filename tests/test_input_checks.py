@@ -178,7 +178,8 @@ def test_plan_quantizing_a_skipped_layer(tmp_path, tiny, no_measuring):
 @pytest.mark.parametrize("layers,backends,needle", [
     ({"model.layers.0.mlp.up_proj": "no-such-backend"}, None, "unknown backend 'no-such-backend'"),
     ({"model.layers.0.mlp.up_proj": 4}, None, "is assigned 4, not a backend name"),
-    ({"model.layers.0.mlp.up_proj": "native"}, "native", "'backends' is not a list"),
+    ({"model.layers.0.mlp.up_proj": "native"}, "native", "'backends' is not a list of backend names"),
+    ({"model.layers.0.mlp.up_proj": "native"}, ["native", 3], "'backends' is not a list of backend names"),
 ])
 def test_plan_file_with_bad_assignments(tmp_path, no_work, layers, backends, needle):
     plan = _plan_file(tmp_path, layers, [] if backends is None else backends)

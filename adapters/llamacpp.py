@@ -65,13 +65,14 @@ class LlamaCppBackend(Backend):
     def measure_engine(self, model: nn.Module, ref, settings, device: torch.device) -> BackendResult:
         from llama_cpp import Llama
 
-        from quantbridge.ggufmodel import gguf_source
+        from quantbridge.ggufmodel import gguf_source, open_gguf
 
         src = gguf_source(model)
         if src is None:
             return BackendResult(name=self.name, status="unavailable",
                                  reason="llama.cpp runs a GGUF file; this model did not come from one (compare demo, "
                                         "demo-gguf or a .gguf file)")
+        kinds = sorted({t.tensor_type.name for t in open_gguf(src).tensors})  # a damaged file is named first
         ids = ref.eval_ids.cpu().numpy()
         ctx = max(ids.shape[1], settings.prefill or 0) + settings.runs + settings.warmup + 8
         threads = torch.get_num_threads()
@@ -123,14 +124,8 @@ class LlamaCppBackend(Backend):
             metrics["tokens_per_s"][key] = settings.prefill * 1e6 / pre.median
             metrics["timing"][key] = "llama.cpp (CPU, synchronous)"
             metrics["prefill_latency_us"] = pre.median
-        kinds = sorted({t.tensor_type.name for t in _reader(src).tensors})
         return BackendResult(name=self.name, status="ok", kernel=f"llama.cpp (llama-cpp-python {_version()}, CPU)",
                              weights=f"gguf file ({', '.join(kinds)})", timing="llama.cpp (CPU, synchronous)",
                              weight_bytes=src.stat().st_size,
                              model_metrics={**metrics, "weight_bytes_counts": "the whole GGUF file, as llama.cpp loads it"})
 
-
-def _reader(src):
-    from gguf import GGUFReader
-
-    return GGUFReader(str(src))

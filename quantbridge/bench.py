@@ -74,9 +74,22 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             except ValueError:
                 raise UserError(f"shape {part!r} is not KxN, e.g. 4096x14336") from None
             out.append((k, n))
+            check_sizes([(k, n)], [1])
         else:
             raise UserError(f"unknown shape set {part!r}; use {', '.join(SHAPE_SETS)} or KxN")
+    if not out:
+        raise UserError(f"--shapes {text!r} names no shape; use {', '.join(SHAPE_SETS)} or KxN pairs, e.g. 4096x14336")
     return list(dict.fromkeys(out))
+
+
+def check_sizes(shapes: list[tuple[int, int]], ms: list[int]) -> None:
+    """Refuse a shape or M below 1: a [0, K] input has no error to check (NaN) and nothing to time."""
+    for k, n in shapes:
+        if k < 1 or n < 1:
+            raise UserError(f"shape {k}x{n} has a dimension below 1; give KxN with K, N >= 1, e.g. 4096x14336")
+    bad = [m for m in ms if m < 1]
+    if bad:
+        raise UserError(f"M={bad[0]} is not a positive batch size; give --batch values of at least 1, e.g. 1,16,128")
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, runs: int = 20) -> dict:
@@ -216,6 +229,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
     child process ran all its shapes)."""
     if isolation not in ("process", "none"):
         raise UserError(f"--isolation {isolation!r} is not one of process, none")
+    check_sizes(shapes, ms)
     spec = spec.fitted({f"{k}x{n}": k for k, n in shapes})  # auto: the largest group dividing every K
     reference = registry.reference_name()  # the unquantized baseline every speedup is against
     backends: dict = {r.name: r.obj for r in resolve.backends(names, device)}

@@ -111,6 +111,15 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     if unknown:
         raise UserError(f"{path}: quantized tensors for {unknown[0]}, which is not a linear layer of "
                         f"{type(model).__name__}")
+    expected = model.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in rest.items()
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    mismatched += [(f"{n}.weight", (w.out_features, w.in_features), tuple(lins[n].weight.shape))
+                   for n, w in weights.items() if (w.out_features, w.in_features) != tuple(lins[n].weight.shape)]
+    if mismatched:  # load_state_dict would raise a RuntimeError listing them all
+        from .loaded import refuse_mismatched
+
+        refuse_mismatched(sorted(mismatched), Path(path), str(path))
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k.removesuffix(".weight") not in weights]
     if getattr(config, "tie_word_embeddings", False):

@@ -41,12 +41,17 @@ previous complete run in OUT. A second compare into the same OUT is refused whil
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
+    """A comma-separated list of positive integers (batch sizes): 0 or a negative value is refused here,
+    before any work, rather than running as something else."""
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,16,128") from None
     if not out:
         raise click.BadParameter("give at least one value, e.g. 1,16")
+    bad = [v for v in out if v < 1]
+    if bad:
+        raise click.BadParameter(f"{bad[0]} is not a positive integer; every value must be at least 1, e.g. 1,16,128")
     return out
 
 
@@ -176,10 +181,11 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
     if weights is not None:
         registry.parse_names(weights)
     preflight.check_skip(skip)
-    if eval_text:  # refused before the model loads when it is not UTF-8 text; compare reads it again
-        preflight.read_text_strict(eval_text, "--eval-text")
+    # Refused before the model loads when not UTF-8 text (from its start: only a prefix is ever used).
+    if eval_text:
+        preflight.read_text_strict(eval_text, "--eval-text", preflight.TEXT_CHECK_BYTES)
     if calib_file:
-        preflight.read_text_strict(calib_file, "--calib")
+        preflight.read_text_strict(calib_file, "--calib", preflight.TEXT_CHECK_BYTES)
     spec = QuantSpec(group_size=parse_group_size(group_size), symmetric=symmetric, act_order=act_order)
     settings = Settings(spec=spec, batches=batches, prefill=prefill, runs=runs, warmup=warmup, eval_len=eval_len,
                         eval_seqs=eval_seqs, skip=skip, skip_unavailable=skip_unavailable, debug=debug,
@@ -255,7 +261,8 @@ def _preflight_inputs(loaded, names: list[str], settings, device) -> None:
     tok = loaded.tokenizer
     calibrating = [n for n in [*names, settings.weights] if n and registry.get(n).needs_calibration]
     if calibrating and loaded.int4 is None:  # a checkpoint's weights need no calibration
-        preflight.check_calibration(tok, settings.calib_file, settings.calibration(device)[1])
+        samples, length, _ = settings.calibration(device)
+        preflight.check_calibration(tok, settings.calib_file, length, samples)
 
 
 def _render_report(comp, kind: str = "html") -> str:
@@ -305,10 +312,14 @@ def report(results: str, html_out: str | None, md_out: str | None) -> None:
     """
     from .report.terminal import print_comparison
 
+    comp = _load_results(results)
+    empty = _nothing_to_report(comp)
+    if empty:  # an empty report written with exit 0 would look like a run that measured nothing silently
+        raise UserError(f"{results} has nothing to report: {empty}; pass the results.json of a `quantbridge compare` "
+                        f"run (an interrupted run's rows are in OUT.partial/results.json)")
     for path, option in ((html_out, "--html"), (md_out, "--md")):
         if path:
             _check_writable(path, option)
-    comp = _load_results(results)
     if not html_out and not md_out:
         print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160))
     for path, kind in ((html_out, "html"), (md_out, "md")):
@@ -339,12 +350,22 @@ def _load_results(path: str):
         raise UserError(f"{path} is not a quantbridge results.json: {e}") from None
 
 
+def _nothing_to_report(comp) -> str | None:
+    """Why a results file has nothing a report could show (no rows; rows with neither figures nor a reason)."""
+    if not comp.backends:
+        return "it holds no backend rows"
+    if not any(b.layers or b.model_metrics or b.reason for b in comp.backends):
+        return f"none of its {len(comp.backends)} row(s) holds a figure or a reason"
+    return None
+
+
 @cli.command()
 @click.argument("source")
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PCT", help="Budget: perplexity increase over fp16, in percent.")
 @click.option("--max-weight-gb", type=float, default=None, help="Budget: total linear-layer weight bytes, in GB (1e9).")
 @click.option("--max-latency-ratio", type=float, default=None, help="Budget: Σ layer latency at --batch M over fp16's.")
-@click.option("--batch", "m", type=int, default=None, help="The M whose latency counts (default: the first decode M).")
+@click.option("--batch", "m", type=click.IntRange(min=1), default=None,
+              help="The M whose latency counts (default: the first decode M).")
 @click.option("--backends", default=None,
               help="Backends the plan may use (default: every ok one in the results; when SOURCE is a model, "
                    "the ones compared: native,bnb-int8).")
@@ -425,6 +446,9 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
 
     comp = merge(load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
     b = comp.backends[0]
+    if not any(r.latency_us for r in b.layers):  # nothing to tabulate: say so instead of an empty table
+        raise UserError(f"the worker files in {profile_dir} hold no timed layer call yet; send the server some "
+                        f"requests and let it flush its profile (QUANTBRIDGE_PROFILE_FLUSH_S)")
     ms = [str(m) for m in comp.settings["m_values"]]
     shown = ms if len(ms) <= 6 else ms[:3] + ms[-3:]  # the smallest and largest steps
     table = Table(title=f"{b.name} on {comp.device['name']}: per-layer latency while serving (µs, median \\[calls])")
@@ -491,9 +515,11 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symme
     from .workloads import calibration
 
     from .checkpoint import check_out_dir
-    from .preflight import check_skip
+    from .preflight import TEXT_CHECK_BYTES, check_skip, read_text_strict
 
     check_skip(skip)
+    if calib_file:  # a binary or non-UTF-8 file is refused before the model loads, as in compare
+        read_text_strict(calib_file, "--calib", TEXT_CHECK_BYTES)
     _, replaced = check_out_dir(out_dir, overwrite)
     if replaced:
         click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)

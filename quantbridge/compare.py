@@ -15,7 +15,6 @@ context) becomes that row's `failed` status.
 from __future__ import annotations
 
 import gc
-import re
 import statistics
 import time
 import traceback
@@ -32,8 +31,9 @@ from .errors import BackendUnavailable, UserError
 from .hardware import device_info
 from .instrument import L2Flush
 from .measure import measure_row, sensitivity
+from .plan import check_plan_layers
 from .loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
-from .preflight import read_text_strict
+from .preflight import skip_targets
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
 from .quantizer import baseline_label
@@ -77,9 +77,10 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
     if loaded.int4 is not None:  # a quantized checkpoint: its layers, its weights, every kernel
         targets, spec = set(loaded.int4), spec_of(loaded.int4)
     else:
-        skip = re.compile(settings.skip)
-        targets = {n for n in linears if not skip.search(n)}
+        targets = set(skip_targets(linears, settings.skip, loaded.name))
         spec = settings.spec.fitted({n: linears[n].in_features for n in sorted(targets)})
+    if settings.plan is not None:  # a plan applied in part would be measured as if whole
+        check_plan_layers(settings.plan, linears, targets, loaded.name)
     # With shared weights only their quantizer runs, so only it must do the spec.
     resolved = resolve.backends(names, device, spec if shared is None else None)
     names = [r.name for r in resolved]
@@ -127,8 +128,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
-    eval_text = read_text_strict(settings.eval_text, "--eval-text") if settings.eval_text else None
-    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device, eval_text)
+    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
     flush = L2Flush(device)
     isolated, how = _isolation(isolation, loaded, settings)

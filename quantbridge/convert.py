@@ -3,7 +3,6 @@ layout, written as a checkpoint in another layout. Quantized-to-quantized is los
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
             calib=None, overwrite: bool = False, calib_factory=None) -> dict:
     """Write SRC as a `to`-format checkpoint in OUT; returns a summary for the CLI."""
     from .checkpoint import check_out_dir
-    from .preflight import check_skip
+    from .preflight import check_skip, skip_targets
 
     codec = formats.get(to)
     out, replaced = check_out_dir(out, overwrite)  # before anything is loaded or computed
@@ -55,8 +54,8 @@ def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec:
         backend = registry.get(method)
         if not backend.quantized:
             raise UserError(f"--method {method} does not quantize; use native (RTN), gptq or awq")
-        pattern = re.compile(skip)
-        lins = {n: m for n, m in linear_layers(loaded.model).items() if not pattern.search(n)}
+        linears = linear_layers(loaded.model)
+        lins = {n: linears[n] for n in skip_targets(linears, skip, src)}  # none left is refused
         spec = spec.fitted({n: m.in_features for n, m in lins.items()})
         resolve.require(resolve.backend(method, device, spec))
         cal = calib_factory(loaded.tokenizer) if backend.needs_calibration and calib_factory else calib

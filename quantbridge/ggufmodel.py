@@ -14,6 +14,7 @@ Other tensor types (Q8_0, Q6_K, F16, F32) stay unquantized and `info` lists them
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,32 @@ def is_gguf(path: Path) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
+
+
+def open_gguf(path: Path):
+    """The gguf package's reader on `path`, checked: a truncated or corrupt file is a one-line error naming it.
+
+    Every GGUF read goes through here (the model loader, the gguf quantizer, the llama.cpp row),
+    so a damaged file is never a struct.error or a numpy IndexError from deep inside a parser.
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        reader = GGUFReader(str(path))
+    except OSError as e:
+        raise UserError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - the parser meets arbitrary bytes: whatever it raises means "damaged"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is truncated or corrupt ({size} bytes, not a whole GGUF file: {why}); "
+                        f"re-download or re-convert it") from None
+    for t in reader.tensors:  # the header may be whole while the tensor data after it is cut short
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != t.n_bytes:
+            raise UserError(f"{path} is truncated or corrupt: tensor {t.name} needs bytes up to {end}, the file has "
+                            f"{size}; re-download or re-convert it")
+    return reader
 
 
 def _file_key(path: Path) -> str:
@@ -65,7 +92,7 @@ def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+    except (OSError, ValueError, KeyError, NotImplementedError, IndexError, struct.error) as e:
         raise UserError(f"could not read {src} as a GGUF causal LM: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -79,16 +106,15 @@ def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
     return save_model_dir(out, plain, tok)
 
 
-def read_int4(src: Path, model: torch.nn.Module) -> tuple[dict, dict[str, str], dict[str, str]]:
+def read_int4(src: Path, model: torch.nn.Module, reader=None) -> tuple[dict, dict[str, str], dict[str, str]]:
     """(module path -> Int4Weight for every Q4 linear, -> its GGUF type, -> GGUF type of the other linears)."""
-    from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
     )
 
-    reader = GGUFReader(str(src))
+    reader = reader or open_gguf(src)
     processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=model.config.to_dict())
     names = get_gguf_hf_weights_map(model, processor)
     lins = linear_layers(model)
@@ -122,10 +148,11 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
 
     from .checkpoint import _cast_scales
 
+    reader = open_gguf(src)  # a damaged file is named before transformers' own GGUF parser meets it
     hf_dir = to_hf_dir(src, hf_dir or cache_dir() / f"gguf-{_file_key(src)}", note)
     hf_logging.disable_progress_bar()  # quantbridge shows its own progress
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
-    weights, kinds, others = read_int4(src, model)
+    weights, kinds, others = read_int4(src, model, reader)
     if not weights:
         raise UserError(f"{src} has no Q4_0, Q4_1 or Q4_K linear layers ({Counter(others.values())}); "
                         "compare the float model instead")

@@ -66,3 +66,35 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear of the model by module path, in execution-ish (definition) order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
+
+
+def refuse_mismatched(mismatched, directory: Path | None, model: str) -> None:
+    """A one-line error for tensors whose stored shape is not the one config.json gives them.
+
+    `mismatched`: (name, shape in the file, shape the config makes), as transformers lists them;
+    the file holding each is looked up in the directory's safetensors headers.
+    """
+    from .errors import UserError
+
+    def shape(s) -> str:
+        return "x".join(map(str, tuple(s)))
+
+    where = _files_of([m[0] for m in mismatched], directory) if directory is not None else {}
+    shown = "; ".join(f"{n} is {shape(a)} in {where.get(n, 'the weights')}, {shape(b)} by config.json"
+                      for n, a, b in mismatched[:3])
+    more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+    cfg = directory / "config.json" if directory is not None else f"the config.json of {model}"
+    raise UserError(f"{cfg} disagrees with the weights in {len(mismatched)} tensor(s): {shown}{more}; fix "
+                    f"config.json's sizes or re-save the model (save_pretrained)")
+
+
+def _files_of(names: list[str], directory: Path) -> dict[str, str]:
+    """name -> the safetensors file (by name) that holds it; headers only, no tensor is read."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            keys = set(st.keys())
+        out.update({n: f.name for n in names if n not in out and n in keys})
+    return out

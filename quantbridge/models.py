@@ -235,8 +235,10 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         hf_logging.set_verbosity_error()  # its table of newly initialised weights: refused below in one line
+        # Mismatched sizes load (randomly initialised) and are listed in `loading`, so they are
+        # refused below by name, rather than as transformers' "see the above report" with no report shown.
         model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only,
-                                                              output_loading_info=True)
+                                                              output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, SafetensorError) as e:
         raise UserError(f"could not load model {spec!r}: {_first_line(e)}; check the id or path (hub ids need "
                         f"network access)") from None
@@ -244,6 +246,11 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         raise UserError(f"could not load model {spec!r} as a causal language model: {_first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    mismatched = sorted(loading.get("mismatched_keys") or [])
+    if mismatched:
+        from .loaded import refuse_mismatched
+
+        refuse_mismatched(mismatched, path if isinstance(path, Path) else None, spec)
     missing = list(loading.get("missing_keys") or [])
     if missing:
         archs = ", ".join(getattr(model.config, "architectures", None) or ["?"])

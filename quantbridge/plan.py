@@ -9,7 +9,10 @@ interact, which `compare --plan` measures). Greedy (see `make_plan`).
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -155,4 +158,41 @@ def load_plan(path: str) -> dict:
         raise UserError(f"plan file {path} is not JSON ({e}); pass a file written by `quantbridge plan`") from None
     if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA or not isinstance(plan.get("layers"), dict):
         raise UserError(f"{path} is not a quantbridge plan (schema {PLAN_SCHEMA})")
+    bad = next(((n, b) for n, b in plan["layers"].items() if not isinstance(b, str)), None)
+    listed = plan.get("backends", [])
+    if bad is not None or not isinstance(listed, list) or not all(isinstance(b, str) for b in listed):
+        what = (f"layer {bad[0]} is assigned {bad[1]!r}, not a backend name" if bad
+                else "'backends' is not a list of backend names")
+        raise UserError(f"{path} is not a usable quantbridge plan: {what}; write one with `quantbridge plan`")
+    from . import backend as registry
+
+    used = sorted(set(plan["layers"].values()))
+    try:
+        registry.parse_names(",".join(used))  # an unknown backend is named now, not when the plan row runs
+    except UserError as e:
+        raise UserError(f"plan file {path}: {e}") from None
+    # Every backend a layer is assigned runs as a row too (a hand-edited file may not list it).
+    plan["backends"] = sorted(set(plan.get("backends") or []) | {b for b in used if registry.get(b).quantized})
     return plan
+
+
+def check_plan_layers(plan: dict, layers: Iterable[str], quantized: Iterable[str], model: str) -> None:
+    """Refuse a plan that would be applied in part: a layer the model lacks, or a quantized
+    backend for a layer this run keeps unquantized (--skip, or a checkpoint's float layers)."""
+    from . import backend as registry
+
+    layers, quantized = list(layers), set(quantized)
+    missing = [n for n in plan["layers"] if n not in layers]
+    if missing:
+        def named(n: str) -> str:  # a typo's correction; never another layer index (layers.9 is not layers.3)
+            same = [c for c in layers if re.findall(r"\d+", c) == re.findall(r"\d+", n)]
+            close = difflib.get_close_matches(n, same, n=1, cutoff=0.8)
+            return f"{n} (did you mean {close[0]}?)" if close else n
+
+        shown = ", ".join(map(named, missing[:3])) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"--plan names {len(missing)} layer(s) model {model} lacks: {shown}; was the plan made for "
+                        f"another model? make one from this model's results with `quantbridge plan`")
+    kept = [n for n, b in plan["layers"].items() if registry.get(b).quantized and n not in quantized]
+    if kept:
+        raise UserError(f"--plan assigns {plan['layers'][kept[0]]} to {kept[0]}, which this run keeps unquantized "
+                        f"({len(kept)} such layer(s)); change --skip or the plan")

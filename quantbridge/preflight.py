@@ -9,6 +9,7 @@ the tokenizer right after the model is loaded.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import UserError
@@ -23,27 +24,61 @@ def check_skip(pattern: str, option: str = "--skip") -> re.Pattern:
                         rf"escape special characters, e.g. --skip '(^|\.)lm_head$'") from None
 
 
-def read_text_strict(path: str | Path, option: str = "--eval-text") -> str:
-    """A text file decoded as UTF-8, refusing binary or otherwise non-UTF-8 files.
+def skip_targets(layers: Iterable[str], pattern: str, model: str, option: str = "--skip") -> list[str]:
+    """The layers left to quantize once `pattern` is skipped; none left is refused here, before any
+    work (every row would otherwise measure nothing and fail on its first division)."""
+    layers = list(layers)
+    skip = check_skip(pattern, option)
+    targets = [n for n in layers if not skip.search(n)]
+    if layers and not targets:
+        raise UserError(f"{option} {pattern!r} matches every linear layer of {model} ({len(layers)}): nothing left "
+                        rf"to quantize; narrow the pattern, e.g. the default {option} '(^|\.)lm_head$'")
+    return targets
+
+
+# What the checks before the model loads read of --eval-text / --calib: enough to refuse a binary
+# or non-UTF-8 file at once, without reading a large file whole (only a prefix of it is used).
+TEXT_CHECK_BYTES = 1 << 20
+
+
+def read_text_strict(path: str | Path, option: str = "--eval-text", max_bytes: int | None = None) -> str:
+    """A text file (its first `max_bytes` bytes, or the whole file) decoded as UTF-8, refusing binary
+    or otherwise non-UTF-8 files.
 
     compare reads --eval-text through this (not with errors="replace"), so perplexity is never
     measured on replacement characters without a word.
     """
+    return read_text_prefix(path, option, max_bytes)[0]
+
+
+def read_text_prefix(path: str | Path, option: str, max_bytes: int | None) -> tuple[str, bool]:
+    """(the text of the file's first `max_bytes` bytes, whether that is the whole file), decoded strictly.
+
+    A prefix ends at its last whitespace, so it never ends inside a character or a word.
+    """
+    import codecs
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{option} file {str(path)!r} does not exist; pass a UTF-8 text file to {option}")
-    data = p.read_bytes()
+    with open(p, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes)
+        whole = max_bytes is None or len(data) < max_bytes or not f.read(1)
     try:
-        text = data.decode("utf-8")
+        # An incomplete character at the end of a prefix is held back, not an error.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=whole)
     except UnicodeDecodeError as e:
         bad = _replaced(data)
         raise UserError(f"{option} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, "
                         f"{bad} undecodable sequence(s)); convert it, e.g. iconv -f latin1 -t utf-8") from None
     if "\x00" in text:
         raise UserError(f"{option} {path} holds NUL bytes, so it is binary, not text; pass a UTF-8 text file")
-    if not text.strip():
+    if not whole:
+        cut = max(text.rfind(c) for c in " \n\t\r")
+        text = text[:cut] if cut > 0 else text
+    if whole and not text.strip():
         raise UserError(f"{option} {path} is empty; pass a UTF-8 text file with some prose in it")
-    return text
+    return text, whole
 
 
 def _replaced(data: bytes) -> int:
@@ -81,14 +116,9 @@ def check_step_sizes(batches: list[int], prefill: int, limit: int) -> None:
                         f"prefill inputs are cut from; use --prefill {limit} or less")
 
 
-def check_calibration(tokenizer, calib_file: str | None, calib_len: int) -> int:
-    """Refuse a calibration text shorter than --calib-len tokens (before gptq/awq runs); return its count."""
-    from .workloads import text_split, tokenize
+def check_calibration(tokenizer, calib_file: str | None, calib_len: int, calib_samples: int = 1) -> int:
+    """Refuse a calibration text shorter than calibration needs (--calib-samples x --calib-len tokens)
+    before gptq/awq runs; return its token count (of the prefix read: workloads.calibration_tokens)."""
+    from .workloads import calibration_tokens
 
-    text = read_text_strict(calib_file, "--calib") if calib_file is not None else text_split("calib")
-    n = int(tokenize(tokenizer, text).numel())
-    if n < calib_len:
-        where = f"--calib {calib_file}" if calib_file else "the shipped calibration split"
-        raise UserError(f"{where} has {n} tokens, fewer than --calib-len {calib_len}; "
-                        f"give a longer --calib file or a --calib-len of at most {n}")
-    return n
+    return int(calibration_tokens(tokenizer, calib_samples, calib_len, calib_file).numel())

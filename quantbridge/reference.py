@@ -11,7 +11,7 @@ from .errors import UserError
 from .instrument import capture_io
 from .preflight import check_step_sizes
 from .settings import Settings
-from .workloads import decode_batches, prefill_batches, text_split, tokenize, windows
+from .workloads import TOKEN_MARGIN, decode_batches, file_tokens, prefill_batches, text_split, tokenize, windows
 
 SHIPPED_EVAL = "shipped held-out split (python_reference.txt)"
 
@@ -26,14 +26,18 @@ class Reference:
     eval_source: str
 
 
-def make_inputs(tokenizer, settings: Settings, device: torch.device,
-                eval_text: str | None = None) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
-    """Held-out ids and, per M, distinct decode- or prefill-shaped inputs from real text."""
+def make_inputs(tokenizer, settings: Settings, device: torch.device) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """Held-out ids and, per M, distinct decode- or prefill-shaped inputs from real text.
+
+    An --eval-text file is read only as far as the tokens asked for (with room for the windows).
+    """
     s = settings
+    need = s.eval_seqs * s.eval_len
     tokens = tokenize(tokenizer, text_split("eval"))
-    eval_tokens = tokens if eval_text is None else tokenize(tokenizer, eval_text)
-    if eval_tokens.numel() < s.eval_seqs * s.eval_len:
-        source = f"--eval-text {s.eval_text}" if eval_text is not None else "the shipped evaluation text"
+    eval_tokens = tokens if s.eval_text is None else file_tokens(tokenizer, s.eval_text, "--eval-text",
+                                                                  TOKEN_MARGIN * need)
+    if eval_tokens.numel() < need:
+        source = f"--eval-text {s.eval_text}" if s.eval_text is not None else "the shipped evaluation text"
         raise UserError(f"{source} has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
                         f"{s.eval_seqs * s.eval_len}: give a longer --eval-text or smaller values")
     eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(device)

@@ -41,22 +41,56 @@ def load_workers(directory: str | Path, warn=None) -> list[dict]:
     return workers
 
 
+# The fields merge() reads, with their types (profiler.py writes them). Every one is checked, so
+# a worker file with a wrong type is skipped and named rather than ending the merge half-way.
+_INT, _NUM, _STR = "an integer", "a number", "a string"
+_WORKER_FIELDS = {"schema": _INT, "pid": _INT, "host": _STR, "backend": _STR, "model": _STR, "device": _STR,
+                  "tp_rank": _INT, "tp_size": _INT, "flushes": _INT, "updated": _NUM}
+_LAYER_FIELDS = {"kernel": _STR, "weight_bytes": _INT}
+_STATS_FIELDS = {"count": _INT, "total_us": _NUM, "min_us": _NUM, "max_us": _NUM}
+
+
+def _is(v, kind: str) -> bool:
+    if isinstance(v, bool):  # JSON true/false are not counts
+        return False
+    return isinstance(v, int) if kind == _INT else isinstance(v, (int, float)) if kind == _NUM else isinstance(v, str)
+
+
+def _check_fields(obj: dict, fields: dict[str, str], where: str) -> None:
+    for key, kind in fields.items():
+        if key in obj and not _is(obj[key], kind):
+            raise ValueError(f"{where}{key} is {obj[key]!r}, not {kind}")
+        if kind == _INT and key in obj and obj[key] < 0:
+            raise ValueError(f"{where}{key} is {obj[key]}, below 0")
+
+
 def _check_worker(w) -> None:
-    """Raise ValueError unless `w` has the shape merge() reads (profiler.py's worker file)."""
+    """Raise ValueError unless every field merge() reads has the type profiler.py writes."""
     if not isinstance(w, dict):
         raise ValueError(f"a JSON {type(w).__name__}, not a worker profile object")
     layers = w.get("layers")
     if not isinstance(layers, dict):
         raise ValueError("no per-layer profile in it ('layers' is missing)")
+    _check_fields(w, _WORKER_FIELDS, "")
+    warmup = w.get("warmup_calls", {})
+    if not isinstance(warmup, dict) or not all(_is(v, _INT) for v in warmup.values()):
+        raise ValueError(f"warmup_calls is {warmup!r}, not an object of call counts")
     for name, info in layers.items():
         if not isinstance(info, dict) or not isinstance(info.get("m"), dict):
             raise ValueError(f"layer {name}: no per-M statistics")
+        _check_fields(info, _LAYER_FIELDS, f"layer {name}: ")
+        shape = info.get("shape", [])
+        if not isinstance(shape, list) or not all(_is(v, _INT) for v in shape):
+            raise ValueError(f"layer {name}: shape is {shape!r}, not a list of integers")
         for m, acc in info["m"].items():
-            ok = (str(m).isdigit() and isinstance(acc, dict) and isinstance(acc.get("samples_us"), list)
-                  and all(isinstance(v, (int, float)) for v in acc["samples_us"])
-                  and isinstance(acc.get("count"), int) and isinstance(acc.get("total_us"), (int, float)))
-            if not ok:
+            if not str(m).isdigit() or not isinstance(acc, dict):
                 raise ValueError(f"layer {name} at M={m}: malformed statistics")
+            _check_fields(acc, _STATS_FIELDS, f"layer {name} at M={m}: ")
+            samples = acc.get("samples_us")
+            if not isinstance(samples, list) or not all(_is(v, _NUM) for v in samples):
+                raise ValueError(f"layer {name} at M={m}: samples_us is not a list of numbers")
+            if "count" not in acc or "total_us" not in acc:
+                raise ValueError(f"layer {name} at M={m}: count or total_us is missing")
 
 
 def _quantiles(samples: list[float]) -> dict:

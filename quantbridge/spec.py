@@ -13,13 +13,21 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 
 
 def parse_group_size(text: str | int) -> int:
-    """'auto', 32, 64, 128 or -1 (as the CLI takes it) -> the spec's group_size."""
+    """'auto', 32, 64, 128 or -1 (as the CLI takes it) -> the spec's group_size.
+
+    Only the word auto means auto: 0 is AUTO_GROUP inside QuantSpec, but `--group-size 0` is
+    refused like any other size no kernel takes (0, 16, 96, -2, ...).
+    """
     if str(text).strip().lower() == "auto":
         return AUTO_GROUP
     try:
-        return int(text)
+        size = int(str(text).strip())
     except ValueError:
-        raise UserError(f"--group-size {text!r} is not auto, 32, 64, 128 or -1") from None
+        raise UserError(f"--group-size {text!r} is not a group size; use auto, 32, 64, 128 or -1 (per-channel)") from None
+    if size not in SUPPORTED_GROUP_SIZES:
+        raise UserError(f"group size {size} is not supported (--group-size {text}); use auto, 32, 64, 128 or -1 "
+                        f"(per-channel)")
+    return size
 
 
 @dataclass(frozen=True)

@@ -65,23 +65,51 @@ def prefill_batches(tokens: torch.Tensor, length: int, count: int, seed: int) ->
     return windows(tokens, 1, length, count, seed)
 
 
+# Reading a user's text file: a prefix of about this many bytes per token wanted, grown while it
+# holds too few tokens (a 50 MB file is never read and tokenised whole for 512 tokens).
+BYTES_PER_TOKEN = 8
+MIN_PREFIX_BYTES = 1 << 16
+TOKEN_MARGIN = 4  # tokens read per token used: random windows still have room to differ
+
+
+def file_tokens(tokenizer, path: str, option: str, want: int) -> torch.Tensor:
+    """Tokens of the start of a UTF-8 text file: at least `want` where the file has that many.
+
+    Reads a bounded prefix (strictly decoded, preflight.read_text_prefix), grown fourfold until
+    it holds `want` tokens or is the whole file; the caller checks the count it needs.
+    """
+    from .preflight import read_text_prefix
+
+    nbytes = max(MIN_PREFIX_BYTES, want * BYTES_PER_TOKEN)
+    while True:
+        text, whole = read_text_prefix(path, option, nbytes)
+        tokens = tokenize(tokenizer, text)
+        if whole or tokens.numel() >= want:
+            return tokens
+        nbytes *= 4
+
+
+def calibration_tokens(tokenizer, samples: int, length: int, path: str | None = None) -> torch.Tensor:
+    """The tokens calibration windows are cut from; refused in one line when fewer than `samples` x `length`."""
+    from .errors import UserError
+
+    need = samples * length  # windows() cuts `samples` rows of `length` tokens from them
+    tokens = (tokenize(tokenizer, text_split("calib")) if path is None
+              else file_tokens(tokenizer, path, "--calib", TOKEN_MARGIN * need))
+    if tokens.numel() < need:
+        where = f"--calib {path}" if path else "the shipped calibration split"
+        raise UserError(f"{where} has {tokens.numel()} tokens, fewer than --calib-len {length} x --calib-samples "
+                        f"{samples} = {need}, what calibration needs; give a longer --calib file or smaller values")
+    return tokens
+
+
 def calibration(tokenizer, samples: int, length: int, path: str | None = None, seed: int = 0) -> Calibration:
-    """`samples` windows of `length` tokens from the calibration split (or a user's text file)."""
+    """`samples` windows of `length` tokens from the calibration split (or the start of a user's text file)."""
     import hashlib
 
     from .backend import Calibration
-    from .errors import UserError
 
-    if path is not None:
-        from .preflight import read_text_strict
-
-        text = read_text_strict(path, "--calib")  # refuses a missing, binary or non-UTF-8 file
-    else:
-        text = text_split("calib")
-    tokens = tokenize(tokenizer, text)
-    if tokens.numel() < length:
-        raise UserError(f"calibration text has {tokens.numel()} tokens, fewer than --calib-len {length}; "
-                        f"give a longer --calib file or a smaller --calib-len")
+    tokens = calibration_tokens(tokenizer, samples, length, path)  # refuses a missing, binary or short file
     ids = windows(tokens, samples, length, 1, seed)[0]
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
     return Calibration(ids, digest, tokenizer)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from . import faults
+
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0  # after a timeout: SIGTERM, then SIGKILL if the child is still there
 
@@ -90,12 +92,18 @@ def private_dir(prefix: str = "quantbridge-") -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp creates it 0700
     try:
         yield path
+    except BaseException:
+        faults.stage("temp-cleanup")  # test hook: a second signal while cleaning up
+        raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def save(obj: Any, path: str | os.PathLike) -> None:
-    torch.save(obj, path)
+    """torch.save into a file we open: a failed write raises OSError with its errno (ENOSPC, EFBIG),
+    where torch.save(obj, path) raises a RuntimeError that names neither."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -188,7 +196,9 @@ def _stop(proc) -> None:
     if not proc.is_alive():
         return
     proc.terminate()
-    proc.join(_KILL_GRACE_S)
+    deadline = time.monotonic() + _KILL_GRACE_S
+    while proc.is_alive() and time.monotonic() < deadline and not faults.hurry():  # a second Ctrl-C: no grace
+        proc.join(_POLL_S)
     if proc.is_alive():
         proc.kill()
         proc.join()
@@ -203,6 +213,7 @@ def _child_main(target: str, args_file: str, result_file: str, imports: list[str
                 conn) -> None:
     global _conn
     os.environ.update(env)
+    faults.install()  # SIGTERM from the parent's _stop ends the function through its cleanup, as Ctrl-C does
     _conn = conn
     try:
         for module in imports:

@@ -49,6 +49,10 @@ def save(root: Path, k: str, weights: dict[str, Int4Weight]) -> Path:
     p = path_for(root, k)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".tmp{os.getpid()}")
-    save_file(flat, str(tmp))
-    os.replace(tmp, p)
+    try:
+        save_file(flat, str(tmp))
+        os.replace(tmp, p)
+    except BaseException:  # a full disk or a signal: no half-written file stays in the cache
+        tmp.unlink(missing_ok=True)
+        raise
     return p

@@ -625,8 +625,8 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     if quick:
         shapes, batches, runs, warmup = ",".join(f"{k}x{n}" for k, n in SHAPE_SETS["quick"]), [1, 16], 10, 2
     dev = resolve_device(device)
-    out = _check_writable_dir(out_dir, "--out", "runs/bench")  # every output path, before the first shape
     check_cache_dir()
+    out = _check_writable_dir(out_dir, "--out", "runs/bench")  # every output path, before the first shape
     if isolation == "process":
         faults.check_tmpdir()
     measured = []  # rows in bench.json so far
@@ -734,7 +734,10 @@ def main() -> None:
     from . import faults
 
     faults.install()  # SIGTERM and SIGHUP end a command as Ctrl-C does: cleaned up, one line, exit 128+signal
-    cli(prog_name="quantbridge")
+    try:
+        cli(prog_name="quantbridge")
+    finally:
+        faults.settle()  # a Ctrl-C during the interpreter's own shutdown leaves the exit status as it is
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ def install() -> None:
         signal.signal(s, _handler)
 
 
+def settle() -> None:
+    """The command is over: ignore SIGINT, SIGTERM and SIGHUP for the rest of the exit. Python resets its
+    handlers to the default late in its shutdown, so a second Ctrl-C then would kill the process and turn
+    its exit status (130) into -2; an ignored signal is left ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in HANDLED:
+        signal.signal(s, signal.SIG_IGN)
+    stage("exit", until="input")
+
+
 def hurry() -> bool:
     """Whether a second signal came: waits in the cleanup (a child's grace period) can be cut short."""
     return len(_received) > 1
@@ -114,15 +125,19 @@ def deferred_signals() -> Iterator[None]:
         raise Interrupted(pending[0])
 
 
-def stage(name: str) -> None:
+def stage(name: str, until: str = "signal") -> None:
     """Test hook. With QUANTBRIDGE_TEST_WAIT_AT's next stage equal to `name`, announce it on stderr and
-    wait until a signal arrives (the handler raises, or notes it when it must not). Nothing otherwise."""
+    wait until a signal arrives (the handler raises, or notes it when it must not), or, with
+    until="input" (signals are ignored there), until a line arrives on stdin. Nothing otherwise."""
     wanted = [s for s in os.environ.get(WAIT_ENV, "").split(",") if s]
     if not wanted or wanted[0] != name:
         return
     os.environ[WAIT_ENV] = ",".join(wanted[1:])  # each stage once, in the order given
     seen = len(_received)
     os.write(2, f"{ANNOUNCE}{name}\n".encode())
+    if until == "input":
+        os.read(0, 1)
+        return
     while len(_received) == seen:  # the handler runs between sleeps; sleep is only how the process waits
         time.sleep(0.01)
 
@@ -157,7 +172,7 @@ _HINTS = {
     errno.EPERM: ("the operation is not permitted: the file or directory is immutable or append-only "
                   "(lsattr shows it; chattr -i / -a clears it) or in a sticky directory owned by someone else; "
                   "choose another place"),
-    errno.EBUSY: "it is a mount point or in use: it cannot be renamed or replaced; choose a directory inside it",
+    errno.EBUSY: "a mount point or a directory in use cannot be renamed or replaced: choose a directory inside it",
     errno.EXDEV: ("it is on another file system than the directory beside it (a mount point), so it cannot be "
                   "renamed into place; choose a directory inside it"),
     errno.ENOTDIR: "part of the path is a file, not a directory: fix the path",

@@ -103,7 +103,15 @@ def save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save into a file we open: a failed write raises OSError with its errno (ENOSPC, EFBIG),
     where torch.save(obj, path) raises a RuntimeError that names neither."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer may fail after, and over, our file's OSError
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -148,11 +156,13 @@ def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict
         proc = ctx.Process(target=_child_main, name=f"quantbridge:{target}",
                            args=(target, str(args_file), str(result_file), list(imports), dict(env or {}), child_end),
                            daemon=True)
-        proc.start()
-        child_end.close()  # the child holds the only write end: EOF once it is gone
         final = None
         timed_out = None
         try:
+            with _ctrl_c_blocked():  # inherited: the child never sees the terminal's Ctrl-C; we stop it
+                proc.start()
+            child_end.close()  # the child holds the only write end: EOF once it is gone
+            faults.stage("child-started")  # test hook: a signal while the child starts up
             while True:
                 if timeout is not None and time.monotonic() - start > timeout:
                     timed_out = timeout
@@ -190,6 +200,25 @@ def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict
             return Outcome(exitcode=code, exception=final[1]["type"], message=final[1]["message"],
                            traceback=final[1]["traceback"], seconds=seconds)
         return Outcome(exitcode=code, signal=signal_name(code), seconds=seconds)
+
+
+@contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while a child is started, so the child starts with it blocked.
+
+    A terminal's Ctrl-C reaches every process of the group; a child still importing would print
+    its own KeyboardInterrupt traceback. The parent alone acts on it and stops the child (SIGTERM,
+    which the child's cleanup handles). A Ctrl-C meanwhile stays pending here and is acted on after.
+    """
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, OSError):  # no pthread_sigmask (not POSIX)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _stop(proc) -> None:

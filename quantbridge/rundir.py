@@ -83,7 +83,8 @@ def refuse_cache(out: Path, option: str, example: str = "runs/demo") -> None:
     cache = cache_dir().expanduser().resolve()
     out = out.expanduser().resolve()
     if out == cache or cache in out.parents:
-        raise UserError(f"{option} {out} is in quantbridge's cache directory {cache}, which holds what quantbridge "
+        where = "is" if out == cache else "is in"
+        raise UserError(f"{option} {out} {where} quantbridge's cache directory {cache}, which holds what quantbridge "
                         f"builds once (models, quantized weights); choose another place, e.g. {example}")
 
 
@@ -157,7 +158,7 @@ class RunDir:
         for p in [self.out, *sorted(self.out.iterdir())]:
             problem = faults.replace_problem(p)
             if problem is not None:
-                raise UserError(f"--out {self.given} cannot be replaced when the run completes: {p} "
+                raise UserError(f"--out {self.given} cannot be replaced when the run completes: {p}: "
                                 f"{problem.strerror} ({errno.errorcode[problem.errno]}); {faults.os_error_hint(problem)}")
 
     # -- during the run -------------------------------------------------------------------------

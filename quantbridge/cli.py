@@ -252,8 +252,8 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     finally:
         run.close()
     if run.left_behind:
-        click.echo(f"warning: the previous run's directory held files quantbridge did not write "
-                   f"({', '.join(run.left_behind)}); they were kept in {run.staging}", err=True)
+        click.echo(f"warning: the previous run's directory held files quantbridge did not write or could not "
+                   f"remove ({', '.join(run.left_behind)}); they were kept in {run.staging}", err=True)
     click.echo("wrote " + ", ".join(map(str, run.files(*written))))
     failed = verdict(comp)
     if failed:  # the results are written; the exit status says the run did not measure what was asked
@@ -472,7 +472,8 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     from .servestats import load_workers, merge, steps
 
     out = Path(out_file) if out_file else Path(profile_dir) / "results.json"
-    _check_writable(str(out), "--out", "merged.json")
+    if Path(profile_dir).is_dir():  # else load_workers says so, and no directory is created for a typo
+        _check_writable(str(out), "--out", "merged.json")
     comp = merge(load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
     b = comp.backends[0]
     ms = [str(m) for m in comp.settings["m_values"]]

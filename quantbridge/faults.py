@@ -5,7 +5,7 @@
   way, as `Interrupted` (a KeyboardInterrupt), so its cleanup runs and it exits 128 + the signal;
   a second signal while it cleans up is noted, not raised, so the cleanup finishes.
 - `deferred_signals()`: a section a signal must not cut in two (swapping a directory into place).
-- `probe_dir`, `check_replaceable`: find before any work what the final writes would fail on.
+- `probe_dir`, `replace_problem`, `check_tmpdir`: find before any work what the final writes would fail on.
 - `stage(name)`: a test hook: with QUANTBRIDGE_TEST_WAIT_AT naming the stage, the process says
   so on stderr and waits there for a signal, so signal tests need not race the run.
 """

@@ -99,7 +99,7 @@ class RunDir:
         self.lock_path = self.out.with_name(f".{self.out.name}.lock")
         self.rows: list[str] = []  # rows whose results are on disk in staging
         self.committed = False
-        self.left_behind: list[str] = []  # after commit: files of the previous OUT that were not ours, kept in staging
+        self.left_behind: list[str] = []  # after commit: what of the previous OUT could not go (kept in staging)
         self._lock_fd: int | None = None
 
     # -- before any work ------------------------------------------------------------------------
@@ -158,8 +158,9 @@ class RunDir:
         for p in [self.out, *sorted(self.out.iterdir())]:
             problem = faults.replace_problem(p)
             if problem is not None:
+                code = errno.errorcode[problem.errno]
                 raise UserError(f"--out {self.given} cannot be replaced when the run completes: {p}: "
-                                f"{problem.strerror} ({errno.errorcode[problem.errno]}); {faults.os_error_hint(problem)}")
+                                f"{problem.strerror} ({code}); {faults.os_error_hint(problem)}")
 
     # -- during the run -------------------------------------------------------------------------
     def save(self, comp) -> None:
@@ -208,7 +209,7 @@ class RunDir:
                     self.committed = True
             except OSError as e:
                 if self.committed:  # removing the previous run failed: the new one is in place
-                    self.left_behind = foreign_files(self.staging) if self.staging.is_dir() else []
+                    self.left_behind = sorted(p.name for p in self.staging.iterdir()) if self.staging.is_dir() else []
                 else:
                     raise RunWriteError(self.out, e) from None
         return self.out

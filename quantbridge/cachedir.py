@@ -18,16 +18,16 @@ def save_model_dir(path: Path, model, tokenizer) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "config.json").exists():  # not another process's finished copy: a write that failed
-            from . import faults
-            from .errors import UserError
+    except BaseException as e:  # a write that failed, or a signal: our half-written copy goes
+        from . import faults
+        from .errors import UserError
 
-            raise UserError(f"cannot write {path} in quantbridge's cache: {faults.describe(e)}") from None
-    except BaseException:  # interrupted: our half-written copy goes
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cause = faults.os_error_of(e) if isinstance(e, Exception) else None  # safetensors: "(os error 28)"
+        if cause is None:
+            raise
+        if not (path / "config.json").exists():  # not another process's finished copy: a write that failed
+            raise UserError(f"cannot write {path} in quantbridge's cache: {faults.describe(cause)}") from None
     return path
 
 
@@ -48,11 +48,13 @@ def check_cache_dir() -> Path:
     named = (f"QUANTBRIDGE_CACHE={os.environ['QUANTBRIDGE_CACHE']}" if os.environ.get("QUANTBRIDGE_CACHE")
              else f"quantbridge's cache directory {root}")
     fix = "set QUANTBRIDGE_CACHE to a directory you can write to"
+    if root.is_symlink() and not root.exists():
+        raise UserError(f"{named} is a symbolic link to {os.readlink(root)}, which does not exist; {fix}")
     if root.exists() and not root.is_dir():
         raise UserError(f"{named} is a file, not a directory; {fix}")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        faults.probe_dir(root)
+        faults.probe_dir(root, 1 << 20)  # room for a little: a full disk or `ulimit -f` shows now
     except OSError as e:
         if e.errno == errno.ENOTDIR or (e.errno == errno.EEXIST and not root.is_dir()):
             raise UserError(f"{named} is below a file, not a directory ({e.filename or root}); {fix}") from None

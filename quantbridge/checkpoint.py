@@ -228,7 +228,7 @@ def _check_swap(path: Path, out) -> None:
     parent = next(p for p in path.parents if p.is_dir())
     problem = None
     try:
-        faults.probe_dir(parent)
+        faults.probe_dir(parent, 1 << 20)  # a full disk or `ulimit -f` shows now, not after quantizing
     except OSError as e:
         problem, where = e, parent
     for p in [path, *sorted(path.iterdir())] if path.is_dir() and problem is None else []:
@@ -286,8 +286,9 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
         faults.stage("convert-written")  # test hook: a signal before the swap
     except BaseException as e:  # a write that failed, or a signal: the half-written copy goes, OUT_DIR is as it was
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise faults.WriteFailed(tmp, e, "the new checkpoint beside OUT_DIR") from None
+        cause = faults.os_error_of(e) if isinstance(e, Exception) else None  # safetensors: "(os error 28)"
+        if cause is not None:
+            raise faults.WriteFailed(tmp, cause, "the new checkpoint beside OUT_DIR") from None
         raise
     _swap_in(tmp, out)
     return out

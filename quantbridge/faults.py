@@ -205,6 +205,23 @@ def describe(e: OSError) -> str:
     return f"{what}{f' ({name})' if name else ''}; {os_error_hint(e) if e.errno else 'choose another place'}"
 
 
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `e` itself, one in its context chain (torch.save's zip writer
+    raises RuntimeError over it), or the "(os error 28)" safetensors' Rust writer puts in its message."""
+    import re
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        m = re.search(r"\(os error (\d+)\)", str(seen))
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        seen = seen.__context__
+    return None
+
+
 class WriteFailed(Exception):
     """A write that failed (disk full, file-size limit, permissions): the path, its OSError and, in
     words, what the file was; str() is one line with the errno's hint."""
@@ -215,8 +232,11 @@ class WriteFailed(Exception):
 
 
 def tmpdir_named() -> str:
-    d = tempfile.gettempdir()
-    return f"TMPDIR={os.environ['TMPDIR']}" if os.environ.get("TMPDIR") else f"the temporary directory {d}"
+    """TMPDIR=... when Python's temporary directory is TMPDIR; else which one it is (and that TMPDIR was not)."""
+    d, env = tempfile.gettempdir(), os.environ.get("TMPDIR")
+    if env and os.path.realpath(env) == os.path.realpath(d):
+        return f"TMPDIR={env}"
+    return f"the temporary directory {d}" + (f" (TMPDIR={env} is not usable)" if env else "")
 
 
 def check_tmpdir(nbytes: int = 1 << 20) -> None:

@@ -106,9 +106,7 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         try:
             torch.save(obj, f)
         except RuntimeError as e:  # torch's zip writer may fail after, and over, our file's OSError
-            cause = e.__context__
-            while cause is not None and not isinstance(cause, OSError):
-                cause = cause.__context__
+            cause = faults.os_error_of(e)
             if cause is None:
                 raise
             raise cause from None

@@ -379,7 +379,7 @@ def test_ulimit_f_is_one_line_before_work(tmp_path, tiny, previous):
              env={"TMPDIR": str(tmp_path)})
     line = _single_error(r, "File too large (EFBIG); the file-size limit (20 KiB) was reached: raise it "
                             "(ulimit -f unlimited)")
-    assert "TMPDIR" in line and _snapshot(out) == before
+    assert "QUANTBRIDGE_CACHE=" in line and _snapshot(out) == before  # the first place tried: the cache
     assert _ours_in(tmp_path) == []  # no temporary file left
 
 
@@ -417,6 +417,39 @@ def test_a_write_that_fails_later_is_caught_where_it_happens(tmp_path, monkeypat
     assert "No space left on device (ENOSPC); the file system is full" in line
     assert f"no row had finished; the previous complete run is intact at {out}" in line
     assert _snapshot(out) == before and _ours_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", ["full", "fills-up", "ulimit"])
+def test_convert_on_a_full_or_limited_file_system(tmp_path, mounts, tiny, fault):
+    """Too little room or `ulimit -f`: refused before work when the probe shows it, else one line where the
+    checkpoint is written; either way nothing is left beside OUT_DIR."""
+    disk = tmp_path / "disk"
+    if fault == "ulimit":
+        disk.mkdir()
+        r = _cli("convert", "tiny", "--to", "native", disk / "ck", preexec_fn=_limit_fsize(2 << 20))
+        _single_error(r, "could not write the new checkpoint beside OUT_DIR")
+        assert "File too large (EFBIG); the file-size limit (2 MiB) was reached" in r.stderr
+    else:
+        _mount_tmpfs(disk, "size=64k" if fault == "full" else "size=2m")
+        mounts.append(disk)
+        r = _invoke("convert", "tiny", "--to", "native", disk / "ck")
+        needle = (f"OUT_DIR {disk / 'ck'} cannot be written: {disk}: No space left on device (ENOSPC)"
+                  if fault == "full" else "could not write the new checkpoint beside OUT_DIR")
+        line = _one_line_error(r, needle)
+        assert "(ENOSPC); the file system is full" in line
+    assert not any(disk.iterdir())
+
+
+def test_full_cache_is_one_line(tmp_path, mounts, monkeypatch):
+    """Building the tiny model into a cache that fills up: one line naming the cache and ENOSPC."""
+    cache = tmp_path / "cache"
+    _mount_tmpfs(cache, "size=2m")
+    mounts.append(cache)
+    monkeypatch.setenv("QUANTBRIDGE_CACHE", str(cache))
+    line = _one_line_error(_invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
+                           "in quantbridge's cache: No space left on device (ENOSPC)")
+    assert f"cannot write {cache}/tiny-v" in line
+    assert not any(cache.iterdir()) and not (tmp_path / "out").exists()
 
 
 def test_isolation_save_raises_the_errno(tmp_path):

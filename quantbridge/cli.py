@@ -5,6 +5,7 @@ User errors print one line and exit with code 2; nothing a user can fix shows a 
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -284,13 +285,14 @@ def _render_report(comp, kind: str = "html") -> str:
 
 
 def _write_report(comp, path: Path, kind: str = "html") -> Path:
+    from . import faults
     from .results import write_atomic
 
     text = _render_report(comp, kind)
     try:
         write_atomic(path, text)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable path for --{kind}") from None
+        raise UserError(f"cannot write {path}: {faults.describe(e)}") from None
     return path
 
 
@@ -315,7 +317,8 @@ def _check_writable(path: str, option: str, example: str | None = None) -> None:
         raise UserError(f"cannot write {option} {path}: {faults.describe(e)}") from None
     problem = faults.replace_problem(p)
     if problem is not None:
-        raise UserError(f"cannot replace {option} {path}: {problem.strerror}; {faults.os_error_hint(problem)}")
+        raise UserError(f"cannot replace {option} {path}: {problem.strerror} "
+                        f"({errno.errorcode[problem.errno]}); {faults.os_error_hint(problem)}")
 
 
 def _check_writable_dir(path: str, option: str, example: str) -> Path:
@@ -628,6 +631,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     dev = resolve_device(device)
     check_cache_dir()
     out = _check_writable_dir(out_dir, "--out", "runs/bench")  # every output path, before the first shape
+    _check_bench_files(out)
     if isolation == "process":
         faults.check_tmpdir()
     measured = []  # rows in bench.json so far
@@ -663,6 +667,23 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'} (no plot: pip install matplotlib)")
     except OSError as e:
         raise faults.WriteFailed(out / "roofline.png", e) from None
+
+
+def _check_bench_files(out: Path) -> None:
+    """bench replaces bench.json, bench.md and roofline.png in --out: only when an earlier bench wrote them."""
+    import json
+
+    present = [n for n in ("bench.json", "bench.md", "roofline.png") if (out / n).exists() or (out / n).is_symlink()]
+    if not present:
+        return
+    try:
+        data = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+        ours = isinstance(data, dict) and {"rows", "copy_bandwidth"} <= data.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours or any(not (out / n).is_file() or (out / n).is_symlink() for n in present):
+        raise UserError(f"--out {out} holds {', '.join(present)}, which quantbridge bench did not write and would "
+                        f"replace; move them away or choose another --out")
 
 
 @cli.command()

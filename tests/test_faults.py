@@ -305,6 +305,18 @@ def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch, no_model_l
     _one_line_error(_invoke(*[a.format(prof=tmp_path / "prof") for a in command]), needle)
 
 
+@pytest.mark.parametrize("mine", ["bench.md", "roofline.png", "bench.json"])
+def test_bench_replaces_only_its_own_files(tmp_path, monkeypatch, mine):
+    import quantbridge.bench as bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the work began"))
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / mine).write_text("mine")
+    _one_line_error(_invoke("bench", "--quick", "--out", out), f"holds {mine}, which quantbridge bench did not write")
+    assert (out / mine).read_text() == "mine"
+
+
 def test_immutable_out_is_refused_before_work(tmp_path, previous, checkpoint, no_model_load):
     out = _previous_in(tmp_path, previous)
     ck = tmp_path / "ck"

@@ -174,6 +174,32 @@ def test_commit_keeps_a_file_added_during_the_run(tmp_path, previous):
     assert sorted(p.name for p in run.staging.iterdir()) == ["added-meanwhile.txt"]
 
 
+def test_signal_during_the_swap_is_acted_on_after_it(tmp_path, previous, monkeypatch):
+    """A signal that arrives while the complete run is swapped in waits for the swap: OUT holds the new
+    run, the previous one is gone, nothing is half-done, and the line says so."""
+    from quantbridge import rundir
+
+    out = _previous_in(tmp_path, previous)
+    run = rundir.RunDir(out).prepare()
+    run.write("report.md", "# new\n")
+    real = rundir._exchange
+
+    def exchange_with_a_signal(new, old):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the middle of commit
+        return real(new, old)
+
+    monkeypatch.setattr(rundir, "_exchange", exchange_with_a_signal)
+    try:
+        with pytest.raises(faults.Interrupted) as stop:
+            run.commit()
+    finally:
+        run.close()
+    assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143 and run.committed
+    assert run.kept(stop.value.label) == f"Stopped by SIGTERM as the run completed: {out} holds the complete run"
+    assert sorted(p.name for p in out.iterdir()) == [".quantbridge-run", "report.md"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".latest.lock", "latest", "sentinel.txt"]
+
+
 @pytest.mark.parametrize("overwrite", [True, False])
 @pytest.mark.parametrize("mine", [["mynotes.txt", "generation_config.json"], [".hidden"], ["quantize_config.json"]])
 def test_convert_refuses_checkpoint_with_user_files(tmp_path, checkpoint, no_model_load, mine, overwrite):
@@ -494,7 +520,7 @@ class _Run:
             if not line:
                 out, err = self.p.communicate()
                 pytest.fail(f"exited {self.p.returncode} before {stage}:\n{''.join(self.before)}{err}{out}")
-            if line == f"{faults.ANNOUNCE}{stage}\n":
+            if line.rstrip("\n").endswith(f"{faults.ANNOUNCE}{stage}"):  # one write(2): never split
                 return
             self.before.append(line)
 
@@ -516,7 +542,8 @@ class _Run:
                 self.p.kill()
         err = "".join(self.before) + err  # what came before the stages too
         assert "Traceback" not in err, err
-        lines = [line for line in err.splitlines() if line.strip() and not line.startswith((faults.ANNOUNCE, *ignore))]
+        lines = [line for line in err.splitlines() if line.strip() and faults.ANNOUNCE not in line
+                 and not line.startswith(ignore)]
         assert len(lines) == 1, err  # one line says what finished and where
         return self.p.returncode, lines[0]
 

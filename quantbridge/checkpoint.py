@@ -9,16 +9,18 @@ decode the tensors to the canonical Int4Weight.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import formats
+from . import faults, formats
 from .errors import UserError
 from .loaded import LoadedModel, dir_hash, linear_layers
 from .packed import Int4Weight
@@ -148,6 +150,41 @@ def _cast_scales(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
 
 
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+# The files convert wrote, listed in the checkpoint: --overwrite removes those and nothing else.
+MANIFEST = ".quantbridge-checkpoint"
+# What convert writes in any layout, for a checkpoint without a manifest (an older quantbridge's):
+# the weights, config.json and the files a tokenizer's save_pretrained writes.
+_CONVERT_FILES = {WEIGHTS_FILE, "config.json", MANIFEST, "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                  "chat_template.jinja", "chat_template.json"}
+
+
+def _written_by_convert(path: Path) -> set[str]:
+    """The names in checkpoint `path` that convert wrote (its manifest, else the names convert writes)."""
+    try:
+        listed = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        if isinstance(listed, list) and all(isinstance(n, str) for n in listed):
+            return set(listed) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return set(_CONVERT_FILES)
+
+
+def _not_written_by_convert(path: Path) -> list[str]:
+    ours = _written_by_convert(path)
+    return sorted(p.name for p in path.iterdir() if p.name not in ours or not p.is_file() or p.is_symlink())
+
+
+def remove_checkpoint(path: Path) -> list[str]:
+    """Remove what convert wrote in `path`, then `path` if that empties it; return what was left."""
+    ours = _written_by_convert(path)
+    for p in path.iterdir():
+        if p.name in ours and p.is_file() and not p.is_symlink():
+            p.unlink()
+    left = sorted(p.name for p in path.iterdir())
+    if not left:
+        path.rmdir()
+    return left
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -174,16 +211,42 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[s
         raise UserError(f"OUT_DIR {out} is a file, not a directory; choose a new directory for the checkpoint")
     entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if not entries:
+        _check_swap(path, out)
         return path, []
     if not _is_checkpoint(path):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UserError(f"OUT_DIR {out} is not empty and is not a model checkpoint ({shown}); --overwrite replaces "
                         f"checkpoints only: choose a new directory")
+    foreign = _not_written_by_convert(path)
+    if foreign:  # replacing the checkpoint must not take the user's own files with it
+        raise UserError(f"OUT_DIR {out} holds a checkpoint and files convert did not write ({', '.join(foreign)}); "
+                        f"convert replaces only what it wrote: move them away or choose another OUT_DIR")
     shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} files)" if len(entries) > 6 else "")
     if not overwrite:
         raise UserError(f"OUT_DIR {out} is not empty: it holds a checkpoint ({shown}); pass --overwrite to replace it, "
                         f"or choose another OUT_DIR")
+    _check_swap(path, out)
     return path, entries
+
+
+def _check_swap(path: Path, out) -> None:
+    """What the final swap needs, tried now: a rename in OUT_DIR's parent (or the nearest directory
+    that exists), and an OUT_DIR and files that can be moved and removed (no mount point, not immutable)."""
+    from . import faults
+
+    parent = next(p for p in path.parents if p.is_dir())
+    problem = None
+    try:
+        faults.probe_dir(parent, 1 << 20)  # a full disk or `ulimit -f` shows now, not after quantizing
+    except OSError as e:
+        problem, where = e, parent
+    for p in [path, *sorted(path.iterdir())] if path.is_dir() and problem is None else []:
+        problem, where = faults.replace_problem(p), p
+        if problem is not None:
+            break
+    if problem is not None:
+        raise UserError(f"OUT_DIR {out} cannot be written: {where}: {problem.strerror} "
+                        f"({errno.errorcode.get(problem.errno, '?')}); {faults.os_error_hint(problem)}")
 
 
 def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, Int4Weight], codec: formats.Codec,
@@ -221,19 +284,64 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
         config["quantization_config"]["float_offsets"] = True
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():  # a checkpoint (check_out_dir): set aside, replaced, then removed
-        aside = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, aside)
-        os.replace(tmp, out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}) + "\n")
+        faults.stage("convert-written")  # test hook: a signal before the swap
+    except BaseException as e:  # a write that failed, or a signal: the half-written copy goes, OUT_DIR is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = faults.os_error_of(e) if isinstance(e, Exception) else None  # safetensors: "(os error 28)"
+        if cause is not None:
+            raise faults.WriteFailed(tmp, cause, "the new checkpoint beside OUT_DIR") from None
+        raise
+    _swap_in(tmp, out)
     return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the checkpoint written at `tmp` in OUT's place; a previous checkpoint (check_out_dir) is
+    exchanged with it in one step and then removed. A signal meanwhile is acted on once that is done,
+    so OUT holds either the previous checkpoint or the new one, and nothing hidden is left."""
+    from .rundir import _exchange
+
+    try:
+        with faults.deferred_signals():
+            try:
+                if out.exists():
+                    _exchange(tmp, out)  # the previous checkpoint now lies at `tmp`
+                else:
+                    os.replace(tmp, out)
+            except OSError as e:  # OUT_DIR as it was; our new copy goes
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise faults.WriteFailed(out, e, "the new checkpoint, moving it into") from None
+            if tmp.exists():
+                faults.stage("convert-swap")  # test hook: a signal during the swap
+                _remove_previous(tmp, out)
+    except KeyboardInterrupt as e:
+        stop = faults.as_interrupted(e)
+        stop.state = f"{out} holds the new checkpoint, complete; nothing else was left behind"
+        raise stop from None
+
+
+def _remove_previous(previous: Path, out: Path) -> None:
+    """Remove the previous checkpoint's files; what cannot go (not ours, or failing) stays in view."""
+    try:
+        left = remove_checkpoint(previous)
+    except OSError as e:
+        left = [f"{e.filename or previous}: {e.strerror}"]
+    if left:
+        kept = out.with_name(f"{out.name}.previous")
+        try:
+            os.rename(previous, kept)
+        except OSError:
+            kept = previous
+        print(f"warning: the previous checkpoint held files convert did not write or could not remove "
+              f"({', '.join(left)}); they are in {kept}", file=sys.stderr)
 
 
 def spec_of(weights: dict[str, Int4Weight]) -> QuantSpec:

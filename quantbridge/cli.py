@@ -5,7 +5,7 @@ User errors print one line and exit with code 2; nothing a user can fix shows a 
 
 from __future__ import annotations
 
-import os
+import errno
 import sys
 from pathlib import Path
 
@@ -76,10 +76,18 @@ class _Group(click.Group):
     """Turns UserError from any command into click's one-line 'Error: ...' with exit code 2."""
 
     def invoke(self, ctx: click.Context):
+        from . import faults
+
         try:
             return super().invoke(ctx)
         except UserError as e:
             raise _UserFacingError(str(e)) from None
+        except faults.WriteFailed as e:  # a disk that filled up mid-command, in one line with its errno's hint
+            raise _UserFacingError(f"could not write {e}") from None
+        except KeyboardInterrupt as e:  # SIGINT, SIGTERM or SIGHUP in a command without its own message
+            stop = faults.as_interrupted(e)
+            click.echo(f"{stop.label}: {stop.state or 'stopped before it finished'}", err=True)
+            raise click.exceptions.Exit(stop.exit_code) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,17 +212,22 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
 
     `plan` calls it too. Exits 1 (after writing) when the reference or every requested row failed.
     """
+    from . import faults
+    from .cachedir import check_cache_dir
     from .compare import run_comparison, verdict
     from .hardware import resolve_device, resolve_dtype
     from .models import load_model
     from .report.terminal import print_comparison
-    from .rundir import RunDir, RunWriteError
+    from .rundir import RunDir
     from .settings import timing_mode
 
     dev = resolve_device(device)
     timing_mode(settings.mode, dev)  # fail before loading: graph and compile need CUDA
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)
+    check_cache_dir()
+    if isolation == "process":
+        faults.check_tmpdir()  # the reference activations go there for the rows' processes
     run = RunDir(out_dir).prepare()  # checked, locked and staged before the model loads
     try:
         with console.status(f"loading {model}"):
@@ -237,13 +250,17 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
             run.write("report.html", _render_report(comp, "html"))
             written.append("report.html")
         run.commit()
-    except KeyboardInterrupt:
-        click.echo(run.kept("Aborted"), err=True)
-        raise click.exceptions.Exit(130) from None
-    except RunWriteError as e:
-        raise UserError(run.kept(f"could not write {e} (free disk space or raise the file-size limit)")) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: what finished, and where
+        stop = faults.as_interrupted(e)
+        click.echo(run.kept(stop.label), err=True)
+        raise click.exceptions.Exit(stop.exit_code) from None
+    except faults.WriteFailed as e:  # the run's files or the reference activations (TMPDIR)
+        raise UserError(run.kept(f"could not write {e}")) from None
     finally:
         run.close()
+    if run.left_behind:
+        click.echo(f"warning: the previous run's directory held files quantbridge did not write or could not "
+                   f"remove ({', '.join(run.left_behind)}); they were kept in {run.staging}", err=True)
     click.echo("wrote " + ", ".join(map(str, run.files(*written))))
     failed = verdict(comp)
     if failed:  # the results are written; the exit status says the run did not measure what was asked
@@ -275,27 +292,60 @@ def _render_report(comp, kind: str = "html") -> str:
 
 
 def _write_report(comp, path: Path, kind: str = "html") -> Path:
+    from . import faults
     from .results import write_atomic
 
     text = _render_report(comp, kind)
     try:
         write_atomic(path, text)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable path for --{kind}") from None
+        raise UserError(f"cannot write {path}: {faults.describe(e)}") from None
     return path
 
 
-def _check_writable(path: str, option: str) -> None:
-    """Create the parent of an output file and check it can be written, before any work."""
+def _check_writable(path: str, option: str, example: str | None = None) -> None:
+    """Create the parent of an output file and try there what write_atomic will do (a file written and
+    renamed), and that an existing file can be replaced, before any work."""
+    from . import faults
+    from .rundir import refuse_cache
+
     p = Path(path).expanduser()
+    example = example or f"report.{option[2:]}"
     if p.is_dir():
-        raise UserError(f"{option} {path} is a directory; give a file path, e.g. {option} report.{option[2:]}")
+        raise UserError(f"{option} {path} is a directory; give a file path, e.g. {option} {example}")
+    refuse_cache(p, option, example)
     try:
         p.resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the directory of {option} {path}: {e.strerror or e}; choose a writable path") from None
-    if not os.access(p.resolve().parent, os.W_OK):
-        raise UserError(f"cannot write {option} {path}: its directory is not writable; choose a writable path")
+        raise UserError(f"cannot create the directory of {option} {path}: {faults.describe(e)}") from None
+    try:
+        faults.probe_dir(p.resolve().parent, 1 << 16)
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path}: {faults.describe(e)}") from None
+    problem = faults.replace_problem(p)
+    if problem is not None:
+        raise UserError(f"cannot replace {option} {path}: {problem.strerror} "
+                        f"({errno.errorcode[problem.errno]}); {faults.os_error_hint(problem)}")
+
+
+def _check_writable_dir(path: str, option: str, example: str) -> Path:
+    """An output directory whose files are written one by one (bench): created and tried before any work."""
+    from . import faults
+    from .rundir import refuse_cache
+
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {path} is a file, not a directory; choose a directory, e.g. {option} {example}")
+    refuse_cache(p, option, example)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {option} {path}: {faults.describe(e)}") from None
+    try:
+        faults.probe_dir(p, 1 << 20)
+    except OSError as e:
+        raise UserError(f"cannot write in {option} {path}: {faults.describe(e)}") from None
+    return p
 
 
 @cli.command()
@@ -395,6 +445,7 @@ def plan(source: str, max_ppl_increase: float | None, max_weight_gb: float | Non
 
     from . import backend as registry
 
+    _check_writable(out_file, "--out", "plan.json")  # before a comparison that may take minutes
     budget = Budget(max_ppl_increase, max_weight_gb, max_latency_ratio)
     if backends:
         registry.parse_names(backends)  # an unknown name fails now, not after a comparison
@@ -444,6 +495,9 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     from .results import save_json
     from .servestats import load_workers, merge, steps
 
+    out = Path(out_file) if out_file else Path(profile_dir) / "results.json"
+    if Path(profile_dir).is_dir():  # else load_workers says so, and no directory is created for a typo
+        _check_writable(str(out), "--out", "merged.json")
     comp = merge(load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
     b = comp.backends[0]
     if not any(r.latency_us for r in b.layers):  # nothing to tabulate: say so instead of an empty table
@@ -464,7 +518,6 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "
                f"Σ time in quantized linears {total / 1e3:.1f} ms; warm-up calls kept apart: "
                f"{sum(b.model_metrics['warmup_calls'].values())}")
-    out = Path(out_file) if out_file else Path(profile_dir) / "results.json"
     save_json(comp, out)
     click.echo(f"wrote {out}")
 
@@ -514,6 +567,8 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symme
     from .spec import QuantSpec, parse_group_size
     from .workloads import calibration
 
+    from . import faults
+    from .cachedir import check_cache_dir
     from .checkpoint import check_out_dir
     from .preflight import TEXT_CHECK_BYTES, check_skip, read_text_strict
 
@@ -521,15 +576,22 @@ def convert(src: str, to: str, out_dir: str, method: str, group_size: str, symme
     if calib_file:  # a binary or non-UTF-8 file is refused before the model loads, as in compare
         read_text_strict(calib_file, "--calib", TEXT_CHECK_BYTES)
     _, replaced = check_out_dir(out_dir, overwrite)
+    check_cache_dir()
     if replaced:
         click.echo(f"--overwrite: the checkpoint in {out_dir} will be replaced ({', '.join(replaced)})", err=True)
     spec = QuantSpec(group_size=parse_group_size(group_size), symmetric=symmetric, act_order=act_order)
     dev = resolve_device(device)
     samples, length, _ = calibration_size(calib_samples, calib_len, dev, full_calibration)
-    with Console(stderr=True).status(f"converting {src} to {to}"):
-        summary = run(src, to, out_dir, method=method, spec=spec, skip=skip, device=dev,
-                      dtype=torch_dtype_for(dev), overwrite=overwrite,
-                      calib_factory=lambda tok: calibration(tok, samples, length, calib_file))
+    try:
+        with Console(stderr=True).status(f"converting {src} to {to}"):
+            summary = run(src, to, out_dir, method=method, spec=spec, skip=skip, device=dev,
+                          dtype=torch_dtype_for(dev), overwrite=overwrite,
+                          calib_factory=lambda tok: calibration(tok, samples, length, calib_file))
+    except KeyboardInterrupt as e:  # before the swap nothing of OUT_DIR was touched; during it, it finishes
+        stop = faults.as_interrupted(e)
+        stop.state = stop.state or (f"the previous checkpoint in {out_dir} is intact; nothing else was left behind"
+                                    if replaced else f"nothing was written to {out_dir}")
+        raise stop from None
     click.echo(f"wrote {summary['out']}: {summary['layers']} layers as {summary['format']}, {summary['how']}, "
                f"{summary['bytes'] / 1e6:.2f} MB")
 
@@ -581,7 +643,9 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     import json
 
     from . import backend as registry
+    from . import faults
     from .bench import SHAPE_SETS, parse_shapes, run_bench
+    from .cachedir import check_cache_dir
     from .hardware import resolve_device, resolve_dtype
     from .kernel import parse_kernels
     from .report.bench import roofline_png, to_markdown
@@ -591,23 +655,61 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     if quick:
         shapes, batches, runs, warmup = ",".join(f"{k}x{n}" for k, n in SHAPE_SETS["quick"]), [1, 16], 10, 2
     dev = resolve_device(device)
-    out = Path(out_dir)
+    check_cache_dir()
+    out = _check_writable_dir(out_dir, "--out", "runs/bench")  # every output path, before the first shape
+    _check_bench_files(out)
+    if isolation == "process":
+        faults.check_tmpdir()
+    measured = []  # rows in bench.json so far
+
+    def write(name: str, data: str) -> None:
+        try:
+            write_atomic(out / name, data)
+        except OSError as e:
+            raise faults.WriteFailed(out / name, e) from None
 
     def save(partial: dict) -> None:  # after every shape, so a cut-off run keeps what it measured
-        write_atomic(out / "bench.json", json.dumps(partial, indent=1) + "\n")
+        write("bench.json", json.dumps(partial, indent=1) + "\n")
+        measured[:] = partial["rows"]
+        faults.stage("bench-saved")  # test hook: a signal once rows are on disk
 
-    res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
-                    QuantSpec(group_size=parse_group_size(group_size)), runs=runs, warmup=warmup,
-                    progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation,
-                    kernels=parse_kernels(kernels_csv) if kernels_csv else [])
+    try:
+        res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
+                        QuantSpec(group_size=parse_group_size(group_size)), runs=runs, warmup=warmup,
+                        progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation,
+                        kernels=parse_kernels(kernels_csv) if kernels_csv else [])
+    except KeyboardInterrupt as e:
+        stop = faults.as_interrupted(e)
+        stop.state = (f"{out / 'bench.json'} holds the {len(measured)} rows measured so far" if measured
+                      else f"no row had been measured; nothing was written to {out}")
+        raise stop from None
     md = to_markdown(res)
-    write_atomic(out / "bench.md", md)
+    write("bench.md", md)
     click.echo(md)
     try:
         roofline_png(res, str(out / "roofline.png"))
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'roofline.png'}")
     except ImportError:
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'} (no plot: pip install matplotlib)")
+    except OSError as e:
+        raise faults.WriteFailed(out / "roofline.png", e) from None
+
+
+def _check_bench_files(out: Path) -> None:
+    """bench replaces bench.json, bench.md and roofline.png in --out: only when an earlier bench wrote them."""
+    import json
+
+    present = [n for n in ("bench.json", "bench.md", "roofline.png") if (out / n).exists() or (out / n).is_symlink()]
+    if not present:
+        return
+    try:
+        data = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+        ours = isinstance(data, dict) and {"rows", "copy_bandwidth"} <= data.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours or any(not (out / n).is_file() or (out / n).is_symlink() for n in present):
+        raise UserError(f"--out {out} holds {', '.join(present)}, which quantbridge bench did not write and would "
+                        f"replace; move them away or choose another --out")
 
 
 @cli.command()
@@ -677,7 +779,13 @@ def env(as_json: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="quantbridge")
+    from . import faults
+
+    faults.install()  # SIGTERM and SIGHUP end a command as Ctrl-C does: cleaned up, one line, exit 128+signal
+    try:
+        cli(prog_name="quantbridge")
+    finally:
+        faults.settle()  # a Ctrl-C during the interpreter's own shutdown leaves the exit status as it is
 
 
 if __name__ == "__main__":

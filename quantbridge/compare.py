@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import backend as registry
+from . import faults
 from . import isolation as iso
 from . import machinecheck, resolve
 from .errors import BackendUnavailable, UserError
@@ -175,7 +176,11 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     calibrated: set[str] = set()  # algorithms whose weights an earlier row of this comparison cached
     with iso.private_dir("quantbridge-compare-") as tmp:
         job = replace(job, reference_file=str(tmp / "reference.pt"))
-        iso.save(ref, job.reference_file)
+        try:
+            iso.save(ref, job.reference_file)
+        except OSError as e:  # TMPDIR full or `ulimit -f`: before any row, in one line
+            where = f"the reference activations (in {faults.tmpdir_named()})"
+            raise faults.WriteFailed(job.reference_file, e, where) from None
         del ref, flush  # what stays here is the model, parked off the GPU while the children run
         with _parked(loaded, device):
             for name in order:
@@ -226,6 +231,7 @@ def measure_one_row(job: RowJob) -> BackendResult:
     ref = replace(ref, eval_ids=ref.eval_ids.to(device),
                   steps={m: [x.to(device) for x in xs] for m, xs in ref.steps.items()})
     progress.advance()
+    faults.stage("compare-row-started")  # test hook: a signal while a row's process runs
     loaded_s = time.monotonic() - start
     source = _weight_source(loaded, job.rows, replace(job.settings, cache=job.use_cache), device, dtype, progress)
     result = _row(job.name, loaded, job.rows, source, ref, job.settings, job.mode, device, dtype, L2Flush(device),

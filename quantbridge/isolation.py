@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from . import faults
+
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0  # after a timeout: SIGTERM, then SIGKILL if the child is still there
 
@@ -90,12 +92,24 @@ def private_dir(prefix: str = "quantbridge-") -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp creates it 0700
     try:
         yield path
+    except BaseException:
+        faults.stage("temp-cleanup")  # test hook: a second signal while cleaning up
+        raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def save(obj: Any, path: str | os.PathLike) -> None:
-    torch.save(obj, path)
+    """torch.save into a file we open: a failed write raises OSError with its errno (ENOSPC, EFBIG),
+    where torch.save(obj, path) raises a RuntimeError that names neither."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer may fail after, and over, our file's OSError
+            cause = faults.os_error_of(e)
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -140,11 +154,13 @@ def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict
         proc = ctx.Process(target=_child_main, name=f"quantbridge:{target}",
                            args=(target, str(args_file), str(result_file), list(imports), dict(env or {}), child_end),
                            daemon=True)
-        proc.start()
-        child_end.close()  # the child holds the only write end: EOF once it is gone
         final = None
         timed_out = None
         try:
+            with _ctrl_c_blocked():  # inherited: the child never sees the terminal's Ctrl-C; we stop it
+                proc.start()
+            child_end.close()  # the child holds the only write end: EOF once it is gone
+            faults.stage("child-started")  # test hook: a signal while the child starts up
             while True:
                 if timeout is not None and time.monotonic() - start > timeout:
                     timed_out = timeout
@@ -184,11 +200,32 @@ def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict
         return Outcome(exitcode=code, signal=signal_name(code), seconds=seconds)
 
 
+@contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while a child is started, so the child starts with it blocked.
+
+    A terminal's Ctrl-C reaches every process of the group; a child still importing would print
+    its own KeyboardInterrupt traceback. The parent alone acts on it and stops the child (SIGTERM,
+    which the child's cleanup handles). A Ctrl-C meanwhile stays pending here and is acted on after.
+    """
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, OSError):  # no pthread_sigmask (not POSIX)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _stop(proc) -> None:
     if not proc.is_alive():
         return
     proc.terminate()
-    proc.join(_KILL_GRACE_S)
+    deadline = time.monotonic() + _KILL_GRACE_S
+    while proc.is_alive() and time.monotonic() < deadline and not faults.hurry():  # a second Ctrl-C: no grace
+        proc.join(_POLL_S)
     if proc.is_alive():
         proc.kill()
         proc.join()
@@ -203,6 +240,7 @@ def _child_main(target: str, args_file: str, result_file: str, imports: list[str
                 conn) -> None:
     global _conn
     os.environ.update(env)
+    faults.install()  # SIGTERM from the parent's _stop ends the function through its cleanup, as Ctrl-C does
     _conn = conn
     try:
         for module in imports:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import faults
 from .packed import Int4Weight
 
 _FIELDS = ("qweight", "scales", "zeros", "perm", "in_scale", "out_scale", "offsets")
@@ -49,6 +50,13 @@ def save(root: Path, k: str, weights: dict[str, Int4Weight]) -> Path:
     p = path_for(root, k)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".tmp{os.getpid()}")
-    save_file(flat, str(tmp))
-    os.replace(tmp, p)
+    try:
+        save_file(flat, str(tmp))
+        os.replace(tmp, p)
+    except BaseException as e:  # a full disk or a signal: no half-written file stays in the cache
+        tmp.unlink(missing_ok=True)
+        cause = faults.os_error_of(e) if isinstance(e, Exception) else None  # safetensors: "(os error 28)"
+        if cause is not None:
+            raise faults.WriteFailed(p, cause, "calibrated weights in quantbridge's cache") from None
+        raise
     return p

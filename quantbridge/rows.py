@@ -142,6 +142,7 @@ class WeightSource:
 
     def _calibrated(self, b: Backend) -> dict[str, Int4Weight]:
         from . import qcache
+        from .faults import WriteFailed
         from .workloads import calibration
 
         if self._calib is None:
@@ -159,7 +160,10 @@ class WeightSource:
             ws = b.quantize_weights(self.model, self.linears, self.spec, replace(self._calib, progress=stages))
             if not stages.began:
                 self.progress.advance()
-            qcache.save(cache_dir(), key, ws)
+            try:
+                qcache.save(cache_dir(), key, ws)
+            except WriteFailed:  # the cache only saves the next run time: a full disk must not lose this one's work
+                pass
         return ws
 
 

@@ -17,26 +17,54 @@ import ctypes
 import errno
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 
+from . import faults
 from .errors import UserError
 
 MARKER = ".quantbridge-run"  # JSON: status (running, partial, complete), pid, rows
 # What a run directory may hold; anything else in an existing OUT means it is not ours to replace.
 RUN_FILES = {"results.json", "results.csv", "report.html", "report.md", MARKER}
+# results.write_atomic's temporary names for those files (mkstemp: 8 characters of [a-z0-9_]),
+# left only by a run killed mid-write; a user's own hidden file never counts as ours.
+_ATOMIC_TMP = re.compile(r"\.(%s)\.[a-z0-9_]{8}\.tmp" % "|".join(re.escape(n) for n in sorted(RUN_FILES)))
+PROBE_BYTES = 1 << 20  # written once in OUT's parent before any work: a full disk or `ulimit -f` shows now
 
 
-class RunWriteError(Exception):
+class RunWriteError(faults.WriteFailed):
     """Writing the run's files failed (disk full, file-size limit, permissions)."""
 
-    def __init__(self, path: Path, error: OSError) -> None:
-        super().__init__(f"{path}: {error.strerror or error}")
-        self.path, self.error = path, error
+
+def is_run_file(p: Path) -> bool:
+    """A regular file a compare run writes (not a symlink or directory that only has its name)."""
+    return (p.name in RUN_FILES or bool(_ATOMIC_TMP.fullmatch(p.name))) and p.is_file() and not p.is_symlink()
+
+
+def foreign_files(d: Path) -> list[str]:
+    """The entries of run directory `d` that quantbridge did not write, by name."""
+    return sorted(p.name for p in d.iterdir() if not is_run_file(p))
+
+
+def _names(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def remove_run(d: Path) -> list[str]:
+    """Remove the files a run wrote in `d`, then `d` if that empties it; return what was left (not ours)."""
+    for p in d.iterdir():
+        if is_run_file(p):
+            p.unlink()
+    left = foreign_files(d)
+    if not left:
+        d.rmdir()
+    return left
 
 
 def refuse_unsafe(out: Path, option: str, example: str = "runs/demo") -> None:
-    """Refuse /, the home directory, and the current directory or any directory containing it."""
+    """Refuse /, the home directory, the current directory or any directory containing it, and
+    quantbridge's own cache directory or anything in it."""
+    refuse_cache(out, option, example)
     cwd = Path.cwd().resolve()
     home = Path.home().resolve()
     if out == Path(out.anchor):
@@ -46,6 +74,18 @@ def refuse_unsafe(out: Path, option: str, example: str = "runs/demo") -> None:
     if out == cwd or out in cwd.parents:
         what = "the current directory" if out == cwd else "a directory containing the current directory"
         raise UserError(f"{option} {out} is {what}; choose a new directory, e.g. {example}")
+
+
+def refuse_cache(out: Path, option: str, example: str = "runs/demo") -> None:
+    """Refuse quantbridge's own cache directory and anything in it: what is there is quantbridge's."""
+    from .cachedir import cache_dir
+
+    cache = cache_dir().expanduser().resolve()
+    out = out.expanduser().resolve()
+    if out == cache or cache in out.parents:
+        where = "is" if out == cache else "is in"
+        raise UserError(f"{option} {out} {where} quantbridge's cache directory {cache}, which holds what quantbridge "
+                        f"builds once (models, quantized weights); choose another place, e.g. {example}")
 
 
 class RunDir:
@@ -59,6 +99,7 @@ class RunDir:
         self.lock_path = self.out.with_name(f".{self.out.name}.lock")
         self.rows: list[str] = []  # rows whose results are on disk in staging
         self.committed = False
+        self.left_behind: list[str] = []  # after commit: what of the previous OUT could not go (kept in staging)
         self._lock_fd: int | None = None
 
     # -- before any work ------------------------------------------------------------------------
@@ -68,16 +109,15 @@ class RunDir:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.given} is a file, not a directory; choose a directory")
         if self.out.is_dir():
-            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in RUN_FILES
-                             and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # write_atomic's
-            if foreign:
-                raise UserError(f"--out {self.given} holds files that are not a quantbridge run ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+            foreign = foreign_files(self.out)
+            if foreign:  # a complete run replaces OUT whole: only a run's own files may go with it
+                raise UserError(f"--out {self.given} holds files that are not a quantbridge run ({_names(foreign)}); "
+                                f"choose a new or empty directory, or move them away")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise UserError(f"cannot create --out {self.given}: {e.strerror or e}; choose a writable directory") from None
+            raise UserError(f"cannot create --out {self.given}: {faults.describe(e)}") from None
         import fcntl
 
         try:
@@ -91,19 +131,36 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
+            self._check_replaceable()
             if self.staging.exists():  # an earlier interrupted run's partial results: ours to replace
-                if not (self.staging / MARKER).is_file():
-                    raise UserError(f"{self.staging} exists and is not a quantbridge partial run; move it away")
-                shutil.rmtree(self.staging)
+                foreign = foreign_files(self.staging) if self.staging.is_dir() else [self.staging.name]
+                if foreign or not (self.staging / MARKER).is_file():
+                    raise UserError(f"{self.staging} is not only an earlier quantbridge partial run "
+                                    f"({_names(foreign) or 'no run marker'}); move it away")
+                remove_run(self.staging)
             self.staging.mkdir()
             self._mark("running")
         except OSError as e:
             self.close()
-            raise UserError(f"cannot write in {self.out.parent}: {e.strerror or e}; choose a writable --out") from None
+            raise UserError(f"cannot write in {self.out.parent} for --out {self.given}: {faults.describe(e)}") from None
         except BaseException:
             self.close()
             raise
         return self
+
+    def _check_replaceable(self) -> None:
+        """What the final exchange will need, tried now: room and a rename in OUT's parent (a full disk,
+        `ulimit -f`, a read-only or immutable parent), and an OUT that can be moved (not a mount point,
+        not immutable) with run files that can be removed."""
+        faults.probe_dir(self.out.parent, PROBE_BYTES)
+        if not self.out.is_dir():
+            return
+        for p in [self.out, *sorted(self.out.iterdir())]:
+            problem = faults.replace_problem(p)
+            if problem is not None:
+                code = errno.errorcode[problem.errno]
+                raise UserError(f"--out {self.given} cannot be replaced when the run completes: {p}: "
+                                f"{problem.strerror} ({code}); {faults.os_error_hint(problem)}")
 
     # -- during the run -------------------------------------------------------------------------
     def save(self, comp) -> None:
@@ -118,6 +175,7 @@ class RunDir:
             except OSError as e:
                 raise RunWriteError(path, e) from None
         self.rows = [b.name for b in comp.backends]
+        faults.stage("compare-row-saved")  # test hook: a signal once a row's results are on disk
 
     def write(self, name: str, data: str) -> Path:
         """Another file of the run (the report), in the staging directory; returns its final path."""
@@ -135,17 +193,25 @@ class RunDir:
 
     # -- the end --------------------------------------------------------------------------------
     def commit(self) -> Path:
-        """Put the complete run in OUT's place atomically; the previous run is then removed."""
-        try:
-            self._mark("complete")
-            if self.out.is_dir():
-                old = _exchange(self.staging, self.out)  # the previous run now lies at `old`
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(self.staging, self.out)
-        except OSError as e:
-            raise RunWriteError(self.out, e) from None
-        self.committed = True
+        """Put the complete run in OUT's place atomically; the previous run is then removed.
+
+        A signal that arrives meanwhile is acted on once OUT holds the new run and nothing of
+        the previous one is left (faults.deferred_signals)."""
+        with faults.deferred_signals():
+            try:
+                self._mark("complete")
+                if self.out.is_dir():
+                    _exchange(self.staging, self.out)  # the previous run now lies at the staging path
+                    self.committed = True
+                    self.left_behind = remove_run(self.staging)
+                else:
+                    os.rename(self.staging, self.out)
+                    self.committed = True
+            except OSError as e:
+                if self.committed:  # removing the previous run failed: the new one is in place
+                    self.left_behind = sorted(p.name for p in self.staging.iterdir()) if self.staging.is_dir() else []
+                else:
+                    raise RunWriteError(self.out, e) from None
         return self.out
 
     def close(self) -> None:
@@ -156,7 +222,10 @@ class RunDir:
                 if self.rows:
                     self._mark("partial")
                 else:
-                    shutil.rmtree(self.staging, ignore_errors=True)
+                    try:
+                        remove_run(self.staging)
+                    except OSError:
+                        pass
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
@@ -164,6 +233,8 @@ class RunDir:
 
     def kept(self, what: str) -> str:
         """One line: what stopped the run, which rows were kept where, and that OUT is intact."""
+        if self.committed:  # the signal came during the final swap, which was let finish
+            return f"{what} as the run completed: {self.out} holds the complete run"
         saved = self.saved_rows()
         if saved:
             rows = f"results of the finished rows ({', '.join(saved)}) are in {self.staging}/results.json"
@@ -222,4 +293,5 @@ def _exchange(new: Path, out: Path) -> Path:
     except OSError:
         os.rename(aside, out)
         raise
-    return aside
+    os.rename(aside, new)  # where an exchange leaves it: nothing hidden stays behind
+    return new

@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -227,34 +226,6 @@ def test_exchange_without_renameat2(tmp_path, monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
     old = rundir._exchange(new, out)
     assert (out / "results.json").read_text() == "new" and (old / "results.json").read_text() == "old"
-
-
-def test_sigint_keeps_previous_run(tmp_path, previous):
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
-    partial = out.with_name("latest.partial")
-    slow = ["--runs", "60", "--warmup", "0", "--batch", "1,8,32", "--prefill", "128", "--eval-len", "16",
-            "--eval-seqs", "1"]
-    p = subprocess.Popen([sys.executable, "-m", "quantbridge.cli", "compare", "tiny", "--backends", "fp16,native",
-                          *slow, "-q", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "QUANTBRIDGE_CACHE": os.environ["QUANTBRIDGE_CACHE"]})
-    try:
-        deadline = time.monotonic() + 120
-        while not (partial / "results.json").exists():
-            assert p.poll() is None, p.communicate()
-            assert time.monotonic() < deadline, "the first row never finished"
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"Aborted: results of the finished rows (fp16) are in {partial}/results.json; "
-                          f"the previous complete run is intact at {out}"), err
-    assert _snapshot(out) == before and (tmp_path / "runs" / "sentinel.txt").read_text() == "keep me"
-    assert [b["name"] for b in json.loads((partial / "results.json").read_text())["backends"]] == ["fp16"]
 
 
 # -- convert: OUT_DIR ------------------------------------------------------------------------------

@@ -146,17 +146,18 @@ class KernelSource:
         self.name = f"{baseline_label() or 'rtn'}+{kernel}"
 
     def available(self, device: torch.device):
-        return get_kernel(self.kernel).available(device)
+        return registry.ask(get_kernel(self.kernel).available, device)
 
     def check_spec(self, spec: QuantSpec) -> None:
         return None  # what a kernel cannot hold is per weight: can_implement, in from_int4
 
     def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> nn.Module:
-        k = get_kernel(self.kernel)
-        a = k.can_implement(weight, weight.qweight.device, weight.scales.dtype)
-        if not a.ok:
-            raise NotRunnable(a.reason)
-        return k.build(weight, bias)
+        from .kernel import build_first
+
+        layer, rejected = build_first([self.kernel], weight, bias)
+        if layer is None:
+            raise NotRunnable(rejected[0][1])
+        return layer
 
 
 def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,

@@ -641,11 +641,28 @@ def env(as_json: bool) -> None:
         for col in (kind, "available", "why", "description"):
             t.add_column(col)
         for r in rows:
-            why = r["reason"] + (f" — {r['install']}" if r["install"] and r["install"] not in r["reason"] else "")
+            why = r["reason"] + (" — install: below" if r["install"] and r["install"] not in r["reason"] else "")
             desc = escape(r["description"]) + (f" [dim](quantizer {r['quantizer']}, kernels {', '.join(r['kernels'])})[/dim]"
                                        if r.get("kernels") else "")
             t.add_row(r[kind], "[green]yes[/green]" if r["available"] else "[red]no[/red]", escape(why), desc)
         console.print(t)
+    _print_install_hints(sections)
+
+
+def _print_install_hints(sections: dict) -> None:
+    """Each install command whole, on a line of its own (never inside a table cell that would cut
+    it at the terminal's width), under the names it makes runnable."""
+    commands: dict[str, dict[str, list[str]]] = {}
+    for title, rows in sections.items():
+        for r in rows:
+            if r["install"]:
+                commands.setdefault(r["install"], {}).setdefault(title[:-1], []).append(r[title[:-1]])
+    if not commands:
+        return
+    click.echo("\nto install what is missing here (each command whole, on one line):")
+    for command, names in commands.items():
+        click.echo("  " + "; ".join(f"{kind} {', '.join(ns)}" for kind, ns in names.items()) + ":")
+        click.echo(f"    {command}")
 
 
 def main() -> None:

@@ -6,6 +6,12 @@ library, device kind, activation dtype, group size, shape limits, act-order), wi
 when it cannot. `choose` tries kernels in a stated priority order and returns the first that
 can, together with every rejected one and why: the shape of vLLM's
 `choose_mp_linear_kernel`. Adapters register kernels by name; the core never names one.
+
+The chooser asks `available` first and `can_implement` only of a kernel whose library is
+here, so `can_implement` may import its library. Whatever either raises becomes that
+kernel's rejection (backend.ask), and a library that fails to import when a layer is built
+passes the weight on to the next kernel (`build_first`): a missing or broken optional
+library never fails a row that another kernel can run.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from .backend import Availability, QuantLinear, _load_all
+from .backend import Availability, QuantLinear, _load_all, ask
 from .packed import Int4Weight
 from .registry import Registry
 
@@ -72,10 +78,38 @@ def choose(names: Sequence[str], weight: Int4Weight, device: torch.device, dtype
         if weight.offsets is not None and not k.takes_offsets:
             rejected.append((name, NO_OFFSETS))
             continue
-        for check in (k.available(device), k.can_implement(weight, device, dtype)):
-            if not check.ok:
-                rejected.append((name, check.reason))
-                break
-        else:
-            return Choice(k, tuple(rejected))
+        # In this order, one at a time: can_implement may need the library that available checks for.
+        check = ask(k.available, device)
+        if check.ok:
+            check = ask(k.can_implement, weight, device, dtype)
+        if not check.ok:
+            rejected.append((name, check.reason))
+            continue
+        return Choice(k, tuple(rejected))
     return Choice(None, tuple(rejected))
+
+
+def build_first(names: Sequence[str], weight: Int4Weight,
+                bias: torch.Tensor | None) -> tuple[QuantLinear | None, tuple[tuple[str, str], ...]]:
+    """The layer of the first of `names` that can run `weight` (on its device, activations in its
+    scales' dtype) and builds, and every kernel passed over with why.
+
+    A kernel whose library is found but fails to import when the layer is built (a half
+    installed package, a missing dependency of it) is passed over like any other.
+    """
+    rejected: list[tuple[str, str]] = []
+    remaining = list(names)
+    while remaining:
+        choice = choose(remaining, weight, weight.qweight.device, weight.scales.dtype)
+        rejected += choice.rejected
+        if choice.kernel is None:
+            break
+        try:
+            return choice.kernel.build(weight, bias), tuple(rejected)
+        except ImportError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = choice.kernel.install_hint
+            rejected.append((choice.kernel.name, f"its library failed to import ({first})"
+                             + (f"; reinstall it: {hint}" if hint else "")))
+            remaining = remaining[remaining.index(choice.kernel.name) + 1:]
+    return None, tuple(rejected)

@@ -16,6 +16,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .errors import UserError
 
+# Exit statuses: 0 every requested row ran; EXIT_ROWS_FAILED the results are written but a requested
+# row failed or could not run; 2 bad input (or a row that cannot run here), refused before any work;
+# 130 interrupted.
+EXIT_ROWS_FAILED = 1
+EXIT_STATUS_HELP = """\b
+Exit status: 0 every requested row ran; 1 the results were written but a requested row
+failed or could not run (each such row is named on stderr, one line each, with its fix);
+2 bad input, or a requested row that cannot run here, refused before any work (with
+--skip-unavailable such a row is recorded as unavailable instead and does not count);
+130 interrupted.
+"""
+
 EPILOG_COMPARE = """\b
 Examples:
   quantbridge compare demo --backends fp16,native --batch 1,16 --out runs/demo
@@ -37,7 +49,8 @@ Writes OUT/results.json (schema_version 3), OUT/results.csv and OUT/report.html.
 is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
 only when complete: an interrupted run keeps its finished backends in OUT.partial and the
 previous complete run in OUT. A second compare into the same OUT is refused while one runs.
-"""
+
+""" + EXIT_STATUS_HELP
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -196,7 +209,7 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
                 isolation: str = "process"):
     """What `compare` does once its options are parsed: check, load, run every row, write OUT atomically.
 
-    `plan` calls it too. Exits 1 (after writing) when the reference or every requested row failed.
+    `plan` calls it too. Exits EXIT_ROWS_FAILED (after writing) when any requested row did not run.
     """
     from .compare import run_comparison, verdict
     from .hardware import resolve_device, resolve_dtype
@@ -240,9 +253,10 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
         run.close()
     click.echo("wrote " + ", ".join(map(str, run.files(*written))))
     failed = verdict(comp)
-    if failed:  # the results are written; the exit status says the run did not measure what was asked
-        click.echo(f"Error: {failed}", err=True)
-        sys.exit(1)
+    if failed:  # the results are written; the exit status says the run did not measure all that was asked
+        for line in failed:
+            click.echo(f"Error: {line}", err=True)
+        sys.exit(EXIT_ROWS_FAILED)
     return comp
 
 
@@ -523,6 +537,12 @@ Examples:
 \b
 Writes OUT/bench.json (device, driver, clocks, versions, every row), OUT/bench.md and,
 with matplotlib installed, OUT/roofline.png.
+
+\b
+Exit status: 0 every requested row measured; 1 the results were written but a row failed or
+was incorrect, or a backend or kernel named with --backends/--kernels was unavailable here
+(each named on stderr with its fix; unavailable backends of the default --backends list do
+not count); 2 bad input.
 """
 
 
@@ -580,6 +600,27 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'roofline.png'}")
     except ImportError:
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'} (no plot: pip install matplotlib)")
+    _exit_if_bench_rows_failed(res, backends, kernels_csv)
+
+
+def _exit_if_bench_rows_failed(res: dict, backends: str, kernels_csv: str | None) -> None:
+    """Exit EXIT_ROWS_FAILED (the results are written) when a requested row did not measure: one line each.
+
+    Unavailable rows count only for backends named with --backends and kernels named with
+    --kernels: the default list holds backends that cannot run on every machine."""
+    from . import backend as registry
+    from .bench import failures
+    from .kernel import parse_kernels
+    from .quantizer import baseline_label
+
+    explicit = click.get_current_context().get_parameter_source("backends") == click.core.ParameterSource.COMMANDLINE
+    named = set(registry.parse_names(backends)) if explicit else set()
+    named |= {f"{baseline_label() or 'rtn'}+{k}" for k in (parse_kernels(kernels_csv) if kernels_csv else [])}
+    lines = failures(res, named)
+    for line in lines:
+        click.echo(f"Error: {line}", err=True)
+    if lines:
+        sys.exit(EXIT_ROWS_FAILED)
 
 
 @cli.command()

@@ -25,6 +25,7 @@ import torch
 from .backend import Availability, QuantLinear, _load_all, ask
 from .packed import Int4Weight
 from .registry import Registry
+from .spec import QuantSpec
 
 OK = Availability(True, "")
 NO_OFFSETS = ("its layout has integer zero-points only; these weights have a float offset per group "
@@ -113,3 +114,24 @@ def build_first(names: Sequence[str], weight: Int4Weight,
                              + (f"; reinstall it: {hint}" if hint else "")))
             remaining = remaining[remaining.index(choice.kernel.name) + 1:]
     return None, tuple(rejected)
+
+
+def probe_weight(out_features: int, in_features: int, spec: QuantSpec, dtype: torch.dtype,
+                 device: torch.device) -> Int4Weight:
+    """A weight of this shape with the structure `spec` gives it (group size, act-order, symmetric or
+    fitted zero-points), to ask kernels whether they can run such weights before the real ones exist.
+
+    Its values mean nothing: every tensor is one constant broadcast to its shape, so even a
+    large layer costs a few bytes. Limits that depend on the values (exllamav2 cannot hold a
+    zero-point of 0) are decided per layer when the row builds its layers.
+    """
+    g = spec.group_for(in_features)
+    groups = in_features // g
+
+    def const(value, shape, dt):
+        return torch.full((1, 1), value, dtype=dt, device=device).expand(*shape)
+
+    zero = 8 if spec.symmetric else 7  # a fitted zero-point: any code, here one a v1 layout can hold
+    perm = torch.arange(in_features, device=device) if spec.act_order else None
+    return Int4Weight(const(0x77, (out_features, in_features // 2), torch.uint8), const(1.0, (out_features, groups), dtype),
+                      const(zero, (out_features, groups), torch.uint8), g, perm)

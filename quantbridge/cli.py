@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -74,6 +75,34 @@ class _RichProgress:
 
     def advance(self, n: int = 1) -> None:
         self.p.advance(self.task, n)
+
+
+class _LineProgress:
+    """Progress where stderr is not a terminal (a log file, a pipe, CI), where rich's bar and spinner
+    show nothing: a line when each stage begins, and while it runs a line per step of a stage of
+    few steps (each M, each row's part) or every EVERY_S seconds, so a long run is never silent."""
+
+    EVERY_S = 5.0
+    FEW = 8
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.start = console, time.monotonic()
+        self.description, self.total, self.done, self.last = "", 0, 0, self.start
+
+    def line(self, text: str) -> None:
+        s = int(time.monotonic() - self.start)
+        self.console.print(f"[{s // 60:d}:{s % 60:02d}] {text}", markup=False, highlight=False, soft_wrap=True)
+
+    def begin(self, description: str, total: int) -> None:
+        self.description, self.total, self.done, self.last = description, total, 0, time.monotonic()
+        self.line(description + (f" (0/{total})" if total > 1 else ""))
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.total > 1 and (self.total <= self.FEW or self.done >= self.total or now - self.last >= self.EVERY_S):
+            self.last = now
+            self.line(f"{self.description}: {self.done}/{self.total}")
 
 
 class _UserFacingError(click.ClickException):
@@ -225,18 +254,24 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     dt = resolve_dtype(dtype, dev)
     console = Console(stderr=True, quiet=quiet)
     run = RunDir(out_dir).prepare()  # checked, locked and staged before the model loads
+    lines = None if console.is_terminal else _LineProgress(console)  # no bar there: a line per stage
     try:
+        if lines:
+            lines.line(f"loading {model}")
         with console.status(f"loading {model}"):
             loaded = load_model(model, dev, dt)
         _preflight_inputs(loaded, names, settings, dev)
 
         def save(comp) -> None:  # after every backend, into the staging directory an interruption keeps
             run.save(comp)
+            if lines:
+                b = comp.backends[-1]
+                lines.line(f"row {b.name}: {b.status}" + (f" ({b.reason})" if b.reason else ""))
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
-            comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save,
+        with Progress(*columns, console=console, transient=True, disable=quiet or lines is not None) as bar:
+            comp = run_comparison(loaded, names, settings, dev, dt, lines or _RichProgress(bar), on_result=save,
                                   isolation=isolation)
         if not quiet:
             # Piped output gets a wide table rather than rich's 80-column default.

@@ -201,8 +201,10 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
     eval_text = read_text_strict(settings.eval_text, "--eval-text") if settings.eval_text else None
+    progress.begin("reference: the unquantized model on the inputs", 1)
     eval_ids, steps = make_inputs(loaded.tokenizer, settings, device, eval_text)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
+    progress.advance()
     flush = L2Flush(device)
     isolated, how = _isolation(isolation, loaded, settings)
     comp = Comparison(

@@ -506,7 +506,7 @@ def _fix(b: BackendResult) -> str:
         return "leave it out of --backends/--kernels, or pass --skip-unavailable to record it and exit 0"
     if "out of memory" in reason:
         return "use smaller --batch/--prefill values or fewer backends per run"
-    if "non-finite" in reason:
+    if "reference model itself is non-finite" in reason:
         return "the model's own weights hold NaN or Inf: check or re-download the model"
     return "rerun with --debug (rows then run in this process) to see its traceback"
 

@@ -134,23 +134,26 @@ def _layers_that_matter(comp: Comparison, shown: list, count: int) -> list[int]:
     return sorted(sorted(range(n), key=key, reverse=True)[:count])
 
 
-def layer_table(comp: Comparison, top: int | None = None, all_layers_hint: str = "--layers") -> Table:
-    """Per-layer error and latency; `top`: only that many layers, those _layers_that_matter, with a
-    caption saying how to see every one (`all_layers_hint`)."""
+def _layer_rows(comp: Comparison) -> list:
+    """The rows the per-layer table shows: measured rows with layers, else the reference."""
+    with_layers = [b for b in comp.backends if b.status == "ok" and b.layers]  # engine rows have none
+    return [b for b in with_layers if b.role != "reference"] or with_layers
+
+
+def layer_table(comp: Comparison, top: int | None = None) -> Table:
+    """Per-layer error and latency; `top`: only that many layers, those _layers_that_matter."""
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     m0 = ms[0] if ms else None
     ref = comp.reference()
     ref_lat = {layer.name: layer.latency_us for layer in ref.layers} if ref and ref.status == "ok" else {}
-    with_layers = [b for b in comp.backends if b.status == "ok" and b.layers]  # engine rows have none
-    shown = [b for b in with_layers if b.role != "reference"] or with_layers
+    shown = _layer_rows(comp)
     ref_name = ref.name if ref else "reference"
     total = len(shown[0].layers) if shown else 0
     picked = _layers_that_matter(comp, shown, top) if shown and top is not None and top < total else range(total)
     which = ("" if len(picked) == total else
              f" — the {len(picked)} of {total} layers with the largest isolated error"
              + ("" if any(r.quantized for b in shown for r in b.layers) else f" (here: the slowest at M={m0})"))
-    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name}){which}", title_justify="left",
-              caption=f"every layer: {escape(all_layers_hint)}" if which else None, caption_justify="left")
+    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name}){which}", title_justify="left")
     t.add_column("layer", no_wrap=True)
     t.add_column("N×K", justify="right")
     if m0:
@@ -190,7 +193,11 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
     console.print(latency_table(comp))
     console.print(step_table(comp))
     if layers is not False:
-        console.print(layer_table(comp, None if layers else SHORT_LAYERS, all_layers_hint))
+        console.print(layer_table(comp, None if layers else SHORT_LAYERS))
+        shown = _layer_rows(comp)
+        if not layers and shown and len(shown[0].layers) > SHORT_LAYERS:  # whole, never cut at the table's width
+            console.print(f"every layer ({len(shown[0].layers)}): {all_layers_hint}", markup=False, highlight=False,
+                          soft_wrap=True)
     for line in comp.findings:
         console.print(f"• {escape(line)}")
     s = comp.settings

@@ -150,10 +150,7 @@ def layer_table(comp: Comparison, top: int | None = None) -> Table:
     ref_name = ref.name if ref else "reference"
     total = len(shown[0].layers) if shown else 0
     picked = _layers_that_matter(comp, shown, top) if shown and top is not None and top < total else range(total)
-    which = ("" if len(picked) == total else
-             f" — the {len(picked)} of {total} layers with the largest isolated error"
-             + ("" if any(r.quantized for b in shown for r in b.layers) else f" (here: the slowest at M={m0})"))
-    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name}){which}", title_justify="left")
+    t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name})", title_justify="left")
     t.add_column("layer", no_wrap=True)
     t.add_column("N×K", justify="right")
     if m0:
@@ -195,9 +192,12 @@ def print_comparison(comp: Comparison, console: Console | None = None, layers: b
     if layers is not False:
         console.print(layer_table(comp, None if layers else SHORT_LAYERS))
         shown = _layer_rows(comp)
-        if not layers and shown and len(shown[0].layers) > SHORT_LAYERS:  # whole, never cut at the table's width
-            console.print(f"every layer ({len(shown[0].layers)}): {all_layers_hint}", markup=False, highlight=False,
-                          soft_wrap=True)
+        total = len(shown[0].layers) if shown else 0
+        if not layers and total > SHORT_LAYERS:  # on a line of its own, never cut at the table's width
+            which = ("the largest isolated error" if any(r.quantized for b in shown for r in b.layers)
+                     else "the longest latency (no row quantizes)")
+            console.print(f"{SHORT_LAYERS} of {total} layers shown, those with {which}; every layer: {all_layers_hint}",
+                          markup=False, highlight=False, soft_wrap=True)
     for line in comp.findings:
         console.print(f"• {escape(line)}")
     s = comp.settings

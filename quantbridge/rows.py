@@ -87,8 +87,9 @@ def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -
     if not canonical(src):
         raise UserError(f"--weights {weights}: its weights are not canonical INT4; use one of: "
                         f"{', '.join(n for n in registry.names() if canonical(registry.get(n)))}")
-    if not src.available(device).ok:
-        raise BackendUnavailable(f"--weights {weights}: {src.available(device).reason}")
+    here = registry.ask(src.available, device)
+    if not here.ok:
+        raise BackendUnavailable(f"--weights {weights}: {here.reason}")
     return weights
 
 

@@ -124,7 +124,7 @@ class _GPTQModelKernel(Kernel):
         if self.awq and weight.perm is not None:
             return Availability(False, "AWQ's layout has no act-order (g_idx)")
         if dtype not in DTYPES:  # known without importing the library (seconds)
-            return Availability(False, f"GPTQModel's torch layers take fp16/bf16 activations, not "
+            return Availability(False, f"GPTQModel's torch layers take float16/bfloat16 activations only, not "
                                        f"{str(dtype).removeprefix('torch.')} (use --dtype bf16)")
         try:
             cls = import_layers()[1 if self.awq else 0]

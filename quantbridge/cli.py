@@ -181,7 +181,10 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--skip-unavailable", is_flag=True, help="Record unavailable backends as such instead of stopping.")
+@click.option("--skip-unavailable", is_flag=True,
+              help="Record a requested row that cannot run here (its library missing, no kernel here for its "
+                   "weights) as unavailable and run the others, instead of stopping before any work; such rows "
+                   "do not make the exit status non-zero.")
 @click.option("--layers/--no-layers", "layers", default=None,
               help="Print the per-layer table with every layer (--layers) or not at all (--no-layers) "
                    "[default: the 10 layers with the largest isolated error, after the whole-model summary].")

@@ -21,7 +21,7 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Calibration
+from quantbridge.backend import Availability, Calibration, pip_extra
 from quantbridge.formats.int32pack import perm_from_g_idx
 from quantbridge.packed import Int4Weight, canonical_perm, pack_int4
 from quantbridge.spec import QuantSpec
@@ -29,7 +29,7 @@ from quantbridge.spec import QuantSpec
 # Calibrate every layer on the unquantized model's activations: the same inputs the isolated error
 # is measured on, so GPTQ minimises exactly what quantbridge reports per layer.
 QUANTIZATION_AWARE = False
-INSTALL_HINT = "pip install quantbridge[gptq] (installs llmcompressor)"
+INSTALL_HINT = pip_extra("gptq")  # llmcompressor
 # Its per-layer INFO logs and import-time device warnings would bury quantbridge's output; read
 # when llmcompressor is first imported (lazily, by gptq/awq when they calibrate).
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")

@@ -16,12 +16,12 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version
+from quantbridge.backend import Availability, QuantLinear, dist_version, pip_extra
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.packed import Int4Weight
 
-INSTALL_HINT = "pip install 'quantbridge[autoawq]' (autoawq 0.2.9; it needs the datasets package to import)"
+INSTALL_HINT = pip_extra("autoawq")  # autoawq 0.2.9 and the datasets package its import needs
 GROUP_SIZES = (32, 64, 128)  # AWQ_TRITON_SUPPORTED_GROUP_SIZES, besides one group per row
 
 
@@ -83,7 +83,7 @@ class AutoAWQKernel(Kernel):
     def available(self, device: torch.device) -> Availability:
         v = _version()
         if v is None or find_spec("awq") is None:
-            return Availability(False, f"autoawq is not installed: {INSTALL_HINT}")
+            return Availability(False, "autoawq is not installed (0.2.9; it needs the datasets package to import)")
         if device.type != "cuda":
             return Availability(False, f"autoawq {v}'s WQLinear_GEMM runs its CUDA extension or Triton kernel: CUDA only")
         return Availability(True, f"autoawq {v}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, pip_extra, register
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.awq import AWQCodec
@@ -45,7 +45,7 @@ class AWQQuantizer(Quantizer):
     name = "awq"
     algorithm = "awq"
     description = "AWQ (llm-compressor AWQModifier + QuantizationModifier, calibrated)"
-    install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
+    install_hint = pip_extra("awq")
     needs_calibration = True
 
     def available(self, device: torch.device) -> Availability:
@@ -111,6 +111,6 @@ class AWQLayoutKernel(Kernel):
 class AWQBackend(Backend):
     name = "awq"
     description = "AWQ weights (llm-compressor) through the best AWQ kernel here"
-    install_hint = llmc.INSTALL_HINT.replace("[gptq]", "[awq]")
+    install_hint = pip_extra("awq")
     quantizer = "awq"
     kernels = ("autoawq", "gemlite", "gptqmodel-awq-torch", "awq-layout")

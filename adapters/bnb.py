@@ -13,7 +13,7 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, QuantLinear, register
+from quantbridge.backend import Availability, Backend, QuantLinear, pip_extra, register
 from quantbridge.errors import UserError
 from quantbridge.spec import QuantSpec
 
@@ -87,7 +87,7 @@ class _BnbBackend(Backend):
     quant_type: str = "nf4"
     algorithm = "absmax code book"
     double_quant: bool = False
-    install_hint = "pip install quantbridge[bnb]"
+    install_hint = pip_extra("bnb")
 
     def available(self, device: torch.device) -> Availability:
         # Metadata and find_spec only: importing bitsandbytes takes seconds. A broken install

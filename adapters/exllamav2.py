@@ -20,14 +20,14 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version
+from quantbridge.backend import Availability, QuantLinear, dist_version, pip_extra
 from quantbridge.cachedir import cache_dir
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.packed import Int4Weight
 
 MAX_DQ_SIZE = 512 * 1024**2  # elements dequantized at once for large M: ExLlamaV2Config.max_dq_size
-INSTALL_HINT = "pip install 'quantbridge[exllamav2]' (exllamav2 0.3.2; its CUDA extension builds on first use)"
+INSTALL_HINT = pip_extra("exllamav2")
 
 
 def _version() -> str | None:
@@ -160,7 +160,7 @@ class ExllamaV2Kernel(Kernel):
     def available(self, device: torch.device) -> Availability:
         v = _version()
         if v is None or find_spec("exllamav2") is None:
-            return Availability(False, f"exllamav2 is not installed: {INSTALL_HINT}")
+            return Availability(False, "exllamav2 is not installed (0.3.2; its CUDA extension builds on first use)")
         if device.type != "cuda":
             return Availability(False, f"exllamav2 {v} has CUDA kernels only")
         return Availability(True, f"exllamav2 {v}")

@@ -15,11 +15,11 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version
+from quantbridge.backend import Availability, QuantLinear, dist_version, pip_extra
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.packed import Int4Weight, unpermute_columns
 
-INSTALL_HINT = "pip install 'quantbridge[gemlite]' (gemlite 0.6, pure Triton)"
+INSTALL_HINT = pip_extra("gemlite")
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -72,7 +72,7 @@ class GemliteKernel(Kernel):
     def available(self, device: torch.device) -> Availability:
         v = _version()
         if v is None or find_spec("gemlite") is None:
-            return Availability(False, f"gemlite is not installed: {INSTALL_HINT}")
+            return Availability(False, "gemlite is not installed (0.6, pure Triton)")
         if device.type != "cuda":
             return Availability(False, f"gemlite {v} runs on CUDA only (it reads the GPU's name when imported)")
         return Availability(True, f"gemlite {v}")

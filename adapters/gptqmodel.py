@@ -32,7 +32,9 @@ from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.packed import Int4Weight
 
 INSTALL_HINT = ("pip install --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 tokenicer==0.0.14 "
-                "device-smi==0.5.7 defuser==0.0.28 threadpoolctl (its declared torch>=2.14.1 would replace torch)")
+                "device-smi==0.5.7 defuser==0.0.28 threadpoolctl")
+WHY_NO_DEPS = "installed with --no-deps: its declared torch>=2.14.1 would replace torch"
+DTYPES = (torch.float16, torch.bfloat16)  # what both torch layers declare (SUPPORTS_DTYPES)
 _ENV_SET_ON_IMPORT = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_ORDER")
 
 
@@ -115,13 +117,19 @@ class _GPTQModelKernel(Kernel):
     def available(self, device: torch.device) -> Availability:
         v = _version()
         if v is None or find_spec("gptqmodel") is None:
-            return Availability(False, "gptqmodel is not installed")
+            return Availability(False, f"gptqmodel is not installed ({WHY_NO_DEPS})")
         return Availability(True, f"gptqmodel {v}")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
         if self.awq and weight.perm is not None:
             return Availability(False, "AWQ's layout has no act-order (g_idx)")
-        cls = import_layers()[1 if self.awq else 0]
+        if dtype not in DTYPES:  # known without importing the library (seconds)
+            return Availability(False, f"GPTQModel's torch layers take float16/bfloat16 activations only, not "
+                                       f"{str(dtype).removeprefix('torch.')} (use --dtype bf16)")
+        try:
+            cls = import_layers()[1 if self.awq else 0]
+        except ImportError as e:  # found, but it or one of its --no-deps dependencies does not import
+            return Availability(False, f"gptqmodel does not import ({str(e).splitlines()[0]}); {INSTALL_HINT}")
         ok, err = cls.validate(bits=4, group_size=weight.group_size, desc_act=weight.perm is not None, sym=False,
                                in_features=weight.in_features, out_features=weight.out_features,
                                pack_dtype=torch.int32, dtype=dtype, device=device)

@@ -29,8 +29,7 @@ from quantbridge.metrics import summarize
 from quantbridge.results import BackendResult
 
 INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF '
-                '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36 '
-                "(it compiles llama.cpp: minutes)")
+                '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36')
 PER_LAYER = "not available: llama.cpp runs the whole model in one call"
 
 
@@ -56,7 +55,7 @@ class LlamaCppBackend(Backend):
     def available(self, device: torch.device) -> Availability:
         v = _version()
         if v is None or find_spec("llama_cpp") is None:
-            return Availability(False, "llama-cpp-python is not installed")
+            return Availability(False, "llama-cpp-python is not installed (its install compiles llama.cpp: minutes)")
         if device.type != "cpu":
             return Availability(False, f"llama-cpp-python {v} is installed as a CPU build here; compare with "
                                        "--device cpu (a CUDA build of llama.cpp is not wired in)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, QuantLinear, register
+from quantbridge.backend import Availability, Backend, QuantLinear, pip_extra, register
 from quantbridge.kernel import Kernel, register_kernel
 from quantbridge.kernels import int4_reference
 from quantbridge.packed import Int4Weight
@@ -106,7 +106,7 @@ class TritonKernel(Kernel):
             return Availability(False, "needs CUDA")
         mod = _triton()
         if mod is None:
-            return Availability(False, "Triton is not installed: pip install quantbridge[triton]")
+            return Availability(False, f"Triton is not installed: {pip_extra('triton')}")
         import triton
 
         return Availability(True, f"triton {triton.__version__}")

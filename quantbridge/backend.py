@@ -26,6 +26,34 @@ class Availability:
     reason: str  # why it is (not) available: library version, kernel for this device, how to install
 
 
+def ask(question, *args) -> Availability:
+    """`question(*args)` (an `available` or `can_implement`), with any exception it raises turned into a no.
+
+    A library that is missing, half-installed or broken must make its kernel or backend a
+    rejection with a one-line reason, never a crash of the row or of the chooser.
+    """
+    try:
+        answer = question(*args)
+    except Exception as e:  # noqa: BLE001 - whatever a third-party check raises, it is a "no" with a reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return Availability(False, f"{getattr(question, '__name__', 'its check')} raised "
+                                   f"{type(e).__name__}{': ' + first if first else ''}")
+    if not isinstance(answer, Availability):
+        return Availability(False, f"{getattr(question, '__name__', 'its check')} returned {answer!r}, "
+                                   f"not an Availability")
+    return answer
+
+
+def pip_extra(extra: str) -> str:
+    """The one-line command that installs quantbridge's optional `extra` and keeps the torch that is here.
+
+    The pin makes pip keep the installed torch build (a CPU or CUDA build of this version)
+    instead of replacing it with whatever the index offers for a dependency's looser
+    requirement; an extra that needs another torch then fails to resolve, saying so.
+    """
+    return f"pip install 'quantbridge[{extra}]' 'torch=={torch.__version__.split('+')[0]}'"
+
+
 def dist_version(name: str) -> str | None:
     """The installed version of a distribution (None when absent), without importing it."""
     from importlib.metadata import PackageNotFoundError, version
@@ -130,12 +158,12 @@ class Backend:
         q = self._quantizer()
         if q is None:
             return Availability(True, "built in")
-        qa = q.available(device)
+        qa = ask(q.available, device)
         if not qa.ok or not self.kernels:
             return qa
         from .kernel import get_kernel
 
-        ks = [(k, get_kernel(k).available(device)) for k in self.kernels]
+        ks = [(k, ask(get_kernel(k).available, device)) for k in self.kernels]
         here = [f"{k} ({a.reason})" for k, a in ks if a.ok]
         away = [f"{k} ({a.reason})" for k, a in ks if not a.ok]
         if not here:
@@ -184,13 +212,13 @@ class Backend:
         """The first of `kernels` that can run `weight` (activations in the scales' dtype, on its device)."""
         if not self.kernels:
             raise NotImplementedError(f"{self.name} cannot run canonical INT4 weights made elsewhere")
-        from .kernel import choose
+        from .kernel import build_first
 
-        choice = choose(self.kernels, weight, weight.qweight.device, weight.scales.dtype)
-        if choice.kernel is None:
-            raise UserError(f"no kernel of {self.name} can run this weight: {choice.why_not}")
-        layer = choice.kernel.build(weight, bias)
-        layer.rejected_kernels = choice.rejected  # what the chooser passed over, and why
+        layer, rejected = build_first(self.kernels, weight, bias)
+        if layer is None:
+            raise UserError(f"no kernel of {self.name} can run this weight: "
+                            + "; ".join(f"{name}: {reason}" for name, reason in rejected))
+        layer.rejected_kernels = rejected  # what the chooser passed over, and why
         return layer
 
     @classmethod

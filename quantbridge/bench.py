@@ -26,7 +26,7 @@ from . import resolve
 from .errors import UserError
 from .hardware import device_info
 from .instrument import L2Flush, time_calls
-from .kernel import get_kernel
+from .kernel import get_kernel, kernel_names
 from .metrics import summarize
 from .packed import Int4Weight, quantize_rtn
 from .rows import NotRunnable
@@ -159,17 +159,18 @@ class KernelSource:
         self.name = f"{baseline_label() or 'rtn'}+{kernel}"
 
     def available(self, device: torch.device):
-        return get_kernel(self.kernel).available(device)
+        return registry.ask(get_kernel(self.kernel).available, device)
 
     def check_spec(self, spec: QuantSpec) -> None:
         return None  # what a kernel cannot hold is per weight: can_implement, in from_int4
 
     def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> nn.Module:
-        k = get_kernel(self.kernel)
-        a = k.can_implement(weight, weight.qweight.device, weight.scales.dtype)
-        if not a.ok:
-            raise NotRunnable(a.reason)
-        return k.build(weight, bias)
+        from .kernel import build_first
+
+        layer, rejected = build_first([self.kernel], weight, bias)
+        if layer is None:
+            raise NotRunnable(rejected[0][1])
+        return layer
 
 
 def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,
@@ -356,3 +357,37 @@ def _speedups(rows: list[dict], reference: str) -> None:
         b = base.get((r["k"], r["n"], r["m"]))
         if b and r["median_us"]:
             r["speedup_vs_bf16"] = b / r["median_us"]
+
+
+def failures(result: dict, named: set[str]) -> list[str]:
+    """One line per bench row (a backend, or `rtn+K` for a kernel on its own) that did not measure
+    what was asked, with the fix: rows that failed or were incorrect, and unavailable rows of
+    backends and kernels the user named (not those of the default list that cannot run here)."""
+    bad: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        if r["status"] in ("failed", "incorrect") or (r["status"] == "unavailable" and r["backend"] in named):
+            bad.setdefault(r["backend"], []).append(r)
+    out = []
+    for name, rows in bad.items():
+        total = sum(r["backend"] == name for r in result["rows"])
+        r = rows[0]
+        out.append(f"row {name} {r['status']} on {len(rows)} of {total} shape/M cases (first {r['k']}x{r['n']} "
+                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r)}")
+    return out
+
+
+def _bench_fix(name: str, row: dict) -> str:
+    if row["status"] == "incorrect":
+        return "its output disagrees with its own dequantized weight: a kernel defect; leave it out and report it"
+    hint = ""
+    kernel = name.partition("+")[2]
+    if row["status"] == "unavailable" or "ImportError" in (row["reason"] or "") or "ModuleNotFound" in (row["reason"] or ""):
+        if kernel in kernel_names():
+            hint = get_kernel(kernel).install_hint
+        elif name in registry.names():
+            hint = registry.get(name).install_hint
+    if hint:
+        return f"install its library: {hint}"
+    if row["status"] == "unavailable":
+        return "leave it out of --backends/--kernels (the reason says what it needs)"
+    return "rerun it alone (--backends/--kernels) with --isolation none to see where it fails"

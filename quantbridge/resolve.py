@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backend as registry
-from .backend import Availability
+from .backend import Availability, ask
 from .errors import UserError
 from .kernel import get_kernel
 from .quantizer import get_quantizer
@@ -64,7 +64,7 @@ def _spec_problem(obj, spec: QuantSpec | None) -> str | None:
 
 def backend(name: str, device: torch.device, spec: QuantSpec | None = None) -> Resolved:
     b = registry.get(name)
-    a = b.available(device)
+    a = ask(b.available, device)
     return Resolved(name, "backend", b, a, _spec_problem(b, spec) if a.ok else None)
 
 
@@ -76,14 +76,14 @@ def backends(names: list[str], device: torch.device, spec: QuantSpec | None = No
 
 def quantizer(name: str, device: torch.device, spec: QuantSpec | None = None) -> Resolved:
     q = get_quantizer(name)
-    a = q.available(device)
+    a = ask(q.available, device)
     return Resolved(name, "quantizer", q, a, _spec_problem(q, spec) if a.ok else None)
 
 
 def kernel(name: str, device: torch.device) -> Resolved:
     """A kernel's own limits are per weight (`can_implement`): only the library and device here."""
     k = get_kernel(name)
-    return Resolved(name, "kernel", k, k.available(device))
+    return Resolved(name, "kernel", k, ask(k.available, device))
 
 
 def require(r: Resolved) -> Resolved:

@@ -87,8 +87,9 @@ def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -
     if not canonical(src):
         raise UserError(f"--weights {weights}: its weights are not canonical INT4; use one of: "
                         f"{', '.join(n for n in registry.names() if canonical(registry.get(n)))}")
-    if not src.available(device).ok:
-        raise BackendUnavailable(f"--weights {weights}: {src.available(device).reason}")
+    here = registry.ask(src.available, device)
+    if not here.ok:
+        raise BackendUnavailable(f"--weights {weights}: {here.reason}")
     return weights
 
 
@@ -206,18 +207,20 @@ def shared_label(shared: str, checkpoint_format: str = "") -> str:
 def kernel_layers(kernel: str, source: WeightSource, shared: str,
                   checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
     """The shared weights of every target through exactly one kernel (a `--kernels` row)."""
-    from .kernel import choose
+    from .kernel import build_first
     from .smoothing import build
 
     ws = source.get(shared)
     source.progress.begin(f"{kernel}: build layers", len(source.linears))
     out = {}
     for n, lin in source.linears.items():
-        plain = ws[n].plain() if ws[n].smoothed else ws[n]
-        choice = choose([kernel], plain, plain.qweight.device, plain.scales.dtype)
-        if choice.kernel is None:
-            raise NotRunnable(f"kernel {kernel} cannot run layer {n}: {choice.rejected[0][1]}")
-        out[n] = build(choice.kernel.build, ws[n], lin.bias)
+        def exactly(weight: Int4Weight, bias: torch.Tensor | None, n: str = n) -> nn.Module:
+            layer, rejected = build_first([kernel], weight, bias)
+            if layer is None:
+                raise NotRunnable(f"kernel {kernel} cannot run layer {n}: {rejected[0][1]}")
+            return layer
+
+        out[n] = build(exactly, ws[n], lin.bias)
         source.progress.advance()
     return out, shared_label(shared, checkpoint_format)
 

@@ -14,8 +14,13 @@ def quick(tmp_path_factory):
     pytest.importorskip("llmcompressor")
     r = CliRunner().invoke(cli, ["bench", "--quick", "--backends", "fp16,native,tinygemm,gptq",
                                  "--kernels", "gptq-layout,exllamav2", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return out, json.loads((out / "bench.json").read_text())
+    res = json.loads((out / "bench.json").read_text())
+    # Named backends and kernels that cannot run here make the exit status 1, each named with its fix.
+    missing = sorted({row["backend"] for row in res["rows"] if row["status"] != "ok"})
+    assert r.exit_code == (1 if missing else 0), r.output
+    for name in missing:
+        assert f"Error: row {name} unavailable" in r.output and "fix: " in r.output
+    return out, res
 
 
 def test_rows_checked_and_timed(quick):

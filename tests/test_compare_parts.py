@@ -16,7 +16,7 @@ from quantbridge.backend import Backend
 from quantbridge.checkpoint import load_quantized, save_quantized
 from quantbridge.cli import cli
 from quantbridge.compare import Settings, check_request, run_comparison, verdict
-from quantbridge.errors import UserError
+from quantbridge.errors import BackendUnavailable, UserError
 from quantbridge.instrument import L2Flush
 from quantbridge.measure import timing_metrics
 from quantbridge.models import linear_layers
@@ -143,14 +143,21 @@ def test_schema_v1_results_still_render(tiny, tmp_path):
     assert "native" in (tmp_path / "r.md").read_text()
 
 
-def test_verdict():
+def test_verdict_names_every_row_that_did_not_run_with_its_fix():
     ok = BackendResult(name="fp16", status="ok", role="reference")
-    bad = BackendResult(name="native", status="failed", reason="boom")
-    c = Comparison(model={}, device={}, settings={}, backends=[ok, bad])
-    assert "every requested row failed" in verdict(c)
-    assert verdict(Comparison(model={}, device={}, settings={}, backends=[ok, BackendResult("native", "ok")])) is None
+    bad = BackendResult(name="native", status="failed", reason="RuntimeError: boom")
+    gone = BackendResult(name="gptq", status="failed", reason="ModuleNotFoundError: No module named 'llmcompressor'")
+    skipped = BackendResult(name="bnb-nf4", status="unavailable", reason="bitsandbytes is not installed")
+    lines = verdict(Comparison(model={}, device={}, settings={}, backends=[ok, BackendResult("awq", "ok"), bad, gone]))
+    assert len(lines) == 2 and lines[0].startswith("row native failed: RuntimeError: boom; fix: rerun with --debug")
+    assert lines[1].startswith("row gptq failed") and "fix: install its library: pip install 'quantbridge[gptq]'" in lines[1]
+    assert verdict(Comparison(model={}, device={}, settings={}, backends=[ok, BackendResult("native", "ok")])) == []
+    # a row left out under --skip-unavailable was skipped on request; without the flag it did not run
+    assert verdict(Comparison(model={}, device={}, settings={"skip_unavailable": True}, backends=[ok, skipped])) == []
+    assert verdict(Comparison(model={}, device={}, settings={}, backends=[ok, skipped]))[0].startswith(
+        "row bnb-nf4 could not run: bitsandbytes is not installed; fix: ")
     c = Comparison(model={}, device={}, settings={}, backends=[BackendResult("fp16", "failed", reason="x", role="reference"), bad])
-    assert verdict(c).startswith("the reference row failed")
+    assert verdict(c)[0].startswith("row fp16 (the reference every row is measured against) failed: x")
 
 
 def test_nonfinite_reference_fails_every_row_and_names_the_tensor(tiny):
@@ -163,7 +170,8 @@ def test_nonfinite_reference_fails_every_row_and_names_the_tensor(tiny):
         w.data[3, 5] = saved
     assert [b.status for b in comp.backends] == ["failed", "failed"]
     assert "model.layers.1.mlp.up_proj.weight" in comp.backends[0].reason
-    assert verdict(comp).startswith("the reference row failed")
+    assert verdict(comp)[0].startswith("row fp16 (the reference every row is measured against) failed")
+    assert "NaN or Inf" in verdict(comp)[1]
 
 
 def _source(tiny, spec=QuantSpec(), checkpoint=None):
@@ -251,7 +259,10 @@ def test_act_order_checkpoint_runs_through_every_kernel_that_can(tiny, tmp_path)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["desc_act"] is True
     loaded = load_quantized(out, CPU, torch.float32)
-    comp = run_comparison(loaded, ["native", "gptq", "awq"], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU,
+    with pytest.raises(BackendUnavailable, match="row awq cannot run here: .*act-order.*--skip-unavailable"):
+        check_request(loaded, ["native", "gptq", "awq"], Settings(**FAST), CPU)  # settled before any work
+    comp = run_comparison(loaded, ["native", "gptq", "awq"],
+                          Settings(**{**FAST, "batches": [1], "prefill": 0, "skip_unavailable": True}), CPU,
                           torch.float32)
     for name in ("native", "gptq"):
         b = comp.backend(name)
@@ -295,7 +306,7 @@ def test_cli_exits_non_zero_when_every_requested_row_failed(tmp_path):
     finally:
         registry._REGISTRY.pop("test-boom")
     assert r.exit_code == 1, r.output
-    assert "every requested row failed" in r.output and "kernel exploded" in r.output
+    assert "Error: row test-boom failed: RuntimeError: kernel exploded" in r.output and "fix: " in r.output
     assert (tmp_path / "run" / "results.json").is_file()  # what ran is still written
 
 

@@ -1,4 +1,6 @@
-"""Terminal tables (rich) rendered from a Comparison: per-layer and whole-model summary."""
+"""Terminal tables (rich) rendered from a Comparison: the whole-model summary and the
+recommendation first, then the per-layer table (shortened to the layers that matter most
+unless every layer is asked for)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..recommend import layer_latency_sum as _layer_sum
-from ..recommend import timing_drift
+from ..recommend import recommendations, timing_drift
 from ..results import Comparison
 from .common import (STEP_HEAD, drift_note, plan_rows, probe_note, probe_overhead_label, spec_label, step_rows,
                      timing_note)
@@ -98,14 +100,57 @@ def step_table(comp: Comparison) -> Table:
     return t
 
 
-def layer_table(comp: Comparison) -> Table:
+SHORT_LAYERS = 10  # per-layer rows printed by default; --layers prints every one
+
+
+def recommendation_table(comp: Comparison) -> Table | None:
+    """recommend.recommendations as a table: which row to pick for what, its figure, the runner-up."""
+    recs = recommendations(comp)
+    if not recs:
+        return None
+    t = Table(title="recommendation, from this run's numbers", title_justify="left")
+    for col in ("for", "pick", "figure", "runner-up"):
+        t.add_column(col)
+    for r in recs:
+        up = r["runner_up"]
+        t.add_row(escape(r["question"]), escape(r["backend"]), escape(r["figure"]),
+                  "" if not up else f"{escape(up['backend'])} ({up['value']:.4g})")
+    return t
+
+
+def _layers_that_matter(comp: Comparison, shown: list, count: int) -> list[int]:
+    """Indices of the `count` layers with the largest isolated error in any shown row (the slowest
+    at the first M where no row quantizes), in model order."""
+    m0 = next(iter(str(m) for m in comp.settings.get("m_values", [])), None)
+
+    def key(i: int) -> float:
+        errs = [b.layers[i].error.get("rel_isolated") for b in shown if b.layers[i].quantized]
+        errs = [e for e in errs if e is not None]
+        if errs:
+            return max(errs)
+        lat = [b.layers[i].latency_us.get(m0, {}).get("median") for b in shown] if m0 else []
+        return -1.0 / (1.0 + max((v for v in lat if v is not None), default=0.0))  # below any error, slowest first
+
+    n = len(shown[0].layers)
+    return sorted(sorted(range(n), key=key, reverse=True)[:count])
+
+
+def _layer_rows(comp: Comparison) -> list:
+    """The rows the per-layer table shows: measured rows with layers, else the reference."""
+    with_layers = [b for b in comp.backends if b.status == "ok" and b.layers]  # engine rows have none
+    return [b for b in with_layers if b.role != "reference"] or with_layers
+
+
+def layer_table(comp: Comparison, top: int | None = None) -> Table:
+    """Per-layer error and latency; `top`: only that many layers, those _layers_that_matter."""
     ms = [str(m) for m in comp.settings.get("m_values", [])]
     m0 = ms[0] if ms else None
     ref = comp.reference()
     ref_lat = {layer.name: layer.latency_us for layer in ref.layers} if ref and ref.status == "ok" else {}
-    with_layers = [b for b in comp.backends if b.status == "ok" and b.layers]  # engine rows have none
-    shown = [b for b in with_layers if b.role != "reference"] or with_layers
+    shown = _layer_rows(comp)
     ref_name = ref.name if ref else "reference"
+    total = len(shown[0].layers) if shown else 0
+    picked = _layers_that_matter(comp, shown, top) if shown and top is not None and top < total else range(total)
     t = Table(title=f"per layer: isolated rel. error, latency at M={m0} (×{ref_name})", title_justify="left")
     t.add_column("layer", no_wrap=True)
     t.add_column("N×K", justify="right")
@@ -116,7 +161,8 @@ def layer_table(comp: Comparison) -> Table:
         t.add_column(f"{b.name} µs", justify="right")
     if not shown:
         return t
-    for i, layer in enumerate(shown[0].layers):
+    for i in picked:
+        layer = shown[0].layers[i]
         base = ref_lat.get(layer.name, {}).get(m0, {}).get("median") if m0 else None
         row = [layer.name, f"{layer.shape[0]}×{layer.shape[1]}"] + ([_fmt(base, ".1f")] if m0 else [])
         for b in shown:
@@ -129,16 +175,30 @@ def layer_table(comp: Comparison) -> Table:
     return t
 
 
-def print_comparison(comp: Comparison, console: Console | None = None, layers: bool = True) -> None:
+def print_comparison(comp: Comparison, console: Console | None = None, layers: bool | None = None,
+                     all_layers_hint: str = "--layers") -> None:
+    """The whole-model summary and the recommendation first, then the other whole-model tables,
+    then the per-layer table: SHORT_LAYERS layers (None), every layer (True) or none (False);
+    `all_layers_hint` says how to see every layer when the table is shortened."""
     console = console or Console()
     if comp.model.get("note"):  # what the reference is (a GGUF's weights dequantized, random seeded weights)
         console.print(f"[dim]{escape(comp.model.get('name', ''))}: {escape(comp.model['note'])}[/dim]")
-    if layers:
-        console.print(layer_table(comp))
     console.print(summary_table(comp))
+    rec = recommendation_table(comp)
+    if rec is not None:
+        console.print(rec)
     console.print(model_table(comp))
     console.print(latency_table(comp))
     console.print(step_table(comp))
+    if layers is not False:
+        console.print(layer_table(comp, None if layers else SHORT_LAYERS))
+        shown = _layer_rows(comp)
+        total = len(shown[0].layers) if shown else 0
+        if not layers and total > SHORT_LAYERS:  # on a line of its own, never cut at the table's width
+            which = ("the largest isolated error" if any(r.quantized for b in shown for r in b.layers)
+                     else "the longest latency (no row quantizes)")
+            console.print(f"{SHORT_LAYERS} of {total} layers shown, those with {which}; every layer: {all_layers_hint}",
+                          markup=False, highlight=False, soft_wrap=True)
     for line in comp.findings:
         console.print(f"• {escape(line)}")
     s = comp.settings

@@ -103,6 +103,30 @@ class RunDir:
         self._lock_fd: int | None = None
 
     # -- before any work ------------------------------------------------------------------------
+    def _lock(self) -> int:
+        """Take the lock file's flock. The file is removed when the run ends (close), so a lock taken
+        on a file another run removed meanwhile is dropped and taken again on the new one."""
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise UserError(f"cannot create --out {self.given}: {faults.describe(e)}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(f"another quantbridge compare (pid {holder}) is writing to {self.given}; wait for it to "
+                                f"finish or choose another --out") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the file was removed by the run that held it: lock the one there now
+
     def prepare(self) -> "RunDir":
         """Check OUT, create its parent, take the lock and create the staging directory."""
         refuse_unsafe(self.out, "--out")
@@ -115,18 +139,9 @@ class RunDir:
                                 f"choose a new or empty directory, or move them away")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(f"cannot create --out {self.given}: {faults.describe(e)}") from None
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"another quantbridge compare (pid {holder}) is writing to {self.given}; wait for it to "
-                            f"finish or choose another --out") from None
+        fd = self._lock()
         self._lock_fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -228,6 +243,11 @@ class RunDir:
                         pass
         finally:
             if self._lock_fd is not None:
+                try:  # ours while we hold it: removed before the flock goes, so no run locks a stale file
+                    if os.fstat(self._lock_fd).st_ino == os.stat(self.lock_path).st_ino:
+                        os.unlink(self.lock_path)
+                except OSError:
+                    pass
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
 

@@ -133,6 +133,45 @@ def test_second_writer_is_refused(tmp_path, no_model_load, previous):
         {k: v for k, v in before.items() if not k.endswith(".lock")}
 
 
+def test_no_lock_file_is_left_behind(tmp_path, no_model_load):
+    """The lock beside --out is the run's own file: gone however the run ends, and one left by a
+    killed run (no flock on it) is simply taken over."""
+    out = tmp_path / "runs" / "latest"
+    out.parent.mkdir()
+    stale = out.with_name(".latest.lock")
+    stale.write_text("99999\n")  # a run killed with SIGKILL leaves its lock file, unlocked
+    r = _invoke("compare", "tiny", *FAST, "--out", out)  # fails at the model load (no_model_load)
+    assert r.exit_code != 0
+    assert not stale.exists() and sorted(p.name for p in out.parent.iterdir()) == []
+
+
+def test_lock_taken_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder removed it must not hold a flock on
+    a file no longer there (two writers): it locks the file that is there now."""
+    from quantbridge import rundir
+
+    first = rundir.RunDir(tmp_path / "latest").prepare()
+    raced = os.open(first.lock_path, os.O_RDWR)  # opened before the first run ends...
+    first.close()  # ...which removes the file
+    assert not first.lock_path.exists()
+    opens = []
+    real_open = os.open
+
+    def racing_open(path, flags, mode=0o777):
+        opens.append(path)
+        return raced if len(opens) == 1 else real_open(path, flags, mode)
+
+    monkeypatch.setattr(rundir.os, "open", racing_open)
+    second = rundir.RunDir(tmp_path / "latest").prepare()
+    monkeypatch.undo()
+    try:
+        assert len(opens) == 2  # the first lock was on the removed file: dropped, taken again
+        # (the new file may reuse the old inode number: the retry itself is what matters)
+        assert os.fstat(second._lock_fd).st_ino == os.stat(second.lock_path).st_ino
+    finally:
+        second.close()
+
+
 # -- compare: settings refused right after loading, before the first row -------------------------
 
 
@@ -180,7 +219,7 @@ def test_complete_run_replaces_previous(tmp_path, previous):
     assert r.exit_code == 0, r.output
     assert [b["name"] for b in json.loads((out / "results.json").read_text())["backends"]] == ["fp16", "native"]
     assert not (out / "report.html").exists()  # the previous run's report went with it: no mixed runs
-    assert sorted(p.name for p in out.parent.iterdir()) == [".latest.lock", "latest", "sentinel.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["latest", "sentinel.txt"]  # the lock file goes with the run
     assert oct((out / "results.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 

@@ -197,7 +197,7 @@ def test_signal_during_the_swap_is_acted_on_after_it(tmp_path, previous, monkeyp
     assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143 and run.committed
     assert run.kept(stop.value.label) == f"Stopped by SIGTERM as the run completed: {out} holds the complete run"
     assert sorted(p.name for p in out.iterdir()) == [".quantbridge-run", "report.md"]
-    assert sorted(p.name for p in out.parent.iterdir()) == [".latest.lock", "latest", "sentinel.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["latest", "sentinel.txt"]  # the lock file goes with the run
 
 
 @pytest.mark.parametrize("overwrite", [True, False])
@@ -568,7 +568,7 @@ def _assert_partial(out: Path, before: dict, rows: list[str]) -> None:
     else:
         assert not partial.exists()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(
-        [".latest.lock", "latest", "sentinel.txt", *(["latest.partial"] if rows else [])])
+        ["latest", "sentinel.txt", *(["latest.partial"] if rows else [])])
 
 
 @pytest.mark.parametrize("sig,label,stage", [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from quantbridge.errors import UserError
 from quantbridge.packed import Int4Weight, quantize_rtn
 from quantbridge.quantizer import Quantizer, register_quantizer
 from quantbridge.spec import QuantSpec
@@ -18,6 +19,12 @@ class RTNQuantizer(Quantizer):
     algorithm = "rtn"
     baseline = True
     description = "round-to-nearest, group-wise, asymmetric or symmetric (quantbridge)"
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        if spec.act_order:  # act-order orders GPTQ's error compensation; RTN rounds each weight on its own
+            raise UserError("rtn has no act-order (it rounds every weight on its own, so column order changes "
+                            "nothing): drop --act-order, or leave the rtn rows (native, tinygemm) out; "
+                            "--weights gptq runs GPTQ's act-order weights through their kernels")
 
     def quantize_layer(self, linear: nn.Linear, spec: QuantSpec) -> Int4Weight:
         return quantize_rtn(linear.weight.detach(), spec, scale_dtype=linear.weight.dtype)

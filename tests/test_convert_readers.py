@@ -177,12 +177,20 @@ def test_gptq_checkpoint_of_an_unread_layout_is_a_one_line_error(tmp_path, tiny)
             read_int4(path)
 
 
-def test_act_order_is_declared_only_where_the_weights_have_it(tmp_path):
-    """RTN keeps no permutation: desc_act: true with a trivial g_idx would be a false claim (and makes
-    vLLM 0.32 refuse a checkpoint it can serve)."""
-    convert("tiny", "gptq", tmp_path / "g", spec=QuantSpec(act_order=True))
-    _, qcfg, weights, _ = read_int4(tmp_path / "g")
+def test_act_order_is_declared_only_where_the_weights_have_it(tmp_path, tiny):
+    """desc_act: true with a trivial g_idx would be a false claim (and makes vLLM 0.32 refuse a
+    checkpoint it can serve): RTN, which keeps no permutation, refuses --act-order outright, and
+    weights that carry one are declared so."""
+    with pytest.raises(UserError, match="rtn has no act-order"):
+        convert("tiny", "gptq", tmp_path / "g", spec=QuantSpec(act_order=True))
+    assert not (tmp_path / "g").exists()
+    convert("tiny", "gptq", tmp_path / "plain")
+    _, qcfg, weights, _ = read_int4(tmp_path / "plain")
     assert qcfg["desc_act"] is False and all(w.perm is None for w in weights.values())
+    src = _act_order_source(tiny, tmp_path / "act", symmetric=True)
+    convert(str(src), "gptq", tmp_path / "permuted")
+    _, qcfg, weights, _ = read_int4(tmp_path / "permuted")
+    assert qcfg["desc_act"] is True and all(w.perm is not None for w in weights.values())
 
 
 def test_llm_compressor_checkpoint_round_trips_through_gptq(tmp_path, tiny):

@@ -138,7 +138,8 @@ def stage(name: str, until: str = "signal") -> None:
     if until == "input":
         os.read(0, 1)
         return
-    while len(_received) == seen:  # the handler runs between sleeps; sleep is only how the process waits
+    deadline = time.monotonic() + 600  # a test that died never sends it: do not wait forever
+    while len(_received) == seen and time.monotonic() < deadline:  # the handler runs between sleeps
         time.sleep(0.01)
 
 

@@ -721,6 +721,11 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     if quick:
         shapes, batches, runs, warmup = ",".join(f"{k}x{n}" for k, n in SHAPE_SETS["quick"]), [1, 16], 10, 2
     dev = resolve_device(device)
+    # What was asked is checked before anything is created: then the paths it writes.
+    shape_list, names = parse_shapes(shapes), registry.parse_names(backends)
+    spec = QuantSpec(group_size=parse_group_size(group_size))
+    kernels = parse_kernels(kernels_csv) if kernels_csv else []
+    dt = resolve_dtype(dtype, dev)
     check_cache_dir()
     out = _check_writable_dir(out_dir, "--out", "runs/bench")  # every output path, before the first shape
     _check_bench_files(out)
@@ -740,10 +745,9 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         faults.stage("bench-saved")  # test hook: a signal once rows are on disk
 
     try:
-        res = run_bench(parse_shapes(shapes), batches, registry.parse_names(backends), dev, resolve_dtype(dtype, dev),
-                        QuantSpec(group_size=parse_group_size(group_size)), runs=runs, warmup=warmup,
+        res = run_bench(shape_list, batches, names, dev, dt, spec, runs=runs, warmup=warmup,
                         progress=lambda msg: click.echo(f"  {msg}", err=True), on_shape=save, isolation=isolation,
-                        kernels=parse_kernels(kernels_csv) if kernels_csv else [])
+                        kernels=kernels)
     except KeyboardInterrupt as e:
         stop = faults.as_interrupted(e)
         stop.state = (f"{out / 'bench.json'} holds the {len(measured)} rows measured so far" if measured

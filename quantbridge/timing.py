@@ -161,6 +161,7 @@ def graph(step: Step) -> StepTiming:
         step.forward(static)
     torch.cuda.current_stream(step.device).wait_stream(side)
     plain = _capture(lambda: step.forward(static))
+    pool = plain.pool()  # the probed graphs share it: they are replayed one at a time on one stream
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def replay(g: torch.cuda.CUDAGraph, x: torch.Tensor) -> float:
@@ -181,7 +182,7 @@ def graph(step: Step) -> StepTiming:
             probes.end()
 
         with probes:
-            return _capture(probed_step, pool=plain.pool()), probes
+            return _capture(probed_step, pool=pool), probes
 
     # What one probed layer costs here: a graph probing every layer against the plain one.
     names = list(step.layers)

@@ -30,3 +30,27 @@ def tiny():
     from quantbridge.models import load_model
 
     return load_model("tiny", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """The model must not be loaded: the checks under test come first."""
+    import quantbridge.convert
+    import quantbridge.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    for module in (quantbridge.models, quantbridge.convert):  # convert binds the name at import
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory, tiny):
+    """A complete compare run (fp16 only, with its report) to copy as the previous run."""
+    from cli_checks import FAST, invoke
+
+    out = tmp_path_factory.mktemp("prev") / "run"
+    r = invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out

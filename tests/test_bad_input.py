@@ -15,56 +15,15 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from quantbridge.cli import cli
-
-FAST = ["--runs", "5", "--warmup", "0", "--batch", "1", "--prefill", "0", "--eval-len", "16", "--eval-seqs", "1"]
+from cli_checks import FAST, invoke, one_line_error, previous_in, snapshot
 
 
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _one_line_error(r, needle: str, code: int = 2) -> None:
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output, r.output
-    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, r.output
-    assert needle in errors[0], r.output
 
 
-def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """The model must not be loaded: these checks come first."""
-    import quantbridge.convert
-    import quantbridge.models
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    for module in (quantbridge.models, quantbridge.convert):  # convert binds the name at import
-        monkeypatch.setattr(module, "load_model", refuse)
-
-
-@pytest.fixture(scope="module")
-def previous(tmp_path_factory, tiny):
-    """A complete compare run (fp16 only, with its report) to copy as the previous run."""
-    out = tmp_path_factory.mktemp("prev") / "run"
-    r = _invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
-
-
-def _previous_in(tmp_path: Path, previous: Path) -> Path:
-    out = tmp_path / "runs" / "latest"
-    shutil.copytree(previous, out)
-    (tmp_path / "runs" / "sentinel.txt").write_text("keep me")
-    return out
 
 
 # -- compare: settings refused before the model loads ---------------------------------------------
@@ -78,21 +37,21 @@ def test_compare_refuses_before_loading(tmp_path, no_model_load, extra, needle):
     args = ["compare", "tiny", *FAST, *extra]
     if "--out" not in extra:
         args += ["--out", tmp_path / "out"]
-    _one_line_error(_invoke(*args), needle)
+    one_line_error(invoke(*args), needle)
     assert not (tmp_path / "out").exists()
 
 
 def test_plan_file_not_json(tmp_path, no_model_load):
     bad = tmp_path / "plan.json"
     bad.write_text("{not json")
-    _one_line_error(_invoke("compare", "tiny", "--plan", bad, "--out", tmp_path / "out"), "is not JSON")
+    one_line_error(invoke("compare", "tiny", "--plan", bad, "--out", tmp_path / "out"), "is not JSON")
     assert bad.read_text() == "{not json" and not (tmp_path / "out").exists()
 
 
 def test_eval_text_not_utf8(tmp_path, no_model_load):
     bad = tmp_path / "eval.txt"
     bad.write_bytes(b"some text \xff\xfe more \xc3 text")
-    _one_line_error(_invoke("compare", "tiny", "--eval-text", bad, "--out", tmp_path / "out"),
+    one_line_error(invoke("compare", "tiny", "--eval-text", bad, "--out", tmp_path / "out"),
                     "is not UTF-8 text (byte 0xff at offset 10, 3 undecodable sequence(s))")
     assert not (tmp_path / "out").exists()
 
@@ -108,27 +67,27 @@ def test_strict_reader_for_compare():
 def test_out_is_cwd_or_holds_other_files(tmp_path, monkeypatch, no_model_load):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sentinel.txt").write_text("keep me")
-    _one_line_error(_invoke("compare", "tiny", "--out", "."), "is the current directory")
-    _one_line_error(_invoke("compare", "tiny", "--out", ".."), "a directory containing the current directory")
-    _one_line_error(_invoke("compare", "tiny", "--out", "runs/.."), "is the current directory")
+    one_line_error(invoke("compare", "tiny", "--out", "."), "is the current directory")
+    one_line_error(invoke("compare", "tiny", "--out", ".."), "a directory containing the current directory")
+    one_line_error(invoke("compare", "tiny", "--out", "runs/.."), "is the current directory")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    _one_line_error(_invoke("compare", "tiny", "--out", "mine"), "holds files that are not a quantbridge run (notes.txt)")
+    one_line_error(invoke("compare", "tiny", "--out", "mine"), "holds files that are not a quantbridge run (notes.txt)")
     assert (mine / "notes.txt").read_text() == "mine" and (tmp_path / "sentinel.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "sentinel.txt"]
 
 
 def test_second_writer_is_refused(tmp_path, no_model_load, previous):
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(tmp_path / "runs")
+    out = previous_in(tmp_path, previous)
+    before = snapshot(tmp_path / "runs")
     with open(out.with_name(".latest.lock"), "a+") as f:  # what a live compare holds
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.write("12345\n")
         f.flush()
-        r = _invoke("compare", "tiny", *FAST, "--out", out)
-    _one_line_error(r, f"another quantbridge compare (pid 12345) is writing to {out}")
-    after = _snapshot(tmp_path / "runs")
+        r = invoke("compare", "tiny", *FAST, "--out", out)
+    one_line_error(r, f"another quantbridge compare (pid 12345) is writing to {out}")
+    after = snapshot(tmp_path / "runs")
     assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
         {k: v for k, v in before.items() if not k.endswith(".lock")}
 
@@ -140,7 +99,7 @@ def test_no_lock_file_is_left_behind(tmp_path, no_model_load):
     out.parent.mkdir()
     stale = out.with_name(".latest.lock")
     stale.write_text("99999\n")  # a run killed with SIGKILL leaves its lock file, unlocked
-    r = _invoke("compare", "tiny", *FAST, "--out", out)  # fails at the model load (no_model_load)
+    r = invoke("compare", "tiny", *FAST, "--out", out)  # fails at the model load (no_model_load)
     assert r.exit_code != 0
     assert not stale.exists() and sorted(p.name for p in out.parent.iterdir()) == []
 
@@ -181,11 +140,11 @@ def test_lock_taken_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeyp
     (["--eval-len", "99999"], "the shipped evaluation text has"),
 ])
 def test_step_sizes_above_the_text(tmp_path, tiny, previous, extra, needle):
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
-    r = _invoke("compare", "tiny", "--backends", "fp16", *FAST, *extra, "--out", out)
-    _one_line_error(r, needle)
-    assert _snapshot(out) == before and not out.with_name("latest.partial").exists()
+    out = previous_in(tmp_path, previous)
+    before = snapshot(out)
+    r = invoke("compare", "tiny", "--backends", "fp16", *FAST, *extra, "--out", out)
+    one_line_error(r, needle)
+    assert snapshot(out) == before and not out.with_name("latest.partial").exists()
 
 
 def test_limit_is_the_shipped_eval_tokens(tiny):
@@ -205,8 +164,8 @@ def test_limit_is_the_shipped_eval_tokens(tiny):
 def test_calibration_text_too_short(tmp_path, tiny):
     calib = tmp_path / "calib.txt"
     calib.write_text("A short calibration text.")
-    r = _invoke("compare", "tiny", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")  # the CPU default length (settings.CALIB_CPU)
-    _one_line_error(r, "fewer than --calib-len 256")
+    r = invoke("compare", "tiny", "--backends", "gptq", "--calib", calib, *FAST, "--out", tmp_path / "out")  # the CPU default length (settings.CALIB_CPU)
+    one_line_error(r, "fewer than --calib-len 256")
     assert not (tmp_path / "out").exists()
 
 
@@ -214,8 +173,8 @@ def test_calibration_text_too_short(tmp_path, tiny):
 
 
 def test_complete_run_replaces_previous(tmp_path, previous):
-    out = _previous_in(tmp_path, previous)
-    r = _invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--no-report", "--out", out)
+    out = previous_in(tmp_path, previous)
+    r = invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--no-report", "--out", out)
     assert r.exit_code == 0, r.output
     assert [b["name"] for b in json.loads((out / "results.json").read_text())["backends"]] == ["fp16", "native"]
     assert not (out / "report.html").exists()  # the previous run's report went with it: no mixed runs
@@ -232,8 +191,8 @@ def _umask() -> int:
 def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
     import quantbridge.results as results
 
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
+    out = previous_in(tmp_path, previous)
+    before = snapshot(out)
     real = results.write_atomic
 
     def full_disk(path, data):
@@ -242,13 +201,13 @@ def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
         return real(path, data)
 
     monkeypatch.setattr(results, "write_atomic", full_disk)
-    r = _invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--out", out)
-    _one_line_error(r, "File too large")
+    r = invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--out", out)
+    one_line_error(r, "File too large")
     line = r.output.strip().splitlines()[-1]
     partial = out.with_name("latest.partial")
     assert f"results of the finished rows (fp16, native) are in {partial}/results.json" in line
     assert f"the previous complete run is intact at {out}" in line
-    assert _snapshot(out) == before and (tmp_path / "runs" / "sentinel.txt").read_text() == "keep me"
+    assert snapshot(out) == before and (tmp_path / "runs" / "sentinel.txt").read_text() == "keep me"
     assert [b["name"] for b in json.loads((partial / "results.json").read_text())["backends"]] == ["fp16", "native"]
 
 
@@ -287,30 +246,30 @@ def nested(tmp_path, monkeypatch):
     ("~", "is your home directory"),
 ])
 def test_convert_refuses_dangerous_out(nested, no_model_load, out, needle):
-    before = _snapshot(nested)
-    _one_line_error(_invoke("convert", "tiny", "--to", "native", out, "--overwrite"), needle)
-    assert _snapshot(nested) == before
+    before = snapshot(nested)
+    one_line_error(invoke("convert", "tiny", "--to", "native", out, "--overwrite"), needle)
+    assert snapshot(nested) == before
 
 
 def test_convert_refuses_non_checkpoint_even_with_overwrite(nested, no_model_load):
-    before = _snapshot(nested)
-    _one_line_error(_invoke("convert", "tiny", "--to", "native", "../child", "--overwrite"), "current directory")
+    before = snapshot(nested)
+    one_line_error(invoke("convert", "tiny", "--to", "native", "../child", "--overwrite"), "current directory")
     other = nested / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    _one_line_error(_invoke("convert", "tiny", "--to", "native", other, "--overwrite"),
+    one_line_error(invoke("convert", "tiny", "--to", "native", other, "--overwrite"),
                     "is not empty and is not a model checkpoint (notes.txt); --overwrite replaces checkpoints only")
-    assert (other / "notes.txt").read_text() == "mine" and _snapshot(nested) == {**before, "other/notes.txt": b"mine"}
+    assert (other / "notes.txt").read_text() == "mine" and snapshot(nested) == {**before, "other/notes.txt": b"mine"}
 
 
 def test_convert_lists_what_overwrite_replaces(nested, tiny):
     ck = nested / "ck"
-    r = _invoke("convert", "tiny", "--to", "native", ck)
+    r = invoke("convert", "tiny", "--to", "native", ck)
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in ck.iterdir())
-    _one_line_error(_invoke("convert", "tiny", "--to", "native", ck),
+    one_line_error(invoke("convert", "tiny", "--to", "native", ck),
                     f"is not empty: it holds a checkpoint ({', '.join(files[:6])}); pass --overwrite to replace it")
-    r = _invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite")
+    r = invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite")
     assert r.exit_code == 0, r.output
     assert f"--overwrite: the checkpoint in {ck} will be replaced ({', '.join(files)})" in r.output
     assert (nested / "child" / "sentinel.txt").read_text() == "keep me"
@@ -322,7 +281,7 @@ def test_convert_lists_what_overwrite_replaces(nested, tiny):
     (["--to", "native", "--skip", "("], "--skip '(' is not a valid regular expression"),
 ])
 def test_convert_bad_options(tmp_path, no_model_load, args, needle):
-    _one_line_error(_invoke("convert", "tiny", tmp_path / "out", *args), needle)
+    one_line_error(invoke("convert", "tiny", tmp_path / "out", *args), needle)
     assert not (tmp_path / "out").exists()
 
 
@@ -339,37 +298,37 @@ def tiny_copy(tmp_path, tiny):
 
 
 def _compare_model(model, tmp_path):
-    return _invoke("compare", model, "--backends", "fp16", *FAST, "--out", tmp_path / "out")
+    return invoke("compare", model, "--backends", "fp16", *FAST, "--out", tmp_path / "out")
 
 
 def test_truncated_safetensors(tiny_copy, tmp_path):
     f = tiny_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100_000])
-    _one_line_error(_compare_model(tiny_copy, tmp_path), f"{f} is truncated or corrupt")
+    one_line_error(_compare_model(tiny_copy, tmp_path), f"{f} is truncated or corrupt")
     assert not (tmp_path / "out").exists()
 
 
 def test_truncated_quantized_checkpoint(tmp_path, tiny):
     ck = tmp_path / "ck"
-    assert _invoke("convert", "tiny", "--to", "gptq", ck).exit_code == 0
+    assert invoke("convert", "tiny", "--to", "gptq", ck).exit_code == 0
     f = ck / "model.safetensors"
     f.write_bytes(f.read_bytes()[:5000])
-    _one_line_error(_compare_model(ck, tmp_path), f"{f} is truncated or corrupt")
-    _one_line_error(_invoke("convert", ck, "--to", "awq", tmp_path / "awq"), "is truncated or corrupt")
+    one_line_error(_compare_model(ck, tmp_path), f"{f} is truncated or corrupt")
+    one_line_error(invoke("convert", ck, "--to", "awq", tmp_path / "awq"), "is truncated or corrupt")
     assert not (tmp_path / "awq").exists()
 
 
 def test_config_not_json(tiny_copy, tmp_path):
     (tiny_copy / "config.json").write_text("{nope")
-    _one_line_error(_compare_model(tiny_copy, tmp_path), f"{tiny_copy / 'config.json'} is not valid JSON")
-    _one_line_error(_invoke("convert", tiny_copy, "--to", "awq", tmp_path / "awq"), "config.json is not valid JSON")
+    one_line_error(_compare_model(tiny_copy, tmp_path), f"{tiny_copy / 'config.json'} is not valid JSON")
+    one_line_error(invoke("convert", tiny_copy, "--to", "awq", tmp_path / "awq"), "config.json is not valid JSON")
 
 
 def test_no_tokenizer_files(tiny_copy, tmp_path):
     for f in tiny_copy.glob("tokenizer*"):
         f.unlink()
     r = _compare_model(tiny_copy, tmp_path)
-    _one_line_error(r, "has no tokenizer files")
+    one_line_error(r, "has no tokenizer files")
     assert "sentencepiece" not in r.output and "tiktoken" not in r.output
 
 
@@ -381,7 +340,7 @@ def test_not_a_causal_lm(tmp_path, tiny):
                          intermediate_size=64)).save_pretrained(d)
     tiny.tokenizer.save_pretrained(d)
     r = _compare_model(d, tmp_path)
-    _one_line_error(r, "(BertModel) is not a causal-LM checkpoint: as BertLMHeadModel")
+    one_line_error(r, "(BertModel) is not a causal-LM checkpoint: as BertLMHeadModel")
     assert "randomly initialised (e.g. cls.predictions" in r.output
 
 
@@ -391,11 +350,11 @@ def test_unknown_name_fails_fast_without_hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
     t = time.monotonic()
-    _one_line_error(_compare_model("quantbridge-test/no-such-model", tmp_path), "cannot be reached to look it up")
+    one_line_error(_compare_model("quantbridge-test/no-such-model", tmp_path), "cannot be reached to look it up")
     assert time.monotonic() - t < 10
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _one_line_error(_compare_model("quantbridge-test/no-such-model", tmp_path), "HF_HUB_OFFLINE is set")
-    _one_line_error(_compare_model("a b", tmp_path), "neither a local path nor a valid hub id")
+    one_line_error(_compare_model("quantbridge-test/no-such-model", tmp_path), "HF_HUB_OFFLINE is set")
+    one_line_error(_compare_model("a b", tmp_path), "neither a local path nor a valid hub id")
     assert not (tmp_path / "out").exists()
 
 
@@ -403,8 +362,8 @@ def test_gguf(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     # a GGUF header with nothing in it: read as GGUF, refused in one line
-    _one_line_error(_compare_model("m.gguf", tmp_path), "could not read m.gguf as a GGUF causal LM")
-    _one_line_error(_compare_model("typo.gguf", tmp_path), "GGUF file 'typo.gguf' does not exist")
+    one_line_error(_compare_model("m.gguf", tmp_path), "could not read m.gguf as a GGUF causal LM")
+    one_line_error(_compare_model("typo.gguf", tmp_path), "GGUF file 'typo.gguf' does not exist")
 
 
 # -- report, serve-stats, plan -----------------------------------------------------------------------
@@ -413,20 +372,20 @@ def test_gguf(tmp_path, monkeypatch):
 def test_report_bad_files(tmp_path, previous):
     lst = tmp_path / "list.json"
     lst.write_text("[1, 2]")
-    _one_line_error(_invoke("report", lst), "it holds a JSON list, not an object")
+    one_line_error(invoke("report", lst), "it holds a JSON list, not an object")
     data = json.loads((previous / "results.json").read_text())
     data["backends"][0]["layers"][0]["latency_us"]["1"]["median"] = "fast"
     s = tmp_path / "string.json"
     s.write_text(json.dumps(data))
-    _one_line_error(_invoke("report", s), "latency median at M=1 is 'fast', not a number")
+    one_line_error(invoke("report", s), "latency median at M=1 is 'fast', not a number")
     data = json.loads((previous / "results.json").read_text())
     data["schema_version"] = 99
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps(data))
-    _one_line_error(_invoke("report", newer), "schema_version 99 was written by a newer quantbridge")
-    _one_line_error(_invoke("report", previous / "results.json", "--html", "/proc/nonexistent/r.html"),
+    one_line_error(invoke("report", newer), "schema_version 99 was written by a newer quantbridge")
+    one_line_error(invoke("report", previous / "results.json", "--html", "/proc/nonexistent/r.html"),
                     "cannot create the directory of --html /proc/nonexistent/r.html")
-    _one_line_error(_invoke("report", previous / "results.json", "--md", tmp_path), "is a directory")
+    one_line_error(invoke("report", previous / "results.json", "--md", tmp_path), "is a directory")
 
 
 def _worker(rank: int) -> dict:
@@ -445,7 +404,7 @@ def test_serve_stats_skips_bad_worker_files(tmp_path):
            "worker-4.json": "{}"}
     for name, text in bad.items():
         (d / name).write_text(text)
-    r = _invoke("serve-stats", d)
+    r = invoke("serve-stats", d)
     assert r.exit_code == 0, r.output
     for name in bad:
         assert f"warning: skipped {d / name}:" in r.output
@@ -453,28 +412,28 @@ def test_serve_stats_skips_bad_worker_files(tmp_path):
     for name in bad:
         (d / name).write_text(bad[name])
     (d / "worker-0.json").write_text("{}")
-    _one_line_error(_invoke("serve-stats", d), "no usable worker file in")
+    one_line_error(invoke("serve-stats", d), "no usable worker file in")
 
 
 @pytest.fixture(scope="module")
 def sensitivity(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("sens") / "run"
-    r = _invoke("compare", "tiny", "--backends", "native", "--sensitivity", *FAST, "--no-report", "--out", out)
+    r = invoke("compare", "tiny", "--backends", "native", "--sensitivity", *FAST, "--no-report", "--out", out)
     assert r.exit_code == 0, r.output
     return out / "results.json"
 
 
 def test_plan_budgets(tmp_path, sensitivity):
     plan = tmp_path / "plan.json"
-    _one_line_error(_invoke("plan", sensitivity, "--max-ppl-increase", "-50", "--out", plan), "no plan meets the budget")
-    _one_line_error(_invoke("plan", sensitivity, "--max-weight-gb", "0.000001", "--out", plan), "no plan meets the budget")
+    one_line_error(invoke("plan", sensitivity, "--max-ppl-increase", "-50", "--out", plan), "no plan meets the budget")
+    one_line_error(invoke("plan", sensitivity, "--max-weight-gb", "0.000001", "--out", plan), "no plan meets the budget")
     assert not plan.exists()
-    _one_line_error(_invoke("plan", sensitivity, "--max-ppl-increase", "5", "--backends", "nosuch", "--out", plan),
+    one_line_error(invoke("plan", sensitivity, "--max-ppl-increase", "5", "--backends", "nosuch", "--out", plan),
                     "unknown backend 'nosuch'")
-    _one_line_error(_invoke("plan", sensitivity, "--max-ppl-increase", "5", "--backends", "bnb-int8", "--out", plan),
+    one_line_error(invoke("plan", sensitivity, "--max-ppl-increase", "5", "--backends", "bnb-int8", "--out", plan),
                     "--backends bnb-int8 has no ok row in these results")
     assert not plan.exists()
-    r = _invoke("plan", sensitivity, "--max-ppl-increase", "5", "--out", plan)
+    r = invoke("plan", sensitivity, "--max-ppl-increase", "5", "--out", plan)
     assert r.exit_code == 0 and plan.exists(), r.output
 
 
@@ -525,6 +484,6 @@ def test_bitsandbytes_import_is_quiet():
 def test_convert_calibration_not_utf8(tmp_path, tiny):
     bad = tmp_path / "calib.txt"
     bad.write_bytes(b"\xff" * 64)
-    r = _invoke("convert", "tiny", "--to", "gptq", tmp_path / "out", "--method", "gptq", "--calib", bad)
-    _one_line_error(r, "is not UTF-8 text")
+    r = invoke("convert", "tiny", "--to", "gptq", tmp_path / "out", "--method", "gptq", "--calib", bad)
+    one_line_error(r, "is not UTF-8 text")
     assert not (tmp_path / "out").exists()

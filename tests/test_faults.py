@@ -19,65 +19,23 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from cli_checks import FAST, invoke, one_line_error, previous_in, snapshot
 from quantbridge import faults
-from quantbridge.cli import cli
-
-FAST = ["--runs", "5", "--warmup", "0", "--batch", "1", "--prefill", "0", "--eval-len", "16", "--eval-seqs", "1"]
 
 
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _one_line_error(r, needle: str, code: int = 2) -> str:
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output, r.output
-    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, r.output
-    assert needle in errors[0], r.output
-    return errors[0]
 
 
-def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """The model must not be loaded: these checks come first."""
-    import quantbridge.convert
-    import quantbridge.models
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    for module in (quantbridge.models, quantbridge.convert):
-        monkeypatch.setattr(module, "load_model", refuse)
-
-
-@pytest.fixture(scope="module")
-def previous(tmp_path_factory, tiny):
-    """A complete compare run (fp16 only, with its report) to copy as the previous run."""
-    out = tmp_path_factory.mktemp("prev") / "run"
-    r = _invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
-
-
-def _previous_in(tmp_path: Path, previous: Path) -> Path:
-    out = tmp_path / "runs" / "latest"
-    shutil.copytree(previous, out)
-    (tmp_path / "runs" / "sentinel.txt").write_text("keep me")
-    return out
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny):
     """A checkpoint written by convert, to copy."""
     ck = tmp_path_factory.mktemp("ck") / "ck"
-    r = _invoke("convert", "tiny", "--to", "native", ck)
+    r = invoke("convert", "tiny", "--to", "native", ck)
     assert r.exit_code == 0, r.output
     return ck
 
@@ -105,7 +63,7 @@ def mounts():
                                    "results.json/", "report.md@"])
 def test_compare_refuses_out_with_anything_not_its_own(tmp_path, previous, no_model_load, entry):
     """A user's file, hidden or not, a directory or a symlink under a run file's name: refused, named, kept."""
-    out = _previous_in(tmp_path, previous)
+    out = previous_in(tmp_path, previous)
     name = entry.rstrip("/@")
     if entry.endswith("/"):
         (out / name).unlink()
@@ -116,17 +74,17 @@ def test_compare_refuses_out_with_anything_not_its_own(tmp_path, previous, no_mo
         (out / name).symlink_to(tmp_path / "elsewhere.md")
     else:
         (out / name).write_text("mine")
-    before = _snapshot(tmp_path)
-    _one_line_error(_invoke("compare", "tiny", *FAST, "--out", out), f"holds files that are not a quantbridge run ({name})")
-    assert {k: v for k, v in _snapshot(tmp_path).items() if ".lock" not in k} == before
+    before = snapshot(tmp_path)
+    one_line_error(invoke("compare", "tiny", *FAST, "--out", out), f"holds files that are not a quantbridge run ({name})")
+    assert {k: v for k, v in snapshot(tmp_path).items() if ".lock" not in k} == before
 
 
 def test_compare_refuses_partial_with_user_files(tmp_path, previous, no_model_load):
-    out = _previous_in(tmp_path, previous)
+    out = previous_in(tmp_path, previous)
     partial = out.with_name("latest.partial")
     shutil.copytree(previous, partial)
     (partial / ".notes.tmp").write_text("mine")
-    _one_line_error(_invoke("compare", "tiny", *FAST, "--out", out), "is not only an earlier quantbridge partial run "
+    one_line_error(invoke("compare", "tiny", *FAST, "--out", out), "is not only an earlier quantbridge partial run "
                                                                      "(.notes.tmp); move it away")
     assert (partial / ".notes.tmp").read_text() == "mine" and (partial / "results.json").exists()
 
@@ -160,7 +118,7 @@ def test_commit_keeps_a_file_added_during_the_run(tmp_path, previous):
     """A file put into OUT after the checks is not removed with the previous run: it is kept and named."""
     from quantbridge.rundir import RunDir
 
-    out = _previous_in(tmp_path, previous)
+    out = previous_in(tmp_path, previous)
     run = RunDir(out).prepare()
     try:
         run.write("report.md", "# new\n")
@@ -179,7 +137,7 @@ def test_signal_during_the_swap_is_acted_on_after_it(tmp_path, previous, monkeyp
     run, the previous one is gone, nothing is half-done, and the line says so."""
     from quantbridge import rundir
 
-    out = _previous_in(tmp_path, previous)
+    out = previous_in(tmp_path, previous)
     run = rundir.RunDir(out).prepare()
     run.write("report.md", "# new\n")
     real = rundir._exchange
@@ -208,11 +166,11 @@ def test_convert_refuses_checkpoint_with_user_files(tmp_path, checkpoint, no_mod
     shutil.copytree(checkpoint, ck)
     for name in mine:
         (ck / name).write_text("{}")
-    before = _snapshot(tmp_path)
-    r = _invoke("convert", "tiny", "--to", "gptq", ck, *(["--overwrite"] if overwrite else []))
-    _one_line_error(r, f"holds a checkpoint and files convert did not write ({', '.join(sorted(mine))}); convert "
+    before = snapshot(tmp_path)
+    r = invoke("convert", "tiny", "--to", "gptq", ck, *(["--overwrite"] if overwrite else []))
+    one_line_error(r, f"holds a checkpoint and files convert did not write ({', '.join(sorted(mine))}); convert "
                        "replaces only what it wrote")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_checkpoint_files_without_a_manifest(tmp_path):
@@ -238,7 +196,7 @@ def test_convert_writes_a_manifest_and_replaces_only_it(tmp_path, checkpoint):
     assert sorted(listed + [MANIFEST]) == sorted(p.name for p in checkpoint.iterdir())
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint, ck)
-    r = _invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite")
+    r = invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite")
     assert r.exit_code == 0, r.output
     assert json.loads((ck / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # nothing hidden beside it
@@ -253,14 +211,14 @@ def test_nothing_is_written_into_the_cache(tmp_path, monkeypatch, tiny, no_model
 
     cache = cache_dir()
     target = cache / where.partition("/")[2] if "/" in where else cache
-    before = _snapshot(cache)
-    _one_line_error(_invoke("convert", "tiny", "--to", "native", target, "--overwrite"),
+    before = snapshot(cache)
+    one_line_error(invoke("convert", "tiny", "--to", "native", target, "--overwrite"),
                     "quantbridge's cache directory")
-    _one_line_error(_invoke("compare", "tiny", "--out", target / "run"), "is in quantbridge's cache directory")
-    _one_line_error(_invoke("bench", "--quick", "--out", target / "bench"), "is in quantbridge's cache directory")
-    _one_line_error(_invoke("plan", "results.json", "--max-ppl-increase", "1", "--out", target / "plan.json"),
+    one_line_error(invoke("compare", "tiny", "--out", target / "run"), "is in quantbridge's cache directory")
+    one_line_error(invoke("bench", "--quick", "--out", target / "bench"), "is in quantbridge's cache directory")
+    one_line_error(invoke("plan", "results.json", "--max-ppl-increase", "1", "--out", target / "plan.json"),
                     "is in quantbridge's cache directory")
-    assert _snapshot(cache) == before and not (target / "run").exists()
+    assert snapshot(cache) == before and not (target / "run").exists()
 
 
 # -- QUANTBRIDGE_CACHE that cannot be used -------------------------------------------------------
@@ -299,7 +257,7 @@ def test_unusable_cache_dir(tmp_path, monkeypatch, mounts, no_model_load, case, 
         ro = _read_only_dir(tmp_path, mounts)
         cache = ro if os.geteuid() == 0 else ro / "cache"  # root: a read-only mount; others: no permission
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(cache))
-    line = _one_line_error(_invoke(*[a.format(tmp=tmp_path) for a in command]), needle)
+    line = one_line_error(invoke(*[a.format(tmp=tmp_path) for a in command]), needle)
     assert f"QUANTBRIDGE_CACHE={cache}" in line
     if case == "read-only":
         assert "(EROFS)" in line or "(EACCES)" in line
@@ -328,7 +286,7 @@ def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch, no_model_l
     monkeypatch.setattr(bench, "run_bench", refuse)
     monkeypatch.setattr(servestats, "load_workers", refuse)
     (tmp_path / "prof").mkdir()
-    _one_line_error(_invoke(*[a.format(prof=tmp_path / "prof") for a in command]), needle)
+    one_line_error(invoke(*[a.format(prof=tmp_path / "prof") for a in command]), needle)
 
 
 @pytest.mark.parametrize("mine", ["bench.md", "roofline.png", "bench.json"])
@@ -339,21 +297,21 @@ def test_bench_replaces_only_its_own_files(tmp_path, monkeypatch, mine):
     out = tmp_path / "bench"
     out.mkdir()
     (out / mine).write_text("mine")
-    _one_line_error(_invoke("bench", "--quick", "--out", out), f"holds {mine}, which quantbridge bench did not write")
+    one_line_error(invoke("bench", "--quick", "--out", out), f"holds {mine}, which quantbridge bench did not write")
     assert (out / mine).read_text() == "mine"
 
 
 def test_immutable_out_is_refused_before_work(tmp_path, previous, checkpoint, no_model_load):
-    out = _previous_in(tmp_path, previous)
+    out = previous_in(tmp_path, previous)
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint, ck)
     for d in (out, ck):
         if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
             pytest.skip("chattr +i is not permitted here")
     try:
-        line = _one_line_error(_invoke("compare", "tiny", *FAST, "--out", out), "cannot be replaced when the run completes")
+        line = one_line_error(invoke("compare", "tiny", *FAST, "--out", out), "cannot be replaced when the run completes")
         assert "immutable (chattr +i) (EPERM)" in line and "chattr -i" in line and "disk space" not in line
-        line = _one_line_error(_invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite"), f"{ck}: it is immutable")
+        line = one_line_error(invoke("convert", "tiny", "--to", "gptq", ck, "--overwrite"), f"{ck}: it is immutable")
         assert "(EPERM)" in line and "disk space" not in line
     finally:
         for d in (out, ck):
@@ -364,9 +322,9 @@ def test_mount_point_out_is_refused_before_work(tmp_path, mounts, previous, no_m
     out = tmp_path / "runs" / "latest"
     _mount_tmpfs(out, "size=1m")
     mounts.append(out)
-    line = _one_line_error(_invoke("compare", "tiny", *FAST, "--out", out), f"{out}: it is a mount point (EBUSY)")
+    line = one_line_error(invoke("compare", "tiny", *FAST, "--out", out), f"{out}: it is a mount point (EBUSY)")
     assert "choose a directory inside it" in line and "disk space" not in line
-    line = _one_line_error(_invoke("convert", "tiny", "--to", "native", out), "it is a mount point (EBUSY)")
+    line = one_line_error(invoke("convert", "tiny", "--to", "native", out), "it is a mount point (EBUSY)")
     assert not any(out.iterdir())
 
 
@@ -411,18 +369,18 @@ def _single_error(r: subprocess.CompletedProcess, needle: str, code: int = 2) ->
 
 
 def test_ulimit_f_is_one_line_before_work(tmp_path, tiny, previous):
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
+    out = previous_in(tmp_path, previous)
+    before = snapshot(out)
     r = _cli("compare", "tiny", *FAST, "-q", "--out", out, preexec_fn=_limit_fsize(20 * 1024),
              env={"TMPDIR": str(tmp_path)})
     line = _single_error(r, "File too large (EFBIG); the file-size limit (20 KiB) was reached: raise it "
                             "(ulimit -f unlimited)")
-    assert "QUANTBRIDGE_CACHE=" in line and _snapshot(out) == before  # the first place tried: the cache
+    assert "QUANTBRIDGE_CACHE=" in line and snapshot(out) == before  # the first place tried: the cache
     assert _ours_in(tmp_path) == []  # no temporary file left
 
 
 def test_full_tmpdir_is_one_line_before_work(tmp_path, mounts, tiny, previous):
-    out = _previous_in(tmp_path, previous)
+    out = previous_in(tmp_path, previous)
     full = tmp_path / "full"
     _mount_tmpfs(full, "size=64k")
     mounts.append(full)
@@ -436,8 +394,8 @@ def test_a_write_that_fails_later_is_caught_where_it_happens(tmp_path, monkeypat
     """TMPDIR fills up after the check, when the reference activations are written: one line, errno and hint."""
     import quantbridge.isolation as iso
 
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
+    out = previous_in(tmp_path, previous)
+    before = snapshot(out)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() reads TMPDIR again
     real = iso.save
@@ -450,11 +408,11 @@ def test_a_write_that_fails_later_is_caught_where_it_happens(tmp_path, monkeypat
         return real(obj, path)
 
     monkeypatch.setattr(iso, "save", fill_up)
-    line = _one_line_error(_invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", out),
+    line = one_line_error(invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", out),
                            "could not write the reference activations (in TMPDIR=")
     assert "No space left on device (ENOSPC); the file system is full" in line
     assert f"no row had finished; the previous complete run is intact at {out}" in line
-    assert _snapshot(out) == before and _ours_in(tmp_path) == []
+    assert snapshot(out) == before and _ours_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("fault", ["full", "fills-up", "ulimit"])
@@ -470,10 +428,10 @@ def test_convert_on_a_full_or_limited_file_system(tmp_path, mounts, tiny, fault)
     else:
         _mount_tmpfs(disk, "size=64k" if fault == "full" else "size=2m")
         mounts.append(disk)
-        r = _invoke("convert", "tiny", "--to", "native", disk / "ck")
+        r = invoke("convert", "tiny", "--to", "native", disk / "ck")
         needle = (f"OUT_DIR {disk / 'ck'} cannot be written: {disk}: No space left on device (ENOSPC)"
                   if fault == "full" else "could not write the new checkpoint beside OUT_DIR")
-        line = _one_line_error(r, needle)
+        line = one_line_error(r, needle)
         assert "(ENOSPC); the file system is full" in line
     assert not any(disk.iterdir())
 
@@ -484,7 +442,7 @@ def test_full_cache_is_one_line(tmp_path, mounts, monkeypatch):
     _mount_tmpfs(cache, "size=2m")
     mounts.append(cache)
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(cache))
-    line = _one_line_error(_invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
+    line = one_line_error(invoke("compare", "tiny", "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
                            "in quantbridge's cache: No space left on device (ENOSPC)")
     assert f"cannot write {cache}/tiny-v" in line
     assert not any(cache.iterdir()) and not (tmp_path / "out").exists()
@@ -561,7 +519,7 @@ def _ours_in(tmpdir: Path) -> list[str]:
 
 def _assert_partial(out: Path, before: dict, rows: list[str]) -> None:
     partial = out.with_name("latest.partial")
-    assert _snapshot(out) == before and (out.parent / "sentinel.txt").read_text() == "keep me"
+    assert snapshot(out) == before and (out.parent / "sentinel.txt").read_text() == "keep me"
     if rows:
         assert [b["name"] for b in json.loads((partial / "results.json").read_text())["backends"]] == rows
         assert json.loads((partial / ".quantbridge-run").read_text())["status"] == "partial"  # not "running"
@@ -578,8 +536,8 @@ def _assert_partial(out: Path, before: dict, rows: list[str]) -> None:
     (signal.SIGTERM, "Stopped by SIGTERM", "compare-row-started"),  # a row's process is running
 ])
 def test_compare_signal(tmp_path, previous, sig, label, stage):
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
+    out = previous_in(tmp_path, previous)
+    before = snapshot(out)
     run = _compare(out, tmp_path / "tmp", stage)
     run.at(stage)
     run.signal(sig, group=sig == signal.SIGINT)
@@ -599,8 +557,8 @@ def test_compare_signal(tmp_path, previous, sig, label, stage):
 def test_compare_double_ctrl_c(tmp_path, previous):
     """A second Ctrl-C while the first one's cleanup runs, and a third while the process exits: the
     cleanup finishes and the exit status stays 130 (not -2, the signal's own)."""
-    out = _previous_in(tmp_path, previous)
-    before = _snapshot(out)
+    out = previous_in(tmp_path, previous)
+    before = snapshot(out)
     run = _compare(out, tmp_path / "tmp", "compare-row-saved,temp-cleanup,exit")
     run.at("compare-row-saved")
     run.signal(signal.SIGINT, group=True)
@@ -621,7 +579,7 @@ def test_convert_signal(tmp_path, checkpoint, sig, stage):
     """During the swap the swap finishes (the new checkpoint, nothing hidden); before it OUT_DIR stays as it was."""
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint, ck)
-    before = _snapshot(ck)
+    before = snapshot(ck)
     run = _Run(["convert", "tiny", "--to", "gptq", ck, "--overwrite"], stage)
     run.at(stage)
     run.signal(sig, group=sig == signal.SIGINT)
@@ -634,7 +592,7 @@ def test_convert_signal(tmp_path, checkpoint, sig, stage):
         assert method == "gptq"
     else:
         assert line == f"Stopped by SIGTERM: the previous checkpoint in {ck} is intact; nothing else was left behind"
-        assert _snapshot(ck) == before
+        assert snapshot(ck) == before
 
 
 def test_bench_signal(tmp_path):

@@ -8,24 +8,12 @@ import random
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from quantbridge.cli import cli
+from cli_checks import FAST, invoke, one_line_error
 from quantbridge.errors import UserError
 
-FAST = ["--runs", "5", "--warmup", "0", "--batch", "1", "--prefill", "0", "--eval-len", "16", "--eval-seqs", "1"]
 
 
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_line_error(r, needle: str, code: int = 2) -> None:
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output, r.output
-    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, r.output
-    assert needle in errors[0], r.output
 
 
 @pytest.fixture()
@@ -93,7 +81,7 @@ def test_group_size_refused_in_every_command(tmp_path, no_work, command):
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
     for g in ["0", "-2", "96", str(_invalid_group_size(rng)), "x"]:
         needle = "is not a group size" if g == "x" else f"group size {int(g)} is not supported"
-        _one_line_error(_invoke(*args, "--group-size", g), needle)
+        one_line_error(invoke(*args, "--group-size", g), needle)
     assert not (tmp_path / "out").exists()
 
 
@@ -123,14 +111,14 @@ def test_non_positive_integers_refused(tmp_path, no_work, args, needle):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
     if args[0] in ("compare", "bench"):
         args += ["--out", str(tmp_path / "out")]
-    _one_line_error(_invoke(*args), needle)
+    one_line_error(invoke(*args), needle)
     assert not (tmp_path / "out").exists()
 
 
 def test_plan_batch_zero_on_results_file(tmp_path, no_work):
     results = tmp_path / "results.json"
     results.write_text("{}")
-    _one_line_error(_invoke("plan", results, "--batch", "0", "--max-weight-gb", "1", "--out", tmp_path / "p.json"),
+    one_line_error(invoke("plan", results, "--batch", "0", "--max-weight-gb", "1", "--out", tmp_path / "p.json"),
                     "--batch")
     assert not (tmp_path / "p.json").exists()
 
@@ -162,8 +150,8 @@ def test_plan_naming_layers_the_model_lacks(tmp_path, tiny, no_measuring):
     layers = {"model.layers.0.mlp.down_proj": "native", "model.layers.9.mlp.down_proj": "native",
               "model.layers.0.self_attn.q_prj": "fp16"}
     plan = _plan_file(tmp_path, layers)
-    r = _invoke("compare", "tiny", "--plan", plan, *FAST, "--out", tmp_path / "out")
-    _one_line_error(r, "--plan names 2 layer(s) model tiny lacks: model.layers.9.mlp.down_proj, "
+    r = invoke("compare", "tiny", "--plan", plan, *FAST, "--out", tmp_path / "out")
+    one_line_error(r, "--plan names 2 layer(s) model tiny lacks: model.layers.9.mlp.down_proj, "
                        "model.layers.0.self_attn.q_prj (did you mean model.layers.0.self_attn.q_proj?); "
                        "was the plan made for another model?")
     assert not (tmp_path / "out").exists()
@@ -171,8 +159,8 @@ def test_plan_naming_layers_the_model_lacks(tmp_path, tiny, no_measuring):
 
 def test_plan_quantizing_a_skipped_layer(tmp_path, tiny, no_measuring):
     plan = _plan_file(tmp_path, {"model.layers.1.mlp.up_proj": "native", "lm_head": "native"})
-    r = _invoke("compare", "tiny", "--plan", plan, *FAST, "--out", tmp_path / "out")
-    _one_line_error(r, "--plan assigns native to lm_head, which this run keeps unquantized")
+    r = invoke("compare", "tiny", "--plan", plan, *FAST, "--out", tmp_path / "out")
+    one_line_error(r, "--plan assigns native to lm_head, which this run keeps unquantized")
 
 
 @pytest.mark.parametrize("layers,backends,needle", [
@@ -183,7 +171,7 @@ def test_plan_quantizing_a_skipped_layer(tmp_path, tiny, no_measuring):
 ])
 def test_plan_file_with_bad_assignments(tmp_path, no_work, layers, backends, needle):
     plan = _plan_file(tmp_path, layers, [] if backends is None else backends)
-    _one_line_error(_invoke("compare", "tiny", "--plan", plan, "--out", tmp_path / "out"), needle)
+    one_line_error(invoke("compare", "tiny", "--plan", plan, "--out", tmp_path / "out"), needle)
 
 
 def test_plan_backends_come_from_its_layers(tmp_path):
@@ -209,10 +197,10 @@ def test_skip_targets():
 
 @pytest.mark.parametrize("pattern", [".*", "proj|lm_head"])
 def test_skip_everything_refused_before_work(tmp_path, tiny, no_measuring, pattern):
-    _one_line_error(_invoke("compare", "tiny", "--skip", pattern, *FAST, "--out", tmp_path / "out"),
+    one_line_error(invoke("compare", "tiny", "--skip", pattern, *FAST, "--out", tmp_path / "out"),
                     f"--skip {pattern!r} matches every linear layer of tiny (29): nothing left to quantize")
     assert not (tmp_path / "out").exists()
-    _one_line_error(_invoke("convert", "tiny", "--to", "native", tmp_path / "ck", "--skip", pattern),
+    one_line_error(invoke("convert", "tiny", "--to", "native", tmp_path / "ck", "--skip", pattern),
                     "nothing left to quantize")
     assert not (tmp_path / "ck").exists()
 
@@ -270,9 +258,9 @@ def test_truncated_gguf_model_one_line(tmp_path, no_measuring):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[: len(whole) - 100])
     for f in (sixteen, cut):
-        _one_line_error(_invoke("compare", f, "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
+        one_line_error(invoke("compare", f, "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
                         f"{f} is truncated or corrupt")
-        _one_line_error(_invoke("convert", f, "--to", "native", tmp_path / "ck"), f"{f} is truncated or corrupt")
+        one_line_error(invoke("convert", f, "--to", "native", tmp_path / "ck"), f"{f} is truncated or corrupt")
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
 
 
@@ -321,21 +309,21 @@ def test_config_sizes_disagree_with_weights(tmp_path, tiny_copy, no_measuring):
     _edit_config(tiny_copy, intermediate_size=rng.choice([512, 640, 1024, 1536]))
     needle = (f"{tiny_copy / 'config.json'} disagrees with the weights in 12 tensor(s): "
               f"model.layers.0.mlp.down_proj.weight is 256x768 in model.safetensors")
-    _one_line_error(_invoke("compare", tiny_copy, "--backends", "fp16", *FAST, "--out", tmp_path / "out"), needle)
-    _one_line_error(_invoke("convert", tiny_copy, "--to", "native", tmp_path / "ck"), needle)
+    one_line_error(invoke("compare", tiny_copy, "--backends", "fp16", *FAST, "--out", tmp_path / "out"), needle)
+    one_line_error(invoke("convert", tiny_copy, "--to", "native", tmp_path / "ck"), needle)
     _edit_config(tiny_copy, intermediate_size=768, vocab_size=rng.randint(4097, 6000))
-    _one_line_error(_invoke("compare", tiny_copy, "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
+    one_line_error(invoke("compare", tiny_copy, "--backends", "fp16", *FAST, "--out", tmp_path / "out"),
                     "in 2 tensor(s): lm_head.weight is 4096x256 in model.safetensors")
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
 
 
 def test_quantized_checkpoint_config_disagrees(tmp_path, tiny, no_measuring):
     ck = tmp_path / "ck"
-    assert _invoke("convert", "tiny", "--to", "gptq", ck).exit_code == 0
+    assert invoke("convert", "tiny", "--to", "gptq", ck).exit_code == 0
     _edit_config(ck, hidden_size=512)
-    r = _invoke("compare", ck, "--backends", "fp16", *FAST, "--out", tmp_path / "out")
-    _one_line_error(r, f"{ck / 'config.json'} disagrees with the weights in")
-    _one_line_error(_invoke("convert", ck, "--to", "awq", tmp_path / "awq"), "disagrees with the weights in")
+    r = invoke("compare", ck, "--backends", "fp16", *FAST, "--out", tmp_path / "out")
+    one_line_error(r, f"{ck / 'config.json'} disagrees with the weights in")
+    one_line_error(invoke("convert", ck, "--to", "awq", tmp_path / "awq"), "disagrees with the weights in")
     assert not (tmp_path / "awq").exists()
 
 
@@ -379,12 +367,12 @@ def test_serve_stats_skips_a_wrong_typed_field(tmp_path, where, key, value):
         target = target[k]
     target[key] = value
     (d / "worker-1.json").write_text(json.dumps(bad))
-    r = _invoke("serve-stats", d, "--out", tmp_path / "merged.json")
+    r = invoke("serve-stats", d, "--out", tmp_path / "merged.json")
     assert r.exit_code == 0, r.output
     assert f"warning: skipped {d / 'worker-1.json'}:" in r.output and key in r.output, r.output
     assert "1 worker file(s)" in r.output and "Traceback" not in r.output
     (d / "worker-0.json").write_text(json.dumps(bad))
-    _one_line_error(_invoke("serve-stats", d, "--out", tmp_path / "merged2.json"), "no usable worker file in")
+    one_line_error(invoke("serve-stats", d, "--out", tmp_path / "merged2.json"), "no usable worker file in")
     assert not (tmp_path / "merged2.json").exists()
 
 
@@ -394,7 +382,7 @@ def test_serve_stats_with_no_timed_call(tmp_path):
     w = _worker(0, random.Random())
     w["layers"]["model.layers.0.mlp.down_proj"]["m"] = {}  # a server that loaded but served nothing yet
     (d / "worker-0.json").write_text(json.dumps(w))
-    _one_line_error(_invoke("serve-stats", d, "--out", tmp_path / "m.json"), "hold no timed layer call yet")
+    one_line_error(invoke("serve-stats", d, "--out", tmp_path / "m.json"), "hold no timed layer call yet")
     assert not (tmp_path / "m.json").exists()
 
 
@@ -413,7 +401,7 @@ def test_report_with_nothing_to_report(tmp_path, backends, needle):
     save_json(Comparison(model={"name": "m"}, device={"name": "cpu"}, settings={},
                          backends=[BackendResult(**b) for b in backends]), f)
     for extra in ([], ["--html", tmp_path / "r" / "r.html"], ["--md", tmp_path / "r.md"]):
-        _one_line_error(_invoke("report", f, *extra), f"{f} {needle}")
+        one_line_error(invoke("report", f, *extra), f"{f} {needle}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
@@ -489,7 +477,7 @@ def test_strictness_of_the_prefix(tmp_path):
 def test_compare_reads_only_what_the_eval_tokens_need(tmp_path, tiny, big_text, tokenized):
     from quantbridge.preflight import TEXT_CHECK_BYTES
 
-    r = _invoke("compare", "tiny", "--backends", "fp16", *FAST, "--isolation", "none", "--eval-text", big_text,
+    r = invoke("compare", "tiny", "--backends", "fp16", *FAST, "--isolation", "none", "--eval-text", big_text,
                 "--no-report", "-q", "--out", tmp_path / "out")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["eval_tokens"] == 16
@@ -517,5 +505,5 @@ def test_calibration_text_refused_before_loading(tmp_path, no_work, command):
     bad = tmp_path / "calib.txt"
     bad.write_bytes(b"calibration text " * 10 + b"\xc3\x28" + b" more" * 300_000)
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
-    _one_line_error(_invoke(*args, "--calib", bad), "is not UTF-8 text (byte 0xc3 at offset 170")
+    one_line_error(invoke(*args, "--calib", bad), "is not UTF-8 text (byte 0xc3 at offset 170")
     assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from quantbridge.backend import Availability, Backend, QuantLinear, ask
 from quantbridge.bench import failures
 from quantbridge.cli import cli
 from quantbridge.compare import Settings, check_request, run_comparison
-from quantbridge.errors import BackendUnavailable
+from quantbridge.errors import BackendUnavailable, UserError
 from quantbridge.kernel import KERNELS, Kernel, choose, probe_weight
 from quantbridge.packed import quantize_rtn
 from quantbridge.quantizer import QUANTIZERS, Quantizer
@@ -284,10 +284,11 @@ def test_kernel_rows_and_shared_weights_are_settled_before_work(tiny):
         check_request(tiny, ["native"], Settings(**FAST, weights="native", kernels=["tinygemm"]), CPU)
     with pytest.raises(BackendUnavailable, match=r"row bnb-nf4 cannot run here: bnb-nf4 cannot run native's INT4"):
         check_request(tiny, ["bnb-nf4"], Settings(**FAST, weights="native"), CPU)
-    # act-order weights: the AWQ layout cannot hold them, the GPTQ layout can
-    spec = QuantSpec(group_size=64, act_order=True)
-    rows = check_request(tiny, ["gptq", "awq"], Settings(**FAST, weights="native", spec=spec, skip_unavailable=True), CPU)
-    assert set(rows.unavailable) == {"awq"} and "act-order" in rows.unavailable["awq"]
+    # No quantizer here makes act-order weights any more (rtn and llm-compressor refuse --act-order):
+    # a desc_act checkpoint's kernels are settled on its own weights, as
+    # test_compare_parts.test_act_order_checkpoint_runs_through_every_kernel shows.
+    with pytest.raises(UserError, match="act-order"):
+        check_request(tiny, ["gptq"], Settings(**FAST, weights="native", spec=QuantSpec(group_size=64, act_order=True)), CPU)
 
 
 def test_probe_weight_has_the_specs_structure_and_costs_nothing():

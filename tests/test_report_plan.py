@@ -161,7 +161,8 @@ def test_html_report_renders_in_headless_chromium(sens, tmp_path):
     bare.write_text(re.sub(r"<img [^>]*>", "", page))
     with_figs = _colored_pixels(_screenshot(chromium, full, tmp_path / "full.png"))
     without = _colored_pixels(_screenshot(chromium, bare, tmp_path / "bare.png"))
-    assert with_figs > 100_000 and without < 1_000, (with_figs, without)
+    # One quantized row draws line plots (about 13k coloured pixels), many rows heatmaps (100k+).
+    assert with_figs > 5_000 and without < 1_000, (with_figs, without)
 
 
 def test_report_cli_round_trip(sens, tmp_path):

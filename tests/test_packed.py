@@ -63,10 +63,13 @@ def test_rtn_error_bounded_by_step(n, groups, gs, sym, seed):
     dq = qw.dequantize(torch.float64)
     step = qw.scales.double().repeat_interleave(gs, dim=1)
     err = (dq - w.double()).abs()
-    # Interior values round to the nearest level (≤ step/2); the clamped extreme of a
-    # group can be off by at most one step.
+    # Interior values round to the nearest level (≤ step/2); only a group's clamped extremes
+    # (its largest or smallest weight) can be off by more, and by at most one step.
     assert (err <= step * (1 + 1e-6)).all()
-    assert (err <= step / 2 * (1 + 1e-6)).float().mean() > 0.98
+    wg = w.double().reshape(n, groups, gs)
+    extreme = (wg == wg.amax(-1, keepdim=True)) | (wg == wg.amin(-1, keepdim=True))
+    beyond_half = (err > step / 2 * (1 + 1e-6)).reshape(n, groups, gs)
+    assert not (beyond_half & ~extreme).any()
     if sym:
         assert (qw.zeros == 8).all()
 

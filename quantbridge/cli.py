@@ -733,7 +733,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         faults.check_tmpdir()
     measured = []  # rows in bench.json so far
 
-    def write(name: str, data: str) -> None:
+    def write(name: str, data: str | bytes) -> None:
         try:
             write_atomic(out / name, data)
         except OSError as e:
@@ -757,12 +757,10 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     write("bench.md", md)
     click.echo(md)
     try:
-        roofline_png(res, str(out / "roofline.png"))
+        write("roofline.png", roofline_png(res))  # atomic, as every result file
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'roofline.png'}")
     except ImportError:
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'} (no plot: pip install matplotlib)")
-    except OSError as e:
-        raise faults.WriteFailed(out / "roofline.png", e) from None
     _exit_if_bench_rows_failed(res, backends, kernels_csv)
 
 

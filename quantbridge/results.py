@@ -108,14 +108,14 @@ def _json_safe(x):
     return x
 
 
-def write_atomic(path: str | os.PathLike, data: str) -> None:
-    """Write text so that readers see the old file or the whole new one, never a part."""
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write text (or bytes: a figure) so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a result file gets the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with (os.fdopen(fd, "wb") if isinstance(data, bytes) else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -76,8 +76,10 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def roofline_png(res: dict, path: str) -> None:
-    """Achieved TFLOP/s against arithmetic intensity, under the measured memory and compute roofs."""
+def roofline_png(res: dict) -> bytes:
+    """Achieved TFLOP/s against arithmetic intensity, under the measured memory and compute roofs (PNG)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,5 +110,7 @@ def roofline_png(res: dict, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()

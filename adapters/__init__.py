@@ -1,1 +1,1 @@
-"""Backend adapters: one module per backend, each registering itself with quantbridge.backend."""
+"""Backend adapters: one module per backend, each registering itself with quantbridge.plugin.backend."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from quantbridge.formats import Codec
-from quantbridge.packed import Int4Weight
+from quantbridge.plugin.packed import Int4Weight
 
-from .native import NativeLinear
+from quantbridge.adapters.native import NativeLinear
 
 
 class FormatLinear(NativeLinear):

@@ -16,10 +16,10 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version, pip_extra
+from quantbridge.plugin.backend import Availability, QuantLinear, dist_version, pip_extra
 from quantbridge.formats.awq import AWQCodec
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.packed import Int4Weight
 
 INSTALL_HINT = pip_extra("autoawq")  # autoawq 0.2.9 and the datasets package its import needs
 GROUP_SIZES = (32, 64, 128)  # AWQ_TRITON_SUPPORTED_GROUP_SIZES, besides one group per row

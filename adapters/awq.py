@@ -4,7 +4,7 @@ AWQ searches per-channel scales on calibration activations and folds them into t
 neighbouring layers (norm weights, the previous linear). quantbridge swaps single layers
 into an otherwise unchanged model, so the folded factors are recovered exactly from the
 weights (W_awq = diag(r) W diag(c), a rank-1 ratio) and kept beside the layer
-(quantbridge.smoothing). Weights stay in AWQ's GEMM packing; no AWQ library kernel can run
+(quantbridge.plugin.smoothing). Weights stay in AWQ's GEMM packing; no AWQ library kernel can run
 here (docs/backends.md), so forward is the reference kernel and `kernel` says so.
 """
 
@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, pip_extra, register
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.quantizer import Quantizer, register_quantizer
+from quantbridge.plugin.backend import Availability, Backend, Calibration, QuantLinear, pip_extra, register
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.awq import AWQCodec
-from quantbridge.packed import Int4Weight
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.spec import QuantSpec
 
-from . import _llmcompressor as llmc
-from ._format_linear import FormatLinear
+from quantbridge.adapters import _llmcompressor as llmc
+from quantbridge.adapters._format_linear import FormatLinear
 
 RANK1_TOLERANCE = 1e-3  # relative residual of W_awq vs diag(r) W diag(c): pure scaling leaves ~1e-6
 
@@ -52,7 +52,7 @@ class AWQQuantizer(Quantizer):
         return llmc.availability(device)
 
     def check_spec(self, spec: QuantSpec) -> None:
-        from quantbridge.errors import UserError
+        from quantbridge.plugin.errors import UserError
 
         if spec.act_order:
             raise UserError("AWQ has no act-order; drop --act-order or leave awq out")

@@ -13,9 +13,9 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, QuantLinear, pip_extra, register
-from quantbridge.errors import UserError
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import Availability, Backend, QuantLinear, pip_extra, register
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.spec import QuantSpec
 
 BLOCK_SIZES = (32, 64, 128)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import QuantLinear, register
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import QuantLinear, register
+from quantbridge.plugin.spec import QuantSpec
 
-from .bnb import _BnbBackend, import_bnb
+from quantbridge.adapters.bnb import _BnbBackend, import_bnb
 
 OUTLIER_THRESHOLD = 6.0
 

@@ -20,11 +20,11 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version, pip_extra
-from quantbridge.cachedir import cache_dir
+from quantbridge.plugin.backend import Availability, QuantLinear, dist_version, pip_extra
+from quantbridge.files.cache import cache_dir
 from quantbridge.formats.gptq import GPTQCodec
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.packed import Int4Weight
 
 MAX_DQ_SIZE = 512 * 1024**2  # elements dequantized at once for large M: ExLlamaV2Config.max_dq_size
 INSTALL_HINT = pip_extra("exllamav2")

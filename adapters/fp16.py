@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbridge.backend import Backend, QuantLinear, register
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import Backend, QuantLinear, register
+from quantbridge.plugin.spec import QuantSpec
 
 
 class ReferenceLinear(QuantLinear):

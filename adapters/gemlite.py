@@ -15,9 +15,9 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version, pip_extra
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight, unpermute_columns
+from quantbridge.plugin.backend import Availability, QuantLinear, dist_version, pip_extra
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.packed import Int4Weight, unpermute_columns
 
 INSTALL_HINT = pip_extra("gemlite")
 DTYPES = (torch.float16, torch.bfloat16)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import Backend, Calibration, register
-from quantbridge.ggufmodel import gguf_source
-from quantbridge.packed import Int4Weight
-from quantbridge.quantizer import Quantizer, register_quantizer
-from quantbridge.rows import NotRunnable
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import Backend, Calibration, register
+from quantbridge.models.gguf import gguf_source
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.quantizer import Quantizer, register_quantizer
+from quantbridge.run.rows import NotRunnable
+from quantbridge.plugin.spec import QuantSpec
 
 
 @register_quantizer
@@ -32,8 +32,8 @@ class GGUFQuantizer(Quantizer):
 
     def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                  calib: Calibration | None) -> dict[str, Int4Weight]:
-        from quantbridge.checkpoint import _cast_scales
-        from quantbridge.ggufmodel import read_int4
+        from quantbridge.models.checkpoint import _cast_scales
+        from quantbridge.models.gguf import read_int4
 
         src = gguf_source(model)
         if src is None:

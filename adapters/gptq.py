@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.errors import UserError
-from quantbridge.backend import Availability, Backend, Calibration, QuantLinear, register
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.quantizer import Quantizer, register_quantizer
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.gptq import GPTQCodec
-from quantbridge.packed import Int4Weight
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.spec import QuantSpec
 
-from . import _llmcompressor as llmc
-from ._format_linear import FormatLinear
+from quantbridge.adapters import _llmcompressor as llmc
+from quantbridge.adapters._format_linear import FormatLinear
 
 
 @register_quantizer

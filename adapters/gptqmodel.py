@@ -25,11 +25,11 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.backend import Availability, QuantLinear, dist_version
+from quantbridge.plugin.backend import Availability, QuantLinear, dist_version
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.formats.gptq import GPTQCodec
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.packed import Int4Weight
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.packed import Int4Weight
 
 INSTALL_HINT = ("pip install --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 tokenicer==0.0.14 "
                 "device-smi==0.5.7 defuser==0.0.28 threadpoolctl")

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, dist_version, register
-from quantbridge.metrics import summarize
-from quantbridge.results import BackendResult
+from quantbridge.plugin.backend import Availability, Backend, dist_version, register
+from quantbridge.measure.metrics import summarize
+from quantbridge.results.schema import BackendResult
 
 INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF '
                 '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36')
@@ -64,7 +64,7 @@ class LlamaCppBackend(Backend):
     def measure_engine(self, model: nn.Module, ref, settings, device: torch.device) -> BackendResult:
         from llama_cpp import Llama
 
-        from quantbridge.ggufmodel import gguf_source, open_gguf
+        from quantbridge.models.gguf import gguf_source, open_gguf
 
         src = gguf_source(model)
         if src is None:

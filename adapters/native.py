@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, QuantLinear, pip_extra, register
-from quantbridge.kernel import Kernel, register_kernel
+from quantbridge.plugin.backend import Availability, Backend, QuantLinear, pip_extra, register
+from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.kernels import int4_reference
-from quantbridge.packed import Int4Weight
+from quantbridge.plugin.packed import Int4Weight
 
 
 def _triton():

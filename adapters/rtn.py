@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from quantbridge.errors import UserError
-from quantbridge.packed import Int4Weight, quantize_rtn
-from quantbridge.quantizer import Quantizer, register_quantizer
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.packed import Int4Weight, quantize_rtn
+from quantbridge.plugin.quantizer import Quantizer, register_quantizer
+from quantbridge.plugin.spec import QuantSpec
 
 
 @register_quantizer

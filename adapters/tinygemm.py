@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.backend import Availability, Backend, QuantLinear, register
-from quantbridge.kernel import Kernel, register_kernel
-from quantbridge.errors import UserError
-from quantbridge.packed import Int4Weight, unpermute_columns
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import Availability, Backend, QuantLinear, register
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.packed import Int4Weight, unpermute_columns
+from quantbridge.plugin.spec import QuantSpec
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8  # K must be a multiple of INNER_K_TILES * 16

@@ -19,10 +19,10 @@ from dataclasses import asdict
 
 import torch
 
-from quantbridge import bench
-from quantbridge.instrument import L2Flush
-from quantbridge.results import write_atomic
-from quantbridge.spec import QuantSpec
+from quantbridge.run import bench
+from quantbridge.measure.probes import L2Flush
+from quantbridge.results.schema import write_atomic
+from quantbridge.plugin.spec import QuantSpec
 
 VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch")}
 

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from quantbridge.backend import get
-from quantbridge.hardware import device_info
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import get
+from quantbridge.measure.hardware import device_info
+from quantbridge.plugin.spec import QuantSpec
 
 CALLS = 200
 

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from quantbridge.bench import parse_shapes
+from quantbridge.run.bench import parse_shapes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,8 +45,8 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
 
 def _worker(rank: int, jobs: list, group: int, counts) -> None:
     from quantbridge.kernels import int4_triton as kt
-    from quantbridge.packed import quantize_rtn
-    from quantbridge.spec import QuantSpec
+    from quantbridge.plugin.packed import quantize_rtn
+    from quantbridge.plugin.spec import QuantSpec
 
     n, k = 1024, 4096
     weights = {dt: quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from quantbridge.backend import get
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import get
+from quantbridge.plugin.spec import QuantSpec
 
 
 def main() -> None:

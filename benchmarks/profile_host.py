@@ -27,8 +27,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from quantbridge.backend import get
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.backend import get
+from quantbridge.plugin.spec import QuantSpec
 
 SYNC_EVERY = 64
 WARMUP = 50
@@ -165,7 +165,7 @@ def main() -> int:
     ms = [int(v) for v in args.m.split(",")]
     backends = args.backends.split(",")
 
-    from quantbridge.hardware import device_info, library_versions
+    from quantbridge.measure.hardware import device_info, library_versions
 
     try:
         info = device_info(dev)

@@ -77,7 +77,7 @@ def main() -> None:
                 row = {"eager": eager, "profile": profile, **json.load(open(f.name)),
                        "startup_and_run_s": time.perf_counter() - t0}
             if prof_dir:
-                from quantbridge.servestats import load_workers, merge, steps
+                from quantbridge.vllm.stats import load_workers, merge, steps
 
                 comp = merge(load_workers(prof_dir))
                 row["profiled_layers"] = len(comp.backends[0].layers)

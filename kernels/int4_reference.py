@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantbridge.packed import Int4Weight
+from quantbridge.plugin.packed import Int4Weight
 
 KERNEL_NAME = "reference-torch"
 

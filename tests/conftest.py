@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from quantbridge.models import load_model
+    from quantbridge.models.load import load_model
 
     return load_model("tiny", torch.device("cpu"), torch.float32)
 
@@ -35,13 +35,13 @@ def tiny():
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """The model must not be loaded: the checks under test come first."""
-    import quantbridge.convert
-    import quantbridge.models
+    import quantbridge.run.convert
+    import quantbridge.models.load
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    for module in (quantbridge.models, quantbridge.convert):  # convert binds the name at import
+    for module in (quantbridge.models.load, quantbridge.run.convert):  # convert binds the name at import
         monkeypatch.setattr(module, "load_model", refuse)
 
 

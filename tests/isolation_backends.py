@@ -11,9 +11,9 @@ import signal
 
 import torch
 
-from quantbridge import backend as registry
-from quantbridge import isolation
-from quantbridge.backend import Backend
+from quantbridge.plugin import backend as registry
+from quantbridge.run import launcher as isolation
+from quantbridge.plugin.backend import Backend
 
 
 def _end_process(how: str) -> None:

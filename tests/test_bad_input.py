@@ -57,8 +57,8 @@ def test_eval_text_not_utf8(tmp_path, no_model_load):
 
 
 def test_strict_reader_for_compare():
-    from quantbridge.errors import UserError
-    from quantbridge.preflight import read_text_strict
+    from quantbridge.plugin.errors import UserError
+    from quantbridge.run.preflight import read_text_strict
 
     with pytest.raises(UserError, match="does not exist"):
         read_text_strict("/no/such/file.txt")
@@ -107,7 +107,7 @@ def test_no_lock_file_is_left_behind(tmp_path, no_model_load):
 def test_lock_taken_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
     """A run that opened the lock file just before its holder removed it must not hold a flock on
     a file no longer there (two writers): it locks the file that is there now."""
-    from quantbridge import rundir
+    from quantbridge.run import rundir
 
     first = rundir.RunDir(tmp_path / "latest").prepare()
     raced = os.open(first.lock_path, os.O_RDWR)  # opened before the first run ends...
@@ -148,8 +148,8 @@ def test_step_sizes_above_the_text(tmp_path, tiny, previous, extra, needle):
 
 
 def test_limit_is_the_shipped_eval_tokens(tiny):
-    from quantbridge.preflight import check_step_sizes, step_token_limit
-    from quantbridge.workloads import decode_batches, prefill_batches, text_split, tokenize
+    from quantbridge.run.preflight import check_step_sizes, step_token_limit
+    from quantbridge.models.text import decode_batches, prefill_batches, text_split, tokenize
 
     limit = step_token_limit(tiny.tokenizer)
     tokens = tokenize(tiny.tokenizer, text_split("eval"))
@@ -189,7 +189,7 @@ def _umask() -> int:
 
 
 def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
-    import quantbridge.results as results
+    import quantbridge.results.schema as results
 
     out = previous_in(tmp_path, previous)
     before = snapshot(out)
@@ -214,7 +214,7 @@ def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
 def test_exchange_without_renameat2(tmp_path, monkeypatch):
     import ctypes
 
-    from quantbridge import rundir
+    from quantbridge.run import rundir
 
     new, out = tmp_path / "new", tmp_path / "out"
     new.mkdir()
@@ -290,7 +290,7 @@ def test_convert_bad_options(tmp_path, no_model_load, args, needle):
 
 @pytest.fixture()
 def tiny_copy(tmp_path, tiny):
-    from quantbridge.models import tiny_path
+    from quantbridge.models.load import tiny_path
 
     d = tmp_path / "model"
     shutil.copytree(tiny_path(), d)
@@ -345,7 +345,7 @@ def test_not_a_causal_lm(tmp_path, tiny):
 
 
 def test_unknown_name_fails_fast_without_hub(tmp_path, monkeypatch):
-    import quantbridge.models as models
+    import quantbridge.models.load as models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
@@ -441,7 +441,7 @@ def test_plan_budgets(tmp_path, sensitivity):
 
 
 def test_result_files_get_the_umask_mode(tmp_path):
-    from quantbridge.results import write_atomic
+    from quantbridge.results.schema import write_atomic
 
     write_atomic(tmp_path / "a.json", "{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()

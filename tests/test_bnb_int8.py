@@ -6,8 +6,8 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from quantbridge.backend import get  # noqa: E402
-from quantbridge.spec import QuantSpec  # noqa: E402
+from quantbridge.plugin.backend import get  # noqa: E402
+from quantbridge.plugin.spec import QuantSpec  # noqa: E402
 
 
 @pytest.mark.parametrize("n,k", [(96, 256), (256, 384)])

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from quantbridge import backend as registry
-from quantbridge.backend import Availability, Backend
-from quantbridge.compare import Settings, run_comparison
-from quantbridge.errors import BackendUnavailable, UserError
-from quantbridge.models import linear_layers
-from quantbridge.results import Comparison
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin.backend import Availability, Backend
+from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.models.load import linear_layers
+from quantbridge.results.schema import Comparison
+from quantbridge.plugin.spec import QuantSpec
 
 FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=64)
 
@@ -71,7 +71,7 @@ def test_probe_overhead_measured(comp):
 
 
 def test_every_row_times_the_fixed_work_before_and_after(comp):
-    from quantbridge.recommend import timing_drift
+    from quantbridge.results.recommend import timing_drift
 
     for b in comp.backends:
         check = b.model_metrics["machine_check"]

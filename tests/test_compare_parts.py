@@ -10,21 +10,21 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from quantbridge import backend as registry
-from quantbridge import timing
-from quantbridge.backend import Backend
-from quantbridge.checkpoint import load_quantized, save_quantized
+from quantbridge.plugin import backend as registry
+from quantbridge.measure import timing
+from quantbridge.plugin.backend import Backend
+from quantbridge.models.checkpoint import load_quantized, save_quantized
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, check_request, run_comparison, verdict
-from quantbridge.errors import BackendUnavailable, UserError
-from quantbridge.instrument import L2Flush
-from quantbridge.measure import timing_metrics
-from quantbridge.models import linear_layers
-from quantbridge.packed import canonical_perm, quantize_rtn
-from quantbridge.results import BackendResult, Comparison, save_json
-from quantbridge.rows import NotRunnable, WeightSource, row_layers
-from quantbridge.settings import timing_mode
-from quantbridge.spec import QuantSpec
+from quantbridge.run.compare import Settings, check_request, run_comparison, verdict
+from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.measure.probes import L2Flush
+from quantbridge.run.measure_row import timing_metrics
+from quantbridge.models.load import linear_layers
+from quantbridge.plugin.packed import canonical_perm, quantize_rtn
+from quantbridge.results.schema import BackendResult, Comparison, save_json
+from quantbridge.run.rows import NotRunnable, WeightSource, row_layers
+from quantbridge.run.settings import timing_mode
+from quantbridge.plugin.spec import QuantSpec
 
 FAST = dict(batches=[1, 4], prefill=16, runs=5, warmup=1, eval_seqs=1, eval_len=64)
 CPU = torch.device("cpu")
@@ -222,7 +222,7 @@ class _Synchronising(Backend):
 
 @pytest.mark.gpu
 def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_backend():
-    from quantbridge.models import load_model
+    from quantbridge.models.load import load_model
 
     dev = torch.device("cuda")
     registry.register(_Synchronising)
@@ -280,7 +280,7 @@ def test_cli_mode_graph_on_cpu_is_a_one_line_error(tmp_path):
 
 
 def test_results_files_hold_host_cost_columns(tiny, tmp_path):
-    from quantbridge.results import to_csv
+    from quantbridge.results.schema import to_csv
 
     comp = run_comparison(tiny, [], Settings(**{**FAST, "batches": [1], "prefill": 0}), CPU, torch.float32)
     save_json(comp, tmp_path / "r.json")
@@ -311,7 +311,7 @@ def test_cli_exits_non_zero_when_every_requested_row_failed(tmp_path):
 
 
 def test_calibration_size_defaults_per_device():
-    from quantbridge.settings import CALIB_CPU, CALIB_FULL, calibration_size
+    from quantbridge.run.settings import CALIB_CPU, CALIB_FULL, calibration_size
 
     gpu = torch.device("cuda")
     assert calibration_size(None, None, CPU) == (*CALIB_CPU, "CPU default")

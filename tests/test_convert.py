@@ -7,15 +7,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from quantbridge import backend as registry
-from quantbridge.checkpoint import load_quantized, read_int4
+from quantbridge.plugin import backend as registry
+from quantbridge.models.checkpoint import load_quantized, read_int4
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, run_comparison
-from quantbridge.convert import convert
-from quantbridge.errors import UserError
-from quantbridge.models import linear_layers
-from quantbridge.packed import quantize_rtn
-from quantbridge.spec import QuantSpec
+from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.run.convert import convert
+from quantbridge.plugin.errors import UserError
+from quantbridge.models.load import linear_layers
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.plugin.spec import QuantSpec
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_cli_convert(tmp_path):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_convert_calibrated_methods_load_back(method, tmp_path, tiny):
     pytest.importorskip("llmcompressor")
-    from quantbridge.workloads import calibration
+    from quantbridge.models.text import calibration
 
     out = tmp_path / method
     convert("tiny", method, out, method=method, calib=calibration(tiny.tokenizer, 8, 64))

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from quantbridge import formats
-from quantbridge.checkpoint import load_quantized, read_int4, save_quantized
-from quantbridge.convert import convert
-from quantbridge.errors import UserError
-from quantbridge.models import linear_layers
-from quantbridge.packed import Int4Weight, canonical_perm, quantize_rtn
-from quantbridge.spec import QuantSpec
+from quantbridge.models.checkpoint import load_quantized, read_int4, save_quantized
+from quantbridge.run.convert import convert
+from quantbridge.plugin.errors import UserError
+from quantbridge.models.load import linear_layers
+from quantbridge.plugin.packed import Int4Weight, canonical_perm, quantize_rtn
+from quantbridge.plugin.spec import QuantSpec
 
 HELPER = Path(__file__).resolve().parent / "gptqmodel_load.py"
 LAYERS = 28  # tiny: 4 decoder layers x 7 linears (lm_head is kept in float)
@@ -149,7 +149,7 @@ def test_act_order_is_not_written_as_compressed_tensors(tmp_path, tiny):
 def test_cli_names_the_variant_and_refuses_act_order_compressed_tensors(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import quantbridge.convert
+    import quantbridge.run.convert
     from quantbridge.cli import cli
 
     for flag, variant in (("--asymmetric", "gptq (v2)"), ("--symmetric", "gptq (v1)")):
@@ -159,7 +159,7 @@ def test_cli_names_the_variant_and_refuses_act_order_compressed_tensors(tmp_path
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the request was refused")
 
-    monkeypatch.setattr(quantbridge.convert, "load_model", refuse)
+    monkeypatch.setattr(quantbridge.run.convert, "load_model", refuse)
     r = CliRunner().invoke(cli, ["convert", "tiny", "--to", "compressed-tensors", str(tmp_path / "ct"), "--act-order"])
     assert r.exit_code == 2 and "no longer hold act-order" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "ct").exists()

@@ -15,10 +15,10 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from quantbridge import backend as registry
-from quantbridge.kernel import choose, get_kernel
-from quantbridge.packed import Int4Weight, quantize_rtn
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin.kernel import choose, get_kernel
+from quantbridge.plugin.packed import Int4Weight, quantize_rtn
+from quantbridge.plugin.spec import QuantSpec
 
 CPU = torch.device("cpu")
 ENGINES = ("exllamav2", "gemlite", "autoawq")  # CUDA only
@@ -152,7 +152,7 @@ def test_gptqmodel_torch_layers_on_cpu(name, act_order, dtype):
     # its dequantization computes in the activation dtype, possibly as q*s - z*s (two rounded
     # products): each weight within 2 unit roundoffs (fp16 2^-11, bf16 2^-8) of |w| + 16 s of its
     # group. (A fixed absolute bound failed now and then on bf16 weights near 0.3.)
-    from quantbridge.packed import unpermute_columns
+    from quantbridge.plugin.packed import unpermute_columns
 
     u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
     s = unpermute_columns(w.scales.double().repeat_interleave(w.group_size, dim=1), w.perm)
@@ -215,8 +215,8 @@ def test_engine_output_against_float64(name, dtype, symmetric, act_order):
 def test_cpu_matrix_one_weights_through_every_kernel_here():
     """The quantizer x kernel matrix on the CPU: the same RTN weights through the reference, both
     GPTQModel torch layers, and the CUDA engines (unavailable rows that say why), in bf16."""
-    from quantbridge.compare import Settings, run_comparison
-    from quantbridge.models import load_model
+    from quantbridge.run.compare import Settings, run_comparison
+    from quantbridge.models.load import load_model
 
     tiny16 = load_model("tiny", CPU, torch.bfloat16)
     s = Settings(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64, weights="native",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cli_checks import FAST, invoke, one_line_error, previous_in, snapshot
-from quantbridge import faults
+from quantbridge.files import faults
 
 
 
@@ -93,7 +93,7 @@ def test_remove_run_takes_only_run_files(tmp_path):
     """A run's files and write_atomic's leftovers go; anything else stays, and so does the directory."""
     import tempfile
 
-    from quantbridge.rundir import RUN_FILES, foreign_files, remove_run
+    from quantbridge.run.rundir import RUN_FILES, foreign_files, remove_run
 
     d = tmp_path / "run"
     d.mkdir()
@@ -116,7 +116,7 @@ def test_remove_run_takes_only_run_files(tmp_path):
 
 def test_commit_keeps_a_file_added_during_the_run(tmp_path, previous):
     """A file put into OUT after the checks is not removed with the previous run: it is kept and named."""
-    from quantbridge.rundir import RunDir
+    from quantbridge.run.rundir import RunDir
 
     out = previous_in(tmp_path, previous)
     run = RunDir(out).prepare()
@@ -135,7 +135,7 @@ def test_commit_keeps_a_file_added_during_the_run(tmp_path, previous):
 def test_signal_during_the_swap_is_acted_on_after_it(tmp_path, previous, monkeypatch):
     """A signal that arrives while the complete run is swapped in waits for the swap: OUT holds the new
     run, the previous one is gone, nothing is half-done, and the line says so."""
-    from quantbridge import rundir
+    from quantbridge.run import rundir
 
     out = previous_in(tmp_path, previous)
     run = rundir.RunDir(out).prepare()
@@ -175,8 +175,8 @@ def test_convert_refuses_checkpoint_with_user_files(tmp_path, checkpoint, no_mod
 
 def test_checkpoint_files_without_a_manifest(tmp_path):
     """A checkpoint an older quantbridge wrote (no manifest): the names convert writes are its, others are not."""
-    from quantbridge.checkpoint import check_out_dir
-    from quantbridge.errors import UserError
+    from quantbridge.models.checkpoint import check_out_dir
+    from quantbridge.plugin.errors import UserError
 
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -190,7 +190,7 @@ def test_checkpoint_files_without_a_manifest(tmp_path):
 
 
 def test_convert_writes_a_manifest_and_replaces_only_it(tmp_path, checkpoint):
-    from quantbridge.checkpoint import MANIFEST
+    from quantbridge.models.checkpoint import MANIFEST
 
     listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
     assert sorted(listed + [MANIFEST]) == sorted(p.name for p in checkpoint.iterdir())
@@ -207,7 +207,7 @@ def test_convert_writes_a_manifest_and_replaces_only_it(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("where", ["cache", "cache/new", "cache/tiny-v1"])
 def test_nothing_is_written_into_the_cache(tmp_path, monkeypatch, tiny, no_model_load, where):
-    from quantbridge.cachedir import cache_dir
+    from quantbridge.files.cache import cache_dir
 
     cache = cache_dir()
     target = cache / where.partition("/")[2] if "/" in where else cache
@@ -277,8 +277,8 @@ def test_unusable_cache_dir(tmp_path, monkeypatch, mounts, no_model_load, case, 
     (["serve-stats", "{prof}", "--out", "/proc/self/merged.json"], "cannot write --out /proc/self/merged.json"),
 ])
 def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch, no_model_load, command, needle):
-    import quantbridge.bench as bench
-    import quantbridge.servestats as servestats
+    import quantbridge.run.bench as bench
+    import quantbridge.vllm.stats as servestats
 
     def refuse(*a, **k):
         raise AssertionError("the work began before the output path was checked")
@@ -291,7 +291,7 @@ def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch, no_model_l
 
 @pytest.mark.parametrize("mine", ["bench.md", "roofline.png", "bench.json"])
 def test_bench_replaces_only_its_own_files(tmp_path, monkeypatch, mine):
-    import quantbridge.bench as bench
+    import quantbridge.run.bench as bench
 
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the work began"))
     out = tmp_path / "bench"
@@ -392,7 +392,7 @@ def test_full_tmpdir_is_one_line_before_work(tmp_path, mounts, tiny, previous):
 
 def test_a_write_that_fails_later_is_caught_where_it_happens(tmp_path, monkeypatch, previous):
     """TMPDIR fills up after the check, when the reference activations are written: one line, errno and hint."""
-    import quantbridge.isolation as iso
+    import quantbridge.run.launcher as iso
 
     out = previous_in(tmp_path, previous)
     before = snapshot(out)
@@ -450,7 +450,7 @@ def test_full_cache_is_one_line(tmp_path, mounts, monkeypatch):
 
 def test_isolation_save_raises_the_errno(tmp_path):
     """torch.save to a path hides ENOSPC/EFBIG in a RuntimeError; our save shows the OSError."""
-    code = ("import resource, torch; from quantbridge.isolation import save; "
+    code = ("import resource, torch; from quantbridge.run.launcher import save; "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
             "try:\n    save(torch.randn(100000), %r)\nexcept OSError as e:\n    print(e.errno)" % str(tmp_path / "t.pt"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from quantbridge import formats
 from quantbridge.formats.int32pack import pack_nibbles, unpack_nibbles
-from quantbridge.packed import Int4Weight, canonical_perm, pack_int4
+from quantbridge.plugin.packed import Int4Weight, canonical_perm, pack_int4
 
 
 def random_weight(n, k, g, *, sym=False, act_order=False, seed=0, scale_dtype=torch.float16) -> Int4Weight:
@@ -98,7 +98,7 @@ def test_gptq_checkpoint_format_is_read_from_either_field():
 def test_gptq_variant_written_for_a_checkpoint(sym):
     """Symmetric: v1 (every GPTQ reader); asymmetric: gptq_v2 (what GPTQModel loads without a
     meta.quantizer naming itself). Both metadata fields name it; the tensors decode back."""
-    from quantbridge.spec import QuantSpec
+    from quantbridge.plugin.spec import QuantSpec
 
     spec = QuantSpec(symmetric=sym)
     codec = formats.get("gptq").for_checkpoint(spec)
@@ -113,8 +113,8 @@ def test_gptq_variant_written_for_a_checkpoint(sym):
 
 
 def test_compressed_tensors_refuses_writing_act_order():
-    from quantbridge.errors import UserError
-    from quantbridge.spec import QuantSpec
+    from quantbridge.plugin.errors import UserError
+    from quantbridge.plugin.spec import QuantSpec
 
     ct = formats.get("compressed-tensors")
     assert ct.for_checkpoint(QuantSpec()) is ct
@@ -165,6 +165,6 @@ def test_detect():
     assert formats.detect({"quant_method": "gptq"}).name == "gptq"
     assert formats.detect({"quant_method": "awq", "version": "gemm"}).name == "awq"
     assert formats.detect({"quant_method": "compressed-tensors", "format": "pack-quantized"}).name == "compressed-tensors"
-    from quantbridge.errors import UserError
+    from quantbridge.plugin.errors import UserError
     with pytest.raises(UserError, match="unsupported"):
         formats.detect({"quant_method": "fp8"})

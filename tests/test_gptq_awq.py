@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("llmcompressor")
 pytest.importorskip("bitsandbytes")
 
-from quantbridge import backend as registry  # noqa: E402
-from quantbridge.backend import Calibration  # noqa: E402
-from quantbridge.compare import Settings, run_comparison  # noqa: E402
-from quantbridge.models import linear_layers  # noqa: E402
-from quantbridge.packed import Int4Weight, quantize_rtn  # noqa: E402
-from quantbridge.smoothing import SmoothedLinear  # noqa: E402
-from quantbridge.spec import QuantSpec  # noqa: E402
-from quantbridge.workloads import calibration  # noqa: E402
+from quantbridge.plugin import backend as registry  # noqa: E402
+from quantbridge.plugin.backend import Calibration  # noqa: E402
+from quantbridge.run.compare import Settings, run_comparison  # noqa: E402
+from quantbridge.models.load import linear_layers  # noqa: E402
+from quantbridge.plugin.packed import Int4Weight, quantize_rtn  # noqa: E402
+from quantbridge.plugin.smoothing import SmoothedLinear  # noqa: E402
+from quantbridge.plugin.spec import QuantSpec  # noqa: E402
+from quantbridge.models.text import calibration  # noqa: E402
 
 FAST = dict(batches=[1, 4], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=128)
 ALL = ["bnb-nf4", "bnb-fp4", "gptq", "awq", "native"]
@@ -63,7 +63,7 @@ def small_calib(tiny):
 
 
 def test_gptq_act_order_is_a_clear_error():
-    from quantbridge.errors import UserError
+    from quantbridge.plugin.errors import UserError
 
     with pytest.raises(UserError, match="desc_act"):
         registry.get("gptq").check_spec(QuantSpec(act_order=True))
@@ -147,14 +147,14 @@ def test_shared_weights_same_numbers_through_every_kernel(tiny, tmp_path, monkey
 
 
 def test_weights_from_non_canonical_backend_rejected(tiny):
-    from quantbridge.errors import UserError
+    from quantbridge.plugin.errors import UserError
 
     with pytest.raises(UserError, match="not canonical INT4"):
         run_comparison(tiny, ["native"], Settings(**FAST, weights="bnb-nf4"), torch.device("cpu"), torch.float32)
 
 
 def test_calibration_file_errors(tiny, tmp_path):
-    from quantbridge.errors import UserError
+    from quantbridge.plugin.errors import UserError
 
     with pytest.raises(UserError, match="does not exist"):
         calibration(tiny.tokenizer, 4, 64, str(tmp_path / "nope.txt"))
@@ -171,7 +171,7 @@ def test_calibration_file_errors(tiny, tmp_path):
 def test_calibration_reports_its_layer_groups(tiny, backend):
     """A calibration is a bar per decoder layer (llm-compressor's sequential stages), not one
     opaque step: the CLI shows how far it is and its ETA."""
-    from quantbridge.rows import Progress
+    from quantbridge.run.rows import Progress
 
     class Recorder(Progress):
         def __init__(self):

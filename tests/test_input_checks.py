@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli_checks import FAST, invoke, one_line_error
-from quantbridge.errors import UserError
+from quantbridge.plugin.errors import UserError
 
 
 
@@ -19,29 +19,29 @@ from quantbridge.errors import UserError
 @pytest.fixture()
 def no_work(monkeypatch):
     """Nothing may be loaded, benchmarked or measured: these checks come first."""
-    import quantbridge.bench
+    import quantbridge.run.bench
     import quantbridge.cli
-    import quantbridge.compare
-    import quantbridge.convert
-    import quantbridge.models
+    import quantbridge.run.compare
+    import quantbridge.run.convert
+    import quantbridge.models.load
 
     def refuse(*a, **k):
         raise AssertionError("work started before the bad input was refused")
 
-    for module, name in ((quantbridge.models, "load_model"), (quantbridge.convert, "load_model"),
-                         (quantbridge.bench, "run_bench"), (quantbridge.cli, "run_compare")):
+    for module, name in ((quantbridge.models.load, "load_model"), (quantbridge.run.convert, "load_model"),
+                         (quantbridge.run.bench, "run_bench"), (quantbridge.cli, "run_compare")):
         monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.fixture()
 def no_measuring(monkeypatch):
     """The model may load (the check needs its layers), but the reference run must not start."""
-    import quantbridge.compare
+    import quantbridge.run.compare
 
     def refuse(*a, **k):
         raise AssertionError("the measuring started before the bad input was refused")
 
-    monkeypatch.setattr(quantbridge.compare, "run_reference", refuse)
+    monkeypatch.setattr(quantbridge.run.compare, "run_reference", refuse)
 
 
 def _invalid_group_size(rng: random.Random) -> int:
@@ -55,7 +55,7 @@ def _invalid_group_size(rng: random.Random) -> int:
 
 
 def test_parse_group_size_takes_only_supported_sizes():
-    from quantbridge.spec import AUTO_GROUP, SUPPORTED_GROUP_SIZES, parse_group_size
+    from quantbridge.plugin.spec import AUTO_GROUP, SUPPORTED_GROUP_SIZES, parse_group_size
 
     assert parse_group_size("auto") == parse_group_size(" AUTO ") == AUTO_GROUP
     for g in SUPPORTED_GROUP_SIZES:
@@ -126,8 +126,8 @@ def test_plan_batch_zero_on_results_file(tmp_path, no_work):
 def test_run_bench_refuses_non_positive_sizes():
     import torch
 
-    from quantbridge.bench import run_bench
-    from quantbridge.spec import QuantSpec
+    from quantbridge.run.bench import run_bench
+    from quantbridge.plugin.spec import QuantSpec
 
     for shapes, ms, needle in [([(64, 64)], [0], "M=0 is not a positive batch size"),
                                ([(64, 64)], [1, -3], "M=-3"), ([(0, 64)], [1], "shape 0x64"),
@@ -175,7 +175,7 @@ def test_plan_file_with_bad_assignments(tmp_path, no_work, layers, backends, nee
 
 
 def test_plan_backends_come_from_its_layers(tmp_path):
-    from quantbridge.plan import load_plan
+    from quantbridge.results.plan import load_plan
 
     plan = load_plan(str(_plan_file(tmp_path, {"a": "native", "b": "fp16"}, backends=[])))
     assert plan["backends"] == ["native"]  # a hand-edited plan runs every backend it assigns
@@ -185,7 +185,7 @@ def test_plan_backends_come_from_its_layers(tmp_path):
 
 
 def test_skip_targets():
-    from quantbridge.preflight import skip_targets
+    from quantbridge.run.preflight import skip_targets
 
     names = [f"model.layers.{i}.{p}" for i in range(3) for p in ("mlp.up_proj", "self_attn.o_proj")] + ["lm_head"]
     assert skip_targets(names, r"(^|\.)lm_head$", "m") == names[:-1]
@@ -227,7 +227,7 @@ def _small_gguf(path, rng: np.random.Generator):
 
 def test_every_truncation_and_corruption_of_a_gguf_is_named(tmp_path):
     pytest.importorskip("gguf")
-    from quantbridge.ggufmodel import open_gguf
+    from quantbridge.models.gguf import open_gguf
 
     rng = np.random.default_rng()
     whole = _small_gguf(tmp_path / "whole.gguf", rng).read_bytes()
@@ -269,7 +269,7 @@ def test_gguf_rows_name_a_damaged_file(tmp_path):
     pytest.importorskip("gguf")
     from types import SimpleNamespace
 
-    from quantbridge.ggufmodel import read_int4
+    from quantbridge.models.gguf import read_int4
 
     whole = _small_gguf(tmp_path / "whole.gguf", np.random.default_rng()).read_bytes()
     cut = tmp_path / "cut.gguf"
@@ -291,7 +291,7 @@ def test_gguf_rows_name_a_damaged_file(tmp_path):
 def tiny_copy(tmp_path, tiny):
     import shutil
 
-    from quantbridge.models import tiny_path
+    from quantbridge.models.load import tiny_path
 
     d = tmp_path / "model"
     shutil.copytree(tiny_path(), d)
@@ -395,7 +395,7 @@ def test_serve_stats_with_no_timed_call(tmp_path):
      "has nothing to report: none of its 2 row(s) holds a figure or a reason"),
 ])
 def test_report_with_nothing_to_report(tmp_path, backends, needle):
-    from quantbridge.results import BackendResult, Comparison, save_json
+    from quantbridge.results.schema import BackendResult, Comparison, save_json
 
     f = tmp_path / "results.json"
     save_json(Comparison(model={"name": "m"}, device={"name": "cpu"}, settings={},
@@ -411,7 +411,7 @@ def test_report_with_nothing_to_report(tmp_path, backends, needle):
 @pytest.fixture()
 def big_text(tmp_path):
     """About 12 MB: real prose for its first 4 MB, then bytes that are not UTF-8 (never read)."""
-    from quantbridge.workloads import shipped_text
+    from quantbridge.models.text import shipped_text
 
     f = tmp_path / "big.txt"
     prose = shipped_text().encode()
@@ -425,7 +425,7 @@ def big_text(tmp_path):
 @pytest.fixture()
 def tokenized(monkeypatch):
     """The length of every text the tokenizer is given."""
-    import quantbridge.workloads as workloads
+    import quantbridge.models.text as workloads
 
     seen: list[int] = []
     real = workloads.tokenize
@@ -439,7 +439,7 @@ def tokenized(monkeypatch):
 
 
 def test_file_tokens_reads_a_bounded_prefix(tiny, big_text, tokenized):
-    from quantbridge.workloads import file_tokens
+    from quantbridge.models.text import file_tokens
 
     for want in (512, 5_000, 100_000):
         tokenized.clear()
@@ -449,7 +449,7 @@ def test_file_tokens_reads_a_bounded_prefix(tiny, big_text, tokenized):
 
 
 def test_prefix_ends_between_characters_and_words(tmp_path):
-    from quantbridge.preflight import read_text_prefix
+    from quantbridge.run.preflight import read_text_prefix
 
     f = tmp_path / "accents.txt"
     # "abc" puts the first byte of a two-byte "é" last in a 65536-byte prefix
@@ -460,7 +460,7 @@ def test_prefix_ends_between_characters_and_words(tmp_path):
 
 
 def test_strictness_of_the_prefix(tmp_path):
-    from quantbridge.preflight import read_text_prefix
+    from quantbridge.run.preflight import read_text_prefix
 
     f = tmp_path / "t.txt"
     f.write_bytes(b"text \xff more" + b" words" * 100_000)
@@ -475,7 +475,7 @@ def test_strictness_of_the_prefix(tmp_path):
 
 
 def test_compare_reads_only_what_the_eval_tokens_need(tmp_path, tiny, big_text, tokenized):
-    from quantbridge.preflight import TEXT_CHECK_BYTES
+    from quantbridge.run.preflight import TEXT_CHECK_BYTES
 
     r = invoke("compare", "tiny", "--backends", "fp16", *FAST, "--isolation", "none", "--eval-text", big_text,
                 "--no-report", "-q", "--out", tmp_path / "out")
@@ -485,7 +485,7 @@ def test_compare_reads_only_what_the_eval_tokens_need(tmp_path, tiny, big_text, 
 
 
 def test_calibration_reads_what_calibration_needs(tmp_path, tiny, big_text, tokenized):
-    from quantbridge.workloads import calibration, calibration_tokens
+    from quantbridge.models.text import calibration, calibration_tokens
 
     cal = calibration(tiny.tokenizer, 8, 64, str(big_text))
     assert cal.input_ids.shape == (8, 64) and max(tokenized) < (1 << 20)

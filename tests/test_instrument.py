@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from quantbridge.instrument import LayerTimer, capture_io, isolated_error, propagated_error, time_calls
+from quantbridge.measure.probes import LayerTimer, capture_io, isolated_error, propagated_error, time_calls
 
 
 def _mlp(seed=0):

@@ -10,8 +10,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
-from quantbridge.packed import quantize_rtn  # noqa: E402
-from quantbridge.spec import QuantSpec  # noqa: E402
+from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
+from quantbridge.plugin.spec import QuantSpec  # noqa: E402
 
 
 def _case(m, n, k, gs, sym, dtype, device, act_order=False, seed=0):
@@ -86,7 +86,7 @@ def test_interpreter_act_order_through_public_entry():
 
 def _with_offsets(qw, dtype, seed):
     """The same codes and scales with a random float offset per group (w = q * s + m, GGUF's form)."""
-    from quantbridge.packed import Int4Weight
+    from quantbridge.plugin.packed import Int4Weight
 
     gen = torch.Generator().manual_seed(seed)
     m = (torch.randn(qw.scales.shape, generator=gen) * qw.scales.float().abs().mean().cpu() * 8).to(dtype)
@@ -215,7 +215,7 @@ def test_gpu_tuner_picks_a_correct_config_and_caches_it(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_act_order_and_bias_via_native_backend():
-    from quantbridge.backend import get
+    from quantbridge.plugin.backend import get
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(512, 300, bias=True).cuda().to(torch.bfloat16)
@@ -311,7 +311,7 @@ def test_interpreter_bound_rejects_what_the_kernel_cannot_run():
 
 
 def test_native_linear_moves_and_rebinds():
-    from quantbridge.backend import get
+    from quantbridge.plugin.backend import get
 
     lin = torch.nn.Linear(128, 24)
     q = get("native").quantize(lin, QuantSpec(group_size=64))
@@ -327,7 +327,7 @@ def test_native_linear_moves_and_rebinds():
 
 @pytest.mark.gpu
 def test_gpu_graph_survives_a_no_op_move_and_cpu_round_trip_gets_the_triton_kernel(fixed_tuner):
-    from quantbridge.backend import get
+    from quantbridge.plugin.backend import get
 
     torch.manual_seed(11)
     lin = torch.nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)

@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 
 import isolation_backends as crash
-from quantbridge import compare
-from quantbridge.bench import run_bench
+from quantbridge.run import compare
+from quantbridge.run.bench import run_bench
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, run_comparison
-from quantbridge.isolation import Outcome, run_isolated
-from quantbridge.results import BackendResult, Comparison, load_json, save_json
-from quantbridge.spec import QuantSpec
+from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.run.launcher import Outcome, run_isolated
+from quantbridge.results.schema import BackendResult, Comparison, load_json, save_json
+from quantbridge.plugin.spec import QuantSpec
 
 CPU = torch.device("cpu")
 # One quantized layer, one M, few runs: each row's process costs a few seconds to start anyway.

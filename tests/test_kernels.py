@@ -6,14 +6,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantbridge import backend as registry
+from quantbridge.plugin import backend as registry
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, run_comparison
-from quantbridge.errors import UserError
-from quantbridge.kernel import choose, get_kernel, kernel_names, parse_kernels
-from quantbridge.packed import quantize_rtn
-from quantbridge.quantizer import get_quantizer, quantizer_names
-from quantbridge.spec import QuantSpec
+from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.kernel import choose, get_kernel, kernel_names, parse_kernels
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.plugin.quantizer import get_quantizer, quantizer_names
+from quantbridge.plugin.spec import QuantSpec
 
 CPU = torch.device("cpu")
 FAST = dict(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)
@@ -23,7 +23,7 @@ def _weight(n=48, k=256, seed=0, perm=False, group=64):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen)
     p = torch.randperm(k, generator=gen) if perm else None
-    from quantbridge.packed import canonical_perm
+    from quantbridge.plugin.packed import canonical_perm
 
     return canonical_perm(quantize_rtn(w, QuantSpec(group_size=group), scale_dtype=torch.float32, perm=p))
 
@@ -124,7 +124,7 @@ def test_kernel_rows_in_child_processes_match_in_process(tiny):
 
 
 def test_plan_leaves_kernel_rows_out(tiny):
-    from quantbridge.plan import Budget, make_plan
+    from quantbridge.results.plan import Budget, make_plan
 
     s = Settings(**FAST, weights="native", kernels=["gptq-layout"], sensitivity=True)
     comp = run_comparison(tiny, ["native"], s, CPU, torch.float32)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from quantbridge.metrics import error_stats, summarize
+from quantbridge.measure.metrics import error_stats, summarize
 
 
 def test_known_relative_error_and_sqnr():

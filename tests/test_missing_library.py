@@ -12,16 +12,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantbridge import backend as registry
-from quantbridge.backend import Availability, Backend, QuantLinear, ask
-from quantbridge.bench import failures
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin.backend import Availability, Backend, QuantLinear, ask
+from quantbridge.run.bench import failures
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, check_request, run_comparison
-from quantbridge.errors import BackendUnavailable, UserError
-from quantbridge.kernel import KERNELS, Kernel, choose, probe_weight
-from quantbridge.packed import quantize_rtn
-from quantbridge.quantizer import QUANTIZERS, Quantizer
-from quantbridge.spec import QuantSpec
+from quantbridge.run.compare import Settings, check_request, run_comparison
+from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.plugin.kernel import KERNELS, Kernel, choose, probe_weight
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.plugin.quantizer import QUANTIZERS, Quantizer
+from quantbridge.plugin.spec import QuantSpec
 
 CPU = torch.device("cpu")
 FAST = dict(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)
@@ -196,7 +196,7 @@ def test_backend_availability_survives_a_raising_check(test_kernels):
 def test_gptq_row_runs_without_gptqmodel(tiny, monkeypatch):
     """The issue's case: GPTQModel missing, bf16 (where its torch layer would be the choice): the
     chooser passes over it and the row runs through the GPTQ layout kernel."""
-    from quantbridge.models import load_model
+    from quantbridge.models.load import load_model
 
     monkeypatch.setitem(sys.modules, "gptqmodel", None)  # as when it is not installed
     w = _weight(dtype=torch.bfloat16)
@@ -234,9 +234,9 @@ def test_no_adapter_imports_an_optional_library_outside_available_or_build():
         "for m in ('gptqmodel','exllamav2','gemlite','awq','triton','bitsandbytes','llmcompressor','llama_cpp'):\n"
         "    sys.modules[m] = None\n"
         "import torch\n"
-        "from quantbridge.kernel import KERNELS, kernel_names, probe_weight\n"
+        "from quantbridge.plugin.kernel import KERNELS, kernel_names, probe_weight\n"
         "from quantbridge import backend as registry, resolve\n"
-        "from quantbridge.spec import QuantSpec\n"
+        "from quantbridge.plugin.spec import QuantSpec\n"
         "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "    w = probe_weight(64, 256, QuantSpec(group_size=64), dtype, torch.device('cpu'))\n"
         "    for n in kernel_names():\n"
@@ -254,7 +254,7 @@ def test_no_adapter_imports_an_optional_library_outside_available_or_build():
 # --- 2. which rows can run is settled before any work ------------------------------------------
 
 def test_a_row_no_kernel_can_run_stops_before_calibration(tiny, test_kernels, monkeypatch):
-    import quantbridge.compare as compare_module
+    import quantbridge.run.compare as compare_module
 
     monkeypatch.setattr(compare_module, "run_reference", lambda *a, **k: calls.append("reference") or 1 / 0)
     s = Settings(**FAST, spec=QuantSpec(group_size=32))
@@ -415,7 +415,7 @@ def test_install_hints_are_commands_that_keep_torch():
 
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
-    from quantbridge.results import save_json
+    from quantbridge.results.schema import save_json
 
     comp = run_comparison(tiny, ["native"], Settings(**FAST), CPU, torch.float32)
     path = tmp_path_factory.mktemp("layers") / "results.json"

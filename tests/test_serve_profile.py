@@ -8,11 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantbridge.backend import get
+from quantbridge.plugin.backend import get
 from quantbridge.cli import cli
-from quantbridge.packed import quantize_rtn
-from quantbridge.servestats import load_workers, merge, steps, tokens
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.vllm.stats import load_workers, merge, steps, tokens
+from quantbridge.plugin.spec import QuantSpec
 from quantbridge.vllm import profiler as prof
 from quantbridge.vllm import runtime
 

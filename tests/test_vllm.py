@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from quantbridge.cli import cli
-from quantbridge.servestats import load_workers, merge, steps, tokens
+from quantbridge.vllm.stats import load_workers, merge, steps, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = Path(os.environ.get("QUANTBRIDGE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -65,10 +65,10 @@ def _check_stats(prof: Path, served_tokens: int) -> None:
 
 
 def test_offline_generate_matches_our_model_and_profiles_every_step(checkpoint, tmp_path):
-    from quantbridge.backend import get
-    from quantbridge.rows import with_layers
-    from quantbridge.models import load_model
-    from quantbridge.spec import QuantSpec
+    from quantbridge.plugin.backend import get
+    from quantbridge.run.rows import with_layers
+    from quantbridge.models.load import load_model
+    from quantbridge.plugin.spec import QuantSpec
 
     out, prof = _run("offline", checkpoint, tmp_path)
     served = sum(len(r["prompt_ids"]) + len(r["output_ids"]) - 1 for r in out["requests"])

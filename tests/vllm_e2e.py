@@ -87,7 +87,7 @@ def serve(checkpoint: str, out: dict) -> None:
 
 def _settle(expected_tokens: int, timeout: float = 10.0) -> float | None:
     """Seconds until the worker files hold every served token (None: never, within timeout)."""
-    from quantbridge.servestats import load_workers, merge, tokens
+    from quantbridge.vllm.stats import load_workers, merge, tokens
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:

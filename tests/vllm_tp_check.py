@@ -16,8 +16,8 @@ import vllm.model_executor.parameter as vparam
 from torch import nn
 
 from quantbridge.formats import get as get_codec
-from quantbridge.packed import quantize_rtn
-from quantbridge.spec import QuantSpec
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.plugin.spec import QuantSpec
 from quantbridge.vllm.method import QuantbridgeConfig, QuantbridgeLinearMethod
 
 K, G = 1024, 128

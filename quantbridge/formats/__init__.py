@@ -13,9 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import UserError
-from ..packed import Int4Weight
-from ..spec import QuantSpec
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.spec import QuantSpec
 
 
 class Codec:

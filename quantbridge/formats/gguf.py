@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..packed import Int4Weight, pack_int4
+from quantbridge.plugin.packed import Int4Weight, pack_int4
 
 Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}

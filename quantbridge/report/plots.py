@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from ..recommend import layer_latency_sum
-from ..results import Comparison
+from quantbridge.results.recommend import layer_latency_sum
+from quantbridge.results.schema import Comparison
 
 
 

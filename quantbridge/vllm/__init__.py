@@ -9,4 +9,4 @@ SUPPORTED_VLLM = ">=0.32,<0.33"
 
 def register() -> None:
     """Register `quantbridge` with vLLM's quantization registry (idempotent)."""
-    from . import method  # noqa: F401 - registration happens on import
+    from quantbridge.vllm import method  # noqa: F401 - registration happens on import

@@ -23,11 +23,11 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-from .. import backend as registry
-from .. import resolve
-from ..packed import Int4Weight
-from . import profiler as prof
-from .runtime import add_layer, run
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin import resolve
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.vllm import profiler as prof
+from quantbridge.vllm.runtime import add_layer, run
 
 logger = init_logger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import profiler as prof
+from quantbridge.vllm import profiler as prof
 
 _LAYERS: list[tuple[str, nn.Module]] = []  # this process's quantized layers, by index
 

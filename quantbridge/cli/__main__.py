@@ -1,0 +1,3 @@
+from quantbridge.cli import main
+
+main()

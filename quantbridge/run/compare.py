@@ -1,0 +1,560 @@
+"""A comparison: one reference run, then one isolated row per backend, as result records.
+
+    rows.py       where a row's layers come from (its own weights, a checkpoint's, --weights')
+    reference.py  the inputs and the reference model's outputs, made once
+    measure.py    one row: errors, per-layer timing per M in the row's mode, model metrics
+    timing.py     the timing modes (graph, eager, compile) and their fallbacks
+    isolation.py  a function run in a spawned child process, and how a dead child is described
+This module runs the rows in order: a row's failure (exception, NaN, out of memory) becomes
+its status and the others go on. With isolation "process" every row runs in its own child
+process (`measure_one_row`): the reference is computed here once and handed over in a file,
+the child loads the model again, and a child that dies (a signal, an exit, a poisoned CUDA
+context) becomes that row's `failed` status.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from quantbridge.plugin import backend as registry
+from quantbridge.files import faults
+from quantbridge.run import launcher as iso
+from quantbridge.measure import machinecheck
+from quantbridge.plugin import resolve
+from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.measure.hardware import device_info
+from quantbridge.measure.probes import L2Flush
+from quantbridge.run.measure_row import measure_row, sensitivity
+from quantbridge.results.plan import check_plan_layers
+from quantbridge.models.loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
+from quantbridge.run.preflight import skip_targets
+from quantbridge.run.reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
+from quantbridge.results.schema import BackendResult, Comparison
+from quantbridge.plugin.quantizer import baseline_label, get_quantizer
+from quantbridge.run.rows import (CHECKPOINT, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
+                   shared_source, with_layers)
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.run.settings import Settings, timing_mode
+from quantbridge.plugin.spec import QuantSpec
+from quantbridge.measure.telemetry import Sampler
+
+PLAN = "plan"  # the row that runs a mixed-precision plan
+ISOLATION = ("process", "none")  # each row in its own child process, or all in this one
+
+__all__ = ["Settings", "run_comparison", "measure_one_row", "RowJob", "findings", "verdict", "with_layers", "PLAN",
+           "CHECKPOINT", "ISOLATION"]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What the rows of one comparison share, fixed before the first row runs."""
+
+    names: list[str]  # backends in order, the reference first
+    targets: set[str]  # the layers a quantized row quantizes
+    spec: QuantSpec  # the checkpoint's own, when MODEL is one
+    shared: str | None  # whose weights every row runs (CHECKPOINT, a --weights backend) or None
+    unavailable: dict[str, str]  # row -> why it cannot run here (recorded, with --skip-unavailable)
+    kernel_rows: dict[str, str] = field(default_factory=dict)  # `--kernels` row name -> its one kernel
+
+    @property
+    def all(self) -> list[str]:
+        return self.names + list(self.kernel_rows)
+
+
+def check_request(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
+    """Check the request against the model and this machine; raise UserError before any work.
+
+    Which rows can run is settled here, before the reference run and any calibration: each
+    row's quantizer and kernels are here, and at least one of its kernels can run weights of
+    the structure it will get (the spec's group size, act-order and zero-points, at every
+    layer shape; a checkpoint's own weights). A row that cannot run stops the run with one
+    line naming it and why, or with --skip-unavailable is recorded as `unavailable`.
+    """
+    from quantbridge.models.checkpoint import spec_of
+
+    linears = linear_layers(loaded.model)
+    if not linears:
+        raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
+    shared = shared_source(loaded.int4 is not None, settings.weights, device)
+    if loaded.int4 is not None:  # a quantized checkpoint: its layers, its weights, every kernel
+        targets, spec = set(loaded.int4), spec_of(loaded.int4)
+    else:
+        targets = set(skip_targets(linears, settings.skip, loaded.name))
+        spec = settings.spec.fitted({n: linears[n].in_features for n in sorted(targets)})
+    if settings.plan is not None:  # a plan applied in part would be measured as if whole
+        check_plan_layers(settings.plan, linears, targets, loaded.name)
+    # With shared weights only their quantizer runs, so only it must do the spec.
+    resolved = resolve.backends(names, device, spec if shared is None else None)
+    names = [r.name for r in resolved]
+    unavailable = {}
+
+    def cannot(row: str, reason: str, message: str | None = None) -> None:
+        if not settings.skip_unavailable:
+            raise BackendUnavailable(f"{message or f'row {row} cannot run here: {reason}'} (or pass "
+                                     f"--skip-unavailable to record it as unavailable and run the other rows)")
+        unavailable[row] = reason
+
+    if shared not in (None, CHECKPOINT):
+        resolve.require(resolve.backend(shared, device, spec))
+    probes = _Probes(loaded, sorted(targets), spec, device)
+    for r in resolved:
+        if not r.availability.ok:
+            cannot(r.name, r.reason, r.message())
+            continue
+        resolve.require(r)  # a spec it cannot quantize to stops the run
+        problem = _row_problem(r.obj, shared, probes)
+        if problem:
+            cannot(r.name, problem)
+    kernel_rows = {}
+    if settings.kernels:
+        if shared is None:
+            raise UserError("--kernels runs one set of weights through several kernels: give --weights BACKEND "
+                            "(e.g. --weights gptq) or compare a quantized checkpoint")
+        for k in settings.kernels:
+            row = f"{shared}+{k}"
+            kernel_rows[row] = k
+            r = resolve.kernel(k, device)
+            if not r.ok:
+                cannot(row, f"kernel {k}: {r.reason}", f"row {row}: {r.message()}")
+                continue
+            problem = _kernels_problem([k], f"kernel {k}", probes.weights(shared))
+            if problem:
+                cannot(row, problem)
+    return Rows(names, targets, spec, shared, unavailable, kernel_rows)
+
+
+class _Probes:
+    """The weights each row will run, as far as they are known before any is made: a checkpoint's
+    own, else weights of the spec's structure at each distinct layer shape (kernel.probe_weight).
+    None where the quantizer reads its codes from the model's file (their structure is the file's)."""
+
+    def __init__(self, loaded: LoadedModel, targets: list[str], spec: QuantSpec, device: torch.device) -> None:
+        self.loaded, self.targets, self.spec, self.device = loaded, targets, spec, device
+        self._made: dict[str, dict[str, Int4Weight] | None] = {}
+
+    def weights(self, source: str) -> dict[str, Int4Weight] | None:
+        """Layer -> weight for the weights of `source` (CHECKPOINT or a backend name)."""
+        if source not in self._made:
+            self._made[source] = self._make(source)
+        return self._made[source]
+
+    def _make(self, source: str) -> dict[str, Int4Weight] | None:
+        from quantbridge.plugin.kernel import probe_weight
+
+        if source == CHECKPOINT:
+            return {n: w.plain() if w.smoothed else w for n, w in self.loaded.int4.items()}
+        b = registry.get(source)
+        q = get_quantizer(b.quantizer) if b.quantizer else None
+        if q is None or getattr(q, "reads_model", False):
+            return None
+        linears = linear_layers(self.loaded.model)
+        shapes: dict[tuple, str] = {}  # one layer per distinct shape and dtype
+        for n in self.targets:
+            w = linears[n].weight
+            shapes.setdefault((w.shape[0], w.shape[1], w.dtype), n)
+        return {n: probe_weight(out, k, self.spec, dt, self.device) for (out, k, dt), n in shapes.items()}
+
+
+def _row_problem(b: registry.Backend, shared: str | None, probes: _Probes) -> str | None:
+    """Why backend `b`'s row cannot run the weights it will be given here, or None (also when unknown)."""
+    if b.engine and shared not in (None, CHECKPOINT):
+        return f"{b.name} runs its own model file as a whole; it cannot run --weights {shared}'s weights"
+    if not b.quantized:
+        return None
+    if shared is not None and not b.runs_int4():
+        return f"{b.name} cannot run {shared}'s INT4 weights (its own format only)"
+    if not b.kernels:  # a fused backend, or one with its own from_int4: nothing to ask before it runs
+        return None
+    return _kernels_problem(b.kernels, f"no kernel of {b.name}", probes.weights(shared or b.name))
+
+
+def _kernels_problem(kernels, who: str, weights: dict[str, Int4Weight] | None) -> str | None:
+    """The first layer none of `kernels` can run (with every kernel's reason), or None."""
+    from quantbridge.plugin.kernel import choose
+
+    for n, w in (weights or {}).items():
+        c = choose(kernels, w, w.qweight.device, w.scales.dtype)
+        if c.kernel is None:
+            return f"{who} can run layer {n} ({w.out_features}×{w.in_features}): {c.why_not}"
+    return None
+
+
+def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device,
+                   dtype: torch.dtype, progress: Progress | None = None,
+                   on_result: Callable[[Comparison], None] | None = None, isolation: str = "none") -> Comparison:
+    """Every row of `names` (plus the reference, and the plan if any) on `loaded`, in order.
+
+    `isolation`: "process" runs each row in its own child process (see `measure_one_row`), "none"
+    in this one. --debug, and a model built in memory (no `origin` to load it again from), run
+    in this process; `settings["isolation"]` in the result says which happened and why.
+    `on_result` sees the comparison after every row, so a caller can save what finished.
+    """
+    if isolation not in ISOLATION:
+        raise UserError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATION)}")
+    progress = progress or Progress()
+    rows = check_request(loaded, names, settings, device)
+    mode = timing_mode(settings.mode, device)
+    linears = linear_layers(loaded.model)
+    progress.begin("reference: the unquantized model on the inputs", 1)
+    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device)
+    ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
+    progress.advance()
+    flush = L2Flush(device)
+    isolated, how = _isolation(isolation, loaded, settings)
+    comp = Comparison(
+        model=loaded.info,
+        device=device_info(device),
+        settings={**settings.to_dict(), "spec": rows.spec.to_dict(),
+                  "group_size_auto": settings.spec.auto and loaded.int4 is None,
+                  **({"calibration": dict(zip(("samples", "length", "chosen"), settings.calibration(device)))}
+                     if _calibrates(rows, settings, loaded) else {}), "mode": mode, "device": str(device),
+                  "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
+                  "eval_source": ref.eval_source, "eval_context": settings.eval_len,
+                  "decode_m": sorted(set(settings.batches)),
+                  "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": how},
+    )
+    bad_reference = nonfinite_parameter(loaded.model)
+    order = rows.all + ([PLAN] if settings.plan else [])
+
+    def record(result: BackendResult) -> None:
+        result.role = "plan" if result.name == PLAN else "reference" if result.name == rows.names[0] else "measured"
+        comp.backends.append(result)
+        comp.findings = findings(comp)
+        if on_result:
+            on_result(comp)
+
+    def early(name: str) -> BackendResult | None:
+        if bad_reference is not None:
+            return BackendResult(name=name, status="failed",
+                                 reason=f"the reference model itself is non-finite: {bad_reference} holds NaN or Inf")
+        if name in rows.unavailable:
+            return BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
+        return None
+
+    if not isolated:
+        source = _weight_source(loaded, rows, settings, device, dtype, progress)
+        for name in order:
+            record(early(name) or _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress))
+        return comp
+
+    classes = backend_classes(_backend_names(order, rows, settings))
+    job = RowJob(name="", origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows, settings=settings,
+                 mode=mode, reference_file="", use_cache=settings.cache, backends=classes)
+    imports = sorted({c.partition(":")[0] for c in classes.values()})
+    calibrated: set[str] = set()  # algorithms whose weights an earlier row of this comparison cached
+    with iso.private_dir("quantbridge-compare-") as tmp:
+        job = replace(job, reference_file=str(tmp / "reference.pt"))
+        try:
+            iso.save(ref, job.reference_file)
+        except OSError as e:  # TMPDIR full or `ulimit -f`: before any row, in one line
+            where = f"the reference activations (in {faults.tmpdir_named()})"
+            raise faults.WriteFailed(job.reference_file, e, where) from None
+        del ref, flush  # what stays here is the model, parked off the GPU while the children run
+        with _parked(loaded, device):
+            for name in order:
+                result = early(name)
+                if result is None:
+                    needs = _calibrations(name, rows, settings)
+                    cached = settings.cache or bool(needs) and needs <= calibrated
+                    result = _isolated_row(replace(job, name=name, use_cache=cached), imports, progress)
+                    if result.status == "ok":  # a row that died may not have written the cache
+                        calibrated |= needs
+                record(result)
+    return comp
+
+
+@dataclass(frozen=True)
+class RowJob:
+    """What a row's child process is given: all picklable; the reference tensors are in `reference_file`."""
+
+    name: str
+    origin: ModelOrigin  # how to load the model again
+    fingerprint: str  # the compared model's (loaded.fingerprint), checked after loading it again
+    rows: Rows
+    settings: Settings
+    mode: str
+    reference_file: str  # the Reference, written once by the parent (torch.save)
+    use_cache: bool  # read calibrated weights from the on-disk cache (also when an earlier row just wrote them)
+    backends: dict[str, str]  # name -> "module:qualname" of every backend class the row may use
+
+
+def measure_one_row(job: RowJob) -> BackendResult:
+    """One row in a child process: load the model again, read the reference, run `_row`.
+
+    Progress goes to the parent through isolation.send; the result is returned (pickled).
+    """
+    from quantbridge.models.load import load_model
+
+    start = time.monotonic()
+    register_classes(job.backends)
+    device, dtype = torch.device(job.origin.device), getattr(torch, job.origin.dtype)
+    progress = _ForwardedProgress()
+    progress.begin(f"{job.name}: loading {job.origin.spec} in the row's process", 1)
+    loaded = load_model(job.origin.spec, device, dtype)
+    if fingerprint(loaded.model) != job.fingerprint:
+        return BackendResult(name=job.name, status="failed",
+                             reason=f"{job.origin.spec} loaded again in the row's process differs from the compared "
+                                    f"model (was it changed in memory after loading?); run with --isolation none")
+    ref = iso.load(job.reference_file)
+    ref = replace(ref, eval_ids=ref.eval_ids.to(device),
+                  steps={m: [x.to(device) for x in xs] for m, xs in ref.steps.items()})
+    progress.advance()
+    faults.stage("compare-row-started")  # test hook: a signal while a row's process runs
+    loaded_s = time.monotonic() - start
+    source = _weight_source(loaded, job.rows, replace(job.settings, cache=job.use_cache), device, dtype, progress)
+    result = _row(job.name, loaded, job.rows, source, ref, job.settings, job.mode, device, dtype, L2Flush(device),
+                  progress)
+    telemetry = result.model_metrics.get("telemetry")
+    if telemetry:  # the peak is this row's alone: nothing else ran in its process
+        telemetry["memory_kind"] += ", the row's own process"
+    result.model_metrics["isolation"] = {"process": "own", "load_s": loaded_s,
+                                         "row_s": time.monotonic() - start - loaded_s}
+    return result
+
+
+class _ForwardedProgress(Progress):
+    """A child's progress, sent to the parent's Progress."""
+
+    def begin(self, description: str, total: int) -> None:
+        iso.send(("begin", description, total))
+
+    def advance(self, n: int = 1) -> None:
+        iso.send(("advance", n))
+
+
+def _isolated_row(job: RowJob, imports: list[str], progress: Progress) -> BackendResult:
+    def forward(message) -> None:
+        if message[0] == "begin":
+            progress.begin(message[1], message[2])
+        elif message[0] == "advance":
+            progress.advance(message[1])
+
+    progress.begin(f"{job.name}: starting the row's process", 1)
+    # The parent has already loaded (and downloaded) the model: a child never goes to the network.
+    out = iso.run_isolated("quantbridge.run.compare:measure_one_row", job, imports=imports,
+                           env={"HF_HUB_OFFLINE": "1"}, on_message=forward)
+    if out.ok:
+        result = out.value
+        result.model_metrics.setdefault("isolation", {})["process_s"] = out.seconds
+        return result
+    if out.exception is not None:
+        reason = f"{out.reason} (in the row's process, outside the row's own error handling)"
+    else:  # a signal (SIGKILL, SIGSEGV, SIGILL, SIGABRT ...) or an exit without a result
+        reason = f"the row's process {out.reason}"
+    return BackendResult(name=job.name, status="failed", reason=reason)
+
+
+def _isolation(requested: str, loaded: LoadedModel, settings: Settings) -> tuple[bool, str]:
+    """(run rows in child processes?, what results record about it)."""
+    if requested == "none":
+        return False, "none"
+    if settings.debug:
+        return False, "none (--debug runs every row in the comparing process, so exceptions propagate)"
+    if loaded.origin is None:
+        return False, "none (the model was built in memory and cannot be loaded again in a child process)"
+    return True, "process"
+
+
+def _weight_source(loaded: LoadedModel, rows: Rows, settings: Settings, device: torch.device, dtype: torch.dtype,
+                   progress: Progress) -> WeightSource:
+    linears = linear_layers(loaded.model)
+    samples, length, _ = settings.calibration(device)
+    return WeightSource(
+        model=loaded.model, linears={n: linears[n] for n in sorted(rows.targets)}, spec=rows.spec,
+        model_key=loaded.info.get("hash") or loaded.name, tokenizer=loaded.tokenizer, device=device, dtype=dtype,
+        calib_samples=samples, calib_len=length, calib_file=settings.calib_file,
+        seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress)
+
+
+def _calibrations(name: str, rows: Rows, settings: Settings) -> set[str]:
+    """The calibrating algorithms (gptq, awq) whose weights row `name` needs."""
+    if rows.shared == CHECKPOINT:
+        return set()
+    if name in rows.kernel_rows:  # a --kernels row runs the shared weights
+        wanted = {rows.shared}
+    else:
+        own = set(settings.plan["layers"].values()) if name == PLAN else {name}
+        quantized = {n for n in own if registry.get(n).quantized}
+        wanted = ({rows.shared} if quantized else set()) if rows.shared is not None else quantized
+    return {n for n in wanted if registry.get(n).needs_calibration}
+
+
+def _backend_names(order: list[str], rows: Rows, settings: Settings) -> set[str]:
+    names = {n for n in order if n != PLAN and n not in rows.kernel_rows}
+    names |= {rows.shared} if rows.shared not in (None, CHECKPOINT) else set()
+    return names | (set(settings.plan["layers"].values()) if settings.plan else set())
+
+
+def backend_classes(names) -> dict[str, str]:
+    """name -> "module:qualname" of each backend's class, as registered here."""
+    return {n: f"{type(b).__module__}:{type(b).__qualname__}" for n in sorted(names) for b in [registry.get(n)]}
+
+
+def register_classes(classes: dict[str, str]) -> None:
+    """In a child process: register the parent's backend classes that importing did not register there
+    (one registered at run time, e.g. by a test, rather than as an import's side effect)."""
+    known = set(registry.names())
+    for name, where in classes.items():
+        if name not in known:
+            registry.register(iso.resolve(where))
+
+
+@contextmanager
+def _parked(loaded: LoadedModel, device: torch.device) -> Iterator[None]:
+    """On CUDA, the model's weights off the GPU while the rows' processes run, so each row's peak is its own."""
+    if device.type != "cuda":
+        yield
+        return
+    loaded.model.to("cpu")
+    if loaded.int4 is not None:
+        loaded.int4 = {n: w.to("cpu") for n, w in loaded.int4.items()}
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:  # the caller gets its model back where it was
+        loaded.model.to(device)
+        if loaded.int4 is not None:
+            loaded.int4 = {n: w.to(device) for n, w in loaded.int4.items()}
+
+
+def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: Reference, settings: Settings,
+         mode: str, device: torch.device, dtype: torch.dtype, flush: L2Flush, progress: Progress) -> BackendResult:
+    """One row, isolated: whatever it raises becomes its status."""
+    qmodel = None
+    fmt = (loaded.info.get("checkpoint") or {}).get("format", "")
+    try:
+        with Sampler(device) as sampler:
+            if name not in rows.kernel_rows and name != PLAN and registry.get(name).engine:
+                result = registry.get(name).measure_engine(loaded.model, ref, settings, device)
+                result.model_metrics["telemetry"] = sampler.summary()
+                result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+                return result
+            if name == PLAN:
+                layers, weights = plan_layers(settings.plan, source, rows.shared, rows.names, fmt)
+                quantized = {n for n, b in settings.plan["layers"].items() if registry.get(b).quantized}
+            elif name in rows.kernel_rows:
+                layers, weights = kernel_layers(rows.kernel_rows[name], source, rows.shared, fmt)
+                quantized = rows.targets
+            else:
+                layers, weights = row_layers(name, source, rows.shared, checkpoint_format=fmt)
+                quantized = rows.targets if registry.get(name).quantized else set()
+            qmodel = with_layers(loaded.model, layers, rows.spec)
+            result = measure_row(name, qmodel, rows.targets, quantized, ref, settings, mode, device, dtype, flush,
+                                 progress, lambda: sampler.outside_peak(lambda: machinecheck.measure(device)))
+            # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
+            if settings.sensitivity and result.status == "ok" and name != PLAN and quantized:
+                qlins = {n: qmodel.get_submodule(n) for n in sorted(rows.targets)}
+                sens = sensitivity(loaded.model, qlins, sorted(rows.targets), ref.eval_ids, ref.loss, progress)
+                for r in result.layers:
+                    if r.name in sens:
+                        r.error["loss_delta"] = sens[r.name]
+        result.weights = weights
+        result.model_metrics["telemetry"] = sampler.summary()
+        result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+        if name == PLAN:
+            result.model_metrics["plan"] = settings.plan
+        if name in rows.kernel_rows:
+            result.model_metrics["only_kernel"] = rows.kernel_rows[name]  # a --kernels row: not a backend name
+        return result
+    except NotRunnable as e:
+        return BackendResult(name=name, status="unavailable", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - one backend's failure must not end the comparison
+        if settings.debug:
+            raise
+        return BackendResult(name=name, status="failed", reason=_one_line(e, device))
+    finally:
+        del qmodel
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _calibrates(rows: Rows, settings: Settings, loaded: LoadedModel) -> bool:
+    """Whether any row's weights come from a calibrating quantizer (not from a checkpoint)."""
+    if loaded.int4 is not None:
+        return False
+    names = [rows.shared] if rows.shared else rows.names + list((settings.plan or {}).get("backends", []))
+    return any(registry.get(n).needs_calibration for n in names if n in registry.names())
+
+
+def verdict(comp: Comparison) -> list[str]:
+    """One line per requested row that did not run, naming it, why and the fix; empty when every one ran.
+
+    A finished comparison exits non-zero unless this is empty. Rows recorded `unavailable`
+    under --skip-unavailable were left out on request, so they are not counted.
+    """
+    skipped_on_request = bool(comp.settings.get("skip_unavailable"))
+    out = []
+    for b in comp.backends:
+        if b.status == "ok" or (b.status == "unavailable" and skipped_on_request):
+            continue
+        what = "failed" if b.status == "failed" else "could not run"
+        role = " (the reference every row is measured against)" if b.role == "reference" else ""
+        out.append(f"row {b.name}{role} {what}: {b.reason}; fix: {_fix(b)}")
+    return out
+
+
+def _fix(b: BackendResult) -> str:
+    """What to do about a row that did not run, from what its reason says."""
+    reason = b.reason or ""
+    if "ModuleNotFoundError" in reason or "ImportError" in reason:
+        hint = registry.get(b.name).install_hint if b.name in registry.names() else ""
+        return f"install its library: {hint}" if hint else "install the module the reason names"
+    if b.status == "unavailable":
+        return "leave it out of --backends/--kernels, or pass --skip-unavailable to record it and exit 0"
+    if "out of memory" in reason:
+        return "use smaller --batch/--prefill values or fewer backends per run"
+    if "reference model itself is non-finite" in reason:
+        return "the model's own weights hold NaN or Inf: check or re-download the model"
+    return "rerun with --debug (rows then run in this process) to see its traceback"
+
+
+def findings(comp: Comparison) -> list[str]:
+    """Per-layer isolated error of every quantized row against the baseline quantizer's (RTN), computed.
+
+    The baseline row is the first measured row with the baseline quantizer's own weights. Also
+    stored as model_metrics["isolated_error_vs_native"] on each row it applies to (the key
+    keeps its schema name).
+    """
+    label = baseline_label()
+    base = next((b for b in comp.backends if b.role == "measured" and b.status == "ok" and b.weights == label), None)
+    if base is None:
+        return []
+    ref = {r.name: r.error["rel_isolated"] for r in base.layers if r.quantized}
+    out = []
+    for b in comp.backends:
+        if b.status != "ok" or b.role != "measured" or b.weights == base.weights:
+            continue
+        pairs = [(r.error["rel_isolated"], ref[r.name]) for r in b.layers if r.quantized and r.name in ref]
+        if not pairs:
+            continue
+        lower = sum(e < e0 for e, e0 in pairs)
+        ratio = statistics.median(e / e0 for e, e0 in pairs if e0 > 0)
+        b.model_metrics["isolated_error_vs_native"] = {"layers_lower": lower, "layers": len(pairs), "median_ratio": ratio}
+        where = "every layer" if lower == len(pairs) else f"{lower} of {len(pairs)} layers"
+        # Bits per weight side by side: an INT8 backend beating INT4 RTN is no like-for-like win.
+        bits = f"{b.bits_per_weight:.2f} vs {base.bits_per_weight:.2f} bits/w"
+        than = f"{base.name} {label.upper()}"
+        out.append(f"{b.name} ({b.weights} weights): isolated error below {than} on {where} at {bits} "
+                   f"(median ratio {ratio:.3f})" if lower else
+                   f"{b.name} ({b.weights} weights): isolated error above {than} on every layer at {bits} "
+                   f"(median ratio {ratio:.3f})")
+    return out
+
+
+def _one_line(e: BaseException, device: torch.device) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return f"out of memory on {device}: use smaller --batch/--prefill values or fewer backends per run"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    loc = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    return f"{type(e).__name__}: {msg}{loc}"

@@ -1,0 +1,67 @@
+"""What every row is measured against, made once per comparison: inputs and reference outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantbridge.plugin.errors import UserError
+from quantbridge.measure.probes import capture_io
+from quantbridge.run.preflight import check_step_sizes
+from quantbridge.run.settings import Settings
+from quantbridge.models.text import TOKEN_MARGIN, decode_batches, file_tokens, prefill_batches, text_split, tokenize, windows
+
+SHIPPED_EVAL = "shipped held-out split (python_reference.txt)"
+
+
+@dataclass(frozen=True)
+class Reference:
+    eval_ids: torch.Tensor  # [eval_seqs, eval_len] held-out tokens for error and perplexity
+    steps: dict[int, list[torch.Tensor]]  # M -> warm-up inputs, then one input per timed run
+    io: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (input, output) in the reference model
+    logits: torch.Tensor
+    loss: float
+    eval_source: str
+
+
+def make_inputs(tokenizer, settings: Settings, device: torch.device) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """Held-out ids and, per M, distinct decode- or prefill-shaped inputs from real text.
+
+    An --eval-text file is read only as far as the tokens asked for (with room for the windows).
+    """
+    s = settings
+    need = s.eval_seqs * s.eval_len
+    tokens = tokenize(tokenizer, text_split("eval"))
+    eval_tokens = tokens if s.eval_text is None else file_tokens(tokenizer, s.eval_text, "--eval-text",
+                                                                  TOKEN_MARGIN * need)
+    if eval_tokens.numel() < need:
+        source = f"--eval-text {s.eval_text}" if s.eval_text is not None else "the shipped evaluation text"
+        raise UserError(f"{source} has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
+                        f"{s.eval_seqs * s.eval_len}: give a longer --eval-text or smaller values")
+    eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(device)
+    n = s.warmup + s.runs
+    steps = {}
+    check_step_sizes(s.batches, s.prefill, tokens.numel())
+    for m in s.m_values:
+        make = prefill_batches if s.is_prefill(m) else decode_batches
+        steps[m] = [x.to(device) for x in make(tokens, m, n, s.seed + m)]
+    return eval_ids, steps
+
+
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The first parameter or buffer holding NaN or Inf, by name; None when all are finite."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+@torch.inference_mode()
+def run_reference(model: nn.Module, linears: dict[str, nn.Module], eval_ids: torch.Tensor,
+                  steps: dict[int, list[torch.Tensor]], eval_source: str) -> Reference:
+    with capture_io(linears) as io:
+        out = model(input_ids=eval_ids, labels=eval_ids, use_cache=False)
+    return Reference(eval_ids=eval_ids, steps=steps, io=io, logits=out.logits.float().cpu(), loss=out.loss.item(),
+                     eval_source=eval_source)

@@ -1,0 +1,152 @@
+"""Merge the per-worker profile files a vLLM server wrote into one comparison (results schema).
+
+Each worker file (quantbridge/vllm/profiler.py) holds cumulative stats per (layer, M).
+Tensor-parallel ranks time their own shard of every layer on every step: latency samples
+are pooled across ranks, while the step count is rank 0's (each step is one call per layer
+on every rank), and per-rank counts must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from quantbridge.plugin.errors import UserError
+from quantbridge.results.schema import BackendResult, Comparison, LayerRecord
+
+
+def load_workers(directory: str | Path, warn=None) -> list[dict]:
+    """Every readable worker-*.json in `directory`; a bad one is skipped and named through `warn`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{directory} is not a directory; pass the QUANTBRIDGE_PROFILE_DIR the server wrote to")
+    files = sorted(d.glob("worker-*.json"))
+    if not files:
+        raise UserError(f"{directory} holds no worker-*.json; serve with QUANTBRIDGE_PROFILE_DIR={directory} set")
+    workers, bad = [], []
+    for f in files:
+        try:
+            w = json.loads(f.read_text(encoding="utf-8"))
+            _check_worker(w)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            bad.append(f.name)
+            if warn:
+                warn(f"skipped {f}: {e}")
+            continue
+        workers.append(w)
+    if not workers:
+        raise UserError(f"no usable worker file in {directory} ({', '.join(bad)} could not be read); "
+                        f"let the server run until it flushes its profile (QUANTBRIDGE_PROFILE_FLUSH_S)")
+    return workers
+
+
+# The fields merge() reads, with their types (profiler.py writes them). Every one is checked, so
+# a worker file with a wrong type is skipped and named rather than ending the merge half-way.
+_INT, _NUM, _STR = "an integer", "a number", "a string"
+_WORKER_FIELDS = {"schema": _INT, "pid": _INT, "host": _STR, "backend": _STR, "model": _STR, "device": _STR,
+                  "tp_rank": _INT, "tp_size": _INT, "flushes": _INT, "updated": _NUM}
+_LAYER_FIELDS = {"kernel": _STR, "weight_bytes": _INT}
+_STATS_FIELDS = {"count": _INT, "total_us": _NUM, "min_us": _NUM, "max_us": _NUM}
+
+
+def _is(v, kind: str) -> bool:
+    if isinstance(v, bool):  # JSON true/false are not counts
+        return False
+    return isinstance(v, int) if kind == _INT else isinstance(v, (int, float)) if kind == _NUM else isinstance(v, str)
+
+
+def _check_fields(obj: dict, fields: dict[str, str], where: str) -> None:
+    for key, kind in fields.items():
+        if key in obj and not _is(obj[key], kind):
+            raise ValueError(f"{where}{key} is {obj[key]!r}, not {kind}")
+        if kind == _INT and key in obj and obj[key] < 0:
+            raise ValueError(f"{where}{key} is {obj[key]}, below 0")
+
+
+def _check_worker(w) -> None:
+    """Raise ValueError unless every field merge() reads has the type profiler.py writes."""
+    if not isinstance(w, dict):
+        raise ValueError(f"a JSON {type(w).__name__}, not a worker profile object")
+    layers = w.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError("no per-layer profile in it ('layers' is missing)")
+    _check_fields(w, _WORKER_FIELDS, "")
+    warmup = w.get("warmup_calls", {})
+    if not isinstance(warmup, dict) or not all(_is(v, _INT) for v in warmup.values()):
+        raise ValueError(f"warmup_calls is {warmup!r}, not an object of call counts")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or not isinstance(info.get("m"), dict):
+            raise ValueError(f"layer {name}: no per-M statistics")
+        _check_fields(info, _LAYER_FIELDS, f"layer {name}: ")
+        shape = info.get("shape", [])
+        if not isinstance(shape, list) or not all(_is(v, _INT) for v in shape):
+            raise ValueError(f"layer {name}: shape is {shape!r}, not a list of integers")
+        for m, acc in info["m"].items():
+            if not str(m).isdigit() or not isinstance(acc, dict):
+                raise ValueError(f"layer {name} at M={m}: malformed statistics")
+            _check_fields(acc, _STATS_FIELDS, f"layer {name} at M={m}: ")
+            samples = acc.get("samples_us")
+            if not isinstance(samples, list) or not all(_is(v, _NUM) for v in samples):
+                raise ValueError(f"layer {name} at M={m}: samples_us is not a list of numbers")
+            if "count" not in acc or "total_us" not in acc:
+                raise ValueError(f"layer {name} at M={m}: count or total_us is missing")
+
+
+def _quantiles(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+    return {"median": statistics.median(s), "p10": q[0], "p90": q[-1], "n": len(s)}
+
+
+def merge(workers: list[dict]) -> Comparison:
+    layers: dict[str, dict] = {}
+    for w in workers:
+        rank = w.get("tp_rank", 0)
+        for name, info in w["layers"].items():
+            entry = layers.setdefault(name, {"info": info, "m": {}, "rank_counts": {}})
+            for m, acc in info["m"].items():
+                slot = entry["m"].setdefault(m, {"samples": [], "count0": 0, "total_us": 0.0})
+                slot["samples"] += acc["samples_us"]
+                slot["total_us"] += acc["total_us"]
+                if rank == 0:
+                    slot["count0"] += acc["count"]
+                entry["rank_counts"][rank] = entry["rank_counts"].get(rank, 0) + acc["count"]
+    records = []
+    for name, e in layers.items():
+        info = e["info"]
+        latency = {m: {**_quantiles(s["samples"]), "count": s["count0"], "total_us": s["total_us"]}
+                   for m, s in sorted(e["m"].items(), key=lambda kv: int(kv[0])) if s["samples"]}
+        records.append(LayerRecord(name=name, shape=info.get("shape", []), quantized=True, kernel=info.get("kernel", ""),
+                                   weight_bytes=int(info.get("weight_bytes", 0)), latency_us=latency))
+    first = workers[0]
+    backend = first.get("backend", "?")
+    result = BackendResult(name=f"vllm:{backend}", status="ok", kernel=records[0].kernel if records else None,
+                           weights="checkpoint", weight_bytes=sum(r.weight_bytes for r in records), layers=records,
+                           model_metrics={"workers": len(workers), "warmup_calls": _sum_warmup(workers),
+                                          "flushes": [w.get("flushes") for w in workers],
+                                          "calls_per_rank": {n: e["rank_counts"] for n, e in layers.items()}})
+    ms = sorted({int(m) for r in records for m in r.latency_us})
+    return Comparison(model={"name": first.get("model", "served model")},
+                      device={"name": first.get("device", "?")},
+                      settings={"source": "vllm serve", "tp_size": first.get("tp_size", 1), "m_values": ms,
+                                "decode_m": [], "prefill_m": []},
+                      backends=[result])
+
+
+def _sum_warmup(workers: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for w in workers:
+        for n, c in w.get("warmup_calls", {}).items():
+            out[n] = out.get(n, 0) + c
+    return out
+
+
+def steps(comp: Comparison) -> dict[str, int]:
+    """Calls per layer summed over M (rank 0): the number of model steps each layer ran."""
+    return {r.name: sum(v["count"] for v in r.latency_us.values()) for r in comp.backends[0].layers}
+
+
+def tokens(comp: Comparison) -> dict[str, int]:
+    """Tokens per layer summed over steps (rank 0)."""
+    return {r.name: sum(int(m) * v["count"] for m, v in r.latency_us.items()) for r in comp.backends[0].layers}

@@ -13,14 +13,14 @@ from quantbridge.formats import Codec
 from quantbridge.plugin.packed import Int4Weight
 
 from quantbridge.adapters.native import NativeLinear
+from quantbridge.kernels import int4_reference
 
 
 class FormatLinear(NativeLinear):
-    reference_only = True  # never our Triton kernel: this row is the library's weights
-
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, codec: Codec, qcfg: dict) -> None:
         stored = codec.encode(weight)
-        super().__init__(codec.decode(stored, qcfg), bias)
+        # The reference kernel, never ours: this row is the library's weights.
+        super().__init__(codec.decode(stored, qcfg), bias, int4_reference)
         self.format = codec.name
         self._nbytes = sum(t.numel() * t.element_size() for t in stored.values())
 

@@ -21,7 +21,8 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import Availability, Calibration, pip_extra
+from quantbridge.plugin.availability import Availability, pip_extra
+from quantbridge.plugin.quantizer import Calibration
 from quantbridge.formats.int32pack import perm_from_g_idx
 from quantbridge.plugin.packed import Int4Weight, canonical_perm, pack_int4
 from quantbridge.plugin.spec import QuantSpec

@@ -16,7 +16,8 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.backend import Availability, QuantLinear, dist_version, pip_extra
+from quantbridge.plugin.availability import Availability, dist_version, pip_extra
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.packed import Int4Weight
@@ -77,6 +78,7 @@ class AutoAWQLinear(QuantLinear):
 @register_kernel
 class AutoAWQKernel(Kernel):
     name = "autoawq"
+    layouts = ("awq",)
     description = "AutoAWQ's WQLinear_GEMM (its CUDA extension or Triton GEMM), fp16 activations, CUDA"
     install_hint = INSTALL_HINT
 

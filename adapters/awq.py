@@ -13,7 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import Availability, Backend, Calibration, QuantLinear, pip_extra, register
+from quantbridge.plugin.availability import Availability, pip_extra
+from quantbridge.plugin.backend import Pairing, register
+from quantbridge.plugin.layer import QuantLinear
+from quantbridge.plugin.quantizer import Calibration
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.awq import AWQCodec
@@ -44,6 +47,7 @@ def unfold_scales(original: torch.Tensor, smoothed: torch.Tensor) -> tuple[torch
 class AWQQuantizer(Quantizer):
     name = "awq"
     algorithm = "awq"
+    layout = "awq"
     description = "AWQ (llm-compressor AWQModifier + QuantizationModifier, calibrated)"
     install_hint = pip_extra("awq")
     needs_calibration = True
@@ -96,6 +100,7 @@ class AWQQuantizer(Quantizer):
 @register_kernel
 class AWQLayoutKernel(Kernel):
     name = "awq-layout"
+    layouts = ("awq",)
     description = "AWQ GEMM tensors (the [0,2,4,6,1,3,5,7] interleave) decoded once, torch reference matmul"
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
@@ -108,9 +113,8 @@ class AWQLayoutKernel(Kernel):
 
 
 @register
-class AWQBackend(Backend):
+class AWQBackend(Pairing):
     name = "awq"
     description = "AWQ weights (llm-compressor) through the best AWQ kernel here"
     install_hint = pip_extra("awq")
     quantizer = "awq"
-    kernels = ("autoawq", "gemlite", "gptqmodel-awq-torch", "awq-layout")

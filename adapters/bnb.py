@@ -13,7 +13,9 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import Availability, Backend, QuantLinear, pip_extra, register
+from quantbridge.plugin.availability import Availability, pip_extra
+from quantbridge.plugin.backend import Fused, register
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.spec import QuantSpec
 
@@ -83,7 +85,7 @@ class BnbLinear(QuantLinear):
         return self.layer(x)
 
 
-class _BnbBackend(Backend):
+class _BnbBackend(Fused):
     quant_type: str = "nf4"
     algorithm = "absmax code book"
     double_quant: bool = False

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import QuantLinear, register
+from quantbridge.plugin.backend import register
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.spec import QuantSpec
 
 from quantbridge.adapters.bnb import _BnbBackend, import_bnb

@@ -20,8 +20,9 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.backend import Availability, QuantLinear, dist_version, pip_extra
-from quantbridge.files.cache import cache_dir
+from quantbridge.plugin.availability import Availability, dist_version, pip_extra
+from quantbridge.plugin.layer import QuantLinear
+from quantbridge.plugin.files import cache_dir
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.packed import Int4Weight
@@ -154,6 +155,7 @@ class ExllamaV2Linear(QuantLinear):
 @register_kernel
 class ExllamaV2Kernel(Kernel):
     name = "exllamav2"
+    layouts = ("gptq",)
     description = "exllamav2's GPTQ kernel (gemm_half_q_half), fp16 activations, CUDA"
     install_hint = INSTALL_HINT
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbridge.plugin.backend import Backend, QuantLinear, register
+from quantbridge.plugin.backend import Fused, register
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.spec import QuantSpec
 
 
@@ -31,7 +32,7 @@ class ReferenceLinear(QuantLinear):
 
 
 @register
-class FP16Backend(Backend):
+class FP16Backend(Fused):
     name = "fp16"
     description = "unquantized reference in the compute dtype (bf16/fp16 on GPU, fp32 on CPU)"
     quantized = False

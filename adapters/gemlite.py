@@ -15,7 +15,8 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.backend import Availability, QuantLinear, dist_version, pip_extra
+from quantbridge.plugin.availability import Availability, dist_version, pip_extra
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.packed import Int4Weight, unpermute_columns
 
@@ -66,6 +67,7 @@ class GemliteLinear(QuantLinear):
 @register_kernel
 class GemliteKernel(Kernel):
     name = "gemlite"
+    layouts = ("gptq", "awq")
     description = "gemlite's Triton GEMV/GEMM kernels for any asymmetric group-wise INT4, fp16/bf16, CUDA"
     install_hint = INSTALL_HINT
 

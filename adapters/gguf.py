@@ -15,50 +15,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import Backend, Calibration, register
-from quantbridge.models.gguf import gguf_source
-from quantbridge.plugin.packed import Int4Weight
-from quantbridge.plugin.quantizer import Quantizer, register_quantizer
-from quantbridge.run.rows import NotRunnable
-from quantbridge.plugin.spec import QuantSpec
+from quantbridge.plugin.backend import Pairing, register
+from quantbridge.plugin.errors import NotRunnable
+from quantbridge.plugin.packed import Int4Weight, cast_scales
+from quantbridge.plugin.quantizer import ModelCodes, Quantizer, register_quantizer
 
 
 @register_quantizer
 class GGUFQuantizer(Quantizer):
     name = "gguf"
     algorithm = "gguf"
+    layout = "gguf"
     description = "llama.cpp's own codes (Q4_0/Q4_1/Q4_K) from the GGUF file the model came from"
     reads_model = True  # its codes come from the model's own file, for the whole model at once
 
-    def quantize(self, model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
-                 calib: Calibration | None) -> dict[str, Int4Weight]:
-        from quantbridge.models.checkpoint import _cast_scales
-        from quantbridge.models.gguf import read_int4
-
-        src = gguf_source(model)
-        if src is None:
+    def read(self, codes: ModelCodes | None, linears: dict[str, nn.Linear]) -> dict[str, Int4Weight]:
+        if codes is None:
             raise NotRunnable("gguf reads the codes of the GGUF file a model came from; this model did not come "
                               "from one (compare demo, demo-gguf or a .gguf file)")
-        weights, kinds, others = read_int4(src, model)
-        missing = [n for n in linears if n not in weights]
+        missing = [n for n in linears if n not in codes.weights]
         if missing:
-            raise NotRunnable(f"{src.name} has no 4-bit tensor for {missing[0]} ({others.get(missing[0], 'absent')}); "
-                              "pass --skip for it")
+            raise NotRunnable(f"{codes.source} has no 4-bit tensor for {missing[0]} "
+                              f"({codes.others.get(missing[0], 'absent')}); pass --skip for it")
         out = {}
         for n, lin in linears.items():
             # scales in the compute dtype, as kernels take them (fp16 -> fp32 is exact; -> bf16 rounds),
             # offsets as the file stores them: the kernels that take them convert them themselves
-            w = _cast_scales(weights[n], lin.weight.dtype).to(lin.weight.device)
+            w = cast_scales(codes.weights[n], lin.weight.dtype).to(lin.weight.device)
             if not torch.equal(w.dequantize(lin.weight.dtype), lin.weight.data):
-                raise NotRunnable(f"{n}: the model's weight is not {src.name}'s {kinds[n]} tensor dequantized "
-                                  "(was the model changed after it was loaded?)")
+                raise NotRunnable(f"{n}: the model's weight is not {codes.source}'s {codes.kinds[n]} tensor "
+                                  "dequantized (was the model changed after it was loaded?)")
             out[n] = w
         return out
 
 
 @register
-class GGUFBackend(Backend):
+class GGUFBackend(Pairing):
     name = "gguf"
     description = "the GGUF file's own Q4 codes (llama.cpp's quantization) through the best kernel that takes them"
     quantizer = "gguf"
-    kernels = ("triton", "tinygemm", "reference")

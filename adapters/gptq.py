@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from quantbridge.plugin.errors import UserError
-from quantbridge.plugin.backend import Availability, Backend, Calibration, QuantLinear, register
+from quantbridge.plugin.availability import Availability
+from quantbridge.plugin.backend import Pairing, register
+from quantbridge.plugin.layer import QuantLinear
+from quantbridge.plugin.quantizer import Calibration
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.quantizer import Quantizer, register_quantizer
 from quantbridge.formats.gptq import GPTQCodec
@@ -27,6 +30,7 @@ from quantbridge.adapters._format_linear import FormatLinear
 class GPTQQuantizer(Quantizer):
     name = "gptq"
     algorithm = "gptq"
+    layout = "gptq"
     description = "GPTQ (llm-compressor GPTQModifier, calibrated)"
     install_hint = llmc.INSTALL_HINT
     needs_calibration = True
@@ -61,6 +65,7 @@ class GPTQQuantizer(Quantizer):
 @register_kernel
 class GPTQLayoutKernel(Kernel):
     name = "gptq-layout"
+    layouts = ("gptq",)
     description = "GPTQ v2 tensors (qweight/qzeros/scales/g_idx) decoded once, torch reference matmul"
 
     def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
@@ -69,9 +74,8 @@ class GPTQLayoutKernel(Kernel):
 
 
 @register
-class GPTQBackend(Backend):
+class GPTQBackend(Pairing):
     name = "gptq"
     description = "GPTQ weights (llm-compressor) through the best GPTQ kernel here"
     install_hint = llmc.INSTALL_HINT
     quantizer = "gptq"
-    kernels = ("exllamav2", "gemlite", "gptqmodel-torch", "gptq-layout")

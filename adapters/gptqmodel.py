@@ -25,7 +25,8 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.backend import Availability, QuantLinear, dist_version
+from quantbridge.plugin.availability import Availability, dist_version
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.formats.gptq import GPTQCodec
 from quantbridge.plugin.kernel import Kernel, register_kernel
@@ -144,11 +145,13 @@ class _GPTQModelKernel(Kernel):
 @register_kernel
 class GPTQModelTorchKernel(_GPTQModelKernel):
     name = "gptqmodel-torch"
+    layouts = ("gptq",)
     description = "GPTQModel's TorchLinear on GPTQ v2 tensors: dequantize + matmul, fp16/bf16, any device"
 
 
 @register_kernel
 class GPTQModelAwqTorchKernel(_GPTQModelKernel):
     name = "gptqmodel-awq-torch"
+    layouts = ("awq",)
     description = "GPTQModel's AwqTorchLinear on AWQ GEMM tensors: dequantize + matmul, fp16/bf16, any device"
     awq = True

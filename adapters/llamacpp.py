@@ -16,17 +16,16 @@ INSTALL_HINT). It runs on the CPU with as many threads as torch uses.
 
 from __future__ import annotations
 
-import math
 import time
 from importlib.util import find_spec
 
 import numpy as np
 import torch
-from torch import nn
 
-from quantbridge.plugin.backend import Availability, Backend, dist_version, register
-from quantbridge.measure.metrics import summarize
-from quantbridge.results.schema import BackendResult
+from quantbridge.plugin.availability import Availability, dist_version
+from quantbridge.formats.gguf import open_gguf
+from quantbridge.plugin.backend import Engine, EngineFigures, EngineRun, register
+from quantbridge.plugin.errors import NotRunnable, RowFailed
 
 INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF '
                 '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36')
@@ -46,11 +45,10 @@ def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 @register
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(Engine):
     name = "llama.cpp"
     description = "the model's GGUF file through llama.cpp itself (llama-cpp-python, CPU): whole-model figures"
     install_hint = INSTALL_HINT
-    engine = True
 
     def available(self, device: torch.device) -> Availability:
         v = _version()
@@ -61,19 +59,16 @@ class LlamaCppBackend(Backend):
                                        "--device cpu (a CUDA build of llama.cpp is not wired in)")
         return Availability(True, f"llama-cpp-python {v} (CPU)")
 
-    def measure_engine(self, model: nn.Module, ref, settings, device: torch.device) -> BackendResult:
+    def measure(self, run: EngineRun) -> EngineFigures:
         from llama_cpp import Llama
 
-        from quantbridge.models.gguf import gguf_source, open_gguf
-
-        src = gguf_source(model)
+        src = run.model_file
         if src is None:
-            return BackendResult(name=self.name, status="unavailable",
-                                 reason="llama.cpp runs a GGUF file; this model did not come from one (compare demo, "
-                                        "demo-gguf or a .gguf file)")
+            raise NotRunnable("llama.cpp runs a GGUF file; this model did not come from one (compare demo, "
+                              "demo-gguf or a .gguf file)")
         kinds = sorted({t.tensor_type.name for t in open_gguf(src).tensors})  # a damaged file is named first
-        ids = ref.eval_ids.cpu().numpy()
-        ctx = max(ids.shape[1], settings.prefill or 0) + settings.runs + settings.warmup + 8
+        ids = run.eval_ids.cpu().numpy()
+        ctx = max(ids.shape[1], run.prefill or 0) + run.runs + run.warmup + 8
         threads = torch.get_num_threads()
         llm = Llama(model_path=str(src), n_ctx=ctx, n_batch=min(512, ctx), logits_all=True, verbose=False,
                     n_threads=threads, n_threads_batch=threads)
@@ -85,46 +80,33 @@ class LlamaCppBackend(Backend):
             nll += _log_softmax_nll(logits[:-1], seq[1:])
             count += len(seq) - 1
         loss = nll / count
-        metrics: dict = {"eval_loss": loss, "eval_ppl": math.exp(loss), "eval_ppl_reference": math.exp(ref.loss),
-                         "per_layer": PER_LAYER, "engine": f"llama.cpp through llama-cpp-python {_version()}",
-                         "threads": threads, "forward_us": {}, "tokens_per_s": {}, "timing": {}}
         flat = ids.reshape(-1).tolist()
-        if len(flat) < 16 + settings.warmup + settings.runs:
-            return BackendResult(name=self.name, status="failed", reason=(
-                f"the evaluation text has {len(flat)} tokens, fewer than the 16-token prefix plus "
-                f"{settings.warmup + settings.runs} timed decode steps; use a longer --eval-text or fewer --runs"))
+        if len(flat) < 16 + run.warmup + run.runs:
+            raise RowFailed(f"the evaluation text has {len(flat)} tokens, fewer than the 16-token prefix plus "
+                            f"{run.warmup + run.runs} timed decode steps; use a longer --eval-text or fewer --runs")
         # decode, M = 1: each timed run evaluates one more token after a 16-token prefix
         llm.reset()
         llm.eval(flat[:16])
         us = []
-        for i in range(settings.warmup + settings.runs):
+        for i in range(run.warmup + run.runs):
             t0 = time.perf_counter_ns()
             llm.eval([flat[16 + i]])
             us.append((time.perf_counter_ns() - t0) / 1e3)
-        step = summarize(us[settings.warmup:])
-        metrics["forward_us"]["1"] = step.to_dict()
-        metrics["tokens_per_s"]["1"] = 1e6 / step.median
-        metrics["timing"]["1"] = "llama.cpp (CPU, synchronous)"
-        metrics["decode_tokens_per_s"] = {"1": 1e6 / step.median}
-        skipped = [m for m in sorted(set(settings.batches)) if m != 1]
-        if skipped:
-            metrics["decode_not_measured"] = {str(m): "llama-cpp-python's Llama decodes one sequence" for m in skipped}
-        if settings.prefill:
-            prompt = (flat * (settings.prefill // len(flat) + 1))[: settings.prefill]
+        decode_us = us[run.warmup:]
+        prefill_us: list[float] = []
+        if run.prefill:
+            prompt = (flat * (run.prefill // len(flat) + 1))[: run.prefill]
             us = []
-            for _ in range(min(settings.runs, 5) + 1):
+            for _ in range(min(run.runs, 5) + 1):
                 llm.reset()
                 t0 = time.perf_counter_ns()
                 llm.eval(prompt)
                 us.append((time.perf_counter_ns() - t0) / 1e3)
-            pre = summarize(us[1:])
-            key = str(settings.prefill)
-            metrics["forward_us"][key] = pre.to_dict()
-            metrics["tokens_per_s"][key] = settings.prefill * 1e6 / pre.median
-            metrics["timing"][key] = "llama.cpp (CPU, synchronous)"
-            metrics["prefill_latency_us"] = pre.median
-        return BackendResult(name=self.name, status="ok", kernel=f"llama.cpp (llama-cpp-python {_version()}, CPU)",
-                             weights=f"gguf file ({', '.join(kinds)})", timing="llama.cpp (CPU, synchronous)",
-                             weight_bytes=src.stat().st_size,
-                             model_metrics={**metrics, "weight_bytes_counts": "the whole GGUF file, as llama.cpp loads it"})
-
+            prefill_us = us[1:]
+        return EngineFigures(
+            kernel=f"llama.cpp (llama-cpp-python {_version()}, CPU)", weights=f"gguf file ({', '.join(kinds)})",
+            timing="llama.cpp (CPU, synchronous)", weight_bytes=src.stat().st_size, eval_loss=loss,
+            decode_us=decode_us, prefill_us=prefill_us,
+            notes={"per_layer": PER_LAYER, "engine": f"llama.cpp through llama-cpp-python {_version()}",
+                   "threads": threads, "weight_bytes_counts": "the whole GGUF file, as llama.cpp loads it"},
+            not_measured={m: "llama-cpp-python's Llama decodes one sequence" for m in sorted(set(run.batches)) if m != 1})

@@ -1,7 +1,8 @@
 """native: quantbridge's packed INT4 (canonical Int4Weight, round-to-nearest quantization).
 
-On CUDA with fp16/bf16 activations it runs the Triton kernel; elsewhere (CPU, fp32, or no
-Triton) the torch reference kernel, and `kernel` says which.
+Two kernels hold this layout: `triton` (CUDA, fp16/bf16 activations) and `reference` (the torch
+reference, anywhere). The chooser takes the first that can run a weight (plugin/kernel.py);
+`kernel` says which one the layer runs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import Availability, Backend, QuantLinear, pip_extra, register
+from quantbridge.plugin.availability import Availability, pip_extra
+from quantbridge.plugin.backend import Pairing, register
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.kernels import int4_reference
 from quantbridge.plugin.packed import Int4Weight
@@ -23,15 +26,10 @@ def _triton():
     return int4_triton
 
 
-def _kernel_for(device: torch.device, dtype: torch.dtype):
-    """The Triton kernel where it can run, else the reference."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return _triton() or int4_reference
-    return int4_reference
-
-
 class NativeLinear(QuantLinear):
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None) -> None:
+    """The canonical layout held as is, run by `impl` (the Triton kernel's module or the reference's)."""
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, impl=int4_reference) -> None:
         super().__init__(weight.in_features, weight.out_features)
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
@@ -40,13 +38,10 @@ class NativeLinear(QuantLinear):
         self.register_buffer("offsets", weight.offsets)  # float offsets per group (GGUF Q4_1/Q4_K)
         self.group_size = weight.group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._impl = (int4_reference if self.reference_only
-                      else _kernel_for(weight.qweight.device, weight.scales.dtype))
+        self._impl = impl
         self.kernel = self._impl.KERNEL_NAME
         self._retired: list = []
         self._bind()
-
-    reference_only = False  # subclasses that must never run the Triton kernel (FormatLinear)
 
     def _bind(self) -> None:
         """Resolve the Triton launch once (per M, on first use) instead of on every call."""
@@ -61,12 +56,10 @@ class NativeLinear(QuantLinear):
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() may replace the buffers, which the bound launch holds. Rebind
         # only when they really changed: a CUDA graph captured earlier holds the bound
-        # launch's split-K counters, and a no-op .to() must not free them.
+        # launch's split-K counters, and a no-op .to() must not free them. The kernel stays
+        # the one the chooser built the layer for (parking a model on the CPU and back keeps it).
         out = super()._apply(fn, *args, **kwargs)
         if self._tensor_key() != self._bound_to:
-            if not self.reference_only:
-                self._impl = _kernel_for(self.qweight.device, self.scales.dtype)
-                self.kernel = self._impl.KERNEL_NAME
             self._retired.append(self._bound)  # graphs captured with it may still replay
             self._bind()
         return out
@@ -89,15 +82,10 @@ class NativeLinear(QuantLinear):
         return self._impl.int4_linear(x, self.packed, self.bias)
 
 
-class PinnedReferenceLinear(NativeLinear):
-    """The native layout run by the torch reference kernel wherever it is (the `reference` kernel)."""
-
-    reference_only = True
-
-
 @register_kernel
 class TritonKernel(Kernel):
     name = "triton"
+    layouts = ("native", "gguf")
     description = "quantbridge's packed-INT4 Triton kernel (GEMV for decode, tensor-core tiles, dequantize+cuBLAS)"
     takes_offsets = True  # w = q * s + m is one more term per tile (GGUF Q4_1/Q4_K)
 
@@ -119,33 +107,25 @@ class TritonKernel(Kernel):
         return Availability(True, "")
 
     def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
-        return NativeLinear(weight, bias)
+        from quantbridge.kernels import int4_triton  # Triton is optional: an ImportError passes the weight on
+
+        return NativeLinear(weight, bias, int4_triton)
 
 
 @register_kernel
 class ReferenceKernel(Kernel):
     name = "reference"
+    layouts = ("native", "gguf")
     description = "torch reference: unpack, dequantize, matmul (any device and dtype; the ground truth)"
     takes_offsets = True
 
     def build(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
-        return PinnedReferenceLinear(weight, bias)
+        return NativeLinear(weight, bias, int4_reference)
 
 
 @register
-class NativeBackend(Backend):
+class NativeBackend(Pairing):
     name = "native"
     description = "quantbridge RTN weights through quantbridge's Triton kernel (the torch reference elsewhere)"
     quantizer = "rtn"
-    kernels = ("triton", "reference")
 
-    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
-        layer = super().from_int4(weight, bias)
-        if type(layer) is PinnedReferenceLinear:
-            # The backend follows its weight: built where only the reference runs (the CPU, fp32),
-            # a later move to CUDA in fp16/bf16 takes the Triton kernel. Only an explicit
-            # `--kernels reference` row stays pinned.
-            free = NativeLinear(weight, bias)
-            free.rejected_kernels = layer.rejected_kernels
-            return free
-        return layer

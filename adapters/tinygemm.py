@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import Availability, Backend, QuantLinear, register
+from quantbridge.plugin.availability import Availability
+from quantbridge.plugin.backend import Pairing, register
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.packed import Int4Weight, unpermute_columns
@@ -69,6 +71,7 @@ class TinygemmLinear(QuantLinear):
 @register_kernel
 class TinygemmKernel(Kernel):
     name = "tinygemm"
+    layouts = ("gguf",)
     description = "torch's tinygemm INT4 kernel (aten._weight_int4pack_mm), bf16 activations"
     takes_offsets = True  # its zero-point is a float already
 
@@ -93,11 +96,11 @@ class TinygemmKernel(Kernel):
 
 
 @register
-class TinygemmBackend(Backend):
+class TinygemmBackend(Pairing):
     name = "tinygemm"
     description = "quantbridge RTN weights through torch's tinygemm INT4 kernel"
     quantizer = "rtn"
-    kernels = ("tinygemm",)
+    pinned = ("tinygemm",)  # this backend is the kernel: rtn weights through tinygemm only
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.group_size not in GROUP_SIZES:

@@ -21,7 +21,7 @@ import torch
 
 from quantbridge.run import bench
 from quantbridge.measure.probes import L2Flush
-from quantbridge.results.schema import write_atomic
+from quantbridge.plugin.files import write_atomic
 from quantbridge.plugin.spec import QuantSpec
 
 VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch")}

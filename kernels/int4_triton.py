@@ -548,7 +548,7 @@ class _Tuner:
         self.memo: dict[tuple[torch.device, str], Config] = {}
 
     def _file(self, device: torch.device) -> Path:
-        from quantbridge.files.cache import cache_dir
+        from quantbridge.plugin.files import cache_dir
 
         name = torch.cuda.get_device_name(device).replace(" ", "_")
         return cache_dir() / f"triton-int4-{REVISION}-{name}-triton{triton.__version__}.json"
@@ -560,7 +560,7 @@ class _Tuner:
             self.table = json.loads(path.read_text()) if path.exists() else {}
 
     def _save(self) -> None:
-        from quantbridge.results.schema import write_atomic
+        from quantbridge.plugin.files import write_atomic
 
         write_atomic(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 

@@ -72,7 +72,7 @@ def register_all() -> None:
 
 def unregister_all() -> None:
     for cls in BACKENDS:
-        registry._REGISTRY.pop(cls.name, None)
+        registry.BACKENDS.classes.pop(cls.name, None)
 
 
 # Plain functions for isolation.run_isolated.

@@ -441,7 +441,7 @@ def test_plan_budgets(tmp_path, sensitivity):
 
 
 def test_result_files_get_the_umask_mode(tmp_path):
-    from quantbridge.results.schema import write_atomic
+    from quantbridge.plugin.files import write_atomic
 
     write_atomic(tmp_path / "a.json", "{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()

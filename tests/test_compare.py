@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from quantbridge.plugin import backend as registry
-from quantbridge.plugin.backend import Availability, Backend
+from quantbridge.plugin.availability import Availability
+from quantbridge.plugin.backend import Backend
 from quantbridge.run.compare import Settings, run_comparison
 from quantbridge.plugin.errors import BackendUnavailable, UserError
 from quantbridge.models.load import linear_layers
@@ -116,7 +117,7 @@ def fake_backends():
         registry.register(cls)
     yield
     for cls in (_Exploding, _NaN, _Missing):
-        registry._REGISTRY.pop(cls.name)
+        registry.BACKENDS.classes.pop(cls.name)
 
 
 def test_failing_backend_does_not_take_others_down(tiny, fake_backends):

@@ -230,7 +230,7 @@ def test_graph_mode_times_layers_inside_the_step_and_falls_back_for_a_syncing_ba
         loaded = load_model("tiny", dev, torch.bfloat16)
         comp = run_comparison(loaded, ["native", "test-sync"], Settings(**FAST), dev, torch.bfloat16)
     finally:
-        registry._REGISTRY.pop("test-sync")
+        registry.BACKENDS.classes.pop("test-sync")
     fp16, native, sync = comp.backends
     assert comp.settings["mode"] == "graph"
     for b in (fp16, native):
@@ -304,7 +304,7 @@ def test_cli_exits_non_zero_when_every_requested_row_failed(tmp_path):
                                      "--runs", "5", "--warmup", "0", "--eval-seqs", "1", "--eval-len", "32",
                                      "--no-report", "-q", "--out", str(tmp_path / "run")])
     finally:
-        registry._REGISTRY.pop("test-boom")
+        registry.BACKENDS.classes.pop("test-boom")
     assert r.exit_code == 1, r.output
     assert "Error: row test-boom failed: RuntimeError: kernel exploded" in r.output and "fix: " in r.output
     assert (tmp_path / "run" / "results.json").is_file()  # what ran is still written

@@ -207,7 +207,7 @@ def test_convert_writes_a_manifest_and_replaces_only_it(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("where", ["cache", "cache/new", "cache/tiny-v1"])
 def test_nothing_is_written_into_the_cache(tmp_path, monkeypatch, tiny, no_model_load, where):
-    from quantbridge.files.cache import cache_dir
+    from quantbridge.plugin.files import cache_dir
 
     cache = cache_dir()
     target = cache / where.partition("/")[2] if "/" in where else cache
@@ -340,7 +340,7 @@ def test_every_errno_gets_its_own_hint(code):
 
 
 def test_efbig_hint_names_the_limit():
-    code = ("import resource; from quantbridge import faults; resource.setrlimit(resource.RLIMIT_FSIZE, (20480, "
+    code = ("import resource; from quantbridge.files import faults; resource.setrlimit(resource.RLIMIT_FSIZE, (20480, "
             "resource.getrlimit(resource.RLIMIT_FSIZE)[1])); print(faults.os_error_hint(27))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "the file-size limit (20 KiB) was reached: raise it (ulimit -f unlimited) or write less"

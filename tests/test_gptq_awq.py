@@ -8,7 +8,7 @@ pytest.importorskip("llmcompressor")
 pytest.importorskip("bitsandbytes")
 
 from quantbridge.plugin import backend as registry  # noqa: E402
-from quantbridge.plugin.backend import Calibration  # noqa: E402
+from quantbridge.plugin.quantizer import Calibration  # noqa: E402
 from quantbridge.run.compare import Settings, run_comparison  # noqa: E402
 from quantbridge.models.load import linear_layers  # noqa: E402
 from quantbridge.plugin.packed import Int4Weight, quantize_rtn  # noqa: E402

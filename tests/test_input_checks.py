@@ -227,7 +227,7 @@ def _small_gguf(path, rng: np.random.Generator):
 
 def test_every_truncation_and_corruption_of_a_gguf_is_named(tmp_path):
     pytest.importorskip("gguf")
-    from quantbridge.models.gguf import open_gguf
+    from quantbridge.formats.gguf import open_gguf
 
     rng = np.random.default_rng()
     whole = _small_gguf(tmp_path / "whole.gguf", rng).read_bytes()
@@ -267,9 +267,10 @@ def test_truncated_gguf_model_one_line(tmp_path, no_measuring):
 def test_gguf_rows_name_a_damaged_file(tmp_path):
     """The gguf quantizer and the llama.cpp row read the model's GGUF file again: a damaged one is named."""
     pytest.importorskip("gguf")
-    from types import SimpleNamespace
+    import torch
 
     from quantbridge.models.gguf import read_int4
+    from quantbridge.plugin.backend import EngineRun
 
     whole = _small_gguf(tmp_path / "whole.gguf", np.random.default_rng()).read_bytes()
     cut = tmp_path / "cut.gguf"
@@ -279,9 +280,10 @@ def test_gguf_rows_name_a_damaged_file(tmp_path):
     pytest.importorskip("llama_cpp")
     from quantbridge.adapters.llamacpp import LlamaCppBackend
 
-    model = SimpleNamespace(config=SimpleNamespace(quantbridge_source={"path": str(cut)}))
+    run = EngineRun(model_file=cut, eval_ids=torch.randint(1, 100, (1, 8)), reference_loss=2.0, batches=[1],
+                    prefill=None, runs=3, warmup=1)
     with pytest.raises(UserError, match=f"{cut} is truncated or corrupt"):
-        LlamaCppBackend().measure_engine(model, None, None, None)
+        LlamaCppBackend().measure(run)
 
 
 # -- config.json sizes that disagree with the weights -----------------------------------------------

@@ -133,10 +133,9 @@ def test_plan_leaves_kernel_rows_out(tiny):
     assert set(plan["layers"].values()) <= {"fp16", "native"}  # compare --plan can build these by name
 
 
-def test_native_backend_layer_follows_its_weight_but_a_reference_row_stays_pinned():
-    from quantbridge.adapters.native import NativeLinear, PinnedReferenceLinear
-
-    w = _weight(seed=5)
+def test_native_layer_runs_the_kernel_the_one_chooser_built_it_for():
+    w = _weight(seed=5)  # on the CPU: the Triton kernel cannot run it, the chooser says why and takes the reference
     layer = registry.get("native").from_int4(w, None)
-    assert type(layer) is NativeLinear and layer.kernel == "reference-torch"  # re-chooses when moved
-    assert type(get_kernel("reference").build(w, None)) is PinnedReferenceLinear
+    assert layer.kernel == "reference-torch" and [k for k, _ in layer.rejected_kernels] == ["triton"]
+    assert layer.to("cpu").kernel == "reference-torch"  # a move keeps the kernel it was built for
+    assert get_kernel("reference").build(w, None).kernel == "reference-torch"

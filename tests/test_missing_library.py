@@ -13,7 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from quantbridge.plugin import backend as registry
-from quantbridge.plugin.backend import Availability, Backend, QuantLinear, ask
+from quantbridge.plugin.availability import Availability, ask
+from quantbridge.plugin.backend import Backend, Pairing
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.run.bench import failures
 from quantbridge.cli import cli
 from quantbridge.run.compare import Settings, check_request, run_comparison
@@ -133,23 +135,23 @@ class _Calibrating(Quantizer):
         return {n: quantize_rtn(lin.weight.detach(), spec) for n, lin in linears.items()}
 
 
-class _CalibratedG32Only(Backend):
+class _CalibratedG32Only(Pairing):
     name = "test-calibrated"
     quantizer = "test-calibrating"
-    kernels = ("test-no-g32",)
+    pinned = ("test-no-g32",)
 
 
-class _CalibratedMissingKernel(Backend):
+class _CalibratedMissingKernel(Pairing):
     name = "test-calibrated-missing"
     quantizer = "test-calibrating"
-    kernels = ("test-not-installed",)
+    pinned = ("test-not-installed",)
 
 
-class _Chain(Backend):
+class _Chain(Pairing):
     name = "test-chain"
     quantizer = "rtn"
-    kernels = ("test-not-installed", "test-raising-available", "test-raising-can-implement", "test-broken-build",
-               "test-works")
+    pinned = ("test-not-installed", "test-raising-available", "test-raising-can-implement", "test-broken-build",
+              "test-works")
 
 
 @pytest.fixture
@@ -167,7 +169,7 @@ def test_kernels():
         KERNELS.classes.pop(k.name)
     QUANTIZERS.classes.pop(_Calibrating.name)
     for b in backends:
-        registry._REGISTRY.pop(b.name)
+        registry.BACKENDS.classes.pop(b.name)
 
 
 # --- 1. the chooser ---------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_no_adapter_imports_an_optional_library_outside_available_or_build():
         "    sys.modules[m] = None\n"
         "import torch\n"
         "from quantbridge.plugin.kernel import KERNELS, kernel_names, probe_weight\n"
-        "from quantbridge import backend as registry, resolve\n"
+        "from quantbridge.plugin import backend as registry, resolve\n"
         "from quantbridge.plugin.spec import QuantSpec\n"
         "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "    w = probe_weight(64, 256, QuantSpec(group_size=64), dtype, torch.device('cpu'))\n"
@@ -337,7 +339,7 @@ def failing_backends():
         registry.register(cls)
     yield
     for cls in (_Boom, _Missing):
-        registry._REGISTRY.pop(cls.name)
+        registry.BACKENDS.classes.pop(cls.name)
 
 
 def _compare(tmp_path, *args):

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from quantbridge.results.schema import BackendResult, Comparison, LayerRecord, load_json, save_csv, save_json, write_atomic
+from quantbridge.plugin.files import write_atomic
+from quantbridge.results.schema import BackendResult, Comparison, LayerRecord, load_json, save_csv, save_json
 
 
 def _comp():

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
+
+from quantbridge.files import faults
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.files import cache_dir
 
 
 def save_model_dir(path: Path, model, tokenizer) -> Path:
     """save_pretrained of model and tokenizer into `path`, atomically: written beside it, then
     renamed; if another process finished first, theirs is kept."""
-    import shutil
-
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -19,9 +22,6 @@ def save_model_dir(path: Path, model, tokenizer) -> Path:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, path)
     except BaseException as e:  # a write that failed, or a signal: our half-written copy goes
-        from quantbridge.files import faults
-        from quantbridge.plugin.errors import UserError
-
         shutil.rmtree(tmp, ignore_errors=True)
         cause = faults.os_error_of(e) if isinstance(e, Exception) else None  # safetensors: "(os error 28)"
         if cause is None:
@@ -31,19 +31,9 @@ def save_model_dir(path: Path, model, tokenizer) -> Path:
     return path
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("QUANTBRIDGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quantbridge"
-    )
-    return Path(root)
-
-
 def check_cache_dir() -> Path:
     """The cache directory, created and tried (a file written and renamed in it) before any work;
     a one-line error naming QUANTBRIDGE_CACHE when it is a file, below a file, or not writable."""
-    from quantbridge.files import faults
-    from quantbridge.plugin.errors import UserError
-
     root = cache_dir().expanduser()
     named = (f"QUANTBRIDGE_CACHE={os.environ['QUANTBRIDGE_CACHE']}" if os.environ.get("QUANTBRIDGE_CACHE")
              else f"quantbridge's cache directory {root}")

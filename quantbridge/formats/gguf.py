@@ -17,8 +17,12 @@ scale and offset per sub-block, which is exact (fp16 times a 6-bit integer fits 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from quantbridge.plugin.errors import UserError
 
 from quantbridge.plugin.packed import Int4Weight, pack_int4
 
@@ -81,3 +85,29 @@ def permute_rows(w: Int4Weight, order: torch.Tensor) -> Int4Weight:
     """The same weight with its output rows reordered (exact: rows are independent)."""
     pick = lambda t: None if t is None else t[order].contiguous()
     return Int4Weight(pick(w.qweight), pick(w.scales), pick(w.zeros), w.group_size, w.perm, offsets=pick(w.offsets))
+
+
+def open_gguf(path: Path):
+    """The gguf package's reader on `path`, checked: a truncated or corrupt file is a one-line error naming it.
+
+    Every GGUF read goes through here (the model loader, the gguf quantizer, the llama.cpp row),
+    so a damaged file is never a struct.error or a numpy IndexError from deep inside a parser.
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        reader = GGUFReader(str(path))
+    except OSError as e:
+        raise UserError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - the parser meets arbitrary bytes: whatever it raises means "damaged"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is truncated or corrupt ({size} bytes, not a whole GGUF file: {why}); "
+                        f"re-download or re-convert it") from None
+    for t in reader.tensors:  # the header may be whole while the tensor data after it is cut short
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != t.n_bytes:
+            raise UserError(f"{path} is truncated or corrupt: tensor {t.name} needs bytes up to {end}, the file has "
+                            f"{size}; re-download or re-convert it")
+    return reader

@@ -24,7 +24,7 @@ from quantbridge import formats
 from quantbridge.files import faults
 from quantbridge.plugin.errors import UserError
 from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers
-from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.packed import Int4Weight, cast_scales
 from quantbridge.plugin.spec import QuantSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -134,7 +134,7 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     scale_dtypes = sorted({str(w.scales.dtype).removeprefix("torch.") for w in weights.values()})
     for name, w in weights.items():
         lins[name].weight.data = w.dequantize(dtype)
-        weights[name] = _cast_scales(w, dtype).to(device)
+        weights[name] = cast_scales(w, dtype).to(device)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     info = {"name": str(path), "source": str(Path(path).resolve()), "architecture": type(model).__name__,
@@ -143,11 +143,6 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
             "checkpoint": {"format": codec.name, "quantized_layers": len(weights), "scales_dtype": scale_dtypes,
                            "quantization_config": qcfg}}
     return LoadedModel(name=str(path), source=info["source"], model=model, tokenizer=tokenizer, info=info, int4=weights)
-
-
-def _cast_scales(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
-    """Scales in the compute dtype, as kernels take them (exact for fp16 -> fp32; fp16 -> bf16 rounds)."""
-    return Int4Weight(w.qweight, w.scales.to(dtype), w.zeros, w.group_size, w.perm, offsets=w.offsets)
 
 
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")

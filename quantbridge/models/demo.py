@@ -18,7 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 
-from quantbridge.files.cache import cache_dir
+from quantbridge.plugin.files import cache_dir
+from quantbridge.models.gguf import to_hf_dir
 from quantbridge.plugin.errors import UserError
 
 NAME = "demo"
@@ -50,8 +51,6 @@ def package_version() -> str | None:
 
 def demo_path() -> Path:
     """The demo model as a Hugging Face directory in the cache, converted on first use (atomically)."""
-    from quantbridge.models.gguf import to_hf_dir
-
     path = cache_dir() / f"smollm2-135m-instruct-q4_1-v{VERSION}-{PACKAGE}-{package_version() or 'none'}"
     if (path / "config.json").exists():
         return path

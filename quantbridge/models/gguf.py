@@ -16,15 +16,19 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import Counter
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantbridge.files.cache import cache_dir, save_model_dir
+from quantbridge.files.cache import save_model_dir
+from quantbridge.plugin.files import cache_dir
 from quantbridge.plugin.errors import UserError
-from quantbridge.formats.gguf import Q4_TYPES, decode, permute_rows
+from quantbridge.formats.gguf import Q4_TYPES, decode, open_gguf, permute_rows
 from quantbridge.models.loaded import LoadedModel, linear_layers
+from quantbridge.plugin.packed import cast_scales
+from quantbridge.plugin.quantizer import ModelCodes
 
 
 def is_gguf(path: Path) -> bool:
@@ -32,32 +36,6 @@ def is_gguf(path: Path) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
-
-
-def open_gguf(path: Path):
-    """The gguf package's reader on `path`, checked: a truncated or corrupt file is a one-line error naming it.
-
-    Every GGUF read goes through here (the model loader, the gguf quantizer, the llama.cpp row),
-    so a damaged file is never a struct.error or a numpy IndexError from deep inside a parser.
-    """
-    from gguf import GGUFReader
-
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        reader = GGUFReader(str(path))
-    except OSError as e:
-        raise UserError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - the parser meets arbitrary bytes: whatever it raises means "damaged"
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is truncated or corrupt ({size} bytes, not a whole GGUF file: {why}); "
-                        f"re-download or re-convert it") from None
-    for t in reader.tensors:  # the header may be whole while the tensor data after it is cut short
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise UserError(f"{path} is truncated or corrupt: tensor {t.name} needs bytes up to {end}, the file has "
-                            f"{size}; re-download or re-convert it")
-    return reader
 
 
 def _file_key(path: Path) -> str:
@@ -70,13 +48,27 @@ def gguf_source(model: torch.nn.Module) -> Path | None:
     src = getattr(getattr(model, "config", None), "quantbridge_source", None) or {}
     path = Path(src["path"]) if src.get("path") else None
     if (path is None or not path.is_file()) and src.get("package"):  # the demo: the installed package's file
-        from quantbridge.models import demo
-
-        try:
-            path = demo.gguf_path()
-        except Exception:  # noqa: BLE001 - the package is gone: no source
-            return None
+        path = _package_file(src["package"], src.get("gguf", ""))
     return path if path is not None and path.is_file() else None
+
+
+def _package_file(package: str, name: str) -> Path | None:
+    """The file called `name` that the installed distribution `package` holds (None when gone)."""
+    try:
+        files = distribution(package).files or []
+    except PackageNotFoundError:
+        return None
+    found = [f for f in files if f.name == name]
+    return Path(found[0].locate()) if found else None
+
+
+def model_codes(model: torch.nn.Module) -> ModelCodes | None:
+    """The Q4 codes of the GGUF file `model` came from, by module path (None: it came from none)."""
+    src = gguf_source(model)
+    if src is None:
+        return None
+    weights, kinds, others = read_int4(src, model)
+    return ModelCodes(src.name, weights, kinds, others)
 
 
 def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
@@ -146,8 +138,6 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
 
     from transformers.utils import logging as hf_logging
 
-    from quantbridge.models.checkpoint import _cast_scales
-
     reader = open_gguf(src)  # a damaged file is named before transformers' own GGUF parser meets it
     hf_dir = to_hf_dir(src, hf_dir or cache_dir() / f"gguf-{_file_key(src)}", note)
     hf_logging.disable_progress_bar()  # quantbridge shows its own progress
@@ -161,7 +151,7 @@ def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf
         if not torch.equal(w.dequantize(dtype), lins[n].weight.data):
             raise UserError(f"{src}: {n} read from the GGUF file does not match the loaded model's weight; "
                             "this GGUF layout is not one quantbridge maps exactly")
-        weights[n] = _cast_scales(w, dtype).to(device)  # scales in the compute dtype, as kernels take them
+        weights[n] = cast_scales(w, dtype).to(device)  # scales in the compute dtype, as kernels take them
     model.to(device).eval()
     info = {"name": name, "source": str(src.resolve()), "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),

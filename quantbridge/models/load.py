@@ -46,7 +46,8 @@ SEEDED = {
 }
 
 
-from quantbridge.files.cache import cache_dir, save_model_dir
+from quantbridge.files.cache import save_model_dir
+from quantbridge.plugin.files import cache_dir
 from quantbridge.models.gguf import is_gguf
 from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
 from quantbridge.models.localdir import _first_line, check_local_model

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from quantbridge.plugin.backend import Calibration
+from quantbridge.plugin.quantizer import Calibration
 
 HOLDOUT_FRACTION = 0.1
 
@@ -106,8 +103,6 @@ def calibration_tokens(tokenizer, samples: int, length: int, path: str | None = 
 def calibration(tokenizer, samples: int, length: int, path: str | None = None, seed: int = 0) -> Calibration:
     """`samples` windows of `length` tokens from the calibration split (or the start of a user's text file)."""
     import hashlib
-
-    from quantbridge.plugin.backend import Calibration
 
     tokens = calibration_tokens(tokenizer, samples, length, path)  # refuses a missing, binary or short file
     ids = windows(tokens, samples, length, 1, seed)[0]

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class BackendUnavailable(UserError):
     """A requested backend cannot run here (library missing, no kernel for the device)."""
+
+
+class NotRunnable(Exception):
+    """These weights cannot run through this backend or kernel here (recorded as status 'unavailable')."""
+
+
+class RowFailed(Exception):
+    """A row ran and could not finish, for the reason given (recorded as status 'failed', the message as is)."""

@@ -7,6 +7,12 @@ when it cannot. `choose` tries kernels in a stated priority order and returns th
 can, together with every rejected one and why: the shape of vLLM's
 `choose_mp_linear_kernel`. Adapters register kernels by name; the core never names one.
 
+`PRIORITY` is the one order for the whole program. A backend that runs a quantizer's weights
+through the best kernel here tries the kernels that take that quantizer's `layout`, in this
+order; `--kernels` (compare and bench) runs exactly the kernels named. Adding a kernel is one
+module in adapters/ (or kernels/) plus its name in `PRIORITY`; a third party's kernel,
+registered through an entry point, comes after the listed ones.
+
 The chooser asks `available` first and `can_implement` only of a kernel whose library is
 here, so `can_implement` may import its library. Whatever either raises becomes that
 kernel's rejection (backend.ask), and a library that fails to import when a layer is built
@@ -22,12 +28,16 @@ from typing import ClassVar
 
 import torch
 
-from quantbridge.plugin.backend import Availability, QuantLinear, _load_all, ask
+from quantbridge.plugin.availability import OK, Availability, ask
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.registry import Registry
 from quantbridge.plugin.spec import QuantSpec
 
-OK = Availability(True, "")
+# Fastest first: the engines' own kernels, then ours, then the libraries' layouts decoded once
+# and multiplied by the torch reference, which runs anywhere.
+PRIORITY = ("exllamav2", "autoawq", "gemlite", "gptqmodel-torch", "gptqmodel-awq-torch", "triton", "tinygemm",
+            "gptq-layout", "awq-layout", "reference")
 NO_OFFSETS = ("its layout has integer zero-points only; these weights have a float offset per group "
               "(GGUF Q4_1/Q4_K: w = q*s + m)")
 
@@ -39,6 +49,9 @@ class Kernel:
     # Whether it runs weights with float offsets per group (w = q * s + m: GGUF Q4_1, Q4_K) as
     # well as integer zero-points; the chooser passes over those that do not.
     takes_offsets: ClassVar[bool] = False
+    # The weight layouts (a quantizer's `layout`: "native", "gptq", "awq", "gguf") this kernel is a
+    # candidate for when a backend picks the best kernel here. `--kernels` may name it for any weight.
+    layouts: ClassVar[tuple[str, ...]] = ()
 
     def available(self, device: torch.device) -> Availability:
         """Whether the kernel's library and device kind are here at all (library and version when so)."""
@@ -52,11 +65,21 @@ class Kernel:
         raise NotImplementedError
 
 
-KERNELS: Registry[Kernel] = Registry("kernel", _load_all)
+KERNELS: Registry[Kernel] = Registry("kernel")
 register_kernel = KERNELS.register
-kernel_names = KERNELS.names
 get_kernel = KERNELS.get
 parse_kernels = KERNELS.parse
+
+
+def kernel_names() -> list[str]:
+    """Every registered kernel: those in PRIORITY in that order, then any others in registration order."""
+    names = KERNELS.names()
+    return [n for n in PRIORITY if n in names] + [n for n in names if n not in PRIORITY]
+
+
+def kernels_for(layout: str) -> tuple[str, ...]:
+    """The kernels that take weights of `layout`, in the one priority order."""
+    return tuple(n for n in kernel_names() if layout in KERNELS.classes[n].layouts)
 
 
 @dataclass(frozen=True)

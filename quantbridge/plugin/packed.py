@@ -163,3 +163,8 @@ def canonical_perm(w: Int4Weight) -> Int4Weight:
     order = order.reshape(-1)
     return Int4Weight(pack_int4(w.codes()[:, order]), w.scales, w.zeros, g, w.perm[order], w.in_scale, w.out_scale,
                       w.offsets)
+
+
+def cast_scales(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
+    """Scales in the compute dtype, as kernels take them (exact for fp16 -> fp32; fp16 -> bf16 rounds)."""
+    return Int4Weight(w.qweight, w.scales.to(dtype), w.zeros, w.group_size, w.perm, offsets=w.offsets)

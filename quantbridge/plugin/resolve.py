@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from quantbridge.plugin import backend as registry
-from quantbridge.plugin.backend import Availability, ask
+from quantbridge.plugin.availability import Availability, ask
 from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.kernel import get_kernel
 from quantbridge.plugin.quantizer import get_quantizer

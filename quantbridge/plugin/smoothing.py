@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.backend import QuantLinear
+from quantbridge.plugin.layer import QuantLinear
 
 
 class SmoothedLinear(QuantLinear):

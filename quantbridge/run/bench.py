@@ -29,7 +29,9 @@ from quantbridge.measure.probes import L2Flush, time_calls
 from quantbridge.plugin.kernel import get_kernel, kernel_names
 from quantbridge.measure.metrics import summarize
 from quantbridge.plugin.packed import Int4Weight, quantize_rtn
-from quantbridge.run.rows import NotRunnable
+from quantbridge.plugin.availability import ask
+from quantbridge.plugin.backend import Engine
+from quantbridge.plugin.errors import NotRunnable
 from quantbridge.plugin.spec import QuantSpec
 
 # (K, N) = (in_features, out_features) of each distinct linear shape.
@@ -159,7 +161,7 @@ class KernelSource:
         self.name = f"{baseline_label() or 'rtn'}+{kernel}"
 
     def available(self, device: torch.device):
-        return registry.ask(get_kernel(self.kernel).available, device)
+        return ask(get_kernel(self.kernel).available, device)
 
     def check_spec(self, spec: QuantSpec) -> None:
         return None  # what a kernel cannot hold is per weight: can_implement, in from_int4
@@ -179,8 +181,8 @@ def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: li
     lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
     nn.init.normal_(lin.weight, std=0.02)
     rows = []
-    if getattr(backend, "engine", False) or (getattr(backend, "whole_model", False) and not backend.needs_calibration):
-        why = ("it runs a whole model file, not one layer" if getattr(backend, "engine", False)
+    if isinstance(backend, Engine) or (getattr(backend, "whole_model", False) and not backend.needs_calibration):
+        why = ("it runs a whole model file, not one layer" if isinstance(backend, Engine)
                else "its weights are read from a model's own file, which a bench shape does not have")
         return [Row(backend.name, "", k, n, m, "unavailable", why) for m in ms]
     try:

@@ -29,7 +29,10 @@ from quantbridge.files import faults
 from quantbridge.run import launcher as iso
 from quantbridge.measure import machinecheck
 from quantbridge.plugin import resolve
-from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.plugin.backend import Engine, Pairing
+from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, RowFailed, UserError
+from quantbridge.models.gguf import model_codes
+from quantbridge.run.engine_row import engine_row
 from quantbridge.measure.hardware import device_info
 from quantbridge.measure.probes import L2Flush
 from quantbridge.run.measure_row import measure_row, sensitivity
@@ -38,8 +41,8 @@ from quantbridge.models.loaded import LoadedModel, ModelOrigin, fingerprint, lin
 from quantbridge.run.preflight import skip_targets
 from quantbridge.run.reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from quantbridge.results.schema import BackendResult, Comparison
-from quantbridge.plugin.quantizer import baseline_label, get_quantizer
-from quantbridge.run.rows import (CHECKPOINT, NotRunnable, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
+from quantbridge.plugin.quantizer import baseline_label
+from quantbridge.run.rows import (CHECKPOINT, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
                    shared_source, with_layers)
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.run.settings import Settings, timing_mode
@@ -152,8 +155,7 @@ class _Probes:
         if source == CHECKPOINT:
             return {n: w.plain() if w.smoothed else w for n, w in self.loaded.int4.items()}
         b = registry.get(source)
-        q = get_quantizer(b.quantizer) if b.quantizer else None
-        if q is None or getattr(q, "reads_model", False):
+        if not isinstance(b, Pairing) or b.reads_model:
             return None
         linears = linear_layers(self.loaded.model)
         shapes: dict[tuple, str] = {}  # one layer per distinct shape and dtype
@@ -165,13 +167,13 @@ class _Probes:
 
 def _row_problem(b: registry.Backend, shared: str | None, probes: _Probes) -> str | None:
     """Why backend `b`'s row cannot run the weights it will be given here, or None (also when unknown)."""
-    if b.engine and shared not in (None, CHECKPOINT):
+    if isinstance(b, Engine) and shared not in (None, CHECKPOINT):
         return f"{b.name} runs its own model file as a whole; it cannot run --weights {shared}'s weights"
     if not b.quantized:
         return None
     if shared is not None and not b.runs_int4():
         return f"{b.name} cannot run {shared}'s INT4 weights (its own format only)"
-    if not b.kernels:  # a fused backend, or one with its own from_int4: nothing to ask before it runs
+    if not isinstance(b, Pairing):  # a fused backend: nothing to ask before it runs
         return None
     return _kernels_problem(b.kernels, f"no kernel of {b.name}", probes.weights(shared or b.name))
 
@@ -371,7 +373,8 @@ def _weight_source(loaded: LoadedModel, rows: Rows, settings: Settings, device: 
         model=loaded.model, linears={n: linears[n] for n in sorted(rows.targets)}, spec=rows.spec,
         model_key=loaded.info.get("hash") or loaded.name, tokenizer=loaded.tokenizer, device=device, dtype=dtype,
         calib_samples=samples, calib_len=length, calib_file=settings.calib_file,
-        seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress)
+        seed=settings.seed, use_cache=settings.cache, checkpoint=loaded.int4, progress=progress,
+        read_codes=lambda: model_codes(loaded.model))
 
 
 def _calibrations(name: str, rows: Rows, settings: Settings) -> set[str]:
@@ -433,8 +436,8 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
     fmt = (loaded.info.get("checkpoint") or {}).get("format", "")
     try:
         with Sampler(device) as sampler:
-            if name not in rows.kernel_rows and name != PLAN and registry.get(name).engine:
-                result = registry.get(name).measure_engine(loaded.model, ref, settings, device)
+            if name not in rows.kernel_rows and name != PLAN and isinstance(registry.get(name), Engine):
+                result = engine_row(name, registry.get(name), loaded.model, ref, settings)
                 result.model_metrics["telemetry"] = sampler.summary()
                 result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
                 return result
@@ -467,6 +470,8 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
         return result
     except NotRunnable as e:
         return BackendResult(name=name, status="unavailable", reason=str(e))
+    except RowFailed as e:
+        return BackendResult(name=name, status="failed", reason=str(e))
     except Exception as e:  # noqa: BLE001 - one backend's failure must not end the comparison
         if settings.debug:
             raise

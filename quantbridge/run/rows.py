@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from quantbridge.plugin import backend as registry
-from quantbridge.plugin.backend import Backend, Calibration
-from quantbridge.files.cache import cache_dir
-from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.plugin.availability import ask
+from quantbridge.plugin.backend import Backend, Pairing
+from quantbridge.plugin.quantizer import Calibration, ModelCodes
+from quantbridge.plugin.files import cache_dir
+from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, UserError
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.quantizer import get_quantizer
 from quantbridge.plugin.spec import QuantSpec
 
 CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
-
-
-class NotRunnable(Exception):
-    """This backend cannot run the requested weights (recorded as status 'unavailable')."""
 
 
 class Progress:
@@ -69,9 +68,7 @@ def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec)
 
 def canonical(b: Backend) -> bool:
     """Whether a backend's algorithm yields canonical INT4 weights that rows can share."""
-    # A quantizer pairing, or a backend (e.g. a plugin's) with its own canonical-weights methods.
-    return b.quantized and (b.quantizer is not None or b.needs_calibration
-                            or type(b).quantize_weights_of is not Backend.quantize_weights_of)
+    return isinstance(b, Pairing) and b.quantized
 
 
 def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -> str | None:
@@ -87,7 +84,7 @@ def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -
     if not canonical(src):
         raise UserError(f"--weights {weights}: its weights are not canonical INT4; use one of: "
                         f"{', '.join(n for n in registry.names() if canonical(registry.get(n)))}")
-    here = registry.ask(src.available, device)
+    here = ask(src.available, device)
     if not here.ok:
         raise BackendUnavailable(f"--weights {weights}: {here.reason}")
     return weights
@@ -114,6 +111,8 @@ class WeightSource:
     use_cache: bool = True
     checkpoint: dict[str, Int4Weight] | None = None
     progress: Progress = field(default_factory=Progress)
+    # The codes the model's own file holds (a GGUF's), read only when a row asks for them.
+    read_codes: Callable[[], ModelCodes | None] = lambda: None
 
     def __post_init__(self) -> None:
         self._made: dict[str, dict[str, Int4Weight]] = {}
@@ -124,10 +123,9 @@ class WeightSource:
             return self.checkpoint
         if name not in self._made:
             b = registry.get(name)
-            q = get_quantizer(b.quantizer) if b.quantizer else None
-            if q is not None and q.reads_model:  # read from the model's own file: nothing to calibrate or cache
+            if isinstance(b, Pairing) and b.reads_model:  # read from the model's own file: nothing to calibrate or cache
                 self.progress.begin(f"{b.name}: read the model's codes", 1)
-                self._made[name] = q.quantize(self.model, self.linears, self.spec, None)
+                self._made[name] = b.read_weights(self.read_codes(), self.linears)
                 self.progress.advance()
             else:
                 self._made[name] = self._calibrated(b) if b.needs_calibration else self._layerwise(b)

@@ -78,7 +78,7 @@ def refuse_unsafe(out: Path, option: str, example: str = "runs/demo") -> None:
 
 def refuse_cache(out: Path, option: str, example: str = "runs/demo") -> None:
     """Refuse quantbridge's own cache directory and anything in it: what is there is quantbridge's."""
-    from quantbridge.files.cache import cache_dir
+    from quantbridge.plugin.files import cache_dir
 
     cache = cache_dir().expanduser().resolve()
     out = out.expanduser().resolve()
@@ -194,7 +194,7 @@ class RunDir:
 
     def write(self, name: str, data: str) -> Path:
         """Another file of the run (the report), in the staging directory; returns its final path."""
-        from quantbridge.results.schema import write_atomic
+        from quantbridge.plugin.files import write_atomic
 
         try:
             write_atomic(self.staging / name, data)

@@ -58,7 +58,7 @@ def test_eval_text_not_utf8(tmp_path, no_model_load):
 
 def test_strict_reader_for_compare():
     from quantbridge.plugin.errors import UserError
-    from quantbridge.run.preflight import read_text_strict
+    from quantbridge.models.text import read_text_strict
 
     with pytest.raises(UserError, match="does not exist"):
         read_text_strict("/no/such/file.txt")
@@ -214,7 +214,7 @@ def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
 def test_exchange_without_renameat2(tmp_path, monkeypatch):
     import ctypes
 
-    from quantbridge.run import rundir
+    from quantbridge.files import outdir
 
     new, out = tmp_path / "new", tmp_path / "out"
     new.mkdir()
@@ -222,7 +222,7 @@ def test_exchange_without_renameat2(tmp_path, monkeypatch):
     (new / "results.json").write_text("new")
     (out / "results.json").write_text("old")
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
-    old = rundir._exchange(new, out)
+    old = outdir.exchange(new, out)
     assert (out / "results.json").read_text() == "new" and (old / "results.json").read_text() == "old"
 
 

@@ -140,13 +140,13 @@ def test_signal_during_the_swap_is_acted_on_after_it(tmp_path, previous, monkeyp
     out = previous_in(tmp_path, previous)
     run = rundir.RunDir(out).prepare()
     run.write("report.md", "# new\n")
-    real = rundir._exchange
+    real = rundir.exchange
 
     def exchange_with_a_signal(new, old):
         os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the middle of commit
         return real(new, old)
 
-    monkeypatch.setattr(rundir, "_exchange", exchange_with_a_signal)
+    monkeypatch.setattr(rundir, "exchange", exchange_with_a_signal)
     try:
         with pytest.raises(faults.Interrupted) as stop:
             run.commit()

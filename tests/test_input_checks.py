@@ -451,7 +451,7 @@ def test_file_tokens_reads_a_bounded_prefix(tiny, big_text, tokenized):
 
 
 def test_prefix_ends_between_characters_and_words(tmp_path):
-    from quantbridge.run.preflight import read_text_prefix
+    from quantbridge.models.text import read_text_prefix
 
     f = tmp_path / "accents.txt"
     # "abc" puts the first byte of a two-byte "é" last in a 65536-byte prefix
@@ -462,7 +462,7 @@ def test_prefix_ends_between_characters_and_words(tmp_path):
 
 
 def test_strictness_of_the_prefix(tmp_path):
-    from quantbridge.run.preflight import read_text_prefix
+    from quantbridge.models.text import read_text_prefix
 
     f = tmp_path / "t.txt"
     f.write_bytes(b"text \xff more" + b" words" * 100_000)
@@ -477,7 +477,7 @@ def test_strictness_of_the_prefix(tmp_path):
 
 
 def test_compare_reads_only_what_the_eval_tokens_need(tmp_path, tiny, big_text, tokenized):
-    from quantbridge.run.preflight import TEXT_CHECK_BYTES
+    from quantbridge.models.text import TEXT_CHECK_BYTES
 
     r = invoke("compare", "tiny", "--backends", "fp16", *FAST, "--isolation", "none", "--eval-text", big_text,
                 "--no-report", "-q", "--out", tmp_path / "out")

@@ -349,7 +349,7 @@ def _render_report(comp, kind: str = "html") -> str:
 
 def _write_report(comp, path: Path, kind: str = "html") -> Path:
     from quantbridge.files import faults
-    from quantbridge.results.schema import write_atomic
+    from quantbridge.plugin.files import write_atomic
 
     text = _render_report(comp, kind)
     try:
@@ -363,7 +363,7 @@ def _check_writable(path: str, option: str, example: str | None = None) -> None:
     """Create the parent of an output file and try there what write_atomic will do (a file written and
     renamed), and that an existing file can be replaced, before any work."""
     from quantbridge.files import faults
-    from quantbridge.run.rundir import refuse_cache
+    from quantbridge.files.outdir import refuse_cache
 
     p = Path(path).expanduser()
     example = example or f"report.{option[2:]}"
@@ -387,7 +387,7 @@ def _check_writable(path: str, option: str, example: str | None = None) -> None:
 def _check_writable_dir(path: str, option: str, example: str) -> Path:
     """An output directory whose files are written one by one (bench): created and tried before any work."""
     from quantbridge.files import faults
-    from quantbridge.run.rundir import refuse_cache
+    from quantbridge.files.outdir import refuse_cache
 
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
@@ -501,7 +501,7 @@ def plan(source: str, max_ppl_increase: float | None, max_weight_gb: float | Non
     import json
 
     from quantbridge.results.plan import Budget, make_plan
-    from quantbridge.results.schema import write_atomic
+    from quantbridge.plugin.files import write_atomic
 
     from quantbridge.plugin import backend as registry
 
@@ -715,7 +715,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     from quantbridge.measure.hardware import resolve_device, resolve_dtype
     from quantbridge.plugin.kernel import parse_kernels
     from quantbridge.report.bench import roofline_png, to_markdown
-    from quantbridge.results.schema import write_atomic
+    from quantbridge.plugin.files import write_atomic
     from quantbridge.plugin.spec import QuantSpec, parse_group_size
 
     if quick:

@@ -22,6 +22,7 @@ from torch import nn
 
 from quantbridge import formats
 from quantbridge.files import faults
+from quantbridge.files.outdir import exchange, refuse_unsafe
 from quantbridge.plugin.errors import UserError
 from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers
 from quantbridge.plugin.packed import Int4Weight, cast_scales
@@ -199,8 +200,6 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[s
     Refuses /, the home directory, the current directory or any directory containing it, and
     a non-empty directory that is not a model checkpoint, with --overwrite or without.
     """
-    from quantbridge.run.rundir import refuse_unsafe
-
     path = Path(out).expanduser().resolve()
     refuse_unsafe(path, "OUT_DIR", "runs/demo-gptq")
     if path.exists() and not path.is_dir():
@@ -228,8 +227,6 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[s
 def _check_swap(path: Path, out) -> None:
     """What the final swap needs, tried now: a rename in OUT_DIR's parent (or the nearest directory
     that exists), and an OUT_DIR and files that can be moved and removed (no mount point, not immutable)."""
-    from quantbridge.files import faults
-
     parent = next(p for p in path.parents if p.is_dir())
     problem = None
     try:
@@ -303,13 +300,11 @@ def _swap_in(tmp: Path, out: Path) -> None:
     """Put the checkpoint written at `tmp` in OUT's place; a previous checkpoint (check_out_dir) is
     exchanged with it in one step and then removed. A signal meanwhile is acted on once that is done,
     so OUT holds either the previous checkpoint or the new one, and nothing hidden is left."""
-    from quantbridge.run.rundir import _exchange
-
     try:
         with faults.deferred_signals():
             try:
                 if out.exists():
-                    _exchange(tmp, out)  # the previous checkpoint now lies at `tmp`
+                    exchange(tmp, out)  # the previous checkpoint now lies at `tmp`
                 else:
                     os.replace(tmp, out)
             except OSError as e:  # OUT_DIR as it was; our new copy goes

@@ -7,10 +7,15 @@ calibration split, the last 10 % the held-out evaluation split.
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
+
 import torch
 
+from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.quantizer import Calibration
 
 HOLDOUT_FRACTION = 0.1
@@ -75,8 +80,6 @@ def file_tokens(tokenizer, path: str, option: str, want: int) -> torch.Tensor:
     Reads a bounded prefix (strictly decoded, preflight.read_text_prefix), grown fourfold until
     it holds `want` tokens or is the whole file; the caller checks the count it needs.
     """
-    from quantbridge.run.preflight import read_text_prefix
-
     nbytes = max(MIN_PREFIX_BYTES, want * BYTES_PER_TOKEN)
     while True:
         text, whole = read_text_prefix(path, option, nbytes)
@@ -88,8 +91,6 @@ def file_tokens(tokenizer, path: str, option: str, want: int) -> torch.Tensor:
 
 def calibration_tokens(tokenizer, samples: int, length: int, path: str | None = None) -> torch.Tensor:
     """The tokens calibration windows are cut from; refused in one line when fewer than `samples` x `length`."""
-    from quantbridge.plugin.errors import UserError
-
     need = samples * length  # windows() cuts `samples` rows of `length` tokens from them
     tokens = (tokenize(tokenizer, text_split("calib")) if path is None
               else file_tokens(tokenizer, path, "--calib", TOKEN_MARGIN * need))
@@ -102,9 +103,55 @@ def calibration_tokens(tokenizer, samples: int, length: int, path: str | None = 
 
 def calibration(tokenizer, samples: int, length: int, path: str | None = None, seed: int = 0) -> Calibration:
     """`samples` windows of `length` tokens from the calibration split (or the start of a user's text file)."""
-    import hashlib
-
     tokens = calibration_tokens(tokenizer, samples, length, path)  # refuses a missing, binary or short file
     ids = windows(tokens, samples, length, 1, seed)[0]
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
     return Calibration(ids, digest, tokenizer)
+
+
+# What the checks before the model loads read of --eval-text / --calib: enough to refuse a binary
+# or non-UTF-8 file at once, without reading a large file whole (only a prefix of it is used).
+TEXT_CHECK_BYTES = 1 << 20
+
+
+def read_text_strict(path: str | Path, option: str = "--eval-text", max_bytes: int | None = None) -> str:
+    """A text file (its first `max_bytes` bytes, or the whole file) decoded as UTF-8, refusing binary
+    or otherwise non-UTF-8 files.
+
+    compare reads --eval-text through this (not with errors="replace"), so perplexity is never
+    measured on replacement characters without a word.
+    """
+    return read_text_prefix(path, option, max_bytes)[0]
+
+
+def read_text_prefix(path: str | Path, option: str, max_bytes: int | None) -> tuple[str, bool]:
+    """(the text of the file's first `max_bytes` bytes, whether that is the whole file), decoded strictly.
+
+    A prefix ends at its last whitespace, so it never ends inside a character or a word.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{option} file {str(path)!r} does not exist; pass a UTF-8 text file to {option}")
+    with open(p, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes)
+        whole = max_bytes is None or len(data) < max_bytes or not f.read(1)
+    try:
+        # An incomplete character at the end of a prefix is held back, not an error.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=whole)
+    except UnicodeDecodeError as e:
+        bad = _replaced(data)
+        raise UserError(f"{option} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, "
+                        f"{bad} undecodable sequence(s)); convert it, e.g. iconv -f latin1 -t utf-8") from None
+    if "\x00" in text:
+        raise UserError(f"{option} {path} holds NUL bytes, so it is binary, not text; pass a UTF-8 text file")
+    if not whole:
+        cut = max(text.rfind(c) for c in " \n\t\r")
+        text = text[:cut] if cut > 0 else text
+    if whole and not text.strip():
+        raise UserError(f"{option} {path} is empty; pass a UTF-8 text file with some prose in it")
+    return text, whole
+
+
+def _replaced(data: bytes) -> int:
+    """How many undecodable byte sequences errors="replace" would turn into U+FFFD."""
+    return data.decode("utf-8", errors="replace").count("\ufffd") - data.count("\ufffd".encode())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from quantbridge.measure.machinecheck import slowdown
+from quantbridge.results.drift import slowdown
 from quantbridge.results.recommend import layer_latency_sum
 from quantbridge.results.schema import Comparison
 
@@ -60,7 +60,7 @@ STEADY = 0.10
 
 
 def drift_note(drift: float) -> str:
-    """The machine check across rows (machinecheck.drift) in words a person acts on."""
+    """The machine check across rows (results.drift.drift) in words a person acts on."""
     if drift < STEADY:
         return (f"the machine ran at a steady speed: fixed work timed before and after every row stayed "
                 f"within {drift:.0%}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from quantbridge.measure import machinecheck
+from quantbridge.results import drift as machine_drift
 from quantbridge.results.schema import BackendResult, Comparison
 
 
@@ -28,9 +28,9 @@ def _pick(candidates: list[tuple[float, str]]) -> tuple[str, float, tuple[str, f
 
 
 def timing_drift(comp: Comparison) -> float | None:
-    """How much the machine's own speed moved between the rows' timings (machinecheck.drift of
+    """How much the machine's own speed moved between the rows' timings (results.drift.drift of
     the fixed work every row timed before and after; None where fewer than two rows recorded it)."""
-    return machinecheck.drift([rec for b in comp.backends if b.status == "ok"
+    return machine_drift.drift([rec for b in comp.backends if b.status == "ok"
                                for rec in [b.model_metrics.get("machine_check") or b.model_metrics.get("machine_probe_us")]
                                if isinstance(rec, dict)])
 
@@ -61,7 +61,7 @@ def recommendations(comp: Comparison) -> list[dict]:
         if timed and drift is not None and runner is not None and value > 0 and runner[1] / value - 1 < drift:
             entry["within_drift"] = True
             entry["figure"] += (f"; undecided: {runner[1] / value - 1:.0%} ahead of {runner[0]}, but the machine's "
-                                f"own speed moved by {machinecheck.slowdown(drift)} between rows")
+                                f"own speed moved by {machine_drift.slowdown(drift)} between rows")
         out.append(entry)
 
     if decode:

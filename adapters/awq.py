@@ -25,6 +25,7 @@ from quantbridge.plugin.spec import QuantSpec
 
 from quantbridge.adapters import _llmcompressor as llmc
 from quantbridge.adapters._format_linear import FormatLinear
+from quantbridge.plugin.errors import UserError
 
 RANK1_TOLERANCE = 1e-3  # relative residual of W_awq vs diag(r) W diag(c): pure scaling leaves ~1e-6
 
@@ -56,8 +57,6 @@ class AWQQuantizer(Quantizer):
         return llmc.availability(device)
 
     def check_spec(self, spec: QuantSpec) -> None:
-        from quantbridge.plugin.errors import UserError
-
         if spec.act_order:
             raise UserError("AWQ has no act-order; drop --act-order or leave awq out")
 

@@ -30,6 +30,8 @@ from quantbridge.plugin.packed import Int4Weight
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_codes import as_float, dequant_words
+from quantbridge.plugin.files import cache_dir
+from quantbridge.plugin.files import write_atomic
 
 KERNEL_NAME = "quantbridge.triton"
 # Bumped when the kernels change in a way that can move the best configuration: tuned
@@ -548,8 +550,6 @@ class _Tuner:
         self.memo: dict[tuple[torch.device, str], Config] = {}
 
     def _file(self, device: torch.device) -> Path:
-        from quantbridge.plugin.files import cache_dir
-
         name = torch.cuda.get_device_name(device).replace(" ", "_")
         return cache_dir() / f"triton-int4-{REVISION}-{name}-triton{triton.__version__}.json"
 
@@ -560,8 +560,6 @@ class _Tuner:
             self.table = json.loads(path.read_text()) if path.exists() else {}
 
     def _save(self) -> None:
-        from quantbridge.plugin.files import write_atomic
-
         write_atomic(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
     def config(self, x2: torch.Tensor, w: Int4Weight) -> Config:

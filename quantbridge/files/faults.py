@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from quantbridge.plugin.errors import UserError
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WAIT_ENV = "QUANTBRIDGE_TEST_WAIT_AT"  # comma-separated stages, waited at in this order, once each
@@ -242,7 +243,6 @@ def tmpdir_named() -> str:
 
 def check_tmpdir(nbytes: int = 1 << 20) -> None:
     """Try TMPDIR before any work: the files handed to each row's process are written there."""
-    from quantbridge.plugin.errors import UserError
 
     try:
         probe_dir(tempfile.gettempdir(), nbytes)

@@ -27,6 +27,9 @@ from quantbridge.plugin.errors import UserError
 from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers
 from quantbridge.plugin.packed import Int4Weight, cast_scales
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.models.localdir import read_config
+from quantbridge.models.localdir import check_local_model
+from quantbridge.models.loaded import refuse_mismatched
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -36,8 +39,6 @@ _SIDECARS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}  # auto
 
 
 def quantization_config(path: Path) -> dict | None:
-    from quantbridge.models.localdir import read_config
-
     cfg = read_config(Path(path))
     if cfg.get("quantization_config") is not None:
         return cfg["quantization_config"]
@@ -102,7 +103,6 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quantbridge.models.localdir import check_local_model
 
     check_local_model(Path(path))  # config, weight headers and tokenizer files, each named if bad
     codec, qcfg, weights, rest = read_int4(path)
@@ -121,7 +121,6 @@ def load_quantized(path: Path, device: torch.device, dtype: torch.dtype) -> Load
     mismatched += [(f"{n}.weight", (w.out_features, w.in_features), tuple(lins[n].weight.shape))
                    for n, w in weights.items() if (w.out_features, w.in_features) != tuple(lins[n].weight.shape)]
     if mismatched:  # load_state_dict would raise a RuntimeError listing them all
-        from quantbridge.models.loaded import refuse_mismatched
 
         refuse_mismatched(sorted(mismatched), Path(path), str(path))
     missing, unexpected = model.load_state_dict(rest, strict=False)

@@ -51,6 +51,10 @@ from quantbridge.plugin.files import cache_dir
 from quantbridge.models.gguf import is_gguf
 from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
 from quantbridge.models.localdir import _first_line, check_local_model
+from quantbridge.models.gguf import load_gguf
+from quantbridge.models.loaded import ModelOrigin
+from quantbridge.models.loaded import refuse_mismatched
+from quantbridge.models.checkpoint import is_quantized, load_quantized
 
 
 def _train_tokenizer(vocab_size: int):
@@ -177,7 +181,6 @@ def _refuse_gguf(spec: str) -> None:
 
 def _load_gguf(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """A GGUF file (or `demo-gguf`, the demo's own file): the float reference and the file's INT4 codes."""
-    from quantbridge.models.gguf import load_gguf
 
     if spec == DEMO_GGUF_NAME:
         return load_gguf(demo.gguf_path(), device, dtype, DEMO_GGUF_NAME, hf_dir=demo.demo_path())
@@ -190,7 +193,6 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     The result remembers what it was loaded from (`origin`), so a row's child process can load
     it again: the demo and seeded models are rebuilt from their seeds, directories re-read.
     """
-    from quantbridge.models.loaded import ModelOrigin
 
     loaded = _load(spec, device, dtype)
     local = Path(spec).expanduser()
@@ -217,7 +219,6 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         if not (path / "config.json").exists():
             raise UserError(f"{spec} has no config.json; pass a Hugging Face model directory (save_pretrained output)")
         check_local_model(path)
-        from quantbridge.models.checkpoint import is_quantized, load_quantized
 
         if is_quantized(path):
             return load_quantized(path, device, dtype)
@@ -249,8 +250,6 @@ def _load(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         hf_logging.set_verbosity(verbosity)
     mismatched = sorted(loading.get("mismatched_keys") or [])
     if mismatched:
-        from quantbridge.models.loaded import refuse_mismatched
-
         refuse_mismatched(mismatched, path if isinstance(path, Path) else None, spec)
     missing = list(loading.get("missing_keys") or [])
     if missing:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
+from quantbridge.plugin.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,12 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-
 def refuse_mismatched(mismatched, directory: Path | None, model: str) -> None:
     """A one-line error for tensors whose stored shape is not the one config.json gives them.
 
     `mismatched`: (name, shape in the file, shape the config makes), as transformers lists them;
     the file holding each is looked up in the directory's safetensors headers.
     """
-    from quantbridge.plugin.errors import UserError
 
     def shape(s) -> str:
         return "x".join(map(str, tuple(s)))

@@ -13,6 +13,7 @@ from quantbridge.plugin.errors import UserError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
 
+
 def read_config(path: Path) -> dict:
     """A model directory's config.json as a dict; a one-line error naming the file otherwise."""
     f = Path(path) / "config.json"

@@ -7,6 +7,7 @@ import statistics
 from quantbridge.results.drift import slowdown
 from quantbridge.results.recommend import layer_latency_sum
 from quantbridge.results.schema import Comparison
+from quantbridge.results.plan import predict
 
 STEP_HEAD = ["backend", "M", "timing", "step µs", "Σ linears µs", "rest of step µs", "tokens/s",
              "host µs per layer call"]
@@ -117,7 +118,6 @@ def plan_check(comp: Comparison) -> dict[str, tuple[float, float | None]]:
     the same run, since absolute timings move between runs; it is predicted twice: from the
     run the plan was made from, and from this run's own per-backend rows (which isolates the
     additive model from run-to-run drift of the timings)."""
-    from quantbridge.results.plan import predict
 
     b, ref = comp.plan_row(), comp.reference()
     plan = b.model_metrics["plan"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from quantbridge.plugin.errors import UserError
 from quantbridge.results.schema import Comparison
+from quantbridge.plugin import backend as registry
 
 PLAN_SCHEMA = 1
 
@@ -164,7 +165,6 @@ def load_plan(path: str) -> dict:
         what = (f"layer {bad[0]} is assigned {bad[1]!r}, not a backend name" if bad
                 else "'backends' is not a list of backend names")
         raise UserError(f"{path} is not a usable quantbridge plan: {what}; write one with `quantbridge plan`")
-    from quantbridge.plugin import backend as registry
 
     used = sorted(set(plan["layers"].values()))
     try:
@@ -179,7 +179,6 @@ def load_plan(path: str) -> dict:
 def check_plan_layers(plan: dict, layers: Iterable[str], quantized: Iterable[str], model: str) -> None:
     """Refuse a plan that would be applied in part: a layer the model lacks, or a quantized
     backend for a layer this run keeps unquantized (--skip, or a checkpoint's float layers)."""
-    from quantbridge.plugin import backend as registry
 
     layers, quantized = list(layers), set(quantized)
     missing = [n for n in plan["layers"] if n not in layers]

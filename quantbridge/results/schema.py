@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from quantbridge.plugin.files import write_atomic
+from quantbridge import __version__
 
 SCHEMA_VERSION = 3
 # Version 1 had no host_us per layer and no timing per row: its latencies are eager, read as such.
@@ -112,8 +113,6 @@ def newer_schema(d: dict) -> str | None:
     """A one-line explanation when `d` was written with a schema newer than this quantbridge reads."""
     v = d.get("schema_version")
     if isinstance(v, int) and not isinstance(v, bool) and v > SCHEMA_VERSION:
-        from quantbridge import __version__
-
         return (f"results schema_version {v} was written by a newer quantbridge; this one ({__version__}) reads "
                 f"up to {SCHEMA_VERSION}: upgrade quantbridge (pip install -U quantbridge)")
     return None

@@ -15,14 +15,14 @@ from quantbridge.plugin.errors import UserError
 from quantbridge.models.gguf import is_gguf
 from quantbridge.models.load import DEMO_GGUF_NAME, load_model, linear_layers
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.models.checkpoint import check_out_dir
+from quantbridge.run.preflight import check_skip, skip_targets
 
 
 def convert(src: str, to: str, out: str | Path, *, method: str = "native", spec: QuantSpec | None = None,
             skip: str = r"(^|\.)lm_head$", device: torch.device | None = None, dtype: torch.dtype | None = None,
             calib=None, overwrite: bool = False, calib_factory=None) -> dict:
     """Write SRC as a `to`-format checkpoint in OUT; returns a summary for the CLI."""
-    from quantbridge.models.checkpoint import check_out_dir
-    from quantbridge.run.preflight import check_skip, skip_targets
 
     codec = formats.get(to)
     out, replaced = check_out_dir(out, overwrite)  # before anything is loaded or computed

@@ -25,6 +25,12 @@ from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, UserError
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.quantizer import get_quantizer
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.models.loaded import linear_layers
+from quantbridge.plugin.smoothing import build
+from quantbridge.plugin.kernel import build_first
+from quantbridge.models import qcache
+from quantbridge.files.faults import WriteFailed
+from quantbridge.models.text import calibration
 
 CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
 
@@ -56,7 +62,6 @@ def with_layers(model: nn.Module, layers: dict[str, nn.Module], spec: QuantSpec)
 
     Linears not in `layers` go to the reference backend, so they are probed the same way.
     """
-    from quantbridge.models.loaded import linear_layers
 
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, memo)
@@ -140,10 +145,6 @@ class WeightSource:
         return out
 
     def _calibrated(self, b: Backend) -> dict[str, Int4Weight]:
-        from quantbridge.models import qcache
-        from quantbridge.files.faults import WriteFailed
-        from quantbridge.models.text import calibration
-
         if self._calib is None:
             self._calib = calibration(self.tokenizer, self.calib_samples, self.calib_len, self.calib_file, self.seed)
         # The quantizer's library and version (not the backend's kernels: they do not change the weights).
@@ -169,7 +170,6 @@ class WeightSource:
 def row_layers(name: str, source: WeightSource, shared: str | None, only: set[str] | None = None,
                checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
     """Backend `name`'s layers for every target (or the `only` ones), and a label for their weights."""
-    from quantbridge.plugin.smoothing import build
 
     b = registry.get(name)
     lins = {n: lin for n, lin in source.linears.items() if only is None or n in only}
@@ -205,8 +205,6 @@ def shared_label(shared: str, checkpoint_format: str = "") -> str:
 def kernel_layers(kernel: str, source: WeightSource, shared: str,
                   checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
     """The shared weights of every target through exactly one kernel (a `--kernels` row)."""
-    from quantbridge.plugin.kernel import build_first
-    from quantbridge.plugin.smoothing import build
 
     ws = source.get(shared)
     source.progress.begin(f"{kernel}: build layers", len(source.linears))

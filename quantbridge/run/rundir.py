@@ -22,6 +22,8 @@ from pathlib import Path
 from quantbridge.files import faults
 from quantbridge.files.outdir import exchange, refuse_unsafe
 from quantbridge.plugin.errors import UserError
+from quantbridge.results.schema import save_csv, save_json
+from quantbridge.plugin.files import write_atomic
 
 MARKER = ".quantbridge-run"  # JSON: status (running, partial, complete), pid, rows
 # What a run directory may hold; anything else in an existing OUT means it is not ours to replace.
@@ -153,7 +155,6 @@ class RunDir:
     # -- during the run -------------------------------------------------------------------------
     def save(self, comp) -> None:
         """results.json and results.csv of the rows so far, in the staging directory."""
-        from quantbridge.results.schema import save_csv, save_json
 
         # results.json last: it is what an interrupted run is read back from (see `saved_rows`).
         for name, write in (("results.csv", save_csv), ("results.json", save_json)):
@@ -167,7 +168,6 @@ class RunDir:
 
     def write(self, name: str, data: str) -> Path:
         """Another file of the run (the report), in the staging directory; returns its final path."""
-        from quantbridge.plugin.files import write_atomic
 
         try:
             write_atomic(self.staging / name, data)

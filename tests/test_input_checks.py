@@ -20,7 +20,7 @@ from quantbridge.plugin.errors import UserError
 def no_work(monkeypatch):
     """Nothing may be loaded, benchmarked or measured: these checks come first."""
     import quantbridge.run.bench
-    import quantbridge.cli
+    import quantbridge.cli.compare
     import quantbridge.run.compare
     import quantbridge.run.convert
     import quantbridge.models.load
@@ -29,7 +29,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the bad input was refused")
 
     for module, name in ((quantbridge.models.load, "load_model"), (quantbridge.run.convert, "load_model"),
-                         (quantbridge.run.bench, "run_bench"), (quantbridge.cli, "run_compare")):
+                         (quantbridge.run.bench, "run_bench"), (quantbridge.cli.compare, "run_compare")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -58,7 +58,7 @@ def test_eval_text_not_utf8(tmp_path, no_model_load):
 
 def test_strict_reader_for_compare():
     from quantbridge.plugin.errors import UserError
-    from quantbridge.models.text import read_text_strict
+    from quantbridge.models.textfile import read_text_strict
 
     with pytest.raises(UserError, match="does not exist"):
         read_text_strict("/no/such/file.txt")
@@ -148,7 +148,7 @@ def test_step_sizes_above_the_text(tmp_path, tiny, previous, extra, needle):
 
 
 def test_limit_is_the_shipped_eval_tokens(tiny):
-    from quantbridge.run.preflight import check_step_sizes, step_token_limit
+    from quantbridge.models.text import check_step_sizes, step_token_limit
     from quantbridge.models.text import decode_batches, prefill_batches, text_split, tokenize
 
     limit = step_token_limit(tiny.tokenizer)

@@ -20,7 +20,7 @@ from quantbridge.plugin.errors import UserError
 def no_work(monkeypatch):
     """Nothing may be loaded, benchmarked or measured: these checks come first."""
     import quantbridge.run.bench
-    import quantbridge.cli
+    import quantbridge.cli.compare
     import quantbridge.run.compare
     import quantbridge.run.convert
     import quantbridge.models.load
@@ -29,7 +29,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the bad input was refused")
 
     for module, name in ((quantbridge.models.load, "load_model"), (quantbridge.run.convert, "load_model"),
-                         (quantbridge.run.bench, "run_bench"), (quantbridge.cli, "run_compare")):
+                         (quantbridge.run.bench, "run_bench"), (quantbridge.cli.compare, "run_compare")):
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -451,7 +451,7 @@ def test_file_tokens_reads_a_bounded_prefix(tiny, big_text, tokenized):
 
 
 def test_prefix_ends_between_characters_and_words(tmp_path):
-    from quantbridge.models.text import read_text_prefix
+    from quantbridge.models.textfile import read_text_prefix
 
     f = tmp_path / "accents.txt"
     # "abc" puts the first byte of a two-byte "é" last in a 65536-byte prefix
@@ -462,7 +462,7 @@ def test_prefix_ends_between_characters_and_words(tmp_path):
 
 
 def test_strictness_of_the_prefix(tmp_path):
-    from quantbridge.models.text import read_text_prefix
+    from quantbridge.models.textfile import read_text_prefix
 
     f = tmp_path / "t.txt"
     f.write_bytes(b"text \xff more" + b" words" * 100_000)
@@ -477,7 +477,7 @@ def test_strictness_of_the_prefix(tmp_path):
 
 
 def test_compare_reads_only_what_the_eval_tokens_need(tmp_path, tiny, big_text, tokenized):
-    from quantbridge.models.text import TEXT_CHECK_BYTES
+    from quantbridge.models.textfile import TEXT_CHECK_BYTES
 
     r = invoke("compare", "tiny", "--backends", "fp16", *FAST, "--isolation", "none", "--eval-text", big_text,
                 "--no-report", "-q", "--out", tmp_path / "out")

@@ -7,15 +7,14 @@ calibration split, the last 10 % the held-out evaluation split.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 
 import torch
 
 from quantbridge.plugin.errors import UserError
+from quantbridge.models.textfile import read_text_prefix
 from quantbridge.plugin.quantizer import Calibration
 
 HOLDOUT_FRACTION = 0.1
@@ -77,7 +76,7 @@ TOKEN_MARGIN = 4  # tokens read per token used: random windows still have room t
 def file_tokens(tokenizer, path: str, option: str, want: int) -> torch.Tensor:
     """Tokens of the start of a UTF-8 text file: at least `want` where the file has that many.
 
-    Reads a bounded prefix (strictly decoded, preflight.read_text_prefix), grown fourfold until
+    Reads a bounded prefix (strictly decoded, textfile.read_text_prefix), grown fourfold until
     it holds `want` tokens or is the whole file; the caller checks the count it needs.
     """
     nbytes = max(MIN_PREFIX_BYTES, want * BYTES_PER_TOKEN)
@@ -109,49 +108,28 @@ def calibration(tokenizer, samples: int, length: int, path: str | None = None, s
     return Calibration(ids, digest, tokenizer)
 
 
-# What the checks before the model loads read of --eval-text / --calib: enough to refuse a binary
-# or non-UTF-8 file at once, without reading a large file whole (only a prefix of it is used).
-TEXT_CHECK_BYTES = 1 << 20
+def step_token_limit(tokenizer) -> int:
+    """Tokens of the shipped held-out split: decode and prefill inputs are windows cut from it.
 
-
-def read_text_strict(path: str | Path, option: str = "--eval-text", max_bytes: int | None = None) -> str:
-    """A text file (its first `max_bytes` bytes, or the whole file) decoded as UTF-8, refusing binary
-    or otherwise non-UTF-8 files.
-
-    compare reads --eval-text through this (not with errors="replace"), so perplexity is never
-    measured on replacement characters without a word.
+    workloads.decode_batches(tokens, M, ...) needs M tokens (M sequences of one token) and
+    prefill_batches(tokens, L, ...) needs L (one sequence of L tokens), so the largest M and
+    the largest prefill length are both this count.
     """
-    return read_text_prefix(path, option, max_bytes)[0]
+    return int(tokenize(tokenizer, text_split("eval")).numel())
 
 
-def read_text_prefix(path: str | Path, option: str, max_bytes: int | None) -> tuple[str, bool]:
-    """(the text of the file's first `max_bytes` bytes, whether that is the whole file), decoded strictly.
-
-    A prefix ends at its last whitespace, so it never ends inside a character or a word.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{option} file {str(path)!r} does not exist; pass a UTF-8 text file to {option}")
-    with open(p, "rb") as f:
-        data = f.read() if max_bytes is None else f.read(max_bytes)
-        whole = max_bytes is None or len(data) < max_bytes or not f.read(1)
-    try:
-        # An incomplete character at the end of a prefix is held back, not an error.
-        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=whole)
-    except UnicodeDecodeError as e:
-        bad = _replaced(data)
-        raise UserError(f"{option} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, "
-                        f"{bad} undecodable sequence(s)); convert it, e.g. iconv -f latin1 -t utf-8") from None
-    if "\x00" in text:
-        raise UserError(f"{option} {path} holds NUL bytes, so it is binary, not text; pass a UTF-8 text file")
-    if not whole:
-        cut = max(text.rfind(c) for c in " \n\t\r")
-        text = text[:cut] if cut > 0 else text
-    if whole and not text.strip():
-        raise UserError(f"{option} {path} is empty; pass a UTF-8 text file with some prose in it")
-    return text, whole
+def check_step_sizes(batches: list[int], prefill: int, limit: int) -> None:
+    """Refuse a --batch or --prefill larger than the tokens the timing inputs are cut from."""
+    over = [m for m in batches if m > limit]
+    if over:
+        raise UserError(f"--batch {over[0]} is above the {limit} tokens of the shipped evaluation text that decode "
+                        f"inputs are cut from; use --batch values of at most {limit}")
+    if prefill > limit:
+        raise UserError(f"--prefill {prefill} is above the {limit} tokens of the shipped evaluation text that "
+                        f"prefill inputs are cut from; use --prefill {limit} or less")
 
 
-def _replaced(data: bytes) -> int:
-    """How many undecodable byte sequences errors="replace" would turn into U+FFFD."""
-    return data.decode("utf-8", errors="replace").count("\ufffd") - data.count("\ufffd".encode())
+def check_calibration(tokenizer, calib_file: str | None, calib_len: int, calib_samples: int = 1) -> int:
+    """Refuse a calibration text shorter than calibration needs (--calib-samples x --calib-len tokens)
+    before gptq/awq runs; return its token count (of the prefix read: workloads.calibration_tokens)."""
+    return int(calibration_tokens(tokenizer, calib_samples, calib_len, calib_file).numel())

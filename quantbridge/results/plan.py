@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from quantbridge.plugin.errors import UserError
 from quantbridge.results.schema import Comparison
-from quantbridge.plugin import backend as registry
 
 PLAN_SCHEMA = 1
 
@@ -166,6 +165,9 @@ def load_plan(path: str) -> dict:
                 else "'backends' is not a list of backend names")
         raise UserError(f"{path} is not a usable quantbridge plan: {what}; write one with `quantbridge plan`")
 
+    # The registry loads every adapter (and torch): only here, so `quantbridge plan --help` stays quick.
+    from quantbridge.plugin import backend as registry
+
     used = sorted(set(plan["layers"].values()))
     try:
         registry.parse_names(",".join(used))  # an unknown backend is named now, not when the plan row runs
@@ -191,6 +193,8 @@ def check_plan_layers(plan: dict, layers: Iterable[str], quantized: Iterable[str
         shown = ", ".join(map(named, missing[:3])) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UserError(f"--plan names {len(missing)} layer(s) model {model} lacks: {shown}; was the plan made for "
                         f"another model? make one from this model's results with `quantbridge plan`")
+    from quantbridge.plugin import backend as registry  # see load_plan
+
     kept = [n for n, b in plan["layers"].items() if registry.get(b).quantized and n not in quantized]
     if kept:
         raise UserError(f"--plan assigns {plan['layers'][kept[0]]} to {kept[0]}, which this run keeps unquantized "

@@ -9,7 +9,7 @@ from torch import nn
 
 from quantbridge.plugin.errors import UserError
 from quantbridge.measure.probes import capture_io
-from quantbridge.run.preflight import check_step_sizes
+from quantbridge.models.text import check_step_sizes
 from quantbridge.run.settings import Settings
 from quantbridge.models.text import TOKEN_MARGIN, decode_batches, file_tokens, prefill_batches, text_split, tokenize, windows
 

@@ -1,0 +1,58 @@
+"""`quantbridge serve-stats`: what vLLM profiled while serving, merged into one per-layer table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from quantbridge.cli import options
+from quantbridge.cli.outpaths import check_writable
+from quantbridge.cli.output import table_console
+from quantbridge.plugin.errors import UserError
+from quantbridge.results.schema import save_json
+from quantbridge.vllm import stats
+
+
+@click.command("serve-stats")
+@click.argument("profile_dir", type=click.Path(file_okay=False))
+@options.out_file(None, help="Where the merged results go (default: PROFILE_DIR/results.json).")
+def serve_stats(profile_dir: str, out_file: str | None) -> None:
+    """Merge what `vllm serve ... --quantization quantbridge` profiled into one per-layer table.
+
+    PROFILE_DIR is the QUANTBRIDGE_PROFILE_DIR the server ran with: one worker-*.json per
+    worker process, rewritten every QUANTBRIDGE_PROFILE_FLUSH_S seconds (default 2) and at
+    exit. Latency is per layer and per M (tokens in the step): median, p10, p90 and the call
+    count; the merged file uses the results schema of `compare` (`quantbridge report` reads it).
+
+    \b
+    Example:
+      QUANTBRIDGE_PROFILE_DIR=runs/serve vllm serve ./llama-qb --quantization quantbridge --enforce-eager
+      quantbridge serve-stats runs/serve
+    """
+    out = Path(out_file) if out_file else Path(profile_dir) / "results.json"
+    if Path(profile_dir).is_dir():  # else load_workers says so, and no directory is created for a typo
+        check_writable(str(out), "--out", "merged.json")
+    comp = stats.merge(stats.load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
+    b = comp.backends[0]
+    if not any(r.latency_us for r in b.layers):  # nothing to tabulate: say so instead of an empty table
+        raise UserError(f"the worker files in {profile_dir} hold no timed layer call yet; send the server some "
+                        f"requests and let it flush its profile (QUANTBRIDGE_PROFILE_FLUSH_S)")
+    ms = [str(m) for m in comp.settings["m_values"]]
+    shown = ms if len(ms) <= 6 else ms[:3] + ms[-3:]  # the smallest and largest steps
+    table = Table(title=f"{b.name} on {comp.device['name']}: per-layer latency while serving (µs, median \\[calls])")
+    for col in ["layer", "N×K", "kernel", "steps", *[f"M={m}" for m in shown]]:
+        table.add_column(col, justify="left" if col in ("layer", "kernel") else "right")
+    n_steps = stats.steps(comp)
+    for r in b.layers:
+        cells = [f"{r.latency_us[m]['median']:.1f} [{r.latency_us[m]['count']}]" if m in r.latency_us else "—"
+                 for m in shown]
+        table.add_row(r.name, "×".join(map(str, r.shape)), r.kernel, str(n_steps[r.name]), *cells)
+    table_console().print(table)
+    total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
+    click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "
+               f"Σ time in quantized linears {total / 1e3:.1f} ms; warm-up calls kept apart: "
+               f"{sum(b.model_metrics['warmup_calls'].values())}")
+    save_json(comp, out)
+    click.echo(f"wrote {out}")

@@ -2,8 +2,8 @@
 
   eager    plain forward passes; CUDA events (or perf_counter_ns on the CPU) around each
            linear, and the host clock around each call: the host's enqueue cost, apart.
-  graph    the whole forward captured as a CUDA graph, timing events recorded inside the
-           capture around each linear, so a layer's time is its GPU time within a replayed
+  graph    the whole forward captured as a CUDA graph (graphs.py, as bench times a layer),
+           timing events recorded inside the capture around each linear, so a layer's time is its GPU time within a replayed
            step: no host gaps, the L2 state its neighbours leave. A graph without probes
            gives the step time; the linears are probed in as many further graphs as keep
            each one's cost within PROBE_BUDGET of the step, measured against the plain one.
@@ -24,11 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantbridge.measure.graphs import GraphTimer, NotCapturable, error_line, is_capture_error, recover
 from quantbridge.measure.probes import GraphLayerTimer, L2Flush, LayerTimer, time_calls
-
-
-class NotCapturable(Exception):
-    """This mode cannot time this model (the message says why, in one line)."""
 
 
 @dataclass
@@ -84,53 +81,6 @@ def _host_only(step: Step) -> dict[str, list[float]]:
     return timer.host_samples_us()
 
 
-def _capture(fn: Callable[[], object], pool=None) -> torch.cuda.CUDAGraph:
-    g = torch.cuda.CUDAGraph()
-    try:
-        # thread_local: the telemetry sampler's thread must not invalidate the capture.
-        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-            fn()
-    except torch.cuda.OutOfMemoryError:
-        raise  # out of memory is the row's failure, not a reason to time it another way
-    except Exception as e:  # noqa: BLE001 - classified below
-        if not _is_capture_error(e):
-            raise
-        _recover()
-        raise NotCapturable(f"not capturable: {_first_line(e)}") from e
-    return g
-
-
-def _is_capture_error(e: BaseException) -> bool:
-    """Errors that mean 'this work cannot be captured' (a host sync, an unsupported call), not a bug."""
-    text = f"{type(e).__name__} {e}".lower()
-    return "captur" in text or "graph" in text
-
-
-def _recover() -> None:
-    # A failed capture leaves torch's CUDA generator marked as capturing (its capture_end never
-    # ran), and every later random op fails. One empty capture that succeeds resets it.
-    try:
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        scratch = torch.zeros(1, device=torch.cuda.current_device())
-        with torch.cuda.graph(g):
-            scratch.add_(1)
-        del g
-    except RuntimeError:
-        pass
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One warm-up stream per device, reused: kernels keep per-stream scratch buffers."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[index]
-
-
 # The share of the unprobed step that the timing events of one probed graph may add. Every
 # event record is a graph node of its own (about 1 µs each on an H100), so probing all of a
 # decode step's linears in one graph would lengthen it by 10-20 %; the linears are therefore
@@ -153,43 +103,29 @@ def graph(step: Step) -> StepTiming:
     for x in step.inputs[: max(step.warmup, 1)]:  # kernels compile and tune on first use, not in the capture
         step.forward(x)
     host = _host_only(step)
-    static = step.inputs[0].clone()
-    # Warm-up on a side stream before capture, as torch.cuda.graphs asks (lazy workspaces).
-    side = _side_stream(step.device)
-    side.wait_stream(torch.cuda.current_stream(step.device))
-    with torch.cuda.stream(side):
-        step.forward(static)
-    torch.cuda.current_stream(step.device).wait_stream(side)
-    plain = _capture(lambda: step.forward(static))
-    pool = plain.pool()  # the probed graphs share it: they are replayed one at a time on one stream
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def replay(g: torch.cuda.CUDAGraph, x: torch.Tensor) -> float:
-        step.flush()
-        static.copy_(x)  # inputs rotate: each replay runs on the next real input
-        start.record()
-        g.replay()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) * 1e3
+    # Each replay runs on the next real input, with L2 flushed first: the step's input is where
+    # a real step finds it, the weights come from memory.
+    timer = GraphTimer(step.inputs[0], step.device, step.flush, input_in_l2=True)
+    timer.warm_up(step.forward)
+    plain = timer.capture(step.forward)  # the probed graphs share its pool
 
     def probed_graph(names: list[str]) -> tuple[torch.cuda.CUDAGraph, GraphLayerTimer]:
         probes = GraphLayerTimer({n: step.layers[n] for n in names})
 
-        def probed_step() -> None:
+        def probed_step(x: torch.Tensor) -> None:
             probes.begin()
-            step.forward(static)
+            step.forward(x)
             probes.end()
 
         with probes:
-            return _capture(probed_step, pool=pool), probes
+            return timer.capture(probed_step), probes
 
     # What one probed layer costs here: a graph probing every layer against the plain one.
     names = list(step.layers)
     every = probed_graph(names)
     estimate = step.timed[:_ESTIMATE_RUNS]
-    t_plain = statistics.median(replay(plain, x) for x in estimate)
-    t_every = statistics.median(replay(every[0], x) for x in estimate)
+    t_plain = statistics.median(timer.replay_us(plain, x) for x in estimate)
+    t_every = statistics.median(timer.replay_us(every[0], x) for x in estimate)
     groups = probe_groups(names, t_plain, (t_every - t_plain) / max(len(names), 1))
     graphs = [every] if len(groups) <= 1 else [probed_graph(g) for g in groups]
     del every
@@ -201,9 +137,9 @@ def graph(step: Step) -> StepTiming:
     span: list[float] = []
     layer_us: dict[str, list[float]] = {n: [] for n in step.layers}
     for x in step.timed:
-        off.append(replay(plain, x))
+        off.append(timer.replay_us(plain, x))
         for times, (g, probes) in zip(by_graph, graphs):
-            times.append(replay(g, x))
+            times.append(timer.replay_us(g, x))
             per_layer, s = probes.read()
             span.append(s)
             for n, v in per_layer.items():
@@ -236,10 +172,10 @@ def compile_step(step: Step) -> StepTiming:
     except (NotCapturable, torch.cuda.OutOfMemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - dynamo/inductor failures mean: this row cannot be compiled
-        if not (type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) or _is_capture_error(e)):
+        if not (type(e).__module__.startswith(("torch._dynamo", "torch._inductor")) or is_capture_error(e)):
             raise
-        _recover()
-        raise NotCapturable(f"not compilable: {_first_line(e)}") from e
+        recover()
+        raise NotCapturable(f"not compilable: {error_line(e)}") from e
     finally:
         torch._dynamo.reset()
     # No probes run inside the compiled step, so there is no probed step time.
@@ -276,8 +212,3 @@ def describe(label: str, why: list[str], device_type: str) -> str:
     if device_type != "cuda":
         return "eager (CPU, synchronous)"
     return f"{label} ({'; '.join(why)})" if why else label
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

@@ -6,24 +6,27 @@ runs, CUDA events, a fresh random input per run, L2 flushed between runs). Achie
 bandwidth counts the bytes the layer must move (stored weight + x + y) and is compared
 with a device-to-device copy measured in the same run.
 
-With isolation "process" each backend runs in its own child process (`bench_backend`): one
-that kills its process (a signal, an illegal instruction) fails its remaining rows, naming
-the signal or exit code, and the other backends are measured as usual.
+Each backend's rows are a unit of work for the launcher (`bench_backend`). With isolation
+"process" each backend runs in its own child process, all its shapes there: one that kills its
+process (a signal, an illegal instruction) fails its remaining rows, naming the signal or exit
+code, and the other backends are measured as usual. With "none" every backend runs here, shape
+by shape.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from quantbridge.plugin import backend as registry
-from quantbridge.run import launcher as iso
+from quantbridge.run.launcher import Launcher, send
 from quantbridge.plugin import resolve
 from quantbridge.plugin.errors import UserError
+from quantbridge.measure.graphs import time_replays
 from quantbridge.measure.hardware import device_info
 from quantbridge.measure.probes import L2Flush, time_calls
 from quantbridge.plugin.kernel import get_kernel, kernel_names
@@ -124,29 +127,6 @@ def _check(q: nn.Module, k: int, m: int, device: torch.device, dtype: torch.dtyp
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def _time(q: nn.Module, xs: list[torch.Tensor], device: torch.device, flush: L2Flush):
-    """Median/p10/p90 µs of q(x) over xs. On CUDA the call is captured once in a CUDA graph
-    and replayed (as serving engines run decode), so host launch overhead is not counted;
-    each input is copied into the graph's input buffer and L2 flushed before its replay."""
-    if device.type != "cuda":
-        return summarize(time_calls(q, xs, device, flush)), "eager"
-    static = xs[0].clone()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            q(static)
-    except RuntimeError:  # not capturable: time eagerly and say so
-        torch.cuda.synchronize()
-        return summarize(time_calls(q, xs, device, flush)), "eager"
-    it = iter(xs)
-
-    def prepare() -> None:
-        static.copy_(next(it))
-        flush()
-
-    return summarize(time_calls(lambda _: graph.replay(), xs, device, prepare)), "cuda-graph"
-
-
 class KernelSource:
     """One kernel on its own (`bench --kernels K`): the spec's round-to-nearest codes through
     exactly that kernel, row `rtn+K`. A kernel's speed does not depend on how its codes were
@@ -208,7 +188,9 @@ def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: li
                 xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(warmup + runs)]
                 for x in xs[:warmup]:
                     q(x)  # tuning and compilation happen here, untimed
-                s, row.timing = _time(q, xs[warmup:], device, flush)
+                # On CUDA captured once and replayed (as serving engines run decode): no host launch overhead.
+                samples, row.timing = time_replays(q, xs[warmup:], device, flush)
+                s = summarize(samples)
             except torch.cuda.OutOfMemoryError:
                 row.status, row.reason = "failed", "out of memory"
                 rows.append(row)
@@ -230,8 +212,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
     """Sweep shapes x (backends, then `kernels` on their own) x M; `on_shape` gets the partial
     result after every shape (with isolation "process": after every backend or kernel, whose
     child process ran all its shapes)."""
-    if isolation not in ("process", "none"):
-        raise UserError(f"--isolation {isolation!r} is not one of process, none")
+    launcher = Launcher.asked(isolation)
     check_sizes(shapes, ms)
     spec = spec.fitted({f"{k}x{n}": k for k, n in shapes})  # auto: the largest group dividing every K
     reference = registry.reference_name()  # the unquantized baseline every speedup is against
@@ -252,31 +233,17 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         "matmul_tflops": matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 512),
         "backends": {},
         "rows": [],
-        "isolation": isolation,
+        "isolation": launcher.how,
     }
     for name, b in backends.items():
         r = resolve.kernel(b.kernel, device) if isinstance(b, KernelSource) else resolve.backend(name, device, spec)
         result["backends"][name] = {"available": r.ok, "reason": r.reason}
-    if isolation == "process":
-        del flush  # each child has its own; nothing of ours stays on the GPU while they run
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        _bench_isolated(result, shapes, ms, backends, device, dtype, spec, runs, warmup, copy["bytes_per_s"],
-                        progress, on_shape)
-        return result
-    for k, n in shapes:
-        for name, b in backends.items():
-            if progress:
-                progress(f"{name} {k}x{n}")
-            info = result["backends"][name]
-            if not info["available"]:
-                rows = [Row(name, "", k, n, m, "unavailable", info["reason"]) for m in ms]
-            else:
-                rows = bench_layer(b, k, n, ms, spec, device, dtype, runs, warmup, flush, copy["bytes_per_s"])
-            result["rows"] += [asdict(r) for r in rows]
-        _speedups(result["rows"], reference)
-        if on_shape:
-            on_shape(result)
+    del flush  # each unit has its own
+    if launcher.isolated and device.type == "cuda":
+        torch.cuda.empty_cache()  # nothing of ours stays on the GPU while the children run
+    job = BenchJob("", shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup,
+                   copy["bytes_per_s"])
+    _sweep(result, launcher, job, backends, progress, on_shape)
     return result
 
 
@@ -293,41 +260,31 @@ class BenchJob:
     runs: int
     warmup: int
     copy_bytes_per_s: float
-    backend_class: str  # "module:qualname", registered in the child if importing did not
     kernel: str | None = None  # a kernel on its own (KernelSource) instead of a backend
 
 
 def bench_backend(job: BenchJob) -> int:
-    """In a child: every shape of one backend; each shape's rows are sent to the parent as they finish."""
-    from quantbridge.run.compare import register_classes
-
-    if job.kernel is None:
-        register_classes({job.backend: job.backend_class})
+    """A unit of work: every shape of `job` for one backend; each shape's rows are sent as they finish."""
     device, dtype = torch.device(job.device), getattr(torch, job.dtype)
     b, flush = KernelSource(job.kernel) if job.kernel else registry.get(job.backend), L2Flush(device)
     for k, n in job.shapes:
-        iso.send(("shape", k, n))
+        send(("shape", k, n))
         rows = bench_layer(b, k, n, job.ms, job.spec, device, dtype, job.runs, job.warmup, flush, job.copy_bytes_per_s)
-        iso.send(("rows", [asdict(r) for r in rows]))
+        send(("rows", [asdict(r) for r in rows]))
     return len(job.shapes)
 
 
-def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], sources: dict,
-                    device: torch.device, dtype: torch.dtype, spec: QuantSpec, runs: int, warmup: int, bw: float,
-                    progress: Callable[[str], None] | None, on_shape: Callable[[dict], None] | None) -> None:
+def _sweep(result: dict, launcher: Launcher, job: BenchJob, sources: dict, progress: Callable[[str], None] | None,
+           on_shape: Callable[[dict], None] | None) -> None:
+    """Every source's rows at every shape of `job`, each source's through the launcher, in passes:
+    here one shape at a time, every source at it; in child processes one source at a time, its
+    process measuring every shape (one start per source). `on_shape` after every pass."""
+    shapes, ms, names = job.shapes, job.ms, list(sources)
     done: dict[tuple[str, int, int], list[dict]] = {}
-    names = list(sources)
-
-    def assemble() -> None:  # shape-major, backends in order, as the in-process sweep writes them
-        result["rows"] = [r for k, n in shapes for name in names for r in done.get((name, k, n), [])]
-        _speedups(result["rows"], result["settings"]["reference"])
-
-    for name in names:
-        info = result["backends"][name]
-        if not info["available"]:
-            for k, n in shapes:
-                done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "unavailable", info["reason"])) for m in ms]
-        else:
+    passes = ([[(name, shapes)] for name in names] if launcher.isolated
+              else [[(name, [shape]) for name in names] for shape in shapes])
+    for units in passes:
+        for name, batch in units:
             def forward(message, name=name) -> None:
                 if message[0] == "shape" and progress:
                     progress(f"{name} {message[1]}x{message[2]}")
@@ -335,20 +292,26 @@ def _bench_isolated(result: dict, shapes: list[tuple[int, int]], ms: list[int], 
                     first = message[1][0]
                     done[(name, first["k"], first["n"])] = message[1]
 
+            info = result["backends"][name]
+            if not info["available"]:
+                for k, n in batch:
+                    if not launcher.isolated:  # here every source is named at every shape; no child starts for it
+                        forward(("shape", k, n))
+                    done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "unavailable", info["reason"])) for m in ms]
+                continue
             src = sources[name]
             kernel = src.kernel if isinstance(src, KernelSource) else None
-            cls = type(get_kernel(kernel) if kernel else src)
-            job = BenchJob(name, shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup, bw,
-                           f"{cls.__module__}:{cls.__qualname__}", kernel)
-            out = iso.run_isolated("quantbridge.run.bench:bench_backend", job, imports=[cls.__module__],
-                                   on_message=forward)
-            if not out.ok:
-                reason = (f"{out.reason} (in the row's process)" if out.exception is not None
-                          else f"the row's process {out.reason}")
-                for k, n in shapes:
+            unit = replace(job, backend=name, shapes=batch, kernel=kernel)
+            out = launcher.run("quantbridge.run.bench:bench_backend", unit, backends=[] if kernel else [name],
+                               imports=[type(get_kernel(kernel)).__module__] if kernel else [], on_message=forward)
+            reason = out.failure()
+            if reason is not None:
+                for k, n in batch:
                     if (name, k, n) not in done:  # shapes finished before the process died are kept
                         done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "failed", reason)) for m in ms]
-        assemble()
+        # shape-major, sources in order, whichever way the passes went
+        result["rows"] = [r for k, n in shapes for name in names for r in done.get((name, k, n), [])]
+        _speedups(result["rows"], result["settings"]["reference"])
         if on_shape:
             on_shape(result)
 

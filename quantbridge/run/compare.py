@@ -4,12 +4,12 @@
     reference.py  the inputs and the reference model's outputs, made once
     measure.py    one row: errors, per-layer timing per M in the row's mode, model metrics
     timing.py     the timing modes (graph, eager, compile) and their fallbacks
-    isolation.py  a function run in a spawned child process, and how a dead child is described
-This module runs the rows in order: a row's failure (exception, NaN, out of memory) becomes
-its status and the others go on. With isolation "process" every row runs in its own child
-process (`measure_one_row`): the reference is computed here once and handed over in a file,
-the child loads the model again, and a child that dies (a signal, an exit, a poisoned CUDA
-context) becomes that row's `failed` status.
+    launcher.py   a unit of work run here or in a spawned child process, and how a dead child is described
+This module runs the rows in order, each through the launcher: a row's failure (exception,
+NaN, out of memory) becomes its status and the others go on. With isolation "process" every
+row runs in its own child process (`measure_one_row`): the reference is computed here once and
+handed over in a file, the child loads the model again, and a child that dies (a signal, an
+exit, a poisoned CUDA context) becomes that row's `failed` status.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
 from quantbridge.plugin import backend as registry
 from quantbridge.files import faults
 from quantbridge.run import launcher as iso
+from quantbridge.run.launcher import ISOLATION, Launcher
 from quantbridge.measure import machinecheck
 from quantbridge.plugin import resolve
 from quantbridge.plugin.backend import Engine, Pairing
@@ -50,7 +52,7 @@ from quantbridge.plugin.spec import QuantSpec
 from quantbridge.measure.telemetry import Sampler
 
 PLAN = "plan"  # the row that runs a mixed-precision plan
-ISOLATION = ("process", "none")  # each row in its own child process, or all in this one
+ROW = "quantbridge.run.compare:measure_one_row"  # a row's unit of work in its own process
 
 __all__ = ["Settings", "run_comparison", "measure_one_row", "RowJob", "findings", "verdict", "with_layers", "PLAN",
            "CHECKPOINT", "ISOLATION"]
@@ -199,8 +201,8 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     in this process; `settings["isolation"]` in the result says which happened and why.
     `on_result` sees the comparison after every row, so a caller can save what finished.
     """
-    if isolation not in ISOLATION:
-        raise UserError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATION)}")
+    # The parent has already loaded (and downloaded) the model: a child never goes to the network.
+    launcher = Launcher.asked(isolation, _runs_here_because(loaded, settings), env={"HF_HUB_OFFLINE": "1"})
     progress = progress or Progress()
     rows = check_request(loaded, names, settings, device)
     mode = timing_mode(settings.mode, device)
@@ -210,7 +212,6 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
     progress.advance()
     flush = L2Flush(device)
-    isolated, how = _isolation(isolation, loaded, settings)
     comp = Comparison(
         model=loaded.info,
         device=device_info(device),
@@ -221,7 +222,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                   "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
                   "decode_m": sorted(set(settings.batches)),
-                  "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": how},
+                  "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": launcher.how},
     )
     bad_reference = nonfinite_parameter(loaded.model)
     order = rows.all + ([PLAN] if settings.plan else [])
@@ -241,35 +242,36 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
             return BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
         return None
 
-    if not isolated:
-        source = _weight_source(loaded, rows, settings, device, dtype, progress)
-        for name in order:
-            record(early(name) or _row(name, loaded, rows, source, ref, settings, mode, device, dtype, flush, progress))
-        return comp
-
-    classes = backend_classes(_backend_names(order, rows, settings))
-    job = RowJob(name="", origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows, settings=settings,
-                 mode=mode, reference_file="", use_cache=settings.cache, backends=classes)
-    imports = sorted({c.partition(":")[0] for c in classes.values()})
+    backends = _backend_names(order, rows, settings)
     calibrated: set[str] = set()  # algorithms whose weights an earlier row of this comparison cached
-    with iso.private_dir("quantbridge-compare-") as tmp:
-        job = replace(job, reference_file=str(tmp / "reference.pt"))
-        try:
-            iso.save(ref, job.reference_file)
-        except OSError as e:  # TMPDIR full or `ulimit -f`: before any row, in one line
-            where = f"the reference activations (in {faults.tmpdir_named()})"
-            raise faults.WriteFailed(job.reference_file, e, where) from None
-        del ref, flush  # what stays here is the model, parked off the GPU while the children run
-        with _parked(loaded, device):
-            for name in order:
-                result = early(name)
-                if result is None:
-                    needs = _calibrations(name, rows, settings)
-                    cached = settings.cache or bool(needs) and needs <= calibrated
-                    result = _isolated_row(replace(job, name=name, use_cache=cached), imports, progress)
-                    if result.status == "ok":  # a row that died may not have written the cache
-                        calibrated |= needs
-                record(result)
+    with ExitStack() as stack:
+        if launcher.isolated:  # a child process per row, made from a RowJob
+            tmp = stack.enter_context(iso.private_dir("quantbridge-compare-"))
+            job = RowJob(name="", origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows,
+                         settings=settings, mode=mode, reference_file=str(tmp / "reference.pt"), use_cache=settings.cache)
+            try:
+                iso.save(ref, job.reference_file)
+            except OSError as e:  # TMPDIR full or `ulimit -f`: before any row, in one line
+                where = f"the reference activations (in {faults.tmpdir_named()})"
+                raise faults.WriteFailed(job.reference_file, e, where) from None
+            del ref, flush  # what stays here is the model, parked off the GPU while the children run
+            stack.enter_context(_parked(loaded, device))
+            here = None
+        else:  # every row in this process, on one weight source
+            job = None
+            source = _weight_source(loaded, rows, settings, device, dtype, progress)
+            here = partial(_row, loaded=loaded, rows=rows, source=source, ref=ref, settings=settings, mode=mode,
+                           device=device, dtype=dtype, flush=flush, progress=progress)
+        for name in order:
+            result = early(name)
+            if result is None:
+                needs = _calibrations(name, rows, settings)
+                cached = settings.cache or bool(needs) and needs <= calibrated
+                result = _launched_row(launcher, name, replace(job, name=name, use_cache=cached) if job else None,
+                                       partial(here, name) if here else None, backends, progress)
+                if result.status == "ok":  # a row that died may not have written the cache
+                    calibrated |= needs
+            record(result)
     return comp
 
 
@@ -285,18 +287,16 @@ class RowJob:
     mode: str
     reference_file: str  # the Reference, written once by the parent (torch.save)
     use_cache: bool  # read calibrated weights from the on-disk cache (also when an earlier row just wrote them)
-    backends: dict[str, str]  # name -> "module:qualname" of every backend class the row may use
 
 
 def measure_one_row(job: RowJob) -> BackendResult:
     """One row in a child process: load the model again, read the reference, run `_row`.
 
-    Progress goes to the parent through isolation.send; the result is returned (pickled).
+    Progress goes to the parent through launcher.send; the result is returned (pickled).
     """
     from quantbridge.models.load import load_model
 
     start = time.monotonic()
-    register_classes(job.backends)
     device, dtype = torch.device(job.origin.device), getattr(torch, job.origin.dtype)
     progress = _ForwardedProgress()
     progress.begin(f"{job.name}: loading {job.origin.spec} in the row's process", 1)
@@ -332,37 +332,35 @@ class _ForwardedProgress(Progress):
         iso.send(("advance", n))
 
 
-def _isolated_row(job: RowJob, imports: list[str], progress: Progress) -> BackendResult:
-    def forward(message) -> None:
-        if message[0] == "begin":
-            progress.begin(message[1], message[2])
-        elif message[0] == "advance":
-            progress.advance(message[1])
-
-    progress.begin(f"{job.name}: starting the row's process", 1)
-    # The parent has already loaded (and downloaded) the model: a child never goes to the network.
-    out = iso.run_isolated("quantbridge.run.compare:measure_one_row", job, imports=imports,
-                           env={"HF_HUB_OFFLINE": "1"}, on_message=forward)
-    if out.ok:
-        result = out.value
-        result.model_metrics.setdefault("isolation", {})["process_s"] = out.seconds
-        return result
-    if out.exception is not None:
-        reason = f"{out.reason} (in the row's process, outside the row's own error handling)"
-    else:  # a signal (SIGKILL, SIGSEGV, SIGILL, SIGABRT ...) or an exit without a result
-        reason = f"the row's process {out.reason}"
-    return BackendResult(name=job.name, status="failed", reason=reason)
+def _forward(progress: Progress, message) -> None:
+    """A message of a row's _ForwardedProgress, to this process's Progress."""
+    if message[0] == "begin":
+        progress.begin(message[1], message[2])
+    elif message[0] == "advance":
+        progress.advance(message[1])
 
 
-def _isolation(requested: str, loaded: LoadedModel, settings: Settings) -> tuple[bool, str]:
-    """(run rows in child processes?, what results record about it)."""
-    if requested == "none":
-        return False, "none"
+def _launched_row(launcher: Launcher, name: str, job: RowJob | None, here: Callable[[], BackendResult] | None,
+                  backends: set[str], progress: Progress) -> BackendResult:
+    """Row `name` through the launcher: `measure_one_row(job)` in its own process, or `here()` in this one."""
+    if launcher.isolated:
+        progress.begin(f"{name}: starting the row's process", 1)
+    out = launcher.run(ROW, job, here=here, backends=backends, on_message=partial(_forward, progress))
+    reason = out.failure(outside="the row's own error handling")
+    if reason is not None:  # its process raised past _row, died (a signal, an exit) or timed out
+        return BackendResult(name=name, status="failed", reason=reason)
+    if launcher.isolated:
+        out.value.model_metrics.setdefault("isolation", {})["process_s"] = out.seconds
+    return out.value
+
+
+def _runs_here_because(loaded: LoadedModel, settings: Settings) -> str | None:
+    """Why the rows run in this process even under --isolation process, or None."""
     if settings.debug:
-        return False, "none (--debug runs every row in the comparing process, so exceptions propagate)"
+        return "--debug runs every row in the comparing process, so exceptions propagate"
     if loaded.origin is None:
-        return False, "none (the model was built in memory and cannot be loaded again in a child process)"
-    return True, "process"
+        return "the model was built in memory and cannot be loaded again in a child process"
+    return None
 
 
 def _weight_source(loaded: LoadedModel, rows: Rows, settings: Settings, device: torch.device, dtype: torch.dtype,
@@ -394,20 +392,6 @@ def _backend_names(order: list[str], rows: Rows, settings: Settings) -> set[str]
     names = {n for n in order if n != PLAN and n not in rows.kernel_rows}
     names |= {rows.shared} if rows.shared not in (None, CHECKPOINT) else set()
     return names | (set(settings.plan["layers"].values()) if settings.plan else set())
-
-
-def backend_classes(names) -> dict[str, str]:
-    """name -> "module:qualname" of each backend's class, as registered here."""
-    return {n: f"{type(b).__module__}:{type(b).__qualname__}" for n in sorted(names) for b in [registry.get(n)]}
-
-
-def register_classes(classes: dict[str, str]) -> None:
-    """In a child process: register the parent's backend classes that importing did not register there
-    (one registered at run time, e.g. by a test, rather than as an import's side effect)."""
-    known = set(registry.names())
-    for name, where in classes.items():
-        if name not in known:
-            registry.register(iso.resolve(where))
 
 
 @contextmanager

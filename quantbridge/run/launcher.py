@@ -1,13 +1,22 @@
-"""Run one function in a child process, so whatever kills that process kills only it.
+"""The launcher: a unit of work run in this process or in a child process of its own.
 
-    outcome = run_isolated("quantbridge.run.compare:measure_one_row", job, imports=[...], timeout=600)
-    outcome.ok -> outcome.value          (what the function returned)
-    else       -> outcome.reason          ("killed by SIGSEGV", "exited with code 3", "ValueError: ...")
+    launcher = Launcher.asked("process")                  # --isolation process | none
+    outcome = launcher.run("quantbridge.run.bench:bench_backend", job, backends=[...], on_message=...)
+    outcome.ok -> outcome.value          (what the unit returned)
+    else       -> outcome.failure()       ("the row's process killed by SIGSEGV", "KeyError: ... (in the row's process)")
+
+compare's rows and bench's backends run through it. In this process a unit is called directly
+(or `here`, the same work on what this process already holds) and its exceptions propagate: its
+own error handling has had its say, and --debug shows the traceback. In a child process
+(`run_isolated`) whatever ends the process ends only that unit, and `Outcome.failure` is the one
+place that says how, for the unit's `failed` status. Either way the unit's `send(...)` messages
+reach the caller's on_message as they are sent.
 
 The child is started with the `spawn` method (a fresh interpreter: never a fork of a parent
 that may hold a CUDA context). The function is named by "module:qualname" and imported in
 the child after `imports` (modules that register things the function needs, e.g. a backend
-defined outside quantbridge). Its arguments and its result travel through files written with
+defined outside quantbridge) and after registering `backends` that importing did not (a class
+registered at run time). Its arguments and its result travel through files written with
 torch.save in a private temporary directory that is removed afterwards, so tensors never go
 through the pipe; the pipe carries only small messages: the child's `send(...)` calls
 (progress), then "returned" or the exception's type, first line and traceback. A child that
@@ -25,20 +34,26 @@ import signal
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from quantbridge.files import faults
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin.errors import UserError
+
+ISOLATION = ("process", "none")  # --isolation: each unit in its own child process, or all in this one
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0  # after a timeout: SIGTERM, then SIGKILL if the child is still there
 
 _conn = None  # in a child: the pipe to the parent (for send)
+_here: Callable[[Any], None] | None = None  # in this process, while Launcher.run runs a unit: its on_message
 
 
 @dataclass(frozen=True)
@@ -72,14 +87,76 @@ class Outcome:
             return f"killed by {self.signal}"
         return f"exited with code {self.exitcode} before returning a result"
 
+    def failure(self, outside: str | None = None) -> str | None:
+        """The reason a unit that did not return records (its status: failed); None when it returned.
+
+        An exception that ended the unit in its child process: "<Type>: <first line> (in the row's
+        process)", with ", outside <outside>" for a unit that handles its own errors; whatever
+        else ended the process first (a signal, an exit, a timeout): "the row's process <reason>".
+        """
+        if self.ok:
+            return None
+        if self.exception is not None:
+            return f"{self.reason} (in the row's process{f', outside {outside}' if outside else ''})"
+        return f"the row's process {self.reason}"
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """Where a run's units of work run: each in a child process of its own, or all in this one."""
+
+    isolated: bool
+    how: str  # what results record: "process", "none", or "none (why the units run in this process)"
+    env: Mapping[str, str] = field(default_factory=dict)  # set in each child process before any import
+
+    @classmethod
+    def asked(cls, isolation: str, here_because: str | None = None,
+              env: Mapping[str, str] | None = None) -> Launcher:
+        """The launcher `--isolation` asks for; `here_because`: why the units run in this process even so."""
+        if isolation not in ISOLATION:
+            raise UserError(f"--isolation {isolation!r} is not one of {', '.join(ISOLATION)}")
+        if isolation == "none":
+            return cls(False, "none")
+        if here_because is not None:
+            return cls(False, f"none ({here_because})")
+        return cls(True, "process", dict(env or {}))
+
+    def run(self, target: str, job: Any, *, here: Callable[[], Any] | None = None, backends: Iterable[str] = (),
+            imports: Sequence[str] = (), on_message: Callable[[Any], None] | None = None) -> Outcome:
+        """Run the unit `target(job)` ("module:function") and return how it ended.
+
+        In this process `here()` runs instead when given: the same work on what this process
+        already holds (a loaded model), which a child process makes again from `job`. `backends`:
+        the backends the unit uses, whose classes a child registers where importing did not (one
+        registered at run time, by a test say); `imports`: further modules a child imports first.
+        """
+        if not self.isolated:
+            return _run_here(here or partial(resolve(target), job), on_message)
+        classes = {n: f"{type(b).__module__}:{type(b).__qualname__}" for n in sorted(backends)
+                   for b in [registry.get(n)]}
+        modules = sorted({*imports, *(where.partition(":")[0] for where in classes.values())})
+        return run_isolated(target, job, imports=modules, env=dict(self.env), backends=classes, on_message=on_message)
+
+
+def _run_here(fn: Callable[[], Any], on_message: Callable[[Any], None] | None) -> Outcome:
+    """`fn()` in this process, its `send`s handed to on_message; an exception propagates."""
+    global _here
+    outer, _here = _here, on_message
+    start = time.monotonic()
+    try:
+        value = fn()
+    finally:
+        _here = outer
+    return Outcome(value=value, seconds=time.monotonic() - start, returned=True)
+
 
 def send(message: Any) -> None:
-    """In a child started by run_isolated: hand a small picklable message to the parent's on_message.
-
-    Outside such a child it does nothing, so the same code runs in-process too.
-    """
+    """In a unit of work: hand a small picklable message to the on_message of whoever launched it
+    (through the pipe from a child process, directly in this one). Elsewhere it does nothing."""
     if _conn is not None:
         _conn.send(("message", message))
+    elif _here is not None:
+        _here(message)
 
 
 def in_child() -> bool:
@@ -138,12 +215,15 @@ def resolve(target: str) -> Callable:
 
 
 def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict[str, str] | None = None,
-                 timeout: float | None = None, on_message: Callable[[Any], None] | None = None) -> Outcome:
+                 timeout: float | None = None, on_message: Callable[[Any], None] | None = None,
+                 backends: Mapping[str, str] | None = None) -> Outcome:
     """Call `target(*args)` in a spawned child and return how it ended.
 
     `imports`: modules the child imports first; `env`: variables set in the child before any
     import; `timeout`: seconds before the child is stopped (SIGTERM, then SIGKILL);
-    `on_message`: called in the parent, in order, with each message the child `send`s.
+    `on_message`: called in the parent, in order, with each message the child `send`s;
+    `backends`: name -> "module:qualname" of backend classes the child registers after `imports`
+    where importing did not.
     """
     ctx = mp.get_context("spawn")
     start = time.monotonic()
@@ -152,7 +232,8 @@ def run_isolated(target: str, *args: Any, imports: Sequence[str] = (), env: dict
         save(args, args_file)
         parent_end, child_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child_main, name=f"quantbridge:{target}",
-                           args=(target, str(args_file), str(result_file), list(imports), dict(env or {}), child_end),
+                           args=(target, str(args_file), str(result_file), list(imports), dict(env or {}),
+                                 dict(backends or {}), child_end),
                            daemon=True)
         final = None
         timed_out = None
@@ -237,7 +318,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _child_main(target: str, args_file: str, result_file: str, imports: list[str], env: dict[str, str],
-                conn) -> None:
+                backends: dict[str, str], conn) -> None:
     global _conn
     os.environ.update(env)
     faults.install()  # SIGTERM from the parent's _stop ends the function through its cleanup, as Ctrl-C does
@@ -245,6 +326,8 @@ def _child_main(target: str, args_file: str, result_file: str, imports: list[str
     try:
         for module in imports:
             importlib.import_module(module)
+        if backends:
+            _register(backends)
         fn = resolve(target)
         value = fn(*load(args_file))
         tmp = f"{result_file}.tmp"
@@ -259,3 +342,12 @@ def _child_main(target: str, args_file: str, result_file: str, imports: list[str
             pass
     finally:
         conn.close()
+
+
+def _register(classes: dict[str, str]) -> None:
+    """In a child: register the parent's backend classes that importing did not register here
+    (one registered at run time, e.g. by a test, rather than as an import's side effect)."""
+    known = set(registry.names())
+    for name, where in classes.items():
+        if name not in known:
+            registry.register(resolve(where))

@@ -13,7 +13,8 @@ from quantbridge.run import compare
 from quantbridge.run.bench import run_bench
 from quantbridge.cli import cli
 from quantbridge.run.compare import Settings, run_comparison
-from quantbridge.run.launcher import Outcome, run_isolated
+from quantbridge.plugin.errors import UserError
+from quantbridge.run.launcher import Launcher, Outcome, run_isolated
 from quantbridge.results.schema import BackendResult, Comparison, load_json, save_json
 from quantbridge.plugin.spec import QuantSpec
 
@@ -72,6 +73,33 @@ def test_child_exception_and_timeout():
 def test_unimportable_target_is_an_exception_not_a_hang():
     out = run_isolated("no_such_module_here:fn")
     assert out.exception == "ModuleNotFoundError"
+
+
+# --- the launcher: one unit of work here or in a child, one failure wording ----------------------
+
+def test_launcher_runs_a_unit_here_or_in_a_child_and_its_messages_flow_either_way():
+    for launcher in (Launcher.asked("none"), Launcher.asked("process")):
+        seen = []
+        out = launcher.run("isolation_backends:talks", 2, on_message=seen.append)
+        assert out.ok and out.value == "done" and seen == [("step", 0), ("step", 1)], launcher
+    assert Launcher.asked("process").how == "process" and Launcher.asked("none").how == "none"
+    here = Launcher.asked("process", here_because="--debug")
+    assert not here.isolated and here.how == "none (--debug)"
+    assert here.run("no_such_module_here:fn", None, here=lambda: 7).value == 7  # `here` instead of the target
+    with pytest.raises(KeyError, match="missing key"):  # in this process an exception is the caller's
+        here.run("isolation_backends:raises", "key")
+    with pytest.raises(UserError, match="--isolation 'thread' is not one of process, none"):
+        Launcher.asked("thread")
+
+
+def test_a_unit_that_did_not_return_has_one_reason():
+    raised = Outcome(exitcode=1, exception="KeyError", message="'missing key'")
+    assert raised.failure() == "KeyError: 'missing key' (in the row's process)"
+    assert raised.failure(outside="the row's own error handling") == \
+        "KeyError: 'missing key' (in the row's process, outside the row's own error handling)"
+    assert Outcome(exitcode=-9, signal="SIGKILL").failure() == "the row's process killed by SIGKILL"
+    assert Outcome(exitcode=3).failure() == "the row's process exited with code 3 before returning a result"
+    assert Outcome(value=1, returned=True).failure() is None
 
 
 # --- compare -------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ _here: Callable[[Any], None] | None = None  # in this process, while Launcher.ru
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a child run ended: with the function's value, or with the reason it has none."""
+    """How a unit's run ended: with the function's value, or with the reason it has none (a child's)."""
 
     value: Any = None
     exitcode: int | None = None  # the process's exit status; negative: killed by that signal

@@ -23,6 +23,7 @@ from quantbridge.models.load import linear_layers
 from quantbridge.plugin.packed import canonical_perm, quantize_rtn
 from quantbridge.results.schema import BackendResult, Comparison, save_json
 from quantbridge.run.rows import NotRunnable, WeightSource, row_layers
+from quantbridge.run.rowspec import Shared
 from quantbridge.run.settings import timing_mode
 from quantbridge.plugin.spec import QuantSpec
 
@@ -193,11 +194,11 @@ def test_row_layers_own_and_shared_weights(tiny):
     src = _source(tiny)
     layers, label = row_layers("native", src, None)
     assert label == "rtn" and set(layers) == set(src.linears)
-    layers, label = row_layers("native", src, "native")
+    layers, label = row_layers("native", src, Shared("native"))
     assert label == "native (shared)"
     with pytest.raises(NotRunnable, match="cannot run native's INT4 weights"):
-        row_layers("bnb-nf4", src, "native")
-    layers, label = row_layers("fp16", src, "native")
+        row_layers("bnb-nf4", src, Shared("native"))
+    layers, label = row_layers("fp16", src, Shared("native"))
     assert label == "unquantized"
 
 

@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -32,6 +32,7 @@ from quantbridge.run.launcher import ISOLATION, Launcher
 from quantbridge.measure import machinecheck
 from quantbridge.plugin import resolve
 from quantbridge.plugin.backend import Engine, Pairing
+from quantbridge.plugin.kernel import choose, probe_weight
 from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, RowFailed, UserError
 from quantbridge.models.gguf import model_codes
 from quantbridge.run.engine_row import engine_row
@@ -41,37 +42,43 @@ from quantbridge.run.measure_row import measure_row, sensitivity
 from quantbridge.results.plan import check_plan_layers
 from quantbridge.models.loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
 from quantbridge.run.preflight import skip_targets
+from quantbridge.run.rowspec import Kind, RowSpec, Shared
 from quantbridge.run.reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
 from quantbridge.results.schema import BackendResult, Comparison
 from quantbridge.plugin.quantizer import baseline_label
-from quantbridge.run.rows import (CHECKPOINT, Progress, WeightSource, kernel_layers, plan_layers, row_layers,
+from quantbridge.run.rows import (Progress, WeightSource, kernel_layers, plan_layers, row_layers,
                    shared_source, with_layers)
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.run.settings import Settings, timing_mode
 from quantbridge.plugin.spec import QuantSpec
 from quantbridge.measure.telemetry import Sampler
+from quantbridge.models.checkpoint import spec_of
+from quantbridge.models.load import load_model
 
-PLAN = "plan"  # the row that runs a mixed-precision plan
 ROW = "quantbridge.run.compare:measure_one_row"  # a row's unit of work in its own process
 
-__all__ = ["Settings", "run_comparison", "measure_one_row", "RowJob", "findings", "verdict", "with_layers", "PLAN",
-           "CHECKPOINT", "ISOLATION"]
+__all__ = ["Settings", "run_comparison", "measure_one_row", "RowJob", "findings", "verdict", "with_layers",
+           "ISOLATION"]
 
 
 @dataclass(frozen=True)
 class Rows:
-    """What the rows of one comparison share, fixed before the first row runs."""
+    """The rows of one comparison and what they share, fixed before the first row runs."""
 
-    names: list[str]  # backends in order, the reference first
+    specs: list[RowSpec]  # in order: the reference, the backends, the kernel rows, the plan
     targets: set[str]  # the layers a quantized row quantizes
     spec: QuantSpec  # the checkpoint's own, when MODEL is one
-    shared: str | None  # whose weights every row runs (CHECKPOINT, a --weights backend) or None
+    shared: Shared | None  # the weights every row runs (a checkpoint's, a --weights backend's) or None
     unavailable: dict[str, str]  # row -> why it cannot run here (recorded, with --skip-unavailable)
-    kernel_rows: dict[str, str] = field(default_factory=dict)  # `--kernels` row name -> its one kernel
 
     @property
-    def all(self) -> list[str]:
-        return self.names + list(self.kernel_rows)
+    def backends(self) -> list[str]:
+        """The backends the rows run, in order (the reference first)."""
+        return [s.backend for s in self.specs if s.backend is not None]
+
+    @property
+    def reference(self) -> RowSpec:
+        return self.specs[0]
 
 
 def check_request(loaded: LoadedModel, names: list[str], settings: Settings, device: torch.device) -> Rows:
@@ -83,12 +90,12 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
     layer shape; a checkpoint's own weights). A row that cannot run stops the run with one
     line naming it and why, or with --skip-unavailable is recorded as `unavailable`.
     """
-    from quantbridge.models.checkpoint import spec_of
 
     linears = linear_layers(loaded.model)
     if not linears:
         raise UserError(f"model {loaded.name!r} has no nn.Linear layers to compare")
-    shared = shared_source(loaded.int4 is not None, settings.weights, device)
+    fmt = (loaded.info.get("checkpoint") or {}).get("format", "") if loaded.int4 is not None else None
+    shared = shared_source(fmt, settings.weights, device)
     if loaded.int4 is not None:  # a quantized checkpoint: its layers, its weights, every kernel
         targets, spec = set(loaded.int4), spec_of(loaded.int4)
     else:
@@ -98,7 +105,8 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
         check_plan_layers(settings.plan, linears, targets, loaded.name)
     # With shared weights only their quantizer runs, so only it must do the spec.
     resolved = resolve.backends(names, device, spec if shared is None else None)
-    names = [r.name for r in resolved]
+    specs = [RowSpec(r.name, Kind.REFERENCE if r.obj.reference else Kind.ENGINE if isinstance(r.obj, Engine)
+                     else Kind.BACKEND, backend=r.name) for r in resolved]
     unavailable = {}
 
     def cannot(row: str, reason: str, message: str | None = None) -> None:
@@ -107,8 +115,8 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
                                      f"--skip-unavailable to record it as unavailable and run the other rows)")
         unavailable[row] = reason
 
-    if shared not in (None, CHECKPOINT):
-        resolve.require(resolve.backend(shared, device, spec))
+    if shared is not None and not shared.from_checkpoint:
+        resolve.require(resolve.backend(shared.backend, device, spec))
     probes = _Probes(loaded, sorted(targets), spec, device)
     for r in resolved:
         if not r.availability.ok:
@@ -118,22 +126,23 @@ def check_request(loaded: LoadedModel, names: list[str], settings: Settings, dev
         problem = _row_problem(r.obj, shared, probes)
         if problem:
             cannot(r.name, problem)
-    kernel_rows = {}
     if settings.kernels:
         if shared is None:
             raise UserError("--kernels runs one set of weights through several kernels: give --weights BACKEND "
                             "(e.g. --weights gptq) or compare a quantized checkpoint")
         for k in settings.kernels:
-            row = f"{shared}+{k}"
-            kernel_rows[row] = k
+            row = RowSpec.of_kernel(shared, k)
+            specs.append(row)
             r = resolve.kernel(k, device)
             if not r.ok:
-                cannot(row, f"kernel {k}: {r.reason}", f"row {row}: {r.message()}")
+                cannot(row.name, f"kernel {k}: {r.reason}", f"row {row.name}: {r.message()}")
                 continue
-            problem = _kernels_problem([k], f"kernel {k}", probes.weights(shared))
+            problem = _kernels_problem([k], f"kernel {k}", probes.weights(shared, None))
             if problem:
-                cannot(row, problem)
-    return Rows(names, targets, spec, shared, unavailable, kernel_rows)
+                cannot(row.name, problem)
+    if settings.plan is not None:
+        specs.append(RowSpec.plan())
+    return Rows(specs, targets, spec, shared, unavailable)
 
 
 class _Probes:
@@ -145,17 +154,16 @@ class _Probes:
         self.loaded, self.targets, self.spec, self.device = loaded, targets, spec, device
         self._made: dict[str, dict[str, Int4Weight] | None] = {}
 
-    def weights(self, source: str) -> dict[str, Int4Weight] | None:
-        """Layer -> weight for the weights of `source` (CHECKPOINT or a backend name)."""
+    def weights(self, shared: Shared | None, backend: str | None) -> dict[str, Int4Weight] | None:
+        """Layer -> weight for what a row runs: the shared weights, else `backend`'s own."""
+        if shared is not None and shared.from_checkpoint:
+            return {n: w.plain() if w.smoothed else w for n, w in self.loaded.int4.items()}
+        source = backend if shared is None else shared.backend
         if source not in self._made:
             self._made[source] = self._make(source)
         return self._made[source]
 
     def _make(self, source: str) -> dict[str, Int4Weight] | None:
-        from quantbridge.plugin.kernel import probe_weight
-
-        if source == CHECKPOINT:
-            return {n: w.plain() if w.smoothed else w for n, w in self.loaded.int4.items()}
         b = registry.get(source)
         if not isinstance(b, Pairing) or b.reads_model:
             return None
@@ -167,23 +175,21 @@ class _Probes:
         return {n: probe_weight(out, k, self.spec, dt, self.device) for (out, k, dt), n in shapes.items()}
 
 
-def _row_problem(b: registry.Backend, shared: str | None, probes: _Probes) -> str | None:
+def _row_problem(b: registry.Backend, shared: Shared | None, probes: _Probes) -> str | None:
     """Why backend `b`'s row cannot run the weights it will be given here, or None (also when unknown)."""
-    if isinstance(b, Engine) and shared not in (None, CHECKPOINT):
-        return f"{b.name} runs its own model file as a whole; it cannot run --weights {shared}'s weights"
+    if isinstance(b, Engine) and shared is not None and not shared.from_checkpoint:
+        return f"{b.name} runs its own model file as a whole; it cannot run --weights {shared.backend}'s weights"
     if not b.quantized:
         return None
     if shared is not None and not b.runs_int4():
-        return f"{b.name} cannot run {shared}'s INT4 weights (its own format only)"
+        return f"{b.name} cannot run {shared.name}'s INT4 weights (its own format only)"
     if not isinstance(b, Pairing):  # a fused backend: nothing to ask before it runs
         return None
-    return _kernels_problem(b.kernels, f"no kernel of {b.name}", probes.weights(shared or b.name))
+    return _kernels_problem(b.kernels, f"no kernel of {b.name}", probes.weights(shared, b.name))
 
 
 def _kernels_problem(kernels, who: str, weights: dict[str, Int4Weight] | None) -> str | None:
     """The first layer none of `kernels` can run (with every kernel's reason), or None."""
-    from quantbridge.plugin.kernel import choose
-
     for n, w in (weights or {}).items():
         c = choose(kernels, w, w.qweight.device, w.scales.dtype)
         if c.kernel is None:
@@ -225,10 +231,9 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                   "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": launcher.how},
     )
     bad_reference = nonfinite_parameter(loaded.model)
-    order = rows.all + ([PLAN] if settings.plan else [])
 
-    def record(result: BackendResult) -> None:
-        result.role = "plan" if result.name == PLAN else "reference" if result.name == rows.names[0] else "measured"
+    def record(row: RowSpec, result: BackendResult) -> None:
+        result.role = row.role
         comp.backends.append(result)
         comp.findings = findings(comp)
         if on_result:
@@ -242,12 +247,12 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
             return BackendResult(name=name, status="unavailable", reason=rows.unavailable[name])
         return None
 
-    backends = _backend_names(order, rows, settings)
+    backends = _backend_names(rows, settings)
     calibrated: set[str] = set()  # algorithms whose weights an earlier row of this comparison cached
     with ExitStack() as stack:
         if launcher.isolated:  # a child process per row, made from a RowJob
             tmp = stack.enter_context(iso.private_dir("quantbridge-compare-"))
-            job = RowJob(name="", origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows,
+            job = RowJob(row=rows.reference, origin=loaded.origin, fingerprint=fingerprint(loaded.model), rows=rows,
                          settings=settings, mode=mode, reference_file=str(tmp / "reference.pt"), use_cache=settings.cache)
             try:
                 iso.save(ref, job.reference_file)
@@ -262,16 +267,16 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
             source = _weight_source(loaded, rows, settings, device, dtype, progress)
             here = partial(_row, loaded=loaded, rows=rows, source=source, ref=ref, settings=settings, mode=mode,
                            device=device, dtype=dtype, flush=flush, progress=progress)
-        for name in order:
-            result = early(name)
+        for row in rows.specs:
+            result = early(row.name)
             if result is None:
-                needs = _calibrations(name, rows, settings)
+                needs = _calibrations(row, rows, settings)
                 cached = settings.cache or bool(needs) and needs <= calibrated
-                result = _launched_row(launcher, name, replace(job, name=name, use_cache=cached) if job else None,
-                                       partial(here, name) if here else None, backends, progress)
+                result = _launched_row(launcher, row, replace(job, row=row, use_cache=cached) if job else None,
+                                       partial(here, row) if here else None, backends, progress)
                 if result.status == "ok":  # a row that died may not have written the cache
                     calibrated |= needs
-            record(result)
+            record(row, result)
     return comp
 
 
@@ -279,7 +284,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
 class RowJob:
     """What a row's child process is given: all picklable; the reference tensors are in `reference_file`."""
 
-    name: str
+    row: RowSpec
     origin: ModelOrigin  # how to load the model again
     fingerprint: str  # the compared model's (loaded.fingerprint), checked after loading it again
     rows: Rows
@@ -294,15 +299,14 @@ def measure_one_row(job: RowJob) -> BackendResult:
 
     Progress goes to the parent through launcher.send; the result is returned (pickled).
     """
-    from quantbridge.models.load import load_model
 
     start = time.monotonic()
     device, dtype = torch.device(job.origin.device), getattr(torch, job.origin.dtype)
     progress = _ForwardedProgress()
-    progress.begin(f"{job.name}: loading {job.origin.spec} in the row's process", 1)
+    progress.begin(f"{job.row.name}: loading {job.origin.spec} in the row's process", 1)
     loaded = load_model(job.origin.spec, device, dtype)
     if fingerprint(loaded.model) != job.fingerprint:
-        return BackendResult(name=job.name, status="failed",
+        return BackendResult(name=job.row.name, status="failed",
                              reason=f"{job.origin.spec} loaded again in the row's process differs from the compared "
                                     f"model (was it changed in memory after loading?); run with --isolation none")
     ref = iso.load(job.reference_file)
@@ -312,7 +316,7 @@ def measure_one_row(job: RowJob) -> BackendResult:
     faults.stage("compare-row-started")  # test hook: a signal while a row's process runs
     loaded_s = time.monotonic() - start
     source = _weight_source(loaded, job.rows, replace(job.settings, cache=job.use_cache), device, dtype, progress)
-    result = _row(job.name, loaded, job.rows, source, ref, job.settings, job.mode, device, dtype, L2Flush(device),
+    result = _row(job.row, loaded, job.rows, source, ref, job.settings, job.mode, device, dtype, L2Flush(device),
                   progress)
     telemetry = result.model_metrics.get("telemetry")
     if telemetry:  # the peak is this row's alone: nothing else ran in its process
@@ -340,15 +344,15 @@ def _forward(progress: Progress, message) -> None:
         progress.advance(message[1])
 
 
-def _launched_row(launcher: Launcher, name: str, job: RowJob | None, here: Callable[[], BackendResult] | None,
+def _launched_row(launcher: Launcher, row: RowSpec, job: RowJob | None, here: Callable[[], BackendResult] | None,
                   backends: set[str], progress: Progress) -> BackendResult:
-    """Row `name` through the launcher: `measure_one_row(job)` in its own process, or `here()` in this one."""
+    """`row` through the launcher: `measure_one_row(job)` in its own process, or `here()` in this one."""
     if launcher.isolated:
-        progress.begin(f"{name}: starting the row's process", 1)
+        progress.begin(f"{row.name}: starting the row's process", 1)
     out = launcher.run(ROW, job, here=here, backends=backends, on_message=partial(_forward, progress))
     reason = out.failure(outside="the row's own error handling")
     if reason is not None:  # its process raised past _row, died (a signal, an exit) or timed out
-        return BackendResult(name=name, status="failed", reason=reason)
+        return BackendResult(name=row.name, status="failed", reason=reason)
     if launcher.isolated:
         out.value.model_metrics.setdefault("isolation", {})["process_s"] = out.seconds
     return out.value
@@ -375,22 +379,24 @@ def _weight_source(loaded: LoadedModel, rows: Rows, settings: Settings, device: 
         read_codes=lambda: model_codes(loaded.model))
 
 
-def _calibrations(name: str, rows: Rows, settings: Settings) -> set[str]:
-    """The calibrating algorithms (gptq, awq) whose weights row `name` needs."""
-    if rows.shared == CHECKPOINT:
+def _calibrations(row: RowSpec, rows: Rows, settings: Settings) -> set[str]:
+    """The calibrating algorithms (gptq, awq) whose weights `row` needs."""
+    shared = rows.shared
+    if shared is not None and shared.from_checkpoint:
         return set()
-    if name in rows.kernel_rows:  # a --kernels row runs the shared weights
-        wanted = {rows.shared}
+    if row.kind is Kind.KERNEL:  # a --kernels row runs the shared weights
+        wanted = {shared.backend}
     else:
-        own = set(settings.plan["layers"].values()) if name == PLAN else {name}
+        own = set(settings.plan["layers"].values()) if row.kind is Kind.PLAN else {row.backend}
         quantized = {n for n in own if registry.get(n).quantized}
-        wanted = ({rows.shared} if quantized else set()) if rows.shared is not None else quantized
+        wanted = ({shared.backend} if quantized else set()) if shared is not None else quantized
     return {n for n in wanted if registry.get(n).needs_calibration}
 
 
-def _backend_names(order: list[str], rows: Rows, settings: Settings) -> set[str]:
-    names = {n for n in order if n != PLAN and n not in rows.kernel_rows}
-    names |= {rows.shared} if rows.shared not in (None, CHECKPOINT) else set()
+def _backend_names(rows: Rows, settings: Settings) -> set[str]:
+    """Every backend some row uses: a child process registers those importing does not."""
+    names = set(rows.backends)
+    names |= {rows.shared.backend} if rows.shared is not None and not rows.shared.from_checkpoint else set()
     return names | (set(settings.plan["layers"].values()) if settings.plan else set())
 
 
@@ -413,32 +419,33 @@ def _parked(loaded: LoadedModel, device: torch.device) -> Iterator[None]:
             loaded.int4 = {n: w.to(device) for n, w in loaded.int4.items()}
 
 
-def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: Reference, settings: Settings,
+def _row(row: RowSpec, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: Reference, settings: Settings,
          mode: str, device: torch.device, dtype: torch.dtype, flush: L2Flush, progress: Progress) -> BackendResult:
     """One row, isolated: whatever it raises becomes its status."""
     qmodel = None
-    fmt = (loaded.info.get("checkpoint") or {}).get("format", "")
+    name = row.name
     try:
         with Sampler(device) as sampler:
-            if name not in rows.kernel_rows and name != PLAN and isinstance(registry.get(name), Engine):
-                result = engine_row(name, registry.get(name), loaded.model, ref, settings)
-                result.model_metrics["telemetry"] = sampler.summary()
-                result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
-                return result
-            if name == PLAN:
-                layers, weights = plan_layers(settings.plan, source, rows.shared, rows.names, fmt)
-                quantized = {n for n, b in settings.plan["layers"].items() if registry.get(b).quantized}
-            elif name in rows.kernel_rows:
-                layers, weights = kernel_layers(rows.kernel_rows[name], source, rows.shared, fmt)
-                quantized = rows.targets
-            else:
-                layers, weights = row_layers(name, source, rows.shared, checkpoint_format=fmt)
-                quantized = rows.targets if registry.get(name).quantized else set()
+            match row.kind:
+                case Kind.ENGINE:
+                    result = engine_row(name, registry.get(row.backend), loaded.model, ref, settings)
+                    result.model_metrics["telemetry"] = sampler.summary()
+                    result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
+                    return result
+                case Kind.PLAN:
+                    layers, weights = plan_layers(settings.plan, source, rows.shared, rows.backends)
+                    quantized = {n for n, b in settings.plan["layers"].items() if registry.get(b).quantized}
+                case Kind.KERNEL:
+                    layers, weights = kernel_layers(row.kernel, source, rows.shared)
+                    quantized = rows.targets
+                case Kind.REFERENCE | Kind.BACKEND:
+                    layers, weights = row_layers(row.backend, source, rows.shared)
+                    quantized = rows.targets if registry.get(row.backend).quantized else set()
             qmodel = with_layers(loaded.model, layers, rows.spec)
             result = measure_row(name, qmodel, rows.targets, quantized, ref, settings, mode, device, dtype, flush,
                                  progress, lambda: sampler.outside_peak(lambda: machinecheck.measure(device)))
             # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
-            if settings.sensitivity and result.status == "ok" and name != PLAN and quantized:
+            if settings.sensitivity and result.status == "ok" and row.kind is not Kind.PLAN and quantized:
                 qlins = {n: qmodel.get_submodule(n) for n in sorted(rows.targets)}
                 sens = sensitivity(loaded.model, qlins, sorted(rows.targets), ref.eval_ids, ref.loss, progress)
                 for r in result.layers:
@@ -447,10 +454,10 @@ def _row(name: str, loaded: LoadedModel, rows: Rows, source: WeightSource, ref: 
         result.weights = weights
         result.model_metrics["telemetry"] = sampler.summary()
         result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
-        if name == PLAN:
+        if row.kind is Kind.PLAN:
             result.model_metrics["plan"] = settings.plan
-        if name in rows.kernel_rows:
-            result.model_metrics["only_kernel"] = rows.kernel_rows[name]  # a --kernels row: not a backend name
+        if row.kind is Kind.KERNEL:
+            result.model_metrics["only_kernel"] = row.kernel  # a --kernels row: not a backend name
         return result
     except NotRunnable as e:
         return BackendResult(name=name, status="unavailable", reason=str(e))
@@ -471,7 +478,7 @@ def _calibrates(rows: Rows, settings: Settings, loaded: LoadedModel) -> bool:
     """Whether any row's weights come from a calibrating quantizer (not from a checkpoint)."""
     if loaded.int4 is not None:
         return False
-    names = [rows.shared] if rows.shared else rows.names + list((settings.plan or {}).get("backends", []))
+    names = [rows.shared.backend] if rows.shared else rows.backends + list((settings.plan or {}).get("backends", []))
     return any(registry.get(n).needs_calibration for n in names if n in registry.names())
 
 

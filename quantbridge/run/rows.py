@@ -25,14 +25,13 @@ from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, UserError
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.quantizer import get_quantizer
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.rowspec import Shared
 from quantbridge.models.loaded import linear_layers
 from quantbridge.plugin.smoothing import build
 from quantbridge.plugin.kernel import build_first
 from quantbridge.models import qcache
 from quantbridge.files.faults import WriteFailed
 from quantbridge.models.text import calibration
-
-CHECKPOINT = "checkpoint"  # shared weights read from a quantized checkpoint
 
 
 class Progress:
@@ -76,13 +75,14 @@ def canonical(b: Backend) -> bool:
     return isinstance(b, Pairing) and b.quantized
 
 
-def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -> str | None:
-    """Whose weights every row runs: the checkpoint's, `--weights`' algorithm's, or none (each its own)."""
-    if checkpoint:
+def shared_source(checkpoint_format: str | None, weights: str | None, device: torch.device) -> Shared | None:
+    """Whose weights every row runs: the checkpoint's (MODEL is one: its format), `--weights`' algorithm's,
+    or none (each row its own)."""
+    if checkpoint_format is not None:
         if weights is not None:
             raise UserError("MODEL is a quantized checkpoint: its own weights are run through every backend; "
                             "drop --weights")
-        return CHECKPOINT
+        return Shared(None, checkpoint_format)
     if weights is None:
         return None
     src = registry.get(weights)
@@ -92,7 +92,7 @@ def shared_source(checkpoint: bool, weights: str | None, device: torch.device) -
     here = ask(src.available, device)
     if not here.ok:
         raise BackendUnavailable(f"--weights {weights}: {here.reason}")
-    return weights
+    return Shared(weights)
 
 
 @dataclass
@@ -123,9 +123,12 @@ class WeightSource:
         self._made: dict[str, dict[str, Int4Weight]] = {}
         self._calib: Calibration | None = None
 
+    def shared(self, shared: Shared) -> dict[str, Int4Weight]:
+        """The weights every row runs: the checkpoint's, or the --weights backend's."""
+        return self.checkpoint if shared.from_checkpoint else self.get(shared.backend)
+
     def get(self, name: str) -> dict[str, Int4Weight]:
-        if name == CHECKPOINT:
-            return self.checkpoint
+        """Backend `name`'s own weights."""
         if name not in self._made:
             b = registry.get(name)
             if isinstance(b, Pairing) and b.reads_model:  # read from the model's own file: nothing to calibrate or cache
@@ -167,8 +170,8 @@ class WeightSource:
         return ws
 
 
-def row_layers(name: str, source: WeightSource, shared: str | None, only: set[str] | None = None,
-               checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
+def row_layers(name: str, source: WeightSource, shared: Shared | None,
+               only: set[str] | None = None) -> tuple[dict[str, nn.Module], str]:
     """Backend `name`'s layers for every target (or the `only` ones), and a label for their weights."""
 
     b = registry.get(name)
@@ -177,9 +180,9 @@ def row_layers(name: str, source: WeightSource, shared: str | None, only: set[st
         return {n: b.quantize(lin, source.spec) for n, lin in lins.items()}, "unquantized"
     if shared is not None:
         if not b.runs_int4():
-            raise NotRunnable(f"{name} cannot run {shared}'s INT4 weights (its own format only)")
-        ws = source.get(shared)
-        label = shared_label(shared, checkpoint_format)
+            raise NotRunnable(f"{name} cannot run {shared.name}'s INT4 weights (its own format only)")
+        ws = source.shared(shared)
+        label = shared.label
     else:
         ws = source.get(name) if b.whole_model else None
         label = b.weights_label
@@ -198,15 +201,9 @@ def row_layers(name: str, source: WeightSource, shared: str | None, only: set[st
     return out, label
 
 
-def shared_label(shared: str, checkpoint_format: str = "") -> str:
-    return f"checkpoint ({checkpoint_format})" if shared == CHECKPOINT else f"{shared} (shared)"
-
-
-def kernel_layers(kernel: str, source: WeightSource, shared: str,
-                  checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
+def kernel_layers(kernel: str, source: WeightSource, shared: Shared) -> tuple[dict[str, nn.Module], str]:
     """The shared weights of every target through exactly one kernel (a `--kernels` row)."""
-
-    ws = source.get(shared)
+    ws = source.shared(shared)
     source.progress.begin(f"{kernel}: build layers", len(source.linears))
     out = {}
     for n, lin in source.linears.items():
@@ -218,11 +215,11 @@ def kernel_layers(kernel: str, source: WeightSource, shared: str,
 
         out[n] = build(exactly, ws[n], lin.bias)
         source.progress.advance()
-    return out, shared_label(shared, checkpoint_format)
+    return out, shared.label
 
 
-def plan_layers(plan: dict, source: WeightSource, shared: str | None, names: list[str],
-                checkpoint_format: str = "") -> tuple[dict[str, nn.Module], str]:
+def plan_layers(plan: dict, source: WeightSource, shared: Shared | None,
+                names: list[str]) -> tuple[dict[str, nn.Module], str]:
     """Each layer from the backend the plan assigns it (unassigned layers stay reference)."""
     choice = plan["layers"]
     unknown = sorted(set(choice.values()) - set(names))
@@ -231,7 +228,6 @@ def plan_layers(plan: dict, source: WeightSource, shared: str | None, names: lis
     out: dict[str, nn.Module] = {}
     for name in sorted(set(choice.values())):
         # Build only the layers assigned to this backend, so the row's memory is the plan's.
-        layers, _ = row_layers(name, source, shared, only={n for n, b in choice.items() if b == name},
-                               checkpoint_format=checkpoint_format)
+        layers, _ = row_layers(name, source, shared, only={n for n, b in choice.items() if b == name})
         out.update(layers)
     return out, "plan"

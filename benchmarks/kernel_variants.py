@@ -23,30 +23,17 @@ from quantbridge.run import bench
 from quantbridge.measure.probes import L2Flush
 from quantbridge.plugin.files import write_atomic
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.rowspec import Kind, RowSpec
 
 VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch")}
 
 
-class _Variant:
-    """A bench source: the native layer built (and first called) under one kernel setting."""
+def _apply(settings: dict) -> None:
+    """Set one variant's module settings on the Triton kernel (the layer is built and first called under them)."""
+    from quantbridge.kernels import int4_triton as kt
 
-    takes_canonical = True
-    needs_calibration = False
-
-    def __init__(self, name: str, settings: dict) -> None:
-        self.name, self.settings = name, settings
-
-    def apply(self) -> None:
-        from quantbridge.kernels import int4_triton as kt
-
-        for key, value in self.settings.items():
-            setattr(kt, key, value)
-
-    def from_int4(self, weight, bias):
-        from quantbridge.adapters.native import NativeLinear
-
-        self.apply()
-        return NativeLinear(weight, bias)
+    for key, value in settings.items():
+        setattr(kt, key, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k, n in bench.parse_shapes(a.shapes):
         for name in a.variants.split(","):
-            v = _Variant(name, VARIANTS[name])
-            v.apply()  # the bench's layer is built and first called under this setting
+            _apply(VARIANTS[name])
+            row = RowSpec(name, Kind.KERNEL, kernel="triton")  # RTN codes through exactly our kernel
             try:
-                got = bench.bench_layer(v, k, n, ms, QuantSpec(group_size=128), device, dtype, a.runs, 5, flush, bw)
+                got = bench.bench_layer(row, k, n, ms, QuantSpec(group_size=128), device, dtype, a.runs, 5, flush, bw)
             except Exception as e:  # a variant that fails to compile or run: the others still get measured
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 got = [bench.Row(name, "", k, n, m, "failed", reason) for m in ms]

@@ -90,7 +90,7 @@ def test_timing_metrics_remainder_and_tokens_per_s():
     t = timing.StepTiming("graph", "graph", layers, {"a": [30.0] * 5, "b": [31.0] * 5},
                           step_us=[25.0] * 5, step_probed_us=[x for g in by_graph for x in g], span_us=span,
                           probed_by_graph=by_graph, probed_layers_by_graph=[1, 1])
-    m = timing_metrics({4: t}, Settings(batches=[4], prefill=0))
+    m = timing_metrics({4: t}, Settings(batches=[4], prefill=0).steps)
     assert m["linear_sum_us"]["4"]["median"] == 18.0
     assert m["step_remainder_us"]["4"] == pytest.approx(25.0 - 18.0)
     assert m["probe_cost_per_layer_us"]["4"] == pytest.approx(2.0)  # the median of 1 and 3

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from quantbridge.plugin.availability import OK, Availability, ask
+from quantbridge.plugin.errors import NotRunnable
 from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.registry import Registry
@@ -137,6 +138,15 @@ def build_first(names: Sequence[str], weight: Int4Weight,
                              + (f"; reinstall it: {hint}" if hint else "")))
             remaining = remaining[remaining.index(choice.kernel.name) + 1:]
     return None, tuple(rejected)
+
+
+def build_exactly(name: str, weight: Int4Weight, bias: torch.Tensor | None) -> QuantLinear:
+    """`weight` through exactly kernel `name` (a `--kernels` row); NotRunnable with the kernel's reason
+    when it cannot run it here."""
+    layer, rejected = build_first([name], weight, bias)
+    if layer is None:
+        raise NotRunnable(rejected[0][1])
+    return layer
 
 
 def probe_weight(out_features: int, in_features: int, spec: QuantSpec, dtype: torch.dtype,

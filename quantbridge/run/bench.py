@@ -18,24 +18,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
 
-from quantbridge.plugin import backend as registry
-from quantbridge.run.launcher import Launcher, send
-from quantbridge.plugin import resolve
-from quantbridge.plugin.errors import UserError
 from quantbridge.measure.graphs import time_replays
 from quantbridge.measure.hardware import device_info
-from quantbridge.measure.probes import L2Flush, time_calls
-from quantbridge.plugin.kernel import get_kernel, kernel_names
 from quantbridge.measure.metrics import summarize
-from quantbridge.plugin.packed import Int4Weight, quantize_rtn
-from quantbridge.plugin.availability import ask
+from quantbridge.measure.probes import L2Flush, time_calls
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin import resolve
 from quantbridge.plugin.backend import Engine
-from quantbridge.plugin.errors import NotRunnable
+from quantbridge.plugin.errors import NotRunnable, UserError
+from quantbridge.plugin.kernel import build_exactly, get_kernel
+from quantbridge.plugin.packed import quantize_rtn
+from quantbridge.plugin.quantizer import baseline_label
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.launcher import Launcher, send
+from quantbridge.run.rowspec import Kind, RowSpec, Shared
 
 # (K, N) = (in_features, out_features) of each distinct linear shape.
 SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
@@ -127,60 +128,51 @@ def _check(q: nn.Module, k: int, m: int, device: torch.device, dtype: torch.dtyp
     return ((out - ref).norm() / ref.norm()).item()
 
 
-class KernelSource:
-    """One kernel on its own (`bench --kernels K`): the spec's round-to-nearest codes through
-    exactly that kernel, row `rtn+K`. A kernel's speed does not depend on how its codes were
-    chosen, so this is how GPTQ and AWQ engine kernels are timed without calibrating."""
-
-    takes_canonical = True  # bench_layer hands it canonical (RTN) weights through from_int4
-
-    def __init__(self, kernel: str) -> None:
-        from quantbridge.plugin.quantizer import baseline_label
-
-        self.kernel = kernel
-        self.name = f"{baseline_label() or 'rtn'}+{kernel}"
-
-    def available(self, device: torch.device):
-        return ask(get_kernel(self.kernel).available, device)
-
-    def check_spec(self, spec: QuantSpec) -> None:
-        return None  # what a kernel cannot hold is per weight: can_implement, in from_int4
-
-    def from_int4(self, weight: Int4Weight, bias: torch.Tensor | None) -> nn.Module:
-        from quantbridge.plugin.kernel import build_first
-
-        layer, rejected = build_first([self.kernel], weight, bias)
-        if layer is None:
-            raise NotRunnable(rejected[0][1])
-        return layer
+def bench_rows(names: list[str], kernels: list[str], device: torch.device) -> list[RowSpec]:
+    """The reference first, then `names`, then each of `kernels` on its own (row `rtn+K`: the spec's
+    round-to-nearest codes through exactly that kernel; a kernel's speed does not depend on how its
+    codes were chosen, so this is how GPTQ and AWQ engine kernels are timed without calibrating)."""
+    rows = [RowSpec(r.name, Kind.REFERENCE if r.obj.reference else Kind.ENGINE if isinstance(r.obj, Engine)
+                    else Kind.BACKEND, backend=r.name) for r in resolve.backends(names, device)]
+    rtn = Shared(baseline_label() or "rtn")
+    return rows + [RowSpec.of_kernel(rtn, k) for k in kernels]
 
 
-def bench_layer(backend: registry.Backend | KernelSource, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,
+def _layer(row: RowSpec, lin: nn.Linear, spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
+    """The row's layer for `lin`; NotRunnable when the row cannot hold one layer of this shape."""
+    rtn = partial(quantize_rtn, lin.weight.detach(), spec, scale_dtype=dtype)
+    if row.kind is Kind.KERNEL:
+        return build_exactly(row.kernel, rtn(), None)
+    if row.kind is Kind.ENGINE:
+        raise NotRunnable("it runs a whole model file, not one layer")
+    b = registry.get(row.backend)
+    if b.whole_model and not b.needs_calibration:
+        raise NotRunnable("its weights are read from a model's own file, which a bench shape does not have")
+    if b.needs_calibration:
+        # A kernel's speed does not depend on how its codes were chosen: time a calibrated
+        # backend's layer (its own layout and kernel) on round-to-nearest codes.
+        return b.from_int4(rtn(), None)
+    return b.quantize(lin, spec)
+
+
+def bench_layer(spec_row: RowSpec, k: int, n: int, ms: list[int], spec: QuantSpec, device: torch.device,
                 dtype: torch.dtype, runs: int, warmup: int, flush: L2Flush, bw: float) -> list[Row]:
     torch.manual_seed(k * 7 + n)
     lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
     nn.init.normal_(lin.weight, std=0.02)
     rows = []
-    if isinstance(backend, Engine) or (getattr(backend, "whole_model", False) and not backend.needs_calibration):
-        why = ("it runs a whole model file, not one layer" if isinstance(backend, Engine)
-               else "its weights are read from a model's own file, which a bench shape does not have")
-        return [Row(backend.name, "", k, n, m, "unavailable", why) for m in ms]
+    name = spec_row.name
     try:
-        if getattr(backend, "takes_canonical", False) or backend.needs_calibration:
-            # A kernel's speed does not depend on how its codes were chosen: time a calibrated
-            # backend's layer (its own layout and kernel) on round-to-nearest codes.
-            q = backend.from_int4(quantize_rtn(lin.weight.detach(), spec, scale_dtype=dtype), None)
-        else:
-            q = backend.quantize(lin, spec)
+        q = _layer(spec_row, lin, spec, dtype)
     except NotRunnable as e:
-        return [Row(backend.name, "", k, n, m, "unavailable", str(e).splitlines()[0]) for m in ms]
+        return [Row(name, "", k, n, m, "unavailable", str(e).splitlines()[0]) for m in ms]
     except (UserError, RuntimeError, TypeError, NotImplementedError, ImportError) as e:
-        return [Row(backend.name, "", k, n, m, "failed", f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        return [Row(name, "", k, n, m, "failed", f"{type(e).__name__}: {str(e).splitlines()[0]}")
                 for m in ms]
     del lin
     with torch.inference_mode():
         for m in ms:
-            row = Row(backend.name, q.kernel, k, n, m, "ok")
+            row = Row(name, q.kernel, k, n, m, "ok")
             try:
                 row.check_rel_err = _check(q, k, m, device, dtype)
                 if not row.check_rel_err <= CHECK_TOL[dtype]:
@@ -216,11 +208,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
     check_sizes(shapes, ms)
     spec = spec.fitted({f"{k}x{n}": k for k, n in shapes})  # auto: the largest group dividing every K
     reference = registry.reference_name()  # the unquantized baseline every speedup is against
-    backends: dict = {r.name: r.obj for r in resolve.backends(names, device)}
-    for k in kernels:
-        src = KernelSource(k)
-        backends[src.name] = src
-    names = list(backends)
+    rows = bench_rows(names, list(kernels), device)
     flush = L2Flush(device)
     copy = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))
     result = {
@@ -235,23 +223,24 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         "rows": [],
         "isolation": launcher.how,
     }
-    for name, b in backends.items():
-        r = resolve.kernel(b.kernel, device) if isinstance(b, KernelSource) else resolve.backend(name, device, spec)
-        result["backends"][name] = {"available": r.ok, "reason": r.reason}
+    for row in rows:
+        r = resolve.kernel(row.kernel, device) if row.kind is Kind.KERNEL else resolve.backend(row.backend, device, spec)
+        result["backends"][row.name] = {"available": r.ok, "reason": r.reason,
+                                        **({"kernel": row.kernel} if row.kind is Kind.KERNEL else {})}
     del flush  # each unit has its own
     if launcher.isolated and device.type == "cuda":
         torch.cuda.empty_cache()  # nothing of ours stays on the GPU while the children run
-    job = BenchJob("", shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup,
+    job = BenchJob(rows[0], shapes, ms, str(device), str(dtype).removeprefix("torch."), spec, runs, warmup,
                    copy["bytes_per_s"])
-    _sweep(result, launcher, job, backends, progress, on_shape)
+    _sweep(result, launcher, job, rows, progress, on_shape)
     return result
 
 
 @dataclass(frozen=True)
 class BenchJob:
-    """One backend's rows, measured in a child process."""
+    """One row's shapes, measured (in a child process, or in this one)."""
 
-    backend: str
+    row: RowSpec
     shapes: list[tuple[int, int]]
     ms: list[int]
     device: str
@@ -260,31 +249,32 @@ class BenchJob:
     runs: int
     warmup: int
     copy_bytes_per_s: float
-    kernel: str | None = None  # a kernel on its own (KernelSource) instead of a backend
 
 
 def bench_backend(job: BenchJob) -> int:
-    """A unit of work: every shape of `job` for one backend; each shape's rows are sent as they finish."""
+    """A unit of work: every shape of `job` for one row; each shape's rows are sent as they finish."""
     device, dtype = torch.device(job.device), getattr(torch, job.dtype)
-    b, flush = KernelSource(job.kernel) if job.kernel else registry.get(job.backend), L2Flush(device)
+    flush = L2Flush(device)
     for k, n in job.shapes:
         send(("shape", k, n))
-        rows = bench_layer(b, k, n, job.ms, job.spec, device, dtype, job.runs, job.warmup, flush, job.copy_bytes_per_s)
+        rows = bench_layer(job.row, k, n, job.ms, job.spec, device, dtype, job.runs, job.warmup, flush, job.copy_bytes_per_s)
         send(("rows", [asdict(r) for r in rows]))
     return len(job.shapes)
 
 
-def _sweep(result: dict, launcher: Launcher, job: BenchJob, sources: dict, progress: Callable[[str], None] | None,
-           on_shape: Callable[[dict], None] | None) -> None:
-    """Every source's rows at every shape of `job`, each source's through the launcher, in passes:
-    here one shape at a time, every source at it; in child processes one source at a time, its
-    process measuring every shape (one start per source). `on_shape` after every pass."""
-    shapes, ms, names = job.shapes, job.ms, list(sources)
+def _sweep(result: dict, launcher: Launcher, job: BenchJob, specs: list[RowSpec],
+           progress: Callable[[str], None] | None, on_shape: Callable[[dict], None] | None) -> None:
+    """Every row at every shape of `job`, each row's through the launcher, in passes: here one
+    shape at a time, every row at it; in child processes one row at a time, its process measuring
+    every shape (one start per row). `on_shape` after every pass."""
+    shapes, ms, names = job.shapes, job.ms, [s.name for s in specs]
     done: dict[tuple[str, int, int], list[dict]] = {}
-    passes = ([[(name, shapes)] for name in names] if launcher.isolated
-              else [[(name, [shape]) for name in names] for shape in shapes])
+    passes = ([[(row, shapes)] for row in specs] if launcher.isolated
+              else [[(row, [shape]) for row in specs] for shape in shapes])
     for units in passes:
-        for name, batch in units:
+        for row, batch in units:
+            name = row.name
+
             def forward(message, name=name) -> None:
                 if message[0] == "shape" and progress:
                     progress(f"{name} {message[1]}x{message[2]}")
@@ -299,10 +289,9 @@ def _sweep(result: dict, launcher: Launcher, job: BenchJob, sources: dict, progr
                         forward(("shape", k, n))
                     done[(name, k, n)] = [asdict(Row(name, "", k, n, m, "unavailable", info["reason"])) for m in ms]
                 continue
-            src = sources[name]
-            kernel = src.kernel if isinstance(src, KernelSource) else None
-            unit = replace(job, backend=name, shapes=batch, kernel=kernel)
-            out = launcher.run("quantbridge.run.bench:bench_backend", unit, backends=[] if kernel else [name],
+            unit = replace(job, row=row, shapes=batch)
+            kernel = row.kernel
+            out = launcher.run("quantbridge.run.bench:bench_backend", unit, backends=[row.backend] if row.backend else [],
                                imports=[type(get_kernel(kernel)).__module__] if kernel else [], on_message=forward)
             reason = out.failure()
             if reason is not None:
@@ -337,17 +326,17 @@ def failures(result: dict, named: set[str]) -> list[str]:
         total = sum(r["backend"] == name for r in result["rows"])
         r = rows[0]
         out.append(f"row {name} {r['status']} on {len(rows)} of {total} shape/M cases (first {r['k']}x{r['n']} "
-                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r)}")
+                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r, result['backends'].get(name, {}).get('kernel'))}")
     return out
 
 
-def _bench_fix(name: str, row: dict) -> str:
+def _bench_fix(name: str, row: dict, kernel: str | None) -> str:
+    """What to do about row `name` (`kernel`: the one kernel a kernel row runs)."""
     if row["status"] == "incorrect":
         return "its output disagrees with its own dequantized weight: a kernel defect; leave it out and report it"
     hint = ""
-    kernel = name.partition("+")[2]
     if row["status"] == "unavailable" or "ImportError" in (row["reason"] or "") or "ModuleNotFound" in (row["reason"] or ""):
-        if kernel in kernel_names():
+        if kernel is not None:
             hint = get_kernel(kernel).install_hint
         elif name in registry.names():
             hint = registry.get(name).install_hint

@@ -214,7 +214,8 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
     mode = timing_mode(settings.mode, device)
     linears = linear_layers(loaded.model)
     progress.begin("reference: the unquantized model on the inputs", 1)
-    eval_ids, steps = make_inputs(loaded.tokenizer, settings, device)
+    eval_ids, steps = make_inputs(loaded.tokenizer, settings.steps, settings.eval_text, settings.eval_seqs,
+                                  settings.eval_len, settings.seed, device)
     ref = run_reference(loaded.model, linears, eval_ids, steps, settings.eval_text or SHIPPED_EVAL)
     progress.advance()
     flush = L2Flush(device)
@@ -428,7 +429,7 @@ def _row(row: RowSpec, loaded: LoadedModel, rows: Rows, source: WeightSource, re
         with Sampler(device) as sampler:
             match row.kind:
                 case Kind.ENGINE:
-                    result = engine_row(name, registry.get(row.backend), loaded.model, ref, settings)
+                    result = engine_row(name, registry.get(row.backend), loaded.model, ref, settings.steps)
                     result.model_metrics["telemetry"] = sampler.summary()
                     result.model_metrics["peak_memory_bytes"] = result.model_metrics["telemetry"]["peak_memory_bytes"]
                     return result
@@ -442,7 +443,7 @@ def _row(row: RowSpec, loaded: LoadedModel, rows: Rows, source: WeightSource, re
                     layers, weights = row_layers(row.backend, source, rows.shared)
                     quantized = rows.targets if registry.get(row.backend).quantized else set()
             qmodel = with_layers(loaded.model, layers, rows.spec)
-            result = measure_row(name, qmodel, rows.targets, quantized, ref, settings, mode, device, dtype, flush,
+            result = measure_row(name, qmodel, rows.targets, quantized, ref, settings.steps, mode, device, dtype, flush,
                                  progress, lambda: sampler.outside_peak(lambda: machinecheck.measure(device)))
             # Per-layer sensitivity belongs to a backend's own layers; the reference and a plan have none.
             if settings.sensitivity and result.status == "ok" and row.kind is not Kind.PLAN and quantized:

@@ -1,7 +1,7 @@
 """Measuring one row: errors against the reference, per-layer timing per M, whole-model metrics.
 
 Every input comes in as an argument: the row's model (its linears swapped in), the
-reference outputs and inputs, the settings and the timing mode. Nothing is read from
+reference outputs and inputs, the timed steps and the timing mode. Nothing is read from
 state an earlier step left behind.
 """
 
@@ -20,7 +20,7 @@ from quantbridge.measure.metrics import summarize
 from quantbridge.run.reference import Reference
 from quantbridge.results.schema import BackendResult, LayerRecord
 from quantbridge.run.rows import Progress
-from quantbridge.run.settings import Settings
+from quantbridge.run.settings import Steps
 from quantbridge.measure.timing import PROBE_BUDGET, Step, StepTiming, time_step
 
 
@@ -36,17 +36,17 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double())).item()
 
 
-def time_row(qmodel: nn.Module, qlins: dict[str, nn.Module], ref: Reference, settings: Settings, mode: str,
+def time_row(qmodel: nn.Module, qlins: dict[str, nn.Module], ref: Reference, warmup: int, mode: str,
              device: torch.device, flush: L2Flush, progress: Progress, label: str = "") -> dict[int, StepTiming]:
     progress.begin(f"{label}: timing ({mode})", len(ref.steps))
     out = {}
     for m, inputs in ref.steps.items():
-        out[m] = time_step(mode, Step(qmodel, _call, inputs, settings.warmup, qlins, device, flush))
+        out[m] = time_step(mode, Step(qmodel, _call, inputs, warmup, qlins, device, flush))
         progress.advance()
     return out
 
 
-def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
+def timing_metrics(timings: dict[int, StepTiming], steps: Steps) -> dict:
     """Whole-step figures per M: step time, probes' cost, tokens/s, the time outside the linears."""
     metrics: dict = {"forward_us": {}, "forward_probed_us": {}, "probe_overhead_pct": {}, "tokens_per_s": {},
                      "linear_sum_us": {}, "step_remainder_us": {}, "timing": {}}
@@ -83,10 +83,10 @@ def timing_metrics(timings: dict[int, StepTiming], settings: Settings) -> dict:
                 # spans are longer by the probes' cost, kept apart).
                 metrics["step_remainder_us"][key] = off.median - metrics["linear_sum_us"][key]["median"]
                 metrics.setdefault("in_graph_span_us", {})[key] = summarize(t.span_us).to_dict()
-    decode = sorted(set(settings.batches))
+    decode = sorted(set(steps.batches))
     metrics["decode_tokens_per_s"] = {str(m): metrics["tokens_per_s"][str(m)] for m in decode}
-    if settings.prefill and str(settings.prefill) in metrics["forward_us"]:
-        metrics["prefill_latency_us"] = metrics["forward_us"][str(settings.prefill)]["median"]
+    if steps.prefill and str(steps.prefill) in metrics["forward_us"]:
+        metrics["prefill_latency_us"] = metrics["forward_us"][str(steps.prefill)]["median"]
     return metrics
 
 
@@ -99,7 +99,7 @@ def row_timing_label(timings: dict[int, StepTiming]) -> str:
 
 @torch.inference_mode()
 def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[str], ref: Reference,
-                settings: Settings, mode: str, device: torch.device, dtype: torch.dtype, flush: L2Flush,
+                steps: Steps, mode: str, device: torch.device, dtype: torch.dtype, flush: L2Flush,
                 progress: Progress | None = None,
                 machine_check: Callable[[], dict] | None = None) -> BackendResult:
     """One row, from its model with its layers swapped in. `quantized` are the layers it quantizes.
@@ -123,8 +123,8 @@ def measure_row(name: str, qmodel: nn.Module, targets: set[str], quantized: set[
     # the machine itself ran meanwhile (its spread across rows is the drift recommend holds
     # latency rankings against; see machinecheck).
     before = machine_check() if machine_check else None
-    timings = time_row(qmodel, qlins, ref, settings, mode, device, flush, progress, name)
-    metrics = timing_metrics(timings, settings)
+    timings = time_row(qmodel, qlins, ref, steps.warmup, mode, device, flush, progress, name)
+    metrics = timing_metrics(timings, steps)
     if before is not None:
         metrics["machine_check"] = machinecheck.before_after(before, machine_check(), device)
     metrics["eval_loss"] = out.loss.item()

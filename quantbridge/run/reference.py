@@ -10,7 +10,7 @@ from torch import nn
 from quantbridge.plugin.errors import UserError
 from quantbridge.measure.probes import capture_io
 from quantbridge.models.text import check_step_sizes
-from quantbridge.run.settings import Settings
+from quantbridge.run.settings import Steps
 from quantbridge.models.text import TOKEN_MARGIN, decode_batches, file_tokens, prefill_batches, text_split, tokenize, windows
 
 SHIPPED_EVAL = "shipped held-out split (python_reference.txt)"
@@ -26,28 +26,28 @@ class Reference:
     eval_source: str
 
 
-def make_inputs(tokenizer, settings: Settings, device: torch.device) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
-    """Held-out ids and, per M, distinct decode- or prefill-shaped inputs from real text.
+def make_inputs(tokenizer, steps: Steps, eval_text: str | None, eval_seqs: int, eval_len: int, seed: int,
+                device: torch.device) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """Held-out ids ([eval_seqs, eval_len], from `eval_text` or the shipped split) and, per M of
+    `steps`, distinct decode- or prefill-shaped inputs from real text.
 
     An --eval-text file is read only as far as the tokens asked for (with room for the windows).
     """
-    s = settings
-    need = s.eval_seqs * s.eval_len
+    need = eval_seqs * eval_len
     tokens = tokenize(tokenizer, text_split("eval"))
-    eval_tokens = tokens if s.eval_text is None else file_tokens(tokenizer, s.eval_text, "--eval-text",
-                                                                  TOKEN_MARGIN * need)
+    eval_tokens = tokens if eval_text is None else file_tokens(tokenizer, eval_text, "--eval-text", TOKEN_MARGIN * need)
     if eval_tokens.numel() < need:
-        source = f"--eval-text {s.eval_text}" if s.eval_text is not None else "the shipped evaluation text"
+        source = f"--eval-text {eval_text}" if eval_text is not None else "the shipped evaluation text"
         raise UserError(f"{source} has {eval_tokens.numel()} tokens; --eval-seqs x --eval-len needs "
-                        f"{s.eval_seqs * s.eval_len}: give a longer --eval-text or smaller values")
-    eval_ids = windows(eval_tokens, s.eval_seqs, s.eval_len, 1, s.seed)[0].to(device)
-    n = s.warmup + s.runs
-    steps = {}
-    check_step_sizes(s.batches, s.prefill, tokens.numel())
-    for m in s.m_values:
-        make = prefill_batches if s.is_prefill(m) else decode_batches
-        steps[m] = [x.to(device) for x in make(tokens, m, n, s.seed + m)]
-    return eval_ids, steps
+                        f"{need}: give a longer --eval-text or smaller values")
+    eval_ids = windows(eval_tokens, eval_seqs, eval_len, 1, seed)[0].to(device)
+    n = steps.warmup + steps.runs
+    inputs = {}
+    check_step_sizes(list(steps.batches), steps.prefill, tokens.numel())
+    for m in steps.m_values:
+        make = prefill_batches if steps.is_prefill(m) else decode_batches
+        inputs[m] = [x.to(device) for x in make(tokens, m, n, seed + m)]
+    return eval_ids, inputs
 
 
 def nonfinite_parameter(model: nn.Module) -> str | None:

@@ -12,6 +12,7 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from quantbridge.plugin.spec import QuantSpec
 from quantbridge.run.rowspec import Shared
 from quantbridge.models.loaded import linear_layers
 from quantbridge.plugin.smoothing import build
-from quantbridge.plugin.kernel import build_first
+from quantbridge.plugin.kernel import build_exactly
 from quantbridge.models import qcache
 from quantbridge.files.faults import WriteFailed
 from quantbridge.models.text import calibration
@@ -207,13 +208,10 @@ def kernel_layers(kernel: str, source: WeightSource, shared: Shared) -> tuple[di
     source.progress.begin(f"{kernel}: build layers", len(source.linears))
     out = {}
     for n, lin in source.linears.items():
-        def exactly(weight: Int4Weight, bias: torch.Tensor | None, n: str = n) -> nn.Module:
-            layer, rejected = build_first([kernel], weight, bias)
-            if layer is None:
-                raise NotRunnable(f"kernel {kernel} cannot run layer {n}: {rejected[0][1]}")
-            return layer
-
-        out[n] = build(exactly, ws[n], lin.bias)
+        try:
+            out[n] = build(partial(build_exactly, kernel), ws[n], lin.bias)
+        except NotRunnable as e:
+            raise NotRunnable(f"kernel {kernel} cannot run layer {n}: {e}") from None
         source.progress.advance()
     return out, shared.label
 

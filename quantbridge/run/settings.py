@@ -32,8 +32,29 @@ def calibration_size(samples: int | None, length: int | None, device: torch.devi
             why if samples is None and length is None else f"as given, else the {why}")
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The timed steps: decode batch sizes, a prefill length (0: none), warm-up and timed runs per M."""
+
+    batches: tuple[int, ...]
+    prefill: int
+    warmup: int
+    runs: int
+
+    @property
+    def m_values(self) -> list[int]:
+        ms = sorted(set(self.batches))
+        return ms + ([self.prefill] if self.prefill and self.prefill not in ms else [])
+
+    def is_prefill(self, m: int) -> bool:
+        return m == self.prefill and m not in self.batches
+
+
 @dataclass
 class Settings:
+    """What a comparison was asked to do, checked when made. It stays at the request: each step takes
+    the few values it needs (`steps`, the eval text, the seed) as arguments."""
+
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(group_size=AUTO_GROUP))  # auto: fitted to the layers
     batches: list[int] = field(default_factory=lambda: [1, 16])
     prefill: int = 256  # 0 disables the prefill shape
@@ -68,15 +89,15 @@ class Settings:
             raise UserError(f"--mode {self.mode!r} is not one of {', '.join(TIMING_MODES)}")
 
     @property
+    def steps(self) -> Steps:
+        return Steps(tuple(self.batches), self.prefill, self.warmup, self.runs)
+
+    @property
     def m_values(self) -> list[int]:
-        ms = sorted(set(self.batches))
-        return ms + ([self.prefill] if self.prefill and self.prefill not in ms else [])
+        return self.steps.m_values
 
     def calibration(self, device: torch.device) -> tuple[int, int, str]:
         return calibration_size(self.calib_samples, self.calib_len, device, self.full_calibration)
-
-    def is_prefill(self, m: int) -> bool:
-        return m == self.prefill and m not in self.batches
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -79,6 +79,17 @@ class GraphTimer:
         return time_calls(lambda _: graph.replay(), xs, self.device, lambda: self._load(next(it)))
 
 
+def replay_times(fn: Callable[[], object], device: torch.device, runs: int, warmup: int = 3) -> list[float]:
+    """µs of each of `runs` replays of fn() captured as a CUDA graph (no input: fixed work, such as the
+    machine check's), after `warmup` untimed replays; CUDA events around each, read after the last."""
+    fn()  # lazy workspaces (cuBLAS) before the capture
+    torch.cuda.synchronize(device)
+    graph = _capture(fn)
+    for _ in range(warmup):
+        graph.replay()
+    return time_calls(lambda _: graph.replay(), range(runs), device)
+
+
 def time_replays(fn: Callable[[torch.Tensor], object], xs: Sequence[torch.Tensor], device: torch.device,
                  flush: L2Flush) -> tuple[list[float], str]:
     """(µs of fn(x) for each x, how it was timed). On CUDA fn is captured once on a copy of xs[0]

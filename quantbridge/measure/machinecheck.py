@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantbridge.measure.graphs import replay_times
 from quantbridge.measure.probes import time_calls
 
 CLOCK_WARM_FRACTION = 0.9  # of the maximum SM clock NVML reports
@@ -111,21 +112,7 @@ def _cuda_work(device: torch.device) -> list[FixedWork]:
 
 def _time_graph(work: FixedWork, device: torch.device, runs: int) -> float:
     """Median GPU µs of one replay of `work` captured as a CUDA graph (events around each replay)."""
-    work.run()  # lazy workspaces (cuBLAS) before the capture
-    torch.cuda.synchronize(device)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        work.run()
-    for _ in range(3):
-        g.replay()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    stop = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    for s, e in zip(start, stop):
-        s.record()
-        g.replay()
-        e.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(start, stop))
+    return statistics.median(replay_times(work.run, device, runs))
 
 
 def _cpu_time(device: torch.device, runs: int) -> float:

@@ -378,7 +378,7 @@ def test_bench_counts_unavailable_rows_only_when_named():
     rows = [dict(backend=b, k=512, n=512, m=m, status=s, reason=why) for b, s, why in (
         ("fp16", "ok", None), ("tinygemm", "unavailable", "CUDA only"), ("native", "failed", "RuntimeError: x"),
         ("rtn+exllamav2", "unavailable", "exllamav2 is not installed")) for m in (1, 16)]
-    res = {"rows": rows}
+    res = {"rows": rows, "backends": {"rtn+exllamav2": {"kernel": "exllamav2"}}}  # bench.json: a kernel row's kernel
     lines = failures(res, named=set())
     assert len(lines) == 1 and lines[0].startswith("row native failed on 2 of 2 shape/M cases")
     lines = failures(res, named={"tinygemm", "rtn+exllamav2"})

@@ -326,7 +326,7 @@ def failures(result: dict, named: set[str]) -> list[str]:
         total = sum(r["backend"] == name for r in result["rows"])
         r = rows[0]
         out.append(f"row {name} {r['status']} on {len(rows)} of {total} shape/M cases (first {r['k']}x{r['n']} "
-                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r, result['backends'].get(name, {}).get('kernel'))}")
+                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r, result.get('backends', {}).get(name, {}).get('kernel'))}")
     return out
 
 

@@ -294,6 +294,10 @@ class RowJob:
     reference_file: str  # the Reference, written once by the parent (torch.save)
     use_cache: bool  # read calibrated weights from the on-disk cache (also when an earlier row just wrote them)
 
+    @property
+    def name(self) -> str:
+        return self.row.name
+
 
 def measure_one_row(job: RowJob) -> BackendResult:
     """One row in a child process: load the model again, read the reference, run `_row`.

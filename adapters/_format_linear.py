@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from quantbridge.formats import Codec
-from quantbridge.plugin.packed import Int4Weight
-
 from quantbridge.adapters.native import NativeLinear
+from quantbridge.formats import Codec
 from quantbridge.kernels import int4_reference
+from quantbridge.plugin.packed import Int4Weight
 
 
 class FormatLinear(NativeLinear):

@@ -21,10 +21,10 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from quantbridge.plugin.availability import Availability, pip_extra
-from quantbridge.plugin.quantizer import Calibration
 from quantbridge.formats.int32pack import perm_from_g_idx
+from quantbridge.plugin.availability import Availability, pip_extra
 from quantbridge.plugin.packed import Int4Weight, canonical_perm, pack_int4
+from quantbridge.plugin.quantizer import Calibration
 from quantbridge.plugin.spec import QuantSpec
 
 # Calibrate every layer on the unquantized model's activations: the same inputs the isolated error

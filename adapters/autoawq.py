@@ -16,10 +16,10 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.availability import Availability, dist_version, pip_extra
-from quantbridge.plugin.layer import QuantLinear
 from quantbridge.formats.awq import AWQCodec
+from quantbridge.plugin.availability import Availability, dist_version, pip_extra
 from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 
 INSTALL_HINT = pip_extra("autoawq")  # autoawq 0.2.9 and the datasets package its import needs

@@ -13,19 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.availability import Availability, pip_extra
-from quantbridge.plugin.backend import Pairing, register
-from quantbridge.plugin.layer import QuantLinear
-from quantbridge.plugin.quantizer import Calibration
-from quantbridge.plugin.kernel import Kernel, register_kernel
-from quantbridge.plugin.quantizer import Quantizer, register_quantizer
-from quantbridge.formats.awq import AWQCodec
-from quantbridge.plugin.packed import Int4Weight
-from quantbridge.plugin.spec import QuantSpec
-
 from quantbridge.adapters import _llmcompressor as llmc
 from quantbridge.adapters._format_linear import FormatLinear
+from quantbridge.formats.awq import AWQCodec
+from quantbridge.plugin.availability import Availability, pip_extra
+from quantbridge.plugin.backend import Pairing, register
 from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.quantizer import Calibration, Quantizer, register_quantizer
+from quantbridge.plugin.spec import QuantSpec
 
 RANK1_TOLERANCE = 1e-3  # relative residual of W_awq vs diag(r) W diag(c): pure scaling leaves ~1e-6
 

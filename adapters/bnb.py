@@ -15,8 +15,8 @@ from torch import nn
 
 from quantbridge.plugin.availability import Availability, pip_extra
 from quantbridge.plugin.backend import Fused, register
-from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.spec import QuantSpec
 
 BLOCK_SIZES = (32, 64, 128)

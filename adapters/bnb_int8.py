@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantbridge.adapters.bnb import _BnbBackend, import_bnb
 from quantbridge.plugin.backend import register
 from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.spec import QuantSpec
-
-from quantbridge.adapters.bnb import _BnbBackend, import_bnb
 
 OUTLIER_THRESHOLD = 6.0
 

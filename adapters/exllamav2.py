@@ -20,11 +20,11 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.availability import Availability, dist_version, pip_extra
-from quantbridge.plugin.layer import QuantLinear
-from quantbridge.plugin.files import cache_dir
 from quantbridge.formats.gptq import GPTQCodec
+from quantbridge.plugin.availability import Availability, dist_version, pip_extra
+from quantbridge.plugin.files import cache_dir
 from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 
 MAX_DQ_SIZE = 512 * 1024**2  # elements dequantized at once for large M: ExLlamaV2Config.max_dq_size

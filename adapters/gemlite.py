@@ -16,8 +16,8 @@ from importlib.util import find_spec
 import torch
 
 from quantbridge.plugin.availability import Availability, dist_version, pip_extra
-from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight, unpermute_columns
 
 INSTALL_HINT = pip_extra("gemlite")

@@ -11,19 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantbridge.plugin.errors import UserError
-from quantbridge.plugin.availability import Availability
-from quantbridge.plugin.backend import Pairing, register
-from quantbridge.plugin.layer import QuantLinear
-from quantbridge.plugin.quantizer import Calibration
-from quantbridge.plugin.kernel import Kernel, register_kernel
-from quantbridge.plugin.quantizer import Quantizer, register_quantizer
-from quantbridge.formats.gptq import GPTQCodec
-from quantbridge.plugin.packed import Int4Weight
-from quantbridge.plugin.spec import QuantSpec
-
 from quantbridge.adapters import _llmcompressor as llmc
 from quantbridge.adapters._format_linear import FormatLinear
+from quantbridge.formats.gptq import GPTQCodec
+from quantbridge.plugin.availability import Availability
+from quantbridge.plugin.backend import Pairing, register
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.quantizer import Calibration, Quantizer, register_quantizer
+from quantbridge.plugin.spec import QuantSpec
 
 
 @register_quantizer

@@ -25,11 +25,11 @@ from importlib.util import find_spec
 
 import torch
 
-from quantbridge.plugin.availability import Availability, dist_version
-from quantbridge.plugin.layer import QuantLinear
 from quantbridge.formats.awq import AWQCodec
 from quantbridge.formats.gptq import GPTQCodec
+from quantbridge.plugin.availability import Availability, dist_version
 from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 
 INSTALL_HINT = ("pip install --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 tokenicer==0.0.14 "

@@ -22,8 +22,8 @@ from importlib.util import find_spec
 import numpy as np
 import torch
 
-from quantbridge.plugin.availability import Availability, dist_version
 from quantbridge.formats.gguf import open_gguf
+from quantbridge.plugin.availability import Availability, dist_version
 from quantbridge.plugin.backend import Engine, EngineFigures, EngineRun, register
 from quantbridge.plugin.errors import NotRunnable, RowFailed
 

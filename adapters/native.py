@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantbridge.kernels import int4_reference
 from quantbridge.plugin.availability import Availability, pip_extra
 from quantbridge.plugin.backend import Pairing, register
-from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.kernel import Kernel, register_kernel
-from quantbridge.kernels import int4_reference
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from quantbridge.plugin.availability import Availability
 from quantbridge.plugin.backend import Pairing, register
-from quantbridge.plugin.layer import QuantLinear
-from quantbridge.plugin.kernel import Kernel, register_kernel
 from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.kernel import Kernel, register_kernel
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight, unpermute_columns
 from quantbridge.plugin.spec import QuantSpec
 

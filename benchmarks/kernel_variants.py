@@ -19,10 +19,10 @@ from dataclasses import asdict
 
 import torch
 
-from quantbridge.run import bench
 from quantbridge.measure.probes import L2Flush
 from quantbridge.plugin.files import write_atomic
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run import bench
 from quantbridge.run.rowspec import Kind, RowSpec
 
 VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch")}

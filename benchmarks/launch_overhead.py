@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from quantbridge.plugin.backend import get
 from quantbridge.measure.hardware import device_info
+from quantbridge.plugin.backend import get
 from quantbridge.plugin.spec import QuantSpec
 
 CALLS = 200

@@ -26,12 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbridge.plugin.packed import Int4Weight
-
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_codes import as_float, dequant_words
-from quantbridge.plugin.files import cache_dir
-from quantbridge.plugin.files import write_atomic
+from quantbridge.plugin.files import cache_dir, write_atomic
+from quantbridge.plugin.packed import Int4Weight
 
 KERNEL_NAME = "quantbridge.triton"
 # Bumped when the kernels change in a way that can move the best configuration: tuned

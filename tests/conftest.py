@@ -3,7 +3,6 @@ import os
 import pytest
 import torch
 
-
 if not torch.cuda.is_available():
     # Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors. The
     # variable is read when a kernel module is imported, so it is set before any test imports one.
@@ -35,8 +34,8 @@ def tiny():
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """The model must not be loaded: the checks under test come first."""
-    import quantbridge.run.convert
     import quantbridge.models.load
+    import quantbridge.run.convert
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")

@@ -12,8 +12,8 @@ import signal
 import torch
 
 from quantbridge.plugin import backend as registry
-from quantbridge.run import launcher as isolation
 from quantbridge.plugin.backend import Backend
+from quantbridge.run import launcher as isolation
 
 
 def _end_process(how: str) -> None:

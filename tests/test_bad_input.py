@@ -18,14 +18,6 @@ import pytest
 
 from cli_checks import FAST, invoke, one_line_error, previous_in, snapshot
 
-
-
-
-
-
-
-
-
 # -- compare: settings refused before the model loads ---------------------------------------------
 
 
@@ -57,8 +49,8 @@ def test_eval_text_not_utf8(tmp_path, no_model_load):
 
 
 def test_strict_reader_for_compare():
-    from quantbridge.plugin.errors import UserError
     from quantbridge.models.textfile import read_text_strict
+    from quantbridge.plugin.errors import UserError
 
     with pytest.raises(UserError, match="does not exist"):
         read_text_strict("/no/such/file.txt")
@@ -148,8 +140,8 @@ def test_step_sizes_above_the_text(tmp_path, tiny, previous, extra, needle):
 
 
 def test_limit_is_the_shipped_eval_tokens(tiny):
-    from quantbridge.models.text import check_step_sizes, step_token_limit
-    from quantbridge.models.text import decode_batches, prefill_batches, text_split, tokenize
+    from quantbridge.models.text import (check_step_sizes, decode_batches, prefill_batches, step_token_limit,
+                                         text_split, tokenize)
 
     limit = step_token_limit(tiny.tokenizer)
     tokens = tokenize(tiny.tokenizer, text_split("eval"))

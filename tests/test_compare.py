@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
+from quantbridge.models.load import linear_layers
 from quantbridge.plugin import backend as registry
 from quantbridge.plugin.availability import Availability
 from quantbridge.plugin.backend import Backend
-from quantbridge.run.compare import Settings, run_comparison
 from quantbridge.plugin.errors import BackendUnavailable, UserError
-from quantbridge.models.load import linear_layers
-from quantbridge.results.schema import Comparison
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.results.schema import Comparison
+from quantbridge.run.compare import Settings, run_comparison
 
 FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=64)
 

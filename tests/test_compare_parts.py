@@ -10,22 +10,22 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from quantbridge.plugin import backend as registry
-from quantbridge.measure import timing
-from quantbridge.plugin.backend import Backend
-from quantbridge.models.checkpoint import load_quantized, save_quantized
 from quantbridge.cli import cli
-from quantbridge.run.compare import Settings, check_request, run_comparison, verdict
-from quantbridge.plugin.errors import BackendUnavailable, UserError
+from quantbridge.measure import timing
 from quantbridge.measure.probes import L2Flush
-from quantbridge.run.measure_row import timing_metrics
+from quantbridge.models.checkpoint import load_quantized, save_quantized
 from quantbridge.models.load import linear_layers
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin.backend import Backend
+from quantbridge.plugin.errors import BackendUnavailable, UserError
 from quantbridge.plugin.packed import canonical_perm, quantize_rtn
+from quantbridge.plugin.spec import QuantSpec
 from quantbridge.results.schema import BackendResult, Comparison, save_json
+from quantbridge.run.compare import Settings, check_request, run_comparison, verdict
+from quantbridge.run.measure_row import timing_metrics
 from quantbridge.run.rows import NotRunnable, WeightSource, row_layers
 from quantbridge.run.rowspec import Shared
 from quantbridge.run.settings import timing_mode
-from quantbridge.plugin.spec import QuantSpec
 
 FAST = dict(batches=[1, 4], prefill=16, runs=5, warmup=1, eval_seqs=1, eval_len=64)
 CPU = torch.device("cpu")

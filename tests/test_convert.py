@@ -7,15 +7,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from quantbridge.plugin import backend as registry
-from quantbridge.models.checkpoint import load_quantized, read_int4
 from quantbridge.cli import cli
-from quantbridge.run.compare import Settings, run_comparison
-from quantbridge.run.convert import convert
-from quantbridge.plugin.errors import UserError
+from quantbridge.models.checkpoint import load_quantized, read_int4
 from quantbridge.models.load import linear_layers
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.run.convert import convert
 
 
 @pytest.fixture(scope="module")

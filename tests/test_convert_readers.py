@@ -21,11 +21,11 @@ import torch
 
 from quantbridge import formats
 from quantbridge.models.checkpoint import load_quantized, read_int4, save_quantized
-from quantbridge.run.convert import convert
-from quantbridge.plugin.errors import UserError
 from quantbridge.models.load import linear_layers
+from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.packed import Int4Weight, canonical_perm, quantize_rtn
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.convert import convert
 
 HELPER = Path(__file__).resolve().parent / "gptqmodel_load.py"
 LAYERS = 28  # tiny: 4 decoder layers x 7 linears (lm_head is kept in float)

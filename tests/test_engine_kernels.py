@@ -215,8 +215,8 @@ def test_engine_output_against_float64(name, dtype, symmetric, act_order):
 def test_cpu_matrix_one_weights_through_every_kernel_here():
     """The quantizer x kernel matrix on the CPU: the same RTN weights through the reference, both
     GPTQModel torch layers, and the CUDA engines (unavailable rows that say why), in bf16."""
-    from quantbridge.run.compare import Settings, run_comparison
     from quantbridge.models.load import load_model
+    from quantbridge.run.compare import Settings, run_comparison
 
     tiny16 = load_model("tiny", CPU, torch.bfloat16)
     s = Settings(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64, weights="native",

@@ -24,13 +24,6 @@ from cli_checks import FAST, invoke, one_line_error, previous_in, snapshot
 from quantbridge.files import faults
 
 
-
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny):
     """A checkpoint written by convert, to copy."""

@@ -65,8 +65,8 @@ def test_row_permutation_is_exact():
 
 
 def test_offsets_reach_only_kernels_that_take_them():
-    from quantbridge.plugin.kernel import choose
     from quantbridge.formats import get as codec
+    from quantbridge.plugin.kernel import choose
 
     rng = np.random.default_rng()
     w = decode("Q4_1", quants.quantize(rng.standard_normal((16, 64)).astype(np.float32), T.Q4_1), 16, 64)
@@ -103,8 +103,8 @@ def test_the_shipped_gguf_through_native_and_reference_kernels(tmp_path):
     """demo-gguf: the reference is the GGUF dequantized, every row runs the GGUF's own codes; the
     reference kernels' error is then float rounding alone, and the layouts that cannot hold a
     float offset say so."""
-    from quantbridge.run.compare import Settings, run_comparison
     from quantbridge.models.load import load_model
+    from quantbridge.run.compare import Settings, run_comparison
 
     loaded = load_model("demo-gguf", torch.device("cpu"), torch.float32)
     assert loaded.info["checkpoint"]["gguf_types"] == {"Q4_1": 210}
@@ -126,8 +126,8 @@ def test_the_shipped_gguf_through_native_and_reference_kernels(tmp_path):
 def test_convert_gguf_to_native_is_exact_and_gptq_refuses(tmp_path):
     from click.testing import CliRunner
 
-    from quantbridge.models.checkpoint import read_int4
     from quantbridge.cli import cli
+    from quantbridge.models.checkpoint import read_int4
     from quantbridge.models.load import load_model
 
     r = CliRunner().invoke(cli, ["convert", "demo-gguf", "--to", "gptq", str(tmp_path / "g")])
@@ -147,8 +147,8 @@ def test_gguf_backend_reads_the_demo_file_and_refuses_other_models(tiny):
     """`--backends gguf` on the demo: the GGUF's own codes, whose dequantization is the reference
     itself (error at rounding level, the same perplexity); on a model that did not come from a
     GGUF file the row is unavailable and says why."""
-    from quantbridge.run.compare import Settings, run_comparison
     from quantbridge.models.load import load_model
+    from quantbridge.run.compare import Settings, run_comparison
 
     s = Settings(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)
     comp = run_comparison(load_model("demo", torch.device("cpu"), torch.float32), ["gguf"], s,
@@ -170,8 +170,8 @@ def test_llama_cpp_row_runs_the_same_file_on_the_same_tokens():
     """The llama.cpp row: the demo's GGUF through llama.cpp itself, its perplexity on the same
     held-out ids (its own Q4_1 x Q8 kernels: close to, not equal to, the float reference), its
     decode and prefill speed, and no per-layer figures, said so."""
-    from quantbridge.run.compare import Settings, run_comparison
     from quantbridge.models.load import load_model
+    from quantbridge.run.compare import Settings, run_comparison
 
     s = Settings(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=64)
     comp = run_comparison(load_model("demo", torch.device("cpu"), torch.float32), ["llama.cpp"], s,

@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("llmcompressor")
 pytest.importorskip("bitsandbytes")
 
-from quantbridge.plugin import backend as registry  # noqa: E402
-from quantbridge.plugin.quantizer import Calibration  # noqa: E402
-from quantbridge.run.compare import Settings, run_comparison  # noqa: E402
 from quantbridge.models.load import linear_layers  # noqa: E402
+from quantbridge.models.text import calibration  # noqa: E402
+from quantbridge.plugin import backend as registry  # noqa: E402
 from quantbridge.plugin.packed import Int4Weight, quantize_rtn  # noqa: E402
+from quantbridge.plugin.quantizer import Calibration  # noqa: E402
 from quantbridge.plugin.smoothing import SmoothedLinear  # noqa: E402
 from quantbridge.plugin.spec import QuantSpec  # noqa: E402
-from quantbridge.models.text import calibration  # noqa: E402
+from quantbridge.run.compare import Settings, run_comparison  # noqa: E402
 
 FAST = dict(batches=[1, 4], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=128)
 ALL = ["bnb-nf4", "bnb-fp4", "gptq", "awq", "native"]

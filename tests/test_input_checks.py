@@ -13,17 +13,14 @@ from cli_checks import FAST, invoke, one_line_error
 from quantbridge.plugin.errors import UserError
 
 
-
-
-
 @pytest.fixture()
 def no_work(monkeypatch):
     """Nothing may be loaded, benchmarked or measured: these checks come first."""
-    import quantbridge.run.bench
     import quantbridge.cli.compare
+    import quantbridge.models.load
+    import quantbridge.run.bench
     import quantbridge.run.compare
     import quantbridge.run.convert
-    import quantbridge.models.load
 
     def refuse(*a, **k):
         raise AssertionError("work started before the bad input was refused")
@@ -126,8 +123,8 @@ def test_plan_batch_zero_on_results_file(tmp_path, no_work):
 def test_run_bench_refuses_non_positive_sizes():
     import torch
 
-    from quantbridge.run.bench import run_bench
     from quantbridge.plugin.spec import QuantSpec
+    from quantbridge.run.bench import run_bench
 
     for shapes, ms, needle in [([(64, 64)], [0], "M=0 is not a positive batch size"),
                                ([(64, 64)], [1, -3], "M=-3"), ([(0, 64)], [1], "shape 0x64"),

@@ -4,19 +4,19 @@ import copy
 import json
 import signal
 
+import isolation_backends as crash
 import pytest
 import torch
 from click.testing import CliRunner
 
-import isolation_backends as crash
+from quantbridge.cli import cli
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.spec import QuantSpec
+from quantbridge.results.schema import BackendResult, Comparison, load_json, save_json
 from quantbridge.run import compare
 from quantbridge.run.bench import run_bench
-from quantbridge.cli import cli
 from quantbridge.run.compare import Settings, run_comparison
-from quantbridge.plugin.errors import UserError
 from quantbridge.run.launcher import Launcher, Outcome, run_isolated
-from quantbridge.results.schema import BackendResult, Comparison, load_json, save_json
-from quantbridge.plugin.spec import QuantSpec
 
 CPU = torch.device("cpu")
 # One quantized layer, one M, few runs: each row's process costs a few seconds to start anyway.

@@ -6,14 +6,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantbridge.plugin import backend as registry
 from quantbridge.cli import cli
-from quantbridge.run.compare import Settings, run_comparison
+from quantbridge.plugin import backend as registry
 from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.kernel import choose, get_kernel, kernel_names, parse_kernels
 from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.quantizer import get_quantizer, quantizer_names
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.compare import Settings, run_comparison
 
 CPU = torch.device("cpu")
 FAST = dict(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)

@@ -12,18 +12,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from quantbridge.cli import cli
 from quantbridge.plugin import backend as registry
 from quantbridge.plugin.availability import Availability, ask
 from quantbridge.plugin.backend import Backend, Pairing
-from quantbridge.plugin.layer import QuantLinear
-from quantbridge.run.bench import failures
-from quantbridge.cli import cli
-from quantbridge.run.compare import Settings, check_request, run_comparison
 from quantbridge.plugin.errors import BackendUnavailable, UserError
 from quantbridge.plugin.kernel import KERNELS, Kernel, choose, probe_weight
+from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.quantizer import QUANTIZERS, Quantizer
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.run.bench import failures
+from quantbridge.run.compare import Settings, check_request, run_comparison
 
 CPU = torch.device("cpu")
 FAST = dict(batches=[1], prefill=0, runs=5, warmup=1, eval_seqs=1, eval_len=64)

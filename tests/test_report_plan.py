@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 
 from quantbridge.cli import cli
-from quantbridge.run.compare import Settings, run_comparison
 from quantbridge.plugin.errors import UserError
-from quantbridge.results.plan import Budget, make_plan, predict
-from quantbridge.results.recommend import recommendations, sensitive_layers
 from quantbridge.report.common import plan_check
 from quantbridge.report.document import to_html, to_markdown
+from quantbridge.results.plan import Budget, make_plan, predict
+from quantbridge.results.recommend import recommendations, sensitive_layers
 from quantbridge.results.schema import BackendResult, Comparison, LayerRecord, load_json, save_json
+from quantbridge.run.compare import Settings, run_comparison
 
 FAST = dict(batches=[1, 4], prefill=32, runs=5, warmup=1, eval_seqs=1, eval_len=128)
 

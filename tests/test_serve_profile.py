@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantbridge.plugin.backend import get
 from quantbridge.cli import cli
+from quantbridge.plugin.backend import get
 from quantbridge.plugin.packed import quantize_rtn
-from quantbridge.vllm.stats import load_workers, merge, steps, tokens
 from quantbridge.plugin.spec import QuantSpec
 from quantbridge.vllm import profiler as prof
 from quantbridge.vllm import runtime
+from quantbridge.vllm.stats import load_workers, merge, steps, tokens
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -65,10 +65,10 @@ def _check_stats(prof: Path, served_tokens: int) -> None:
 
 
 def test_offline_generate_matches_our_model_and_profiles_every_step(checkpoint, tmp_path):
-    from quantbridge.plugin.backend import get
-    from quantbridge.run.rows import with_layers
     from quantbridge.models.load import load_model
+    from quantbridge.plugin.backend import get
     from quantbridge.plugin.spec import QuantSpec
+    from quantbridge.run.rows import with_layers
 
     out, prof = _run("offline", checkpoint, tmp_path)
     served = sum(len(r["prompt_ids"]) + len(r["output_ids"]) - 1 for r in out["requests"])

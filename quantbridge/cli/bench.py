@@ -17,9 +17,9 @@ from quantbridge.cli.output import exit_if_rows_failed
 from quantbridge.files import faults
 from quantbridge.files.cache import check_cache_dir
 from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.files import write_atomic
 from quantbridge.plugin.spec import QuantSpec, parse_group_size
 from quantbridge.report.bench import roofline_png, to_markdown
-from quantbridge.plugin.files import write_atomic
 
 EPILOG = """\b
 Examples:

@@ -18,9 +18,9 @@ from quantbridge.cli.output import EXIT_STATUS_HELP, LineProgress, RichProgress,
 from quantbridge.cli.resultfiles import render_report
 from quantbridge.files import faults
 from quantbridge.files.cache import check_cache_dir
+from quantbridge.models.textfile import TEXT_CHECK_BYTES, read_text_strict
 from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.spec import QuantSpec, parse_group_size
-from quantbridge.models.textfile import TEXT_CHECK_BYTES, read_text_strict
 from quantbridge.run.rundir import RunDir
 
 EPILOG = """\b

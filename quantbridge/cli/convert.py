@@ -12,8 +12,8 @@ from rich.console import Console
 from quantbridge.cli import options
 from quantbridge.files import faults
 from quantbridge.files.cache import check_cache_dir
-from quantbridge.plugin.spec import QuantSpec, parse_group_size
 from quantbridge.models.textfile import TEXT_CHECK_BYTES, read_text_strict
+from quantbridge.plugin.spec import QuantSpec, parse_group_size
 
 EPILOG = """\b
 Examples:

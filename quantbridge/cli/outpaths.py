@@ -6,8 +6,8 @@ import errno
 from pathlib import Path
 
 from quantbridge.files import faults
-from quantbridge.plugin.errors import UserError
 from quantbridge.files.outdir import refuse_cache
+from quantbridge.plugin.errors import UserError
 
 
 def check_writable(path: str, option: str, example: str | None = None) -> None:

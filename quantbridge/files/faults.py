@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
 from quantbridge.plugin.errors import UserError
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

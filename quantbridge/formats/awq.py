@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from quantbridge.plugin.packed import Int4Weight, pack_int4
-from quantbridge.plugin.spec import QuantSpec
 from quantbridge.formats import Codec, register, require_integer_zeros
 from quantbridge.formats.int32pack import pack_nibbles, unpack_nibbles
+from quantbridge.plugin.packed import Int4Weight, pack_int4
+from quantbridge.plugin.spec import QuantSpec
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from quantbridge.formats import Codec, register, require_integer_zeros
+from quantbridge.formats.int32pack import (check_canonical_perm, g_idx_from_perm, pack_nibbles, perm_from_g_idx,
+                                           to_input_order, unpack_nibbles)
 from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.packed import Int4Weight, pack_int4
 from quantbridge.plugin.spec import QuantSpec
-from quantbridge.formats import Codec, register, require_integer_zeros
-from quantbridge.formats.int32pack import (check_canonical_perm, g_idx_from_perm, pack_nibbles, perm_from_g_idx, to_input_order,
-                        unpack_nibbles)
 
 
 @register

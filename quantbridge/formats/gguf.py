@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from quantbridge.plugin.errors import UserError
-
 from quantbridge.plugin.packed import Int4Weight, pack_int4
 
 Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")

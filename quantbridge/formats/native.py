@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from quantbridge.formats import Codec, register
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.spec import QuantSpec
-from quantbridge.formats import Codec, register
 
 FORMAT_VERSION = 1
 

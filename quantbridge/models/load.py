@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from quantbridge.models import demo
-from quantbridge.plugin.errors import UserError
 from quantbridge.models.text import shipped_text
+from quantbridge.plugin.errors import UserError
 
 DEMO_NAME = demo.NAME  # the default: a real trained model
 DEMO_GGUF_NAME = "demo-gguf"  # the demo with the GGUF's own Q4_1 codes as every row's weights
@@ -47,14 +47,12 @@ SEEDED = {
 
 
 from quantbridge.files.cache import save_model_dir
-from quantbridge.plugin.files import cache_dir
-from quantbridge.models.gguf import is_gguf
-from quantbridge.models.loaded import LoadedModel, dir_hash, linear_layers  # noqa: F401 - re-exported for callers
-from quantbridge.models.localdir import _first_line, check_local_model
-from quantbridge.models.gguf import load_gguf
-from quantbridge.models.loaded import ModelOrigin
-from quantbridge.models.loaded import refuse_mismatched
 from quantbridge.models.checkpoint import is_quantized, load_quantized
+from quantbridge.models.gguf import is_gguf, load_gguf
+from quantbridge.models.loaded import (LoadedModel, ModelOrigin, dir_hash,  # noqa: F401 - re-exported for callers
+                                       linear_layers, refuse_mismatched)
+from quantbridge.models.localdir import _first_line, check_local_model
+from quantbridge.plugin.files import cache_dir
 
 
 def _train_tokenizer(vocab_size: int):

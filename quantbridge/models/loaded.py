@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
+
 from quantbridge.plugin.errors import UserError
 
 

@@ -13,8 +13,8 @@ from importlib import resources
 
 import torch
 
-from quantbridge.plugin.errors import UserError
 from quantbridge.models.textfile import read_text_prefix
+from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.quantizer import Calibration
 
 HOLDOUT_FRACTION = 0.1

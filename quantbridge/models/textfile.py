@@ -10,7 +10,6 @@ from pathlib import Path
 
 from quantbridge.plugin.errors import UserError
 
-
 # What the checks before the model loads read of --eval-text / --calib: enough to refuse a binary
 # or non-UTF-8 file at once, without reading a large file whole (only a prefix of it is used).
 TEXT_CHECK_BYTES = 1 << 20

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 
-
 def _cell(r: dict) -> str:
     if r["status"] == "unavailable":
         return "n/a"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import statistics
 
 from quantbridge.results.drift import slowdown
+from quantbridge.results.plan import predict
 from quantbridge.results.recommend import layer_latency_sum
 from quantbridge.results.schema import Comparison
-from quantbridge.results.plan import predict
 
 STEP_HEAD = ["backend", "M", "timing", "step µs", "Σ linears µs", "rest of step µs", "tokens/s",
              "host µs per layer call"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import base64
 import html
 
-from quantbridge.results.recommend import layer_latency_sum, median_isolated_error, recommendations, rounding_floor, sensitive_layers
-from quantbridge.results.schema import Comparison
-from quantbridge.results.recommend import timing_drift
 from quantbridge.report.common import STEP_HEAD, drift_note, plan_rows, spec_label, step_rows, timing_note
+from quantbridge.results.recommend import (layer_latency_sum, median_isolated_error, recommendations, rounding_floor,
+                                           sensitive_layers, timing_drift)
+from quantbridge.results.schema import Comparison
 
 SENSITIVE_HEAD = ["layer", "value", "worst backend", "measure"]
 NO_SENSITIVE = "none: no quantized layer's error is above rounding level ({floor:.2g})"

@@ -8,7 +8,6 @@ from quantbridge.results.recommend import layer_latency_sum
 from quantbridge.results.schema import Comparison
 
 
-
 def _plt():
     import matplotlib
 

@@ -8,12 +8,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from quantbridge.report.common import (STEP_HEAD, drift_note, plan_rows, probe_note, probe_overhead_label, spec_label,
+                                       step_rows, timing_note)
 from quantbridge.results.recommend import layer_latency_sum as _layer_sum
 from quantbridge.results.recommend import recommendations, timing_drift
 from quantbridge.results.schema import Comparison
-from quantbridge.report.common import (STEP_HEAD, drift_note, plan_rows, probe_note, probe_overhead_label, spec_label, step_rows,
-                     timing_note)
-
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:

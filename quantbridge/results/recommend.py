@@ -8,7 +8,6 @@ from quantbridge.results import drift as machine_drift
 from quantbridge.results.schema import BackendResult, Comparison
 
 
-
 def layer_latency_sum(b: BackendResult, m: str) -> float | None:
     vals = [r.latency_us.get(m, {}).get("median") for r in b.layers]
     return sum(vals) if vals and None not in vals else None

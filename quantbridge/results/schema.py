@@ -13,8 +13,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from quantbridge.plugin.files import write_atomic
 from quantbridge import __version__
+from quantbridge.plugin.files import write_atomic
 
 SCHEMA_VERSION = 3
 # Version 1 had no host_us per layer and no timing per row: its latencies are eager, read as such.

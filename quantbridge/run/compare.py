@@ -25,35 +25,35 @@ from functools import partial
 
 import torch
 
-from quantbridge.plugin import backend as registry
 from quantbridge.files import faults
-from quantbridge.run import launcher as iso
-from quantbridge.run.launcher import ISOLATION, Launcher
 from quantbridge.measure import machinecheck
-from quantbridge.plugin import resolve
-from quantbridge.plugin.backend import Engine, Pairing
-from quantbridge.plugin.kernel import choose, probe_weight
-from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, RowFailed, UserError
-from quantbridge.models.gguf import model_codes
-from quantbridge.run.engine_row import engine_row
 from quantbridge.measure.hardware import device_info
 from quantbridge.measure.probes import L2Flush
-from quantbridge.run.measure_row import measure_row, sensitivity
-from quantbridge.results.plan import check_plan_layers
-from quantbridge.models.loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
-from quantbridge.run.preflight import skip_targets
-from quantbridge.run.rowspec import Kind, RowSpec, Shared
-from quantbridge.run.reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
-from quantbridge.results.schema import BackendResult, Comparison
-from quantbridge.plugin.quantizer import baseline_label
-from quantbridge.run.rows import (Progress, WeightSource, kernel_layers, plan_layers, row_layers,
-                   shared_source, with_layers)
-from quantbridge.plugin.packed import Int4Weight
-from quantbridge.run.settings import Settings, timing_mode
-from quantbridge.plugin.spec import QuantSpec
 from quantbridge.measure.telemetry import Sampler
 from quantbridge.models.checkpoint import spec_of
+from quantbridge.models.gguf import model_codes
 from quantbridge.models.load import load_model
+from quantbridge.models.loaded import LoadedModel, ModelOrigin, fingerprint, linear_layers
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin import resolve
+from quantbridge.plugin.backend import Engine, Pairing
+from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, RowFailed, UserError
+from quantbridge.plugin.kernel import choose, probe_weight
+from quantbridge.plugin.packed import Int4Weight
+from quantbridge.plugin.quantizer import baseline_label
+from quantbridge.plugin.spec import QuantSpec
+from quantbridge.results.plan import check_plan_layers
+from quantbridge.results.schema import BackendResult, Comparison
+from quantbridge.run import launcher as iso
+from quantbridge.run.engine_row import engine_row
+from quantbridge.run.launcher import ISOLATION, Launcher
+from quantbridge.run.measure_row import measure_row, sensitivity
+from quantbridge.run.preflight import skip_targets
+from quantbridge.run.reference import SHIPPED_EVAL, Reference, make_inputs, nonfinite_parameter, run_reference
+from quantbridge.run.rows import (Progress, WeightSource, kernel_layers, plan_layers, row_layers, shared_source,
+                                  with_layers)
+from quantbridge.run.rowspec import Kind, RowSpec, Shared
+from quantbridge.run.settings import Settings, timing_mode
 
 ROW = "quantbridge.run.compare:measure_one_row"  # a row's unit of work in its own process
 

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
-from quantbridge.plugin import backend as registry
 from quantbridge import formats
-from quantbridge.plugin import resolve
-from quantbridge.models.checkpoint import is_quantized, read_int4, save_quantized, spec_of
-from quantbridge.plugin.errors import UserError
+from quantbridge.models.checkpoint import check_out_dir, is_quantized, read_int4, save_quantized, spec_of
 from quantbridge.models.gguf import is_gguf
-from quantbridge.models.load import DEMO_GGUF_NAME, load_model, linear_layers
+from quantbridge.models.load import DEMO_GGUF_NAME, linear_layers, load_model
+from quantbridge.plugin import backend as registry
+from quantbridge.plugin import resolve
+from quantbridge.plugin.errors import UserError
 from quantbridge.plugin.spec import QuantSpec
-from quantbridge.models.checkpoint import check_out_dir
 from quantbridge.run.preflight import check_skip, skip_targets
 
 

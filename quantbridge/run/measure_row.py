@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from quantbridge.measure import machinecheck
-from quantbridge.measure.probes import L2Flush, isolated_error, propagated_error
 from quantbridge.measure.metrics import summarize
-from quantbridge.run.reference import Reference
+from quantbridge.measure.probes import L2Flush, isolated_error, propagated_error
+from quantbridge.measure.timing import PROBE_BUDGET, Step, StepTiming, time_step
 from quantbridge.results.schema import BackendResult, LayerRecord
+from quantbridge.run.reference import Reference
 from quantbridge.run.rows import Progress
 from quantbridge.run.settings import Steps
-from quantbridge.measure.timing import PROBE_BUDGET, Step, StepTiming, time_step
 
 
 def _call(model: nn.Module, x: torch.Tensor) -> object:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantbridge.plugin.errors import UserError
 from quantbridge.measure.probes import capture_io
-from quantbridge.models.text import check_step_sizes
+from quantbridge.models.text import (TOKEN_MARGIN, check_step_sizes, decode_batches, file_tokens, prefill_batches,
+                                     text_split, tokenize, windows)
+from quantbridge.plugin.errors import UserError
 from quantbridge.run.settings import Steps
-from quantbridge.models.text import TOKEN_MARGIN, decode_batches, file_tokens, prefill_batches, text_split, tokenize, windows
 
 SHIPPED_EVAL = "shipped held-out split (python_reference.txt)"
 

@@ -17,22 +17,21 @@ from functools import partial
 import torch
 from torch import nn
 
+from quantbridge.files.faults import WriteFailed
+from quantbridge.models import qcache
+from quantbridge.models.loaded import linear_layers
+from quantbridge.models.text import calibration
 from quantbridge.plugin import backend as registry
 from quantbridge.plugin.availability import ask
 from quantbridge.plugin.backend import Backend, Pairing
-from quantbridge.plugin.quantizer import Calibration, ModelCodes
-from quantbridge.plugin.files import cache_dir
 from quantbridge.plugin.errors import BackendUnavailable, NotRunnable, UserError
+from quantbridge.plugin.files import cache_dir
+from quantbridge.plugin.kernel import build_exactly
 from quantbridge.plugin.packed import Int4Weight
-from quantbridge.plugin.quantizer import get_quantizer
+from quantbridge.plugin.quantizer import Calibration, ModelCodes, get_quantizer
+from quantbridge.plugin.smoothing import build
 from quantbridge.plugin.spec import QuantSpec
 from quantbridge.run.rowspec import Shared
-from quantbridge.models.loaded import linear_layers
-from quantbridge.plugin.smoothing import build
-from quantbridge.plugin.kernel import build_exactly
-from quantbridge.models import qcache
-from quantbridge.files.faults import WriteFailed
-from quantbridge.models.text import calibration
 
 
 class Progress:

@@ -22,8 +22,8 @@ from pathlib import Path
 from quantbridge.files import faults
 from quantbridge.files.outdir import exchange, refuse_unsafe
 from quantbridge.plugin.errors import UserError
-from quantbridge.results.schema import save_csv, save_json
 from quantbridge.plugin.files import write_atomic
+from quantbridge.results.schema import save_csv, save_json
 
 MARKER = ".quantbridge-run"  # JSON: status (running, partial, complete), pid, rows
 # What a run directory may hold; anything else in an existing OUT means it is not ours to replace.

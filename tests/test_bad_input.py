@@ -181,18 +181,18 @@ def _umask() -> int:
 
 
 def test_write_failure_keeps_previous_run(tmp_path, previous, monkeypatch):
-    import quantbridge.results.schema as results
+    from quantbridge.run import rundir  # what writes a run's files (results and report)
 
     out = previous_in(tmp_path, previous)
     before = snapshot(out)
-    real = results.write_atomic
+    real = rundir.write_atomic
 
     def full_disk(path, data):
         if Path(path).name == "report.html":
             raise OSError(errno.EFBIG, "File too large")
         return real(path, data)
 
-    monkeypatch.setattr(results, "write_atomic", full_disk)
+    monkeypatch.setattr(rundir, "write_atomic", full_disk)
     r = invoke("compare", "tiny", "--backends", "fp16,native", *FAST, "--out", out)
     one_line_error(r, "File too large")
     line = r.output.strip().splitlines()[-1]

@@ -172,7 +172,7 @@ def test_gpu_kernel_matches_reference(dtype, gs, sym):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("off_dtype", [torch.float32, torch.float16])
 def test_gpu_float_offsets_match_reference(dtype, off_dtype):
-    from quantbridge.adapters.native import NativeLinear
+    from quantbridge.plugin.kernel import get_kernel
 
     for i, (m, n, k) in enumerate(GPU_SHAPES[:4]):
         x, qw, _ = _case(m, n, k, 64, False, dtype, "cuda", seed=40 + i)
@@ -180,7 +180,7 @@ def test_gpu_float_offsets_match_reference(dtype, off_dtype):
         ref = x.double() @ qw.dequantize(torch.float64).T
         for cfg in GPU_CONFIGS:
             _check(x, qw, ref, cfg, 1e-2)
-        layer = NativeLinear(qw, None)  # the bound launch path, as gguf weights take it on CUDA
+        layer = get_kernel("triton").build(qw, None)  # the bound launch path, as gguf weights take it on CUDA
         assert layer.kernel == "quantbridge.triton"
         for cfg in GPU_CONFIGS[:-1]:
             layer._bound.config, layer._bound.plans = cfg, {}
@@ -359,10 +359,10 @@ def fixed_tuner(monkeypatch):
 
 
 def _native(n, k, dtype, act_order, bias, seed, gs=128):
-    from quantbridge.adapters.native import NativeLinear
+    from quantbridge.plugin.kernel import get_kernel
 
     qw, b = _bound_case(n, k, gs, dtype, "cuda", act_order, bias, seed)
-    layer = NativeLinear(qw, b)
+    layer = get_kernel("triton").build(qw, b)
     assert layer.kernel == "quantbridge.triton" and layer._bound is not None
     return layer, qw, b
 
@@ -432,9 +432,10 @@ def test_gpu_cuda_graph_replay_with_new_inputs(warm, fixed_tuner):
     if warm:
         step(x)
     else:  # tune and compile for this M outside the capture (tuning times kernels), through twins
-        from quantbridge.adapters.native import NativeLinear
+        from quantbridge.plugin.kernel import get_kernel
 
-        NativeLinear(qd, None)(NativeLinear(qu, bu)(torch.randn_like(x)))
+        triton = get_kernel("triton")
+        triton.build(qd, None)(triton.build(qu, bu)(torch.randn_like(x)))
     g, out = _capture(step, x)
     if not warm:
         assert up._bound._captured and m not in up._bound.plans

@@ -407,6 +407,26 @@ def test_serve_stats_skips_bad_worker_files(tmp_path):
     one_line_error(invoke("serve-stats", d), "no usable worker file in")
 
 
+def test_serve_stats_replaces_only_its_own_merge(tmp_path):
+    """The default output lies in PROFILE_DIR: a results.json serve-stats did not write there (or at
+    --out) is refused and kept, before any work; its own earlier merge is replaced."""
+    d = tmp_path / "prof"
+    d.mkdir()
+    (d / "worker-0.json").write_text(json.dumps(_worker(0)))
+    theirs = '{"schema_version": 3, "settings": {"batches": [1]}, "backends": []}\n'
+    for out, args in ((d / "results.json", ()), (tmp_path / "mine.json", ("--out", tmp_path / "mine.json"))):
+        out.write_text(theirs)
+        one_line_error(invoke("serve-stats", d, *args), "is not a merge serve-stats wrote")
+        assert out.read_text() == theirs
+        out.unlink()
+        r = invoke("serve-stats", d, *args)  # nothing there: written
+        assert r.exit_code == 0, r.output
+        first = json.loads(out.read_text())
+        r = invoke("serve-stats", d, *args)  # its own merge: replaced
+        assert r.exit_code == 0, r.output
+        assert json.loads(out.read_text())["settings"] == first["settings"]
+
+
 @pytest.fixture(scope="module")
 def sensitivity(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("sens") / "run"

@@ -33,6 +33,7 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     """
     out = Path(out_file) if out_file else Path(profile_dir) / "results.json"
     if Path(profile_dir).is_dir():  # else load_workers says so, and no directory is created for a typo
+        _refuse_foreign(out, bool(out_file))
         check_writable(str(out), "--out", "merged.json")
     comp = stats.merge(stats.load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
     b = comp.backends[0]
@@ -56,3 +57,15 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
                f"{sum(b.model_metrics['warmup_calls'].values())}")
     save_json(comp, out)
     click.echo(f"wrote {out}")
+
+
+def _refuse_foreign(out: Path, named: bool) -> None:
+    """serve-stats replaces only a merge it wrote itself: any other file at `out` (a compare's
+    results.json, a user's own file) is refused and named, before any work."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_file() and not out.is_symlink() and stats.is_merge(out):
+        return
+    where = "--out" if named else "the default output"
+    raise UserError(f"{where} {out} exists and is not a merge serve-stats wrote; serve-stats replaces only its "
+                    f"own: move it away or pass --out NEW_FILE")

@@ -16,6 +16,8 @@ from quantbridge.plugin.errors import UserError
 from quantbridge.results.schema import BackendResult, Comparison, LayerRecord
 
 
+SOURCE = "vllm serve"  # settings.source of a merged results file: how serve-stats knows its own
+
 def load_workers(directory: str | Path, warn=None) -> list[dict]:
     """Every readable worker-*.json in `directory`; a bad one is skipped and named through `warn`."""
     d = Path(directory)
@@ -129,7 +131,7 @@ def merge(workers: list[dict]) -> Comparison:
     ms = sorted({int(m) for r in records for m in r.latency_us})
     return Comparison(model={"name": first.get("model", "served model")},
                       device={"name": first.get("device", "?")},
-                      settings={"source": "vllm serve", "tp_size": first.get("tp_size", 1), "m_values": ms,
+                      settings={"source": SOURCE, "tp_size": first.get("tp_size", 1), "m_values": ms,
                                 "decode_m": [], "prefill_m": []},
                       backends=[result])
 
@@ -150,3 +152,13 @@ def steps(comp: Comparison) -> dict[str, int]:
 def tokens(comp: Comparison) -> dict[str, int]:
     """Tokens per layer summed over steps (rank 0)."""
     return {r.name: sum(int(m) * v["count"] for m, v in r.latency_us.items()) for r in comp.backends[0].layers}
+
+
+def is_merge(path: Path) -> bool:
+    """Whether `path` is a results file serve-stats wrote (a merge of worker profiles)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict) \
+        and data["settings"].get("source") == SOURCE

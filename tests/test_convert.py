@@ -39,6 +39,16 @@ def test_checkpoint_chain_is_bit_identical(rtn_gptq, tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def test_checkpoint_files_get_the_umasks_mode(rtn_gptq):
+    """Every file convert writes has the mode the umask gives (a server running as another user reads it)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in rtn_gptq.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_checkpoint_holds_the_quantized_weights(rtn_gptq, tiny):
     """What convert wrote decodes to exactly the RTN weights of the float model."""
     _, qcfg, weights, _ = read_int4(rtn_gptq)

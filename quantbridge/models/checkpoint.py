@@ -277,6 +277,7 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _usual_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600: a server running as another user could not read it
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -291,6 +292,13 @@ def save_quantized(out: Path, model: nn.Module, tokenizer, weights: dict[str, In
         raise
     _swap_in(tmp, out)
     return out
+
+
+def _usual_mode(path: Path) -> None:
+    """The mode the umask gives a new file (usually 0644), as every other file of the checkpoint has."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import signal
 
 import isolation_backends as crash
@@ -196,3 +197,27 @@ def test_cli_compare_isolated_end_to_end(tmp_path):
     comp = Comparison.from_dict(json.loads((out / "results.json").read_text()))
     assert comp.settings["isolation"] == "process"
     assert [(b.name, b.status) for b in comp.backends] == [("fp16", "ok"), ("native", "ok")]
+
+
+def test_a_killed_runs_temporary_directory_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A run killed with SIGKILL cannot remove its private directory; the next run that makes one
+    removes it: only ours (prefix, process id, 0700) and only when that process is gone."""
+    import subprocess
+    import tempfile
+
+    from quantbridge.run import launcher
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, alive = f"quantbridge-compare-{gone.pid}-", f"quantbridge-compare-{os.getpid()}-"
+    made = {name: tmp_path / name for name in (dead + "a1", alive + "b2", dead + "c3", "quantbridge-compare-x-d4")}
+    for name, d in made.items():
+        d.mkdir(mode=0o700)
+        (d / "reference.pt").write_bytes(os.urandom(64))
+    made[dead + "c3"].chmod(0o755)  # not a directory quantbridge made (mkdtemp makes 0700)
+    with launcher.private_dir("quantbridge-compare-") as mine:
+        assert mine.name.startswith(alive)
+        assert not made[dead + "a1"].exists()
+        assert all(made[n].exists() for n in (alive + "b2", dead + "c3", "quantbridge-compare-x-d4"))
+    assert not mine.exists()

@@ -165,8 +165,12 @@ def in_child() -> bool:
 
 @contextmanager
 def private_dir(prefix: str = "quantbridge-") -> Iterator[Path]:
-    """A temporary directory only this user can read (mode 0700), removed with its files afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))  # mkdtemp creates it 0700
+    """A temporary directory only this user can read (mode 0700), removed with its files afterwards.
+
+    Its name holds this process's id, so a directory a killed run (SIGKILL, OOM) could not remove is
+    recognised as its and removed by the next run that makes one: `remove_orphans`."""
+    remove_orphans(prefix)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))  # mkdtemp creates it 0700
     try:
         yield path
     except BaseException:
@@ -174,6 +178,36 @@ def private_dir(prefix: str = "quantbridge-") -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_orphans(prefix: str) -> list[Path]:
+    """Remove `prefix<pid>-*` temporary directories of ours whose process is gone; returns them.
+
+    Only directories quantbridge made: its prefix, a process id, this user's, mode 0700, and that
+    process no longer running (a live process with that id, whatever it is, keeps its directory)."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = d.name[len(prefix):].partition("-")[0]
+        try:
+            st = d.lstat()
+        except OSError:
+            continue
+        if not pid.isdigit() or not d.is_dir() or d.is_symlink() or st.st_uid != os.getuid() \
+                or st.st_mode & 0o777 != 0o700 or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def save(obj: Any, path: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@
 #   BENCH=0 PLAN=1 TEST_FILES="tests/test_serve_profile.py" bash benchmarks/gpu_run.sh   # metrics, plan, serving runtime
 #   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
 #   TESTS=0 BENCH=0 PROBES=1 bash benchmarks/gpu_run.sh     # the probes' cost per M and the machine check, graph mode
+#   TESTS=0 BENCH=0 EVENTS=1 bash benchmarks/gpu_run.sh     # bench's events outside the replay vs inside the graph
 #   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
@@ -173,6 +174,14 @@ if [ "${PROBES:-0}" = 1 ]; then
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(b['name'], b['status'], {k: (round(v, 2) if isinstance(v, float) else v) for k, v in b['model_metrics'].get('probe_overhead_pct', {}).items()}, b['model_metrics'].get('probe_graphs'), b['model_metrics'].get('probe_cost_per_layer_us'), b['model_metrics'].get('machine_check')) for b in d['backends']]" "$OUT/probes-$model/results.json"
     grep -E "probe|machine|steady|slowed" "$OUT/probes-$model.txt" | head -n 8
   done
+fi
+if [ "${EVENTS:-0}" = 1 ]; then
+  # Where bench's timing events sit: outside the replay (bench), inside the graph (compare's probes),
+  # and an empty graph's replay: does bench's kernel time hold the graph-launch latency?
+  timeout "${EVENTS_TIMEOUT:-240}" python3 benchmarks/event_placement.py "$OUT/event-placement.json" \
+    --shapes "${EVENT_SHAPES:-4096x1024,4096x4096,4096x14336,14336x4096}" --batch "${EVENT_BATCH:-1,16,128}" \
+    --backends "${EVENT_BACKENDS:-fp16,native,tinygemm}" > "$OUT/event-placement.txt" 2>&1
+  echo "== event placement rc=$?"; tail -n 40 "$OUT/event-placement.txt"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

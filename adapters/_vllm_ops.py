@@ -206,7 +206,9 @@ def _load(found: Found) -> Loaded:
     try:
         load_library(found.library)
     except Exception as e:  # noqa: BLE001 - whatever dlopen or the op registrations raise is one reason
-        return Loaded(found, f"{found.label} failed to load: {_first_line(e)}")
+        cause = e.__cause__ or e.__context__  # torch's "Could not load this library" wraps dlopen's own words
+        return Loaded(found, f"{found.label} failed to load: {_first_line(e)}"
+                             + (f" ({_first_line(cause)})" if cause is not None else ""))
     try:
         ids = read_type_ids(found.package / "scalar_type.py")
     except Exception as e:  # noqa: BLE001 - a missing or changed scalar_type.py

@@ -365,6 +365,7 @@ def test_the_real_loader_on_a_file_that_is_no_library(fake_vllm, monkeypatch):
     _on_cuda(monkeypatch)
     a = get_kernel("marlin").available(CUDA)
     assert not a.ok and "failed to load" in a.reason and "\n" not in a.reason
+    assert "(OSError: " in a.reason  # dlopen's own words beside torch's
 
 
 def test_all_found(fake_vllm, monkeypatch):
@@ -521,6 +522,16 @@ def test_kernel_output_against_float64(name, dtype, symmetric, act_order):
         assert layer.weight_nbytes > 0
         del layer
         torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_type_ids_are_vllms_encoding():
+    """The ids read from the installed scalar_type.py are the encoding vLLM's C++ decodes: mantissa
+    bits at bit 8, bias at bit 17, NaN representation (IEEE 754 = 1, the default) at bit 50."""
+    _need("marlin")
+    ids = vo.load().type_ids
+    assert ids["uint4"] == (4 << 8) | (1 << 50)
+    assert ids["uint4b8"] == (4 << 8) | (8 << 17) | (1 << 50)
 
 
 @pytest.mark.gpu

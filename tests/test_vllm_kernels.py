@@ -464,6 +464,147 @@ def test_build_exactly_says_why_on_the_cpu(fake_vllm):
         build_exactly("machete", _weight(128, 256, 128, torch.float16, seed=31), None)
 
 
+# -- the layers' plumbing, over CPU stand-ins for the ops ----------------------------------------
+# Each stand-in computes what vLLM documents its op to compute, from the tensors the adapter hands
+# it: the repack ops keep GPTQ's packing (the real layouts are opaque), the GEMMs undo the
+# permutations the adapters applied and multiply in float64. An argument in the wrong place, a
+# permutation not undone, a zero-point off by one fails here, before any GPU time.
+
+UINT4B8, UINT4 = 4321, 8765  # the stub scalar_type.py's ids
+
+
+def _rows(words):  # int32 [K/8, N] -> int64 codes [K, N]
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    return torch.stack([(u >> (4 * i)) & 0xF for i in range(8)], 1).reshape(-1, words.shape[1])
+
+
+def _zeros_and_scales(b_type, zeros, scales, n):
+    z = torch.full_like(scales, 8, dtype=torch.float64) if b_type == UINT4B8 else zeros
+    return z, scales.double()
+
+
+def _sc_marlin_gemm(a, c, b_q, bias, scales, a_scales, g_scale, zeros, g_idx, perm, ws, b_type, m, n, k, full, atomic,
+                    fp32, zp_float):
+    assert c is None and a_scales is None and g_scale is None and full and not atomic and fp32 and not zp_float
+    assert b_type in (UINT4B8, UINT4) and ws.dtype == torch.int32 and (m, k) == tuple(a.shape) and a.is_contiguous()
+    sp, single = vp.scale_perms()
+    groups = scales.shape[0]
+    p = sp if groups > 1 else single
+    s = scales.reshape(-1, len(p))[:, torch.argsort(torch.tensor(p))].reshape(groups, n).double()
+    if b_type == UINT4:
+        zi = vp.unpack_cols(zeros).reshape(-1, 8)[:, torch.argsort(torch.tensor(vp.MARLIN_ZP_INTERLEAVE))]
+        z = zi.reshape(-1, len(sp))[:, torch.argsort(torch.tensor(sp))].reshape(groups, n).double()
+    else:
+        assert zeros.numel() == 0
+        z = torch.full_like(s, 8)
+    codes = _rows(b_q).double()
+    if perm.numel():
+        a = a[:, perm.long()]
+        grp = g_idx.long()
+    else:
+        grp = torch.arange(k) // (k // groups)
+    w = (codes - z[grp]) * s[grp]
+    y = a.double() @ w
+    if bias is not None:
+        y = y + bias.reshape(-1, len(single))[:, torch.argsort(torch.tensor(single))].reshape(n).double()
+    return y.to(a.dtype)
+
+
+def _sc_gptq_marlin_repack(b_q, perm, k, n, bits, a8):
+    assert bits == 4 and not a8 and b_q.shape == (k // 8, n)
+    return vp.pack_rows(_rows(b_q)[perm.long()].t().to(torch.uint8)) if perm.numel() else b_q.clone()
+
+
+def _sc_machete_mm(a, b, b_type, out_type, scales, zeros, group_size, ch, tok, schedule):
+    assert out_type is None and ch is None and tok is None and schedule is None and a.dtype == scales.dtype
+    k = a.shape[1]
+    g = k if group_size == -1 else group_size
+    s = scales.double().repeat_interleave(g, 0)
+    codes = _rows(b).double()
+    if b_type == UINT4B8:
+        assert zeros is None
+        w = (codes - 8) * s
+    else:
+        assert b_type == UINT4 and zeros.dtype == a.dtype
+        w = codes * s + zeros.double().repeat_interleave(g, 0)
+    return (a.double() @ w).to(a.dtype)
+
+
+def _sc_gptq_shuffle(q, perm, bits):
+    assert bits == 4
+    if perm.numel():
+        q.copy_(vp.pack_rows(_rows(q)[perm.long()].t().to(torch.uint8)))
+
+
+def _sc_gptq_gemm(a, b_q, qzeros, scales, q_perm, exllama, v2, bits):
+    assert exllama and bits == 4 and scales.dtype == torch.float16 == a.dtype
+    k = a.shape[1]
+    groups = qzeros.shape[0]
+    z = vp.unpack_cols(qzeros).double() + (0 if v2 else 1)
+    if q_perm.numel():
+        a = a[:, q_perm.long()]
+    g = k // groups
+    w = (_rows(b_q).double() - z.repeat_interleave(g, 0)) * scales.double().repeat_interleave(g, 0)
+    return (a.double() @ w).to(a.dtype)
+
+
+STAND_INS = {
+    "marlin_gemm": _sc_marlin_gemm, "gptq_marlin_repack": _sc_gptq_marlin_repack,
+    "machete_mm": _sc_machete_mm, "machete_prepack_B": lambda b, a_type, b_type, st: b.contiguous(),
+    "permute_cols": lambda a, perm: a[:, perm.long()].contiguous(),
+    "gptq_gemm": _sc_gptq_gemm, "gptq_shuffle": _sc_gptq_shuffle,
+}
+
+
+@pytest.fixture
+def stand_ins(fake_vllm, monkeypatch):
+    fake_vllm()
+    _on_cuda(monkeypatch)
+    assert all(get_kernel(n).available(CUDA).ok for n in NAMES)
+    ns = getattr(torch.ops, vo.NAMESPACE)
+    lib = torch.library.Library(vo.NAMESPACE, "IMPL")
+    for op, fn in STAND_INS.items():
+        lib.impl(op, fn, "CPU")
+    monkeypatch.setattr(vo, "sm_count", lambda device: 132)
+    monkeypatch.setattr(vo.VllmLinear, "_cuda_only", False)
+    yield ns
+    lib._destroy()
+
+
+PLUMBING = [  # (kernel, dtype, symmetric, act_order, group)
+    ("marlin", torch.float16, True, False, 128), ("marlin", torch.bfloat16, False, False, 64),
+    ("marlin", torch.float16, True, True, 128), ("marlin", torch.bfloat16, True, False, -1),
+    ("machete", torch.float16, True, False, 128), ("machete", torch.bfloat16, False, False, 64),
+    ("machete", torch.float16, False, True, 128), ("machete", torch.bfloat16, True, False, -1),
+    ("vllm-exllama", torch.float16, True, False, 128), ("vllm-exllama", torch.float16, False, False, 32),
+    ("vllm-exllama", torch.float16, True, True, 64),
+]
+
+
+@pytest.mark.parametrize("name,dtype,symmetric,act_order,g", PLUMBING)
+def test_layer_plumbing_over_stand_ins(stand_ins, name, dtype, symmetric, act_order, g):
+    k = get_kernel(name)
+    w = _weight(256, 512, g, dtype, symmetric=symmetric, act_order=act_order)
+    if not symmetric:
+        w.zeros[0, 0] = 0  # a zero-point of 0 (v2 and uint4 hold it)
+    assert k.rules(w, dtype, (9, 0)) == []
+    bias = torch.randn(256, dtype=dtype) * 0.1
+    layer = k.build(w, bias)
+    assert layer.kernel.startswith("vLLM 0.26.0 ")
+    assert ("uint4b8" if symmetric else "uint4") in layer.kernel and (("act-order" in layer.kernel) == act_order)
+    ref = w.dequantize(torch.float64)
+    u = torch.finfo(dtype).eps
+    for m in (1, 5):
+        x = torch.randn(3, m, 512, dtype=dtype)  # a 3-D input, as a model's layers get
+        y = layer(x)
+        assert y.shape == (3, m, 256) and y.dtype == dtype
+        want = x.double() @ ref.t() + bias.double()
+        assert ((y.double() - want).norm() / want.norm()).item() < 4 * u, (name, m)
+    deq = layer.dequantize()  # the identity through the stand-ins: the weight the ops were handed
+    assert deq.shape == (256, 512) and ((deq.double() - ref).norm() / ref.norm()).item() < 4 * u
+    assert layer.weight_nbytes >= w.qweight.numel()
+
+
 # -- on a GPU ------------------------------------------------------------------------------------
 
 MS = (1, 16, 128, 512)
@@ -477,7 +618,7 @@ CASES = [  # (kernel, dtype, symmetric, act_order)
     ("vllm-exllama", torch.float16, False, False),
     ("vllm-exllama", torch.float16, True, True),
 ]
-TOL = 3e-3  # relative Frobenius error of y against the float64 product of the layer's own weight
+TOL = 3e-3  # relative Frobenius error of x @ W.T against the float64 product of the layer's own weight
 # the layer's own weight against the canonical one: the kernel's dequantization rounds (q - z) * s
 # (Machete: q * s + (-z * s)) to the activation dtype
 DEQ_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -514,11 +655,14 @@ def test_kernel_output_against_float64(name, dtype, symmetric, act_order):
         deq = deq.cuda()
         for m in MS:
             x = torch.randn(m, kk, device="cuda", dtype=dtype)
-            y = layer(x)
+            want = x.double() @ deq.t()
+            y = layer._mm(x, False)  # the kernel's product alone
             assert y.shape == (m, n) and y.dtype == dtype
-            want = x.double() @ deq.t() + bias.double()
             rel = ((y.double() - want).norm() / want.norm()).item()
             assert rel <= TOL, (name, m, rel)
+            yb = layer(x)  # with the bias (fused by Marlin, added after by the others: one more rounding)
+            rel_b = ((yb.double() - want - bias.double()).norm() / (want + bias.double()).norm()).item()
+            assert rel_b <= 2 * TOL, (name, m, rel_b)
         assert layer.weight_nbytes > 0
         del layer
         torch.cuda.synchronize()

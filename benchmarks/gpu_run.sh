@@ -11,6 +11,7 @@
 #   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
+#   TESTS=0 BENCH=0 VLLM_KERNELS=1 bash benchmarks/gpu_run.sh   # vLLM's machete/marlin/exllama: tests, bench, compare
 # PRECOMPILE=1 compiles every tuning candidate in parallel first (benchmarks/precompile_triton.py).
 # exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),
 # is carried as .qbcache/exllamav2_ext.so.xz and imported as a prebuilt module: no 3-minute build.
@@ -21,6 +22,8 @@ mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
+elif [ -d /tmp/site ]; then
+  export PYTHONPATH=/tmp/site  # installed by an earlier call on this machine (/tmp is kept between close calls)
 fi
 # No network for a pip install of the project itself: mirror its package-dir mapping.
 # Everything runs from that copy, so the repo's own quantbridge/ (without adapters/ and
@@ -36,6 +39,27 @@ fi
 if [ -f "$REPO/.qbcache/exllamav2_ext.so.xz" ]; then
   mkdir -p /tmp/exlext && xz -dc "$REPO/.qbcache/exllamav2_ext.so.xz" > /tmp/exlext/exllamav2_ext.so \
     && export PYTHONPATH=/tmp/exlext:$PYTHONPATH
+elif [ -f /tmp/exlext/exllamav2_ext.so ]; then
+  export PYTHONPATH=/tmp/exlext:$PYTHONPATH
+fi
+# vLLM's kernel library (VLLM_KERNELS=1): vllm/_C_stable_libtorch.abi3.so, decompressed from the carried
+# .qbcache/vllm-$V-C.so.xz (benchmarks/fetch_vllm_kernels.sh makes it), and vllm/scalar_type.py, laid out
+# as a directory vllm/ on PYTHONPATH with a vllm-$V.dist-info beside it, where an install has them. Nothing
+# imports vllm: quantbridge's loader (adapters/_vllm_ops.py) finds the directory and loads the library.
+# An earlier call's layout in /tmp/vllmlib is reused, so the 56 MB file can travel in a call of its own.
+if [ "${VLLM_KERNELS:-0}" = 1 ]; then
+  V=${VLLM_VERSION:-0.26.0}; VL=/tmp/vllmlib
+  if [ -f "$REPO/.qbcache/vllm-$V-C.so.xz" ]; then
+    rm -rf "$VL" && mkdir -p "$VL/vllm" "$VL/vllm-$V.dist-info" \
+      && xz -dc "$REPO/.qbcache/vllm-$V-C.so.xz" > "$VL/vllm/_C_stable_libtorch.abi3.so" \
+      && cp "$REPO/.qbcache/vllm-$V-scalar_type.py" "$VL/vllm/scalar_type.py" \
+      && printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\n' "$V" > "$VL/vllm-$V.dist-info/METADATA" || exit 1
+  fi
+  if [ -f "$VL/vllm/_C_stable_libtorch.abi3.so" ]; then
+    export PYTHONPATH=$VL:$PYTHONPATH QB_REQUIRE_VLLM=1
+  else
+    echo "== VLLM_KERNELS: no .qbcache/vllm-$V-C.so.xz carried and no earlier layout in $VL" >&2
+  fi
 fi
 exl_build() {
   start=$(date +%s)
@@ -110,6 +134,41 @@ if [ "${ENGINES:-0}" = 1 ]; then
     tar -czf "$OUT/engines-$model.tar.gz" -C "$OUT" "engines-$model"
   done
   sed -n '/whole step per M/,/└/p' "$E"/*.txt 2>/dev/null | head -n 60
+fi
+if [ "${VLLM_KERNELS:-0}" = 1 ]; then
+  # vLLM's own INT4 kernels beside every other kernel: 1. their GPU tests, 2. bench on Llama-3 8B and
+  # 70B shapes in fp16 (the exllama kernels take fp16 only) and in bf16 (tinygemm takes bf16 only),
+  # 3. and 4. compare in graph mode, GPTQ and AWQ weights through each kernel (fp16). VLLM_RUNS picks
+  # steps; each step is archived into $OUT/vllm-kernels.tar.gz as it ends (carry it back as
+  # .qbcache/vllm-kernels.tar.gz to continue in a later call).
+  VK="$OUT/vllm-kernels"; mkdir -p "$VK"
+  [ -f "$REPO/.qbcache/vllm-kernels.tar.gz" ] && tar -xzf "$REPO/.qbcache/vllm-kernels.tar.gz" -C "$OUT"
+  [ -f "$REPO/.qbcache/qcache-llama3-8b-2l.tar" ] && mkdir -p "$QUANTBRIDGE_CACHE" && tar -xf "$REPO/.qbcache/qcache-llama3-8b-2l.tar" -C "$QUANTBRIDGE_CACHE"
+  python3 -c "import json, subprocess, sys; d = json.loads(subprocess.run([sys.executable, '-m', 'quantbridge.cli', 'env', '--json'], capture_output=True, text=True).stdout); [print(k['kernel'], k['available'], k['reason']) for k in d['kernels'] if k['kernel'] in ('machete', 'marlin', 'vllm-exllama', 'exllamav2', 'gemlite')]" 2>&1 | tee "$VK/env.txt"
+  vbatch=${VLLM_BENCH_BATCH:-1,4,16,64,128,512}
+  for run in ${VLLM_RUNS:-tests bench-fp16 bench-bf16 gptq awq}; do
+    case $run in
+      tests)
+        timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_kernels.py > "$VK/gpu-tests.log" 2>&1
+        echo "== vllm tests rc=$?"; tail -n 15 "$VK/gpu-tests.log" ;;
+      bench-fp16|bench-bf16)
+        dt=${run#bench-}
+        kernels=${VLLM_BENCH_KERNELS:-machete,marlin,vllm-exllama,exllamav2,gemlite}
+        timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --dtype "$dt" --shapes "${VLLM_SHAPES:-llama3-8b,llama3-70b}" \
+          --batch "$vbatch" --backends "${VLLM_BENCH_BACKENDS:-fp16,native,tinygemm}" --kernels "$kernels" --runs "${RUNS:-50}" \
+          --out "$VK/$run" > "$VK/$run.txt" 2> "$VK/$run.log"
+        echo "== bench $dt rc=$?"; tail -n 40 "$VK/$run.txt"; tail -n 3 "$VK/$run.log" ;;
+      gptq|awq)
+        model=${VLLM_MODEL:-llama3-8b-2l}
+        kernels=${VLLM_COMPARE_KERNELS:-machete,marlin,vllm-exllama,exllamav2,triton}
+        timeout "${COMPARE_TIMEOUT:-400}" python3 -m quantbridge.cli compare "$model" --mode graph --dtype fp16 --backends fp16 \
+          --weights "$run" --kernels "$kernels" --batch "${VLLM_COMPARE_BATCH:-1,16,128}" --prefill 512 --no-report \
+          --out "$VK/compare-$run" > "$VK/compare-$run.txt" 2> "$VK/compare-$run.log"
+        echo "== compare --weights $run rc=$?"; tail -n 3 "$VK/compare-$run.log"
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(b['name'], b['status'], (b.get('reason') or '')[:160], sorted({l['kernel'] for l in b['layers']})[:3]) for b in d['backends']]" "$VK/compare-$run/results.json" 2>/dev/null ;;
+    esac
+    tar -czf "$OUT/vllm-kernels.tar.gz" -C "$OUT" vllm-kernels  # a call cut off later keeps this step
+  done
 fi
 if [ "${PLAN:-0}" = 1 ]; then
   # Whole-model metrics with NVML telemetry, per-layer sensitivity, a weight-budget plan, and

@@ -46,13 +46,15 @@ def test_engines_say_why_not_on_cpu(name):
 
 def test_gptq_and_awq_choose_engines_first_and_record_why_not():
     w = _weight(64, 256, 128, torch.float32, seed=1)
+    vllm = {"gptq": ("machete", "marlin", "vllm-exllama"), "awq": ("machete", "marlin")}  # tests/test_vllm_kernels.py
     for backend, engines, fallback in (("gptq", ("exllamav2", "gemlite", "gptqmodel-torch"), "gptq-layout"),
                                        ("awq", ("autoawq", "gemlite", "gptqmodel-awq-torch"), "awq-layout")):
         b = registry.get(backend)
-        assert b.kernels[:3] == engines and b.kernels[-1] == fallback
+        first = vllm[backend]
+        assert b.kernels[:len(first) + 3] == first + engines and b.kernels[-1] == fallback
         layer = b.from_int4(w, None)  # fp32 activations: no engine takes them
         rejected = dict(layer.rejected_kernels)
-        assert set(rejected) == set(engines), rejected
+        assert set(rejected) == set(first + engines), rejected
         assert layer.kernel == "reference-torch"  # the fallback says what it is
         if find_spec("gptqmodel") is not None:
             assert "float16" in rejected[engines[2]]  # GPTQModel's own validate: fp16/bf16 only

@@ -35,10 +35,11 @@ from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.registry import Registry
 from quantbridge.plugin.spec import QuantSpec
 
-# Fastest first: the engines' own kernels, then ours, then the libraries' layouts decoded once
-# and multiplied by the torch reference, which runs anywhere.
-PRIORITY = ("exllamav2", "autoawq", "gemlite", "gptqmodel-torch", "gptqmodel-awq-torch", "triton", "tinygemm",
-            "gptq-layout", "awq-layout", "reference")
+# Fastest first: vLLM's own kernels in vLLM's order (its CUDA chooser tries Machete, then
+# Marlin, then exllama), the other engines' kernels, then ours, then the libraries' layouts
+# decoded once and multiplied by the torch reference, which runs anywhere.
+PRIORITY = ("machete", "marlin", "vllm-exllama", "exllamav2", "autoawq", "gemlite", "gptqmodel-torch",
+            "gptqmodel-awq-torch", "triton", "tinygemm", "gptq-layout", "awq-layout", "reference")
 NO_OFFSETS = ("its layout has integer zero-points only; these weights have a float offset per group "
               "(GGUF Q4_1/Q4_K: w = q*s + m)")
 

@@ -12,6 +12,7 @@ from quantbridge.cli import cli
 from quantbridge.plugin.backend import get
 from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.spec import QuantSpec
+from quantbridge.vllm import graphs
 from quantbridge.vllm import profiler as prof
 from quantbridge.vllm import runtime
 from quantbridge.vllm.stats import load_workers, merge, steps, tokens
@@ -111,3 +112,110 @@ def test_profiling_off_creates_nothing(tmp_path, monkeypatch):
     x = torch.randn(2, 256)
     assert runtime.run(x, idx).shape == (2, 256) and prof._PROFILER is None
     assert not os.listdir(tmp_path)
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event on the CPU: `done` says whether the GPU has reached it."""
+
+    def __init__(self, us: float = 0.0) -> None:
+        self.done, self.us, self.waited = False, us, False
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return (end.us - self.us) / 1e3
+
+
+def test_graph_reads_only_completed_replays_and_waits_when_starved(profiling):
+    """A captured graph's events are read before its next replay only when the marker behind
+    the previous replay has completed; a pending marker is dropped (no wait) until FORCE_FACTOR
+    x EVERY replays went unread, then the read waits. Every replay is counted."""
+    markers = []
+
+    def new_marker():
+        markers.append(_FakeEvent())
+        return markers[-1]
+
+    g = graphs.Graph(m=4, every=2, new_marker=new_marker)
+    g.add("layers.0.proj", _FakeEvent(0.0), _FakeEvent(7.0))
+    g.add("layers.1.proj", _FakeEvent(7.0), _FakeEvent(10.0))
+
+    def replay(gpu_done: bool) -> None:
+        g.before_replay(profiling)
+        g.after_replay(warmup=False)
+        if gpu_done and g.marker is not None:
+            g.marker.done = True
+
+    replay(True)  # 1: no read due yet (every=2)
+    assert g.marker is None
+    replay(False)  # 2: marker recorded, GPU not there yet
+    replay(True)  # 3: the marker of 2 is still pending -> dropped; a new one follows 3 and completes
+    assert g.dropped == 1 and g.reads == 0
+    replay(True)  # 4: marker of 3 completed -> read
+    assert g.reads == 1 and profiling.graph_stats[("layers.0.proj", 4)].samples_us == [7.0]
+    for _ in range(8):  # the GPU never catches up: after 4 x every replays unread, one read waits
+        replay(False)
+    assert g.forced == 1 and any(m.waited for m in markers)
+    g.after_replay(warmup=True)
+    assert g.replays == 12 and g.warmup_replays == 1
+    profiling.graphs[("wrapper", 4)] = g
+    profiling.flush()
+    comp = merge(load_workers(profiling.dir))
+    graph = comp.backends[1]
+    assert graph.timing == "graph" and graph.name.endswith("[graph]")
+    v = {r.name: r.latency_us["4"] for r in graph.layers}
+    assert v["layers.0.proj"]["count"] == 12 and v["layers.0.proj"]["replays_read"] == g.reads
+    assert v["layers.1.proj"]["median"] == 3.0
+    assert steps(comp)["layers.0.proj"] == 12 and tokens(comp)["layers.0.proj"] == 48
+
+
+@pytest.mark.gpu
+def test_layers_timed_inside_a_captured_cuda_graph(profiling):
+    """Capture three layers the way vLLM's CUDAGraphWrapper does (graphs.capture_key set), replay:
+    the in-graph events give each layer's GPU time; eager calls outside graphs still time."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    layers = _layers("cuda")
+    m = 8
+    x = torch.randn(m, 256, device="cuda")
+
+    def model(x):
+        for idx, _ in layers:
+            x = runtime.run(x, idx)
+        return x
+
+    model(x)  # warm-up: Triton compiles outside the capture
+    torch.cuda.synchronize()
+    g = graphs.Graph(m, every=1)
+    cg = torch.cuda.CUDAGraph()
+    graphs._local.key = g
+    try:
+        with torch.cuda.graph(cg):
+            y = model(x)
+    finally:
+        graphs._local.key = None
+    assert len(g.pairs) == len(layers)
+    profiling.graphs[("wrapper", m)] = g
+    for _ in range(20):
+        g.before_replay(profiling)
+        cg.replay()
+        g.after_replay(warmup=False)
+    torch.cuda.synchronize()
+    g.before_replay(profiling)  # reads the last replay
+    ref = x.double().cpu()
+    for _, w in layers:
+        ref = ref @ w.T
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-4
+    profiling.flush(wait=True)
+    comp = merge(load_workers(profiling.dir))
+    graph = comp.backends[1]
+    for r in graph.layers:
+        v = r.latency_us[str(m)]
+        assert v["count"] == 20 and v["replays_read"] >= 5 and 0 < v["median"] < 1e4

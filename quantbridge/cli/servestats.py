@@ -36,25 +36,43 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
         _refuse_foreign(out, bool(out_file))
         check_writable(str(out), "--out", "merged.json")
     comp = stats.merge(stats.load_workers(profile_dir, warn=lambda msg: click.echo(f"warning: {msg}", err=True)))
-    b = comp.backends[0]
-    if not any(r.latency_us for r in b.layers):  # nothing to tabulate: say so instead of an empty table
+    if not any(r.latency_us for b in comp.backends for r in b.layers):  # nothing to tabulate: say so
         raise UserError(f"the worker files in {profile_dir} hold no timed layer call yet; send the server some "
                         f"requests and let it flush its profile (QUANTBRIDGE_PROFILE_FLUSH_S)")
-    ms = [str(m) for m in comp.settings["m_values"]]
-    shown = ms if len(ms) <= 6 else ms[:3] + ms[-3:]  # the smallest and largest steps
-    table = Table(title=f"{b.name} on {comp.device['name']}: per-layer latency while serving (µs, median \\[calls])")
-    for col in ["layer", "N×K", "kernel", "steps", *[f"M={m}" for m in shown]]:
-        table.add_column(col, justify="left" if col in ("layer", "kernel") else "right")
+    st = comp.settings
+    click.echo(f"{comp.device['name']}, vLLM {st.get('vllm') or '?'}, CUDA graphs: {st.get('cudagraph_mode') or '?'}"
+               f"{' (--enforce-eager)' if st.get('enforce_eager') else ''}")
     n_steps = stats.steps(comp)
-    for r in b.layers:
-        cells = [f"{r.latency_us[m]['median']:.1f} [{r.latency_us[m]['count']}]" if m in r.latency_us else "—"
-                 for m in shown]
-        table.add_row(r.name, "×".join(map(str, r.shape)), r.kernel, str(n_steps[r.name]), *cells)
-    table_console().print(table)
-    total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
-    click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "
-               f"Σ time in quantized linears {total / 1e3:.1f} ms; warm-up calls kept apart: "
-               f"{sum(b.model_metrics['warmup_calls'].values())}")
+    for b in comp.backends:
+        ms = sorted({m for r in b.layers for m in r.latency_us}, key=int)
+        if not ms:
+            continue
+        shown = ms if len(ms) <= 6 else ms[:3] + ms[-3:]  # the smallest and largest steps
+        graph = b.timing == stats.GRAPH
+        what = ("GPU time inside captured CUDA graphs per captured batch size (µs, median \\[replays])" if graph
+                else "per-layer latency of eager calls while serving (µs, median \\[calls])")
+        table = Table(title=f"{b.name} on {comp.device['name']}: {what}")
+        for col in ["layer", "N×K", "kernel", "steps", *[f"M={m}" for m in shown]]:
+            table.add_column(col, justify="left" if col in ("layer", "kernel") else "right")
+        for r in b.layers:
+            cells = [f"{r.latency_us[m]['median']:.1f} [{r.latency_us[m]['count']}]" if m in r.latency_us else "—"
+                     for m in shown]
+            table.add_row(r.name, "×".join(map(str, r.shape)), r.kernel, str(n_steps[r.name]), *cells)
+        table_console().print(table)
+        if graph:
+            g = b.model_metrics["graphs"]
+            click.echo(f"{len(g)} captured graphs with quantized layers; replays {sum(x['replays'] for x in g)}, "
+                       f"read {sum(x['reads'] for x in g)} (of which waited for {sum(x['forced_reads'] for x in g)})")
+        else:
+            total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
+            click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "
+                       f"Σ time in quantized linears {total / 1e3:.1f} ms; warm-up calls kept apart: "
+                       f"{sum(b.model_metrics['warmup_calls'].values())}")
+    overhead = stats.overhead(profile_dir)
+    if overhead is not None:
+        st["profiling_overhead"] = overhead
+        click.echo(f"profiling overhead ({overhead['source']}): {overhead['tokens_per_s_off']:.1f} tokens/s unprofiled, "
+                   f"{overhead['tokens_per_s_on']:.1f} profiled ({overhead['change_pct']:+.1f} %)")
     save_json(comp, out)
     click.echo(f"wrote {out}")
 

@@ -86,21 +86,7 @@ class QuantbridgeConfig(QuantizationConfig):
             return None
         if is_layer_skipped(prefix, self.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
-        _check_profiling_mode()
         return QuantbridgeLinearMethod(self, prefix)
-
-
-def _check_profiling_mode() -> None:
-    """CUDA graphs replay kernels without host code: per-layer timers would miss those steps."""
-    if prof.profiler() is None:
-        return
-    from vllm.config import CUDAGraphMode, get_current_vllm_config
-
-    cfg = get_current_vllm_config()
-    mode = cfg.compilation_config.cudagraph_mode
-    if torch.cuda.is_available() and mode is not None and mode != CUDAGraphMode.NONE and not cfg.model_config.enforce_eager:
-        raise ValueError(f"{prof.ENV_DIR} is set but CUDA graphs are on ({mode}): graph replays skip the per-layer "
-                         "timers; serve with --enforce-eager to profile")
 
 
 class QuantbridgeLinearMethod(LinearMethodBase):
@@ -154,11 +140,18 @@ def _meta(config: QuantbridgeConfig) -> dict:
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     except (AssertionError, RuntimeError):  # no distributed state (a bare unit test)
         rank, size = 0, 1
+    graph = {}
     try:
         from vllm.config import get_current_vllm_config
 
-        model = get_current_vllm_config().model_config.model
+        cfg = get_current_vllm_config()
+        model = cfg.model_config.model
+        graph = {"cudagraph_mode": str(cfg.compilation_config.cudagraph_mode),
+                 "enforce_eager": bool(cfg.model_config.enforce_eager)}
     except Exception:  # noqa: BLE001 - outside a vLLM config context
         model = "served model"
+    import vllm
+
     return {"backend": config.backend, "model": model, "tp_rank": rank, "tp_size": size,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "vllm": getattr(vllm, "__version__", "?"), **graph}

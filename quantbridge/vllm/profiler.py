@@ -70,7 +70,10 @@ class Profiler:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = dict(meta or {})
         self.layers: dict[str, dict] = {}  # name -> shape, kernel, weight bytes
-        self.stats: dict[tuple[str, int], _Acc] = {}
+        self.stats: dict[tuple[str, int], _Acc] = {}  # eager calls: device time (CUDA events; CPU: host clock)
+        self.host: dict[tuple[str, int], _Acc] = {}  # eager calls on CUDA: host time of the call (enqueue cost)
+        self.graph_stats: dict[tuple[str, int], _Acc] = {}  # inside captured graphs: GPU time per replay read
+        self.graphs: dict = {}  # (CUDAGraphWrapper id, batch descriptor) -> graphs.Graph
         self.warmup: dict[str, int] = {}
         self.pending: collections.deque = collections.deque()  # (name, M, start, end) in stream order
         self._lock = threading.Lock()
@@ -96,8 +99,24 @@ class Profiler:
         if x.is_cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            return ev
+            return ev, time.perf_counter_ns()
         return time.perf_counter_ns()
+
+    @staticmethod
+    def graph_event() -> torch.cuda.Event:
+        """An event recorded as a node of the graph being captured (re-recorded by every replay)."""
+        ev = torch.cuda.Event(enable_timing=True, external=True)
+        ev.record()
+        return ev
+
+    def add_graph_sample(self, m: int, layers: list[tuple[str, float]]) -> None:
+        """One replay's per-layer GPU times (µs) of a graph captured at batch size `m`."""
+        with self._lock:
+            for name, us in layers:
+                acc = self.graph_stats.get((name, m))
+                if acc is None:
+                    acc = self.graph_stats[(name, m)] = _Acc()
+                acc.add(us, self._rng)
 
     def stop(self, token, name: str, m: int, warmup: bool) -> None:
         self.calls += 1
@@ -110,9 +129,16 @@ class Profiler:
             with self._lock:
                 self._acc(name, m).add(us, self._rng)
             return
+        start, t0 = token
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        self.pending.append((name, m, token, end))  # deque append/popleft are thread-safe
+        host_us = (time.perf_counter_ns() - t0) / 1e3
+        with self._lock:
+            acc = self.host.get((name, m))
+            if acc is None:
+                acc = self.host[(name, m)] = _Acc()
+            acc.add(host_us, self._rng)
+        self.pending.append((name, m, start, end))  # deque append/popleft are thread-safe
 
     def _acc(self, name: str, m: int) -> _Acc:
         acc = self.stats.get((name, m))
@@ -139,9 +165,25 @@ class Profiler:
             layers = {n: {**info, "m": {}} for n, info in self.layers.items()}
             for (name, m), acc in self.stats.items():
                 layers.setdefault(name, {"m": {}})["m"][str(m)] = acc.to_dict()
+            for (name, m), acc in self.host.items():
+                layers.setdefault(name, {"m": {}}).setdefault("host_m", {})[str(m)] = acc.to_dict()
+            replays: dict[tuple[str, int], int] = {}
+            graphs = []
+            for g in list(self.graphs.values()):
+                graphs.append(g.to_dict())
+                for name in {n for n, _, _ in g.pairs}:
+                    replays[(name, g.m)] = replays.get((name, g.m), 0) + g.replays
+            for (name, m), n in replays.items():
+                slot = layers.setdefault(name, {"m": {}}).setdefault("graph_m", {})
+                acc = self.graph_stats.get((name, m))
+                slot[str(m)] = {**(acc.to_dict() if acc else _Acc().to_dict()), "replays": n}
+            for slot in layers.values():  # JSON has no infinity: a slot with no sample read yet
+                for acc in slot.get("graph_m", {}).values():
+                    if acc["count"] == 0:
+                        acc["min_us"] = 0.0
             return {"schema": SCHEMA, "pid": os.getpid(), "host": socket.gethostname(), **self.meta,
                     "updated": time.time(), "flushes": self.flushes + 1, "warmup_calls": dict(self.warmup),
-                    "layers": layers}
+                    "graphs": graphs, "layers": layers}
 
     def flush(self, wait: bool = False) -> None:
         self._resolve(wait)

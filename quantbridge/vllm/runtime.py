@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantbridge.vllm import graphs
 from quantbridge.vllm import profiler as prof
 
 _LAYERS: list[tuple[str, nn.Module]] = []  # this process's quantized layers, by index
@@ -53,6 +54,16 @@ def _call(x: torch.Tensor, index: int) -> torch.Tensor:
     p = prof._PROFILER
     if p is None:
         return kernel(x)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Inside a CUDA graph capture: events that become graph nodes (read after replays,
+        # quantbridge/vllm/graphs.py); a capture that is not vLLM's runs untimed.
+        graph = graphs.capture_key()
+        if graph is None:
+            return kernel(x)
+        a = p.graph_event()
+        y = kernel(x)
+        graph.add(name, a, p.graph_event())
+        return y
     token = p.start(x)
     y = kernel(x)
     p.stop(token, name, x.shape[0], _is_warmup())

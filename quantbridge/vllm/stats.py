@@ -84,7 +84,10 @@ def _check_worker(w) -> None:
         shape = info.get("shape", [])
         if not isinstance(shape, list) or not all(_is(v, _INT) for v in shape):
             raise ValueError(f"layer {name}: shape is {shape!r}, not a list of integers")
-        for m, acc in info["m"].items():
+        for key in ("host_m", "graph_m"):
+            if not isinstance(info.get(key, {}), dict):
+                raise ValueError(f"layer {name}: {key} is not an object of per-M statistics")
+        for m, acc in [*info["m"].items(), *info.get("host_m", {}).items(), *info.get("graph_m", {}).items()]:
             if not str(m).isdigit() or not isinstance(acc, dict):
                 raise ValueError(f"layer {name} at M={m}: malformed statistics")
             _check_fields(acc, _STATS_FIELDS, f"layer {name} at M={m}: ")
@@ -101,39 +104,76 @@ def _quantiles(samples: list[float]) -> dict:
     return {"median": statistics.median(s), "p10": q[0], "p90": q[-1], "n": len(s)}
 
 
-def merge(workers: list[dict]) -> Comparison:
+GRAPH = "graph"  # BackendResult.timing of the in-graph rows (backends[1] where graphs ran)
+
+
+def _pool(workers: list[dict], key: str, count_key: str = "count") -> dict[str, dict]:
+    """layer -> {"info", "m": {M: samples, count0 (rank 0's `count_key`), total_us, reads}, "rank_counts"}."""
     layers: dict[str, dict] = {}
     for w in workers:
         rank = w.get("tp_rank", 0)
         for name, info in w["layers"].items():
             entry = layers.setdefault(name, {"info": info, "m": {}, "rank_counts": {}})
-            for m, acc in info["m"].items():
-                slot = entry["m"].setdefault(m, {"samples": [], "count0": 0, "total_us": 0.0})
+            for m, acc in info.get(key, {}).items():
+                slot = entry["m"].setdefault(m, {"samples": [], "count0": 0, "total_us": 0.0, "reads": 0})
                 slot["samples"] += acc["samples_us"]
                 slot["total_us"] += acc["total_us"]
+                slot["reads"] += acc["count"]
+                n = acc.get(count_key, acc["count"])
                 if rank == 0:
-                    slot["count0"] += acc["count"]
-                entry["rank_counts"][rank] = entry["rank_counts"].get(rank, 0) + acc["count"]
-    records = []
+                    slot["count0"] += n
+                entry["rank_counts"][rank] = entry["rank_counts"].get(rank, 0) + n
+    return layers
+
+
+def _latency(pooled: dict, graph: bool = False) -> dict:
+    out = {}
+    for m, s in sorted(pooled["m"].items(), key=lambda kv: int(kv[0])):
+        if s["samples"]:
+            out[m] = {**_quantiles(s["samples"]), "count": s["count0"], "total_us": s["total_us"]}
+            if graph:
+                out[m]["replays_read"] = s["reads"]
+    return out
+
+
+def merge(workers: list[dict]) -> Comparison:
+    """backends[0]: eager calls (GPU time by CUDA events, host cost per call in host_us; on CPU the
+    host clock); backends[1], where the server replayed CUDA graphs: GPU time per captured batch
+    size read inside the graphs (count = replays, n = replays read)."""
+    layers = _pool(workers, "m")
+    host = _pool(workers, "host_m")
+    graph = _pool(workers, "graph_m", "replays")
+    records, graph_records = [], []
     for name, e in layers.items():
         info = e["info"]
-        latency = {m: {**_quantiles(s["samples"]), "count": s["count0"], "total_us": s["total_us"]}
-                   for m, s in sorted(e["m"].items(), key=lambda kv: int(kv[0])) if s["samples"]}
-        records.append(LayerRecord(name=name, shape=info.get("shape", []), quantized=True, kernel=info.get("kernel", ""),
-                                   weight_bytes=int(info.get("weight_bytes", 0)), latency_us=latency))
+        common = dict(name=name, shape=info.get("shape", []), quantized=True, kernel=info.get("kernel", ""),
+                      weight_bytes=int(info.get("weight_bytes", 0)))
+        records.append(LayerRecord(**common, latency_us=_latency(e), host_us=_latency(host[name]) if name in host else {}))
+        if name in graph and graph[name]["m"]:
+            graph_records.append(LayerRecord(**common, latency_us=_latency(graph[name], graph=True)))
     first = workers[0]
     backend = first.get("backend", "?")
+    metrics = {"workers": len(workers), "warmup_calls": _sum_warmup(workers),
+               "flushes": [w.get("flushes") for w in workers],
+               "calls_per_rank": {n: e["rank_counts"] for n, e in layers.items()}}
     result = BackendResult(name=f"vllm:{backend}", status="ok", kernel=records[0].kernel if records else None,
-                           weights="checkpoint", weight_bytes=sum(r.weight_bytes for r in records), layers=records,
-                           model_metrics={"workers": len(workers), "warmup_calls": _sum_warmup(workers),
-                                          "flushes": [w.get("flushes") for w in workers],
-                                          "calls_per_rank": {n: e["rank_counts"] for n, e in layers.items()}})
-    ms = sorted({int(m) for r in records for m in r.latency_us})
+                           weights="checkpoint", timing="eager", weight_bytes=sum(r.weight_bytes for r in records),
+                           layers=records, model_metrics=metrics)
+    backends = [result]
+    if graph_records:
+        backends.append(BackendResult(
+            name=f"vllm:{backend} [graph]", status="ok", kernel=graph_records[0].kernel, weights="checkpoint",
+            timing=GRAPH, weight_bytes=result.weight_bytes, layers=graph_records,
+            model_metrics={"graphs": [g for w in workers for g in w.get("graphs", [])],
+                           "replays_per_rank": {n: graph[n]["rank_counts"] for n in graph if graph[n]["m"]}}))
+    ms = sorted({int(m) for b in backends for r in b.layers for m in r.latency_us})
     return Comparison(model={"name": first.get("model", "served model")},
                       device={"name": first.get("device", "?")},
                       settings={"source": SOURCE, "tp_size": first.get("tp_size", 1), "m_values": ms,
-                                "decode_m": [], "prefill_m": []},
-                      backends=[result])
+                                "decode_m": [], "prefill_m": [], "vllm": first.get("vllm"),
+                                "cudagraph_mode": first.get("cudagraph_mode"),
+                                "enforce_eager": first.get("enforce_eager")},
+                      backends=backends)
 
 
 def _sum_warmup(workers: list[dict]) -> dict:
@@ -145,13 +185,21 @@ def _sum_warmup(workers: list[dict]) -> dict:
 
 
 def steps(comp: Comparison) -> dict[str, int]:
-    """Calls per layer summed over M (rank 0): the number of model steps each layer ran."""
-    return {r.name: sum(v["count"] for v in r.latency_us.values()) for r in comp.backends[0].layers}
+    """Calls per layer summed over M (rank 0), eager calls and graph replays: the model steps each layer ran."""
+    out: dict[str, int] = {}
+    for b in comp.backends:
+        for r in b.layers:
+            out[r.name] = out.get(r.name, 0) + sum(v["count"] for v in r.latency_us.values())
+    return out
 
 
 def tokens(comp: Comparison) -> dict[str, int]:
-    """Tokens per layer summed over steps (rank 0)."""
-    return {r.name: sum(int(m) * v["count"] for m, v in r.latency_us.items()) for r in comp.backends[0].layers}
+    """Tokens per layer summed over steps (rank 0); a replayed graph counts its captured (padded) batch size."""
+    out: dict[str, int] = {}
+    for b in comp.backends:
+        for r in b.layers:
+            out[r.name] = out.get(r.name, 0) + sum(int(m) * v["count"] for m, v in r.latency_us.items())
+    return out
 
 
 def is_merge(path: Path) -> bool:
@@ -162,3 +210,19 @@ def is_merge(path: Path) -> bool:
         return False
     return isinstance(data, dict) and isinstance(data.get("settings"), dict) \
         and data["settings"].get("source") == SOURCE
+
+
+OVERHEAD_FILE = "overhead.json"
+
+
+def overhead(directory: str | Path) -> dict | None:
+    """The profiling overhead benchmarks/vllm_profile_overhead.py measured for this profile directory
+    (DIR/overhead.json: tokens/s of an unprofiled and a profiled server on the same prompts), or None."""
+    f = Path(directory) / OVERHEAD_FILE
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        off, on = float(data["tokens_per_s_off"]), float(data["tokens_per_s_on"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"tokens_per_s_off": off, "tokens_per_s_on": on, "change_pct": (on / off - 1) * 100 if off else 0.0,
+            "source": str(data.get("source", f))}

@@ -12,6 +12,8 @@
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
 #   TESTS=0 BENCH=0 VLLM_KERNELS=1 bash benchmarks/gpu_run.sh   # vLLM's machete/marlin/exllama: tests, bench, compare
+#   SERVE_SEND=1 bash benchmarks/gpu_run.sh                   # one chunk of the vLLM set to /tmp/vllm-set (one call each)
+#   TESTS=0 BENCH=0 SERVE=1 bash benchmarks/gpu_run.sh          # install vLLM 0.26.0, vllm serve with graphs, serve-stats
 # PRECOMPILE=1 compiles every tuning candidate in parallel first (benchmarks/precompile_triton.py).
 # exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),
 # is carried as .qbcache/exllamav2_ext.so.xz and imported as a prebuilt module: no 3-minute build.
@@ -19,6 +21,15 @@ set -uo pipefail
 OUT=$(realpath -m "${OUT:-runs/gpu}")
 REPO=$(pwd)
 mkdir -p "$OUT"
+# SERVE_SEND=1: one call per chunk of the vLLM 0.26.0 set (benchmarks/vllm_gpu_set.sh makes them in
+# .qbcache/vllm-set/), carrying that chunk alone; this call only copies it to /tmp/vllm-set, which the
+# machine keeps between closely following calls. SERVE=1 (below) reassembles and installs them.
+if [ "${SERVE_SEND:-0}" = 1 ]; then
+  mkdir -p /tmp/vllm-set && cp -v "$REPO"/.qbcache/vllm-set/vllm-set.part-* /tmp/vllm-set/ 2>&1 | tail -n 4
+  cp "$REPO"/.qbcache/vllm-set/MANIFEST /tmp/vllm-set/ 2>/dev/null || cp "$REPO"/benchmarks/vllm-set.MANIFEST /tmp/vllm-set/MANIFEST 2>/dev/null
+  echo "== SERVE_SEND: /tmp/vllm-set now holds:"; ls -l /tmp/vllm-set; df -h /tmp | tail -n 1
+  exit 0
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
@@ -251,5 +262,8 @@ if [ "${PROFILE:-0}" = 1 ]; then
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       python3 benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
   done
+fi
+if [ "${SERVE:-0}" = 1 ]; then
+  bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|tokens))' || true
 fi
 cp "$QUANTBRIDGE_CACHE"/triton-int4-*.json "$OUT/" 2>/dev/null || true

@@ -25,8 +25,9 @@ PY=${PYVER:-3.12}
 LEAVE=${LEAVE:-"torch torchvision torchaudio triton transformers opencv-python-headless tilelang pynvvideocodec z3-solver \
 llvmlite numba tokenspeed-triton nvidia-cutlass-dsl-libs-base nvidia-cutlass-dsl-libs-cu13 nvidia-nvvm nvidia-cuda-nvcc \
 nvidia-cuda-nvcc-cu13 nvidia-nvcc"}
-PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
-      --platform manylinux2014_x86_64 --platform linux_x86_64 --platform any)
+# The GPU machine's Python 3.12.3 is Ubuntu 24.04's: glibc 2.39, so manylinux_2_17 .. 2_39 wheels install.
+PLAT=(--platform manylinux2014_x86_64 --platform linux_x86_64 --platform any)
+for g in $(seq 17 39); do PLAT+=(--platform "manylinux_2_${g}_x86_64"); done
 PIPX=(python3 -m pip)
 # An earlier run's tar.xz of the unpacked wheel is kept (it takes minutes to compress).
 mkdir -p "$WORK" && find "$WORK" -mindepth 1 -maxdepth 1 ! -name "vllm-$V-site.tar.xz" -exec rm -rf {} +
@@ -98,7 +99,8 @@ log = open(f"{work}/resolve.log", "w")
 for n, (v, url) in sorted(full.items()):
     if n == "vllm":
         continue
-    why = "on the GPU machine" if n in present or n.startswith("nvidia-cu") or "+gpumachine" in v \
+    torch_cuda = n.startswith("nvidia-cu") and not n.startswith(("nvidia-cutlass", "nvidia-cudnn-frontend"))
+    why = "on the GPU machine" if n in present or torch_cuda or "+gpumachine" in v \
         else "left out" if n in leave else ""
     print(f"{n}=={v} {why or 'carried'}", file=log)
     if not why:
@@ -106,7 +108,7 @@ for n, (v, url) in sorted(full.items()):
 EOF
 grep -c . "$WORK/wanted.txt" | sed 's/^/  wheels to carry: /'
 grep -E ' left out$' "$WORK/resolve.log" | sed 's/^/  /' || true
-cd "$WORK/wheels" && xargs -n 8 -P 2 curl -sSfLO < "$WORK/wanted.txt" && cd "$WORK"
+cd "$WORK/wheels" && xargs -n 8 -P 2 curl -sSfL --remote-name-all < "$WORK/wanted.txt" && cd "$WORK"
 du -sh "$WORK/wheels"
 cp "$WORK/resolve.log" "$WORK/wheels/RESOLVE.txt"
 printf '%s\n' $LEAVE > "$WORK/wheels/LEFT_OUT.txt"

@@ -5,6 +5,12 @@ torch.compile) and profiling off/on, starts an engine on CHECKPOINT, warms up, t
 `LLM.generate` (greedy, fixed output length) REPEATS times and reports output tokens/s
 (median, min, max) and whether the per-layer stats cover every step. Writes JSON.
 
+On a GPU, "compiled" is vLLM's default mode: torch.compile with CUDA graphs captured, so the
+profiled rows time layers inside the graphs (quantbridge/vllm/graphs.py). QB_DTYPE picks the
+dtype (default float32 on CPU, float16 on CUDA) and QB_MODES the modes (default eager,compiled).
+Each profiled mode's directory gets overhead.json (tokens/s against the unprofiled row of the same
+mode), which `quantbridge serve-stats DIR` shows; QB_KEEP_DIR=DIR keeps them under DIR/MODE.
+
 usage: python benchmarks/vllm_profile_overhead.py CHECKPOINT OUT.json [REPEATS]
 """
 
@@ -25,7 +31,10 @@ MAX_TOKENS = 32
 def one(checkpoint: str, eager: bool, repeats: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=checkpoint, quantization="quantbridge", dtype="float32", max_model_len=256, max_num_seqs=8,
+    import torch
+
+    dtype = os.environ.get("QB_DTYPE") or ("float16" if torch.cuda.is_available() else "float32")
+    llm = LLM(model=checkpoint, quantization="quantbridge", dtype=dtype, max_model_len=256, max_num_seqs=8,
               seed=0, enforce_eager=eager, enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     llm.generate(PROMPTS, params, use_tqdm=False)  # warm-up (and compilation)
@@ -61,10 +70,16 @@ def main() -> None:
     checkpoint, out_path = sys.argv[1:3]
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 5
     rows = []
-    for eager in (True, False):
+    modes = os.environ.get("QB_MODES", "eager,compiled").split(",")
+    keep = os.environ.get("QB_KEEP_DIR")
+    for eager in [m == "eager" for m in modes]:
+        off = None
         for profile in (False, True):
             env = {k: v for k, v in os.environ.items() if k != "QUANTBRIDGE_PROFILE_DIR"}
-            prof_dir = tempfile.mkdtemp(prefix="qb-prof-") if profile else None
+            prof_dir = None
+            if profile:
+                prof_dir = os.path.join(keep, "eager" if eager else "compiled") if keep else tempfile.mkdtemp(prefix="qb-prof-")
+                os.makedirs(prof_dir, exist_ok=True)
             if prof_dir:
                 env["QUANTBRIDGE_PROFILE_DIR"] = prof_dir
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -82,6 +97,15 @@ def main() -> None:
                 comp = merge(load_workers(prof_dir))
                 row["profiled_layers"] = len(comp.backends[0].layers)
                 row["profiled_steps"] = sorted(set(steps(comp).values()))
+                row["graph_rows"] = len(comp.backends) > 1
+                if off is not None and "tokens_per_s" in off:
+                    o, n = off["tokens_per_s"]["median"], row["tokens_per_s"]["median"]
+                    json.dump({"tokens_per_s_off": o, "tokens_per_s_on": n, "source":
+                               f"benchmarks/vllm_profile_overhead.py, LLM.generate, {len(PROMPTS)} prompts x "
+                               f"{MAX_TOKENS} tokens, median of {repeats}, {'eager' if eager else 'compiled'}"},
+                              open(os.path.join(prof_dir, "overhead.json"), "w"))
+            else:
+                off = row
             rows.append(row)
             print(json.dumps(row), flush=True)
     json.dump({"checkpoint": checkpoint, "prompts": len(PROMPTS), "max_tokens": MAX_TOKENS,

@@ -1,0 +1,130 @@
+"""`vllm serve` with `--quantization quantbridge` on a GPU, CUDA graphs on: profiling off vs on.
+
+For each of OFF and ON (QUANTBRIDGE_PROFILE_DIR set), starts one server on CHECKPOINT (vLLM's
+defaults: torch.compile and CUDA graphs; no --enforce-eager), waits for /health, sends one
+warm-up round, then ROUNDS timed rounds of the same fixed set of concurrent completions
+(PROMPTS, greedy, MAX_TOKENS each, ignore_eos) and one timed single-request round (decode at
+M=1), and stops it (SIGINT). Output tokens/s per round; the profiled server's directory gets
+overhead.json (tokens/s off vs on, medians over rounds), which `quantbridge serve-stats` shows.
+Writes OUT_DIR/serve.json, OUT_DIR/profile/ (worker files) and the servers' logs.
+
+usage: python benchmarks/vllm_serve_gpu.py CHECKPOINT OUT_DIR [ROUNDS] [-- extra vllm serve args]
+env: QB_SERVE_ORDER (default "off,on"), QB_SERVE_DTYPE (float16), QB_SERVE_CONCURRENCY (16),
+     QB_SERVE_MAX_TOKENS (128), QB_SERVE_TIMEOUT (health wait, s; 420)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BASE_PROMPTS = ["The quick brown fox", "def f(x):", "In the beginning there was", "class Parser:",
+                "Once upon a time", "import numpy as np", "The capital of France is", "SELECT * FROM"]
+CONCURRENCY = int(os.environ.get("QB_SERVE_CONCURRENCY", "16"))
+PROMPTS = [f"{BASE_PROMPTS[i % len(BASE_PROMPTS)]} ({i})" for i in range(CONCURRENCY)]
+MAX_TOKENS = int(os.environ.get("QB_SERVE_MAX_TOKENS", "128"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _complete(base: str, model: str, prompt: str) -> dict:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def _round(base: str, model: str, prompts: list[str]) -> float:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: _complete(base, model, p), prompts))
+    dt = time.perf_counter() - t0
+    return sum(r["usage"]["completion_tokens"] for r in replies) / dt
+
+
+def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "QUANTBRIDGE_PROFILE_DIR"}
+    if profile:
+        env["QUANTBRIDGE_PROFILE_DIR"] = str(out_dir / "profile")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint, "--quantization", "quantbridge",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", os.environ.get("QB_SERVE_DTYPE", "float16"),
+           "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY, 1)), "--no-enable-prefix-caching",
+           "--seed", "0", "--gpu-memory-utilization", os.environ.get("QB_SERVE_GPU_MEM", "0.5"), *extra]
+    log_path = out_dir / f"serve-{'on' if profile else 'off'}.log"
+    row: dict = {"profile": profile, "cmd": cmd, "log": log_path.name}
+    t_start = time.perf_counter()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + float(os.environ.get("QB_SERVE_TIMEOUT", "420"))
+            while True:
+                if server.poll() is not None:
+                    row["error"] = f"vllm serve exited with {server.returncode} (see {log_path.name})"
+                    return row
+                try:
+                    urllib.request.urlopen(base + "/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        row["error"] = "vllm serve did not become healthy in time"
+                        return row
+                    time.sleep(1)
+            row["startup_s"] = time.perf_counter() - t_start
+            _round(base, checkpoint, PROMPTS)  # warm-up
+            row["tokens_per_s"] = [_round(base, checkpoint, PROMPTS) for _ in range(rounds)]
+            row["tokens_per_s_single"] = [_round(base, checkpoint, PROMPTS[:1]) for _ in range(rounds)]
+            time.sleep(0.5)  # the profiler's idle flush (quantbridge/vllm/profiler.py IDLE_S)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+    return row
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    extra = args[args.index("--") + 1:] if "--" in args else []
+    args = args[:args.index("--")] if "--" in args else args
+    checkpoint, out_dir = args[0], Path(args[1])
+    rounds = int(args[2]) if len(args) > 2 else 3
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for which in os.environ.get("QB_SERVE_ORDER", "off,on").split(","):
+        row = one_server(checkpoint, out_dir, which == "on", rounds, extra)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "cmd"}), flush=True)
+    result = {"checkpoint": checkpoint, "prompts": len(PROMPTS), "max_tokens": MAX_TOKENS, "rounds": rounds,
+              "extra_args": extra, "rows": rows,
+              "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "QUANTBRIDGE_", "QB_"))}}
+    med = {r["profile"]: statistics.median(r["tokens_per_s"]) for r in rows if r.get("tokens_per_s")}
+    if True in med and False in med:
+        result["overhead"] = {"tokens_per_s_off": med[False], "tokens_per_s_on": med[True],
+                              "change_pct": (med[True] / med[False] - 1) * 100,
+                              "source": f"benchmarks/vllm_serve_gpu.py, {len(PROMPTS)} concurrent completions x "
+                                        f"{MAX_TOKENS} tokens, median of {rounds} rounds, CUDA graphs "
+                                        f"{'off' if '--enforce-eager' in extra else 'on'}"}
+        (out_dir / "profile" / "overhead.json").write_text(json.dumps(result["overhead"], indent=1))
+    (out_dir / "serve.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# SERVE=1 of benchmarks/gpu_run.sh (run from its /tmp/qb copy, PYTHONPATH set): vLLM 0.26.0 from the
+# chunks earlier SERVE_SEND=1 calls left in /tmp/vllm-set, installed into /tmp/vsite, then `vllm serve`
+# of the converted demo with the plugin, CUDA graphs on, profiling off vs on, serve-stats.
+# Every step prints one line starting with "==" and says OK or FAIL; the output is in $1.
+#   step 1  reassemble and check the set        step 2  unpack vLLM, install the missing wheels
+#   step 3  vLLM's requirements vs what is there (each left-out one named: MISSING)
+#   step 4  import vllm (and what it tried to import of the left-out ones: ABSENT)
+#   step 5  convert the demo to native          step 6  serve, off vs on  (benchmarks/vllm_serve_gpu.py)
+#   step 7  serve-stats                          step 8  compare's graph-mode time of the same layers, M=1
+set -uo pipefail
+OUT=$(realpath -m "${1:-runs/serve}"); mkdir -p "$OUT"
+V=${VLLM_VERSION:-0.26.0}; SET=/tmp/vllm-set; VS=/tmp/vsite
+export VLLM_ATTENTION_BACKEND=${VLLM_ATTENTION_BACKEND:-TRITON_ATTN} VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO}
+step() { echo "== step $1: $2"; }
+ok() { echo "  OK $*"; }
+fail() { echo "  FAIL $*"; echo "== stopped at: $CURRENT"; exit 1; }
+
+CURRENT="step 1 (reassemble)"; step 1 "reassemble $SET"
+if [ -d "$VS/vllm" ] && [ "${SERVE_REINSTALL:-0}" != 1 ]; then
+  ok "reusing the install in $VS (SERVE_REINSTALL=1 redoes it)"
+else
+  ls "$SET"/vllm-set.part-* >/dev/null 2>&1 || fail "no chunks in $SET: run the SERVE_SEND=1 calls first"
+  ls -l "$SET"
+  cat "$SET"/vllm-set.part-* > /tmp/vllm-set.tar || fail "cat"
+  if [ -f "$SET/MANIFEST" ]; then
+    want=$(head -n 1 "$SET/MANIFEST" | cut -d' ' -f1); got=$(sha256sum /tmp/vllm-set.tar | cut -d' ' -f1)
+    [ "$want" = "$got" ] || fail "sha256 $got, MANIFEST says $want (a chunk is missing or truncated: $(ls "$SET" | tr '\n' ' '))"
+    ok "sha256 matches MANIFEST"
+  else
+    ok "no MANIFEST to check against"
+  fi
+  CURRENT="step 2 (unpack/install)"; step 2 "unpack vLLM $V into $VS, install the wheels it lacks"
+  rm -rf "$VS" /tmp/vllm-set-x && mkdir -p "$VS" /tmp/vllm-set-x
+  tar -xf /tmp/vllm-set.tar -C /tmp/vllm-set-x && rm -f /tmp/vllm-set.tar || fail "tar"
+  xz -dc /tmp/vllm-set-x/vllm-$V-site.tar.xz | tar -x -C "$VS" || fail "vLLM site tar.xz"
+  python3 - /tmp/vllm-set-x/wheels > /tmp/vllm-set-x/to-install.txt <<'PY'
+import sys, pathlib, importlib.metadata as md
+for w in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    name, ver = w.name.split("-")[:2]
+    try:
+        have = md.version(name)
+        print(f"  skip {name} {ver}: the machine has {have}", file=sys.stderr)
+    except md.PackageNotFoundError:
+        print(w)
+PY
+  n=$(grep -c . /tmp/vllm-set-x/to-install.txt)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$VS" $(cat /tmp/vllm-set-x/to-install.txt) \
+    > "$OUT/pip-install.log" 2>&1 || { tail -n 20 "$OUT/pip-install.log"; fail "pip install --target $VS"; }
+  ok "vLLM unpacked, $n wheels installed ($(du -sh "$VS" | cut -f1))"
+fi
+export PYTHONPATH=${PYTHONPATH:-}:$VS  # after /tmp/qb and the machine's own packages' overrides
+export PATH=$VS/bin:$PATH
+
+CURRENT="step 3 (requirements)"; step 3 "vLLM $V's requirements against what is installed"
+python3 - "$VS/vllm-$V.dist-info/METADATA" <<'PY' | tee "$OUT/requirements.txt"
+import sys, importlib.metadata as md
+from packaging.requirements import Requirement
+for line in open(sys.argv[1]):
+    if not line.startswith("Requires-Dist:"):
+        continue
+    r = Requirement(line.split(":", 1)[1].strip())
+    if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+        continue
+    try:
+        v = md.version(r.name)
+    except md.PackageNotFoundError:
+        print(f"  MISSING {r} (left out of the set)")
+        continue
+    print(f"  {'OK' if r.specifier.contains(v, prereleases=True) else 'MISMATCH'} {r.name} {v} (wants {r.specifier or 'any'})")
+PY
+
+CURRENT="step 4 (import)"; step 4 "import vllm with VLLM_ATTENTION_BACKEND=$VLLM_ATTENTION_BACKEND"
+# A meta-path hook logs every attempt to import a left-out module (then lets it fail as usual): the
+# answer to whether vLLM starts without each of them. It rides along into the server (sitecustomize).
+mkdir -p /tmp/qbhook && cat > /tmp/qbhook/sitecustomize.py <<'PY'
+import os, sys
+_LEFT = {"cv2", "tilelang", "z3", "numba", "llvmlite", "PyNvVideoCodec", "tokenspeed_triton", "tokenspeed_mla",
+         "vllm_flash_attn", "cutlass", "torchcodec"}
+class _Log:
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in _LEFT or name.startswith(("vllm.vllm_flash_attn._vllm_fa", "nvidia.cutlass")):
+            with open(os.environ.get("QB_IMPORT_LOG", "/tmp/qb-left-out-imports.log"), "a") as f:
+                f.write(f"{os.getpid()} {name}\n")
+        return None
+sys.meta_path.insert(0, _Log())
+PY
+export PYTHONPATH=/tmp/qbhook:$PYTHONPATH QB_IMPORT_LOG=$OUT/left-out-imports.log
+: > "$QB_IMPORT_LOG"
+if python3 -c "
+import vllm, torch; print('  vllm', vllm.__version__, 'from', vllm.__file__, '| torch', torch.__version__)
+import vllm.entrypoints.openai.api_server, vllm.v1.engine.core, vllm.model_executor.models.llama
+from vllm.compilation.cuda_graph import CUDAGraphWrapper
+import quantbridge.vllm as q; q.register(); from quantbridge.vllm import method; print('  plugin registered')
+" > "$OUT/import.log" 2>&1; then cat "$OUT/import.log"; ok "import vllm"
+else tail -n 25 "$OUT/import.log"; fail "import vllm (the traceback above names the module)"; fi
+sort -u -k2 "$QB_IMPORT_LOG" | awk '{print "  ABSENT (tried at import) " $2}' | sort -u
+
+CURRENT="step 5 (convert)"; step 5 "convert the demo model to native"
+CK=/tmp/demo-qb
+[ -f "$CK/config.json" ] || python3 -m quantbridge.cli convert demo --to native "$CK" > "$OUT/convert.log" 2>&1 \
+  || { tail -n 20 "$OUT/convert.log"; fail "convert"; }
+ok "$CK"
+# The plugin is found through its entry point: give the /tmp/qb copy a dist-info that declares it.
+mkdir -p /tmp/qb/quantbridge-0.0.0.dist-info
+printf 'Metadata-Version: 2.1\nName: quantbridge\nVersion: 0.0.0\n' > /tmp/qb/quantbridge-0.0.0.dist-info/METADATA
+printf '[vllm.general_plugins]\nquantbridge = quantbridge.vllm:register\n' > /tmp/qb/quantbridge-0.0.0.dist-info/entry_points.txt
+
+CURRENT="step 6 (serve)"; step 6 "vllm serve, CUDA graphs on, profiling off then on"
+rm -rf "$OUT/run" && timeout "${SERVE_TIMEOUT:-480}" python3 benchmarks/vllm_serve_gpu.py "$CK" "$OUT/run" "${SERVE_ROUNDS:-3}" \
+  -- --attention-backend "$VLLM_ATTENTION_BACKEND" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve-run.log" | tail -n 5
+for f in "$OUT"/run/serve-*.log; do
+  [ -f "$f" ] || continue
+  if grep -q "Application startup complete\|Uvicorn running\|Starting vLLM API server" "$f"; then echo "  STARTED $(basename "$f")"
+  else echo "  FAIL $(basename "$f") did not start:"; grep -E "Error|error|Traceback" "$f" | tail -n 8; tail -n 15 "$f"; fi
+  grep -iE "cuda ?graph|capturing|attention backend|Using .* backend" "$f" | head -n 6
+done
+sort -u -k2 "$QB_IMPORT_LOG" | awk '{print "  ABSENT (tried while serving) " $2}' | sort -u
+python3 - "$OUT/run/serve.json" <<'PY' 2>/dev/null || echo "  FAIL no serve.json"
+import json, sys, statistics
+d = json.load(open(sys.argv[1]))
+for r in d["rows"]:
+    if "error" in r:
+        print(f"  FAIL profile={r['profile']}: {r['error']}")
+    else:
+        print(f"  tokens/s profile={'on ' if r['profile'] else 'off'}: concurrent {statistics.median(r['tokens_per_s']):.1f} "
+              f"{[round(x, 1) for x in r['tokens_per_s']]}, single {statistics.median(r['tokens_per_s_single']):.1f}, "
+              f"startup {r['startup_s']:.0f} s")
+if "overhead" in d:
+    print(f"  tokens/s change with profiling: {d['overhead']['change_pct']:+.2f} %")
+PY
+
+CURRENT="step 7 (serve-stats)"; step 7 "serve-stats"
+if [ -d "$OUT/run/profile" ]; then
+  python3 -m quantbridge.cli serve-stats "$OUT/run/profile" > "$OUT/serve-stats.txt" 2>&1 && ok "serve-stats" || echo "  FAIL serve-stats"
+  cat "$OUT/serve-stats.txt" | head -n 80
+else
+  echo "  FAIL no profile directory"
+fi
+
+CURRENT="step 8 (compare)"; step 8 "compare, graph mode, the same layers and kernel at M=1"
+timeout "${SERVE_COMPARE_TIMEOUT:-240}" python3 -m quantbridge.cli compare "$CK" --backends native --batch 1,16 --mode graph \
+  --dtype float16 --out "$OUT/compare" --no-report -q > "$OUT/compare.log" 2>&1 && ok "compare -> $OUT/compare" \
+  || { echo "  FAIL compare"; tail -n 10 "$OUT/compare.log"; }
+echo "== done"

@@ -23,7 +23,7 @@ CHUNK_MB=${CHUNK_MB:-58}
 PY=${PYVER:-3.12}
 # Left out (the first GPU step checks that vLLM starts without each of them):
 LEAVE=${LEAVE:-"torch torchvision torchaudio triton transformers opencv-python-headless tilelang pynvvideocodec z3-solver \
-llvmlite numba tokenspeed-triton nvidia-cutlass-dsl-libs-base nvidia-cutlass-dsl-libs-cu13 nvidia-nvvm nvidia-cuda-nvcc \
+llvmlite numba tokenspeed-triton nvidia-cutlass-dsl-libs-base nvidia-cutlass-dsl-libs-cu12 nvidia-cutlass-dsl-libs-cu13 nvidia-nvvm nvidia-cuda-nvcc \
 nvidia-cuda-nvcc-cu13 nvidia-nvcc"}
 # The GPU machine's Python 3.12.3 is Ubuntu 24.04's: glibc 2.39, so manylinux_2_17 .. 2_39 wheels install.
 PLAT=(--platform manylinux2014_x86_64 --platform linux_x86_64 --platform any)
@@ -101,7 +101,7 @@ for n, (v, url) in sorted(full.items()):
         continue
     torch_cuda = n.startswith("nvidia-cu") and not n.startswith(("nvidia-cutlass", "nvidia-cudnn-frontend"))
     why = "on the GPU machine" if n in present or torch_cuda or "+gpumachine" in v \
-        else "left out" if n in leave else ""
+        else "left out" if n in leave or n.startswith("nvidia-cutlass-dsl-libs") else ""
     print(f"{n}=={v} {why or 'carried'}", file=log)
     if not why:
         print(url)
@@ -117,5 +117,5 @@ echo "== 3. chunks of $CHUNK_MB MB"
 tar -C "$WORK" -cf "$WORK/vllm-set.tar" "vllm-$V-site.tar.xz" wheels
 split -b "${CHUNK_MB}M" -d -a 2 "$WORK/vllm-set.tar" "$DEST/vllm-set.part-"
 (cd "$DEST" && sha256sum "$WORK/vllm-set.tar" | sed "s#$WORK/##" > MANIFEST && ls -l vllm-set.part-* >> MANIFEST)
-ls -l "$DEST"
+ls -l "$DEST"; cp "$DEST/MANIFEST" "$REPO/benchmarks/vllm-set.MANIFEST"
 echo "chunks: $(ls "$DEST"/vllm-set.part-* | wc -l) (one SERVE_SEND=1 call each, then SERVE=1)"

@@ -28,7 +28,7 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
 
     \b
     Example:
-      QUANTBRIDGE_PROFILE_DIR=runs/serve vllm serve ./llama-qb --quantization quantbridge --enforce-eager
+      QUANTBRIDGE_PROFILE_DIR=runs/serve vllm serve ./llama-qb --quantization quantbridge   # graphs on
       quantbridge serve-stats runs/serve
     """
     out = Path(out_file) if out_file else Path(profile_dir) / "results.json"

@@ -264,6 +264,6 @@ if [ "${PROFILE:-0}" = 1 ]; then
   done
 fi
 if [ "${SERVE:-0}" = 1 ]; then
-  bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|tokens))' || true
+  QB_REPO="$REPO" bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|tokens))' || true
 fi
 cp "$QUANTBRIDGE_CACHE"/triton-int4-*.json "$OUT/" 2>/dev/null || true

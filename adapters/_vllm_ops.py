@@ -350,6 +350,12 @@ class VllmLinear(QuantLinear):
     def _mm(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def _with_bias(self, out: torch.Tensor, bias: bool) -> torch.Tensor:
+        """For ops that take no bias: the layer's added in place (when asked and there is one)."""
+        if bias and self.bias is not None:
+            out.add_(self.bias)
+        return out
+
     @property
     def weight_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._stored) if t is not None)

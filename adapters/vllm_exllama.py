@@ -50,9 +50,7 @@ class VllmExllamaLinear(vo.VllmLinear):
 
     def _mm(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         out = vo.op("gptq_gemm")(x, self.qweight, self.qzeros, self.scales, self.q_perm, True, self.v2, 4)
-        if bias and self.bias is not None:
-            out.add_(self.bias)
-        return out
+        return self._with_bias(out, bias)
 
 
 @register_kernel

@@ -49,9 +49,7 @@ class MacheteLinear(vo.VllmLinear):
             x = vo.op("permute_cols")(x, self.perm)
         out = vo.op("machete_mm")(x, self.qweight, self.type_id, None, self.scales, self.zeros, self.group,
                                   None, None, None)
-        if bias and self.bias is not None:
-            out.add_(self.bias)
-        return out
+        return self._with_bias(out, bias)
 
 
 @register_kernel

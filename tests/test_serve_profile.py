@@ -44,6 +44,14 @@ def _layers(device: str, n_layers: int = 3) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
+def _assert_chain(y: torch.Tensor, x: torch.Tensor, layers) -> None:
+    """The layers' output against float64 through the same dequantized weights (INT4 layers in float32)."""
+    ref = x.double().cpu()
+    for _, w in layers:
+        ref = ref @ w.T
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-4
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True])
 def test_profiled_layers_count_every_step(profiling, device, compiled):
@@ -65,11 +73,7 @@ def test_profiled_layers_count_every_step(profiling, device, compiled):
     for m in ms:
         x = torch.randn(m, 256, device=device, dtype=dtype)
         y = fn(x)
-        ref = x.double().cpu()
-        for _, w in layers:
-            ref = ref @ w.T
-        # Three INT4 layers in float32 against float64 on the same dequantized weights.
-        assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-4
+        _assert_chain(y, x, layers)
     profiling.flush(wait=True)
     comp = merge(load_workers(profiling.dir))
     assert set(steps(comp).values()) == {len(ms)} and set(tokens(comp).values()) == {sum(ms)}
@@ -209,10 +213,7 @@ def test_layers_timed_inside_a_captured_cuda_graph(profiling):
         g.after_replay(warmup=False)
     torch.cuda.synchronize()
     g.before_replay(profiling)  # reads the last replay
-    ref = x.double().cpu()
-    for _, w in layers:
-        ref = ref @ w.T
-    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-4
+    _assert_chain(y, x, layers)
     profiling.flush(wait=True)
     comp = merge(load_workers(profiling.dir))
     graph = comp.backends[1]

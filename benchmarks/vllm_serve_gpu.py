@@ -9,7 +9,8 @@ overhead.json (tokens/s off vs on, medians over rounds), which `quantbridge serv
 Writes OUT_DIR/serve.json, OUT_DIR/profile/ (worker files) and the servers' logs.
 
 usage: python benchmarks/vllm_serve_gpu.py CHECKPOINT OUT_DIR [ROUNDS] [-- extra vllm serve args]
-env: QB_SERVE_ORDER (default "off,on"), QB_SERVE_DTYPE (float16), QB_SERVE_CONCURRENCY (16),
+env: QB_SERVE_ORDER (default "off,on"), QB_SERVE_QUANTIZATION (quantbridge; empty: vLLM's own choice),
+     QB_SERVE_DTYPE (float16), QB_SERVE_CONCURRENCY (16),
      QB_SERVE_MAX_TOKENS (128), QB_SERVE_TIMEOUT (health wait, s; 420)
 """
 
@@ -61,8 +62,10 @@ def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra
     if profile:
         env["QUANTBRIDGE_PROFILE_DIR"] = str(out_dir / "profile")
     port = _free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint, "--quantization", "quantbridge",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", os.environ.get("QB_SERVE_DTYPE", "float16"),
+    # QB_SERVE_QUANTIZATION="" lets vLLM pick from the checkpoint's config (gptq_marlin for a GPTQ one).
+    quant = os.environ.get("QB_SERVE_QUANTIZATION", "quantbridge")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint,
+           *(["--quantization", quant] if quant else []), "--host", "127.0.0.1", "--port", str(port), "--dtype", os.environ.get("QB_SERVE_DTYPE", "float16"),
            "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY, 1)), "--no-enable-prefix-caching",
            "--seed", "0", "--gpu-memory-utilization", os.environ.get("QB_SERVE_GPU_MEM", "0.5"), *extra]
     log_path = out_dir / f"serve-{'on' if profile else 'off'}.log"

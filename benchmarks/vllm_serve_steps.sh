@@ -8,6 +8,7 @@
 #   step 4  import vllm (and what it tried to import of the left-out ones: ABSENT)
 #   step 5  convert the demo to native          step 6  serve, off vs on  (benchmarks/vllm_serve_gpu.py)
 #   step 7  serve-stats                          step 8  compare's graph-mode time of the same layers, M=1
+#   step 9  serving vs compare per layer, M=1     step 10 the same weights as GPTQ through vLLM's gptq_marlin
 set -uo pipefail
 OUT=$(realpath -m "${1:-runs/serve}"); mkdir -p "$OUT"
 V=${VLLM_VERSION:-0.26.0}; SET=/tmp/vllm-set; VS=/tmp/vsite
@@ -103,11 +104,15 @@ import quantbridge.vllm as q; q.register(); from quantbridge.vllm import method;
 else tail -n 25 "$OUT/import.log"; fail "import vllm (the traceback above names the module)"; fi
 sort -u -k2 "$QB_IMPORT_LOG" | awk '{print "  ABSENT (tried at import) " $2}' | sort -u
 
-CURRENT="step 5 (convert)"; step 5 "convert the demo model to native"
-CK=/tmp/demo-qb
-[ -f "$CK/config.json" ] || python3 -m quantbridge.cli convert demo --to native "$CK" > "$OUT/convert.log" 2>&1 \
-  || { tail -n 20 "$OUT/convert.log"; fail "convert"; }
-ok "$CK"
+CURRENT="step 5 (convert)"; step 5 "convert the demo model to GPTQ (symmetric, as gptq_marlin takes it), then that to native"
+# One set of weights for both servers: the GPTQ checkpoint (vLLM's own gptq_marlin, step 10) and the
+# same codes in quantbridge's layout (the plugin), by convert's lossless re-pack.
+CKG=/tmp/demo-gptq CK=/tmp/demo-qb
+[ -f "$CKG/config.json" ] || python3 -m quantbridge.cli convert demo --to gptq --symmetric "$CKG" > "$OUT/convert.log" 2>&1 \
+  || { tail -n 20 "$OUT/convert.log"; fail "convert to gptq"; }
+[ -f "$CK/config.json" ] || python3 -m quantbridge.cli convert "$CKG" --to native "$CK" >> "$OUT/convert.log" 2>&1 \
+  || { tail -n 20 "$OUT/convert.log"; fail "convert to native"; }
+ok "$CKG and $CK"
 # The plugin is found through its entry point: give the /tmp/qb copy a dist-info that declares it.
 mkdir -p /tmp/qb/quantbridge-0.0.0.dist-info
 printf 'Metadata-Version: 2.1\nName: quantbridge\nVersion: 0.0.0\n' > /tmp/qb/quantbridge-0.0.0.dist-info/METADATA
@@ -149,4 +154,21 @@ CURRENT="step 8 (compare)"; step 8 "compare, graph mode, the same layers and ker
 timeout "${SERVE_COMPARE_TIMEOUT:-240}" python3 -m quantbridge.cli compare "$CK" --backends native --batch 1,16 --mode graph \
   --dtype float16 --out "$OUT/compare" --no-report -q > "$OUT/compare.log" 2>&1 && ok "compare -> $OUT/compare" \
   || { echo "  FAIL compare"; tail -n 10 "$OUT/compare.log"; }
+CURRENT="step 9 (serving vs compare)"; step 9 "a layer's GPU time while serving (graphs) vs compare's graph mode, M=1"
+if [ -f "$OUT/run/profile/results.json" ] && [ -f "$OUT/compare/results.json" ]; then
+  python3 benchmarks/serve_vs_compare.py "$OUT/run/profile/results.json" "$OUT/compare/results.json" \
+    "$OUT/serve-vs-compare.md" --m 1 | tail -n 20 && ok "serve-vs-compare.md" || echo "  FAIL serve_vs_compare"
+else
+  echo "  FAIL needs serve-stats' results.json and compare's results.json"
+fi
+
+CURRENT="step 10 (gptq_marlin)"; step 10 "the same weights as a GPTQ checkpoint through vLLM's own kernel (gptq_marlin)"
+if [ "${SERVE_MARLIN:-1}" = 1 ]; then
+  rm -rf "$OUT/run-gptq" && QB_SERVE_QUANTIZATION="" QB_SERVE_ORDER=off timeout "${SERVE_TIMEOUT:-480}" \
+    python3 benchmarks/vllm_serve_gpu.py "$CKG" "$OUT/run-gptq" "${SERVE_ROUNDS:-3}" \
+    -- --attention-backend "$VLLM_ATTENTION_BACKEND" ${SERVE_ARGS:-} 2>&1 | tail -n 5
+  grep -iE "gptq_marlin|marlin|quantization" "$OUT"/run-gptq/serve-off.log 2>/dev/null | head -n 4
+  python3 -c "import json,sys,statistics; r=json.load(open(sys.argv[1]))['rows'][0]; print('  tokens/s (gptq_marlin): concurrent', round(statistics.median(r['tokens_per_s']),1), 'single', round(statistics.median(r['tokens_per_s_single']),1)) if 'error' not in r else print('  FAIL', r['error'])" \
+    "$OUT/run-gptq/serve.json" 2>/dev/null || echo "  FAIL no serve.json for gptq_marlin"
+fi
 echo "== done"

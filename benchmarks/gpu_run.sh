@@ -255,12 +255,14 @@ if [ "${EVENTS:-0}" = 1 ]; then
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
-  # Run after a step that tuned these shapes (BENCH, VARIANTS) or with a carried tuned table:
-  # profile_decode.py warms up first, so the profiled launch is never a tuning one.
-  for shape in "8192 28672 1" "4096 4096 1" "8192 28672 16"; do
-    timeout 120 "$ncu" --kernel-name "regex:_int4_(matmul|gemv)" --launch-skip 5 --launch-count 1 --section SpeedOfLight \
-      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      python3 benchmarks/profile_decode.py $shape > "$OUT/ncu-${shape// /x}.txt" 2>&1
+  # profile_decode.py tunes and warms up outside the profiler range: the profiled launch is never a
+  # tuning one (tuning takes seconds per shape without a tuned table from an earlier step).
+  # Achieved bandwidth (SpeedOfLight), stall reasons (WarpStateStats), L2 hit rate (MemoryWorkloadAnalysis).
+  for shape in ${PROFILE_SHAPES:-8192x28672x1 4096x4096x1 8192x28672x16 8192x28672x128}; do  # KxNxM
+    timeout 120 "$ncu" --profile-from-start off --kernel-name "regex:_(int4_matmul|int4_gemv|dequant)_kernel" \
+      --launch-skip 5 --launch-count 1 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      python3 benchmarks/profile_decode.py ${shape//x/ } > "$OUT/ncu-$shape.txt" 2>&1
   done
 fi
 if [ "${SERVE:-0}" = 1 ]; then

@@ -1,7 +1,10 @@
 """One decode-shaped call of the native Triton kernel, for Nsight Compute.
 
-  ncu --kernel-name regex:_int4_matmul --launch-skip 5 --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats python3 benchmarks/profile_decode.py
+  ncu --profile-from-start off --launch-skip 5 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats python3 benchmarks/profile_decode.py
+
+Only the launches after tuning and warm-up are inside the profiler range (cudaProfilerStart), so
+with --profile-from-start off ncu never profiles a tuning candidate.
 
 Usage: python3 benchmarks/profile_decode.py [K N M]   (default: 8192 28672 1, Llama-3-70B gate/up)
 """
@@ -22,9 +25,14 @@ def main() -> None:
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(10)]
     q(xs[0])  # tuning (cached on disk) happens here
     torch.cuda.synchronize()
+    for x in xs:  # warm-up: every launch of this M compiled and bound
+        q(x)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
     for x in xs:
         q(x)
     torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
     print(f"ran native K={k} N={n} M={m}, kernel {q.kernel}")
 
 

@@ -221,12 +221,25 @@ def _tile_words(w_rows, t, valid, mask_n, K8, WORDS: tl.constexpr, EVEN_K: tl.co
 
 
 @triton.jit
+def _tile_scales(s_ptr, z_ptr, m_ptr, offs_n, mask, g, NGROUPS, BLOCK_N: tl.constexpr, OFFSETS: tl.constexpr):
+    """(scale, zero, offset) of group g for the GEMV's rows, in fp32; zero is 0 with OFFSETS, offset 0 without."""
+    sc = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask, other=0.0).to(tl.float32)
+    if OFFSETS:
+        zp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        off = tl.load(m_ptr + offs_n * NGROUPS + g, mask=mask, other=0.0).to(tl.float32)
+    else:
+        zp = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask, other=0).to(tl.float32)
+        off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return sc, zp, off
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
     M, N, K, NGROUPS, stride_wn, magic_bits, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One activation row per program on CUDA cores: no tensor-core tile to pad M=1 to 16.
 
@@ -244,7 +257,10 @@ def _int4_gemv_kernel(
     two); nibbles 5-7 come from one shift of the word by 12: one shift per word, not eight.
     2^23's bits come in as an argument (magic_bits), so the and and the or of each nibble
     are one lop3 (an instruction takes one immediate). OFFSETS: s * sum q x + m * sum x.
-    EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask.
+    EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask. STAGES > 1 (MODE 5): Triton
+    pipelines the K loop's weight loads, copying tiles asynchronously (cp.async) into a ring of
+    STAGES shared buffers, so STAGES - 1 tiles are in flight while one is decoded; a loop with
+    no dot is not pipelined unless asked.
     """
     WORDS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -261,12 +277,15 @@ def _int4_gemv_kernel(
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     w_rows = qw_ptr + offs_n[:, None] * stride_wn
     x_row = x_ptr + row * stride_xm
-    if MODE >= 4:
+    if MODE == 4:
         ahead = _tile_words(w_rows, t_start, t_start < t_end, mask_n, K8, WORDS, EVEN_K)
-    for t in range(t_start, t_end):
+    if MODE >= 5:
+        sc_next, zp_next, off_next = _tile_scales(s_ptr, z_ptr, m_ptr, offs_n, mask_n & (t_start < t_end),
+                                                  (t_start * BLOCK_K) // GROUP, NGROUPS, BLOCK_N, OFFSETS)
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
         offs_w = t * WORDS + tl.arange(0, WORDS)
         mask_w = (offs_w < K8) | EVEN_K  # constant true for EVEN_K: no mask along the row
-        if MODE >= 4:
+        if MODE == 4:
             # The next tile's load is issued before this one is decoded: its latency hides
             # behind the arithmetic instead of stalling the next iteration.
             words = ahead
@@ -276,13 +295,15 @@ def _int4_gemv_kernel(
         else:
             words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0,
                             eviction_policy="evict_first" if MODE > 0 else "")  # read once: keep L2 for x and scales
-        g = (t * BLOCK_K) // GROUP
-        sc = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
-        if OFFSETS:
-            zp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            off = tl.load(m_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
+        if MODE >= 5:
+            # Scales and zeros are 1-2 bytes a row, too small for cp.async: the next tile's are
+            # loaded into registers a tile ahead instead.
+            sc, zp, off = sc_next, zp_next, off_next
+            sc_next, zp_next, off_next = _tile_scales(s_ptr, z_ptr, m_ptr, offs_n, mask_n & (t + 1 < t_end),
+                                                      ((t + 1) * BLOCK_K) // GROUP, NGROUPS, BLOCK_N, OFFSETS)
         else:
-            zp = tl.load(z_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0).to(tl.float32)
+            sc, zp, off = _tile_scales(s_ptr, z_ptr, m_ptr, offs_n, mask_n, (t * BLOCK_K) // GROUP, NGROUPS,
+                                       BLOCK_N, OFFSETS)
         qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         xs = tl.zeros((WORDS,), dtype=tl.float32)
         if MODE >= 2:
@@ -390,10 +411,11 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # "inplace" also keeps the GEMV's nibbles in place and drops K masks where K is a multiple
 # of the tile; "asm" also dequantizes tensor-core tiles eight codes per word in PTX, zero
 # folded in, with W x^T for M <= 16; "prefetch" also loads the GEMV's next tile of words
-# while the current one is decoded (not yet timed on a GPU). All are kept so
+# while the current one is decoded; "async" instead has Triton pipeline the GEMV's weight
+# loads through shared memory, num_stages deep (neither yet timed on a GPU). All are kept so
 # benchmarks/kernel_variants.py can time them on one device; the tuner keeps a table entry
 # per mode.
-CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4}
+CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5}
 CODE_MODE = "asm"
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
@@ -460,7 +482,7 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool) -> 
     ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
-        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail)
+        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode >= 5 else 1)
     return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail)
 
 

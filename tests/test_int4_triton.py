@@ -128,7 +128,7 @@ def test_interpreter_dequantize_offsets_is_exact(gs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 @pytest.mark.parametrize("m,n,k,gs,sym,cfg", INTERPRETER_CASES[::2])
-@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch"])
+@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async"])
 @pytest.mark.parametrize("offsets", [False, True])
 def test_interpreter_other_code_modes_match(m, n, k, gs, sym, cfg, mode, offsets, monkeypatch):
     # The modes kept for A/B timing beside the default (benchmarks/kernel_variants.py).
@@ -190,7 +190,7 @@ def test_gpu_float_offsets_match_reference(dtype, off_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch"])
+@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async"])
 def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
     monkeypatch.setattr(kt, "CODE_MODE", mode)  # the modes benchmarks/kernel_variants.py times
     x, qw, ref = _case(3, 1000, 1152, 128, False, dtype, "cuda", seed=5)

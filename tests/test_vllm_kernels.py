@@ -648,8 +648,8 @@ def test_kernel_output_against_float64(name, dtype, symmetric, act_order):
         bias = torch.randn(n, device="cuda", dtype=dtype) * 0.1
         layer = k.build(w, bias)
         assert layer.kernel.startswith("vLLM 0.26.0 "), layer.kernel
-        deq = layer.dequantize().double()
-        ref_w = w.dequantize(torch.float64)
+        deq = layer.dequantize().double().cpu()
+        ref_w = w.dequantize(torch.float64).cpu()
         rel_w = ((deq - ref_w).norm() / ref_w.norm()).item()
         assert rel_w < DEQ_TOL[dtype], (name, rel_w)
         deq = deq.cuda()

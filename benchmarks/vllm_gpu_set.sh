@@ -3,9 +3,10 @@
 # torch 2.11.0+cu130, torchvision 0.26.0, torchaudio 2.11.0, transformers 5.17, triton 3.6) run
 # vLLM 0.26.0: benchmarks/gpu_run.sh SERVE_SEND=1 / SERVE=1 consume it.
 #   bash benchmarks/vllm_gpu_set.sh            # -> .qbcache/vllm-set/vllm-set.part-NN (+ MANIFEST)
-# 1. vLLM's wheel unpacked as a site-packages layout (vllm/ + vllm-0.26.0.dist-info/) without the two
-#    FlashAttention libraries (serve with VLLM_ATTENTION_BACKEND=TRITON_ATTN or FlashInfer) and without
-#    deep_gemm's builds for other Pythons: vllm-0.26.0-site.tar.xz.
+# 1. vLLM's wheel unpacked as a site-packages layout (vllm/ + vllm-0.26.0.dist-info/) without the
+#    FlashAttention-2 library (305 MB; Hopper runs FA3) and without deep_gemm's builds for other
+#    Pythons: vllm-0.26.0-site.tar.xz. FA3 (153 MB) stays: vllm.vllm_flash_attn refuses to import
+#    without one of the two, and the Llama model imports it (seen on an H100, vLLM 0.26.0).
 # 2. the wheels of its dependencies at the versions its metadata resolves to for Python 3.12 /
 #    manylinux x86_64, less what the GPU machine has (what torch==2.11.0, torchvision==0.26.0,
 #    torchaudio==2.11.0, transformers==5.17.0, triton==3.6.0 resolve to) and less LEAVE below, which
@@ -41,7 +42,7 @@ else
 python3 - "$WHEEL" "$WORK/site" "$PY" <<'EOF'
 import sys, zipfile
 whl, out, py = sys.argv[1], sys.argv[2], sys.argv[3].replace(".", "")
-skip = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so")
+skip = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so",)
 kept = dropped = 0
 with zipfile.ZipFile(whl) as z:
     for info in z.infolist():

@@ -35,6 +35,7 @@ def test_rows_checked_and_timed(quick):
         assert 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"]
         assert r["check_rel_err"] < 1e-5  # fp32 on CPU against the float64 product
         assert r["bytes"] > 0 and 0 < r["pct_copy_bw"]
+        assert r["timing"] == "eager" and r["graph_launch_us"] is None  # no graph on the CPU: nothing apart
     kernels = {r["backend"]: r["kernel"] for r in rows if r["status"] == "ok"}
     assert kernels["native"] == "reference-torch" and kernels["gptq"] == "reference-torch"
     assert kernels["rtn+gptq-layout"] == "reference-torch"  # a kernel on its own, RTN codes

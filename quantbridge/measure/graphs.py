@@ -3,7 +3,11 @@
 Serving engines run decode as replayed CUDA graphs, so a replay's time has no host launch
 overhead in it. compare's graph mode (timing.py: the whole step, and the same step with probes)
 and bench (one layer per shape) both time this way: before each replay the input is copied into
-the graph's static buffer and L2 is flushed, and CUDA events around the replay time it.
+the graph's static buffer and L2 is flushed. compare's step is timed by CUDA events around the
+replay; bench's layer by events captured inside the graph around the call, as compare's probes
+time a layer in the step: events around a replay also hold the graph's launch latency (2.5 µs on
+an H100, the same for every kernel: benchmarks/results/event-placement-H100-80GB-HBM3.txt), which
+is a fifth of a small layer's time. bench reports that latency apart.
 
 What cannot be captured (a host synchronisation, a call capture forbids) raises NotCapturable,
 after the failed capture is undone; `time_replays` then times the call eagerly and says so.
@@ -12,6 +16,7 @@ after the failed capture is undone; `time_replays` then times the call eagerly a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +27,25 @@ CUDA_GRAPH, EAGER = "cuda-graph", "eager"  # how time_replays timed (bench rows'
 
 class NotCapturable(Exception):
     """This mode cannot time this model (the message says why, in one line)."""
+
+
+@dataclass(frozen=True)
+class Bracketed:
+    """A captured graph and the two events recorded inside it around the timed call."""
+
+    graph: torch.cuda.CUDAGraph
+    start: torch.cuda.Event
+    stop: torch.cuda.Event
+
+
+@dataclass
+class Replays:
+    """Per-input times of one call (µs) and how they were taken; `launch_us`: per replay, the
+    replay's whole time less the call's (the graph launch), empty where timed eagerly."""
+
+    samples: list[float]
+    timing: str
+    launch_us: list[float] = field(default_factory=list)
 
 
 class GraphTimer:
@@ -73,6 +97,26 @@ class GraphTimer:
         self._stop.synchronize()
         return self._start.elapsed_time(self._stop) * 1e3
 
+    def capture_bracketed(self, fn: Callable[[torch.Tensor], object]) -> Bracketed:
+        """fn(static) as a CUDA graph with a timing event recorded inside it on each side of the call."""
+        a, b = (torch.cuda.Event(enable_timing=True, external=True) for _ in range(2))
+
+        def body(x: torch.Tensor) -> None:
+            a.record()
+            fn(x)
+            b.record()
+
+        return Bracketed(self.capture(body), a, b)
+
+    def bracketed_us(self, run: Bracketed, xs: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:
+        """(µs between the events inside the graph, µs of the whole replay) per input. Each replay
+        is waited for: the next one records the same events again."""
+        inside, whole = [], []
+        for x in xs:
+            whole.append(self.replay_us(run.graph, x))
+            inside.append(run.start.elapsed_time(run.stop) * 1e3)
+        return inside, whole
+
     def replays_us(self, graph: torch.cuda.CUDAGraph, xs: Sequence[torch.Tensor]) -> list[float]:
         """µs of one replay per input, each between CUDA events, all read after the last (time_calls)."""
         it = iter(xs)
@@ -91,18 +135,20 @@ def replay_times(fn: Callable[[], object], device: torch.device, runs: int, warm
 
 
 def time_replays(fn: Callable[[torch.Tensor], object], xs: Sequence[torch.Tensor], device: torch.device,
-                 flush: L2Flush) -> tuple[list[float], str]:
-    """(µs of fn(x) for each x, how it was timed). On CUDA fn is captured once on a copy of xs[0]
-    and replayed per input (CUDA_GRAPH); on the CPU, or where fn cannot be captured, it is
-    called eagerly (EAGER), L2 flushed before each call."""
+                 flush: L2Flush) -> Replays:
+    """µs of fn(x) for each x. On CUDA fn is captured once on a copy of xs[0] with events inside
+    the graph around it, and replayed per input (CUDA_GRAPH): the times are the call's alone,
+    the graph launch apart. On the CPU, or where fn cannot be captured, it is called eagerly
+    (EAGER), L2 flushed before each call."""
     if device.type != "cuda":
-        return time_calls(fn, xs, device, flush), EAGER
+        return Replays(time_calls(fn, xs, device, flush), EAGER)
     timer = GraphTimer(xs[0], device, flush, input_in_l2=False)
     try:
-        graph = timer.capture(fn)
+        run = timer.capture_bracketed(fn)
     except NotCapturable:  # undone and synchronised by _capture: time it eagerly and say so
-        return time_calls(fn, xs, device, flush), EAGER
-    return timer.replays_us(graph, xs), CUDA_GRAPH
+        return Replays(time_calls(fn, xs, device, flush), EAGER)
+    inside, whole = timer.bracketed_us(run, xs)
+    return Replays(inside, CUDA_GRAPH, [w - i for w, i in zip(whole, inside)])
 
 
 def _capture(fn: Callable[[], object], pool=None) -> torch.cuda.CUDAGraph:

@@ -14,6 +14,12 @@ def _cell(r: dict) -> str:
     return f"{r['median_us']:.1f}{sp}"
 
 
+def _launch(res: dict) -> str:
+    """', which was X µs (median over rows)': the latency a replay adds around the timed call."""
+    got = sorted(r["graph_launch_us"] for r in res["rows"] if r.get("graph_launch_us") is not None)
+    return f", which was {got[len(got) // 2]:.1f} µs (median over rows)" if got else ""
+
+
 def to_markdown(res: dict) -> str:
     dev = res["device"]
     bw = res["copy_bandwidth"]["bytes_per_s"]
@@ -30,7 +36,8 @@ def to_markdown(res: dict) -> str:
         f"{s['warmup']} warm-up, {'CUDA events' if dev.get('type') == 'cuda' else 'perf_counter_ns'}, "
         f"fresh random input per run, L2 flushed between runs: {s['l2_flush']}; timing mode: "
         f"{', '.join(sorted({r.get('timing') or '—' for r in res['rows'] if r['status'] == 'ok'}))} "
-        "(cuda-graph = one captured call replayed: kernel time without host launch overhead)",
+        "(cuda-graph = one captured call replayed, timed by events inside the graph around the call: kernel "
+        f"time without host launch overhead or the graph's launch latency{_launch(res)})",
         f"- cell: median µs (speedup vs the unquantized {s['dtype']} `fp16` row); %BW: bytes moved (stored weight + x + y) per "
         "second as a share of the copy bandwidth",
         "",

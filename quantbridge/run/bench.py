@@ -66,6 +66,7 @@ class Row:
     speedup_vs_bf16: float | None = None
     check_rel_err: float | None = None
     timing: str | None = None  # "cuda-graph" (kernel time, no host overhead) or "eager"
+    graph_launch_us: float | None = None  # a replay's time less the call's: not in median_us
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -181,8 +182,10 @@ def bench_layer(spec_row: RowSpec, k: int, n: int, ms: list[int], spec: QuantSpe
                 for x in xs[:warmup]:
                     q(x)  # tuning and compilation happen here, untimed
                 # On CUDA captured once and replayed (as serving engines run decode): no host launch overhead.
-                samples, row.timing = time_replays(q, xs[warmup:], device, flush)
-                s = summarize(samples)
+                timed = time_replays(q, xs[warmup:], device, flush)
+                s, row.timing = summarize(timed.samples), timed.timing
+                if timed.launch_us:
+                    row.graph_launch_us = summarize(timed.launch_us).median
             except torch.cuda.OutOfMemoryError:
                 row.status, row.reason = "failed", "out of memory"
                 rows.append(row)

@@ -1,0 +1,26 @@
+"""bench's timer: the call timed by events inside its CUDA graph, the graph's launch latency apart."""
+
+import pytest
+import torch
+
+from quantbridge.measure.graphs import CUDA_GRAPH, EAGER, time_replays
+from quantbridge.measure.probes import L2Flush
+
+
+def test_cpu_calls_are_timed_eagerly_with_no_launch_figure():
+    w = torch.randn(64, 64)
+    xs = [torch.randn(4, 64) for _ in range(5)]
+    got = time_replays(lambda x: x @ w, xs, torch.device("cpu"), L2Flush(torch.device("cpu")))
+    assert got.timing == EAGER and len(got.samples) == 5 and all(s > 0 for s in got.samples)
+    assert got.launch_us == []
+
+
+@pytest.mark.gpu
+def test_gpu_call_time_excludes_the_graph_launch():
+    dev = torch.device("cuda")
+    w = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    xs = [torch.randn(16, 4096, device=dev, dtype=torch.bfloat16) for _ in range(20)]
+    got = time_replays(lambda x: x @ w, xs, dev, L2Flush(dev))
+    assert got.timing == CUDA_GRAPH and len(got.samples) == len(got.launch_us) == 20
+    # Each replay's whole time is the call's plus a launch latency of a few µs, never less.
+    assert all(s > 0 for s in got.samples) and all(0 < d < 1000 for d in got.launch_us)

@@ -43,6 +43,7 @@ INTERPRETER_CASES = [
     (5, 64, 512, 128, True, (16, 32, 256, 2, 4, 3)),
     (20, 24, 256, -1, False, (32, 16, 64, 1, 4, 3)),  # per-channel
     (70, 20, 128, 64, False, (64, 16, 64, 1, 4, 3)),  # M not a multiple of BLOCK_M, dequantize-then-dot
+    (130, 40, 512, 128, False, (128, 32, 64, 4, 8, 3)),  # large-M tile split over K (M=64..256 candidates)
     (40, 36, 256, 128, True, kt.DEQUANT_CUBLAS),       # large-M path: Triton dequantize + matmul
     # CUDA-core GEMV (BLOCK_M = 1): words of 8 codes, one group per tile
     (1, 40, 256, 128, False, (1, 32, 128, 1, 4, 3)),
@@ -152,7 +153,7 @@ def test_configs_are_valid_for_shapes():
 # One configuration per kernel path, so the GPU tests compile a handful of kernels
 # instead of tuning every shape (the tuner itself is tested once below).
 GPU_CONFIGS = [(1, 64, 32, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 4, 4, 3), (32, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
-               kt.DEQUANT_CUBLAS]
+               (128, 128, 64, 2, 8, 3), kt.DEQUANT_CUBLAS]
 GPU_SHAPES = [(1, 4096, 4096), (3, 1000, 1152), (16, 264, 640), (33, 4096, 1024), (600, 1000, 1152)]
 
 

@@ -165,8 +165,9 @@ if [ "${VLLM_KERNELS:-0}" = 1 ]; then
       bench-fp16|bench-bf16)
         dt=${run#bench-}
         kernels=${VLLM_BENCH_KERNELS:-machete,marlin,vllm-exllama,exllamav2,gemlite}
+        backends=${VLLM_BENCH_BACKENDS:-fp16,native$([ "$dt" = bf16 ] && echo ,tinygemm)}  # tinygemm takes bf16 only
         timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --dtype "$dt" --shapes "${VLLM_SHAPES:-llama3-8b,llama3-70b}" \
-          --batch "$vbatch" --backends "${VLLM_BENCH_BACKENDS:-fp16,native,tinygemm}" --kernels "$kernels" --runs "${RUNS:-50}" \
+          --batch "$vbatch" --backends "$backends" --kernels "$kernels" --runs "${RUNS:-50}" \
           --out "$VK/$run" > "$VK/$run.txt" 2> "$VK/$run.log"
         echo "== bench $dt rc=$?"; tail -n 40 "$VK/$run.txt"; tail -n 3 "$VK/$run.log" ;;
       gptq|awq)

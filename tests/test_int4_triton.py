@@ -129,7 +129,7 @@ def test_interpreter_dequantize_offsets_is_exact(gs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 @pytest.mark.parametrize("m,n,k,gs,sym,cfg", INTERPRETER_CASES[::2])
-@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async"])
+@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async", "xprep"])
 @pytest.mark.parametrize("offsets", [False, True])
 def test_interpreter_other_code_modes_match(m, n, k, gs, sym, cfg, mode, offsets, monkeypatch):
     # The modes kept for A/B timing beside the default (benchmarks/kernel_variants.py).
@@ -191,12 +191,34 @@ def test_gpu_float_offsets_match_reference(dtype, off_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async"])
+@pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async", "xprep"])
 def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
     monkeypatch.setattr(kt, "CODE_MODE", mode)  # the modes benchmarks/kernel_variants.py times
     x, qw, ref = _case(3, 1000, 1152, 128, False, dtype, "cuda", seed=5)
     for cfg in GPU_CONFIGS:
         _check(x, qw, ref, cfg, 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_xprep_bound_layer_eager_and_in_a_graph(monkeypatch):
+    """"xprep" runs two launches per call (activations prepared, then the GEMV): a bound layer
+    gives the reference product on its first call, on later calls and replayed in a CUDA graph."""
+    monkeypatch.setattr(kt, "CODE_MODE", "xprep")
+    for i, cfg in enumerate([(1, 64, 128, 1, 4, 3), (1, 64, 128, 4, 4, 3)]):
+        x, qw, ref = _case(2, 1000, 1024, 128, False, torch.bfloat16, "cuda", seed=70 + i)
+        layer = kt.BoundLinear(qw, config=cfg)
+        for _ in range(2):
+            rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
+            assert rel <= 1e-2, (cfg, rel)
+        static = x.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = layer(static)
+        static.copy_(torch.randn_like(static))  # a new input through the captured launches
+        g.replay()
+        want = static.double() @ qw.dequantize(torch.float64).to(static.device).T
+        rel = ((y.double() - want).norm() / want.norm()).item()
+        assert rel <= 1e-2, (cfg, rel)
 
 
 @pytest.mark.gpu

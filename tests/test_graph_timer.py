@@ -20,7 +20,28 @@ def test_gpu_call_time_excludes_the_graph_launch():
     dev = torch.device("cuda")
     w = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     xs = [torch.randn(16, 4096, device=dev, dtype=torch.bfloat16) for _ in range(20)]
-    got = time_replays(lambda x: x @ w, xs, dev, L2Flush(dev))
+    fn = lambda x: x @ w  # noqa: E731
+    fn(xs[0])  # cuBLAS's lazy workspace, before the capture (bench's warm-up calls do this)
+    torch.cuda.synchronize()
+    got = time_replays(fn, xs, dev, L2Flush(dev))
     assert got.timing == CUDA_GRAPH and len(got.samples) == len(got.launch_us) == 20
     # Each replay's whole time is the call's plus a launch latency of a few µs, never less.
     assert all(s > 0 for s in got.samples) and all(0 < d < 1000 for d in got.launch_us)
+
+
+def test_l2_flush_ways():
+    cpu = torch.device("cpu")
+    assert not L2Flush(cpu, by="read").active  # nothing to evict on the CPU; calling it is a no-op
+    L2Flush(cpu, by="read")()
+    with pytest.raises(ValueError, match="'write' or 'read'"):
+        L2Flush(cpu, by="memset")
+
+
+@pytest.mark.gpu
+def test_gpu_read_flush_evicts_without_writing():
+    dev = torch.device("cuda")
+    f = L2Flush(dev, by="read")
+    before = f.buf.clone()
+    f()
+    torch.cuda.synchronize()
+    assert f.active and torch.equal(f.buf, before)  # read, not written

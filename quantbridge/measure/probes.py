@@ -157,20 +157,32 @@ class GraphLayerTimer(_Probes):
 
 
 class L2Flush:
-    """Overwrites a buffer of twice the L2 size between timed runs, so weights come from HBM."""
+    """Evicts L2 between timed runs, so weights come from HBM, through a buffer of twice the L2 size.
 
-    def __init__(self, device: torch.device) -> None:
-        self.buf = None
+    by="write" overwrites the buffer: L2 is then full of dirty lines, whose write-back the next
+    kernel's reads pay for. by="read" reads it (one reduction), leaving clean lines: nothing to
+    write back, as in a model's step, where L2 holds the previous layers' weights.
+    benchmarks/event_placement.py times both."""
+
+    def __init__(self, device: torch.device, by: str = "write") -> None:
+        if by not in ("write", "read"):
+            raise ValueError(f"L2Flush(by={by!r}): 'write' or 'read'")
+        self.buf, self.by = None, by
         if device.type == "cuda":
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
             self.buf = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+            self._sink = torch.empty((), dtype=torch.int64, device=device)
 
     @property
     def active(self) -> bool:
         return self.buf is not None
 
     def __call__(self) -> None:
-        if self.buf is not None:
+        if self.buf is None:
+            return
+        if self.by == "read":
+            torch.sum(self.buf, dim=0, dtype=torch.int64, out=self._sink)
+        else:
             # No random numbers: after a failed graph capture the CUDA generator may refuse them.
             self.buf.add_(1)
 

@@ -52,7 +52,8 @@ def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 12
     words = bm == 1 or (mode_i >= 3 and bk <= group and bm <= 64)
     fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
     head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)
-    consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ())
+    consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ()) \
+        + (mode == "tiled",)
     sig = _signature(fn, _TY[dtype], words, offsets)
     if bm == 1 and mode == "xprep":
         sig["x_ptr"] = "*fp32"  # the GEMV reads the activations _prep_x_kernel prepared

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,6 +44,22 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @triton.jit
+def _weight_offsets(rows, cols, stride_wn, K8, TILED: tl.constexpr, BYTES: tl.constexpr, RUN: tl.constexpr):
+    """Offsets from the weight pointer of rows [R, 1] x columns [1, C], in the loaded unit: int32
+    words, or bytes (BYTES). TILED: the layout to_tiled() makes, tiles of TILE_ROWS rows x TILE_WORDS
+    words stored whole and row-major, so 8 rows of one tile are 512 contiguous bytes. RUN: how many
+    consecutive columns stay contiguous (the hint that keeps 16-byte loads)."""
+    if TILED:
+        w = cols // 4 if BYTES else cols
+        off = ((rows // 64) * (K8 // 16) + w // 16) * 1024 + (rows % 64) * 16 + w % 16
+        if BYTES:
+            off = off * 4 + cols % 4
+        return tl.max_contiguous(tl.multiple_of(off, [1, RUN]), [1, RUN])
+    else:
+        return rows * stride_wn + cols
+
+
+@triton.jit
 def _last_split(cnt, SPLIT_K: tl.constexpr):
     """True in the program that is the last of SPLIT_K to reach this tile's counter.
 
@@ -59,7 +76,7 @@ def _int4_matmul_kernel(
     M, N, K, NGROUPS, stride_wn, magic_bits, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, FACTORED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr,
-    MODE: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+    MODE: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TILED: tl.constexpr,
 ):
     """Tensor-core tiles. OFFSETS: w = q * s + m with a float offset m per group (m_ptr)
     instead of (q - z) * s. EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask
@@ -107,7 +124,6 @@ def _int4_matmul_kernel(
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_rows = qw_ptr + offs_n[:, None] * stride_wn
     for t in range(t_start, t_end):
         kk = t * BLOCK_K + offs_k
         if EVEN_K:
@@ -118,9 +134,13 @@ def _int4_matmul_kernel(
             WORDS: tl.constexpr = BLOCK_K // 8
             offs_w = t * WORDS + tl.arange(0, WORDS)
             if EVEN_K:
-                words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+                words = tl.load(qw_ptr + _weight_offsets(offs_n[:, None], offs_w[None, :], stride_wn, K // 8, TILED, False,
+                                                         min(WORDS, 16)),
+                                mask=mask_n[:, None], other=0, eviction_policy="evict_first")
             else:
-                words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0,
+                words = tl.load(qw_ptr + _weight_offsets(offs_n[:, None], offs_w[None, :], stride_wn, K // 8, TILED, False,
+                                                         min(WORDS, 16)),
+                                mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0,
                                 eviction_policy="evict_first")
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
@@ -144,10 +164,13 @@ def _int4_matmul_kernel(
         else:
             kb = t * HALF + offs_h  # byte column
             if EVEN_K:
-                p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None], other=0,
-                            eviction_policy="evict_first" if MODE > 0 else "")
+                p = tl.load(qw_ptr + _weight_offsets(offs_n[:, None], kb[None, :], stride_wn, K // 8, TILED, True,
+                                                     min(HALF, 64)),
+                            mask=mask_n[:, None], other=0, eviction_policy="evict_first" if MODE > 0 else "")
             else:
-                p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K2)[None, :], other=0,
+                p = tl.load(qw_ptr + _weight_offsets(offs_n[:, None], kb[None, :], stride_wn, K // 8, TILED, True,
+                                                     min(HALF, 64)),
+                            mask=mask_n[:, None] & (kb < K2)[None, :], other=0,
                             eviction_policy="evict_first" if MODE > 0 else "")  # read once: keep L2 for x and scales
             lo = p & 0xF  # even columns
             hi = p >> 4  # odd columns
@@ -254,7 +277,7 @@ def _int4_gemv_kernel(
     M, N, K, NGROUPS, stride_wn, magic_bits, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_ASM: tl.constexpr, STAGES: tl.constexpr,
+    USE_ASM: tl.constexpr, STAGES: tl.constexpr, TILED: tl.constexpr,
 ):
     """One activation row per program on CUDA cores: no tensor-core tile to pad M=1 to 16.
 
@@ -305,6 +328,10 @@ def _int4_gemv_kernel(
             # behind the arithmetic instead of stalling the next iteration.
             words = ahead
             ahead = _tile_words(w_rows, t + 1, t + 1 < t_end, mask_n, K8, WORDS, EVEN_K)
+        elif TILED:  # K is a multiple of 128 here, so of BLOCK_K up to 128 (a longer tile masks its tail)
+            words = tl.load(qw_ptr + _weight_offsets(offs_n[:, None], offs_w[None, :], stride_wn, K8, TILED, False,
+                                                     min(WORDS, 16)),
+                            mask=mask_n[:, None] & mask_w[None, :], other=0, eviction_policy="evict_first")
         elif EVEN_K and MODE >= 2:
             words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None], other=0, eviction_policy="evict_first")
         else:
@@ -438,10 +465,11 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # while the current one is decoded; "async" instead has Triton pipeline the GEMV's weight
 # loads through shared memory, num_stages deep (neither helped on the H100); "xprep" is "asm"
 # with the GEMV's activations prepared once per call by a prologue kernel (fp32, nibble-major,
-# 16^-p applied), which ncu's M=1 profile points to (not yet timed). All are kept so
+# 16^-p applied), which ncu's M=1 profile pointed to (no gain on the H100); "tiled" is "asm"
+# with bound layers' codes stored tile-major (to_tiled; not yet timed). All are kept so
 # benchmarks/kernel_variants.py can time them on one device; the tuner keeps a table entry
 # per mode.
-CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6}
+CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7}
 CODE_MODE = "asm"
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
@@ -500,8 +528,10 @@ def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
     return (_cdiv(n, bn), sk, m) if bm == 1 else (_cdiv(m, bm) * _cdiv(n, bn), sk, 1)
 
 
-def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
-    """(launcher, the weight view it reads, the integer arguments, the constexprs) of one configuration."""
+def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
+                 tiled: bool = False) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
+    """(launcher, the weight view it reads, the integer arguments, the constexprs) of one configuration.
+    tiled: w.qweight holds to_tiled()'s layout (a bound layer in the "tiled" mode)."""
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
@@ -512,8 +542,38 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool) -> 
     ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
-        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1)
-    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail)
+        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, tiled)
+    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, tiled)
+
+
+# "tiled": bound layers keep their codes tile-major, each TILE_ROWS x TILE_WORDS int32 words
+# (64 rows x 128 columns, 4 KB) contiguous, so a warp's 16-byte loads over 8 rows read 512
+# contiguous bytes instead of 8 separate 64-byte pieces of rows 4 KB apart (ncu: DRAM at 47 % of
+# peak with L1 78 % busy at M=1 in the canonical layout). The canonical Int4Weight stays the
+# interchange form; the kernels read either (_weight_offsets).
+TILE_ROWS, TILE_WORDS = 64, 16
+
+
+def tileable(n: int, k: int) -> bool:
+    """Whether an [n, k] weight divides into whole tiles."""
+    return n % TILE_ROWS == 0 and k % (8 * TILE_WORDS) == 0
+
+
+def to_tiled(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K/2] codes -> the same bytes tile-major (same shape and dtype)."""
+    n, half = qweight.shape
+    if not tileable(n, 2 * half):
+        raise ValueError(f"a {n}x{2 * half} weight is not whole {TILE_ROWS}x{8 * TILE_WORDS} tiles")
+    words = qweight.contiguous().view(torch.int32)
+    tiles = words.reshape(n // TILE_ROWS, TILE_ROWS, half // 4 // TILE_WORDS, TILE_WORDS).permute(0, 2, 1, 3)
+    return tiles.contiguous().view(torch.uint8).reshape(n, half)
+
+
+def from_tiled(tiled: torch.Tensor) -> torch.Tensor:
+    """to_tiled's inverse."""
+    n, half = tiled.shape
+    tiles = tiled.contiguous().view(torch.int32).reshape(n // TILE_ROWS, half // 4 // TILE_WORDS, TILE_ROWS, TILE_WORDS)
+    return tiles.permute(0, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, half)
 
 
 def _interpreting() -> bool:
@@ -554,11 +614,11 @@ def _workspace(device: torch.device, stream: int, numel: int) -> tuple[int, int,
 
 
 def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: torch.Tensor | None,
-         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None):
+         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None, tiled: bool = False):
     """One launch of a tile configuration; returns the compiled kernel (None in the interpreter)."""
     m, k = x2.shape
     n = w.out_features
-    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None)
+    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, tiled)
     grid = _grid(cfg, m, n)
     sx = x2.stride(0) if stride_xm is None else stride_xm
     partials = cfg[3] * m * n if cfg[3] > 1 else 0
@@ -586,17 +646,18 @@ def _prepares_x(cfg: Config) -> bool:
 
 
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
-           counters: torch.Tensor | None = None) -> torch.Tensor:
+           counters: torch.Tensor | None = None, tiled: bool = False) -> torch.Tensor:
     """out = x2 @ W^T (+ bias) for a 2-D x (unit stride along K) with a given configuration.
 
     counters: for split-K, a zeroed int32 buffer with a slot per output tile, left zeroed
-    (allocated here when not given)."""
+    (allocated here when not given). tiled: w.qweight is in to_tiled()'s layout (never for
+    DEQUANT_CUBLAS, which reads the canonical codes)."""
     if cfg == DEQUANT_CUBLAS:
         torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
         if bias is not None:
             out += bias
         return out
-    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()))
+    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()), tiled=tiled)
     return out
 
 
@@ -628,7 +689,9 @@ class _Tuner:
     def _save(self) -> None:
         write_atomic(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
-    def config(self, x2: torch.Tensor, w: Int4Weight) -> Config:
+    def config(self, x2: torch.Tensor, w: Int4Weight, tiled: Int4Weight | None = None) -> Config:
+        """tiled: the same weight in to_tiled()'s layout, which the candidates then read (except
+        DEQUANT_CUBLAS, which reads w)."""
         m, k = x2.shape
         n = w.out_features
         if _interpreting() or not x2.is_cuda:
@@ -641,13 +704,13 @@ class _Tuner:
         with self.lock:
             self._load(x2.device)
             if key not in self.table:
-                self.table[key] = list(self._search(x2, w, m_bucket(m)))
+                self.table[key] = list(self._search(x2, w, m_bucket(m), tiled))
                 self._save()
             self.memo[(x2.device, key)] = tuple(self.table[key])
             return self.memo[(x2.device, key)]  # type: ignore[return-value]
 
     @staticmethod
-    def _search(x2: torch.Tensor, w: Int4Weight, mb: int) -> Config:
+    def _search(x2: torch.Tensor, w: Int4Weight, mb: int, tiled: Int4Weight | None = None) -> Config:
         m, k = x2.shape
         xb = torch.randn((mb, k), device=x2.device, dtype=x2.dtype)
         out = torch.empty((mb, w.out_features), device=x2.device, dtype=x2.dtype)
@@ -657,8 +720,13 @@ class _Tuner:
             cnt = None if cfg == DEQUANT_CUBLAS else torch.zeros(
                 _grid(cfg, mb, w.out_features)[0] * mb, device=x2.device, dtype=torch.int32)
             try:
-                t = triton.testing.do_bench(lambda: launch(xb, w, out, cfg, counters=cnt), warmup=2, rep=8,
-                                            return_mode="median")
+                if tiled is not None and cfg != DEQUANT_CUBLAS:
+                    def run(cfg=cfg, cnt=cnt):
+                        return launch(xb, tiled, out, cfg, counters=cnt, tiled=True)
+                else:
+                    def run(cfg=cfg, cnt=cnt):
+                        return launch(xb, w, out, cfg, counters=cnt)
+                t = triton.testing.do_bench(run, warmup=2, rep=8, return_mode="median")
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue  # too much shared memory or registers for this tile: not a candidate
             if t < best_t:
@@ -738,7 +806,13 @@ class BoundLinear:
         for t in (w.qweight, w.scales, w.zeros, _offsets(w)):
             if not t.is_contiguous():
                 raise ValueError("BoundLinear needs contiguous qweight, scales, zeros and offsets")
-        self.qw_ptr, self.s_ptr, self.z_ptr = w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()
+        # "tiled" (a mode under A/B test): the kernels read a tile-major copy of the codes and the
+        # canonical weight stays for dequantize + cuBLAS and for whatever reads the layer's codes,
+        # so this mode holds the codes twice; if it wins, the tile-major copy becomes the stored form.
+        self.tiled = CODE_MODE == "tiled" and tileable(self.n, self.k)
+        self._launch_w = replace(w, qweight=to_tiled(w.qweight)) if self.tiled else w
+        self.qw_ptr = self._launch_w.qweight.data_ptr()
+        self.s_ptr, self.z_ptr = w.scales.data_ptr(), w.zeros.data_ptr()
         self.m_ptr = _offsets(w).data_ptr()
         self.b_ptr = self.bias.data_ptr() if self.bias is not None else 0
         self.plans: dict[int, _Plan] = {}
@@ -789,9 +863,9 @@ class BoundLinear:
             if plan.cfg == DEQUANT_CUBLAS:
                 launch(x2, self.weight, out, plan.cfg, self.bias)
             else:
-                _run(plan.cfg, x2, self.weight, out, self.bias, plan.counters, stream, self.k)
+                _run(plan.cfg, x2, self._launch_w, out, self.bias, plan.counters, stream, self.k, self.tiled)
             return
-        cfg = self.config or TUNER.config(x2, self.weight)
+        cfg = self.config or TUNER.config(x2, self.weight, self._launch_w if self.tiled else None)
         if cfg == DEQUANT_CUBLAS:
             launch(x2, self.weight, out, cfg, self.bias)
             plan = _Plan(cfg, None, None, 0, None, None)
@@ -800,8 +874,8 @@ class BoundLinear:
             sk = cfg[3]
             counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
-            kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k)
-            _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None)
+            kernel = _run(cfg, x2, self._launch_w, out, self.bias, counters, stream, self.k, self.tiled)
+            _, _, ints, constexprs = _kernel_args(cfg, self._launch_w, m, self.k, self.bias is not None, self.tiled)
             tail = (*ints, self.k, self.n, *constexprs)
             # Two launches ("xprep"): the plan keeps the configuration, and each call goes through _run.
             raw = None if _prepares_x(cfg) else raw_launcher(kernel)

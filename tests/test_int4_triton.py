@@ -200,13 +200,19 @@ def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_xprep_bound_layer_eager_and_in_a_graph(monkeypatch):
-    """"xprep" runs two launches per call (activations prepared, then the GEMV): a bound layer
-    gives the reference product on its first call, on later calls and replayed in a CUDA graph."""
-    monkeypatch.setattr(kt, "CODE_MODE", "xprep")
-    for i, cfg in enumerate([(1, 64, 128, 1, 4, 3), (1, 64, 128, 4, 4, 3)]):
-        x, qw, ref = _case(2, 1000, 1024, 128, False, torch.bfloat16, "cuda", seed=70 + i)
+@pytest.mark.parametrize("mode,configs", [
+    ("xprep", [(1, 64, 128, 1, 4, 3), (1, 64, 128, 4, 4, 3)]),
+    ("tiled", [(1, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (64, 128, 64, 1, 4, 3), (128, 128, 64, 2, 8, 3)])])
+def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
+    """"xprep" runs two launches per call (activations prepared, then the GEMV); "tiled" reads a
+    tile-major copy of the codes. A bound layer gives the reference product on its first call, on
+    later calls and replayed in a CUDA graph."""
+    monkeypatch.setattr(kt, "CODE_MODE", mode)
+    for i, cfg in enumerate(configs):
+        m = 2 if cfg[0] == 1 else cfg[0] - 3
+        x, qw, ref = _case(m, 1024, 1024, 128, False, torch.bfloat16, "cuda", seed=70 + i)
         layer = kt.BoundLinear(qw, config=cfg)
+        assert layer.tiled == (mode == "tiled")
         for _ in range(2):
             rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
             assert rel <= 1e-2, (cfg, rel)
@@ -317,6 +323,39 @@ def test_interpreter_bound_matches_uncached_across_m(cfg, act_order, bias):
     assert _rel(out3.reshape(6, 40), _ref(x3.reshape(6, 384), qw, b)) < 1e-5
     empty = bound(torch.randn(0, 384))
     assert empty.shape == (0, 40)
+
+
+def test_tiled_layout_round_trips_bit_exact():
+    gen = torch.Generator().manual_seed(11)
+    qweight = torch.randint(0, 256, (192, 512), generator=gen, dtype=torch.uint8)  # N=192, K=1024
+    tiled = kt.to_tiled(qweight)
+    assert tiled.shape == qweight.shape and tiled.dtype == torch.uint8
+    assert not torch.equal(tiled, qweight) and torch.equal(kt.from_tiled(tiled), qweight)
+    # tile (1, 2): rows 64..127, words 32..47, stored whole at the third tile of the second tile row
+    words, flat = qweight.view(torch.int32), tiled.view(torch.int32).reshape(-1)
+    per_row = 1024 // 8 // 16
+    start = (1 * per_row + 2) * 64 * 16
+    assert torch.equal(flat[start:start + 64 * 16].reshape(64, 16), words[64:128, 32:48])
+    with pytest.raises(ValueError, match="whole 64x128 tiles"):
+        kt.to_tiled(qweight[:100])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [(1, 64, 128, 3, 4, 3), (1, 32, 64, 2, 4, 3), (16, 64, 128, 2, 4, 3),
+                                 (64, 64, 64, 1, 4, 3), (128, 64, 64, 2, 8, 3)])
+def test_interpreter_tiled_bound_layer_matches_reference(cfg, monkeypatch):
+    """"tiled": a bound layer reads its tile-major copy through every kernel path (GEMV, word tiles,
+    byte tiles), with N a whole number of tiles but not of BLOCK_N, and split-K."""
+    monkeypatch.setattr(kt, "CODE_MODE", "tiled")
+    qw, b = _bound_case(192, 512, 128, torch.float32, "cpu", False, True, seed=cfg[1] + cfg[0])
+    bound = kt.BoundLinear(qw, b, config=cfg)
+    assert bound.tiled and not torch.equal(bound._launch_w.qweight, qw.qweight)
+    gen = torch.Generator().manual_seed(3)
+    for m in ((1, 2) if cfg[0] == 1 else (cfg[0] - 3,)):  # a ragged last M tile
+        x = torch.randn(m, 512, generator=gen)
+        assert _rel(bound(x), _ref(x, qw, b)) < 1e-5, m
+    ragged, _ = _bound_case(40, 384, 64, torch.float32, "cpu", False, False, seed=5)
+    assert not kt.BoundLinear(ragged, config=cfg).tiled  # not whole tiles: the canonical layout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")

@@ -49,7 +49,7 @@ def _weight_offsets(rows, cols, stride_wn, K8, TILED: tl.constexpr, BYTES: tl.co
     words, or bytes (BYTES). TILED: the layout to_tiled() makes, tiles of TILE_ROWS rows x TILE_WORDS
     words stored whole and row-major, so 8 rows of one tile are 512 contiguous bytes. RUN: how many
     consecutive columns stay contiguous (the hint that keeps 16-byte loads)."""
-    if TILED:
+    if TILED:  # 64, 16, 1024: TILE_ROWS, TILE_WORDS and their product (a jit function sees no globals)
         w = cols // 4 if BYTES else cols
         off = ((rows // 64) * (K8 // 16) + w // 16) * 1024 + (rows % 64) * 16 + w % 16
         if BYTES:

@@ -54,3 +54,24 @@ def test_markdown_and_plot(quick):
         im.load()
         assert im.size[0] > 300 and im.size[1] > 200
         assert len(set(im.convert("L").getdata())) > 8  # more than a blank canvas
+
+
+def test_a_kernel_limit_is_unavailable_not_failed(monkeypatch):
+    """No kernel of a backend takes this weight here (tinygemm in fp16, say): a limit, said as such."""
+    import torch
+
+    from quantbridge.measure.probes import L2Flush
+    from quantbridge.plugin.errors import NoKernel
+    from quantbridge.plugin.spec import QuantSpec
+    from quantbridge.run import bench
+    from quantbridge.run.rowspec import Kind, RowSpec
+
+    def refuse(*_):
+        raise NoKernel("no kernel of tinygemm can run this weight: tinygemm: bf16 activations only, not float16")
+
+    monkeypatch.setattr(bench, "_layer", refuse)
+    cpu = torch.device("cpu")
+    rows = bench.bench_layer(RowSpec("tinygemm", Kind.BACKEND), 64, 32, [1, 4], QuantSpec(group_size=32), cpu,
+                             torch.float16, 3, 1, L2Flush(cpu), 1e9)
+    assert [(r.m, r.status) for r in rows] == [(1, "unavailable"), (4, "unavailable")]
+    assert "bf16 activations only" in rows[0].reason

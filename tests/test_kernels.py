@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from quantbridge.cli import cli
 from quantbridge.plugin import backend as registry
-from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.errors import NoKernel, UserError
 from quantbridge.plugin.kernel import choose, get_kernel, kernel_names, parse_kernels
 from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.quantizer import get_quantizer, quantizer_names
@@ -72,7 +72,7 @@ def test_every_cpu_kernel_layout_holds_the_canonical_weight(name):
 def test_backend_records_what_the_chooser_passed_over():
     layer = registry.get("native").from_int4(_weight(), None)
     assert layer.kernel == "reference-torch" and dict(layer.rejected_kernels) == {"triton": "needs CUDA"}
-    with pytest.raises(UserError, match="no kernel of tinygemm can run this weight: tinygemm:"):
+    with pytest.raises(NoKernel, match="no kernel of tinygemm can run this weight: tinygemm:"):  # a UserError
         registry.get("tinygemm").from_int4(_weight(), None)
 
 

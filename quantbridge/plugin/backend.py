@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantbridge.plugin.availability import Availability, ask
-from quantbridge.plugin.errors import UserError
+from quantbridge.plugin.errors import NoKernel, UserError
 from quantbridge.plugin.kernel import build_first, get_kernel, kernels_for
 from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
@@ -203,7 +203,7 @@ class Pairing(Backend):
         """The first of `kernels` that can run `weight` (activations in the scales' dtype, on its device)."""
         layer, rejected = build_first(self.kernels, weight, bias)
         if layer is None:
-            raise UserError(f"no kernel of {self.name} can run this weight: "
+            raise NoKernel(f"no kernel of {self.name} can run this weight: "
                             + "; ".join(f"{name}: {reason}" for name, reason in rejected))
         layer.rejected_kernels = rejected  # what the chooser passed over, and why
         return layer

@@ -9,6 +9,10 @@ class BackendUnavailable(UserError):
     """A requested backend cannot run here (library missing, no kernel for the device)."""
 
 
+class NoKernel(UserError):
+    """None of a backend's kernels can run this weight here; the message gives each kernel's reason."""
+
+
 class NotRunnable(Exception):
     """These weights cannot run through this backend or kernel here (recorded as status 'unavailable')."""
 

@@ -30,7 +30,7 @@ from quantbridge.measure.probes import L2Flush, time_calls
 from quantbridge.plugin import backend as registry
 from quantbridge.plugin import resolve
 from quantbridge.plugin.backend import Engine
-from quantbridge.plugin.errors import NotRunnable, UserError
+from quantbridge.plugin.errors import NoKernel, NotRunnable, UserError
 from quantbridge.plugin.kernel import build_exactly, get_kernel
 from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.quantizer import baseline_label
@@ -165,7 +165,7 @@ def bench_layer(spec_row: RowSpec, k: int, n: int, ms: list[int], spec: QuantSpe
     name = spec_row.name
     try:
         q = _layer(spec_row, lin, spec, dtype)
-    except NotRunnable as e:
+    except (NotRunnable, NoKernel) as e:  # a limit of the kernels (device, dtype, shape), not a fault
         return [Row(name, "", k, n, m, "unavailable", str(e).splitlines()[0]) for m in ms]
     except (UserError, RuntimeError, TypeError, NotImplementedError, ImportError) as e:
         return [Row(name, "", k, n, m, "failed", f"{type(e).__name__}: {str(e).splitlines()[0]}")

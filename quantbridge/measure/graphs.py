@@ -117,11 +117,6 @@ class GraphTimer:
             inside.append(run.start.elapsed_time(run.stop) * 1e3)
         return inside, whole
 
-    def replays_us(self, graph: torch.cuda.CUDAGraph, xs: Sequence[torch.Tensor]) -> list[float]:
-        """µs of one replay per input, each between CUDA events, all read after the last (time_calls)."""
-        it = iter(xs)
-        return time_calls(lambda _: graph.replay(), xs, self.device, lambda: self._load(next(it)))
-
 
 def replay_times(fn: Callable[[], object], device: torch.device, runs: int, warmup: int = 3) -> list[float]:
     """µs of each of `runs` replays of fn() captured as a CUDA graph (no input: fixed work, such as the

@@ -8,7 +8,8 @@ rankings against.
 
   CUDA  two fixed kernels, one bound by memory bandwidth (a copy of four times the L2 cache) and
         one by tensor-core throughput (a square matmul), each captured as a CUDA graph and timed
-        with events around its replays: GPU time, not launch latency. The SM clock is brought up
+        with events around its replays: GPU time plus the graph's launch latency (2.5 µs on an H100,
+        the same before and after a row, against works of tens of µs or more). The SM clock is brought up
         first (a GPU that idled sits at its lowest clock for the first milliseconds of work).
   CPU   one fixed matmul of about a millisecond, timed many times; the median, so a few
         interrupted runs do not move it, while a machine busy throughout does.
@@ -140,7 +141,8 @@ def measure(device: torch.device, runs: int = 31) -> dict[str, dict]:
 
 def before_after(before: dict[str, dict], after: dict[str, dict], device: torch.device) -> dict:
     """The record a row keeps: each fixed work's median before and after the row, and how it was timed."""
-    clock = ("GPU time: CUDA events around replays of a CUDA graph, SM clock warmed up first"
+    clock = ("GPU time: CUDA events around replays of a CUDA graph (the graph's launch latency included), "
+             "SM clock warmed up first"
              if device.type == "cuda" else "host clock (perf_counter_ns), synchronous CPU work")
     return {"clock": clock,
             "work": {name: {"work": b["work"], "before_us": b["us"], "after_us": after[name]["us"]}

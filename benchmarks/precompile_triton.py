@@ -52,6 +52,7 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
     n, k = 1024, 4096
     weights = {dt: quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")
                for dt, dtype in DTYPES.items()}
+    tiled = {dt: replace(w, qweight=kt.to_tiled(w.qweight)) for dt, w in weights.items()}  # "tiled" mode's layout
     ok = 0
     for i, (mb, cfg, dt, mode) in enumerate(jobs):
         if i % counts[1] != rank:
@@ -60,10 +61,9 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
         dtype, w = DTYPES[dt], weights[dt]
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
-        tiled = mode == "tiled" and cfg != kt.DEQUANT_CUBLAS  # the tuner times "tiled" on the tile-major layout
         try:
-            if tiled:
-                kt.launch(x, replace(w, qweight=kt.to_tiled(w.qweight)), out, cfg, tiled=True)
+            if mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:  # the tuner times "tiled" on the tile-major layout
+                kt.launch(x, tiled[dt], out, cfg, tiled=True)
             else:
                 kt.launch(x, w, out, cfg)
             ok += 1

@@ -10,6 +10,7 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
 
   python3 benchmarks/sass_counts.py                       # every mode, the decode and tile configs
   python3 benchmarks/sass_counts.py --modes asm --dtype fp16 --config 16,128,128,4,4,3
+  python3 benchmarks/sass_counts.py --modes asm --config 1,128,128,8,4,3 --config 1,64,128,4,4,3 --count BAR.SYNC,LDG.E.U16
 """
 
 from __future__ import annotations
@@ -93,12 +94,15 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
 
 
-def report(cfg: kt.Config, mode: str, dtype: str, offsets: bool = False) -> str:
+def report(cfg: kt.Config, mode: str, dtype: str, offsets: bool = False, count: tuple[str, ...] = ()) -> str:
+    """One line: the K loop's length, instructions per code, its six commonest opcodes, and how many
+    of its opcodes start with each prefix in `count` (e.g. BAR, LDG, LDGSTS)."""
     loop = main_loop(compile_sass(cfg, mode, dtype, offsets=offsets))
     codes = cfg[1] * cfg[2] / (32 * cfg[4])  # BLOCK_N x BLOCK_K codes per iteration over the threads
     ops = collections.Counter(opcode(t) for t in loop)
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
-    return f"{str(cfg):26} {mode:8} {dtype} {len(loop):5} instr  {len(loop) / codes:5.2f}/code  {top}"
+    counted = "".join(f"  [{p}: {sum(v for k, v in ops.items() if k.startswith(p))}]" for p in count)
+    return f"{str(cfg):26} {mode:8} {dtype} {len(loop):5} instr  {len(loop) / codes:5.2f}/code  {top}{counted}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TY))
     ap.add_argument("--config", action="append", help="BM,BN,BK,SPLIT_K,warps,stages (repeatable)")
     ap.add_argument("--offsets", action="store_true", help="float offsets per group (GGUF Q4_1/Q4_K)")
+    ap.add_argument("--count", default="", help="opcode prefixes to count in the loop, e.g. BAR.SYNC,LDG.E.U16,LDGSTS")
     a = ap.parse_args(argv)
+    count = tuple(p for p in a.count.split(",") if p)
     cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
         (1, 128, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 4, 8, 4), (64, 128, 64, 2, 4, 3)]
     for cfg in cfgs:
         for mode in a.modes.split(","):
-            print(report(cfg, mode, a.dtype, a.offsets), flush=True)
+            print(report(cfg, mode, a.dtype, a.offsets, count), flush=True)
     return 0
 
 

@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--backends", default="fp16,native,tinygemm")
     ap.add_argument("--runs", type=int, default=50)
     a = ap.parse_args()
-    dtype, flush, read_flush = torch.bfloat16, L2Flush(torch.device("cuda")), L2Flush(torch.device("cuda"), by="read")
+    dtype, flush, read_flush = torch.bfloat16, L2Flush(torch.device("cuda"), by="write"), L2Flush(torch.device("cuda"), by="read")
     rows = []
     for k, n in parse_shapes(a.shapes):
         lin = nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)

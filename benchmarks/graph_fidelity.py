@@ -1,6 +1,6 @@
 """How true are compare's graph-mode timings? Three checks and the host cost, from saved runs.
 
-  python benchmarks/graph_fidelity.py GRAPH.json REPEAT.json BENCH.json EAGER.json OUT.md
+  python benchmarks/graph_fidelity.py GRAPH.json REPEAT.json BENCH.json EAGER.json OUT.md [EVENTS.json]
 
 1. Step: per backend and M, Σ per-layer graph time + the in-graph remainder (both from the
    probed replays) against the replayed step time of the graph without probes (target 5 %).
@@ -9,6 +9,8 @@
    flush, the step times it between its neighbours.
 3. Repeat: the same command run twice, per-layer medians and Σ (target 3 %).
 4. Host: eager mode's host enqueue cost per layer call, per backend, against fp16's.
+With EVENTS.json (benchmarks/event_placement.py), check 2 again against the kernel alone after an
+L2 flush by reads (clean lines), beside the same after a flush by writes, from one run.
 Writes OUT.md and OUT.json (every number behind the tables).
 """
 
@@ -76,6 +78,30 @@ def kernel_check(comp: dict, bench: dict) -> list[dict]:
     return out
 
 
+def flush_check(comp: dict, events: dict) -> list[dict]:
+    """Each layer in the step against the kernel alone, L2 evicted by writes and by reads."""
+    alone = {(r["backend"], r["k"], r["n"], r["m"]): (r["inside"], r["inside_read_flush"]) for r in events["rows"]}
+    out = []
+    for name, b in sorted(_ok(comp).items()):
+        for layer in b["layers"]:
+            n, k = layer["shape"]
+            for m, lat in layer["latency_us"].items():
+                key = (name if layer["quantized"] or name == "fp16" else "fp16", k, n, int(m))
+                if key in alone:
+                    w, r = alone[key]
+                    out.append({"backend": name, "layer": layer["name"], "k": k, "n": n, "m": int(m),
+                                "graph_us": lat["median"], "write_dev_pct": 100 * (lat["median"] - w) / w,
+                                "read_dev_pct": 100 * (lat["median"] - r) / r})
+    return out
+
+
+def _summary(rows: list[dict], col: str) -> dict[tuple, list[float]]:
+    by: dict[tuple, list[float]] = {}
+    for row in rows:
+        by.setdefault((row["backend"], row["m"]), []).append(row[col])
+    return by
+
+
 def repeat_check(a: dict, b: dict) -> list[dict]:
     out = []
     ra, rb = _ok(a), _ok(b)
@@ -121,16 +147,28 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(graph: str, repeat: str, bench: str, eager: str, out: str) -> None:
+def _flush_section(comp: dict, events: dict, path: str) -> list[str]:
+    rows = flush_check(comp, events)
+    w, r = _summary(rows, "write_dev_pct"), _summary(rows, "read_dev_pct")
+    summary = [{"backend": b, "m": m, "layers": len(w[b, m]), "vs_write_flush_median_pct": statistics.median(w[b, m]),
+                "vs_read_flush_median_pct": statistics.median(r[b, m]),
+                "read_flush_min_pct": min(r[b, m]), "read_flush_max_pct": max(r[b, m]),
+                "read_within_10pct": sum(abs(x) <= 10 for x in r[b, m])} for b, m in sorted(w)]
+    return ["### 2b. The same, against the kernel alone after an L2 flush by writes and by reads", "",
+            f"From `{path}` (benchmarks/event_placement.py, events inside the graph; its shapes only). "
+            "A flush by writes leaves L2 full of dirty lines that the timed kernel's reads pay to write "
+            "back; a flush by reads leaves clean lines, as a model's step does.", "",
+            _table(summary, ["backend", "m", "layers", "vs_write_flush_median_pct", "vs_read_flush_median_pct",
+                             "read_flush_min_pct", "read_flush_max_pct", "read_within_10pct"]), ""]
+
+
+def main(graph: str, repeat: str, bench: str, eager: str, out: str, events: str | None = None) -> None:
     g, r, bn, e = _load(graph), _load(repeat), _load(bench), _load(eager)
     steps = step_check(g)
     res = {"device": g["device"].get("name"), "step": steps, "remainder": remainder_spread(steps),
            "kernel": kernel_check(g, bn),
            "repeat": repeat_check(g, r), "host": host_check(e)}
-    k = res["kernel"]
-    by_bm: dict[tuple, list[float]] = {}
-    for row in k:
-        by_bm.setdefault((row["backend"], row["m"]), []).append(row["dev_pct"])
+    by_bm = _summary(res["kernel"], "dev_pct")
     kernel_summary = [{"backend": b, "m": m, "layers": len(d), "median_dev_pct": statistics.median(d),
                        "min_dev_pct": min(d), "max_dev_pct": max(d), "within_10pct": sum(abs(x) <= 10 for x in d)}
                       for (b, m), d in sorted(by_bm.items())]
@@ -149,6 +187,7 @@ def main(graph: str, repeat: str, bench: str, eager: str, out: str) -> None:
           "## 2. Layer in the step vs the same kernel alone (`bench`, CUDA graph, L2 flushed; target ±10 %)", "",
           _table(kernel_summary, ["backend", "m", "layers", "median_dev_pct", "min_dev_pct", "max_dev_pct",
                                   "within_10pct"]), "",
+          *(_flush_section(g, _load(events), events) if events else []),
           "## 3. Two runs of the same command (target 3 %)", "",
           _table(res["repeat"], ["backend", "m", "layers", "median_layer_dev_pct", "max_layer_dev_pct", "sum_dev_pct"]),
           "", "## 4. Eager host enqueue cost per layer call (median over layers)", "",
@@ -159,6 +198,6 @@ def main(graph: str, repeat: str, bench: str, eager: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6:
+    if len(sys.argv) not in (6, 7):
         sys.exit(__doc__.split("\n\n")[1])
     main(*sys.argv[1:])

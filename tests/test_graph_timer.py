@@ -5,6 +5,7 @@ import torch
 
 from quantbridge.measure.graphs import CUDA_GRAPH, EAGER, time_replays
 from quantbridge.measure.probes import L2Flush
+from quantbridge.report.common import flush_note
 
 
 def test_cpu_calls_are_timed_eagerly_with_no_launch_figure():
@@ -35,6 +36,14 @@ def test_l2_flush_ways():
     L2Flush(cpu, by="read")()
     with pytest.raises(ValueError, match="'write' or 'read'"):
         L2Flush(cpu, by="memset")
+    assert L2Flush(cpu).by == "read" and L2Flush(cpu).setting is None  # results record None: not flushed
+
+
+def test_flush_note_names_how_results_were_flushed():
+    # Results written before the read flush record True; their flush wrote the buffer.
+    assert flush_note("read") == "L2 flushed between runs by reads"
+    assert flush_note("write") == flush_note(True) == "L2 flushed between runs by writes"
+    assert flush_note(None) == flush_note(False) == "L2 not flushed"
 
 
 @pytest.mark.gpu

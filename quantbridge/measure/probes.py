@@ -159,12 +159,12 @@ class GraphLayerTimer(_Probes):
 class L2Flush:
     """Evicts L2 between timed runs, so weights come from HBM, through a buffer of twice the L2 size.
 
-    by="write" overwrites the buffer: L2 is then full of dirty lines, whose write-back the next
-    kernel's reads pay for. by="read" reads it (one reduction), leaving clean lines: nothing to
-    write back, as in a model's step, where L2 holds the previous layers' weights.
-    benchmarks/event_placement.py times both."""
+    by="read" (the default) reads the buffer (one reduction), leaving clean lines, as in a model's
+    step, where L2 holds the previous layers' weights. by="write" overwrites it: L2 is then full of
+    dirty lines whose write-back the next kernel's reads pay for; on an H100 that made cuBLAS alone
+    up to 19 % slower than the same call after a read (benchmarks/results/event-placement-*.txt)."""
 
-    def __init__(self, device: torch.device, by: str = "write") -> None:
+    def __init__(self, device: torch.device, by: str = "read") -> None:
         if by not in ("write", "read"):
             raise ValueError(f"L2Flush(by={by!r}): 'write' or 'read'")
         self.buf, self.by = None, by
@@ -176,6 +176,11 @@ class L2Flush:
     @property
     def active(self) -> bool:
         return self.buf is not None
+
+    @property
+    def setting(self) -> str | None:
+        """What results record as "l2_flush": "read" or "write", None where nothing is flushed."""
+        return self.by if self.active else None
 
     def __call__(self) -> None:
         if self.buf is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from quantbridge.report.common import flush_note
+
 
 def _cell(r: dict) -> str:
     if r["status"] == "unavailable":
@@ -34,7 +36,7 @@ def to_markdown(res: dict) -> str:
         f"- {s['dtype']} activations, INT4 group {s['spec']['group_size']}, "
         f"{'symmetric' if s['spec']['symmetric'] else 'asymmetric'}; median of {s['runs']} runs after "
         f"{s['warmup']} warm-up, {'CUDA events' if dev.get('type') == 'cuda' else 'perf_counter_ns'}, "
-        f"fresh random input per run, L2 flushed between runs: {s['l2_flush']}; timing mode: "
+        f"fresh random input per run, {flush_note(s.get('l2_flush'))}; timing mode: "
         f"{', '.join(sorted({r.get('timing') or '—' for r in res['rows'] if r['status'] == 'ok'}))} "
         "(cuda-graph = one captured call replayed, timed by events inside the graph around the call: kernel "
         f"time without host launch overhead or the graph's launch latency{_launch(res)})",

@@ -77,11 +77,17 @@ TIMING_NOTES = {
 }
 
 
+def flush_note(setting: object) -> str:
+    """A result's "l2_flush" in words. Results before 2026-12-06 record True: their flush wrote."""
+    how = {"read": " by reads", "write": " by writes", True: " by writes"}.get(setting)
+    return f"L2 flushed between runs{how}" if how else "L2 not flushed"
+
+
 def timing_note(s: dict) -> str:
     """How latency was taken, in one clause (results of schema v1 have no mode: eager)."""
     mode = s.get("mode", "eager")
     clock = "CUDA events" if s.get("l2_flush") else "perf_counter_ns"
-    flush = ", L2 flushed between runs" if s.get("l2_flush") else ""
+    flush = f", {flush_note(s['l2_flush'])}" if s.get("l2_flush") else ""
     return (f"latency: median of {s.get('runs')} runs after {s.get('warmup')} warm-up, "
             f"{TIMING_NOTES.get(mode, mode)} ({clock}{flush}); host µs = host time per eager layer call")
 

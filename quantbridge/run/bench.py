@@ -218,7 +218,7 @@ def run_bench(shapes: list[tuple[int, int]], ms: list[int], names: list[str], de
         "schema_version": 1,
         "device": device_info(device),
         "settings": {"dtype": str(dtype).removeprefix("torch."), "spec": spec.to_dict(), "runs": runs,
-                     "warmup": warmup, "l2_flush": flush.active, "m_values": ms, "reference": reference,
+                     "warmup": warmup, "l2_flush": flush.setting, "m_values": ms, "reference": reference,
                      "bytes_counted": "stored weight (codes+scales+zeros) + x + y"},
         "copy_bandwidth": copy,
         "matmul_tflops": matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 512),

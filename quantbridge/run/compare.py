@@ -226,7 +226,7 @@ def run_comparison(loaded: LoadedModel, names: list[str], settings: Settings, de
                   "group_size_auto": settings.spec.auto and loaded.int4 is None,
                   **({"calibration": dict(zip(("samples", "length", "chosen"), settings.calibration(device)))}
                      if _calibrates(rows, settings, loaded) else {}), "mode": mode, "device": str(device),
-                  "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.active, "eval_tokens": eval_ids.numel(),
+                  "dtype": str(dtype).removeprefix("torch."), "l2_flush": flush.setting, "eval_tokens": eval_ids.numel(),
                   "eval_source": ref.eval_source, "eval_context": settings.eval_len,
                   "decode_m": sorted(set(settings.batches)),
                   "prefill_m": [settings.prefill] if settings.prefill else [], "isolation": launcher.how},

@@ -41,12 +41,18 @@ def test_rows_checked_and_timed(quick):
     assert kernels["rtn+gptq-layout"] == "reference-torch"  # a kernel on its own, RTN codes
     assert {r["m"] for r in rows} == {1, 16}
     assert res["copy_bandwidth"]["bytes_per_s"] > 0
+    assert res["complete"] is True and res["settings"]["l2_flush"] is None  # nothing to flush on the CPU
 
 
 def test_markdown_and_plot(quick):
     out, _ = quick
     md = (out / "bench.md").read_text()
     assert "| M |" in md and "native" in md
+    assert "stopped" not in md and "L2 not flushed" in md
+    from quantbridge.report.bench import to_markdown
+
+    cut = json.loads((out / "bench.json").read_text()) | {"complete": False}
+    assert f"Part of a run that was stopped**: {len(cut['rows'])} rows" in to_markdown(cut)
     png = out / "roofline.png"
     from PIL import Image
 

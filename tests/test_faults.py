@@ -596,6 +596,8 @@ def test_bench_signal(tmp_path):
     run.signal(signal.SIGTERM)
     code, line = run.finish(ignore=("  ",))  # bench's progress lines
     assert code == 143
-    rows = json.loads((out / "bench.json").read_text())["rows"]
+    saved = json.loads((out / "bench.json").read_text())
+    rows = saved["rows"]
+    assert saved["complete"] is False  # a cut-off run's file says it holds part of what was asked
     assert rows and line == f"Stopped by SIGTERM: {out / 'bench.json'} holds the {len(rows)} rows measured so far"
     assert sorted(p.name for p in out.iterdir()) == ["bench.json"]

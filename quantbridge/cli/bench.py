@@ -86,7 +86,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
             raise faults.WriteFailed(out / name, e) from None
 
     def save(partial: dict) -> None:  # after every shape, so a cut-off run keeps what it measured
-        write("bench.json", json.dumps(partial, indent=1) + "\n")
+        write("bench.json", json.dumps({**partial, "complete": False}, indent=1) + "\n")
         measured[:] = partial["rows"]
         faults.stage("bench-saved")  # test hook: a signal once rows are on disk
 
@@ -99,6 +99,8 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
         stop.state = (f"{out / 'bench.json'} holds the {len(measured)} rows measured so far" if measured
                       else f"no row had been measured; nothing was written to {out}")
         raise stop from None
+    res["complete"] = True
+    write("bench.json", json.dumps(res, indent=1) + "\n")
     md = to_markdown(res)
     write("bench.md", md)
     click.echo(md)

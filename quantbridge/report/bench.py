@@ -29,6 +29,8 @@ def to_markdown(res: dict) -> str:
     lines = [
         f"# INT4 kernel benchmark on {dev.get('name')}",
         "",
+        *([f"**Part of a run that was stopped**: {len(res['rows'])} rows, measured before it stopped.", ""]
+          if res.get("complete") is False else []),
         f"- device copy bandwidth (read+write): **{bw / 1e12:.2f} TB/s**; dense {s['dtype']} matmul: "
         f"**{res['matmul_tflops']:.3g} TFLOP/s**",
         f"- driver {dev.get('driver', '—')}, torch {dev['libraries'].get('torch')}, triton "

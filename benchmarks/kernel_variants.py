@@ -25,7 +25,8 @@ from quantbridge.plugin.spec import QuantSpec
 from quantbridge.run import bench
 from quantbridge.run.rowspec import Kind, RowSpec
 
-VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch", "async", "xprep", "tiled")}
+VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch", "async", "xprep", "tiled",
+                                                          "operand")}
 
 
 def _apply(settings: dict) -> None:

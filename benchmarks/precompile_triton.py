@@ -37,14 +37,15 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
         mb = kt.m_bucket(m)
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
         for k, n in shapes:
-            for cfg in kt.candidate_configs(mb, n, k, group):
-                for dt in dtypes:
-                    for mode in modes:
+            for mode in modes:
+                for cfg in kt.candidate_configs(mb, n, k, group, "operand" if mode == "operand" else "canonical"):
+                    for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
     return sorted(jobs.values())
 
 
 def _worker(rank: int, jobs: list, group: int, counts) -> None:
+    from quantbridge.kernels import int4_layouts as lay
     from quantbridge.kernels import int4_triton as kt
     from quantbridge.plugin.packed import quantize_rtn
     from quantbridge.plugin.spec import QuantSpec
@@ -52,7 +53,9 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
     n, k = 1024, 4096
     weights = {dt: quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")
                for dt, dtype in DTYPES.items()}
-    tiled = {dt: replace(w, qweight=kt.to_tiled(w.qweight)) for dt, w in weights.items()}  # "tiled" mode's layout
+    # The layouts the tuner times "tiled" and "operand" on (bound layers keep their codes so).
+    laid = {(mode, dt): replace(w, qweight=relay(w.qweight)) for dt, w in weights.items()
+            for mode, relay in (("tiled", lay.to_tiled), ("operand", lay.to_operand))}
     ok = 0
     for i, (mb, cfg, dt, mode) in enumerate(jobs):
         if i % counts[1] != rank:
@@ -62,8 +65,8 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
         try:
-            if mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:  # the tuner times "tiled" on the tile-major layout
-                kt.launch(x, tiled[dt], out, cfg, tiled=True)
+            if mode in ("tiled", "operand") and cfg != kt.DEQUANT_CUBLAS:
+                kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
             else:
                 kt.launch(x, w, out, cfg)
             ok += 1

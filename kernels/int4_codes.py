@@ -40,6 +40,37 @@ mov.b32 {{$3, $7}}, t3;
 ASM_BF16 = tl.constexpr(_WORD_TO_8.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
 ASM_FP16 = tl.constexpr(_WORD_TO_8.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
 
+# The same, then times the scale ($10, the row's scale in both halves): one more fma per pair,
+# rounding (q - z) * s once to the output dtype, as Marlin and Machete do. An fma by -0, not
+# mul.bf16x2, which needs sm_90.
+_WORD_TO_8_SCALED = """{{
+.reg .b32 t0, t1, t2, t3, s1, s2, s3, m, one, nz;
+mov.b32 m, {magic};
+mov.b32 one, {one};
+mov.b32 nz, 0x80008000;
+shr.b32 s1, $8, 4;
+shr.b32 s2, $8, 8;
+shr.b32 s3, $8, 12;
+lop3.b32 t0, $8, 0x000F000F, m, 0xEA;
+lop3.b32 t1, s1, 0x000F000F, m, 0xEA;
+lop3.b32 t2, s2, 0x000F000F, m, 0xEA;
+lop3.b32 t3, s3, 0x000F000F, m, 0xEA;
+fma.rn.{ty} t0, t0, one, $9;
+fma.rn.{ty} t1, t1, one, $9;
+fma.rn.{ty} t2, t2, one, $9;
+fma.rn.{ty} t3, t3, one, $9;
+fma.rn.{ty} t0, t0, $10, nz;
+fma.rn.{ty} t1, t1, $10, nz;
+fma.rn.{ty} t2, t2, $10, nz;
+fma.rn.{ty} t3, t3, $10, nz;
+mov.b32 {{$0, $4}}, t0;
+mov.b32 {{$1, $5}}, t1;
+mov.b32 {{$2, $6}}, t2;
+mov.b32 {{$3, $7}}, t3;
+}}"""
+ASM_BF16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
+ASM_FP16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
+
 
 @triton.jit
 def as_float(q, DT: tl.constexpr, MODE: tl.constexpr):
@@ -83,3 +114,53 @@ def dequant_words(words, z, DT: tl.constexpr, USE_ASM: tl.constexpr):
     # join appends a minor axis, so the first join is the most significant bit of j:
     # [..., a, b, c] holds nibble 4a + 2b + c.
     return tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+
+
+@triton.jit
+def _pair(v, words):
+    """A 16-bit value per row [R] as both halves of an int32, broadcast to words' shape [R, W]."""
+    v = v.to(tl.int32) & 0xFFFF
+    return (v | (v << 16))[:, None] + tl.zeros_like(words)
+
+
+@triton.jit
+def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [R, W] in int4_layouts' "operand" layout, zero-points z [R] (uint8) and scales
+    s [R] (DT) -> (q - z) * s as DT [R, 8W] in canonical column order, each value rounded once.
+
+    Word i of a 32-column chunk holds, in nibble 4c + 2b + a, the chunk's column
+    16a + 8b + 2(i mod 4) + c: joining the nibbles (minor axes a, b, c) and moving i mod 4 between
+    b and c gives the columns in order, and that order is the tensor-core register operand's
+    (kWidth 2), so the join, permute and reshape are free register renames."""
+    if USE_ASM:
+        if DT == tl.float16:
+            bias = (-(1024.0 + z.to(tl.float32))).to(tl.float16).to(tl.int16, bitcast=True)
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_FP16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                [words, _pair(bias, words), _pair(s.to(tl.float16).to(tl.int16, bitcast=True), words)],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            bias = (-(128.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True)
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                [words, _pair(bias, words), _pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True), words)],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32)[:, None]
+        sf = s.to(tl.float32)[:, None]
+        q0 = ((((words >> 0) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q1 = ((((words >> 4) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q2 = ((((words >> 8) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q3 = ((((words >> 12) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q4 = ((((words >> 16) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q5 = ((((words >> 20) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q6 = ((((words >> 24) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q7 = ((((words >> 28) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    # join appends a minor axis, so the innermost join's is the first of the three: [..., a, b, c]
+    # holds nibble 4c + 2b + a. Nibbles j and j + 4, which the assembly leaves in one register,
+    # are columns 2i and 2i + 1: the operand's register pair, so no byte permutes either.
+    q = tl.join(tl.join(tl.join(q0, q1), tl.join(q2, q3)), tl.join(tl.join(q4, q5), tl.join(q6, q7)))
+    q = tl.permute(tl.reshape(q, (R, W // 4, 4, 2, 2, 2)), (0, 1, 3, 4, 2, 5))
+    return tl.reshape(q, (R, 8 * W))

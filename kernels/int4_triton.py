@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
-from quantbridge.kernels.int4_codes import as_float, dequant_words
+from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
+from quantbridge.kernels.int4_layouts import operand_fits, tileable, to_operand, to_tiled
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
 
@@ -89,9 +90,15 @@ def _int4_matmul_kernel(
     is the tensor-core M dimension (wgmma on Hopper). Otherwise the weight is read as bytes,
     each tile split into even and odd columns, the two nibbles meeting the even and odd
     activations in two dots.
+
+    MODE 8 ("operand"; the codes in int4_layouts' operand layout, one group per tile): every
+    tile is a word tile computed as W x^T, the weight dequantized with its scale applied
+    (int4_codes.dequant_operand) straight into the tensor-core register operand, and the dot
+    accumulating across K tiles, so consecutive wgmma need not wait for each other.
     """
-    WORD_TILES: tl.constexpr = MODE >= 3 and BLOCK_K <= GROUP and BLOCK_M <= 64
-    SWAP: tl.constexpr = WORD_TILES and BLOCK_M <= 16
+    OPERAND: tl.constexpr = MODE == 8 and BLOCK_K <= GROUP
+    WORD_TILES: tl.constexpr = (MODE >= 3 and BLOCK_K <= GROUP and BLOCK_M <= 64) or OPERAND
+    SWAP: tl.constexpr = WORD_TILES and (BLOCK_M <= 16 or OPERAND)
     # MODE >= 3 runs tiles of BLOCK_M > 64 as byte tiles converting codes with cvt, as "i2f"
     # does: on the H200 its 128-row word tiles spilled registers and the bit trick's fp32
     # path (two lop3 per code) was slower there (benchmarks/NOTES.md).
@@ -122,6 +129,8 @@ def _int4_matmul_kernel(
 
     if SWAP:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if OPERAND and OFFSETS:
+        acc_m = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # sum_k m x, apart: the dots never wait for it
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     for t in range(t_start, t_end):
@@ -144,23 +153,30 @@ def _int4_matmul_kernel(
                                 eviction_policy="evict_first")
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
-            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0)
             if OFFSETS:
                 z = tl.zeros((BLOCK_N,), dtype=tl.uint8)
             else:
                 z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
-            q = tl.reshape(dequant_words(words, z, x.dtype, USE_ASM), (BLOCK_N, BLOCK_K))  # q - z, exact
-            if SWAP:
-                part = tl.dot(q, tl.trans(x))  # [BLOCK_N, BLOCK_M]
-                acc_t += s[:, None] * part
+            if OPERAND:
+                acc_t = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.trans(x), acc_t)
                 if OFFSETS:
-                    acc_t += tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[:, None] * \
+                    acc_m += tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[:, None] * \
                         tl.sum(x.to(tl.float32), axis=1)[None, :]
             else:
-                acc += s[None, :] * tl.dot(x, tl.trans(q))
-                if OFFSETS:
-                    acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * \
-                        tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[None, :]
+                s = s.to(tl.float32)
+                q = tl.reshape(dequant_words(words, z, x.dtype, USE_ASM), (BLOCK_N, BLOCK_K))  # q - z, exact
+                if SWAP:
+                    part = tl.dot(q, tl.trans(x))  # [BLOCK_N, BLOCK_M]
+                    acc_t += s[:, None] * part
+                    if OFFSETS:
+                        acc_t += tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[:, None] * \
+                            tl.sum(x.to(tl.float32), axis=1)[None, :]
+                else:
+                    acc += s[None, :] * tl.dot(x, tl.trans(q))
+                    if OFFSETS:
+                        acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * \
+                            tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[None, :]
         else:
             kb = t * HALF + offs_h  # byte column
             if EVEN_K:
@@ -210,6 +226,8 @@ def _int4_matmul_kernel(
                     b = -s * tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
                 acc = tl.dot(x_even, tl.trans((as_float(lo, tl.float32, CONV) * s + b).to(x.dtype)), acc)
                 acc = tl.dot(x_odd, tl.trans((as_float(hi, tl.float32, CONV) * s + b).to(x.dtype)), acc)
+    if OPERAND and OFFSETS:
+        acc_t += acc_m
     if SWAP:
         acc = tl.trans(acc_t)
 
@@ -466,10 +484,13 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # loads through shared memory, num_stages deep (neither helped on the H100); "xprep" is "asm"
 # with the GEMV's activations prepared once per call by a prologue kernel (fp32, nibble-major,
 # 16^-p applied), which ncu's M=1 profile pointed to (no gain on the H100); "tiled" is "asm"
-# with bound layers' codes stored tile-major (to_tiled; not yet timed). All are kept so
+# with bound layers' codes stored tile-major (int4_layouts.to_tiled; not yet timed); "operand"
+# keeps bound layers' codes in int4_layouts' operand layout and runs every M on tensor cores,
+# the dequantized weight fed to wgmma from registers (not yet timed). All are kept so
 # benchmarks/kernel_variants.py can time them on one device; the tuner keeps a table entry
-# per mode.
-CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7}
+# per mode. Layers the operand layout does not fit (groups below 32) run "asm".
+CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7,
+              "operand": 8}
 CODE_MODE = "asm"
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
@@ -490,8 +511,14 @@ def gemv_configs(k: int, group: int) -> list[Config]:
             for w, st in ((4, 3), (8, 4)) if _cdiv(k, bk) >= sk]
 
 
-def candidate_configs(m: int, n: int, k: int, group: int) -> list[Config]:
-    """The search space for one M bucket: kept small, since every candidate is compiled and timed."""
+def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonical") -> list[Config]:
+    """The search space for one M bucket: kept small, since every candidate is compiled and timed.
+    The operand layout runs tensor-core tiles only, each inside one group."""
+    if layout == "operand":
+        tiles = [c for c in _tile_configs(m, n, k, group) if c == DEQUANT_CUBLAS or c[2] <= group]
+        if m >= 256:  # W x^T: M is the tensor-core N dimension, up to 256
+            tiles.insert(-1, (256, 128, 64, 1, 8, 3))
+        return tiles
     if m <= 2:
         return gemv_configs(k, group) + _tile_configs(m, n, k, group)
     return _tile_configs(m, n, k, group)
@@ -529,51 +556,27 @@ def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
 
 
 def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
-                 tiled: bool = False) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
+                 layout: str = "canonical") -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
     """(launcher, the weight view it reads, the integer arguments, the constexprs) of one configuration.
-    tiled: w.qweight holds to_tiled()'s layout (a bound layer in the "tiled" mode)."""
+    layout: how w.qweight is laid out (int4_layouts; not canonical only for a bound layer)."""
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
+    if layout == "operand":
+        if mode != 8 or bm == 1 or bk > w.group_size or bk % 32:
+            raise ValueError(f"codes in the operand layout need CODE_MODE 'operand' and tensor-core tiles of 32 or "
+                             f"more columns inside one group, not {cfg} in {CODE_MODE!r}")
+    elif mode == 8:
+        mode = 3  # canonical codes: the "asm" kernels
     if mode >= 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
-    words = bm == 1 or (mode >= 3 and bk <= w.group_size and bm <= 64)  # the kernels' WORD_TILES
+    words = bm == 1 or (mode >= 3 and bk <= w.group_size and bm <= 64) or mode == 8  # the kernels' WORD_TILES
     qw = w.qweight.view(torch.int32) if words else w.qweight
     ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
-        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, tiled)
-    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, tiled)
-
-
-# "tiled": bound layers keep their codes tile-major, each TILE_ROWS x TILE_WORDS int32 words
-# (64 rows x 128 columns, 4 KB) contiguous, so a warp's 16-byte loads over 8 rows read 512
-# contiguous bytes instead of 8 separate 64-byte pieces of rows 4 KB apart (ncu: DRAM at 47 % of
-# peak with L1 78 % busy at M=1 in the canonical layout). The canonical Int4Weight stays the
-# interchange form; the kernels read either (_weight_offsets).
-TILE_ROWS, TILE_WORDS = 64, 16
-
-
-def tileable(n: int, k: int) -> bool:
-    """Whether an [n, k] weight divides into whole tiles."""
-    return n % TILE_ROWS == 0 and k % (8 * TILE_WORDS) == 0
-
-
-def to_tiled(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical uint8 [N, K/2] codes -> the same bytes tile-major (same shape and dtype)."""
-    n, half = qweight.shape
-    if not tileable(n, 2 * half):
-        raise ValueError(f"a {n}x{2 * half} weight is not whole {TILE_ROWS}x{8 * TILE_WORDS} tiles")
-    words = qweight.contiguous().view(torch.int32)
-    tiles = words.reshape(n // TILE_ROWS, TILE_ROWS, half // 4 // TILE_WORDS, TILE_WORDS).permute(0, 2, 1, 3)
-    return tiles.contiguous().view(torch.uint8).reshape(n, half)
-
-
-def from_tiled(tiled: torch.Tensor) -> torch.Tensor:
-    """to_tiled's inverse."""
-    n, half = tiled.shape
-    tiles = tiled.contiguous().view(torch.int32).reshape(n // TILE_ROWS, half // 4 // TILE_WORDS, TILE_ROWS, TILE_WORDS)
-    return tiles.permute(0, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, half)
+        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, layout == "tiled")
+    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout == "tiled")
 
 
 def _interpreting() -> bool:
@@ -614,11 +617,11 @@ def _workspace(device: torch.device, stream: int, numel: int) -> tuple[int, int,
 
 
 def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: torch.Tensor | None,
-         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None, tiled: bool = False):
+         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None, layout: str = "canonical"):
     """One launch of a tile configuration; returns the compiled kernel (None in the interpreter)."""
     m, k = x2.shape
     n = w.out_features
-    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, tiled)
+    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout)
     grid = _grid(cfg, m, n)
     sx = x2.stride(0) if stride_xm is None else stride_xm
     partials = cfg[3] * m * n if cfg[3] > 1 else 0
@@ -646,18 +649,18 @@ def _prepares_x(cfg: Config) -> bool:
 
 
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
-           counters: torch.Tensor | None = None, tiled: bool = False) -> torch.Tensor:
+           counters: torch.Tensor | None = None, layout: str = "canonical") -> torch.Tensor:
     """out = x2 @ W^T (+ bias) for a 2-D x (unit stride along K) with a given configuration.
 
     counters: for split-K, a zeroed int32 buffer with a slot per output tile, left zeroed
-    (allocated here when not given). tiled: w.qweight is in to_tiled()'s layout (never for
-    DEQUANT_CUBLAS, which reads the canonical codes)."""
+    (allocated here when not given). layout: how w.qweight is laid out (int4_layouts; canonical
+    for DEQUANT_CUBLAS, which dequantizes the canonical codes)."""
     if cfg == DEQUANT_CUBLAS:
         torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
         if bias is not None:
             out += bias
         return out
-    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()), tiled=tiled)
+    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()), layout=layout)
     return out
 
 
@@ -689,14 +692,15 @@ class _Tuner:
     def _save(self) -> None:
         write_atomic(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
-    def config(self, x2: torch.Tensor, w: Int4Weight, tiled: Int4Weight | None = None) -> Config:
-        """tiled: the same weight in to_tiled()'s layout, which the candidates then read (except
+    def config(self, x2: torch.Tensor, w: Int4Weight, laid: Int4Weight | None = None,
+               layout: str = "canonical") -> Config:
+        """laid: the same weight in `layout` (int4_layouts), which the candidates then read (except
         DEQUANT_CUBLAS, which reads w)."""
         m, k = x2.shape
         n = w.out_features
         if _interpreting() or not x2.is_cuda:
             # The interpreter checks correctness, not speed: take the first valid candidate.
-            return candidate_configs(m_bucket(m), n, k, w.group_size)[0]
+            return candidate_configs(m_bucket(m), n, k, w.group_size, layout)[0]
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}"
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
@@ -704,25 +708,26 @@ class _Tuner:
         with self.lock:
             self._load(x2.device)
             if key not in self.table:
-                self.table[key] = list(self._search(x2, w, m_bucket(m), tiled))
+                self.table[key] = list(self._search(x2, w, m_bucket(m), laid, layout))
                 self._save()
             self.memo[(x2.device, key)] = tuple(self.table[key])
             return self.memo[(x2.device, key)]  # type: ignore[return-value]
 
     @staticmethod
-    def _search(x2: torch.Tensor, w: Int4Weight, mb: int, tiled: Int4Weight | None = None) -> Config:
+    def _search(x2: torch.Tensor, w: Int4Weight, mb: int, laid: Int4Weight | None = None,
+                layout: str = "canonical") -> Config:
         m, k = x2.shape
         xb = torch.randn((mb, k), device=x2.device, dtype=x2.dtype)
         out = torch.empty((mb, w.out_features), device=x2.device, dtype=x2.dtype)
         best, best_t = None, float("inf")
-        for cfg in candidate_configs(mb, w.out_features, k, w.group_size):
+        for cfg in candidate_configs(mb, w.out_features, k, w.group_size, layout):
             # Zeroed once: split-K launches leave their tile counters zeroed again.
             cnt = None if cfg == DEQUANT_CUBLAS else torch.zeros(
                 _grid(cfg, mb, w.out_features)[0] * mb, device=x2.device, dtype=torch.int32)
             try:
-                if tiled is not None and cfg != DEQUANT_CUBLAS:
+                if laid is not None and cfg != DEQUANT_CUBLAS:
                     def run(cfg=cfg, cnt=cnt):
-                        return launch(xb, tiled, out, cfg, counters=cnt, tiled=True)
+                        return launch(xb, laid, out, cfg, counters=cnt, layout=layout)
                 else:
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, w, out, cfg, counters=cnt)
@@ -761,6 +766,15 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     elif bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], w.out_features)
+
+
+def bound_layout(n: int, k: int, group: int) -> str:
+    """The layout a layer bound now keeps its codes in for the kernels (int4_layouts)."""
+    if CODE_MODE == "tiled" and tileable(n, k):
+        return "tiled"
+    if CODE_MODE == "operand" and operand_fits(k, group):
+        return "operand"
+    return "canonical"
 
 
 class _Plan:
@@ -806,11 +820,12 @@ class BoundLinear:
         for t in (w.qweight, w.scales, w.zeros, _offsets(w)):
             if not t.is_contiguous():
                 raise ValueError("BoundLinear needs contiguous qweight, scales, zeros and offsets")
-        # "tiled" (a mode under A/B test): the kernels read a tile-major copy of the codes and the
-        # canonical weight stays for dequantize + cuBLAS and for whatever reads the layer's codes,
-        # so this mode holds the codes twice; if it wins, the tile-major copy becomes the stored form.
-        self.tiled = CODE_MODE == "tiled" and tileable(self.n, self.k)
-        self._launch_w = replace(w, qweight=to_tiled(w.qweight)) if self.tiled else w
+        # "tiled" and "operand" (modes under A/B test): the kernels read a re-laid copy of the codes
+        # and the canonical weight stays for dequantize + cuBLAS and for whatever reads the layer's
+        # codes, so these modes hold the codes twice; the winner's layout becomes the stored form.
+        self.layout = bound_layout(self.n, self.k, w.group_size)
+        relaid = {"tiled": to_tiled, "operand": to_operand}.get(self.layout)
+        self._launch_w = replace(w, qweight=relaid(w.qweight)) if relaid else w
         self.qw_ptr = self._launch_w.qweight.data_ptr()
         self.s_ptr, self.z_ptr = w.scales.data_ptr(), w.zeros.data_ptr()
         self.m_ptr = _offsets(w).data_ptr()
@@ -863,9 +878,10 @@ class BoundLinear:
             if plan.cfg == DEQUANT_CUBLAS:
                 launch(x2, self.weight, out, plan.cfg, self.bias)
             else:
-                _run(plan.cfg, x2, self._launch_w, out, self.bias, plan.counters, stream, self.k, self.tiled)
+                _run(plan.cfg, x2, self._launch_w, out, self.bias, plan.counters, stream, self.k, self.layout)
             return
-        cfg = self.config or TUNER.config(x2, self.weight, self._launch_w if self.tiled else None)
+        cfg = self.config or TUNER.config(x2, self.weight, self._launch_w if self.layout != "canonical" else None,
+                                          self.layout)
         if cfg == DEQUANT_CUBLAS:
             launch(x2, self.weight, out, cfg, self.bias)
             plan = _Plan(cfg, None, None, 0, None, None)
@@ -874,8 +890,8 @@ class BoundLinear:
             sk = cfg[3]
             counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
-            kernel = _run(cfg, x2, self._launch_w, out, self.bias, counters, stream, self.k, self.tiled)
-            _, _, ints, constexprs = _kernel_args(cfg, self._launch_w, m, self.k, self.bias is not None, self.tiled)
+            kernel = _run(cfg, x2, self._launch_w, out, self.bias, counters, stream, self.k, self.layout)
+            _, _, ints, constexprs = _kernel_args(cfg, self._launch_w, m, self.k, self.bias is not None, self.layout)
             tail = (*ints, self.k, self.n, *constexprs)
             # Two launches ("xprep"): the plan keeps the configuration, and each call goes through _run.
             raw = None if _prepares_x(cfg) else raw_launcher(kernel)

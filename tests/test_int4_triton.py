@@ -4,11 +4,14 @@ Without CUDA these run in Triton's interpreter (TRITON_INTERPRET=1, set by conft
 small shapes; with CUDA (`-m gpu`) on the real compiler over many shapes in bf16/fp16.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from quantbridge.kernels import int4_layouts as lay  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
 from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
 from quantbridge.plugin.spec import QuantSpec  # noqa: E402
@@ -202,17 +205,20 @@ def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,configs", [
     ("xprep", [(1, 64, 128, 1, 4, 3), (1, 64, 128, 4, 4, 3)]),
-    ("tiled", [(1, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (64, 128, 64, 1, 4, 3), (128, 128, 64, 2, 8, 3)])])
+    ("tiled", [(1, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (64, 128, 64, 1, 4, 3), (128, 128, 64, 2, 8, 3)]),
+    ("operand", [(16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
+                 (256, 128, 64, 1, 8, 3)])])
 def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
     """"xprep" runs two launches per call (activations prepared, then the GEMV); "tiled" reads a
-    tile-major copy of the codes. A bound layer gives the reference product on its first call, on
-    later calls and replayed in a CUDA graph."""
+    tile-major copy of the codes; "operand" its operand layout, scales applied in bf16. A bound
+    layer gives the reference product on its first call, on later calls and replayed in a CUDA
+    graph. bf16 outputs: 1e-2 covers their rounding and, for "operand", the weight's."""
     monkeypatch.setattr(kt, "CODE_MODE", mode)
     for i, cfg in enumerate(configs):
         m = 2 if cfg[0] == 1 else cfg[0] - 3
         x, qw, ref = _case(m, 1024, 1024, 128, False, torch.bfloat16, "cuda", seed=70 + i)
         layer = kt.BoundLinear(qw, config=cfg)
-        assert layer.tiled == (mode == "tiled")
+        assert layer.layout == {"tiled": "tiled", "operand": "operand"}.get(mode, "canonical")
         for _ in range(2):
             rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
             assert rel <= 1e-2, (cfg, rel)
@@ -328,16 +334,16 @@ def test_interpreter_bound_matches_uncached_across_m(cfg, act_order, bias):
 def test_tiled_layout_round_trips_bit_exact():
     gen = torch.Generator().manual_seed(11)
     qweight = torch.randint(0, 256, (192, 512), generator=gen, dtype=torch.uint8)  # N=192, K=1024
-    tiled = kt.to_tiled(qweight)
+    tiled = lay.to_tiled(qweight)
     assert tiled.shape == qweight.shape and tiled.dtype == torch.uint8
-    assert not torch.equal(tiled, qweight) and torch.equal(kt.from_tiled(tiled), qweight)
+    assert not torch.equal(tiled, qweight) and torch.equal(lay.from_tiled(tiled), qweight)
     # tile (1, 2): rows 64..127, words 32..47, stored whole at the third tile of the second tile row
     words, flat = qweight.view(torch.int32), tiled.view(torch.int32).reshape(-1)
     per_row = 1024 // 8 // 16
     start = (1 * per_row + 2) * 64 * 16
     assert torch.equal(flat[start:start + 64 * 16].reshape(64, 16), words[64:128, 32:48])
     with pytest.raises(ValueError, match="whole 64x128 tiles"):
-        kt.to_tiled(qweight[:100])
+        lay.to_tiled(qweight[:100])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -349,13 +355,13 @@ def test_interpreter_tiled_bound_layer_matches_reference(cfg, monkeypatch):
     monkeypatch.setattr(kt, "CODE_MODE", "tiled")
     qw, b = _bound_case(192, 512, 128, torch.float32, "cpu", False, True, seed=cfg[1] + cfg[0])
     bound = kt.BoundLinear(qw, b, config=cfg)
-    assert bound.tiled and not torch.equal(bound._launch_w.qweight, qw.qweight)
+    assert bound.layout == "tiled" and not torch.equal(bound._launch_w.qweight, qw.qweight)
     gen = torch.Generator().manual_seed(3)
     for m in ((1, 2) if cfg[0] == 1 else (cfg[0] - 3,)):  # a ragged last M tile
         x = torch.randn(m, 512, generator=gen)
         assert _rel(bound(x), _ref(x, qw, b)) < 1e-5, m
     ragged, _ = _bound_case(40, 384, 64, torch.float32, "cpu", False, False, seed=5)
-    assert not kt.BoundLinear(ragged, config=cfg).tiled  # not whole tiles: the canonical layout
+    assert kt.BoundLinear(ragged, config=cfg).layout == "canonical"  # not whole tiles
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -512,3 +518,64 @@ def test_gpu_cuda_graph_replay_with_new_inputs(warm, fixed_tuner):
     eager = step(fresh)
     h = (fresh.double() @ qu.dequantize(torch.float64).T + bu.double()).to(torch.bfloat16)
     assert _rel(eager, h.double() @ qd.dequantize(torch.float64).T) < 2e-2
+
+
+def test_operand_layout_round_trips_bit_exact():
+    gen = torch.Generator().manual_seed(12)
+    qweight = torch.randint(0, 256, (24, 96), generator=gen, dtype=torch.uint8)  # N=24, K=192
+    laid = lay.to_operand(qweight)
+    assert laid.shape == qweight.shape and laid.dtype == torch.uint8
+    assert not torch.equal(laid, qweight) and torch.equal(lay.from_operand(laid), qweight)
+    # word 1 of a chunk holds, in nibble 4c + 2b + a, the chunk's column 16a + 8b + 2 + c
+    codes = torch.stack((qweight & 0xF, qweight >> 4), -1).reshape(24, 192)
+    word = int(laid.view(torch.int32)[5, 4 + 1]) & 0xFFFFFFFF  # row 5, second chunk, word 1
+    for j in range(8):
+        c, b, a = j // 4, (j // 2) % 2, j % 2
+        assert (word >> (4 * j)) & 0xF == codes[5, 32 + 16 * a + 8 * b + 2 + c]
+    with pytest.raises(ValueError, match="32-column chunks"):
+        lay.to_operand(qweight[:, :40])
+    assert lay.operand_fits(4096, 128) and not lay.operand_fits(4096, 32) and not lay.operand_fits(4112, 128)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [(16, 64, 128, 3, 4, 3), (16, 32, 64, 1, 4, 3), (64, 64, 64, 2, 4, 3),
+                                 (128, 64, 64, 1, 8, 3), (256, 32, 64, 1, 8, 3)])
+@pytest.mark.parametrize("sym,offsets", [(False, False), (True, False), (False, True)])
+def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, monkeypatch):
+    """"operand": a bound layer reads its operand-layout copy, scales applied before the dot, for
+    every M tile (N not a multiple of BLOCK_N, a ragged last M tile, split-K with a ragged split),
+    zero-points, symmetric codes and float offsets (GGUF's q * s + m)."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", False, True, seed=cfg[0] + cfg[1] + sym)
+    if sym or offsets:
+        x0, qw, _ = _case(1, 72, 640, 128, sym, torch.float32, "cpu", seed=cfg[1] + 2 * sym)
+    if offsets:
+        qw = _with_offsets(qw, torch.float32, seed=cfg[0])
+    bound = kt.BoundLinear(qw, b, config=cfg)
+    assert bound.layout == "operand" and not torch.equal(bound._launch_w.qweight, qw.qweight)
+    gen = torch.Generator().manual_seed(cfg[0])
+    for m in (1, cfg[0] - 3):
+        x = torch.randn(m, 640, generator=gen)
+        assert _rel(bound(x), _ref(x, qw, b)) < 1e-5, m
+    # groups of 32 do not hold a 64-column tile: such a layer keeps the canonical layout
+    small, _ = _bound_case(40, 384, 32, torch.float32, "cpu", False, False, seed=5)
+    assert kt.BoundLinear(small, config=(16, 32, 32, 1, 4, 3)).layout == "canonical"
+
+
+def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():
+    for m in (1, 16, 64, 128, 512):
+        cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128, layout="operand")
+        assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[0] >= 16 and c[2] <= 128) for c in cfgs)
+    assert (256, 128, 64, 1, 8, 3) in kt.candidate_configs(512, 4096, 4096, 128, layout="operand")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+def test_operand_codes_refuse_a_kernel_that_reads_them_otherwise(monkeypatch):
+    qw, _ = _bound_case(64, 256, 128, torch.float32, "cpu", False, False, seed=4)
+    laid = replace(qw, qweight=lay.to_operand(qw.qweight))
+    out = torch.empty(2, 64)
+    with pytest.raises(ValueError, match="operand layout need"):
+        kt.launch(torch.randn(2, 256), laid, out, (16, 64, 128, 1, 4, 3), layout="operand")  # mode is "asm"
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    with pytest.raises(ValueError, match="operand layout need"):
+        kt.launch(torch.randn(2, 256), laid, out, (1, 64, 128, 1, 4, 3), layout="operand")  # a GEMV tile

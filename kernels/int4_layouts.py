@@ -1,0 +1,80 @@
+"""Where the native kernel finds each code: the canonical layout and two load-time re-layouts.
+
+The canonical Int4Weight (uint8 [N, K/2]; column 8i + j in nibble j of int32 word i) is the
+interchange form every format converts to and from. A bound layer may keep a second copy of
+its codes re-laid for the kernels, converted once when the layer is bound, bit-exactly
+reversible:
+  "tiled"    the same words, tile-major: TILE_ROWS x TILE_WORDS words (4 KB) contiguous, so a
+             warp's 16-byte loads over 8 rows read 512 contiguous bytes.
+  "operand"  the same word positions, the nibbles inside each OPERAND_COLUMNS-column chunk of a
+             row permuted so that a word's eight codes, dequantized in registers, are already
+             where the tensor-core instruction wants them as its register operand (16-bit
+             operands, kWidth 2: a thread holds columns 2l, 2l+1, 2l+8, 2l+9, and the same + 16,
+             for l = its lane mod 4). Triton then feeds the dequantized tile to wgmma from
+             registers, with no round trip through shared memory (benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE_ROWS, TILE_WORDS = 64, 16
+OPERAND_COLUMNS = 32  # four int32 words
+
+
+def tileable(n: int, k: int) -> bool:
+    """Whether an [n, k] weight divides into whole tiles."""
+    return n % TILE_ROWS == 0 and k % (8 * TILE_WORDS) == 0
+
+
+def to_tiled(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K/2] codes -> the same bytes tile-major (same shape and dtype)."""
+    n, half = qweight.shape
+    if not tileable(n, 2 * half):
+        raise ValueError(f"a {n}x{2 * half} weight is not whole {TILE_ROWS}x{8 * TILE_WORDS} tiles")
+    words = qweight.contiguous().view(torch.int32)
+    tiles = words.reshape(n // TILE_ROWS, TILE_ROWS, half // 4 // TILE_WORDS, TILE_WORDS).permute(0, 2, 1, 3)
+    return tiles.contiguous().view(torch.uint8).reshape(n, half)
+
+
+def from_tiled(tiled: torch.Tensor) -> torch.Tensor:
+    """to_tiled's inverse."""
+    n, half = tiled.shape
+    tiles = tiled.contiguous().view(torch.int32).reshape(n // TILE_ROWS, half // 4 // TILE_WORDS, TILE_ROWS, TILE_WORDS)
+    return tiles.permute(0, 2, 1, 3).contiguous().view(torch.uint8).reshape(n, half)
+
+
+def operand_source() -> torch.Tensor:
+    """For position p = 8i + j of a chunk (word i, nibble j = 4c + 2b + a): the chunk column it
+    holds, 16a + 8b + 2i + c. Nibbles j and j + 4 hold columns 2i + 16a + 8b and the one after:
+    one register pair of the operand. The kernel's dequant_operand undoes exactly this."""
+    p = torch.arange(OPERAND_COLUMNS)
+    i, j = p // 8, p % 8
+    c, b, a = j // 4, (j // 2) % 2, j % 2
+    return 16 * a + 8 * b + 2 * i + c
+
+
+def operand_fits(k: int, group: int) -> bool:
+    """Whether a weight can take the operand layout: whole chunks, and groups that hold whole
+    64-column tiles (the kernel applies one scale per row and tile; 64 is its smallest tile)."""
+    return k % OPERAND_COLUMNS == 0 and group % 64 == 0
+
+
+def _permute_columns(qweight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    n, half = qweight.shape
+    if (2 * half) % OPERAND_COLUMNS:
+        raise ValueError(f"K = {2 * half} is not whole {OPERAND_COLUMNS}-column chunks")
+    q = qweight.contiguous()
+    codes = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(n, -1, OPERAND_COLUMNS)  # canonical: low nibble first
+    codes = codes[:, :, index.to(q.device)].reshape(n, half, 2)
+    return (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+
+
+def to_operand(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K/2] codes -> the operand layout (same shape and dtype)."""
+    return _permute_columns(qweight, operand_source())
+
+
+def from_operand(laid: torch.Tensor) -> torch.Tensor:
+    """to_operand's inverse."""
+    return _permute_columns(laid, torch.argsort(operand_source()))

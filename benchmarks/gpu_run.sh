@@ -157,7 +157,15 @@ if [ "${VLLM_KERNELS:-0}" = 1 ]; then
   [ -f "$REPO/.qbcache/qcache-llama3-8b-2l.tar" ] && mkdir -p "$QUANTBRIDGE_CACHE" && tar -xf "$REPO/.qbcache/qcache-llama3-8b-2l.tar" -C "$QUANTBRIDGE_CACHE"
   python3 -c "import json, subprocess, sys; d = json.loads(subprocess.run([sys.executable, '-m', 'quantbridge.cli', 'env', '--json'], capture_output=True, text=True).stdout); [print(k['kernel'], k['available'], k['reason']) for k in d['kernels'] if k['kernel'] in ('machete', 'marlin', 'vllm-exllama', 'exllamav2', 'gemlite')]" 2>&1 | tee "$VK/env.txt"
   vbatch=${VLLM_BENCH_BATCH:-1,4,16,64,128,512}
-  for run in ${VLLM_RUNS:-tests bench-fp16 bench-bf16 gptq awq}; do
+  vruns=${VLLM_RUNS:-tests bench-fp16 bench-bf16 gptq awq}
+  # gemlite compiles (and, for shapes its shipped tuning lacks, autotunes) on first use, one shape
+  # after another: compile them first for the benches asked for, one process per (shape, dtype).
+  vdt=$(for r in $vruns; do case $r in bench-*) printf '%s,' "${r#bench-}";; esac; done)
+  if [ -n "$vdt" ] && [[ ",${VLLM_BENCH_KERNELS:-gemlite}," == *,gemlite,* ]]; then
+    timeout "${PRE_GEMLITE_TIMEOUT:-300}" python3 benchmarks/precompile_gemlite.py --shapes "${VLLM_SHAPES:-llama3-8b,llama3-70b}" \
+      --batch "$vbatch" --dtypes "${vdt%,}" 2>&1 | tail -n 2
+  fi
+  for run in $vruns; do
     case $run in
       tests)
         timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_kernels.py > "$VK/gpu-tests.log" 2>&1
@@ -165,7 +173,8 @@ if [ "${VLLM_KERNELS:-0}" = 1 ]; then
       bench-fp16|bench-bf16)
         dt=${run#bench-}
         kernels=${VLLM_BENCH_KERNELS:-machete,marlin,vllm-exllama,exllamav2,gemlite}
-        backends=${VLLM_BENCH_BACKENDS:-fp16,native$([ "$dt" = bf16 ] && echo ,tinygemm)}  # tinygemm takes bf16 only
+        # tinygemm takes bf16 only; native is timed in bf16 (its tuned table here), not tuned again in fp16
+        backends=${VLLM_BENCH_BACKENDS:-fp16$([ "$dt" = bf16 ] && echo ,native,tinygemm)}
         timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --dtype "$dt" --shapes "${VLLM_SHAPES:-llama3-8b,llama3-70b}" \
           --batch "$vbatch" --backends "$backends" --kernels "$kernels" --runs "${RUNS:-50}" \
           --out "$VK/$run" > "$VK/$run.txt" 2> "$VK/$run.log"

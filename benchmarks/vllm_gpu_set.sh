@@ -11,7 +11,7 @@
 #    manylinux x86_64, less what the GPU machine has (what torch==2.11.0, torchvision==0.26.0,
 #    torchaudio==2.11.0, transformers==5.17.0, triton==3.6.0 resolve to) and less LEAVE below, which
 #    vLLM 0.26 imports only inside functions or for features a dense Llama does not use.
-# 3. one tar of both, split into chunks of CHUNK_MB (default 55) MiB.
+# 3. one tar of both, split into chunks of CHUNK_MB (default 50) MiB.
 # The wheel itself is reused from VLLM_WHEEL (default: /tmp/vllm-wheel-vk, where it was downloaded).
 set -euo pipefail
 V=${VLLM_VERSION:-0.26.0}
@@ -20,7 +20,7 @@ WHEEL=${VLLM_WHEEL:-$(ls /tmp/vllm-wheel-vk/vllm-$V-*.whl 2>/dev/null | head -1)
 REPO=$(pwd)
 DEST=$REPO/.qbcache/vllm-set
 WORK=${WORK:-/tmp/vllm-set-build}
-CHUNK_MB=${CHUNK_MB:-55}  # MiB; with the ~7 MB working tree a call stays under 64 MiB
+CHUNK_MB=${CHUNK_MB:-50}  # MiB; with the ~8 MB working tree a call stays under 64 MiB with room for it to grow
 PY=${PYVER:-3.12}
 # Left out (the first GPU step checks that vLLM starts without each of them):
 LEAVE=${LEAVE:-"torch torchvision torchaudio triton transformers opencv-python-headless tilelang pynvvideocodec z3-solver \

@@ -313,7 +313,9 @@ def _int4_gemv_kernel(
     two); nibbles 5-7 come from one shift of the word by 12: one shift per word, not eight.
     2^23's bits come in as an argument (magic_bits), so the and and the or of each nibble
     are one lop3 (an instruction takes one immediate). OFFSETS: s * sum q x + m * sum x.
-    EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask. STAGES > 1 (MODE 5): Triton
+    EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask. MODE 8: the codes are in
+    int4_layouts' operand layout, so nibble j of word i holds another column (operand_column).
+    STAGES > 1 (MODE 5): Triton
     pipelines the K loop's weight loads, copying tiles asynchronously (cp.async) into a ring of
     STAGES shared buffers, so STAGES - 1 tiles are in flight while one is decoded; a loop with
     no dot is not pipelined unless asked.
@@ -331,6 +333,7 @@ def _int4_gemv_kernel(
     t_end = tl.minimum(t_start + per_split, k_tiles)
 
     acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    OPERAND: tl.constexpr = MODE == 8
     w_rows = qw_ptr + offs_n[:, None] * stride_wn
     x_row = x_ptr + row * stride_xm
     if MODE == 4:
@@ -366,6 +369,10 @@ def _int4_gemv_kernel(
                                        BLOCK_N, OFFSETS)
         qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         xs = tl.zeros((WORDS,), dtype=tl.float32)
+        if OPERAND:
+            x_word = x_row + (offs_w // 4) * 32 + (offs_w % 4) * 2  # the chunk's columns 2i.. (int4_layouts)
+        else:
+            x_word = x_row + offs_w * 8
         if MODE >= 2:
             upper = words >> 12  # nibbles 5, 6, 7 now at positions 2, 3, 4
             for j in tl.static_range(8):
@@ -379,10 +386,13 @@ def _int4_gemv_kernel(
                         xp = tl.load(x_row + j * stride_wn + offs_w, mask=mask_w, other=0.0)
                     xj = xp * (1 << (4 * P))  # exact (a power of two); only the OFFSETS sum uses it
                 else:
+                    # nibble j = 4c + 2b + a of the operand layout is column 16a + 8b + c past x_word's;
+                    # a constant past one pointer per word, so the loads take it as an immediate offset
+                    col = 16 * (j % 2) + 8 * ((j // 2) % 2) + j // 4 if OPERAND else j
                     if EVEN_K:
-                        xj = tl.load(x_row + offs_w * 8 + j).to(tl.float32)
+                        xj = tl.load(x_word + col).to(tl.float32)
                     else:
-                        xj = tl.load(x_row + offs_w * 8 + j, mask=mask_w, other=0.0).to(tl.float32)
+                        xj = tl.load(x_word + col, mask=mask_w, other=0.0).to(tl.float32)
                     xp = xj * (1.0 / (1 << (4 * P)))
                 if j < 5:  # nibble j at bits 4j..4j+3
                     bits = (words & (0xF << (4 * j))) | magic_bits
@@ -485,10 +495,10 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # with the GEMV's activations prepared once per call by a prologue kernel (fp32, nibble-major,
 # 16^-p applied), which ncu's M=1 profile pointed to (no gain on the H100); "tiled" is "asm"
 # with bound layers' codes stored tile-major (int4_layouts.to_tiled; not yet timed); "operand"
-# keeps bound layers' codes in int4_layouts' operand layout and runs every M on tensor cores,
-# the dequantized weight fed to wgmma from registers (not yet timed). All are kept so
-# benchmarks/kernel_variants.py can time them on one device; the tuner keeps a table entry
-# per mode. Layers the operand layout does not fit (groups below 32) run "asm".
+# keeps bound layers' codes in int4_layouts' operand layout: tensor-core tiles feed the
+# dequantized weight to wgmma from registers, and the GEMV reads that layout too (not yet
+# timed). All are kept so benchmarks/kernel_variants.py can time them on one device; the tuner
+# keeps a table entry per mode. Layers the operand layout does not fit (groups below 64) run "asm".
 CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7,
               "operand": 8}
 CODE_MODE = "asm"
@@ -513,12 +523,12 @@ def gemv_configs(k: int, group: int) -> list[Config]:
 
 def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonical") -> list[Config]:
     """The search space for one M bucket: kept small, since every candidate is compiled and timed.
-    The operand layout runs tensor-core tiles only, each inside one group."""
+    The operand layout runs tiles inside one group only."""
     if layout == "operand":
         tiles = [c for c in _tile_configs(m, n, k, group) if c == DEQUANT_CUBLAS or c[2] <= group]
         if m >= 256:  # W x^T: M is the tensor-core N dimension, up to 256
             tiles.insert(-1, (256, 128, 64, 1, 8, 3))
-        return tiles
+        return (gemv_configs(k, group) if m <= 2 else []) + tiles
     if m <= 2:
         return gemv_configs(k, group) + _tile_configs(m, n, k, group)
     return _tile_configs(m, n, k, group)
@@ -563,9 +573,9 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
     if layout == "operand":
-        if mode != 8 or bm == 1 or bk > w.group_size or bk % 32:
-            raise ValueError(f"codes in the operand layout need CODE_MODE 'operand' and tensor-core tiles of 32 or "
-                             f"more columns inside one group, not {cfg} in {CODE_MODE!r}")
+        if mode != 8 or bk > w.group_size or bk % 32:
+            raise ValueError(f"codes in the operand layout need CODE_MODE 'operand' and tiles of 32 or more "
+                             f"columns inside one group, not {cfg} in {CODE_MODE!r}")
     elif mode == 8:
         mode = 3  # canonical codes: the "asm" kernels
     if mode >= 3 and k % 8:

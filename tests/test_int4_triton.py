@@ -538,13 +538,15 @@ def test_operand_layout_round_trips_bit_exact():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
-@pytest.mark.parametrize("cfg", [(16, 64, 128, 3, 4, 3), (16, 32, 64, 1, 4, 3), (64, 64, 64, 2, 4, 3),
-                                 (128, 64, 64, 1, 8, 3), (256, 32, 64, 1, 8, 3)])
+@pytest.mark.parametrize("cfg", [(1, 64, 128, 3, 4, 3), (1, 32, 64, 1, 4, 3), (16, 64, 128, 3, 4, 3),
+                                 (16, 32, 64, 1, 4, 3), (64, 64, 64, 2, 4, 3), (128, 64, 64, 1, 8, 3),
+                                 (256, 32, 64, 1, 8, 3)])
 @pytest.mark.parametrize("sym,offsets", [(False, False), (True, False), (False, True)])
 def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, monkeypatch):
-    """"operand": a bound layer reads its operand-layout copy, scales applied before the dot, for
-    every M tile (N not a multiple of BLOCK_N, a ragged last M tile, split-K with a ragged split),
-    zero-points, symmetric codes and float offsets (GGUF's q * s + m)."""
+    """"operand": a bound layer reads its operand-layout copy through the GEMV and the tensor-core
+    tiles (scales applied before the dot), for every M tile (N not a multiple of BLOCK_N, a ragged
+    last M tile, split-K with a ragged split), zero-points, symmetric codes and float offsets
+    (GGUF's q * s + m)."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", False, True, seed=cfg[0] + cfg[1] + sym)
     if sym or offsets:
@@ -554,7 +556,7 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
     bound = kt.BoundLinear(qw, b, config=cfg)
     assert bound.layout == "operand" and not torch.equal(bound._launch_w.qweight, qw.qweight)
     gen = torch.Generator().manual_seed(cfg[0])
-    for m in (1, cfg[0] - 3):
+    for m in ((1, 2) if cfg[0] == 1 else (1, cfg[0] - 3)):
         x = torch.randn(m, 640, generator=gen)
         assert _rel(bound(x), _ref(x, qw, b)) < 1e-5, m
     # groups of 32 do not hold a 64-column tile: such a layer keeps the canonical layout
@@ -565,12 +567,13 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
 def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():
     for m in (1, 16, 64, 128, 512):
         cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128, layout="operand")
-        assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[0] >= 16 and c[2] <= 128) for c in cfgs)
+        assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[2] <= 128 and c[2] % 32 == 0) for c in cfgs)
+        assert any(c[0] == 1 for c in cfgs) == (m == 1)  # the GEMV beside the 16-row tiles at M=1
     assert (256, 128, 64, 1, 8, 3) in kt.candidate_configs(512, 4096, 4096, 128, layout="operand")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
-def test_operand_codes_refuse_a_kernel_that_reads_them_otherwise(monkeypatch):
+def test_operand_codes_refuse_a_launch_that_would_misread_them(monkeypatch):
     qw, _ = _bound_case(64, 256, 128, torch.float32, "cpu", False, False, seed=4)
     laid = replace(qw, qweight=lay.to_operand(qw.qweight))
     out = torch.empty(2, 64)
@@ -578,4 +581,4 @@ def test_operand_codes_refuse_a_kernel_that_reads_them_otherwise(monkeypatch):
         kt.launch(torch.randn(2, 256), laid, out, (16, 64, 128, 1, 4, 3), layout="operand")  # mode is "asm"
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     with pytest.raises(ValueError, match="operand layout need"):
-        kt.launch(torch.randn(2, 256), laid, out, (1, 64, 128, 1, 4, 3), layout="operand")  # a GEMV tile
+        kt.launch(torch.randn(2, 256), laid, out, (16, 64, 256, 1, 4, 3), layout="operand")  # a tile over two groups

@@ -129,8 +129,6 @@ def _int4_matmul_kernel(
 
     if SWAP:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if OPERAND and OFFSETS:
-        acc_m = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # sum_k m x, apart: the dots never wait for it
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     for t in range(t_start, t_end):
@@ -159,10 +157,11 @@ def _int4_matmul_kernel(
             else:
                 z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
             if OPERAND:
-                acc_t = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.trans(x), acc_t)
-                if OFFSETS:
-                    acc_m += tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0).to(tl.float32)[:, None] * \
-                        tl.sum(x.to(tl.float32), axis=1)[None, :]
+                if OFFSETS:  # w = q s + m, in the weight: no sum of x to add
+                    o = tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0)
+                else:
+                    o = s  # not read
+                acc_t = tl.dot(dequant_operand(words, z, s, o, x.dtype, USE_ASM, OFFSETS), tl.trans(x), acc_t)
             else:
                 s = s.to(tl.float32)
                 q = tl.reshape(dequant_words(words, z, x.dtype, USE_ASM), (BLOCK_N, BLOCK_K))  # q - z, exact
@@ -226,8 +225,6 @@ def _int4_matmul_kernel(
                     b = -s * tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
                 acc = tl.dot(x_even, tl.trans((as_float(lo, tl.float32, CONV) * s + b).to(x.dtype)), acc)
                 acc = tl.dot(x_odd, tl.trans((as_float(hi, tl.float32, CONV) * s + b).to(x.dtype)), acc)
-    if OPERAND and OFFSETS:
-        acc_t += acc_m
     if SWAP:
         acc = tl.trans(acc_t)
 

@@ -147,8 +147,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _flush_section(comp: dict, events: dict, path: str) -> list[str]:
-    rows = flush_check(comp, events)
+def _flush_section(rows: list[dict], path: str) -> list[str]:
     w, r = _summary(rows, "write_dev_pct"), _summary(rows, "read_dev_pct")
     summary = [{"backend": b, "m": m, "layers": len(w[b, m]), "vs_write_flush_median_pct": statistics.median(w[b, m]),
                 "vs_read_flush_median_pct": statistics.median(r[b, m]),
@@ -167,7 +166,8 @@ def main(graph: str, repeat: str, bench: str, eager: str, out: str, events: str 
     steps = step_check(g)
     res = {"device": g["device"].get("name"), "step": steps, "remainder": remainder_spread(steps),
            "kernel": kernel_check(g, bn),
-           "repeat": repeat_check(g, r), "host": host_check(e)}
+           "repeat": repeat_check(g, r), "host": host_check(e),
+           "flush": flush_check(g, _load(events)) if events else []}
     by_bm = _summary(res["kernel"], "dev_pct")
     kernel_summary = [{"backend": b, "m": m, "layers": len(d), "median_dev_pct": statistics.median(d),
                        "min_dev_pct": min(d), "max_dev_pct": max(d), "within_10pct": sum(abs(x) <= 10 for x in d)}
@@ -187,7 +187,7 @@ def main(graph: str, repeat: str, bench: str, eager: str, out: str, events: str 
           "## 2. Layer in the step vs the same kernel alone (`bench`, CUDA graph, L2 flushed; target ±10 %)", "",
           _table(kernel_summary, ["backend", "m", "layers", "median_dev_pct", "min_dev_pct", "max_dev_pct",
                                   "within_10pct"]), "",
-          *(_flush_section(g, _load(events), events) if events else []),
+          *(_flush_section(res["flush"], events) if events else []),
           "## 3. Two runs of the same command (target 3 %)", "",
           _table(res["repeat"], ["backend", "m", "layers", "median_layer_dev_pct", "max_layer_dev_pct", "sum_dev_pct"]),
           "", "## 4. Eager host enqueue cost per layer call (median over layers)", "",

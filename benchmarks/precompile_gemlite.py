@@ -25,18 +25,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _worker(rank: int, jobs: list, ms: list[int], group: int, done) -> None:
+    # Never exits with an error: torch.multiprocessing stops every other process when one does,
+    # and their compilations are the point.
     from quantbridge.plugin.kernel import build_exactly
     from quantbridge.plugin.packed import quantize_rtn
     from quantbridge.plugin.spec import QuantSpec
 
     (k, n), dt = jobs[rank]
     dtype = DTYPES[dt]
-    w = quantize_rtn(torch.randn(n, k, device="cuda"), QuantSpec(group_size=group), scale_dtype=dtype)
-    layer = build_exactly("gemlite", w, None)
-    for m in ms:
-        layer(torch.randn(m, k, device="cuda", dtype=dtype))
-    torch.cuda.synchronize()
-    done[rank] = 1
+    try:
+        w = quantize_rtn(torch.randn(n, k, device="cuda"), QuantSpec(group_size=group), scale_dtype=dtype)
+        layer = build_exactly("gemlite", w, None)
+        for m in ms:
+            layer(torch.randn(m, k, device="cuda", dtype=dtype))
+        torch.cuda.synchronize()
+        done[rank] = 1
+    except Exception as e:
+        print(f"precompile_gemlite: {k}x{n} {dt}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(shape, dt) for shape in parse_shapes(a.shapes) for dt in a.dtypes.split(",")]
     start = time.perf_counter()
     done = mp.Manager().list([0] * len(jobs))
-    try:
-        mp.spawn(_worker, args=(jobs, [int(m) for m in a.batch.split(",")], a.group_size, done), nprocs=len(jobs),
-                 join=True)
-    except Exception as e:  # one shape that fails leaves the others' compilations in the cache
-        print(f"precompile_gemlite: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}", file=sys.stderr)
+    mp.spawn(_worker, args=(jobs, [int(m) for m in a.batch.split(",")], a.group_size, done), nprocs=len(jobs), join=True)
     print(f"gemlite: {sum(done)} of {len(jobs)} (shape, dtype) compiled in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -50,7 +50,7 @@ def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 12
     """SASS of the kernel one configuration launches (M = 1 for GEMV tiles, 16 otherwise)."""
     bm, bn, bk, sk, warps, stages = cfg
     mode_i = kt.CODE_MODES[mode]
-    words = bm == 1 or (mode_i >= 3 and bk <= group and bm <= 64) or mode_i == 8  # the kernel's WORD_TILES
+    words = bm == 1 or (mode_i >= 3 and bk <= group and (bm <= 64 or mode_i == 8))  # the kernel's WORD_TILES
     fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
     head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)
     consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ()) \

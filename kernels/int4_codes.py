@@ -40,16 +40,14 @@ mov.b32 {{$3, $7}}, t3;
 ASM_BF16 = tl.constexpr(_WORD_TO_8.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
 ASM_FP16 = tl.constexpr(_WORD_TO_8.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
 
-# The same, then times the scale and plus an offset ($10 and $11, the row's in both halves): one
-# more fma per pair, rounding (q - z) * s + o once to the output dtype, as Marlin and Machete do.
-# Without float offsets o is -0, an immediate: an operand that is a tensor of constants made the
-# compiler choose a layout that sent the tile through shared memory again (fma by -0, not
-# mul.bf16x2, which needs sm_90).
+# The same, then times the scale ($10, the row's in both halves): one more fma per pair, rounding
+# (q - z) * s once to the output dtype, as Marlin and Machete do (an fma by -0, not mul.bf16x2,
+# which needs sm_90).
 _WORD_TO_8_SCALED = """{{
 .reg .b32 t0, t1, t2, t3, s1, s2, s3, m, one, o;
 mov.b32 m, {magic};
 mov.b32 one, {one};
-mov.b32 o, {offset};
+mov.b32 o, 0x80008000;
 shr.b32 s1, $8, 4;
 shr.b32 s2, $8, 8;
 shr.b32 s3, $8, 12;
@@ -70,12 +68,8 @@ mov.b32 {{$1, $5}}, t1;
 mov.b32 {{$2, $6}}, t2;
 mov.b32 {{$3, $7}}, t3;
 }}"""
-ASM_BF16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2",
-                                                         offset="0x80008000"))
-ASM_FP16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x64006400", one="0x3C003C00", ty="f16x2",
-                                                        offset="0x80008000"))
-ASM_BF16_OFFSET = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2", offset="$11"))
-ASM_FP16_OFFSET = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x64006400", one="0x3C003C00", ty="f16x2", offset="$11"))
+ASM_BF16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
+ASM_FP16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
 
 
 @triton.jit
@@ -130,10 +124,11 @@ def _pair(v, words):
 
 
 @triton.jit
-def dequant_operand(words, z, s, o, DT: tl.constexpr, USE_ASM: tl.constexpr, HAS_O: tl.constexpr):
-    """int32 words [R, W] in int4_layouts' "operand" layout, zero-points z [R] (uint8), scales s
-    and, with HAS_O, float offsets o [R] (any float type; ignored otherwise) -> (q - z) * s + o as
-    DT [R, 8W] in canonical column order, each value rounded once (o itself to DT first).
+def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [R, W] in int4_layouts' "operand" layout, zero-points z [R] (uint8) and scales
+    s [R] -> (q - z) * s as DT [R, 8W] in canonical column order, each value rounded once.
+    (Float offsets, w = q s + m, are not taken: m rounded to DT before the sum loses the weight
+    where q s is close to -m; such weights keep the canonical layout.)
 
     Word i of a 32-column chunk holds, in nibble 4c + 2b + a, the chunk's column
     16a + 8b + 2(i mod 4) + c: joining the nibbles (minor axes a, b, c) and moving i mod 4 between
@@ -142,40 +137,27 @@ def dequant_operand(words, z, s, o, DT: tl.constexpr, USE_ASM: tl.constexpr, HAS
     if USE_ASM:
         if DT == tl.float16:
             bias = (-(1024.0 + z.to(tl.float32))).to(tl.float16).to(tl.int16, bitcast=True)
-            args = [words, _pair(bias, words), _pair(s.to(tl.float16).to(tl.int16, bitcast=True), words)]
-            if HAS_O:
-                q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                    ASM_FP16_OFFSET, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
-                    args + [_pair(o.to(tl.float16).to(tl.int16, bitcast=True), words)],
-                    dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-            else:
-                q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                    ASM_FP16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args,
-                    dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_FP16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                [words, _pair(bias, words), _pair(s.to(tl.float16).to(tl.int16, bitcast=True), words)],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
         else:
             bias = (-(128.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True)
-            args = [words, _pair(bias, words), _pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True), words)]
-            if HAS_O:
-                q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                    ASM_BF16_OFFSET, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
-                    args + [_pair(o.to(tl.bfloat16).to(tl.int16, bitcast=True), words)],
-                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-            else:
-                q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                    ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args,
-                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                [words, _pair(bias, words), _pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True), words)],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
     else:
         zf = z.to(tl.float32)[:, None]
         sf = s.to(tl.float32)[:, None]
-        of = o.to(DT).to(tl.float32)[:, None] if HAS_O else 0.0
-        q0 = ((((words >> 0) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q1 = ((((words >> 4) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q2 = ((((words >> 8) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q3 = ((((words >> 12) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q4 = ((((words >> 16) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q5 = ((((words >> 20) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q6 = ((((words >> 24) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
-        q7 = ((((words >> 28) & 0xF).to(tl.float32) - zf) * sf + of).to(DT)
+        q0 = ((((words >> 0) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q1 = ((((words >> 4) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q2 = ((((words >> 8) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q3 = ((((words >> 12) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q4 = ((((words >> 16) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q5 = ((((words >> 20) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q6 = ((((words >> 24) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        q7 = ((((words >> 28) & 0xF).to(tl.float32) - zf) * sf).to(DT)
     R: tl.constexpr = words.shape[0]
     W: tl.constexpr = words.shape[1]
     # join appends a minor axis, so the innermost join's is the first of the three: [..., a, b, c]

@@ -91,10 +91,10 @@ def _int4_matmul_kernel(
     each tile split into even and odd columns, the two nibbles meeting the even and odd
     activations in two dots.
 
-    MODE 8 ("operand"; the codes in int4_layouts' operand layout, one group per tile): every
-    tile is a word tile computed as W x^T, the weight dequantized with its scale applied
-    (int4_codes.dequant_operand) straight into the tensor-core register operand, and the dot
-    accumulating across K tiles, so consecutive wgmma need not wait for each other.
+    MODE 8 ("operand"; the codes in int4_layouts' operand layout, one group per tile, no float
+    offsets): every tile is a word tile computed as W x^T, the weight dequantized with its scale
+    applied (int4_codes.dequant_operand) straight into the tensor-core register operand, and the
+    dot accumulating across K tiles, so consecutive wgmma need not wait for each other.
     """
     OPERAND: tl.constexpr = MODE == 8 and BLOCK_K <= GROUP
     WORD_TILES: tl.constexpr = (MODE >= 3 and BLOCK_K <= GROUP and BLOCK_M <= 64) or OPERAND
@@ -157,11 +157,8 @@ def _int4_matmul_kernel(
             else:
                 z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
             if OPERAND:
-                if OFFSETS:  # w = q s + m, in the weight: no sum of x to add
-                    o = tl.load(m_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0)
-                else:
-                    o = s  # not read
-                acc_t = tl.dot(dequant_operand(words, z, s, o, x.dtype, USE_ASM, OFFSETS), tl.trans(x), acc_t)
+                tl.static_assert(not OFFSETS, "the operand layout takes no float offsets")
+                acc_t = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.trans(x), acc_t)
             else:
                 s = s.to(tl.float32)
                 q = tl.reshape(dequant_words(words, z, x.dtype, USE_ASM), (BLOCK_N, BLOCK_K))  # q - z, exact
@@ -311,7 +308,7 @@ def _int4_gemv_kernel(
     2^23's bits come in as an argument (magic_bits), so the and and the or of each nibble
     are one lop3 (an instruction takes one immediate). OFFSETS: s * sum q x + m * sum x.
     EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask. MODE 8: the codes are in
-    int4_layouts' operand layout, so nibble j of word i holds another column (operand_column).
+    int4_layouts' operand layout, so nibble j of a word holds another column (operand_source).
     STAGES > 1 (MODE 5): Triton
     pipelines the K loop's weight loads, copying tiles asynchronously (cp.async) into a ring of
     STAGES shared buffers, so STAGES - 1 tiles are in flight while one is decoded; a loop with
@@ -570,9 +567,9 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
     if layout == "operand":
-        if mode != 8 or bk > w.group_size or bk % 32:
-            raise ValueError(f"codes in the operand layout need CODE_MODE 'operand' and tiles of 32 or more "
-                             f"columns inside one group, not {cfg} in {CODE_MODE!r}")
+        if mode != 8 or not operand_config(cfg, w.group_size) or w.offsets is not None:
+            raise ValueError(f"codes in the operand layout need CODE_MODE 'operand', no float offsets and tiles "
+                             f"of 32 or more columns inside one group, not {cfg} in {CODE_MODE!r}")
     elif mode == 8:
         mode = 3  # canonical codes: the "asm" kernels
     if mode >= 3 and k % 8:
@@ -708,7 +705,10 @@ class _Tuner:
         if _interpreting() or not x2.is_cuda:
             # The interpreter checks correctness, not speed: take the first valid candidate.
             return candidate_configs(m_bucket(m), n, k, w.group_size, layout)[0]
-        key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}"
+        # The layout is in the key where it is not the canonical one: in one mode, a bound layer and an
+        # unbound call of the same shape read different layouts (and older tables keep their keys).
+        key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
+            + ("" if layout == "canonical" else f"-{layout}")
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
@@ -775,11 +775,19 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     return out.reshape(*x.shape[:-1], w.out_features)
 
 
-def bound_layout(n: int, k: int, group: int) -> str:
-    """The layout a layer bound now keeps its codes in for the kernels (int4_layouts)."""
+def operand_config(cfg: Config, group: int) -> bool:
+    """Whether a configuration can read the operand layout: tiles of whole chunks inside one group."""
+    return cfg == DEQUANT_CUBLAS or (cfg[2] <= group and cfg[2] % 32 == 0)
+
+
+def bound_layout(w: Int4Weight, config: Config | None = None) -> str:
+    """The layout a layer bound now keeps its codes in for the kernels (int4_layouts). Weights with
+    float offsets (GGUF) and fixed configurations the layout does not fit keep the canonical one."""
+    n, k = w.out_features, w.in_features
     if CODE_MODE == "tiled" and tileable(n, k):
         return "tiled"
-    if CODE_MODE == "operand" and operand_fits(k, group):
+    if (CODE_MODE == "operand" and operand_fits(k, w.group_size) and w.offsets is None
+            and (config is None or operand_config(config, w.group_size))):
         return "operand"
     return "canonical"
 
@@ -830,7 +838,7 @@ class BoundLinear:
         # "tiled" and "operand" (modes under A/B test): the kernels read a re-laid copy of the codes
         # and the canonical weight stays for dequantize + cuBLAS and for whatever reads the layer's
         # codes, so these modes hold the codes twice; the winner's layout becomes the stored form.
-        self.layout = bound_layout(self.n, self.k, w.group_size)
+        self.layout = bound_layout(w, config)
         relaid = {"tiled": to_tiled, "operand": to_operand}.get(self.layout)
         self._launch_w = replace(w, qweight=relaid(w.qweight)) if relaid else w
         self.qw_ptr = self._launch_w.qweight.data_ptr()

@@ -545,8 +545,9 @@ def test_operand_layout_round_trips_bit_exact():
 def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, monkeypatch):
     """"operand": a bound layer reads its operand-layout copy through the GEMV and the tensor-core
     tiles (scales applied before the dot), for every M tile (N not a multiple of BLOCK_N, a ragged
-    last M tile, split-K with a ragged split), zero-points, symmetric codes and float offsets
-    (GGUF's q * s + m)."""
+    last M tile, split-K with a ragged split), zero-points and symmetric codes. Float offsets
+    (GGUF's q * s + m) keep the canonical layout: m rounded to bf16 before the sum would lose the
+    weights where q * s is close to -m."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", False, True, seed=cfg[0] + cfg[1] + sym)
     if sym or offsets:
@@ -554,14 +555,21 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
     if offsets:
         qw = _with_offsets(qw, torch.float32, seed=cfg[0])
     bound = kt.BoundLinear(qw, b, config=cfg)
-    assert bound.layout == "operand" and not torch.equal(bound._launch_w.qweight, qw.qweight)
+    if offsets:
+        assert bound.layout == "canonical" and bound._launch_w is qw
+    else:
+        assert bound.layout == "operand" and not torch.equal(bound._launch_w.qweight, qw.qweight)
     gen = torch.Generator().manual_seed(cfg[0])
     for m in ((1, 2) if cfg[0] == 1 else (1, cfg[0] - 3)):
         x = torch.randn(m, 640, generator=gen)
         assert _rel(bound(x), _ref(x, qw, b)) < 1e-5, m
-    # groups of 32 do not hold a 64-column tile: such a layer keeps the canonical layout
+    # groups of 32 do not hold a 64-column tile, and a fixed tile over two groups cannot read the
+    # layout: such layers keep the canonical one (and run as in any other mode)
     small, _ = _bound_case(40, 384, 32, torch.float32, "cpu", False, False, seed=5)
     assert kt.BoundLinear(small, config=(16, 32, 32, 1, 4, 3)).layout == "canonical"
+    wide = kt.BoundLinear(qw, b, config=(16, 16, 256, 2, 4, 3))
+    x = torch.randn(5, 640, generator=gen)
+    assert wide.layout == "canonical" and _rel(wide(x), _ref(x, qw, b)) < 1e-5
 
 
 def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():
@@ -582,3 +590,6 @@ def test_operand_codes_refuse_a_launch_that_would_misread_them(monkeypatch):
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     with pytest.raises(ValueError, match="operand layout need"):
         kt.launch(torch.randn(2, 256), laid, out, (16, 64, 256, 1, 4, 3), layout="operand")  # a tile over two groups
+    with pytest.raises(ValueError, match="operand layout need"):  # float offsets
+        kt.launch(torch.randn(2, 256), _with_offsets(laid, torch.float32, seed=1), out, (16, 64, 128, 1, 4, 3),
+                  layout="operand")

@@ -492,7 +492,8 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # keeps bound layers' codes in int4_layouts' operand layout: tensor-core tiles feed the
 # dequantized weight to wgmma from registers, and the GEMV reads that layout too (not yet
 # timed). All are kept so benchmarks/kernel_variants.py can time them on one device; the tuner
-# keeps a table entry per mode. Layers the operand layout does not fit (groups below 64) run "asm".
+# keeps a table entry per mode. Layers the operand layout does not fit (groups below 64, float
+# offsets) run "asm".
 CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7,
               "operand": 8}
 CODE_MODE = "asm"

@@ -63,36 +63,31 @@ def remainder_spread(steps: list[dict]) -> list[dict]:
              "spread_pct": 100 * (max(v) - min(v)) / statistics.median(v)} for m, v in sorted(by_m.items())]
 
 
-def kernel_check(comp: dict, bench: dict) -> list[dict]:
-    times = {(r["backend"], r["k"], r["n"], r["m"]): r["median_us"] for r in bench["rows"] if r["status"] == "ok"}
-    out = []
+def _step_layers(comp: dict):
+    """(backend, layer, k, n, m, in-step median µs, the key of the same kernel alone) for every layer
+    timed in the step; unquantized layers of a quantized row run fp16's kernel."""
     for name, b in sorted(_ok(comp).items()):
         for layer in b["layers"]:
             n, k = layer["shape"]
             for m, lat in layer["latency_us"].items():
-                key = (name if layer["quantized"] or name == "fp16" else "fp16", k, n, int(m))
-                if key in times:
-                    out.append({"backend": name, "layer": layer["name"], "k": k, "n": n, "m": int(m),
-                                "graph_us": lat["median"], "bench_us": times[key],
-                                "dev_pct": 100 * (lat["median"] - times[key]) / times[key]})
-    return out
+                alone = name if layer["quantized"] or name == "fp16" else "fp16"
+                yield name, layer["name"], k, n, int(m), lat["median"], (alone, k, n, int(m))
+
+
+def kernel_check(comp: dict, bench: dict) -> list[dict]:
+    times = {(r["backend"], r["k"], r["n"], r["m"]): r["median_us"] for r in bench["rows"] if r["status"] == "ok"}
+    return [{"backend": name, "layer": layer, "k": k, "n": n, "m": m, "graph_us": us, "bench_us": times[key],
+             "dev_pct": 100 * (us - times[key]) / times[key]}
+            for name, layer, k, n, m, us, key in _step_layers(comp) if key in times]
 
 
 def flush_check(comp: dict, events: dict) -> list[dict]:
     """Each layer in the step against the kernel alone, L2 evicted by writes and by reads."""
     alone = {(r["backend"], r["k"], r["n"], r["m"]): (r["inside"], r["inside_read_flush"]) for r in events["rows"]}
-    out = []
-    for name, b in sorted(_ok(comp).items()):
-        for layer in b["layers"]:
-            n, k = layer["shape"]
-            for m, lat in layer["latency_us"].items():
-                key = (name if layer["quantized"] or name == "fp16" else "fp16", k, n, int(m))
-                if key in alone:
-                    w, r = alone[key]
-                    out.append({"backend": name, "layer": layer["name"], "k": k, "n": n, "m": int(m),
-                                "graph_us": lat["median"], "write_dev_pct": 100 * (lat["median"] - w) / w,
-                                "read_dev_pct": 100 * (lat["median"] - r) / r})
-    return out
+    return [{"backend": name, "layer": layer, "k": k, "n": n, "m": m, "graph_us": us,
+             "write_dev_pct": 100 * (us - alone[key][0]) / alone[key][0],
+             "read_dev_pct": 100 * (us - alone[key][1]) / alone[key][1]}
+            for name, layer, k, n, m, us, key in _step_layers(comp) if key in alone]
 
 
 def _summary(rows: list[dict], col: str) -> dict[tuple, list[float]]:

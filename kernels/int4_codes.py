@@ -17,33 +17,10 @@ import triton.language as tl
 
 # $8 is the word, $9 the packed pair -(2^e + z) in the output dtype. Nibbles j and j + 4 of
 # (word >> 4j) land in the two halves; the fma by 1.0 subtracts 2^e + z from both at once.
+# {scale}: for dequant_operand, times the row's scale ($10, in both halves): one more fma per
+# pair, rounding (q - z) * s once to the output dtype, as Marlin and Machete do (an fma by -0,
+# not mul.bf16x2, which needs sm_90).
 _WORD_TO_8 = """{{
-.reg .b32 t0, t1, t2, t3, s1, s2, s3, m, one;
-mov.b32 m, {magic};
-mov.b32 one, {one};
-shr.b32 s1, $8, 4;
-shr.b32 s2, $8, 8;
-shr.b32 s3, $8, 12;
-lop3.b32 t0, $8, 0x000F000F, m, 0xEA;
-lop3.b32 t1, s1, 0x000F000F, m, 0xEA;
-lop3.b32 t2, s2, 0x000F000F, m, 0xEA;
-lop3.b32 t3, s3, 0x000F000F, m, 0xEA;
-fma.rn.{ty} t0, t0, one, $9;
-fma.rn.{ty} t1, t1, one, $9;
-fma.rn.{ty} t2, t2, one, $9;
-fma.rn.{ty} t3, t3, one, $9;
-mov.b32 {{$0, $4}}, t0;
-mov.b32 {{$1, $5}}, t1;
-mov.b32 {{$2, $6}}, t2;
-mov.b32 {{$3, $7}}, t3;
-}}"""
-ASM_BF16 = tl.constexpr(_WORD_TO_8.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
-ASM_FP16 = tl.constexpr(_WORD_TO_8.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
-
-# The same, then times the scale ($10, the row's in both halves): one more fma per pair, rounding
-# (q - z) * s once to the output dtype, as Marlin and Machete do (an fma by -0, not mul.bf16x2,
-# which needs sm_90).
-_WORD_TO_8_SCALED = """{{
 .reg .b32 t0, t1, t2, t3, s1, s2, s3, m, one, o;
 mov.b32 m, {magic};
 mov.b32 one, {one};
@@ -59,17 +36,18 @@ fma.rn.{ty} t0, t0, one, $9;
 fma.rn.{ty} t1, t1, one, $9;
 fma.rn.{ty} t2, t2, one, $9;
 fma.rn.{ty} t3, t3, one, $9;
-fma.rn.{ty} t0, t0, $10, o;
-fma.rn.{ty} t1, t1, $10, o;
-fma.rn.{ty} t2, t2, $10, o;
-fma.rn.{ty} t3, t3, $10, o;
-mov.b32 {{$0, $4}}, t0;
+{scale}mov.b32 {{$0, $4}}, t0;
 mov.b32 {{$1, $5}}, t1;
 mov.b32 {{$2, $6}}, t2;
 mov.b32 {{$3, $7}}, t3;
 }}"""
-ASM_BF16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x43004300", one="0x3F803F80", ty="bf16x2"))
-ASM_FP16_SCALED = tl.constexpr(_WORD_TO_8_SCALED.format(magic="0x64006400", one="0x3C003C00", ty="f16x2"))
+_SCALE = "".join(f"fma.rn.{{ty}} t{i}, t{i}, $10, o;\n" for i in range(4))
+_BF16 = dict(magic="0x43004300", one="0x3F803F80", ty="bf16x2")
+_FP16 = dict(magic="0x64006400", one="0x3C003C00", ty="f16x2")
+ASM_BF16 = tl.constexpr(_WORD_TO_8.format(**_BF16, scale=""))
+ASM_FP16 = tl.constexpr(_WORD_TO_8.format(**_FP16, scale=""))
+ASM_BF16_SCALED = tl.constexpr(_WORD_TO_8.format(**_BF16, scale=_SCALE.format(**_BF16)))
+ASM_FP16_SCALED = tl.constexpr(_WORD_TO_8.format(**_FP16, scale=_SCALE.format(**_FP16)))
 
 
 @triton.jit

@@ -113,18 +113,19 @@ def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
     b and c gives the columns in order, and that order is the tensor-core register operand's
     (kWidth 2), so the join, permute and reshape are free register renames."""
     if USE_ASM:
-        if DT == tl.float16:
-            bias = (-(1024.0 + z.to(tl.float32))).to(tl.float16).to(tl.int16, bitcast=True)
-            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                ASM_FP16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-                [words, _pair(bias, words), _pair(s.to(tl.float16).to(tl.int16, bitcast=True), words)],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        if DT == tl.float16:  # 2^e: fp16's 2^10 or bf16's 2^7 (int4_codes' bit trick)
+            two_e = 1024.0
+            asm: tl.constexpr = ASM_FP16_SCALED
+            out: tl.constexpr = (tl.float16,) * 8
         else:
-            bias = (-(128.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True)
-            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-                [words, _pair(bias, words), _pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True), words)],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            two_e = 128.0
+            asm: tl.constexpr = ASM_BF16_SCALED
+            out: tl.constexpr = (tl.bfloat16,) * 8
+        bias = (-(two_e + z.to(tl.float32))).to(DT).to(tl.int16, bitcast=True)
+        q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+            [words, _pair(bias, words), _pair(s.to(DT).to(tl.int16, bitcast=True), words)],
+            dtype=out, is_pure=True, pack=1)
     else:
         zf = z.to(tl.float32)[:, None]
         sf = s.to(tl.float32)[:, None]

@@ -113,7 +113,7 @@ def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
     b and c gives the columns in order, and that order is the tensor-core register operand's
     (kWidth 2), so the join, permute and reshape are free register renames."""
     if USE_ASM:
-        if DT == tl.float16:  # 2^e: fp16's 2^10 or bf16's 2^7 (int4_codes' bit trick)
+        if DT == tl.float16:  # 2^e of the bit trick: fp16's 2^10, bf16's 2^7
             two_e = 1024.0
             asm: tl.constexpr = ASM_FP16_SCALED
             out: tl.constexpr = (tl.float16,) * 8

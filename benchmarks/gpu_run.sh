@@ -12,7 +12,7 @@
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
 #   TESTS=0 BENCH=0 VLLM_KERNELS=1 bash benchmarks/gpu_run.sh   # vLLM's machete/marlin/exllama: tests, bench, compare
-#   SERVE_SEND=1 bash benchmarks/gpu_run.sh                   # one chunk of the vLLM set to /tmp/vllm-set (one call each)
+#   SERVE_SEND=1 bash benchmarks/gpu_run.sh                   # one chunk of the vLLM or demo set to /tmp/vllm-set (one call each)
 #   TESTS=0 BENCH=0 SERVE=1 bash benchmarks/gpu_run.sh          # install vLLM 0.26.0, vllm serve with graphs, serve-stats
 # PRECOMPILE=1 compiles every tuning candidate in parallel first (benchmarks/precompile_triton.py).
 # exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),
@@ -25,7 +25,8 @@ mkdir -p "$OUT"
 # .qbcache/vllm-set/), carrying that chunk alone; this call only copies it to /tmp/vllm-set, which the
 # machine keeps between closely following calls. SERVE=1 (below) reassembles and installs them.
 if [ "${SERVE_SEND:-0}" = 1 ]; then
-  mkdir -p /tmp/vllm-set && cp -v "$REPO"/.qbcache/vllm-set/vllm-set.part-* /tmp/vllm-set/ 2>&1 | tail -n 4
+  # vllm-set.part-NN: the vLLM set; demo.part-NN: the demo model's package (benchmarks/demo_gpu_set.sh)
+  mkdir -p /tmp/vllm-set && cp -v "$REPO"/.qbcache/vllm-set/*.part-* /tmp/vllm-set/ 2>&1 | tail -n 4
   cp "$REPO"/.qbcache/vllm-set/MANIFEST /tmp/vllm-set/ 2>/dev/null || cp "$REPO"/benchmarks/vllm-set.MANIFEST /tmp/vllm-set/MANIFEST 2>/dev/null
   echo "== SERVE_SEND: /tmp/vllm-set now holds:"; ls -l /tmp/vllm-set; df -h /tmp | tail -n 1
   exit 0

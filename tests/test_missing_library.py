@@ -378,12 +378,22 @@ def test_bench_counts_unavailable_rows_only_when_named():
     rows = [dict(backend=b, k=512, n=512, m=m, status=s, reason=why) for b, s, why in (
         ("fp16", "ok", None), ("tinygemm", "unavailable", "CUDA only"), ("native", "failed", "RuntimeError: x"),
         ("rtn+exllamav2", "unavailable", "exllamav2 is not installed")) for m in (1, 16)]
-    res = {"rows": rows, "backends": {"rtn+exllamav2": {"kernel": "exllamav2"}}}  # bench.json: a kernel row's kernel
+    # bench.json: whether a row's library loaded, and a kernel row's kernel
+    res = {"rows": rows, "backends": {"rtn+exllamav2": {"kernel": "exllamav2", "available": False}}}
     lines = failures(res, named=set())
     assert len(lines) == 1 and lines[0].startswith("row native failed on 2 of 2 shape/M cases")
     lines = failures(res, named={"tinygemm", "rtn+exllamav2"})
     assert [line.split()[1] for line in lines] == ["tinygemm", "native", "rtn+exllamav2"]
     assert "fix: install its library: pip install 'quantbridge[exllamav2]'" in lines[2]
+
+
+def test_bench_fix_of_a_loaded_kernel_that_refuses_a_case_is_not_an_install():
+    """exllamav2 installed and asked for bf16 (it takes fp16): the fix is the reason's, not a pip install."""
+    rows = [dict(backend="rtn+exllamav2", k=512, n=512, m=1, status="unavailable",
+                 reason="fp16 activations only, not bfloat16 (use --dtype fp16)")]
+    res = {"rows": rows, "backends": {"rtn+exllamav2": {"kernel": "exllamav2", "available": True}}}
+    (line,) = failures(res, named={"rtn+exllamav2"})
+    assert "pip install" not in line and "(use --dtype fp16); fix: leave it out of --backends/--kernels" in line
     assert failures({"rows": rows[:2]}, named={"fp16"}) == []
 
 

@@ -329,16 +329,22 @@ def failures(result: dict, named: set[str]) -> list[str]:
         total = sum(r["backend"] == name for r in result["rows"])
         r = rows[0]
         out.append(f"row {name} {r['status']} on {len(rows)} of {total} shape/M cases (first {r['k']}x{r['n']} "
-                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r, result.get('backends', {}).get(name, {}).get('kernel'))}")
+                   f"M={r['m']}): {r['reason']}; fix: {_bench_fix(name, r, result.get('backends', {}).get(name, {}))}")
     return out
 
 
-def _bench_fix(name: str, row: dict, kernel: str | None) -> str:
-    """What to do about row `name` (`kernel`: the one kernel a kernel row runs)."""
+def _bench_fix(name: str, row: dict, info: dict) -> str:
+    """What to do about row `name`. info: bench.json's entry for it (`available`: whether its library
+    loaded here; `kernel`: the one kernel a kernel row runs)."""
     if row["status"] == "incorrect":
         return "its output disagrees with its own dequantized weight: a kernel defect; leave it out and report it"
+    reason = row["reason"] or ""
+    # A library that loaded but refuses a case (a dtype, a shape) needs no install: its reason says what it takes.
+    missing = "ImportError" in reason or "ModuleNotFound" in reason or (
+        row["status"] == "unavailable" and not info.get("available", True))
     hint = ""
-    if row["status"] == "unavailable" or "ImportError" in (row["reason"] or "") or "ModuleNotFound" in (row["reason"] or ""):
+    if missing:
+        kernel = info.get("kernel")
         if kernel is not None:
             hint = get_kernel(kernel).install_hint
         elif name in registry.names():
@@ -346,5 +352,5 @@ def _bench_fix(name: str, row: dict, kernel: str | None) -> str:
     if hint:
         return f"install its library: {hint}"
     if row["status"] == "unavailable":
-        return "leave it out of --backends/--kernels (the reason says what it needs)"
+        return "leave it out of --backends/--kernels for these cases (the reason says what it takes)"
     return "rerun it alone (--backends/--kernels) with --isolation none to see where it fails"

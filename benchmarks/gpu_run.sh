@@ -278,6 +278,8 @@ if [ "${PROFILE:-0}" = 1 ]; then
   done
 fi
 if [ "${SERVE:-0}" = 1 ]; then
-  QB_REPO="$REPO" bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|tokens))' || true
+  QB_REPO="$REPO" bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|LOG|tokens))' || true
+  # One archive back: a call returns at most 8 files, and the servers' logs are what a failure needs.
+  tar -czf "$OUT/serve.tar.gz" -C "$OUT" serve && rm -rf "$OUT/serve"
 fi
 cp "$QUANTBRIDGE_CACHE"/triton-int4-*.json "$OUT/" 2>/dev/null || true

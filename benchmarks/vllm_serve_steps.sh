@@ -16,6 +16,8 @@ export VLLM_ATTENTION_BACKEND=${VLLM_ATTENTION_BACKEND:-TRITON_ATTN} VLLM_NO_USA
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO}
 step() { echo "== step $1: $2"; }
 ok() { echo "  OK $*"; }
+# The left-out packages something tried to import, one line per top-level package (cv2.* -> cv2).
+absent() { awk '{split($2, p, "."); print p[1]}' "$QB_IMPORT_LOG" | sort | uniq -c | awk -v w="$1" '{print "  ABSENT (tried " w ") " $2 " (" $1 " imports)"}'; }
 fail() { echo "  FAIL $*"; echo "== stopped at: $CURRENT"; exit 1; }
 
 CURRENT="step 1 (reassemble)"; step 1 "reassemble $SET"
@@ -63,7 +65,7 @@ export PYTHONPATH=${PYTHONPATH:-}:$VS  # after /tmp/qb and the machine's own pac
 export PATH=$VS/bin:$PATH
 
 CURRENT="step 3 (requirements)"; step 3 "vLLM $V's requirements against what is installed"
-python3 - "$VS/vllm-$V.dist-info/METADATA" <<'PY' | tee "$OUT/requirements.txt"
+python3 - "$VS/vllm-$V.dist-info/METADATA" <<'PY' > "$OUT/requirements.txt"
 import sys, importlib.metadata as md
 from packaging.requirements import Requirement
 for line in open(sys.argv[1]):
@@ -79,6 +81,8 @@ for line in open(sys.argv[1]):
         continue
     print(f"  {'OK' if r.specifier.contains(v, prereleases=True) else 'MISMATCH'} {r.name} {v} (wants {r.specifier or 'any'})")
 PY
+# The console gets what is not met; every line is in requirements.txt.
+grep -v '^  OK ' "$OUT/requirements.txt"; ok "$(grep -c '^  OK ' "$OUT/requirements.txt") requirements met (requirements.txt)"
 
 CURRENT="step 4 (import)"; step 4 "import vllm with VLLM_ATTENTION_BACKEND=$VLLM_ATTENTION_BACKEND"
 # A meta-path hook logs every attempt to import a left-out module (then lets it fail as usual): the
@@ -105,7 +109,7 @@ from vllm.compilation.cuda_graph import CUDAGraphWrapper
 import quantbridge.vllm as q; q.register(); from quantbridge.vllm import method; print('  plugin registered')
 " > "$OUT/import.log" 2>&1; then cat "$OUT/import.log"; ok "import vllm"
 else tail -n 25 "$OUT/import.log"; fail "import vllm (the traceback above names the module)"; fi
-sort -u -k2 "$QB_IMPORT_LOG" | awk '{print "  ABSENT (tried at import) " $2}' | sort -u
+absent "at import"
 
 CURRENT="step 5 (convert)"; step 5 "convert the demo model to GPTQ (symmetric, as gptq_marlin takes it), then that to native"
 # One set of weights for both servers: the GPTQ checkpoint (vLLM's own gptq_marlin, step 10) and the
@@ -137,10 +141,12 @@ rm -rf "$OUT/run" && timeout "${SERVE_TIMEOUT:-480}" python3 benchmarks/vllm_ser
 for f in "$OUT"/run/serve-*.log; do
   [ -f "$f" ] || continue
   if grep -q "Application startup complete\|Uvicorn running\|Starting vLLM API server" "$f"; then echo "  STARTED $(basename "$f")"
-  else echo "  FAIL $(basename "$f") did not start:"; grep -E "Error|error|Traceback" "$f" | tail -n 8; tail -n 15 "$f"; fi
+  else echo "  FAIL $(basename "$f") did not start:"
+    # "  LOG " lines pass gpu_run.sh's filter: the cause reaches the console even if no file comes back
+    { grep -E "Error|error|Traceback" "$f" | tail -n 12; echo "--- last lines:"; tail -n 30 "$f"; } | cut -c1-400 | sed 's/^/  LOG /'; fi
   grep -iE "cuda ?graph|capturing|attention backend|Using .* backend" "$f" | head -n 6
 done
-sort -u -k2 "$QB_IMPORT_LOG" | awk '{print "  ABSENT (tried while serving) " $2}' | sort -u
+absent "while serving"
 python3 - "$OUT/run/serve.json" <<'PY' 2>/dev/null || echo "  FAIL no serve.json"
 import json, sys, statistics
 d = json.load(open(sys.argv[1]))
@@ -165,8 +171,8 @@ fi
 
 CURRENT="step 8 (compare)"; step 8 "compare, graph mode, the same layers and kernel at M=1"
 timeout "${SERVE_COMPARE_TIMEOUT:-240}" python3 -m quantbridge.cli compare "$CK" --backends native --batch 1,16 --mode graph \
-  --dtype float16 --out "$OUT/compare" --no-report -q > "$OUT/compare.log" 2>&1 && ok "compare -> $OUT/compare" \
-  || { echo "  FAIL compare"; tail -n 10 "$OUT/compare.log"; }
+  --dtype fp16 --out "$OUT/compare" --no-report -q > "$OUT/compare.log" 2>&1 && ok "compare -> $OUT/compare" \
+  || { echo "  FAIL compare"; tail -n 10 "$OUT/compare.log" | sed 's/^/  LOG /'; }
 CURRENT="step 9 (serving vs compare)"; step 9 "a layer's GPU time while serving (graphs) vs compare's graph mode, M=1"
 if [ -f "$OUT/run/profile/results.json" ] && [ -f "$OUT/compare/results.json" ]; then
   python3 benchmarks/serve_vs_compare.py "$OUT/run/profile/results.json" "$OUT/compare/results.json" \
@@ -183,5 +189,7 @@ if [ "${SERVE_MARLIN:-1}" = 1 ]; then
   grep -iE "gptq_marlin|marlin|quantization" "$OUT"/run-gptq/serve-off.log 2>/dev/null | head -n 4
   python3 -c "import json,sys,statistics; r=json.load(open(sys.argv[1]))['rows'][0]; print('  tokens/s (gptq_marlin): concurrent', round(statistics.median(r['tokens_per_s']),1), 'single', round(statistics.median(r['tokens_per_s_single']),1)) if 'error' not in r else print('  FAIL', r['error'])" \
     "$OUT/run-gptq/serve.json" 2>/dev/null || echo "  FAIL no serve.json for gptq_marlin"
+  [ -f "$OUT/run-gptq/serve-off.log" ] && ! grep -q "Application startup complete" "$OUT/run-gptq/serve-off.log" \
+    && tail -n 20 "$OUT/run-gptq/serve-off.log" | cut -c1-400 | sed 's/^/  LOG /'
 fi
 echo "== done"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from quantbridge.kernels import int4_reference
+from quantbridge.kernels.int4_layouts import relayout
 from quantbridge.plugin.availability import Availability, pip_extra
 from quantbridge.plugin.backend import Pairing, register
 from quantbridge.plugin.kernel import Kernel, register_kernel
@@ -27,7 +28,11 @@ def _triton():
 
 
 class NativeLinear(QuantLinear):
-    """The canonical layout held as is, run by `impl` (the Triton kernel's module or the reference's)."""
+    """quantbridge's packed INT4, run by `impl` (the Triton kernel's module or the reference's).
+
+    The codes are stored once, in the layout the bound kernel reads (`layout`, int4_layouts: the
+    Triton kernel's operand layout on CUDA where it fits, canonical elsewhere); `packed`,
+    `dequantize()` and the state dict give canonical codes whatever the layout."""
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, impl=int4_reference) -> None:
         super().__init__(weight.in_features, weight.out_features)
@@ -41,12 +46,21 @@ class NativeLinear(QuantLinear):
         self._impl = impl
         self.kernel = self._impl.KERNEL_NAME
         self._retired: list = []
+        self.layout = "canonical"  # how self.qweight is laid out now
         self._bind()
 
+    def _binds(self) -> bool:
+        return getattr(self._impl, "BoundLinear", None) is not None and self.qweight.is_cuda
+
     def _bind(self) -> None:
-        """Resolve the Triton launch once (per M, on first use) instead of on every call."""
-        bound = getattr(self._impl, "BoundLinear", None)
-        self._bound = None if bound is None or not self.qweight.is_cuda else bound(self.packed, self.bias)
+        """Resolve the Triton launch once (per M, on first use) instead of on every call, with the
+        codes re-laid into the layout it reads (back to canonical where nothing is bound)."""
+        binds = self._binds()
+        want = self._impl.bound_layout(self._stored()) if binds else "canonical"
+        if want != self.layout:
+            self.qweight = relayout(self.qweight, self.layout, want)  # the old copy goes with its last user
+            self.layout = want
+        self._bound = self._impl.BoundLinear(self._stored(), self.bias, layout=self.layout) if binds else None
         self._bound_to = self._tensor_key()
 
     def _tensor_key(self) -> tuple:
@@ -64,13 +78,32 @@ class NativeLinear(QuantLinear):
             self._bind()
         return out
 
-    @property
-    def packed(self) -> Int4Weight:
+    def _stored(self) -> Int4Weight:
+        """The weight as stored: codes in self.layout."""
         return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.perm, offsets=self.offsets)
 
     @property
+    def packed(self) -> Int4Weight:
+        """The weight with canonical codes (a conversion where they are stored re-laid)."""
+        w = self._stored()
+        return w if self.layout == "canonical" else Int4Weight(
+            relayout(self.qweight, self.layout, "canonical"), w.scales, w.zeros, w.group_size, w.perm, offsets=w.offsets)
+
+    @property
     def weight_nbytes(self) -> int:
-        return self.packed.nbytes
+        return self._stored().nbytes
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "canonical":  # a state dict holds canonical codes, whatever the kernel reads
+            destination[prefix + "qweight"] = relayout(self.qweight, self.layout, "canonical")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "qweight"
+        if self.layout != "canonical" and key in state_dict:
+            q = state_dict[key].to(self.qweight.device)
+            state_dict = {**state_dict, key: relayout(q, "canonical", self.layout)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantize(self) -> torch.Tensor:
         return self.packed.dequantize(torch.float32)
@@ -79,7 +112,7 @@ class NativeLinear(QuantLinear):
         bound = self._bound
         if bound is not None:
             return bound(x)
-        return self._impl.int4_linear(x, self.packed, self.bias)
+        return self._impl.int4_linear(x, self.packed, self.bias)  # unbound: canonical codes, no conversion
 
 
 @register_kernel

@@ -1,9 +1,8 @@
 """Where the native kernel finds each code: the canonical layout and two load-time re-layouts.
 
 The canonical Int4Weight (uint8 [N, K/2]; column 8i + j in nibble j of int32 word i) is the
-interchange form every format converts to and from. A bound layer may keep a second copy of
-its codes re-laid for the kernels, converted once when the layer is bound, bit-exactly
-reversible:
+interchange form every format converts to and from. A bound layer keeps its codes re-laid for
+the kernels, converted once when the layer is bound, bit-exactly reversible:
   "tiled"    the same words, tile-major: TILE_ROWS x TILE_WORDS words (4 KB) contiguous, so a
              warp's 16-byte loads over 8 rows read 512 contiguous bytes.
   "operand"  the same word positions, the nibbles inside each OPERAND_COLUMNS-column chunk of a
@@ -78,3 +77,22 @@ def to_operand(qweight: torch.Tensor) -> torch.Tensor:
 def from_operand(laid: torch.Tensor) -> torch.Tensor:
     """to_operand's inverse."""
     return _permute_columns(laid, torch.argsort(operand_source()))
+
+
+def operand_columns(k: int) -> torch.Tensor:
+    """For each column position of operand-layout codes read as if canonical, the input column it
+    holds: dequantizing them canonically gives W[:, P], so x[:, P] @ that^T == x @ W^T (how the
+    dequantize + cuBLAS path reads the one stored copy). Chunks never cross a group (operand_fits)."""
+    base = torch.arange(0, k, OPERAND_COLUMNS).unsqueeze(1)
+    return (base + operand_source()).reshape(-1)
+
+
+RELAYOUTS = {"tiled": (to_tiled, from_tiled), "operand": (to_operand, from_operand)}
+
+
+def relayout(qweight: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """Codes laid out as `src` -> laid out as `dst` ("canonical", "tiled", "operand")."""
+    if src == dst:
+        return qweight
+    canonical = qweight if src == "canonical" else RELAYOUTS[src][1](qweight)
+    return canonical if dst == "canonical" else RELAYOUTS[dst][0](canonical)

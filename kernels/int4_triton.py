@@ -29,7 +29,7 @@ import triton.language as tl
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
-from quantbridge.kernels.int4_layouts import operand_fits, tileable, to_operand, to_tiled
+from quantbridge.kernels.int4_layouts import operand_columns, operand_fits, relayout, tileable
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
 
@@ -488,15 +488,17 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # loads through shared memory, num_stages deep (neither helped on the H100); "xprep" is "asm"
 # with the GEMV's activations prepared once per call by a prologue kernel (fp32, nibble-major,
 # 16^-p applied), which ncu's M=1 profile pointed to (no gain on the H100); "tiled" is "asm"
-# with bound layers' codes stored tile-major (int4_layouts.to_tiled; not yet timed); "operand"
-# keeps bound layers' codes in int4_layouts' operand layout: tensor-core tiles feed the
-# dequantized weight to wgmma from registers, and the GEMV reads that layout too (not yet
-# timed). All are kept so benchmarks/kernel_variants.py can time them on one device; the tuner
-# keeps a table entry per mode. Layers the operand layout does not fit (groups below 64, float
-# offsets) run "asm".
+# with bound layers' codes stored tile-major (int4_layouts.to_tiled; not yet timed; keeps the
+# codes twice); "operand" (the default) keeps bound layers' codes in int4_layouts' operand layout,
+# their one stored copy: tensor-core tiles feed the dequantized weight to wgmma from registers,
+# the GEMV reads that layout too, and dequantize + cuBLAS reads it with x's columns permuted.
+# On an H100 it took 8192x28672 from 100 to 82 us at M=16 and from 255 to 160 us at M=128
+# against "asm" (benchmarks/NOTES.md). All are kept so benchmarks/kernel_variants.py can time
+# them on one device; the tuner keeps a table entry per mode. Layers the operand layout does not
+# fit (groups below 64, float offsets) run "asm" on canonical codes.
 CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7,
               "operand": 8}
-CODE_MODE = "asm"
+CODE_MODE = "operand"
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
@@ -653,14 +655,29 @@ def _prepares_x(cfg: Config) -> bool:
     return cfg[0] == 1 and CODE_MODES[CODE_MODE] == 6
 
 
+_OPERAND_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _operand_columns(k: int, device: torch.device) -> torch.Tensor:
+    cols = _OPERAND_COLUMNS.get((k, device))
+    if cols is None:
+        cols = _OPERAND_COLUMNS[(k, device)] = operand_columns(k).to(device)
+    return cols
+
+
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
            counters: torch.Tensor | None = None, layout: str = "canonical") -> torch.Tensor:
     """out = x2 @ W^T (+ bias) for a 2-D x (unit stride along K) with a given configuration.
 
     counters: for split-K, a zeroed int32 buffer with a slot per output tile, left zeroed
-    (allocated here when not given). layout: how w.qweight is laid out (int4_layouts; canonical
-    for DEQUANT_CUBLAS, which dequantizes the canonical codes)."""
+    (allocated here when not given). layout: how w.qweight is laid out (int4_layouts; DEQUANT_CUBLAS
+    takes canonical codes, or operand codes, which it dequantizes as canonical and meets with x's
+    columns permuted to match)."""
     if cfg == DEQUANT_CUBLAS:
+        if layout == "operand":
+            x2 = x2.index_select(1, _operand_columns(x2.shape[1], x2.device))
+        elif layout != "canonical":
+            raise ValueError(f"dequantize + cuBLAS reads canonical or operand codes, not {layout!r}")
         torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
         if bias is not None:
             out += bias
@@ -699,8 +716,8 @@ class _Tuner:
 
     def config(self, x2: torch.Tensor, w: Int4Weight, laid: Int4Weight | None = None,
                layout: str = "canonical") -> Config:
-        """laid: the same weight in `layout` (int4_layouts), which the candidates then read (except
-        DEQUANT_CUBLAS, which reads w)."""
+        """laid: the same weight in `layout` (int4_layouts), which the candidates then read; w is what
+        DEQUANT_CUBLAS reads: canonical codes, or for the operand layout the same operand codes."""
         m, k = x2.shape
         n = w.out_features
         if _interpreting() or not x2.is_cuda:
@@ -736,9 +753,9 @@ class _Tuner:
                 if laid is not None and cfg != DEQUANT_CUBLAS:
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, laid, out, cfg, counters=cnt, layout=layout)
-                else:
+                else:  # w: canonical codes, or operand codes (read with x permuted)
                     def run(cfg=cfg, cnt=cnt):
-                        return launch(xb, w, out, cfg, counters=cnt)
+                        return launch(xb, w, out, cfg, counters=cnt, layout="operand" if layout == "operand" else "canonical")
                 t = triton.testing.do_bench(run, warmup=2, rep=8, return_mode="median")
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue  # too much shared memory or registers for this tile: not a candidate
@@ -821,11 +838,22 @@ class BoundLinear:
 
     MAX_PLANS = 256  # distinct M values kept per layer (prefill lengths vary); others take the uncached path
 
-    def __init__(self, w: Int4Weight, bias: torch.Tensor | None = None, config: Config | None = None) -> None:
-        """config: use this configuration for every M instead of the tuned one (tests, benchmarks)."""
+    def __init__(self, w: Int4Weight, bias: torch.Tensor | None = None, config: Config | None = None,
+                 layout: str | None = None) -> None:
+        """config: use this configuration for every M instead of the tuned one (tests, benchmarks).
+        layout: how w.qweight is laid out already (int4_layouts; what bound_layout chose for it, as
+        NativeLinear stores it); None: canonical codes, re-laid here into a copy as bound_layout says."""
         if w.smoothed:
             raise ValueError("BoundLinear takes a plain Int4Weight (fold the smoothing factors first)")
-        self.weight = w
+        if layout is None:
+            layout = bound_layout(w, config)
+            w = replace(w, qweight=relayout(w.qweight, "canonical", layout))
+        self.layout = layout
+        self.weight = w  # the codes every kernel path reads, in self.layout: one copy
+        # dequantize + cuBLAS reads operand codes as canonical ones with x's columns permuted; the
+        # "tiled" A/B mode keeps a canonical copy for it (the codes twice: not a default).
+        self._dq_w = replace(w, qweight=relayout(w.qweight, "tiled", "canonical")) if layout == "tiled" else w
+        self._dq_layout = "operand" if layout == "operand" else "canonical"
         self.config = config
         self.bias = None if bias is None else bias.detach().contiguous()
         self.perm = w.perm
@@ -836,13 +864,7 @@ class BoundLinear:
         for t in (w.qweight, w.scales, w.zeros, _offsets(w)):
             if not t.is_contiguous():
                 raise ValueError("BoundLinear needs contiguous qweight, scales, zeros and offsets")
-        # "tiled" and "operand" (modes under A/B test): the kernels read a re-laid copy of the codes
-        # and the canonical weight stays for dequantize + cuBLAS and for whatever reads the layer's
-        # codes, so these modes hold the codes twice; the winner's layout becomes the stored form.
-        self.layout = bound_layout(w, config)
-        relaid = {"tiled": to_tiled, "operand": to_operand}.get(self.layout)
-        self._launch_w = replace(w, qweight=relaid(w.qweight)) if relaid else w
-        self.qw_ptr = self._launch_w.qweight.data_ptr()
+        self.qw_ptr = w.qweight.data_ptr()
         self.s_ptr, self.z_ptr = w.scales.data_ptr(), w.zeros.data_ptr()
         self.m_ptr = _offsets(w).data_ptr()
         self.b_ptr = self.bias.data_ptr() if self.bias is not None else 0
@@ -850,9 +872,13 @@ class BoundLinear:
         self._captured: list[_Plan] = []  # plans a CUDA graph holds; never used again here
         self._ws = _WORKSPACES.setdefault(self.device_index, {})
 
+    def canonical(self) -> Int4Weight:
+        """The weight with canonical codes (a conversion, for the rare paths that need them)."""
+        return replace(self.weight, qweight=relayout(self.weight.qweight, self.layout, "canonical"))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not self.dtype or x.get_device() != self.device_index or x.shape[-1] != self.k:
-            return int4_linear(x, self.weight, self.bias)  # raises the error that names the mismatch
+            return int4_linear(x, self.canonical(), self.bias)  # raises the error that names the mismatch
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
@@ -892,22 +918,22 @@ class BoundLinear:
         stream = _raw_stream(self.device_index)
         if plan is not None:
             if plan.cfg == DEQUANT_CUBLAS:
-                launch(x2, self.weight, out, plan.cfg, self.bias)
+                launch(x2, self._dq_w, out, plan.cfg, self.bias, layout=self._dq_layout)
             else:
-                _run(plan.cfg, x2, self._launch_w, out, self.bias, plan.counters, stream, self.k, self.layout)
+                _run(plan.cfg, x2, self.weight, out, self.bias, plan.counters, stream, self.k, self.layout)
             return
-        cfg = self.config or TUNER.config(x2, self.weight, self._launch_w if self.layout != "canonical" else None,
+        cfg = self.config or TUNER.config(x2, self._dq_w, self.weight if self.layout != "canonical" else None,
                                           self.layout)
         if cfg == DEQUANT_CUBLAS:
-            launch(x2, self.weight, out, cfg, self.bias)
+            launch(x2, self._dq_w, out, cfg, self.bias, layout=self._dq_layout)
             plan = _Plan(cfg, None, None, 0, None, None)
         else:
             grid = _grid(cfg, m, self.n)
             sk = cfg[3]
             counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
-            kernel = _run(cfg, x2, self._launch_w, out, self.bias, counters, stream, self.k, self.layout)
-            _, _, ints, constexprs = _kernel_args(cfg, self._launch_w, m, self.k, self.bias is not None, self.layout)
+            kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout)
+            _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None, self.layout)
             tail = (*ints, self.k, self.n, *constexprs)
             # Two launches ("xprep"): the plan keeps the configuration, and each call goes through _run.
             raw = None if _prepares_x(cfg) else raw_launcher(kernel)

@@ -355,7 +355,7 @@ def test_interpreter_tiled_bound_layer_matches_reference(cfg, monkeypatch):
     monkeypatch.setattr(kt, "CODE_MODE", "tiled")
     qw, b = _bound_case(192, 512, 128, torch.float32, "cpu", False, True, seed=cfg[1] + cfg[0])
     bound = kt.BoundLinear(qw, b, config=cfg)
-    assert bound.layout == "tiled" and not torch.equal(bound._launch_w.qweight, qw.qweight)
+    assert bound.layout == "tiled" and not torch.equal(bound.weight.qweight, qw.qweight)
     gen = torch.Generator().manual_seed(3)
     for m in ((1, 2) if cfg[0] == 1 else (cfg[0] - 3,)):  # a ragged last M tile
         x = torch.randn(m, 512, generator=gen)
@@ -556,9 +556,9 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
         qw = _with_offsets(qw, torch.float32, seed=cfg[0])
     bound = kt.BoundLinear(qw, b, config=cfg)
     if offsets:
-        assert bound.layout == "canonical" and bound._launch_w is qw
+        assert bound.layout == "canonical" and bound.weight.qweight is qw.qweight
     else:
-        assert bound.layout == "operand" and not torch.equal(bound._launch_w.qweight, qw.qweight)
+        assert bound.layout == "operand" and torch.equal(bound.weight.qweight, lay.to_operand(qw.qweight))
     gen = torch.Generator().manual_seed(cfg[0])
     for m in ((1, 2) if cfg[0] == 1 else (1, cfg[0] - 3)):
         x = torch.randn(m, 640, generator=gen)
@@ -570,6 +570,28 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
     wide = kt.BoundLinear(qw, b, config=(16, 16, 256, 2, 4, 3))
     x = torch.randn(5, 640, generator=gen)
     assert wide.layout == "canonical" and _rel(wide(x), _ref(x, qw, b)) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monkeypatch):
+    """The operand layout is a bound layer's only copy of the codes: dequantize + cuBLAS reads it as
+    canonical codes with x's columns permuted to match (int4_layouts.operand_columns), act-order
+    permutation included; canonical() gives the codes back bit-exactly."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", True, True, seed=11)
+    bound = kt.BoundLinear(qw, b, config=kt.DEQUANT_CUBLAS)
+    assert bound.layout == "operand" and bound._dq_w is bound.weight
+    assert torch.equal(bound.canonical().qweight, qw.qweight)
+    gen = torch.Generator().manual_seed(12)
+    for m in (1, 5):
+        x = torch.randn(m, 640, generator=gen)
+        assert _rel(bound(x), _ref(x, qw, b)) < 1e-5, m
+    # the layout handed in as stored (NativeLinear's one copy) is used as is
+    laid = replace(qw, qweight=lay.to_operand(qw.qweight))
+    given = kt.BoundLinear(laid, b, config=(16, 64, 128, 1, 4, 3), layout="operand")
+    assert given.weight.qweight is laid.qweight
+    x = torch.randn(7, 640, generator=gen)
+    assert _rel(given(x), _ref(x, qw, b)) < 1e-5
 
 
 def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():
@@ -585,8 +607,9 @@ def test_operand_codes_refuse_a_launch_that_would_misread_them(monkeypatch):
     qw, _ = _bound_case(64, 256, 128, torch.float32, "cpu", False, False, seed=4)
     laid = replace(qw, qweight=lay.to_operand(qw.qweight))
     out = torch.empty(2, 64)
+    monkeypatch.setattr(kt, "CODE_MODE", "asm")
     with pytest.raises(ValueError, match="operand layout need"):
-        kt.launch(torch.randn(2, 256), laid, out, (16, 64, 128, 1, 4, 3), layout="operand")  # mode is "asm"
+        kt.launch(torch.randn(2, 256), laid, out, (16, 64, 128, 1, 4, 3), layout="operand")
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     with pytest.raises(ValueError, match="operand layout need"):
         kt.launch(torch.randn(2, 256), laid, out, (16, 64, 256, 1, 4, 3), layout="operand")  # a tile over two groups

@@ -33,3 +33,57 @@ def test_reference_with_perm_and_bf16():
     assert out.shape == (2, 5, 64) and out.dtype == torch.bfloat16
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel  # bf16 operands
+
+
+class _OperandKernel:
+    """A stand-in for the Triton module on a CPU machine: binds every layer, in the operand layout,
+    and computes from the codes it was handed (read back through from_operand)."""
+
+    KERNEL_NAME = "stand-in"
+
+    class BoundLinear:
+        def __init__(self, w, bias, layout):
+            assert layout == "operand"
+            self.w, self.bias = w, bias
+
+        def __call__(self, x):
+            from dataclasses import replace
+
+            from quantbridge.kernels.int4_layouts import from_operand
+
+            return int4_linear(x, replace(self.w, qweight=from_operand(self.w.qweight)), self.bias)
+
+    @staticmethod
+    def bound_layout(w):
+        return "operand"
+
+    int4_linear = staticmethod(int4_linear)
+
+
+def test_native_layer_keeps_one_copy_of_its_codes_in_the_kernels_layout(monkeypatch):
+    """Bound, a layer stores its codes only in the layout its kernel reads; its weight, dequantize()
+    and state dict stay canonical, a state dict loads back into the re-laid buffer, and unbound
+    (here: the stand-in refuses to bind) the codes return to canonical."""
+    from adapters.native import NativeLinear
+    from quantbridge.kernels.int4_layouts import to_operand
+
+    gen = torch.Generator().manual_seed(21)
+    qw = quantize_rtn(torch.randn(48, 256, generator=gen), QuantSpec(group_size=128), scale_dtype=torch.float32)
+    bias = torch.randn(48, generator=gen)
+    binds = [True]
+    monkeypatch.setattr(NativeLinear, "_binds", lambda self: binds[0])
+    layer = NativeLinear(qw, bias, _OperandKernel)
+    assert layer.layout == "operand" and torch.equal(layer.qweight, to_operand(qw.qweight))
+    assert torch.equal(layer.packed.qweight, qw.qweight) and layer.weight_nbytes == qw.nbytes
+    x = torch.randn(3, 256, generator=gen)
+    ref = x.double() @ qw.dequantize(torch.float64).T + bias.double()
+    assert ((layer(x).double() - ref).norm() / ref.norm()).item() < 1e-6
+    torch.testing.assert_close(layer.dequantize(), qw.dequantize(torch.float32))
+    state = layer.state_dict()
+    assert torch.equal(state["qweight"], qw.qweight)
+    layer.qweight.zero_()
+    layer.load_state_dict(state)
+    assert torch.equal(layer.qweight, to_operand(qw.qweight))
+    binds[0] = False
+    layer._bind()
+    assert layer.layout == "canonical" and torch.equal(layer.qweight, qw.qweight) and layer._bound is None

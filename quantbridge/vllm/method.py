@@ -119,6 +119,12 @@ class QuantbridgeLinearMethod(LinearMethodBase):
         for name in ("qweight", "scales", "zeros"):  # plain tensors from here on; the kernel owns them
             setattr(layer, name, nn.Parameter(getattr(layer, name).data, requires_grad=False))
         kernel = registry.get(self.config.backend).from_int4(w, None)
+        for name in ("qweight", "scales", "zeros"):
+            # A kernel that stores these itself, re-laid (native's operand layout), owns the one copy.
+            own, held = getattr(kernel, name, None), getattr(layer, name)
+            if (isinstance(own, torch.Tensor) and own.shape == held.shape and own.dtype == held.dtype
+                    and own.data_ptr() != held.data_ptr()):
+                setattr(layer, name, nn.Parameter(own, requires_grad=False))
         layer.qb_index = add_layer(self.prefix, kernel)
         p = prof.profiler()
         if p is not None:

@@ -6,7 +6,8 @@
 #   step 1  reassemble and check the set        step 2  unpack vLLM, install the missing wheels
 #   step 3  vLLM's requirements vs what is there (each left-out one named: MISSING)
 #   step 4  import vllm (and what it tried to import of the left-out ones: ABSENT)
-#   step 5  convert the demo to native          step 6  serve, off vs on  (benchmarks/vllm_serve_gpu.py)
+#   step 5  convert the demo to native          step 5b compile and tune the native kernel for its shapes
+#   step 6  serve, off vs on  (benchmarks/vllm_serve_gpu.py)
 #   step 7  serve-stats                          step 8  compare's graph-mode time of the same layers, M=1
 #   step 9  serving vs compare per layer, M=1     step 10 the same weights as GPTQ through vLLM's gptq_marlin
 set -uo pipefail
@@ -134,6 +135,33 @@ ok "$CKG and $CK"
 mkdir -p /tmp/qb/quantbridge-0.0.0.dist-info
 printf 'Metadata-Version: 2.1\nName: quantbridge\nVersion: 0.0.0\n' > /tmp/qb/quantbridge-0.0.0.dist-info/METADATA
 printf '[vllm.general_plugins]\nquantbridge = quantbridge.vllm:register\n' > /tmp/qb/quantbridge-0.0.0.dist-info/entry_points.txt
+
+CURRENT="step 5b (tune)"; step 5b "the native kernel compiled and tuned for the served shapes, every M bucket"
+# A bound layer tunes an M bucket on its first call (tens of candidates, each compiled on this slow
+# host CPU): inside vLLM's start-up that is minutes per shape (the H100 run of 2026-12-06 saw the
+# server not healthy after 400 s). Compile in parallel, then tune through bench: the same table
+# (QUANTBRIDGE_CACHE) the server's workers read.
+shapes=$(python3 - "$CK/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+h, i = c["hidden_size"], c["intermediate_size"]
+hd = c.get("head_dim") or h // c["num_attention_heads"]
+kv = c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+print(",".join(f"{k}x{n}" for k, n in dict.fromkeys([(h, c["num_attention_heads"] * hd), (h, kv), (h, i), (i, h)])))
+PY
+)
+group=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('quantization_config', {}).get('group_size', 128))" "$CK/config.json" 2>/dev/null)
+tune_batch=${SERVE_TUNE_BATCH:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096}
+t0=$(date +%s)
+timeout "${SERVE_PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --shapes "$shapes" --batch "$tune_batch" \
+  --dtypes fp16 --group-size "${group:-128}" --workers "${PRE_WORKERS:-14}" > "$OUT/precompile.log" 2>&1
+tail -n 1 "$OUT/precompile.log" | sed 's/^/  LOG /'
+timeout "${SERVE_TUNE_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes "$shapes" --batch "$tune_batch" --backends native \
+  --dtype fp16 --group-size "${group:-128}" --runs 5 --out "$OUT/tune" > "$OUT/tune.log" 2>&1 \
+  && ok "shapes $shapes, group ${group:-128}, M $tune_batch in $(( $(date +%s) - t0 )) s" \
+  || { echo "  FAIL bench (tuning)"; tail -n 5 "$OUT/tune.log" | sed 's/^/  LOG /'; }
+# SERVE_UNTIL=5b: this call installs, converts and tunes; the next (the machine keeps /tmp 30 s) serves.
+[ "${SERVE_UNTIL:-}" = 5b ] && { echo "== stopped after step 5b (SERVE_UNTIL=5b)"; exit 0; }
 
 CURRENT="step 6 (serve)"; step 6 "vllm serve, CUDA graphs on, profiling off then on"
 rm -rf "$OUT/run" && timeout "${SERVE_TIMEOUT:-480}" python3 benchmarks/vllm_serve_gpu.py "$CK" "$OUT/run" "${SERVE_ROUNDS:-3}" \

@@ -95,12 +95,15 @@ class NativeLinear(QuantLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout != "canonical":  # a state dict holds canonical codes, whatever the kernel reads
-            destination[prefix + "qweight"] = relayout(self.qweight, self.layout, "canonical")
+        if self.layout != "canonical":
+            # A state dict holds canonical codes, whatever the kernel reads; built in host memory, so
+            # saving a model does not hold a second copy of every layer's codes on the GPU.
+            destination[prefix + "qweight"] = relayout(self.qweight.cpu(), self.layout, "canonical")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "qweight"
-        if self.layout != "canonical" and key in state_dict:
+        if self.layout != "canonical" and key in state_dict and state_dict[key].shape == self.qweight.shape:
+            # (another shape: torch's own size-mismatch error, unchanged)
             q = state_dict[key].to(self.qweight.device)
             state_dict = {**state_dict, key: relayout(q, "canonical", self.layout)}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

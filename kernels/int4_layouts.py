@@ -79,14 +79,6 @@ def from_operand(laid: torch.Tensor) -> torch.Tensor:
     return _permute_columns(laid, torch.argsort(operand_source()))
 
 
-def operand_columns(k: int) -> torch.Tensor:
-    """For each column position of operand-layout codes read as if canonical, the input column it
-    holds: dequantizing them canonically gives W[:, P], so x[:, P] @ that^T == x @ W^T (how the
-    dequantize + cuBLAS path reads the one stored copy). Chunks never cross a group (operand_fits)."""
-    base = torch.arange(0, k, OPERAND_COLUMNS).unsqueeze(1)
-    return (base + operand_source()).reshape(-1)
-
-
 RELAYOUTS = {"tiled": (to_tiled, from_tiled), "operand": (to_operand, from_operand)}
 
 

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
-from quantbridge.kernels.int4_layouts import operand_columns, operand_fits, relayout, tileable
+from quantbridge.kernels.int4_layouts import operand_fits, relayout, tileable
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
 
@@ -436,11 +436,13 @@ def _int4_gemv_kernel(
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, m_ptr, w_ptr, N, K, NGROUPS, GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSETS: tl.constexpr):
-    """Canonical Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins).
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSETS: tl.constexpr, OPERAND: tl.constexpr):
+    """Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins).
 
     BLOCK_K never crosses a group, so scale and zero are one load per row. The arithmetic is
-    the reference's, (q - z) * s or q * s + m in fp32, so the result is the same bit for bit."""
+    the reference's, (q - z) * s or q * s + m in fp32, so the result is the same bit for bit.
+    OPERAND: the codes are in int4_layouts' operand layout; each value is stored at the column it
+    holds (a permutation inside each 32-column chunk: the same 64-byte lines are written)."""
     HALF: tl.constexpr = BLOCK_K // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kb = tl.program_id(1) * HALF + tl.arange(0, HALF)
@@ -450,6 +452,10 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, m_ptr, w_ptr, N, K, NGROUPS, GROUP: tl
     g = (tl.program_id(1) * BLOCK_K) // GROUP
     s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if OPERAND:  # position 8i + j of a chunk (nibble j = 4c + 2b + a) holds column 16a + 8b + 2i + c
+        pc = kk % 32
+        jj = pc % 8
+        kk = kk - pc + 16 * (jj % 2) + 8 * ((jj // 2) % 2) + 2 * (pc // 8) + jj // 4
     if OFFSETS:
         m = tl.load(m_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
         w = q * s[:, None] + m[:, None]
@@ -459,15 +465,18 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, m_ptr, w_ptr, N, K, NGROUPS, GROUP: tl
     tl.store(w_ptr + offs_n[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[:, None] & (kk < K)[None, :])
 
 
-def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight in storage (permuted) column order, computed on the GPU."""
+def dequantize(w: Int4Weight, dtype: torch.dtype, layout: str = "canonical") -> torch.Tensor:
+    """The dense weight in storage (act-order permuted) column order, computed on the GPU, from
+    canonical or operand-layout codes."""
+    if layout not in ("canonical", "operand"):
+        raise ValueError(f"dequantize reads canonical or operand codes, not {layout!r}")
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), device=w.qweight.device, dtype=dtype)
     bk = min(w.group_size, 256)  # groups are 32/64/128 or the whole row (per-channel)
     # Through the fast launcher: at large M every call dequantizes, and Triton's own binder
     # costs more host time than the dequantization takes on the GPU.
     _DEQUANT((_cdiv(n, 64), _cdiv(k, bk), 1), (w.qweight, w.scales, w.zeros, _offsets(w), out),
-             (n, k, k // w.group_size), (w.group_size, 64, bk, w.offsets is not None))
+             (n, k, k // w.group_size), (w.group_size, 64, bk, w.offsets is not None, layout == "operand"))
     return out
 
 
@@ -491,7 +500,7 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 # with bound layers' codes stored tile-major (int4_layouts.to_tiled; not yet timed; keeps the
 # codes twice); "operand" (the default) keeps bound layers' codes in int4_layouts' operand layout,
 # their one stored copy: tensor-core tiles feed the dequantized weight to wgmma from registers,
-# the GEMV reads that layout too, and dequantize + cuBLAS reads it with x's columns permuted.
+# the GEMV reads that layout too, and so does the dequantization before cuBLAS.
 # On an H100 it took 8192x28672 from 100 to 82 us at M=16 and from 255 to 160 us at M=128
 # against "asm" (benchmarks/NOTES.md). All are kept so benchmarks/kernel_variants.py can time
 # them on one device; the tuner keeps a table entry per mode. Layers the operand layout does not
@@ -655,30 +664,15 @@ def _prepares_x(cfg: Config) -> bool:
     return cfg[0] == 1 and CODE_MODES[CODE_MODE] == 6
 
 
-_OPERAND_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _operand_columns(k: int, device: torch.device) -> torch.Tensor:
-    cols = _OPERAND_COLUMNS.get((k, device))
-    if cols is None:
-        cols = _OPERAND_COLUMNS[(k, device)] = operand_columns(k).to(device)
-    return cols
-
-
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
            counters: torch.Tensor | None = None, layout: str = "canonical") -> torch.Tensor:
     """out = x2 @ W^T (+ bias) for a 2-D x (unit stride along K) with a given configuration.
 
     counters: for split-K, a zeroed int32 buffer with a slot per output tile, left zeroed
     (allocated here when not given). layout: how w.qweight is laid out (int4_layouts; DEQUANT_CUBLAS
-    takes canonical codes, or operand codes, which it dequantizes as canonical and meets with x's
-    columns permuted to match)."""
+    reads canonical or operand codes)."""
     if cfg == DEQUANT_CUBLAS:
-        if layout == "operand":
-            x2 = x2.index_select(1, _operand_columns(x2.shape[1], x2.device))
-        elif layout != "canonical":
-            raise ValueError(f"dequantize + cuBLAS reads canonical or operand codes, not {layout!r}")
-        torch.matmul(x2, dequantize(w, x2.dtype).T, out=out)
+        torch.matmul(x2, dequantize(w, x2.dtype, layout).T, out=out)
         if bias is not None:
             out += bias
         return out
@@ -850,8 +844,8 @@ class BoundLinear:
             w = replace(w, qweight=relayout(w.qweight, "canonical", layout))
         self.layout = layout
         self.weight = w  # the codes every kernel path reads, in self.layout: one copy
-        # dequantize + cuBLAS reads operand codes as canonical ones with x's columns permuted; the
-        # "tiled" A/B mode keeps a canonical copy for it (the codes twice: not a default).
+        # dequantize + cuBLAS reads operand codes as they are; the "tiled" A/B mode keeps a
+        # canonical copy for it (the codes twice: not a default).
         self._dq_w = replace(w, qweight=relayout(w.qweight, "tiled", "canonical")) if layout == "tiled" else w
         self._dq_layout = "operand" if layout == "operand" else "canonical"
         self.config = config

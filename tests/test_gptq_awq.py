@@ -116,6 +116,8 @@ def test_smoothed_linear_against_float64(dtype, tol):
     w64 = w.dequantize(torch.float64) / c.double() / r.double().unsqueeze(1)
     y = layer(x)
     assert y.dtype == dtype
+    # an activation that carries gradients (a model called outside no_grad) takes the same values
+    torch.testing.assert_close(layer(x.clone().requires_grad_()).detach(), y, rtol=0, atol=0)
     torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.to(dtype).double(), rtol=tol, atol=tol)
     torch.testing.assert_close(layer.dequantize().double(), w64, rtol=1e-6, atol=1e-7)
 

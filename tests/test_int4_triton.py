@@ -575,13 +575,14 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monkeypatch):
     """The operand layout is a bound layer's only copy of the codes: dequantize + cuBLAS reads it as
-    canonical codes with x's columns permuted to match (int4_layouts.operand_columns), act-order
-    permutation included; canonical() gives the codes back bit-exactly."""
+    codes, each value stored at the column it holds, act-order permutation included; canonical()
+    gives the codes back bit-exactly."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", True, True, seed=11)
     bound = kt.BoundLinear(qw, b, config=kt.DEQUANT_CUBLAS)
     assert bound.layout == "operand" and bound._dq_w is bound.weight
     assert torch.equal(bound.canonical().qweight, qw.qweight)
+    assert torch.equal(kt.dequantize(bound.weight, torch.float32, "operand"), kt.dequantize(qw, torch.float32))
     gen = torch.Generator().manual_seed(12)
     for m in (1, 5):
         x = torch.randn(m, 640, generator=gen)

@@ -64,7 +64,7 @@ def test_native_layer_keeps_one_copy_of_its_codes_in_the_kernels_layout(monkeypa
     """Bound, a layer stores its codes only in the layout its kernel reads; its weight, dequantize()
     and state dict stay canonical, a state dict loads back into the re-laid buffer, and unbound
     (here: the stand-in refuses to bind) the codes return to canonical."""
-    from adapters.native import NativeLinear
+    from quantbridge.adapters.native import NativeLinear
     from quantbridge.kernels.int4_layouts import to_operand
 
     gen = torch.Generator().manual_seed(21)

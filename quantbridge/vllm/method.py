@@ -116,15 +116,15 @@ class QuantbridgeLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         w = Int4Weight(layer.qweight.data, layer.scales.data, layer.zeros.data, layer.qb_group_size, None)
-        for name in ("qweight", "scales", "zeros"):  # plain tensors from here on; the kernel owns them
-            setattr(layer, name, nn.Parameter(getattr(layer, name).data, requires_grad=False))
         kernel = registry.get(self.config.backend).from_int4(w, None)
-        for name in ("qweight", "scales", "zeros"):
-            # A kernel that stores these itself, re-laid (native's operand layout), owns the one copy.
-            own, held = getattr(kernel, name, None), getattr(layer, name)
-            if (isinstance(own, torch.Tensor) and own.shape == held.shape and own.dtype == held.dtype
-                    and own.data_ptr() != held.data_ptr()):
-                setattr(layer, name, nn.Parameter(own, requires_grad=False))
+        for name in ("qweight", "scales", "zeros"):  # plain tensors from here on; the kernel owns them
+            # A kernel that stores one of these itself, re-laid (native's operand layout), holds the
+            # one copy: the layer points at it rather than keep the loaded one beside it.
+            own, held = getattr(kernel, name, None), getattr(layer, name).data
+            keep = own if isinstance(own, torch.Tensor) and own.shape == held.shape and own.dtype == held.dtype else held
+            param = nn.Parameter(keep, requires_grad=False)
+            param.weight_loader = _reload_refused  # vLLM's loaders call this: loud, not a silent misread
+            setattr(layer, name, param)
         layer.qb_index = add_layer(self.prefix, kernel)
         p = prof.profiler()
         if p is not None:
@@ -137,6 +137,12 @@ class QuantbridgeLinearMethod(LinearMethodBase):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _reload_refused(param: nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+    raise RuntimeError("quantbridge: after loading, a layer's INT4 codes belong to its kernel (which may keep "
+                       "them re-laid); reloading weights in place is not supported: start the server again "
+                       "with the new checkpoint")
 
 
 def _meta(config: QuantbridgeConfig) -> dict:

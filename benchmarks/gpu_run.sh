@@ -89,11 +89,20 @@ if [ "${PRECOMPILE:-0}" = 1 ]; then
     --dtypes "${PRE_DTYPES:-bf16}" --modes "${PRE_MODES:-}" --workers "${PRE_WORKERS:-8}" 2>&1 | tail -n 3
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then
-  # A/B of kernel variants (benchmarks/kernel_variants.py), each tuned on its own.
-  timeout "${VARIANTS_TIMEOUT:-300}" python3 benchmarks/kernel_variants.py "$OUT/kernel-variants.json" \
-    --shapes "${VAR_SHAPES:-8192x28672,4096x4096,4096x14336,14336x4096}" --batch "${VAR_BATCH:-1,4,16,64,128}" \
-    --variants "${VAR_VARIANTS:-i2f,magic,inplace}" > "$OUT/kernel-variants.txt" 2> "$OUT/kernel-variants.log"
-  echo "== variants rc=$?"; cat "$OUT/kernel-variants.txt"; tail -n 3 "$OUT/kernel-variants.log"
+  # A/B of kernel variants (benchmarks/kernel_variants.py), each tuned on its own. VAR_REPEAT=N runs
+  # it in N processes one after another (a kernel whose time has levels from process to process,
+  # as the M=1 GEMV's on the H100, shows them), each process's files in kernel-variants-pN.*.
+  reps=${VAR_REPEAT:-1}
+  for i in $(seq 1 "$reps"); do
+    tag=$([ "$reps" -gt 1 ] && echo "-p$i")
+    timeout "${VARIANTS_TIMEOUT:-300}" python3 benchmarks/kernel_variants.py "$OUT/kernel-variants$tag.json" \
+      --shapes "${VAR_SHAPES:-8192x28672,4096x4096,4096x14336,14336x4096}" --batch "${VAR_BATCH:-1,4,16,64,128}" \
+      --variants "${VAR_VARIANTS:-i2f,magic,inplace}" > "$OUT/kernel-variants$tag.txt" 2> "$OUT/kernel-variants$tag.log"
+    echo "== variants$tag rc=$?"; cat "$OUT/kernel-variants$tag.txt"; tail -n 3 "$OUT/kernel-variants$tag.log"
+  done
+  # a call returns at most 8 files: the processes' files as one archive
+  [ "$reps" -gt 1 ] && tar -czf "$OUT/kernel-variants.tar.gz" -C "$OUT" $(cd "$OUT" && ls kernel-variants-p*) \
+    && rm -f "$OUT"/kernel-variants-p*
 fi
 [ -n "${exl_pid:-}" ] && { wait "$exl_pid"; cat "$OUT/exllamav2-build.summary"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"

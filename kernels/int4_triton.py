@@ -747,7 +747,7 @@ class _Tuner:
                 if laid is not None and cfg != DEQUANT_CUBLAS:
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, laid, out, cfg, counters=cnt, layout=layout)
-                else:  # w: canonical codes, or operand codes (read with x permuted)
+                else:  # w: canonical codes, or for the operand layout the same operand codes
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, w, out, cfg, counters=cnt, layout="operand" if layout == "operand" else "canonical")
                 t = triton.testing.do_bench(run, warmup=2, rep=8, return_mode="median")

@@ -78,6 +78,7 @@ class AutoAWQLinear(QuantLinear):
 @register_kernel
 class AutoAWQKernel(Kernel):
     name = "autoawq"
+    activation_dtypes = (torch.float16,)  # AutoAWQ computes in fp16
     layouts = ("awq",)
     description = "AutoAWQ's WQLinear_GEMM (its CUDA extension or Triton GEMM), fp16 activations, CUDA"
     install_hint = INSTALL_HINT
@@ -91,8 +92,8 @@ class AutoAWQKernel(Kernel):
         return Availability(True, f"autoawq {v}")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
-        if dtype != torch.float16:
-            return Availability(False, f"AutoAWQ computes in fp16, not {str(dtype).removeprefix('torch.')} (use --dtype fp16)")
+        if not (ok := self.dtype_check(dtype)).ok:
+            return ok
         if weight.perm is not None:
             return Availability(False, "AWQ's layout has no act-order (g_idx)")
         if weight.group_size not in GROUP_SIZES and weight.group_size != weight.in_features:

@@ -155,6 +155,7 @@ class ExllamaV2Linear(QuantLinear):
 @register_kernel
 class ExllamaV2Kernel(Kernel):
     name = "exllamav2"
+    activation_dtypes = (torch.float16,)
     layouts = ("gptq",)
     description = "exllamav2's GPTQ kernel (gemm_half_q_half), fp16 activations, CUDA"
     install_hint = INSTALL_HINT
@@ -168,8 +169,8 @@ class ExllamaV2Kernel(Kernel):
         return Availability(True, f"exllamav2 {v}")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
-        if dtype != torch.float16:
-            return Availability(False, f"fp16 activations only, not {str(dtype).removeprefix('torch.')} (use --dtype fp16)")
+        if not (ok := self.dtype_check(dtype)).ok:
+            return ok
         if weight.out_features % 8:
             return Availability(False, f"out_features {weight.out_features} not divisible by 8")
         if weight.perm is not None and weight.in_features > 65535:

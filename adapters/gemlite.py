@@ -67,6 +67,7 @@ class GemliteLinear(QuantLinear):
 @register_kernel
 class GemliteKernel(Kernel):
     name = "gemlite"
+    activation_dtypes = DTYPES
     layouts = ("gptq", "awq")
     description = "gemlite's Triton GEMV/GEMM kernels for any asymmetric group-wise INT4, fp16/bf16, CUDA"
     install_hint = INSTALL_HINT
@@ -80,8 +81,8 @@ class GemliteKernel(Kernel):
         return Availability(True, f"gemlite {v}")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
-        if dtype not in DTYPES:
-            return Availability(False, f"fp16/bf16 activations only, not {str(dtype).removeprefix('torch.')}")
+        if not (ok := self.dtype_check(dtype)).ok:
+            return ok
         if weight.in_features % 32:
             return Availability(False, f"in_features {weight.in_features} not divisible by 32")
         if weight.group_size < 16:

@@ -112,6 +112,7 @@ class GPTQModelLinear(QuantLinear):
 
 
 class _GPTQModelKernel(Kernel):
+    activation_dtypes = DTYPES
     awq: bool = False
     install_hint = INSTALL_HINT
 
@@ -124,9 +125,8 @@ class _GPTQModelKernel(Kernel):
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
         if self.awq and weight.perm is not None:
             return Availability(False, "AWQ's layout has no act-order (g_idx)")
-        if dtype not in DTYPES:  # known without importing the library (seconds)
-            return Availability(False, f"GPTQModel's torch layers take float16/bfloat16 activations only, not "
-                                       f"{str(dtype).removeprefix('torch.')} (use --dtype bf16)")
+        if not (ok := self.dtype_check(dtype)).ok:  # known without importing the library (seconds)
+            return ok
         try:
             cls = import_layers()[1 if self.awq else 0]
         except ImportError as e:  # found, but it or one of its --no-deps dependencies does not import

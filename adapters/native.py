@@ -121,6 +121,7 @@ class NativeLinear(QuantLinear):
 @register_kernel
 class TritonKernel(Kernel):
     name = "triton"
+    activation_dtypes = (torch.float16, torch.bfloat16)
     layouts = ("native", "gguf")
     description = "quantbridge's packed-INT4 Triton kernel (GEMV for decode, tensor-core tiles, dequantize+cuBLAS)"
     takes_offsets = True  # w = q * s + m is one more term per tile (GGUF Q4_1/Q4_K)
@@ -136,8 +137,8 @@ class TritonKernel(Kernel):
         return Availability(True, f"triton {triton.__version__}")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
-        if dtype not in (torch.float16, torch.bfloat16):
-            return Availability(False, f"needs fp16 or bf16 activations, not {str(dtype).removeprefix('torch.')}")
+        if not (ok := self.dtype_check(dtype)).ok:
+            return ok
         if weight.scales.dtype != dtype:
             return Availability(False, "scales must be in the activation dtype")
         return Availability(True, "")

@@ -71,6 +71,7 @@ class TinygemmLinear(QuantLinear):
 @register_kernel
 class TinygemmKernel(Kernel):
     name = "tinygemm"
+    activation_dtypes = (torch.bfloat16,)
     layouts = ("gguf",)
     description = "torch's tinygemm INT4 kernel (aten._weight_int4pack_mm), bf16 activations"
     takes_offsets = True  # its zero-point is a float already
@@ -83,8 +84,8 @@ class TinygemmKernel(Kernel):
         return Availability(True, f"torch {torch.__version__}")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
-        if dtype != torch.bfloat16:
-            return Availability(False, f"bf16 activations only, not {str(dtype).removeprefix('torch.')} (use --dtype bf16)")
+        if not (ok := self.dtype_check(dtype)).ok:
+            return ok
         if weight.group_size not in GROUP_SIZES:
             return Availability(False, f"group size {weight.group_size} not in {GROUP_SIZES}")
         if weight.in_features % (INNER_K_TILES * 16):

@@ -56,14 +56,15 @@ class VllmExllamaLinear(vo.VllmLinear):
 @register_kernel
 class VllmExllamaKernel(vo.VllmKernel):
     name = "vllm-exllama"
+    activation_dtypes = (torch.float16,)
     layouts = ("gptq",)
     description = "vLLM's exllama GPTQ kernel (gptq_gemm after gptq_shuffle), fp16, CUDA"
     ops = ("gptq_gemm", "gptq_shuffle")
 
     def rules(self, weight: Int4Weight, dtype: torch.dtype, cap: tuple[int, int] | None) -> list[str]:
         problems = []
-        if dtype != torch.float16:
-            problems.append(f"fp16 activations only, not {vo.dtype_name(dtype)} (use --dtype fp16)")
+        if not (ok := self.dtype_check(dtype)).ok:
+            problems.append(ok.reason)
         if cap is not None and cap < (6, 0):
             problems.append(f"needs compute capability 6.0 or newer; this GPU is {cap[0]}.{cap[1]}")
         if vp.vllm_group_size(weight) == -1:

@@ -55,14 +55,15 @@ class MacheteLinear(vo.VllmLinear):
 @register_kernel
 class MacheteKernel(vo.VllmKernel):
     name = "machete"
+    activation_dtypes = DTYPES
     layouts = ("gptq", "awq")
     description = "vLLM's Machete kernel (machete_mm after machete_prepack_B), fp16/bf16, Hopper (compute capability 9.0)"
     ops = ("machete_mm", "machete_prepack_B", "permute_cols")
 
     def rules(self, weight: Int4Weight, dtype: torch.dtype, cap: tuple[int, int] | None) -> list[str]:
         problems = []
-        if dtype not in DTYPES:
-            problems.append(f"fp16/bf16 activations only, not {vo.dtype_name(dtype)}")
+        if not (ok := self.dtype_check(dtype)).ok:
+            problems.append(ok.reason)
         if cap is not None and cap != (9, 0):
             problems.append(f"Machete needs compute capability 9.0 (Hopper); this GPU is {cap[0]}.{cap[1]}")
         if vp.vllm_group_size(weight) not in GROUP_SIZES:

@@ -85,14 +85,15 @@ def tile_problem(n: int, k: int, group: int, act_order: bool) -> str | None:
 @register_kernel
 class MarlinKernel(vo.VllmKernel):
     name = "marlin"
+    activation_dtypes = DTYPES
     layouts = ("gptq", "awq")
     description = "vLLM's Marlin kernel (marlin_gemm after gptq_marlin_repack), fp16/bf16, CUDA sm75+"
     ops = ("marlin_gemm", "gptq_marlin_repack")
 
     def rules(self, weight: Int4Weight, dtype: torch.dtype, cap: tuple[int, int] | None) -> list[str]:
         problems = []
-        if dtype not in DTYPES:
-            problems.append(f"fp16/bf16 activations only, not {vo.dtype_name(dtype)}")
+        if not (ok := self.dtype_check(dtype)).ok:
+            problems.append(ok.reason)
         if cap is not None and cap < (7, 5):
             problems.append(f"Marlin needs compute capability 7.5 or newer; this GPU is {cap[0]}.{cap[1]}")
         if cap == (7, 5) and dtype != torch.float16:

@@ -139,3 +139,22 @@ def test_native_layer_runs_the_kernel_the_one_chooser_built_it_for():
     assert layer.kernel == "reference-torch" and [k for k, _ in layer.rejected_kernels] == ["triton"]
     assert layer.to("cpu").kernel == "reference-torch"  # a move keeps the kernel it was built for
     assert get_kernel("reference").build(w, None).kernel == "reference-torch"
+
+
+def test_a_kernel_named_for_a_dtype_it_never_takes_is_refused_before_any_work(monkeypatch, tmp_path):
+    """Declared activation dtypes: the kernel's own check and the commands' refusal say the same,
+    with the --dtype to pass; a kernel that cannot run here at all is left to its row."""
+    from quantbridge.plugin.availability import Availability
+    from quantbridge.plugin.kernel import refuse_dtype
+
+    tg = get_kernel("tinygemm")
+    assert tg.dtype_check(torch.float16).reason == "bf16 activations only, not float16 (use --dtype bf16)"
+    assert get_kernel("gemlite").dtype_check(torch.float32).reason.endswith("(use --dtype fp16 or bf16)")
+    assert get_kernel("reference").dtype_check(torch.float64).ok
+    refuse_dtype(["tinygemm"], torch.float16, CPU)  # not runnable on a CPU: its row will say so
+    monkeypatch.setattr(type(tg), "available", lambda self, device: Availability(True, "here"))
+    with pytest.raises(UserError, match=r"--kernels tinygemm: bf16 activations only, not float16 \(use --dtype bf16\)"):
+        refuse_dtype(["reference", "tinygemm"], torch.float16, CPU)
+    r = CliRunner().invoke(cli, ["bench", "--quick", "--dtype", "fp16", "--kernels", "tinygemm", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--kernels tinygemm: bf16 activations only" in r.output
+    assert not (tmp_path / "b").exists()  # refused before anything was created

@@ -61,7 +61,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     """Time every backend's INT4 linear on real model shapes against the measured memory roof."""
     from quantbridge.measure.hardware import resolve_device, resolve_dtype
     from quantbridge.plugin import backend as registry
-    from quantbridge.plugin.kernel import parse_kernels
+    from quantbridge.plugin.kernel import parse_kernels, refuse_dtype
     from quantbridge.run.bench import SHAPE_SETS, parse_shapes, run_bench
 
     if quick:
@@ -72,6 +72,7 @@ def bench(shapes: str, batches: list[int], backends: str, kernels_csv: str | Non
     spec = QuantSpec(group_size=parse_group_size(group_size))
     kernels = parse_kernels(kernels_csv) if kernels_csv else []
     dt = resolve_dtype(dtype, dev)
+    refuse_dtype(kernels, dt, dev)
     check_cache_dir()
     out = check_writable_dir(out_dir, "--out", "runs/bench")  # every output path, before the first shape
     _check_bench_files(out)

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from quantbridge.plugin.availability import OK, Availability, ask
-from quantbridge.plugin.errors import NotRunnable
+from quantbridge.plugin.errors import NotRunnable, UserError
 from quantbridge.plugin.layer import QuantLinear
 from quantbridge.plugin.packed import Int4Weight
 from quantbridge.plugin.registry import Registry
@@ -40,6 +40,7 @@ from quantbridge.plugin.spec import QuantSpec
 # decoded once and multiplied by the torch reference, which runs anywhere.
 PRIORITY = ("machete", "marlin", "vllm-exllama", "exllamav2", "autoawq", "gemlite", "gptqmodel-torch",
             "gptqmodel-awq-torch", "triton", "tinygemm", "gptq-layout", "awq-layout", "reference")
+DTYPE_FLAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}  # as --dtype spells them
 NO_OFFSETS = ("its layout has integer zero-points only; these weights have a float offset per group "
               "(GGUF Q4_1/Q4_K: w = q*s + m)")
 
@@ -54,6 +55,17 @@ class Kernel:
     # The weight layouts (a quantizer's `layout`: "native", "gptq", "awq", "gguf") this kernel is a
     # candidate for when a backend picks the best kernel here. `--kernels` may name it for any weight.
     layouts: ClassVar[tuple[str, ...]] = ()
+    # The activation dtypes it computes in (None: any). Declared, so a command can refuse a kernel
+    # named for a dtype it never takes before any work; can_implement checks it through dtype_check.
+    activation_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+
+    def dtype_check(self, dtype: torch.dtype) -> Availability:
+        """Whether it computes in `dtype`, with what to pass instead when not."""
+        if self.activation_dtypes is None or dtype in self.activation_dtypes:
+            return OK
+        names = [DTYPE_FLAGS[d] for d in self.activation_dtypes]
+        return Availability(False, f"{'/'.join(names)} activations only, not {str(dtype).removeprefix('torch.')} "
+                                   f"(use --dtype {' or '.join(names)})")
 
     def available(self, device: torch.device) -> Availability:
         """Whether the kernel's library and device kind are here at all (library and version when so)."""
@@ -71,6 +83,17 @@ KERNELS: Registry[Kernel] = Registry("kernel")
 register_kernel = KERNELS.register
 get_kernel = KERNELS.get
 parse_kernels = KERNELS.parse
+
+
+def refuse_dtype(names: Sequence[str], dtype: torch.dtype, device: torch.device) -> None:
+    """UserError for the first kernel named (--kernels) that could run here but never computes in this
+    activation dtype: known before any work, so a command stops before it starts rather than report
+    the row after. A kernel that cannot run here at all is left to its row, which says why."""
+    for name in names:
+        k = get_kernel(name)
+        check = k.dtype_check(dtype)
+        if not check.ok and ask(k.available, device).ok:
+            raise UserError(f"--kernels {name}: {check.reason}")
 
 
 def kernel_names() -> list[str]:

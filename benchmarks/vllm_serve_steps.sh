@@ -153,13 +153,19 @@ PY
 group=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('quantization_config', {}).get('group_size', 128))" "$CK/config.json" 2>/dev/null)
 tune_batch=${SERVE_TUNE_BATCH:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096}
 t0=$(date +%s)
-timeout "${SERVE_PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --shapes "$shapes" --batch "$tune_batch" \
-  --dtypes fp16 --group-size "${group:-128}" --workers "${PRE_WORKERS:-14}" > "$OUT/precompile.log" 2>&1
-tail -n 1 "$OUT/precompile.log" | sed 's/^/  LOG /'
-timeout "${SERVE_TUNE_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes "$shapes" --batch "$tune_batch" --backends native \
-  --dtype fp16 --group-size "${group:-128}" --runs 5 --out "$OUT/tune" > "$OUT/tune.log" 2>&1 \
-  && ok "shapes $shapes, group ${group:-128}, M $tune_batch in $(( $(date +%s) - t0 )) s" \
-  || { echo "  FAIL bench (tuning)"; tail -n 5 "$OUT/tune.log" | sed 's/^/  LOG /'; }
+TUNED=/tmp/serve-tuned  # an earlier call on this machine tuned these already (SERVE_UNTIL=5b, then serving)
+if [ -f "$TUNED" ] && [ "$(cat "$TUNED")" = "$shapes g$group $tune_batch" ]; then
+  ok "tuned by an earlier call ($shapes, group $group)"
+else
+  timeout "${SERVE_PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --shapes "$shapes" --batch "$tune_batch" \
+    --dtypes fp16 --group-size "${group:-128}" --workers "${PRE_WORKERS:-14}" > "$OUT/precompile.log" 2>&1
+  tail -n 1 "$OUT/precompile.log" | sed 's/^/  LOG /'
+  timeout "${SERVE_TUNE_TIMEOUT:-300}" python3 -m quantbridge.cli bench --shapes "$shapes" --batch "$tune_batch" --backends native \
+    --dtype fp16 --group-size "${group:-128}" --runs 5 --out "$OUT/tune" > "$OUT/tune.log" 2>&1 \
+    && ok "shapes $shapes, group ${group:-128}, M $tune_batch in $(( $(date +%s) - t0 )) s" \
+    && echo "$shapes g$group $tune_batch" > "$TUNED" \
+    || { echo "  FAIL bench (tuning)"; tail -n 5 "$OUT/tune.log" | sed 's/^/  LOG /'; }
+fi
 # SERVE_UNTIL=5b: this call installs, converts and tunes; the next (the machine keeps /tmp 30 s) serves.
 [ "${SERVE_UNTIL:-}" = 5b ] && { echo "== stopped after step 5b (SERVE_UNTIL=5b)"; exit 0; }
 

@@ -65,7 +65,9 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
         try:
-            if mode in ("tiled", "operand") and cfg != kt.DEQUANT_CUBLAS:
+            # operand codes through every configuration (dequantize + cuBLAS reads them too); tiled
+            # ones through the kernels, with canonical codes for dequantize + cuBLAS
+            if mode == "operand" or (mode == "tiled" and cfg != kt.DEQUANT_CUBLAS):
                 kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
             else:
                 kt.launch(x, w, out, cfg)

@@ -216,7 +216,7 @@ def main() -> int:
                     text, rows = profile_calls(lambda: layer(x), 500)
                     prof["cprofile_top"] = rows
                     result["profiles"].append(prof)
-                    print(f"  native per-call pieces (median µs): "
+                    print("  native per-call pieces (median µs): "
                           + ", ".join(f"{a}={b:.2f}" if isinstance(b, float) else f"{a}={b}"
                                       for a, b in prof["pieces"].items()), flush=True)
                     print("\n".join(text.splitlines()[:40]), flush=True)

@@ -158,7 +158,7 @@ def canonical_perm(w: Int4Weight) -> Int4Weight:
     """
     if w.perm is None:
         return w
-    n, k, g = w.out_features, w.in_features, w.group_size
+    k, g = w.in_features, w.group_size
     order = torch.sort(w.perm.reshape(-1, g), dim=1).indices + torch.arange(0, k, g, device=w.perm.device).unsqueeze(1)
     order = order.reshape(-1)
     return Int4Weight(pack_int4(w.codes()[:, order]), w.scales, w.zeros, g, w.perm[order], w.in_scale, w.out_scale,

@@ -7,6 +7,8 @@ reference, anywhere). The chooser takes the first that can run a weight (plugin/
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -86,8 +88,7 @@ class NativeLinear(QuantLinear):
     def packed(self) -> Int4Weight:
         """The weight with canonical codes (a conversion where they are stored re-laid)."""
         w = self._stored()
-        return w if self.layout == "canonical" else Int4Weight(
-            relayout(self.qweight, self.layout, "canonical"), w.scales, w.zeros, w.group_size, w.perm, offsets=w.offsets)
+        return w if self.layout == "canonical" else replace(w, qweight=relayout(self.qweight, self.layout, "canonical"))
 
     @property
     def weight_nbytes(self) -> int:

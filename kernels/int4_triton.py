@@ -749,7 +749,7 @@ class _Tuner:
                         return launch(xb, laid, out, cfg, counters=cnt, layout=layout)
                 else:  # w: canonical codes, or for the operand layout the same operand codes
                     def run(cfg=cfg, cnt=cnt):
-                        return launch(xb, w, out, cfg, counters=cnt, layout="operand" if layout == "operand" else "canonical")
+                        return launch(xb, w, out, cfg, counters=cnt, layout=dequant_layout(layout))
                 t = triton.testing.do_bench(run, warmup=2, rep=8, return_mode="median")
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue  # too much shared memory or registers for this tile: not a candidate
@@ -790,6 +790,12 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
 def operand_config(cfg: Config, group: int) -> bool:
     """Whether a configuration can read the operand layout: tiles of whole chunks inside one group."""
     return cfg == DEQUANT_CUBLAS or (cfg[2] <= group and cfg[2] % 32 == 0)
+
+
+def dequant_layout(layout: str) -> str:
+    """The codes dequantize + cuBLAS reads for a bound layer in `layout`: operand codes as they are,
+    tiled ones from the canonical copy that A/B mode keeps."""
+    return "operand" if layout == "operand" else "canonical"
 
 
 def bound_layout(w: Int4Weight, config: Config | None = None) -> str:
@@ -847,7 +853,7 @@ class BoundLinear:
         # dequantize + cuBLAS reads operand codes as they are; the "tiled" A/B mode keeps a
         # canonical copy for it (the codes twice: not a default).
         self._dq_w = replace(w, qweight=relayout(w.qweight, "tiled", "canonical")) if layout == "tiled" else w
-        self._dq_layout = "operand" if layout == "operand" else "canonical"
+        self._dq_layout = dequant_layout(layout)
         self.config = config
         self.bias = None if bias is None else bias.detach().contiguous()
         self.perm = w.perm

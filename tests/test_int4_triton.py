@@ -418,7 +418,7 @@ def test_gpu_graph_survives_a_no_op_move_and_cpu_round_trip_gets_the_triton_kern
 @pytest.fixture
 def fixed_tuner(monkeypatch):
     """Tuning compiles every candidate; these tests take one split-K config per path instead."""
-    def config(x2, w):
+    def config(x2, w, laid=None, layout="canonical"):
         m = x2.shape[0]
         if m <= 2:
             return (1, 64, 128, 4, 4, 3)

@@ -180,6 +180,116 @@ def test_graph_reads_only_completed_replays_and_waits_when_starved(profiling):
     assert steps(comp)["layers.0.proj"] == 12 and tokens(comp)["layers.0.proj"] == 48
 
 
+class _DoneEvent(_FakeEvent):
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = True
+
+
+class _Mode:
+    NONE, PIECEWISE, FULL = "none", "piecewise", "full"
+
+
+class _Desc(tuple):
+    """Stands in for vLLM's BatchExecutionDescriptor (frozen, hashable)."""
+
+    cg_mode = property(lambda self: self[0])
+    num_tokens = property(lambda self: self[1])
+
+
+class _Manager:
+    """The shape of vLLM's second model runner's CudaGraphManager (vllm/v1/worker/gpu/cudagraph_utils.py):
+    per FULL descriptor, forward(NONE) once as warm-up, then again inside the capture; replays by
+    descriptor. `capturing` stands for torch.cuda.is_current_stream_capturing()."""
+
+    capturing = False
+
+    def __init__(self, descs):
+        self.descs, self.graphs, self.replayed = descs, {}, []
+
+    def capture(self, create_forward_fn, progress_bar_desc="Capturing CUDA graphs"):
+        for desc in self.descs:
+            create_forward_fn(desc, warmup=True)(_Mode.NONE)
+            forward = create_forward_fn(desc, warmup=False)
+            if desc.cg_mode == _Mode.PIECEWISE:
+                forward(_Mode.PIECEWISE)
+                continue
+            _Manager.capturing = True
+            try:
+                forward(_Mode.NONE)
+            finally:
+                _Manager.capturing = False
+            self.graphs[desc] = "graph"
+
+    def run_fullgraph(self, desc):
+        self.replayed.append(desc)
+        return desc.num_tokens
+
+
+class _Runner:
+    def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False):
+        return manager.run_fullgraph(scheduler_output)
+
+
+manager: _Manager
+
+
+def test_full_graphs_of_the_second_model_runner_are_timed_and_dummy_steps_are_warmup(profiling, monkeypatch):
+    """The layers of each FULL graph the manager captures get event pairs (only in the captured
+    pass; the warm-up pass is marked as warm-up), each replay through run_fullgraph is counted
+    and read, and replays inside execute_model(dummy_run=True) count as warm-up replays."""
+    global manager
+    monkeypatch.setattr(_Manager, "capture", _Manager.capture)
+    monkeypatch.setattr(_Manager, "run_fullgraph", _Manager.run_fullgraph)
+    monkeypatch.setattr(_Runner, "execute_model", _Runner.execute_model)
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)  # the read markers: the GPU is always done
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=1)
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=1)  # idempotent
+    graphs.wrap_dummy_runs(_Runner)
+    graphs.wrap_dummy_runs(_Runner)
+    full4, full1, pw8 = _Desc((_Mode.FULL, 4)), _Desc((_Mode.FULL, 1)), _Desc((_Mode.PIECEWISE, 8))
+    manager = _Manager([pw8, full4, full1])
+    rng = torch.Generator().manual_seed(11)
+    times = {name: float(torch.rand(1, generator=rng)) * 50 + 1 for name in ("l0", "l1")}
+    seen = []
+
+    def create_forward_fn(desc, warmup):
+        def forward(mode):
+            seen.append((desc.num_tokens, mode, _Manager.capturing, graphs.in_warmup(), graphs.capture_key()))
+            key = graphs.capture_key()
+            if _Manager.capturing and key is not None:
+                t = 0.0
+                for name, us in times.items():
+                    a, b = _FakeEvent(t), _FakeEvent(t + us)
+                    a.done = b.done = True
+                    key.add(name, a, b)
+                    t += us
+        return forward
+    manager.capture(create_forward_fn)
+    assert [g.kind for g in profiling.graphs.values()] == ["full", "full"]
+    assert sorted(g.m for g in profiling.graphs.values()) == [1, 4]
+    assert len(seen) == 6
+    for m, mode, capturing, warm, key in seen:
+        if m == 8:  # a PIECEWISE descriptor's passes are CUDAGraphWrapper's, untouched here
+            assert key is None and not warm
+        else:  # both passes of a FULL descriptor carry the key; only the captured one adds events
+            assert mode == _Mode.NONE and warm and key is not None and key.m == m
+    assert not graphs.in_warmup()
+    for _ in range(5):
+        assert _Runner().execute_model(full4) == 4
+    _Runner().execute_model(full1, None, True)  # a dummy step: vLLM's warm-up
+    _Runner().execute_model(full1, dummy_run=True)
+    assert not graphs.in_warmup()
+    assert manager.replayed == [full4] * 5 + [full1] * 2
+    g4 = next(g for g in profiling.graphs.values() if g.m == 4)
+    g1 = next(g for g in profiling.graphs.values() if g.m == 1)
+    assert (g4.replays, g4.warmup_replays, g1.replays, g1.warmup_replays) == (5, 0, 0, 2)
+    assert g4.reads == 4  # each replay after the first reads the one before
+    for name, us in times.items():
+        assert profiling.graph_stats[(name, 4)].samples_us == pytest.approx([us] * 4)
+    assert (("l0", 1)) not in profiling.graph_stats
+
+
 @pytest.mark.gpu
 def test_layers_timed_inside_a_captured_cuda_graph(profiling):
     """Capture three layers the way vLLM's CUDAGraphWrapper does (graphs.capture_key set), replay:

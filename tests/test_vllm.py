@@ -106,3 +106,26 @@ def test_tensor_parallel_sharding_of_packed_tensors():
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count(": rel error") == 6 and "FAIL" not in r.stdout
+
+
+def test_profiler_wraps_the_second_model_runners_graph_manager():
+    """In the vLLM environment, once the second model runner's module is loaded, install() wraps
+    its graph manager's capture and replay and the runner's execute_model, whose parameters are
+    the ones quantbridge/vllm/graphs.py relies on (dummy_run third after self)."""
+    code = """
+import inspect, os, tempfile
+os.environ["QUANTBRIDGE_PROFILE_DIR"] = tempfile.mkdtemp()
+import vllm.v1.worker.gpu.model_runner as mr
+from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+from quantbridge.vllm import graphs
+assert graphs.install() and graphs.install()
+for fn in (CudaGraphManager.capture, CudaGraphManager.run_fullgraph, mr.GPUModelRunner.execute_model):
+    assert fn._quantbridge and not getattr(fn.__wrapped__, "_quantbridge", False), fn
+print(list(inspect.signature(CudaGraphManager.capture.__wrapped__).parameters)[:2],
+      list(inspect.signature(CudaGraphManager.run_fullgraph.__wrapped__).parameters),
+      list(inspect.signature(mr.GPUModelRunner.execute_model.__wrapped__).parameters)[:4])
+"""
+    r = subprocess.run([str(PYTHON), "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.strip().splitlines()[-1] == ("['self', 'create_forward_fn'] ['self', 'desc'] "
+                                                 "['self', 'scheduler_output', 'intermediate_tensors', 'dummy_run']")

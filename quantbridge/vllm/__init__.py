@@ -4,7 +4,8 @@ vLLM calls `register` in every process it starts (entry point `vllm.general_plug
 registers the `quantbridge` quantization method. Supported: SUPPORTED_VLLM. The plugin's
 vLLM APIs (QuantizationConfig, LinearMethodBase, register_quantization_config,
 is_layer_skipped, PackedvLLMParameter, GroupQuantScaleParameter, CUDAGraphMode, the forward
-context's batch_descriptor and CUDAGraphWrapper) were read in vLLM 0.26.0's and 0.32.0's
+context's batch_descriptor, CUDAGraphWrapper, and the second model runner's CudaGraphManager.capture /
+run_fullgraph and GPUModelRunner.execute_model) were read in vLLM 0.26.0's and 0.32.0's
 sources and are the same in both; 0.33 and 0.34 were not checked. On another version the
 method is still registered, but starting a server with it gives a one-line refusal
 (`register` must not raise: vLLM calls it for every model, quantized by quantbridge or not).

@@ -15,6 +15,14 @@ size; num_reqs; uniform) picks the graph in `concrete_cudagraph_entries`; an ent
 method (only when profiling is on) so the profiler learns which graph is being captured
 (key: the wrapper, the batch descriptor) and when each graph is replayed.
 
+vLLM's second model runner (vllm/v1/worker/gpu/, the default on a GPU in 0.26.0 and 0.32.0)
+captures and replays its FULL graphs (uniform decode batches: most served steps) itself, not
+through CUDAGraphWrapper: `CudaGraphManager.capture(create_forward_fn)` calls each FULL
+descriptor's forward function with CUDAGraphMode.NONE once outside and once inside
+`torch.cuda.graph`, and `run_fullgraph(desc)` replays. `install` wraps both (once that runner's
+module is loaded: the quantized layers are built after it) and the runner's `execute_model`, whose
+`dummy_run` replays are vLLM's warm-up, counted apart.
+
 Reading is cheap and never races a replay: a graph's events are read only while no later
 replay of that graph has been enqueued. After a replay, when a read is due (every
 QUANTBRIDGE_PROFILE_GRAPH_EVERY-th replay of that graph, default 8), a plain marker event is
@@ -28,6 +36,7 @@ where the host runs ahead of the GPU. Every replay is counted, read or not.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import torch
@@ -36,7 +45,7 @@ from quantbridge.vllm import profiler as prof
 
 ENV_EVERY = "QUANTBRIDGE_PROFILE_GRAPH_EVERY"
 FORCE_FACTOR = 4
-_local = threading.local()  # .key: the graph being captured on this thread, or None
+_local = threading.local()  # .key: the graph being captured on this thread, or None; .dummy: a warm-up step
 
 
 def capture_key():
@@ -44,11 +53,17 @@ def capture_key():
     return getattr(_local, "key", None)
 
 
+def in_warmup() -> bool:
+    """Whether this thread runs a capture's warm-up pass or a dummy (warm-up) step of vLLM's."""
+    return getattr(_local, "key", None) is not None or getattr(_local, "dummy", False)
+
+
 class Graph:
     """One captured graph's timing events, replay count and read state."""
 
-    def __init__(self, m: int, every: int, new_marker=None) -> None:
+    def __init__(self, m: int, every: int, new_marker=None, kind: str = "piecewise") -> None:
         self.m = m
+        self.kind = kind  # "piecewise" (CUDAGraphWrapper) or "full" (the second model runner's own graphs)
         self._new_marker = new_marker or torch.cuda.Event
         self.every = max(1, every)
         self.pairs: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -85,12 +100,15 @@ class Graph:
             self.marked_at = self.replays
 
     def to_dict(self) -> dict:
-        return {"m": self.m, "layers": len(self.pairs), "replays": self.replays, "warmup_replays": self.warmup_replays,
+        return {"m": self.m, "kind": self.kind, "layers": len(self.pairs), "replays": self.replays, "warmup_replays": self.warmup_replays,
                 "reads": self.reads, "forced_reads": self.forced, "dropped_reads": self.dropped}
 
 
 def install() -> bool:
-    """Wrap vLLM's CUDAGraphWrapper.__call__ when profiling is on (idempotent); whether it is wrapped."""
+    """Wrap vLLM's graph capture and replay when profiling is on (idempotent); whether it is wrapped.
+
+    Called at plugin registration (CUDAGraphWrapper) and again when the quantized layers are
+    built (the second model runner's manager, whose module is loaded by then)."""
     if not os.environ.get(prof.ENV_DIR):
         return False
     try:
@@ -99,10 +117,21 @@ def install() -> bool:
         from vllm.forward_context import get_forward_context, is_forward_context_available
     except ImportError:
         return False
-    original = CUDAGraphWrapper.__call__
-    if getattr(original, "_quantbridge", False):
-        return True
     every = int(os.environ.get(ENV_EVERY, "8"))
+    _wrap_piecewise(CUDAGraphWrapper, CUDAGraphMode, get_forward_context, is_forward_context_available, every)
+    manager = getattr(sys.modules.get("vllm.v1.worker.gpu.cudagraph_utils"), "CudaGraphManager", None)
+    runner = getattr(sys.modules.get("vllm.v1.worker.gpu.model_runner"), "GPUModelRunner", None)
+    if manager is not None and runner is not None:
+        wrap_full_graphs(manager, CUDAGraphMode.FULL, CUDAGraphMode.NONE, every)
+        wrap_dummy_runs(runner)
+    return True
+
+
+def _wrap_piecewise(wrapper_cls, CUDAGraphMode, get_forward_context, is_forward_context_available,
+                    every: int) -> None:
+    original = wrapper_cls.__call__
+    if getattr(original, "_quantbridge", False):
+        return
 
     def __call__(self, *args, **kwargs):
         p = prof._PROFILER
@@ -133,5 +162,68 @@ def install() -> bool:
 
     __call__._quantbridge = True
     __call__.__wrapped__ = original
-    CUDAGraphWrapper.__call__ = __call__
-    return True
+    wrapper_cls.__call__ = __call__
+
+
+def wrap_full_graphs(manager_cls, full, none, every: int) -> None:
+    """Time the layers of the FULL graphs `manager_cls` (vLLM's CudaGraphManager) captures.
+
+    Each FULL descriptor's forward function gets a Graph as the capture key while it runs with
+    mode `none`; the layers add their events only while a stream is capturing (runtime.py), so
+    the warm-up call outside the capture adds none and only the captured one is kept."""
+    capture, replay = manager_cls.capture, manager_cls.run_fullgraph
+    if getattr(capture, "_quantbridge", False):
+        return
+
+    def capture_wrapped(self, create_forward_fn, *args, **kwargs):
+        def create(desc, *a, **kw):
+            forward = create_forward_fn(desc, *a, **kw)
+            if desc.cg_mode != full:
+                return forward
+
+            def timed(cg_mode):
+                p = prof._PROFILER
+                if p is None or cg_mode != none:
+                    return forward(cg_mode)
+                graph = Graph(int(desc.num_tokens), every, kind="full")
+                _local.key = graph
+                try:
+                    return forward(cg_mode)
+                finally:
+                    _local.key = None
+                    if graph.pairs:
+                        p.graphs[("full", id(self), desc)] = graph
+            return timed
+        return capture(self, create, *args, **kwargs)
+
+    def run_fullgraph(self, desc):
+        p = prof._PROFILER
+        graph = p.graphs.get(("full", id(self), desc)) if p is not None else None
+        if graph is None:
+            return replay(self, desc)
+        graph.before_replay(p)
+        out = replay(self, desc)
+        graph.after_replay(getattr(_local, "dummy", False))
+        return out
+
+    for fn, orig in ((capture_wrapped, capture), (run_fullgraph, replay)):
+        fn._quantbridge, fn.__wrapped__ = True, orig
+    manager_cls.capture, manager_cls.run_fullgraph = capture_wrapped, run_fullgraph
+
+
+def wrap_dummy_runs(runner_cls) -> None:
+    """Mark the steps `runner_cls.execute_model(..., dummy_run=True)` runs: vLLM's warm-up."""
+    original = runner_cls.execute_model
+    if getattr(original, "_quantbridge", False):
+        return
+
+    def execute_model(self, *args, **kwargs):
+        before = getattr(_local, "dummy", False)
+        _local.dummy = bool(kwargs.get("dummy_run", args[2] if len(args) > 2 else False))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _local.dummy = before
+
+    execute_model._quantbridge, execute_model.__wrapped__ = True, original
+    runner_cls.execute_model = execute_model

@@ -26,6 +26,7 @@ from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMPa
 from quantbridge.plugin import backend as registry
 from quantbridge.plugin import resolve
 from quantbridge.plugin.packed import Int4Weight
+from quantbridge.vllm import graphs
 from quantbridge.vllm import profiler as prof
 from quantbridge.vllm.runtime import add_layer, run
 
@@ -128,6 +129,7 @@ class QuantbridgeLinearMethod(LinearMethodBase):
         layer.qb_index = add_layer(self.prefix, kernel)
         p = prof.profiler()
         if p is not None:
+            graphs.install()  # the second model runner's graph manager is loaded by now
             p.meta.update(_meta(self.config))
             p.describe(self.prefix, shape=[kernel.out_features, kernel.in_features], kernel=kernel.kernel,
                        weight_bytes=kernel.weight_nbytes)

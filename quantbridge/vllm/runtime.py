@@ -66,7 +66,8 @@ def _call(x: torch.Tensor, index: int) -> torch.Tensor:
         return y
     token = p.start(x)
     y = kernel(x)
-    p.stop(token, name, x.shape[0], _is_warmup())
+    # A capture's eager warm-up pass and vLLM's dummy steps carry attention metadata too.
+    p.stop(token, name, x.shape[0], _is_warmup() or graphs.in_warmup())
     return y
 
 

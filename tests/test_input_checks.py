@@ -350,7 +350,7 @@ WRONG_TYPES = [
     (L0, "weight_bytes", "big"), (L0, "weight_bytes", 80.5), (L0, "kernel", 3), (L0, "shape", "8x16"),
     (L0, "shape", [8, "16"]),
     (M1, "count", "3"), (M1, "count", 2.0), (M1, "total_us", "6"), (M1, "min_us", "fast"), (M1, "max_us", [1]),
-    (M1, "samples_us", [1.0, "2"]), (M1, "samples_us", "1,2"),
+    (M1, "samples_us", [1.0, "2"]), (M1, "samples_us", "1,2"), (M1, "samples_ns", [1000, 2.5]),
 ]
 
 

@@ -22,7 +22,7 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     """Merge what `vllm serve ... --quantization quantbridge` profiled into one per-layer table.
 
     PROFILE_DIR is the QUANTBRIDGE_PROFILE_DIR the server ran with: one worker-*.json per
-    worker process, rewritten every QUANTBRIDGE_PROFILE_FLUSH_S seconds (default 2) and at
+    worker process, rewritten every QUANTBRIDGE_PROFILE_FLUSH_S seconds (default 30) while busy, when idle and at
     exit. Latency is per layer and per M (tokens in the step): median, p10, p90 and the call
     count; the merged file uses the results schema of `compare` (`quantbridge report` reads it).
 
@@ -68,6 +68,11 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
             click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "
                        f"Σ time in quantized linears {total / 1e3:.1f} ms; warm-up calls kept apart: "
                        f"{sum(b.model_metrics['warmup_calls'].values())}")
+    flushes = comp.backends[0].model_metrics.get("flush_ms", [])
+    if flushes:  # the profiler's own writes, on the serving process (they hold its GIL)
+        n, tot = sum(f.get("count", 0) for f in flushes), sum(f.get("total", 0.0) for f in flushes)
+        click.echo(f"profile flushes: {n} in {len(flushes)} worker(s), {tot:.1f} ms in all, longest "
+                   f"{max(f.get('max', 0.0) for f in flushes):.1f} ms")
     overhead = stats.overhead(profile_dir)
     if overhead is not None:
         st["profiling_overhead"] = overhead

@@ -15,8 +15,8 @@ from pathlib import Path
 from quantbridge.plugin.errors import UserError
 from quantbridge.results.schema import BackendResult, Comparison, LayerRecord
 
-
 SOURCE = "vllm serve"  # settings.source of a merged results file: how serve-stats knows its own
+
 
 def load_workers(directory: str | Path, warn=None) -> list[dict]:
     """Every readable worker-*.json in `directory`; a bad one is skipped and named through `warn`."""
@@ -91,9 +91,10 @@ def _check_worker(w) -> None:
             if not str(m).isdigit() or not isinstance(acc, dict):
                 raise ValueError(f"layer {name} at M={m}: malformed statistics")
             _check_fields(acc, _STATS_FIELDS, f"layer {name} at M={m}: ")
-            samples = acc.get("samples_us")
-            if not isinstance(samples, list) or not all(_is(v, _NUM) for v in samples):
-                raise ValueError(f"layer {name} at M={m}: samples_us is not a list of numbers")
+            key, kind = ("samples_ns", _INT) if "samples_ns" in acc else ("samples_us", _NUM)  # schema 2, 1
+            samples = acc.get(key)
+            if not isinstance(samples, list) or not all(_is(v, kind) for v in samples):
+                raise ValueError(f"layer {name} at M={m}: {key} is not a list of {kind.split()[-1]}s")
             if "count" not in acc or "total_us" not in acc:
                 raise ValueError(f"layer {name} at M={m}: count or total_us is missing")
 
@@ -107,6 +108,12 @@ def _quantiles(samples: list[float]) -> dict:
 GRAPH = "graph"  # BackendResult.timing of the in-graph rows (backends[1] where graphs ran)
 
 
+def _samples_us(acc: dict) -> list[float]:
+    if "samples_ns" in acc:  # schema 2: integer nanoseconds
+        return [v / 1e3 for v in acc["samples_ns"]]
+    return list(acc["samples_us"])
+
+
 def _pool(workers: list[dict], key: str, count_key: str = "count") -> dict[str, dict]:
     """layer -> {"info", "m": {M: samples, count0 (rank 0's `count_key`), total_us, reads}, "rank_counts"}."""
     layers: dict[str, dict] = {}
@@ -116,7 +123,7 @@ def _pool(workers: list[dict], key: str, count_key: str = "count") -> dict[str, 
             entry = layers.setdefault(name, {"info": info, "m": {}, "rank_counts": {}})
             for m, acc in info.get(key, {}).items():
                 slot = entry["m"].setdefault(m, {"samples": [], "count0": 0, "total_us": 0.0, "reads": 0})
-                slot["samples"] += acc["samples_us"]
+                slot["samples"] += _samples_us(acc)
                 slot["total_us"] += acc["total_us"]
                 slot["reads"] += acc["count"]
                 n = acc.get(count_key, acc["count"])
@@ -155,6 +162,7 @@ def merge(workers: list[dict]) -> Comparison:
     backend = first.get("backend", "?")
     metrics = {"workers": len(workers), "warmup_calls": _sum_warmup(workers),
                "flushes": [w.get("flushes") for w in workers],
+               "flush_ms": [w.get("flush_ms") for w in workers if isinstance(w.get("flush_ms"), dict)],
                "calls_per_rank": {n: e["rank_counts"] for n, e in layers.items()}}
     result = BackendResult(name=f"vllm:{backend}", status="ok", kernel=records[0].kernel if records else None,
                            weights="checkpoint", timing="eager", weight_bytes=sum(r.weight_bytes for r in records),

@@ -293,6 +293,13 @@ def test_full_graphs_of_the_second_model_runner_are_timed_and_dummy_steps_are_wa
     for name, us in times.items():
         assert profiling.graph_stats[(name, 4)].samples_us == pytest.approx([us] * 4, abs=5e-4)  # kept in whole ns
     assert (("l0", 1)) not in profiling.graph_stats
+    profiling.describe("l0", shape=[8, 8], kernel="k", weight_bytes=40)
+    profiling.describe("l1", shape=[8, 8], kernel="k", weight_bytes=40)
+    profiling.flush()
+    res = CliRunner().invoke(cli, ["serve-stats", str(profiling.dir)])
+    assert res.exit_code == 0, res.output
+    assert ("2 captured full graphs with quantized layers (batch sizes 1, 4); replays 5, read 4 (of which waited "
+            "for 0), warm-up replays 2") in " ".join(res.output.split())
 
 
 @pytest.mark.gpu

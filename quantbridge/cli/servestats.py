@@ -60,9 +60,14 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
             table.add_row(r.name, "×".join(map(str, r.shape)), r.kernel, str(n_steps[r.name]), *cells)
         table_console().print(table)
         if graph:
-            g = b.model_metrics["graphs"]
-            click.echo(f"{len(g)} captured graphs with quantized layers; replays {sum(x['replays'] for x in g)}, "
-                       f"read {sum(x['reads'] for x in g)} (of which waited for {sum(x['forced_reads'] for x in g)})")
+            by_kind: dict[str, list[dict]] = {}
+            for x in b.model_metrics["graphs"]:
+                by_kind.setdefault(x.get("kind", "piecewise"), []).append(x)
+            for kind, g in sorted(by_kind.items()):
+                click.echo(f"{len(g)} captured {kind} graphs with quantized layers (batch sizes "
+                           f"{', '.join(map(str, sorted({x['m'] for x in g})))}); replays {sum(x['replays'] for x in g)}, "
+                           f"read {sum(x['reads'] for x in g)} (of which waited for {sum(x['forced_reads'] for x in g)}), "
+                           f"warm-up replays {sum(x.get('warmup_replays', 0) for x in g)}")
         else:
             total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
             click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "

@@ -13,7 +13,10 @@
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
 #   TESTS=0 BENCH=0 VLLM_KERNELS=1 bash benchmarks/gpu_run.sh   # vLLM's machete/marlin/exllama: tests, bench, compare
 #   SERVE_SEND=1 bash benchmarks/gpu_run.sh                   # one chunk of the vLLM or demo set to /tmp/vllm-set (one call each)
-#   TESTS=0 BENCH=0 SERVE=1 bash benchmarks/gpu_run.sh          # install vLLM 0.26.0, vllm serve with graphs, serve-stats
+#   TESTS=0 BENCH=0 SERVE=1 SERVE_UNTIL=5b bash benchmarks/gpu_run.sh   # install vLLM 0.26.0, convert, tune the demo's shapes
+#   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER=off bash benchmarks/gpu_run.sh  # the first (cold, compiling) server
+#   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER=on,off bash benchmarks/gpu_run.sh   # profiled vs not, serve-stats, compare
+#   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER= SERVE_MARLIN=1 bash benchmarks/gpu_run.sh   # vLLM's gptq_marlin, same weights
 # PRECOMPILE=1 compiles every tuning candidate in parallel first (benchmarks/precompile_triton.py).
 # exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),
 # is carried as .qbcache/exllamav2_ext.so.xz and imported as a prebuilt module: no 3-minute build.
@@ -287,7 +290,11 @@ if [ "${PROFILE:-0}" = 1 ]; then
   done
 fi
 if [ "${SERVE:-0}" = 1 ]; then
-  QB_REPO="$REPO" bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|LOG|tokens))' || true
+  # Under the call's 600 s limit, so the archive below is always made (a call killed at its limit returns
+  # nothing of what the servers logged).
+  QB_REPO="$REPO" QB_SERVE_TIMEOUT=${QB_SERVE_TIMEOUT:-500} SERVE_TIMEOUT=${SERVE_TIMEOUT:-540} \
+    timeout "${SERVE_STEPS_TIMEOUT:-570}" bash "$REPO/benchmarks/vllm_serve_steps.sh" "$OUT/serve" 2>&1 \
+    | tee "$OUT/serve-steps.log" | grep -E '^(==|  (OK|FAIL|MISSING|ABSENT|STARTED|LOG|SKIP|skipped|tokens))' || true
   # One archive back: a call returns at most 8 files, and the servers' logs are what a failure needs.
   tar -czf "$OUT/serve.tar.gz" -C "$OUT" serve && rm -rf "$OUT/serve"
 fi

@@ -6,7 +6,9 @@ warm-up round, then ROUNDS timed rounds of the same fixed set of concurrent comp
 (PROMPTS, greedy, MAX_TOKENS each, ignore_eos) and one timed single-request round (decode at
 M=1), and stops it (SIGINT). Output tokens/s per round; the profiled server's directory gets
 overhead.json (tokens/s off vs on, medians over rounds), which `quantbridge serve-stats` shows.
-Writes OUT_DIR/serve.json, OUT_DIR/profile/ (worker files) and the servers' logs.
+Writes OUT_DIR/serve.json, OUT_DIR/profile/ (worker files) and the servers' logs. A serve.json
+already in OUT_DIR keeps its rows: servers started by separate calls (an unprofiled one first,
+then on and off again) pool into one comparison, each row naming its log.
 
 usage: python benchmarks/vllm_serve_gpu.py CHECKPOINT OUT_DIR [ROUNDS] [-- extra vllm serve args]
 env: QB_SERVE_ORDER (default "off,on"), QB_SERVE_QUANTIZATION (quantbridge; empty: vLLM's own choice),
@@ -68,7 +70,9 @@ def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra
            *(["--quantization", quant] if quant else []), "--host", "127.0.0.1", "--port", str(port), "--dtype", os.environ.get("QB_SERVE_DTYPE", "float16"),
            "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY, 1)), "--no-enable-prefix-caching",
            "--seed", "0", "--gpu-memory-utilization", os.environ.get("QB_SERVE_GPU_MEM", "0.5"), *extra]
-    log_path = out_dir / f"serve-{'on' if profile else 'off'}.log"
+    n = 0
+    while (log_path := out_dir / f"serve-{'on' if profile else 'off'}{f'-{n}' if n else ''}.log").exists():
+        n += 1
     row: dict = {"profile": profile, "cmd": cmd, "log": log_path.name}
     t_start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -96,37 +100,62 @@ def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra
         finally:
             server.send_signal(signal.SIGINT)
             try:
-                server.wait(60)
+                server.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
     return row
 
 
+def _stop_on_term(signum, frame) -> None:
+    # `timeout` (a call's time limit) sends SIGTERM: leave through the `finally` that stops the server,
+    # which runs in its own session and would otherwise outlive this script holding GPU memory.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop_on_term)
     args = sys.argv[1:]
     extra = args[args.index("--") + 1:] if "--" in args else []
     args = args[:args.index("--")] if "--" in args else args
     checkpoint, out_dir = args[0], Path(args[1])
     rounds = int(args[2]) if len(args) > 2 else 3
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for which in os.environ.get("QB_SERVE_ORDER", "off,on").split(","):
+    earlier = out_dir / "serve.json"
+    rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
+    for which in filter(None, os.environ.get("QB_SERVE_ORDER", "off,on").split(",")):
         row = one_server(checkpoint, out_dir, which == "on", rounds, extra)
+        row["started"] = time.strftime("%H:%M:%S")
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "cmd"}), flush=True)
+        _write(checkpoint, out_dir, rounds, extra, rows)  # a later server that never returns loses nothing
+
+
+def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: list[dict]) -> None:
     result = {"checkpoint": checkpoint, "prompts": len(PROMPTS), "max_tokens": MAX_TOKENS, "rounds": rounds,
               "extra_args": extra, "rows": rows,
               "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "QUANTBRIDGE_", "QB_"))}}
-    med = {r["profile"]: statistics.median(r["tokens_per_s"]) for r in rows if r.get("tokens_per_s")}
-    if True in med and False in med:
-        result["overhead"] = {"tokens_per_s_off": med[False], "tokens_per_s_on": med[True],
-                              "change_pct": (med[True] / med[False] - 1) * 100,
-                              "source": f"benchmarks/vllm_serve_gpu.py, {len(PROMPTS)} concurrent completions x "
-                                        f"{MAX_TOKENS} tokens, median of {rounds} rounds, CUDA graphs "
-                                        f"{'off' if '--enforce-eager' in extra else 'on'}"}
+    # Every round of every server with the same setting pooled: rounds are short (a second or so).
+    def rounds_of(flag: bool, key: str) -> list[float]:
+        return [t for r in rows if r["profile"] == flag for t in r.get(key, [])]
+    pooled = {flag: rounds_of(flag, "tokens_per_s") for flag in (False, True)}
+    single = {flag: rounds_of(flag, "tokens_per_s_single") for flag in (False, True)}
+    if pooled[True] and pooled[False]:
+        off, on = statistics.median(pooled[False]), statistics.median(pooled[True])
+        servers = {flag: sum(1 for r in rows if r["profile"] == flag and r.get("tokens_per_s")) for flag in (False, True)}
+        result["overhead"] = {
+            "tokens_per_s_off": off, "tokens_per_s_on": on, "change_pct": (on / off - 1) * 100,
+            "single_off": statistics.median(single[False]), "single_on": statistics.median(single[True]),
+            "rounds_off": len(pooled[False]), "rounds_on": len(pooled[True]),
+            "source": f"benchmarks/vllm_serve_gpu.py, {len(PROMPTS)} concurrent completions x {MAX_TOKENS} tokens, "
+                      f"median of {len(pooled[False])} rounds over {servers[False]} unprofiled server(s) and "
+                      f"{len(pooled[True])} over {servers[True]} profiled, CUDA graphs "
+                      f"{'off' if '--enforce-eager' in extra else 'on'}"}
+        (out_dir / "profile").mkdir(exist_ok=True)
         (out_dir / "profile" / "overhead.json").write_text(json.dumps(result["overhead"], indent=1))
-    (out_dir / "serve.json").write_text(json.dumps(result, indent=1))
+    tmp = out_dir / ".serve.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_dir / "serve.json")
 
 
 if __name__ == "__main__":

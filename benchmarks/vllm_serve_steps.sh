@@ -10,11 +10,18 @@
 #   step 6  serve, off vs on  (benchmarks/vllm_serve_gpu.py)
 #   step 7  serve-stats                          step 8  compare's graph-mode time of the same layers, M=1
 #   step 9  serving vs compare per layer, M=1     step 10 the same weights as GPTQ through vLLM's gptq_marlin
+# A server's first start on a machine compiles the model (torch.compile, ~6 minutes on the H100
+# machine's host); later starts hit vLLM's compile cache (~70 s). So serving spreads over calls on a
+# warm machine, pooling into one run directory there (/tmp/serve-run, copied to $1/run on exit):
+#   SERVE_ORDER=off (the cold start), then SERVE_ORDER=on,off (+ steps 7-9), then SERVE_ORDER= SERVE_MARLIN=1.
 set -uo pipefail
 OUT=$(realpath -m "${1:-runs/serve}"); mkdir -p "$OUT"
 V=${VLLM_VERSION:-0.26.0}; SET=/tmp/vllm-set; VS=/tmp/vsite
 export VLLM_ATTENTION_BACKEND=${VLLM_ATTENTION_BACKEND:-TRITON_ATTN} VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO}
+RUN=/tmp/serve-run  # kept by the machine between close calls; SERVE_FRESH=1 starts it again
+[ "${SERVE_FRESH:-0}" = 1 ] && rm -rf "$RUN"
+mkdir -p "$RUN" && trap 'rm -rf "$OUT/run"; cp -r "$RUN" "$OUT/run"' EXIT
 step() { echo "== step $1: $2"; }
 ok() { echo "  OK $*"; }
 # The left-out packages something tried to import, one line per top-level package (cv2.* -> cv2).
@@ -169,10 +176,12 @@ fi
 # SERVE_UNTIL=5b: this call installs, converts and tunes; the next (the machine keeps /tmp 30 s) serves.
 [ "${SERVE_UNTIL:-}" = 5b ] && { echo "== stopped after step 5b (SERVE_UNTIL=5b)"; exit 0; }
 
-CURRENT="step 6 (serve)"; step 6 "vllm serve, CUDA graphs on, profiling off then on"
-rm -rf "$OUT/run" && timeout "${SERVE_TIMEOUT:-480}" python3 benchmarks/vllm_serve_gpu.py "$CK" "$OUT/run" "${SERVE_ROUNDS:-3}" \
-  -- --attention-backend "$VLLM_ATTENTION_BACKEND" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve-run.log" | tail -n 5
-for f in "$OUT"/run/serve-*.log; do
+ORDER=${SERVE_ORDER-off,on}
+CURRENT="step 6 (serve)"; step 6 "vllm serve, CUDA graphs on, profiling: ${ORDER:-no server}"
+[ -n "$ORDER" ] && QB_SERVE_ORDER=$ORDER QB_SERVE_MAX_TOKENS=${QB_SERVE_MAX_TOKENS:-256} timeout "${SERVE_TIMEOUT:-480}" \
+  python3 benchmarks/vllm_serve_gpu.py "$CK" "$RUN" "${SERVE_ROUNDS:-8}" \
+  -- --attention-backend "$VLLM_ATTENTION_BACKEND" ${SERVE_ARGS:-} 2>&1 | tee -a "$RUN/serve-run.log" | tail -n 5
+for f in "$RUN"/serve-*.log; do
   [ -f "$f" ] || continue
   if grep -q "Application startup complete\|Uvicorn running\|Starting vLLM API server" "$f"; then echo "  STARTED $(basename "$f")"
   else echo "  FAIL $(basename "$f") did not start:"
@@ -181,49 +190,54 @@ for f in "$OUT"/run/serve-*.log; do
   grep -iE "cuda ?graph|capturing|attention backend|Using .* backend" "$f" | head -n 6
 done
 absent "while serving"
-python3 - "$OUT/run/serve.json" <<'PY' 2>/dev/null || echo "  FAIL no serve.json"
+python3 - "$RUN/serve.json" <<'PY' 2>/dev/null || echo "  FAIL no serve.json"
 import json, sys, statistics
 d = json.load(open(sys.argv[1]))
 for r in d["rows"]:
     if "error" in r:
         print(f"  FAIL profile={r['profile']}: {r['error']}")
     else:
-        print(f"  tokens/s profile={'on ' if r['profile'] else 'off'}: concurrent {statistics.median(r['tokens_per_s']):.1f} "
+        print(f"  tokens/s profile={'on ' if r['profile'] else 'off'} ({r['log']}): concurrent {statistics.median(r['tokens_per_s']):.1f} "
               f"{[round(x, 1) for x in r['tokens_per_s']]}, single {statistics.median(r['tokens_per_s_single']):.1f}, "
               f"startup {r['startup_s']:.0f} s")
 if "overhead" in d:
-    print(f"  tokens/s change with profiling: {d['overhead']['change_pct']:+.2f} %")
+    o = d["overhead"]
+    print(f"  tokens/s change with profiling: {o['change_pct']:+.2f} % (single request: off {o['single_off']:.1f}, "
+          f"on {o['single_on']:.1f}; {o['source']})")
 PY
+PROFILED=$(ls "$RUN"/profile/worker-*.json 2>/dev/null | head -n 1)
+[ -z "$PROFILED" ] && { echo "== no profiled server in $RUN yet: steps 7-9 wait for SERVE_ORDER with on"; }
 
+if [ -n "$PROFILED" ] && [ -n "$ORDER" ]; then
 CURRENT="step 7 (serve-stats)"; step 7 "serve-stats"
-if [ -d "$OUT/run/profile" ]; then
-  python3 -m quantbridge.cli serve-stats "$OUT/run/profile" > "$OUT/serve-stats.txt" 2>&1 && ok "serve-stats" || echo "  FAIL serve-stats"
-  cat "$OUT/serve-stats.txt" | head -n 80
-else
-  echo "  FAIL no profile directory"
-fi
+python3 -m quantbridge.cli serve-stats "$RUN/profile" > "$RUN/serve-stats.txt" 2>&1 && ok "serve-stats" || echo "  FAIL serve-stats"
+head -n 80 "$RUN/serve-stats.txt"
 
 CURRENT="step 8 (compare)"; step 8 "compare, graph mode, the same layers and kernel at M=1"
-timeout "${SERVE_COMPARE_TIMEOUT:-240}" python3 -m quantbridge.cli compare "$CK" --backends native --batch 1,16 --mode graph \
-  --dtype fp16 --out "$OUT/compare" --no-report -q > "$OUT/compare.log" 2>&1 && ok "compare -> $OUT/compare" \
-  || { echo "  FAIL compare"; tail -n 10 "$OUT/compare.log" | sed 's/^/  LOG /'; }
+[ -f "$RUN/compare/results.json" ] || timeout "${SERVE_COMPARE_TIMEOUT:-240}" python3 -m quantbridge.cli compare "$CK" \
+  --backends native --batch 1,16 --mode graph --dtype fp16 --out "$RUN/compare" --no-report -q > "$RUN/compare.log" 2>&1 \
+  && ok "compare -> $RUN/compare" || { echo "  FAIL compare"; tail -n 10 "$RUN/compare.log" | sed 's/^/  LOG /'; }
 CURRENT="step 9 (serving vs compare)"; step 9 "a layer's GPU time while serving (graphs) vs compare's graph mode, M=1"
-if [ -f "$OUT/run/profile/results.json" ] && [ -f "$OUT/compare/results.json" ]; then
-  python3 benchmarks/serve_vs_compare.py "$OUT/run/profile/results.json" "$OUT/compare/results.json" \
-    "$OUT/serve-vs-compare.md" --m 1 | tail -n 20 && ok "serve-vs-compare.md" || echo "  FAIL serve_vs_compare"
+if [ -f "$RUN/profile/results.json" ] && [ -f "$RUN/compare/results.json" ]; then
+  python3 benchmarks/serve_vs_compare.py "$RUN/profile/results.json" "$RUN/compare/results.json" \
+    "$RUN/serve-vs-compare.md" --m 1 | tail -n 20 && ok "serve-vs-compare.md" || echo "  FAIL serve_vs_compare"
 else
   echo "  FAIL needs serve-stats' results.json and compare's results.json"
 fi
+fi
 
 CURRENT="step 10 (gptq_marlin)"; step 10 "the same weights as a GPTQ checkpoint through vLLM's own kernel (gptq_marlin)"
-if [ "${SERVE_MARLIN:-1}" = 1 ]; then
-  rm -rf "$OUT/run-gptq" && QB_SERVE_QUANTIZATION="" QB_SERVE_ORDER=off timeout "${SERVE_TIMEOUT:-480}" \
-    python3 benchmarks/vllm_serve_gpu.py "$CKG" "$OUT/run-gptq" "${SERVE_ROUNDS:-3}" \
+if [ "${SERVE_MARLIN:-0}" = 1 ]; then
+  QB_SERVE_QUANTIZATION="" QB_SERVE_ORDER=off QB_SERVE_MAX_TOKENS=${QB_SERVE_MAX_TOKENS:-256} timeout "${SERVE_TIMEOUT:-480}" \
+    python3 benchmarks/vllm_serve_gpu.py "$CKG" "$RUN/gptq" "${SERVE_ROUNDS:-8}" \
     -- --attention-backend "$VLLM_ATTENTION_BACKEND" ${SERVE_ARGS:-} 2>&1 | tail -n 5
-  grep -iE "gptq_marlin|marlin|quantization" "$OUT"/run-gptq/serve-off.log 2>/dev/null | head -n 4
-  python3 -c "import json,sys,statistics; r=json.load(open(sys.argv[1]))['rows'][0]; print('  tokens/s (gptq_marlin): concurrent', round(statistics.median(r['tokens_per_s']),1), 'single', round(statistics.median(r['tokens_per_s_single']),1)) if 'error' not in r else print('  FAIL', r['error'])" \
-    "$OUT/run-gptq/serve.json" 2>/dev/null || echo "  FAIL no serve.json for gptq_marlin"
-  [ -f "$OUT/run-gptq/serve-off.log" ] && ! grep -q "Application startup complete" "$OUT/run-gptq/serve-off.log" \
-    && tail -n 20 "$OUT/run-gptq/serve-off.log" | cut -c1-400 | sed 's/^/  LOG /'
+  grep -iE "gptq_marlin|marlin|quantization" "$RUN"/gptq/serve-off*.log 2>/dev/null | head -n 4
+  python3 -c "import json,sys,statistics; r=json.load(open(sys.argv[1]))['rows'][-1]; print('  tokens/s (gptq_marlin): concurrent', round(statistics.median(r['tokens_per_s']),1), 'single', round(statistics.median(r['tokens_per_s_single']),1)) if 'error' not in r else print('  FAIL', r['error'])" \
+    "$RUN/gptq/serve.json" 2>/dev/null || echo "  FAIL no serve.json for gptq_marlin"
+  for f in "$RUN"/gptq/serve-off*.log; do
+    [ -f "$f" ] && ! grep -q "Application startup complete" "$f" && tail -n 20 "$f" | cut -c1-400 | sed 's/^/  LOG /'
+  done
+else
+  echo "  skipped (SERVE_MARLIN=1 runs it: a first start of this checkpoint compiles for minutes, so a call of its own)"
 fi
 echo "== done"

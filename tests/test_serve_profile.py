@@ -347,8 +347,8 @@ def test_layers_timed_inside_a_captured_cuda_graph(profiling):
 def test_supported_vllm_versions_and_one_line_refusal():
     from quantbridge.vllm import SUPPORTED_VLLM, unsupported
 
-    for v in ("0.26.0", "0.29.1", "0.32.0", "0.32.0+cpu", "0.31.0rc1"):
+    for v in ("0.26.0", "0.29.1", "0.32.0", "0.32.0+cpu", "0.31.0rc1", "0.33.0", "0.33.2"):
         assert unsupported(v) is None, v
-    for v in ("0.25.2", "0.33.0", "0.34.1", "1.0.0"):
+    for v in ("0.25.2", "0.34.0", "0.34.1", "1.0.0"):
         msg = unsupported(v)
         assert msg is not None and "\n" not in msg and SUPPORTED_VLLM in msg and v in msg

@@ -6,13 +6,15 @@ vLLM APIs (QuantizationConfig, LinearMethodBase, register_quantization_config,
 is_layer_skipped, PackedvLLMParameter, GroupQuantScaleParameter, CUDAGraphMode, the forward
 context's batch_descriptor, CUDAGraphWrapper, and the second model runner's CudaGraphManager.capture /
 run_fullgraph and GPUModelRunner.execute_model) were read in vLLM 0.26.0's and 0.32.0's
-sources and are the same in both; 0.33 and 0.34 were not checked. On another version the
+sources and are the same in both, and 0.33.0's (torch 2.14) are the same as 0.32.0's
+(benchmarks/vllm_api_diff.py; the outputs are in benchmarks/results/vllm-api-*.txt). 0.34 is not
+released, so not checked. On another version the
 method is still registered, but starting a server with it gives a one-line refusal
 (`register` must not raise: vLLM calls it for every model, quantized by quantbridge or not).
 """
 
-SUPPORTED_VLLM = ">=0.26,<0.33"
-CHECKED_VLLM = ("0.26.0", "0.32.0")
+SUPPORTED_VLLM = ">=0.26,<0.34"
+CHECKED_VLLM = ("0.26.0", "0.32.0", "0.33.0")
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -22,7 +24,7 @@ def _release(version: str) -> tuple[int, int]:
 
 def unsupported(version: str) -> str | None:
     """The one-line refusal for vLLM `version`, or None when it is supported."""
-    if (0, 26) <= _release(version) < (0, 33):
+    if (0, 26) <= _release(version) < (0, 34):
         return None
     return (f"quantbridge's vLLM plugin supports vllm{SUPPORTED_VLLM} (checked: {', '.join(CHECKED_VLLM)}); "
             f"this is vLLM {version}: install a supported vLLM or serve without --quantization quantbridge")

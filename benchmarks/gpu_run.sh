@@ -110,7 +110,8 @@ fi
 [ -n "${exl_pid:-}" ] && { wait "$exl_pid"; cat "$OUT/exllamav2-build.summary"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv"
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest ${TEST_ARGS:--q} -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_int4_triton.py} \
+  # TEST_K: a pytest -k expression (spaces allowed), e.g. TEST_K="bound or graph"
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest ${TEST_ARGS:--q} -p no:cacheprovider -m gpu ${TEST_K:+-k "$TEST_K"} ${TEST_FILES:-tests/test_int4_triton.py} \
     > "$OUT/gpu-tests.log" 2>&1; tail -n 15 "$OUT/gpu-tests.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then

@@ -11,6 +11,11 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
   python3 benchmarks/sass_counts.py                       # every mode, the decode and tile configs
   python3 benchmarks/sass_counts.py --modes asm --dtype fp16 --config 16,128,128,4,4,3
   python3 benchmarks/sass_counts.py --modes asm --config 1,128,128,8,4,3 --config 1,64,128,4,4,3 --count BAR.SYNC,LDG.E.U16
+  python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --ptxas   # + ptxas's own verdict
+
+--ptxas assembles the kernel's PTX again with `ptxas -v` for sm_90a and adds its register count and
+any performance warning (C75xx), e.g. C7515: "wgmma.mma_async instructions are serialized", which
+every operand tile had until its K loop was made provably non-empty (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,27 @@ def _signature(fn, dtype: str, words: bool, offsets: bool) -> dict[str, str]:
 def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192,
                  offsets: bool = False, arch: int = 90) -> str:
     """SASS of the kernel one configuration launches (M = 1 for GEMV tiles, 16 otherwise)."""
+    return _compile(cfg, mode, dtype, group, k, offsets, arch)[0]
+
+
+def ptxas_verdict(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192) -> str:
+    """ptxas -v on the kernel's PTX for sm_90a: registers, and its performance warnings (or none)."""
+    ptx = _compile(cfg, mode, dtype, group, k, False, 90)[1]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, check=True)
+    lines = (r.stdout + r.stderr).splitlines()
+    regs = next((ln.split("Used ")[1].split(",")[0] for ln in lines if "Used " in ln), "? registers")
+    warn = [ln.split("ptxas info    : ")[-1].split(" in the function")[0] for ln in lines if "(C75" in ln]
+    return f"ptxas: {regs}; " + ("; ".join(warn) if warn else "no performance warning")
+
+
+def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets: bool, arch: int) -> tuple[str, str]:
+    """(SASS, PTX) of one configuration's kernel."""
     bm, bn, bk, sk, warps, stages = cfg
     mode_i = kt.CODE_MODES[mode]
     words = bm == 1 or (mode_i >= 3 and bk <= group and (bm <= 64 or mode_i == 8))  # the kernel's WORD_TILES
@@ -68,7 +94,8 @@ def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 12
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return sass, compiled.asm["ptx"]
 
 
 def main_loop(sass: str) -> list[str]:
@@ -112,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", action="append", help="BM,BN,BK,SPLIT_K,warps,stages (repeatable)")
     ap.add_argument("--offsets", action="store_true", help="float offsets per group (GGUF Q4_1/Q4_K)")
     ap.add_argument("--count", default="", help="opcode prefixes to count in the loop, e.g. BAR.SYNC,LDG.E.U16,LDGSTS")
+    ap.add_argument("--ptxas", action="store_true", help="add ptxas -v's registers and performance warnings (sm_90a)")
     a = ap.parse_args(argv)
     count = tuple(p for p in a.count.split(",") if p)
     cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
@@ -119,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in cfgs:
         for mode in a.modes.split(","):
             print(report(cfg, mode, a.dtype, a.offsets, count), flush=True)
+            if a.ptxas:
+                print(f"{'':26} {mode:8} {ptxas_verdict(cfg, mode, a.dtype)}", flush=True)
     return 0
 
 

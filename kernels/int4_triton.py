@@ -36,7 +36,8 @@ from quantbridge.plugin.packed import Int4Weight
 KERNEL_NAME = "quantbridge.triton"
 # Bumped when the kernels change in a way that can move the best configuration: tuned
 # choices are kept per revision, so an older table is never applied to a newer kernel.
-REVISION = "r3"
+# r4: the tile kernel's K loop provably runs (its wgmma were serialized by ptxas before).
+REVISION = "r4"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -131,7 +132,12 @@ def _int4_matmul_kernel(
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    for t in range(t_start, t_end):
+    # At least one trip, provably (no split is empty: splits()): a loop that may run zero times
+    # leaves a path where the accumulator is set to zero by plain moves and meets the loop's wgmma
+    # before their final wait, and ptxas then serializes every wgmma of the kernel (its C7515; every
+    # operand tile did). Written this way the accumulator is only ever defined by wgmma.
+    for i in range(0, tl.maximum(t_end - t_start, 1)):
+        t = t_start + i
         kk = t * BLOCK_K + offs_k
         if EVEN_K:
             x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None], other=0.0)
@@ -532,8 +538,15 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
     The operand layout runs tiles inside one group only."""
     if layout == "operand":
         tiles = [c for c in _tile_configs(m, n, k, group) if c == DEQUANT_CUBLAS or c[2] <= group]
+        extra = []
+        if m >= 64:
+            # One warpgroup over 64 weight rows: twice the tiles of BLOCK_N 128, so more SMs busy at
+            # M = 64..512; with the wgmma no longer serialized (r4) it need not interleave two groups.
+            extra.append((min(m, 128), 64, 64, 1, 4, 3))
         if m >= 256:  # W x^T: M is the tensor-core N dimension, up to 256
-            tiles.insert(-1, (256, 128, 64, 1, 8, 3))
+            extra += [(256, 128, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3)]
+        at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
+        tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
     if m <= 2:
         return gemv_configs(k, group) + _tile_configs(m, n, k, group)
@@ -554,8 +567,16 @@ def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:
             out += [(bm, 128, 64, sk, 8, 3) for bm in (64, 128) for sk in (2, 4)]
     # Prefer tiles inside one group (per-row scales); never more splits than K-tiles.
     in_group = [c for c in out if c[2] <= group] or [c for c in out if c[2] == min(x[2] for x in out)]
-    keep = [c for c in in_group if c[2] <= max(k, 64) and k // c[2] >= c[3]] or in_group[:1]
+    keep = [c for c in in_group if c[2] <= max(k, 64) and k // c[2] >= c[3] and splits(k, c[2], c[3])] \
+        or [c for c in in_group if c[3] == 1][:1]
     return keep + ([DEQUANT_CUBLAS] if m >= 128 else [])
+
+
+def splits(k: int, bk: int, sk: int) -> bool:
+    """Whether split-K `sk` over K gives every split at least one K-tile (the tile kernel's loop
+    runs at least once: see its comment)."""
+    per = _cdiv(_cdiv(k, bk), sk)
+    return (sk - 1) * per < _cdiv(k, bk)
 
 
 def m_bucket(m: int) -> int:
@@ -578,6 +599,9 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
+    if bm != 1 and not splits(k, bk, sk):
+        raise ValueError(f"{cfg}: split-K {sk} over {_cdiv(k, bk)} K-tiles leaves a split empty; "
+                         f"the tile kernel runs every split at least once")
     if layout == "operand":
         if mode != 8 or not operand_config(cfg, w.group_size) or w.offsets is not None:
             raise ValueError(f"codes in the operand layout need CODE_MODE 'operand', no float offsets and tiles "

@@ -72,13 +72,14 @@ def test_interpreter_dequantize_is_exact(gs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 def test_interpreter_never_reads_scales_past_k():
-    # K=384 is 3 tiles of 128 over 4 splits: the last split has no tile. Memory after the
-    # scales is NaN, so any read past the last group shows up in the output.
-    x, qw, ref = _case(3, 50, 384, 128, False, torch.float32, "cpu", seed=11)
+    # K=320 is 2.5 tiles of 128 in 2 splits of 2 tiles: the second split's second tile lies wholly
+    # past K (a split with no tile at all is refused: test_split_k_never_leaves_a_split_empty).
+    # Memory after the scales is NaN, so any read past the last group shows up in the output.
+    x, qw, ref = _case(3, 50, 320, 64, False, torch.float32, "cpu", seed=11)
     buf = torch.full((qw.scales.numel() + 64,), float("nan"))
     buf[: qw.scales.numel()] = qw.scales.flatten()
     qw.scales = buf[: qw.scales.numel()].view_as(qw.scales)
-    _check(x, qw, ref, (16, 32, 128, 4, 4, 3), 1e-5)
+    _check(x, qw, ref, (16, 32, 128, 2, 4, 3), 1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -617,3 +618,42 @@ def test_operand_codes_refuse_a_launch_that_would_misread_them(monkeypatch):
     with pytest.raises(ValueError, match="operand layout need"):  # float offsets
         kt.launch(torch.randn(2, 256), _with_offsets(laid, torch.float32, seed=1), out, (16, 64, 128, 1, 4, 3),
                   layout="operand")
+
+
+def test_operand_tiles_keep_their_wgmma_pipelined_in_ptxas():
+    """ptxas (Triton's own, for sm_90a; no GPU needed) accepts the operand tiles' wgmma as a pipeline.
+    A K loop that may run zero times zero-fills the accumulator on a path that meets the loop's
+    wgmma before their last wait, and ptxas then serializes every wgmma (warning C7515): that was
+    every operand tile, M = 16 to 512, until the loop was made to run at least once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
+    cfgs = ["16,128,128,1,8,3", "128,128,64,1,8,3", "64,128,64,2,8,3", "256,64,64,1,4,3"]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "sass_counts.py"), "--modes", "operand", "--ptxas",
+                        *[a for c in cfgs for a in ("--config", c)]], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    verdicts = [ln for ln in r.stdout.splitlines() if "ptxas:" in ln]
+    assert len(verdicts) == len(cfgs) and all("no performance warning" in v for v in verdicts), r.stdout
+
+
+def test_split_k_never_leaves_a_split_empty():
+    """The tile kernel runs every split at least once, so configurations with an empty split are
+    not candidates and are refused when given."""
+    assert kt.splits(8192, 64, 4) and kt.splits(576, 64, 2)
+    assert not kt.splits(576, 64, 4)  # 9 K-tiles in splits of 3: the fourth has none
+    assert not kt.splits(576, 64, 8)
+    for m in (16, 64, 128, 512):
+        for layout in ("canonical", "operand"):
+            for c in kt.candidate_configs(m, 576, 576, 64, layout):
+                assert c == kt.DEQUANT_CUBLAS or c[0] == 1 or kt.splits(576, c[2], c[3]), (m, layout, c)
+    qw = quantize_rtn(torch.randn(64, 576, generator=torch.Generator().manual_seed(5)), QuantSpec(group_size=64))
+    x = torch.randn(16, 576)
+    with pytest.raises(ValueError, match="leaves a split empty"):
+        kt.launch(x, qw, torch.empty(16, 64), (16, 64, 64, 4, 4, 3))

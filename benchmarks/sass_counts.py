@@ -69,6 +69,9 @@ def ptxas_verdict(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 1
     lines = (r.stdout + r.stderr).splitlines()
     regs = next((ln.split("Used ")[1].split(",")[0] for ln in lines if "Used " in ln), "? registers")
     warn = [ln.split("ptxas info    : ")[-1].split(" in the function")[0] for ln in lines if "(C75" in ln]
+    spills = [m.group(0) for ln in lines if (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ln))
+              and (m.group(1), m.group(2)) != ("0", "0")]
+    warn += spills
     return f"ptxas: {regs}; " + ("; ".join(warn) if warn else "no performance warning")
 
 

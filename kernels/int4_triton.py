@@ -537,7 +537,10 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
     """The search space for one M bucket: kept small, since every candidate is compiled and timed.
     The operand layout runs tiles inside one group only."""
     if layout == "operand":
-        tiles = [c for c in _tile_configs(m, n, k, group) if c == DEQUANT_CUBLAS or c[2] <= group]
+        # Tiles whose fp32 accumulator alone takes over 128 registers a thread spill (128x256 at 4
+        # warps: 2.4 KB, and ptxas serializes its wgmma; sass_counts.py --ptxas): not candidates.
+        tiles = [c for c in _tile_configs(m, n, k, group)
+                 if c == DEQUANT_CUBLAS or (c[2] <= group and c[0] * c[1] <= 128 * 32 * c[4])]
         extra = []
         if m >= 64:
             # One warpgroup over 64 weight rows: twice the tiles of BLOCK_N 128, so more SMs busy at

@@ -624,7 +624,8 @@ def test_operand_tiles_keep_their_wgmma_pipelined_in_ptxas():
     """ptxas (Triton's own, for sm_90a; no GPU needed) accepts the operand tiles' wgmma as a pipeline.
     A K loop that may run zero times zero-fills the accumulator on a path that meets the loop's
     wgmma before their last wait, and ptxas then serializes every wgmma (warning C7515): that was
-    every operand tile, M = 16 to 512, until the loop was made to run at least once."""
+    every operand tile, M = 16 to 512, until the loop was made to run at least once. A tile whose
+    accumulator does not fit the registers spills and is serialized too (C7511): not a candidate."""
     import os
     import subprocess
     import sys
@@ -634,7 +635,10 @@ def test_operand_tiles_keep_their_wgmma_pipelined_in_ptxas():
         pytest.skip("this Triton has no bundled ptxas")
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
-    cfgs = ["16,128,128,1,8,3", "128,128,64,1,8,3", "64,128,64,2,8,3", "256,64,64,1,4,3"]
+    # Every operand tile the tuner tries at M = 128 and 512 on a Llama-3-70B shape, and an M=16 one.
+    tiles = {c for m in (128, 512) for c in kt.candidate_configs(m, 28672, 8192, 128, "operand")
+             if c != kt.DEQUANT_CUBLAS} | {(16, 128, 128, 1, 8, 3)}
+    cfgs = [",".join(map(str, c)) for c in sorted(tiles)]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "sass_counts.py"), "--modes", "operand", "--ptxas",
                         *[a for c in cfgs for a in ("--config", c)]], capture_output=True, text=True, env=env,
                        timeout=600, cwd=root)

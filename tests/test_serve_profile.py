@@ -204,30 +204,37 @@ class _Desc(tuple):
 
 class _Manager:
     """The shape of vLLM's second model runner's CudaGraphManager (vllm/v1/worker/gpu/cudagraph_utils.py):
-    per FULL descriptor, forward(NONE) once as warm-up, then again inside the capture; replays by
-    descriptor. `capturing` stands for torch.cuda.is_current_stream_capturing()."""
+    `_capture_descs` by mode; per FULL descriptor forward(NONE) once as warm-up, then again inside the
+    capture, the graph stored in `graphs`; PIECEWISE descriptors run through forward(PIECEWISE);
+    run_fullgraph replays `graphs[desc]`. `capturing` stands for torch.cuda.is_current_stream_capturing()."""
 
     capturing = False
 
     def __init__(self, descs):
-        self.descs, self.graphs, self.replayed = descs, {}, []
+        self._capture_descs = {}
+        for d in descs:
+            self._capture_descs.setdefault(d.cg_mode, []).append(d)
+        self.graphs, self.replayed, self.captured = {}, [], 0
 
     def capture(self, create_forward_fn, progress_bar_desc="Capturing CUDA graphs"):
-        for desc in self.descs:
-            create_forward_fn(desc, warmup=True)(_Mode.NONE)
-            forward = create_forward_fn(desc, warmup=False)
-            if desc.cg_mode == _Mode.PIECEWISE:
-                forward(_Mode.PIECEWISE)
-                continue
-            _Manager.capturing = True
-            try:
-                forward(_Mode.NONE)
-            finally:
-                _Manager.capturing = False
-            self.graphs[desc] = "graph"
+        for mode in (_Mode.PIECEWISE, _Mode.FULL):
+            for desc in self._capture_descs.get(mode, []):
+                create_forward_fn(desc, warmup=True)(_Mode.NONE)
+                forward = create_forward_fn(desc, warmup=False)
+                if desc.cg_mode == _Mode.PIECEWISE:
+                    forward(_Mode.PIECEWISE)
+                    continue
+                assert desc not in self.graphs
+                _Manager.capturing = True
+                try:
+                    forward(_Mode.NONE)
+                finally:
+                    _Manager.capturing = False
+                self.captured += 1
+                self.graphs[desc] = f"graph{self.captured}"
 
     def run_fullgraph(self, desc):
-        self.replayed.append(desc)
+        self.replayed.append(self.graphs[desc])
         return desc.num_tokens
 
 
@@ -239,17 +246,19 @@ class _Runner:
 manager: _Manager
 
 
-def test_full_graphs_of_the_second_model_runner_are_timed_and_dummy_steps_are_warmup(profiling, monkeypatch):
-    """The layers of each FULL graph the manager captures get event pairs (only in the captured
-    pass; the warm-up pass is marked as warm-up), each replay through run_fullgraph is counted
-    and read, and replays inside execute_model(dummy_run=True) count as warm-up replays."""
+def test_full_graphs_of_the_second_model_runner_are_timed_through_probed_twins(profiling, monkeypatch):
+    """vLLM's own FULL graphs are captured without timers and replay every step; each FULL descriptor
+    is captured once more with the layers' event pairs (only in its captured pass; both warm-up
+    passes are marked as warm-up), and that twin replaces vLLM's graph on one step in EVERY, its
+    events read afterwards. Replays inside execute_model(dummy_run=True) count as warm-up."""
     global manager
     monkeypatch.setattr(_Manager, "capture", _Manager.capture)
     monkeypatch.setattr(_Manager, "run_fullgraph", _Manager.run_fullgraph)
     monkeypatch.setattr(_Runner, "execute_model", _Runner.execute_model)
     monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)  # the read markers: the GPU is always done
-    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=1)
-    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=1)  # idempotent
+    every = 4
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=every)
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=every)  # idempotent
     graphs.wrap_dummy_runs(_Runner)
     graphs.wrap_dummy_runs(_Runner)
     full4, full1, pw8 = _Desc((_Mode.FULL, 4)), _Desc((_Mode.FULL, 1)), _Desc((_Mode.PIECEWISE, 8))
@@ -260,8 +269,8 @@ def test_full_graphs_of_the_second_model_runner_are_timed_and_dummy_steps_are_wa
 
     def create_forward_fn(desc, warmup):
         def forward(mode):
-            seen.append((desc.num_tokens, mode, _Manager.capturing, graphs.in_warmup(), graphs.capture_key()))
             key = graphs.capture_key()
+            seen.append((desc.num_tokens, mode, _Manager.capturing, graphs.in_warmup(), key))
             if _Manager.capturing and key is not None:
                 t = 0.0
                 for name, us in times.items():
@@ -271,35 +280,62 @@ def test_full_graphs_of_the_second_model_runner_are_timed_and_dummy_steps_are_wa
                     t += us
         return forward
     manager.capture(create_forward_fn)
-    assert [g.kind for g in profiling.graphs.values()] == ["full", "full"]
-    assert sorted(g.m for g in profiling.graphs.values()) == [1, 4]
-    assert len(seen) == 6
-    for m, mode, capturing, warm, key in seen:
-        if m == 8:  # a PIECEWISE descriptor's passes are CUDAGraphWrapper's, untouched here
-            assert key is None and not warm
-        else:  # both passes of a FULL descriptor carry the key; only the captured one adds events
-            assert mode == _Mode.NONE and warm and key is not None and key.m == m
+    # vLLM's graphs (graph1: M=4, graph2: M=1) stay its own; the twins (graph3, graph4) are ours
+    assert manager.graphs == {full4: "graph1", full1: "graph2"} and manager.captured == 4
+    assert manager._capture_descs == {_Mode.PIECEWISE: [pw8], _Mode.FULL: [full4, full1]}
+    twins = {g.m: g for g in profiling.graphs.values()}
+    assert sorted(twins) == [1, 4] and all(g.kind == "full" for g in twins.values())
+    assert (twins[4].twin, twins[1].twin) == ("graph3", "graph4") and len(twins[4].pairs) == 2
+    assert all(warm for *_, warm, _ in seen)  # every pass of a capture is warm-up, not a served step
+    keyed = [(m, capturing) for m, mode, capturing, warm, key in seen if key is not None]
+    assert keyed == [(4, False), (4, True), (1, False), (1, True)]  # only the second pass carries keys
     assert not graphs.in_warmup()
-    for _ in range(5):
+    for _ in range(3 * every):
         assert _Runner().execute_model(full4) == 4
-    _Runner().execute_model(full1, None, True)  # a dummy step: vLLM's warm-up
+    _Runner().execute_model(full1, None, True)  # dummy steps: vLLM's warm-up
     _Runner().execute_model(full1, dummy_run=True)
     assert not graphs.in_warmup()
-    assert manager.replayed == [full4] * 5 + [full1] * 2
-    g4 = next(g for g in profiling.graphs.values() if g.m == 4)
-    g1 = next(g for g in profiling.graphs.values() if g.m == 1)
-    assert (g4.replays, g4.warmup_replays, g1.replays, g1.warmup_replays) == (5, 0, 0, 2)
-    assert g4.reads == 4  # each replay after the first reads the one before
+    assert manager.replayed == (["graph1"] * (every - 1) + ["graph3"]) * 3 + ["graph2"] * 2
+    g4, g1 = twins[4], twins[1]
+    assert (g4.replays, g4.probed, g4.warmup_replays, g1.replays, g1.warmup_replays) == (12, 3, 0, 0, 2)
+    assert g4.reads == 2  # a twin replay is read (its marker completed) at the graph's next step
+    _Runner().execute_model(full4)
+    assert g4.reads == 3 and g4.replays == 13 and manager.replayed[-1] == "graph1"
     for name, us in times.items():
-        assert profiling.graph_stats[(name, 4)].samples_us == pytest.approx([us] * 4, abs=5e-4)  # kept in whole ns
-    assert (("l0", 1)) not in profiling.graph_stats
+        assert profiling.graph_stats[(name, 4)].samples_us == pytest.approx([us] * 3, abs=5e-4)  # kept in whole ns
+    assert ("l0", 1) not in profiling.graph_stats
     profiling.describe("l0", shape=[8, 8], kernel="k", weight_bytes=40)
     profiling.describe("l1", shape=[8, 8], kernel="k", weight_bytes=40)
     profiling.flush()
     res = CliRunner().invoke(cli, ["serve-stats", str(profiling.dir)])
     assert res.exit_code == 0, res.output
-    assert ("2 captured full graphs with quantized layers (batch sizes 1, 4); replays 5, read 4 (of which waited "
-            "for 0), warm-up replays 2") in " ".join(res.output.split())
+    assert ("2 captured full graphs with quantized layers (batch sizes 1, 4); replays 13, read 3 (of which waited "
+            "for 0), warm-up replays 2; timed on the probed twins' 3 replays, one step in 4") in " ".join(res.output.split())
+
+
+def test_a_twin_due_again_before_its_last_replay_completed_waits_for_it(profiling):
+    """The twin's events hold its latest replay: when it is due again and the GPU has not reached
+    the marker behind the previous one, the read waits (counted as forced) rather than lose it."""
+    markers = []
+
+    def new_marker():
+        markers.append(_FakeEvent())
+        return markers[-1]
+
+    g = graphs.TwinGraph(m=2, every=2, new_marker=new_marker)
+    g.add("a", _FakeEvent(0.0), _FakeEvent(4.0))
+    g.twin = "twin"
+    due = []
+    for _ in range(6):  # the GPU never reaches a marker by itself
+        g.poll(profiling)
+        if g.twin_due():
+            g.poll(profiling, wait=True)
+            g.twin_replayed()
+            due.append(g.replays)
+        g.replays += 1
+    assert due == [1, 3, 5] and g.probed == 3 and g.reads == 2 and g.forced == 2
+    assert markers[0].waited and markers[1].waited and not markers[2].waited
+    assert profiling.graph_stats[("a", 2)].samples_us == [4.0, 4.0]
 
 
 @pytest.mark.gpu
@@ -352,3 +388,67 @@ def test_supported_vllm_versions_and_one_line_refusal():
     for v in ("0.25.2", "0.34.0", "0.34.1", "1.0.0"):
         msg = unsupported(v)
         assert msg is not None and "\n" not in msg and SUPPORTED_VLLM in msg and v in msg
+
+
+class _CudaManager:
+    """A CudaGraphManager in miniature on a real GPU: static input and output buffers, one graph
+    pool, FULL descriptors captured with torch.cuda.graph and replayed by descriptor."""
+
+    def __init__(self, descs, forward):
+        self._capture_descs = {_Mode.FULL: descs}
+        self.graphs, self.pool, self.forward = {}, torch.cuda.graph_pool_handle(), forward
+
+    def capture(self, create_forward_fn, progress_bar_desc="Capturing CUDA graphs"):
+        for desc in self._capture_descs[_Mode.FULL]:
+            create_forward_fn(desc, warmup=True)(_Mode.NONE)
+            forward = create_forward_fn(desc, warmup=False)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, self.pool):
+                forward(_Mode.NONE)
+            self.graphs[desc] = graph
+
+    def run_fullgraph(self, desc):
+        self.graphs[desc].replay()
+
+
+@pytest.mark.gpu
+def test_probed_twins_of_real_cuda_graphs_give_the_same_output_and_layer_times(profiling, monkeypatch):
+    """On a GPU: vLLM-style FULL graphs (static buffers, one pool) and their probed twins. Every step
+    gives the float64 reference's output whichever graph replayed, the twin replays one step in
+    EVERY, and each layer's in-graph GPU time is read from the twins."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    layers = _layers("cuda")
+    m, every = 8, 4
+    x_static = torch.empty(m, 256, device="cuda")
+    y_static = torch.empty(m, 256, device="cuda")
+
+    def model():
+        h = x_static
+        for idx, _ in layers:
+            h = runtime.run(h, idx)
+        y_static.copy_(h)
+
+    x_static.copy_(torch.randn(m, 256, device="cuda"))
+    model()  # compile the kernels outside any capture
+    torch.cuda.synchronize()
+    monkeypatch.setattr(_CudaManager, "capture", _CudaManager.capture)
+    monkeypatch.setattr(_CudaManager, "run_fullgraph", _CudaManager.run_fullgraph)
+    graphs.wrap_full_graphs(_CudaManager, _Mode.FULL, _Mode.NONE, every=every)
+    desc = _Desc((_Mode.FULL, m))
+    mgr = _CudaManager([desc], model)
+    mgr.capture(lambda d, warmup: (lambda mode: model()))
+    twin = next(iter(profiling.graphs.values()))
+    assert len(twin.pairs) == len(layers) and twin.twin is not mgr.graphs[desc]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for step in range(5 * every):
+        x_static.copy_(torch.randn(m, 256, device="cuda", generator=gen))
+        mgr.run_fullgraph(desc)
+        _assert_chain(y_static, x_static, layers)  # synchronizes: the twin's marker completes
+    assert twin.probed == 5 and twin.replays == 5 * every and twin.reads >= 4
+    profiling.flush(wait=True)
+    comp = merge(load_workers(profiling.dir))
+    graph = comp.backends[1]
+    for r in graph.layers:
+        v = r.latency_us[str(m)]
+        assert v["count"] == 5 * every and v["replays_read"] == twin.reads and 0 < v["median"] < 1e4

@@ -67,7 +67,9 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
                 click.echo(f"{len(g)} captured {kind} graphs with quantized layers (batch sizes "
                            f"{', '.join(map(str, sorted({x['m'] for x in g})))}); replays {sum(x['replays'] for x in g)}, "
                            f"read {sum(x['reads'] for x in g)} (of which waited for {sum(x['forced_reads'] for x in g)}), "
-                           f"warm-up replays {sum(x.get('warmup_replays', 0) for x in g)}")
+                           f"warm-up replays {sum(x.get('warmup_replays', 0) for x in g)}"
+                           + (f"; timed on the probed twins' {sum(x['probed_replays'] for x in g)} replays, one step "
+                              f"in {g[0]['every']}" if kind == "full" and "probed_replays" in g[0] else ""))
         else:
             total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
             click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "

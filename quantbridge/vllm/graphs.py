@@ -21,7 +21,10 @@ through CUDAGraphWrapper: `CudaGraphManager.capture(create_forward_fn)` calls ea
 descriptor's forward function with CUDAGraphMode.NONE once outside and once inside
 `torch.cuda.graph`, and `run_fullgraph(desc)` replays. `install` wraps both (once that runner's
 module is loaded: the quantized layers are built after it) and the runner's `execute_model`, whose
-`dummy_run` replays are vLLM's warm-up, counted apart.
+`dummy_run` replays are vLLM's warm-up, counted apart. These graphs are timed through probed twins
+replayed one step in EVERY (TwinGraph), so the probes' GPU cost falls on those steps only; the
+piecewise graphs keep their probes on every replay (a twin piece would write its output elsewhere
+than the next piece reads).
 
 Reading is cheap and never races a replay: a graph's events are read only while no later
 replay of that graph has been enqueued. After a replay, when a read is due (every
@@ -44,6 +47,7 @@ import torch
 from quantbridge.vllm import profiler as prof
 
 ENV_EVERY = "QUANTBRIDGE_PROFILE_GRAPH_EVERY"
+ENV_TWIN_EVERY = "QUANTBRIDGE_PROFILE_FULL_EVERY"  # one step in this many replays a FULL graph's probed twin
 FORCE_FACTOR = 4
 _local = threading.local()  # .key: the graph being captured on this thread, or None; .dummy: a warm-up step
 
@@ -122,7 +126,7 @@ def install() -> bool:
     manager = getattr(sys.modules.get("vllm.v1.worker.gpu.cudagraph_utils"), "CudaGraphManager", None)
     runner = getattr(sys.modules.get("vllm.v1.worker.gpu.model_runner"), "GPUModelRunner", None)
     if manager is not None and runner is not None:
-        wrap_full_graphs(manager, CUDAGraphMode.FULL, CUDAGraphMode.NONE, every)
+        wrap_full_graphs(manager, CUDAGraphMode.FULL, CUDAGraphMode.NONE, int(os.environ.get(ENV_TWIN_EVERY, "32")))
         wrap_dummy_runs(runner)
     return True
 
@@ -165,45 +169,117 @@ def _wrap_piecewise(wrapper_cls, CUDAGraphMode, get_forward_context, is_forward_
     wrapper_cls.__call__ = __call__
 
 
-def wrap_full_graphs(manager_cls, full, none, every: int) -> None:
-    """Time the layers of the FULL graphs `manager_cls` (vLLM's CudaGraphManager) captures.
+class TwinGraph(Graph):
+    """A FULL graph captured twice: vLLM's own, with no timers, replays every step; its probed twin
+    (the same descriptor captured again with the layers' event pairs) replaces it on one step in
+    `every`. A probed layer costs several µs of GPU time in a step (compare's graph mode measured
+    7-10 µs on an H100), more than a small layer itself, so probing every step would cost tokens/s
+    in proportion; this way the cost is paid on 1/every of the steps. Both graphs read vLLM's static
+    input buffers and write its static output buffer, and share its graph pool, so either can
+    replay any step. A twin's events are read once its marker has completed, at the latest just
+    before the twin replays again; no sample is dropped."""
 
-    Each FULL descriptor's forward function gets a Graph as the capture key while it runs with
-    mode `none`; the layers add their events only while a stream is capturing (runtime.py), so
-    the warm-up call outside the capture adds none and only the captured one is kept."""
+    def __init__(self, m: int, every: int, new_marker=None) -> None:
+        super().__init__(m, every, new_marker, kind="full")
+        self.twin = None  # the probed torch.cuda.CUDAGraph
+        self.probed = 0  # steps the twin replayed
+
+    def poll(self, p: prof.Profiler, wait: bool = False) -> None:
+        """Read the twin's last replay if its marker has completed (or wait for it)."""
+        if self.marker is None:
+            return
+        if not self.marker.query():
+            if not wait:
+                return
+            self.marker.synchronize()
+            self.forced += 1
+        p.add_graph_sample(self.m, [(name, a.elapsed_time(b) * 1e3) for name, a, b in self.pairs])
+        self.marker, self.reads = None, self.reads + 1
+
+    def twin_due(self) -> bool:
+        return self.twin is not None and self.replays % self.every == self.every - 1
+
+    def twin_replayed(self) -> None:
+        self.probed += 1
+        self.marker = self._new_marker()
+        self.marker.record()
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "probed_replays": self.probed, "every": self.every}
+
+
+def wrap_full_graphs(manager_cls, full, none, every: int) -> None:
+    """Time the layers of the FULL graphs `manager_cls` (vLLM's CudaGraphManager) captures, through
+    probed twins (TwinGraph).
+
+    `capture` runs vLLM's capture as it is (the graphs vLLM replays get no timers), then once more
+    for the FULL descriptors only, each forward function then carrying a TwinGraph as the capture
+    key; the layers add their event pairs only while a stream is capturing (runtime.py), so the
+    warm-up pass before each capture adds none. The second pass's graphs become the twins, and
+    vLLM's own go back in place. `run_fullgraph` swaps a twin in for the steps it is due."""
     capture, replay = manager_cls.capture, manager_cls.run_fullgraph
     if getattr(capture, "_quantbridge", False):
         return
 
     def capture_wrapped(self, create_forward_fn, *args, **kwargs):
-        def create(desc, *a, **kw):
-            forward = create_forward_fn(desc, *a, **kw)
-            if desc.cg_mode != full:
-                return forward
+        p = prof._PROFILER
+        before = getattr(_local, "dummy", False)
+        _local.dummy = True  # a capture's eager warm-up passes are not served steps
+        try:
+            out = capture(self, create_forward_fn, *args, **kwargs)
+            descs = getattr(self, "_capture_descs", None)
+            if p is None or not isinstance(descs, dict) or full not in descs or not isinstance(self.graphs, dict):
+                return out  # not the manager this was written against: its FULL graphs stay untimed
+            probes: dict = {}
 
-            def timed(cg_mode):
-                p = prof._PROFILER
-                if p is None or cg_mode != none:
-                    return forward(cg_mode)
-                graph = Graph(int(desc.num_tokens), every, kind="full")
-                _local.key = graph
-                try:
-                    return forward(cg_mode)
-                finally:
-                    _local.key = None
-                    if graph.pairs:
-                        p.graphs[("full", id(self), desc)] = graph
-            return timed
-        return capture(self, create, *args, **kwargs)
+            def create(desc, *a, **kw):
+                forward = create_forward_fn(desc, *a, **kw)
+
+                def probed(cg_mode):
+                    graph = probes.setdefault(desc, TwinGraph(int(desc.num_tokens), every))
+                    _local.key = graph if cg_mode == none else None
+                    try:
+                        return forward(cg_mode)
+                    finally:
+                        _local.key = None
+                return probed
+            plain, self.graphs = self.graphs, {}
+            self._capture_descs = {full: descs[full]}
+            try:
+                capture(self, create, *args, **kwargs)
+                twins = self.graphs
+            finally:
+                self.graphs, self._capture_descs = plain, descs
+            for desc, cuda_graph in twins.items():
+                graph = probes.get(desc)
+                if graph is not None and graph.pairs and desc in plain:
+                    graph.twin = cuda_graph
+                    p.graphs[("full", id(self), desc)] = graph
+            return out
+        finally:
+            _local.dummy = before
 
     def run_fullgraph(self, desc):
         p = prof._PROFILER
         graph = p.graphs.get(("full", id(self), desc)) if p is not None else None
         if graph is None:
             return replay(self, desc)
-        graph.before_replay(p)
-        out = replay(self, desc)
-        graph.after_replay(getattr(_local, "dummy", False))
+        if getattr(_local, "dummy", False):
+            graph.warmup_replays += 1
+            return replay(self, desc)
+        graph.poll(p)
+        if graph.twin_due():
+            graph.poll(p, wait=True)  # the twin's events are about to be overwritten
+            plain = self.graphs[desc]
+            self.graphs[desc] = graph.twin
+            try:
+                out = replay(self, desc)
+            finally:
+                self.graphs[desc] = plain
+            graph.twin_replayed()
+        else:
+            out = replay(self, desc)
+        graph.replays += 1
         return out
 
     for fn, orig in ((capture_wrapped, capture), (run_fullgraph, replay)):

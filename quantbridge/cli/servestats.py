@@ -64,12 +64,14 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
             for x in b.model_metrics["graphs"]:
                 by_kind.setdefault(x.get("kind", "piecewise"), []).append(x)
             for kind, g in sorted(by_kind.items()):
-                click.echo(f"{len(g)} captured {kind} graphs with quantized layers (batch sizes "
-                           f"{', '.join(map(str, sorted({x['m'] for x in g})))}); replays {sum(x['replays'] for x in g)}, "
-                           f"read {sum(x['reads'] for x in g)} (of which waited for {sum(x['forced_reads'] for x in g)}), "
-                           f"warm-up replays {sum(x.get('warmup_replays', 0) for x in g)}"
-                           + (f"; timed on the probed twins' {sum(x['probed_replays'] for x in g)} replays, one step "
-                              f"in {g[0]['every']}" if kind == "full" and "probed_replays" in g[0] else ""))
+                def total(key: str, g=g) -> int:
+                    return sum(x.get(key, 0) for x in g)
+                sizes = ", ".join(map(str, sorted({x["m"] for x in g})))
+                twins = (f"; timed on the probed twins' {total('probed_replays')} replays, one step in {g[0]['every']}"
+                         if "probed_replays" in g[0] else "")
+                click.echo(f"{len(g)} captured {kind} graphs with quantized layers (batch sizes {sizes}); replays "
+                           f"{total('replays')}, read {total('reads')} (of which waited for {total('forced_reads')}), "
+                           f"warm-up replays {total('warmup_replays')}{twins}")
         else:
             total = sum(sum(v["total_us"] for v in r.latency_us.values()) for r in b.layers)
             click.echo(f"{len(b.layers)} layers, {b.model_metrics['workers']} worker file(s), {len(ms)} distinct M; "

@@ -104,8 +104,9 @@ class Graph:
             self.marked_at = self.replays
 
     def to_dict(self) -> dict:
-        return {"m": self.m, "kind": self.kind, "layers": len(self.pairs), "replays": self.replays, "warmup_replays": self.warmup_replays,
-                "reads": self.reads, "forced_reads": self.forced, "dropped_reads": self.dropped}
+        return {"m": self.m, "kind": self.kind, "layers": len(self.pairs), "replays": self.replays,
+                "warmup_replays": self.warmup_replays, "reads": self.reads, "forced_reads": self.forced,
+                "dropped_reads": self.dropped}
 
 
 def install() -> bool:

@@ -142,16 +142,21 @@ class _FakeEvent:
         return (end.us - self.us) / 1e3
 
 
+def _markers():
+    """(the markers made so far, a factory of fake marker events that records them)."""
+    made: list[_FakeEvent] = []
+
+    def new_marker() -> _FakeEvent:
+        made.append(_FakeEvent())
+        return made[-1]
+    return made, new_marker
+
+
 def test_graph_reads_only_completed_replays_and_waits_when_starved(profiling):
     """A captured graph's events are read before its next replay only when the marker behind
     the previous replay has completed; a pending marker is dropped (no wait) until FORCE_FACTOR
     x EVERY replays went unread, then the read waits. Every replay is counted."""
-    markers = []
-
-    def new_marker():
-        markers.append(_FakeEvent())
-        return markers[-1]
-
+    markers, new_marker = _markers()
     g = graphs.Graph(m=4, every=2, new_marker=new_marker)
     g.add("layers.0.proj", _FakeEvent(0.0), _FakeEvent(7.0))
     g.add("layers.1.proj", _FakeEvent(7.0), _FakeEvent(10.0))
@@ -316,12 +321,7 @@ def test_full_graphs_of_the_second_model_runner_are_timed_through_probed_twins(p
 def test_a_twin_due_again_before_its_last_replay_completed_waits_for_it(profiling):
     """The twin's events hold its latest replay: when it is due again and the GPU has not reached
     the marker behind the previous one, the read waits (counted as forced) rather than lose it."""
-    markers = []
-
-    def new_marker():
-        markers.append(_FakeEvent())
-        return markers[-1]
-
+    markers, new_marker = _markers()
     g = graphs.TwinGraph(m=2, every=2, new_marker=new_marker)
     g.add("a", _FakeEvent(0.0), _FakeEvent(4.0))
     g.twin = "twin"

@@ -9,7 +9,8 @@ temp file, then `os.replace`), so a reader always sees a whole file. Flushes hap
 QUANTBRIDGE_PROFILE_FLUSH_S seconds while busy (default 30), as soon as the worker goes idle
 (no layer call for IDLE_S), and at exit. A flush serializes every kept sample while holding
 the GIL the serving thread needs: samples are kept as integer nanoseconds (a JSON integer
-writes ~8x faster than a float; 1.2 M samples: 0.08 s against 0.6 s here), the busy period is
+writes ~7x faster than a float; 1.2 M samples: 0.09 s against 0.60 s on the CI host,
+benchmarks/profile_flush_cost.py), the busy period is
 long, and each flush's own time is measured and written (`flush_ms`) so the cost is reported,
 not guessed. The idle flush is what keeps every served step: `vllm serve`
 SIGKILLs its workers on shutdown, so exit hooks never run there; a step is on disk within

@@ -318,6 +318,33 @@ def test_full_graphs_of_the_second_model_runner_are_timed_through_probed_twins(p
             "for 0), warm-up replays 2; timed on the probed twins' 3 replays, one step in 4") in " ".join(res.output.split())
 
 
+def test_a_failed_twin_capture_leaves_vllms_graphs_serving_untimed(profiling, monkeypatch, capsys):
+    """If capturing the probed twins fails, vLLM's own graphs (captured first) stay in place and
+    replay untimed, the manager's state is as vLLM left it, and the cause is printed in one line."""
+    global manager
+    monkeypatch.setattr(_Manager, "capture", _Manager.capture)
+    monkeypatch.setattr(_Manager, "run_fullgraph", _Manager.run_fullgraph)
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=2)
+    full2 = _Desc((_Mode.FULL, 2))
+    manager = _Manager([full2])
+    passes = []
+
+    def create_forward_fn(desc, warmup):
+        def forward(mode):
+            passes.append(graphs.capture_key())
+            if _Manager.capturing and graphs.capture_key() is not None:
+                raise RuntimeError("out of memory in the second capture")
+        return forward
+    manager.capture(create_forward_fn)
+    assert manager.graphs == {full2: "graph1"} and manager._capture_descs == {_Mode.FULL: [full2]}
+    assert profiling.graphs == {} and len(passes) == 4  # two passes of warm-up + capture
+    err = capsys.readouterr().err
+    assert "probed twins of the FULL CUDA graphs could not be captured (RuntimeError: out of memory" in err
+    for _ in range(3):
+        manager.run_fullgraph(full2)
+    assert manager.replayed == ["graph1"] * 3 and not graphs.in_warmup()
+
+
 def test_a_twin_due_again_before_its_last_replay_completed_waits_for_it(profiling):
     """The twin's events hold its latest replay: when it is due again and the GPU has not reached
     the marker behind the previous one, the read waits (counted as forced) rather than lose it."""

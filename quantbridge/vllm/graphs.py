@@ -249,6 +249,10 @@ def wrap_full_graphs(manager_cls, full, none, every: int) -> None:
             try:
                 capture(self, create, *args, **kwargs)
                 twins = self.graphs
+            except Exception as e:  # noqa: BLE001 - the profiler must not stop the server: serve untimed
+                twins = {}
+                print(f"quantbridge: the probed twins of the FULL CUDA graphs could not be captured "
+                      f"({type(e).__name__}: {e}); those graphs run untimed", file=sys.stderr, flush=True)
             finally:
                 self.graphs, self._capture_descs = plain, descs
             for desc, cuda_graph in twins.items():

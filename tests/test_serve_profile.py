@@ -288,9 +288,11 @@ def test_full_graphs_of_the_second_model_runner_are_timed_through_probed_twins(p
     # vLLM's graphs (graph1: M=4, graph2: M=1) stay its own; the twins (graph3, graph4) are ours
     assert manager.graphs == {full4: "graph1", full1: "graph2"} and manager.captured == 4
     assert manager._capture_descs == {_Mode.PIECEWISE: [pw8], _Mode.FULL: [full4, full1]}
-    twins = {g.m: g for g in profiling.graphs.values()}
-    assert sorted(twins) == [1, 4] and all(g.kind == "full" for g in twins.values())
-    assert (twins[4].twin, twins[1].twin) == ("graph3", "graph4") and len(twins[4].pairs) == 2
+    # the twins live on the manager (dropped with it); the profiler reports one once it serves a step
+    assert {d: cg for d, (g, cg) in manager._quantbridge_twins.items()} == {full4: "graph3", full1: "graph4"}
+    twins = {g.m: g for g, _ in manager._quantbridge_twins.values()}
+    assert all(g.kind == "full" for g in twins.values()) and len(twins[4].pairs) == 2
+    assert profiling.graphs == {}
     assert all(warm for *_, warm, _ in seen)  # every pass of a capture is warm-up, not a served step
     keyed = [(m, capturing) for m, mode, capturing, warm, key in seen if key is not None]
     assert keyed == [(4, False), (4, True), (1, False), (1, True)]  # only the second pass carries keys
@@ -299,10 +301,11 @@ def test_full_graphs_of_the_second_model_runner_are_timed_through_probed_twins(p
         assert _Runner().execute_model(full4) == 4
     _Runner().execute_model(full1, None, True)  # dummy steps: vLLM's warm-up
     _Runner().execute_model(full1, dummy_run=True)
-    assert not graphs.in_warmup()
-    assert manager.replayed == (["graph1"] * (every - 1) + ["graph3"]) * 3 + ["graph2"] * 2
+    assert not graphs.in_warmup() and list(profiling.graphs.values()) == [twins[4]]
+    _Runner().execute_model(full1)  # a served step: now reported, its warm-up replays with it
+    assert manager.replayed == (["graph1"] * (every - 1) + ["graph3"]) * 3 + ["graph2"] * 3
     g4, g1 = twins[4], twins[1]
-    assert (g4.replays, g4.probed, g4.warmup_replays, g1.replays, g1.warmup_replays) == (12, 3, 0, 0, 2)
+    assert (g4.replays, g4.probed, g4.warmup_replays, g1.replays, g1.warmup_replays) == (12, 3, 0, 1, 2)
     assert g4.reads == 2  # a twin replay is read (its marker completed) at the graph's next step
     _Runner().execute_model(full4)
     assert g4.reads == 3 and g4.replays == 13 and manager.replayed[-1] == "graph1"
@@ -314,7 +317,7 @@ def test_full_graphs_of_the_second_model_runner_are_timed_through_probed_twins(p
     profiling.flush()
     res = CliRunner().invoke(cli, ["serve-stats", str(profiling.dir)])
     assert res.exit_code == 0, res.output
-    assert ("2 captured full graphs with quantized layers (batch sizes 1, 4); replays 13, read 3 (of which waited "
+    assert ("2 captured full graphs with quantized layers (batch sizes 1, 4); replays 14, read 3 (of which waited "
             "for 0), warm-up replays 2; timed on the probed twins' 3 replays, one step in 4") in " ".join(res.output.split())
 
 
@@ -337,12 +340,48 @@ def test_a_failed_twin_capture_leaves_vllms_graphs_serving_untimed(profiling, mo
         return forward
     manager.capture(create_forward_fn)
     assert manager.graphs == {full2: "graph1"} and manager._capture_descs == {_Mode.FULL: [full2]}
-    assert profiling.graphs == {} and len(passes) == 4  # two passes of warm-up + capture
+    assert manager._quantbridge_twins == {} and len(passes) == 4  # two passes of warm-up + capture
     err = capsys.readouterr().err
     assert "probed twins of the FULL CUDA graphs could not be captured (RuntimeError: out of memory" in err
     for _ in range(3):
         manager.run_fullgraph(full2)
-    assert manager.replayed == ["graph1"] * 3 and not graphs.in_warmup()
+    assert manager.replayed == ["graph1"] * 3 and not graphs.in_warmup() and profiling.graphs == {}
+
+
+def test_twins_belong_to_their_manager_and_go_with_it(profiling, monkeypatch):
+    """vLLM 0.32 captures once with a throwaway manager to size graph memory, then drops it: that
+    manager's twins must not stay reachable from the profiler (they would hold its pool and its
+    output buffer), and a later manager replays only its own twins."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(_Manager, "capture", _Manager.capture)
+    monkeypatch.setattr(_Manager, "run_fullgraph", _Manager.run_fullgraph)
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=2)
+    desc = _Desc((_Mode.FULL, 2))
+
+    def create_forward_fn(d, warmup):
+        def forward(mode):
+            key = graphs.capture_key()
+            if _Manager.capturing and key is not None:
+                a, b = _FakeEvent(0.0), _FakeEvent(3.0)
+                a.done = b.done = True
+                key.add("l0", a, b)
+        return forward
+
+    throwaway = _Manager([desc])
+    throwaway.capture(create_forward_fn)
+    gone = weakref.ref(throwaway._quantbridge_twins[desc][0])
+    del throwaway
+    gc.collect()
+    assert gone() is None and profiling.graphs == {}
+    served = _Manager([desc])
+    served.capture(create_forward_fn)
+    for _ in range(4):
+        served.run_fullgraph(desc)
+    assert served.replayed == ["graph1", "graph2", "graph1", "graph2"]
+    assert [g.probed for g in profiling.graphs.values()] == [2]
 
 
 def test_a_twin_due_again_before_its_last_replay_completed_waits_for_it(profiling):
@@ -351,7 +390,6 @@ def test_a_twin_due_again_before_its_last_replay_completed_waits_for_it(profilin
     markers, new_marker = _markers()
     g = graphs.TwinGraph(m=2, every=2, new_marker=new_marker)
     g.add("a", _FakeEvent(0.0), _FakeEvent(4.0))
-    g.twin = "twin"
     due = []
     for _ in range(6):  # the GPU never reaches a marker by itself
         g.poll(profiling)
@@ -465,8 +503,8 @@ def test_probed_twins_of_real_cuda_graphs_give_the_same_output_and_layer_times(p
     desc = _Desc((_Mode.FULL, m))
     mgr = _CudaManager([desc], model)
     mgr.capture(lambda d, warmup: (lambda mode: model()))
-    twin = next(iter(profiling.graphs.values()))
-    assert len(twin.pairs) == len(layers) and twin.twin is not mgr.graphs[desc]
+    twin, twin_graph = mgr._quantbridge_twins[desc]
+    assert len(twin.pairs) == len(layers) and twin_graph is not mgr.graphs[desc]
     gen = torch.Generator(device="cuda").manual_seed(3)
     for step in range(5 * every):
         x_static.copy_(torch.randn(m, 256, device="cuda", generator=gen))

@@ -182,7 +182,6 @@ class TwinGraph(Graph):
 
     def __init__(self, m: int, every: int, new_marker=None) -> None:
         super().__init__(m, every, new_marker, kind="full")
-        self.twin = None  # the probed torch.cuda.CUDAGraph
         self.probed = 0  # steps the twin replayed
 
     def poll(self, p: prof.Profiler, wait: bool = False) -> None:
@@ -198,7 +197,7 @@ class TwinGraph(Graph):
         self.marker, self.reads = None, self.reads + 1
 
     def twin_due(self) -> bool:
-        return self.twin is not None and self.replays % self.every == self.every - 1
+        return self.replays % self.every == self.every - 1
 
     def twin_replayed(self) -> None:
         self.probed += 1
@@ -255,28 +254,29 @@ def wrap_full_graphs(manager_cls, full, none, every: int) -> None:
                       f"({type(e).__name__}: {e}); those graphs run untimed", file=sys.stderr, flush=True)
             finally:
                 self.graphs, self._capture_descs = plain, descs
-            for desc, cuda_graph in twins.items():
-                graph = probes.get(desc)
-                if graph is not None and graph.pairs and desc in plain:
-                    graph.twin = cuda_graph
-                    p.graphs[("full", id(self), desc)] = graph
+            # On the manager, not in the profiler: a manager vLLM drops (0.32 captures once on a
+            # throwaway pool to size its memory) takes its twins and their memory with it.
+            self._quantbridge_twins = {desc: (probes[desc], cuda_graph) for desc, cuda_graph in twins.items()
+                                       if desc in probes and probes[desc].pairs and desc in plain}
             return out
         finally:
             _local.dummy = before
 
     def run_fullgraph(self, desc):
         p = prof._PROFILER
-        graph = p.graphs.get(("full", id(self), desc)) if p is not None else None
-        if graph is None:
+        entry = getattr(self, "_quantbridge_twins", {}).get(desc) if p is not None else None
+        if entry is None:
             return replay(self, desc)
+        graph, twin = entry
         if getattr(_local, "dummy", False):
             graph.warmup_replays += 1
             return replay(self, desc)
+        p.graphs.setdefault(("full", id(graph)), graph)  # reported once it serves a step
         graph.poll(p)
         if graph.twin_due():
             graph.poll(p, wait=True)  # the twin's events are about to be overwritten
             plain = self.graphs[desc]
-            self.graphs[desc] = graph.twin
+            self.graphs[desc] = twin
             try:
                 out = replay(self, desc)
             finally:

@@ -125,7 +125,7 @@ def main() -> None:
     rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
     for which in filter(None, os.environ.get("QB_SERVE_ORDER", "off,on").split(",")):
         row = one_server(checkpoint, out_dir, which == "on", rounds, extra)
-        row["started"] = time.strftime("%H:%M:%S")
+        row["finished"] = time.strftime("%H:%M:%S")
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "cmd"}), flush=True)
         _write(checkpoint, out_dir, rounds, extra, rows)  # a later server that never returns loses nothing

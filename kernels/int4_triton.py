@@ -576,10 +576,11 @@ def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:
 
 
 def splits(k: int, bk: int, sk: int) -> bool:
-    """Whether split-K `sk` over K gives every split at least one K-tile (the tile kernel's loop
-    runs at least once: see its comment)."""
+    """Whether the tile kernel may run split-K `sk` over K: its K loop runs at least once (see its
+    comment), which reads past K only where K is a multiple of BLOCK_K (no K mask) and a split has
+    no K-tile at all. A ragged K masks every tile, so an empty last split just adds zeros."""
     per = _cdiv(_cdiv(k, bk), sk)
-    return (sk - 1) * per < _cdiv(k, bk)
+    return k % bk != 0 or (sk - 1) * per < _cdiv(k, bk)
 
 
 def m_bucket(m: int) -> int:
@@ -603,7 +604,7 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
     if bm != 1 and not splits(k, bk, sk):
-        raise ValueError(f"{cfg}: split-K {sk} over {_cdiv(k, bk)} K-tiles leaves a split empty; "
+        raise ValueError(f"{cfg}: split-K {sk} over {_cdiv(k, bk)} whole K-tiles leaves a split empty; "
                          f"the tile kernel runs every split at least once")
     if layout == "operand":
         if mode != 8 or not operand_config(cfg, w.group_size) or w.offsets is not None:

@@ -30,6 +30,11 @@ def _case(m, n, k, gs, sym, dtype, device, act_order=False, seed=0):
 def _check(x, qw, ref, cfg, tol):
     xp = x.index_select(-1, qw.perm) if qw.perm is not None else x
     out = torch.full((x.shape[0], qw.out_features), float("nan"), device=x.device, dtype=x.dtype)
+    k = qw.in_features
+    if cfg != kt.DEQUANT_CUBLAS and cfg[0] != 1 and not kt.splits(k, cfg[2], cfg[3]):
+        with pytest.raises(ValueError, match="leaves a split empty"):  # refused, never run
+            kt.launch(xp.contiguous(), qw, out, cfg)
+        return
     kt.launch(xp.contiguous(), qw, out, cfg)
     assert not out.isnan().any(), "unwritten outputs"
     rel = ((out.double() - ref).norm() / ref.norm()).item()
@@ -188,6 +193,8 @@ def test_gpu_float_offsets_match_reference(dtype, off_dtype):
         layer = get_kernel("triton").build(qw, None)  # the bound launch path, as gguf weights take it on CUDA
         assert layer.kernel == "quantbridge.triton"
         for cfg in GPU_CONFIGS[:-1]:
+            if cfg[0] != 1 and not kt.splits(k, cfg[2], cfg[3]):
+                continue  # refused (an empty split over whole K-tiles): _check above asserts it
             layer._bound.config, layer._bound.plans = cfg, {}
             rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
             assert rel < 1e-2, (cfg, rel)
@@ -420,10 +427,12 @@ def test_gpu_graph_survives_a_no_op_move_and_cpu_round_trip_gets_the_triton_kern
 def fixed_tuner(monkeypatch):
     """Tuning compiles every candidate; these tests take one split-K config per path instead."""
     def config(x2, w, laid=None, layout="canonical"):
-        m = x2.shape[0]
+        m, k = x2.shape
         if m <= 2:
             return (1, 64, 128, 4, 4, 3)
-        return (16, 64, 128, 4, 4, 3) if m <= 16 else (32, 64, 64, 2, 4, 3) if m < 128 else kt.DEQUANT_CUBLAS
+        if m <= 16:  # the most splits (4 or fewer) that leave none empty
+            return (16, 64, 128, next(sk for sk in (4, 3, 2, 1) if kt.splits(k, 128, sk)), 4, 3)
+        return (32, 64, 64, 2, 4, 3) if m < 128 else kt.DEQUANT_CUBLAS
     monkeypatch.setattr(kt.TUNER, "config", config)
 
 
@@ -653,6 +662,7 @@ def test_split_k_never_leaves_a_split_empty():
     assert kt.splits(8192, 64, 4) and kt.splits(576, 64, 2)
     assert not kt.splits(576, 64, 4)  # 9 K-tiles in splits of 3: the fourth has none
     assert not kt.splits(576, 64, 8)
+    assert kt.splits(1152, 256, 4)  # a ragged K masks every tile: an empty last split adds zeros
     for m in (16, 64, 128, 512):
         for layout in ("canonical", "operand"):
             for c in kt.candidate_configs(m, 576, 576, 64, layout):

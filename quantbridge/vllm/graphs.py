@@ -90,8 +90,13 @@ class Graph:
                 return
             self.marker.synchronize()
             self.forced += 1
+        self._read(p)
+        self.last_read = self.replays
+
+    def _read(self, p: prof.Profiler) -> None:
+        """The layers' GPU times in the replay the marker follows, into the profiler."""
         p.add_graph_sample(self.m, [(name, a.elapsed_time(b) * 1e3) for name, a, b in self.pairs])
-        self.marker, self.last_read, self.reads = None, self.replays, self.reads + 1
+        self.marker, self.reads = None, self.reads + 1
 
     def after_replay(self, warmup: bool) -> None:
         if warmup:
@@ -193,8 +198,7 @@ class TwinGraph(Graph):
                 return
             self.marker.synchronize()
             self.forced += 1
-        p.add_graph_sample(self.m, [(name, a.elapsed_time(b) * 1e3) for name, a, b in self.pairs])
-        self.marker, self.reads = None, self.reads + 1
+        self._read(p)
 
     def twin_due(self) -> bool:
         return self.replays % self.every == self.every - 1

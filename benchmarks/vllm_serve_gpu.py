@@ -3,7 +3,7 @@
 For each of OFF and ON (QUANTBRIDGE_PROFILE_DIR set), starts one server on CHECKPOINT (vLLM's
 defaults: torch.compile and CUDA graphs; no --enforce-eager), waits for /health, sends one
 warm-up round, then ROUNDS timed rounds of the same fixed set of concurrent completions
-(PROMPTS, greedy, MAX_TOKENS each, ignore_eos) and one timed single-request round (decode at
+(PROMPTS, greedy, MAX_TOKENS each, ignore_eos) and ROUNDS timed single-request rounds (decode at
 M=1), and stops it (SIGINT). Output tokens/s per round; the profiled server's directory gets
 overhead.json (tokens/s off vs on, medians over rounds), which `quantbridge serve-stats` shows.
 Writes OUT_DIR/serve.json, OUT_DIR/profile/ (worker files) and the servers' logs. A serve.json

@@ -181,7 +181,7 @@ CURRENT="step 6 (serve)"; step 6 "vllm serve, CUDA graphs on, profiling: ${ORDER
 [ -n "$ORDER" ] && QB_SERVE_ORDER=$ORDER QB_SERVE_MAX_TOKENS=${QB_SERVE_MAX_TOKENS:-256} timeout "${SERVE_TIMEOUT:-480}" \
   python3 benchmarks/vllm_serve_gpu.py "$CK" "$RUN" "${SERVE_ROUNDS:-8}" \
   -- --attention-backend "$VLLM_ATTENTION_BACKEND" ${SERVE_ARGS:-} 2>&1 | tee -a "$RUN/serve-run.log" | tail -n 5
-for f in "$RUN"/serve-*.log; do
+for f in "$RUN"/serve-o*.log; do  # the servers' logs (serve-on*, serve-off*), not the driver's serve-run.log
   [ -f "$f" ] || continue
   if grep -q "Application startup complete\|Uvicorn running\|Starting vLLM API server" "$f"; then echo "  STARTED $(basename "$f")"
   else echo "  FAIL $(basename "$f") did not start:"
@@ -217,10 +217,13 @@ CURRENT="step 8 (compare)"; step 8 "compare, graph mode, the same layers and ker
 [ -f "$RUN/compare/results.json" ] || timeout "${SERVE_COMPARE_TIMEOUT:-240}" python3 -m quantbridge.cli compare "$CK" \
   --backends native --batch 1,16 --mode graph --dtype fp16 --out "$RUN/compare" --no-report -q > "$RUN/compare.log" 2>&1 \
   && ok "compare -> $RUN/compare" || { echo "  FAIL compare"; tail -n 10 "$RUN/compare.log" | sed 's/^/  LOG /'; }
-CURRENT="step 9 (serving vs compare)"; step 9 "a layer's GPU time while serving (graphs) vs compare's graph mode, M=1"
+CURRENT="step 9 (serving vs compare)"; step 9 "a layer's GPU time while serving (graphs) vs compare's graph mode, M=1 and 16"
 if [ -f "$RUN/profile/results.json" ] && [ -f "$RUN/compare/results.json" ]; then
-  python3 benchmarks/serve_vs_compare.py "$RUN/profile/results.json" "$RUN/compare/results.json" \
-    "$RUN/serve-vs-compare.md" --m 1 | tail -n 20 && ok "serve-vs-compare.md" || echo "  FAIL serve_vs_compare"
+  for m in 1 16; do  # M=1: the single-request rounds' decode; M=16: the concurrent rounds'
+    python3 benchmarks/serve_vs_compare.py "$RUN/profile/results.json" "$RUN/compare/results.json" \
+      "$RUN/serve-vs-compare-m$m.md" --m "$m" | grep -E "^# |paired|^\| model" | head -n 8 \
+      && ok "serve-vs-compare-m$m.md" || echo "  FAIL serve_vs_compare --m $m"
+  done
 else
   echo "  FAIL needs serve-stats' results.json and compare's results.json"
 fi

@@ -384,6 +384,53 @@ def test_twins_belong_to_their_manager_and_go_with_it(profiling, monkeypatch):
     assert [g.probed for g in profiling.graphs.values()] == [2]
 
 
+def test_steps_that_only_replay_graphs_are_flushed_when_the_worker_goes_idle(profiling, monkeypatch):
+    """A decode step that replays a FULL graph calls no layer. Such steps alone (a single request
+    decoding after the last prefill) must still reach the file once the worker goes idle: vLLM
+    SIGKILLs its workers on shutdown, so no exit hook writes them later. Dummy replays (warm-up)
+    are not activity."""
+    import time
+
+    monkeypatch.setattr(_Manager, "capture", _Manager.capture)
+    monkeypatch.setattr(_Manager, "run_fullgraph", _Manager.run_fullgraph)
+    monkeypatch.setattr(_Runner, "execute_model", _Runner.execute_model)
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    global manager
+    graphs.wrap_full_graphs(_Manager, _Mode.FULL, _Mode.NONE, every=2)
+    graphs.wrap_dummy_runs(_Runner)
+    desc = _Desc((_Mode.FULL, 1))
+    us = float(torch.rand(1, generator=torch.Generator().manual_seed(5))) * 20 + 1
+
+    def create_forward_fn(d, warmup):
+        def forward(mode):
+            key = graphs.capture_key()
+            if _Manager.capturing and key is not None:
+                a, b = _FakeEvent(0.0), _FakeEvent(us)
+                a.done = b.done = True
+                key.add("l0", a, b)
+        return forward
+
+    manager = _Manager([desc])
+    manager.capture(create_forward_fn)
+    calls = profiling.calls
+    _Runner().execute_model(desc, dummy_run=True)
+    assert profiling.calls == calls  # warm-up is not activity
+    steps = 7
+    for _ in range(steps):
+        _Runner().execute_model(desc)
+    assert profiling.calls == calls + steps
+    deadline = time.monotonic() + 10  # the flush thread writes within IDLE_S + TICK_S of going idle
+    while time.monotonic() < deadline:
+        if profiling.path.exists():
+            full = [g for g in json.loads(profiling.path.read_text())["graphs"] if g["kind"] == "full"]
+            if full and full[0]["replays"] == steps:
+                break
+        time.sleep(prof.TICK_S)
+    else:
+        raise AssertionError("the replays were not flushed after the worker went idle")
+    assert full[0]["m"] == 1 and full[0]["probed_replays"] == steps // 2
+
+
 def test_a_twin_due_again_before_its_last_replay_completed_waits_for_it(profiling):
     """The twin's events hold its latest replay: when it is due again and the GPU has not reached
     the marker behind the previous one, the read waits (counted as forced) rather than lose it."""

@@ -167,7 +167,10 @@ def _wrap_piecewise(wrapper_cls, CUDAGraphMode, get_forward_context, is_forward_
             return original(self, *args, **kwargs)
         graph.before_replay(p)
         out = original(self, *args, **kwargs)
-        graph.after_replay(fc.attn_metadata is None)
+        warmup = fc.attn_metadata is None
+        graph.after_replay(warmup)
+        if not warmup:
+            p.touch()
         return out
 
     __call__._quantbridge = True
@@ -289,6 +292,7 @@ def wrap_full_graphs(manager_cls, full, none, every: int) -> None:
         else:
             out = replay(self, desc)
         graph.replays += 1
+        p.touch()
         return out
 
     for fn, orig in ((capture_wrapped, capture), (run_fullgraph, replay)):

@@ -7,7 +7,7 @@ never waits on the host for a layer; on CPU the work is synchronous and `perf_co
 brackets it. Stats are cumulative; every flush rewrites this process's file atomically (a
 temp file, then `os.replace`), so a reader always sees a whole file. Flushes happen every
 QUANTBRIDGE_PROFILE_FLUSH_S seconds while busy (default 30), as soon as the worker goes idle
-(no layer call for IDLE_S), and at exit. A flush serializes every kept sample while holding
+(no layer call or graph replay for IDLE_S), and at exit. A flush serializes every kept sample while holding
 the GIL the serving thread needs: samples are kept as integer nanoseconds (a JSON integer
 writes ~7x faster than a float; 1.2 M samples: 0.09 s against 0.60 s on the CI host,
 benchmarks/profile_flush_cost.py), the busy period is
@@ -39,7 +39,7 @@ SCHEMA = 2  # 2: samples_ns (integer ns) and flush_ms; stats.py reads 1 (samples
 ENV_DIR = "QUANTBRIDGE_PROFILE_DIR"
 ENV_FLUSH = "QUANTBRIDGE_PROFILE_FLUSH_S"
 RESERVOIR = 1024  # samples kept per (layer, M) for the median and percentiles
-IDLE_S = 0.05  # no layer call for this long: the worker is idle, flush now
+IDLE_S = 0.05  # no layer call or graph replay for this long: the worker is idle, flush now
 TICK_S = 0.02
 
 
@@ -92,7 +92,7 @@ class Profiler:
         self._closed = False
         self.flushes = 0
         self.flush_ms = {"count": 0, "total": 0.0, "max": 0.0}  # the flushes' own time (earlier flushes)
-        self.calls = 0  # layer calls seen (warm-up included); the flush thread compares it
+        self.calls = 0  # layer calls and served graph replays seen; the flush thread compares it
         self._last_call = time.monotonic()
         self.path = self.dir / f"worker-{socket.gethostname()}-{os.getpid()}.json"
         self._thread = threading.Thread(target=self._loop, args=(flush_s,), daemon=True, name="quantbridge-profile")
@@ -128,6 +128,12 @@ class Profiler:
                 if acc is None:
                     acc = self.graph_stats[(name, m)] = _Acc()
                 acc.add(us, self._rng)
+
+    def touch(self) -> None:
+        """A served graph replay: activity for the idle flush, which counts layer calls and replays
+        (a step that replays a captured graph calls no layer)."""
+        self.calls += 1
+        self._last_call = time.monotonic()
 
     def stop(self, token, name: str, m: int, warmup: bool) -> None:
         self.calls += 1

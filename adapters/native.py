@@ -92,7 +92,8 @@ class NativeLinear(QuantLinear):
 
     @property
     def weight_nbytes(self) -> int:
-        return self._stored().nbytes
+        # what the bound launch keeps beside the stored weight (packed scales) is device memory too
+        return self._stored().nbytes + (self._bound.extra_nbytes if self._bound is not None else 0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -288,6 +288,11 @@ if [ "${PROFILE:-0}" = 1 ]; then
       --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       python3 benchmarks/profile_decode.py ${shape//x/ } > "$OUT/ncu-$shape.txt" 2>&1
+    # The stall reasons themselves (WarpStateStats above prints only their total): warps stalled on each
+    # reason per issued instruction; long_scoreboard is a wait on a global load's result.
+    timeout 120 "$ncu" --profile-from-start off --kernel-name "regex:_(int4_matmul|int4_gemv|dequant)_kernel" \
+      --launch-skip 5 --launch-count 1 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 benchmarks/profile_decode.py ${shape//x/ } > "$OUT/ncu-$shape-stalls.txt" 2>&1
   done
 fi
 if [ "${SERVE:-0}" = 1 ]; then

@@ -1,8 +1,8 @@
 """A/B timing of native Triton kernel variants on one device, in one process.
 
-Each variant is a setting of kernels/int4_triton.py (today `CODE_MODE`: how codes become
-floats, by conversion, by the bit trick, or by the bit trick without per-nibble shifts in
-the GEMV). Every variant is
+Each variant is a setting of kernels/int4_triton.py (`CODE_MODE`: how codes become floats
+and how a bound layer lays them out; `SCALES_PACKED`: whether operand tiles read the scales and
+zero points packed in one word per row and group). Every variant is
 tuned on its own (the tuner keeps a separate table entry per variant) and timed by the
 bench harness: CUDA-graph replay, L2 flushed, a fresh random input per replay, median and
 p10/p90 of --runs. Predictions and outcomes go to benchmarks/NOTES.md.
@@ -25,8 +25,10 @@ from quantbridge.plugin.spec import QuantSpec
 from quantbridge.run import bench
 from quantbridge.run.rowspec import Kind, RowSpec
 
-VARIANTS = {mode: {"CODE_MODE": mode} for mode in ("i2f", "magic", "inplace", "asm", "prefetch", "async", "xprep", "tiled",
-                                                          "operand")}
+VARIANTS = {mode: {"CODE_MODE": mode, "SCALES_PACKED": True}
+            for mode in ("i2f", "magic", "inplace", "asm", "prefetch", "async", "xprep", "tiled", "operand")}
+# operand tiles reading scales and zero points separately, as up to r4 (kernels/int4_triton.py SCALES_PACKED)
+VARIANTS["operand-s16"] = {"CODE_MODE": "operand", "SCALES_PACKED": False}
 
 
 def _apply(settings: dict) -> None:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k}x{n} {name}: failed: {reason}", flush=True)
             for r in got:
                 rows.append(asdict(r) | {"variant": name})
-                print(f"{k}x{n} M={r.m:<4} {name:6} {r.status:9} {r.median_us or float('nan'):8.1f} us "
+                print(f"{k}x{n} M={r.m:<4} {name:11} {r.status:9} {r.median_us or float('nan'):8.1f} us "
                       f"p10 {r.p10_us or float('nan'):.1f} p90 {r.p90_us or float('nan'):.1f} "
                       f"{r.pct_copy_bw or float('nan'):5.1f}% BW err {r.check_rel_err or float('nan'):.2g}", flush=True)
     from quantbridge.kernels import int4_triton as kt

@@ -38,7 +38,8 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
         for k, n in shapes:
             for mode in modes:
-                for cfg in kt.candidate_configs(mb, n, k, group, "operand" if mode == "operand" else "canonical"):
+                layout = "operand" if mode.startswith("operand") else "canonical"
+                for cfg in kt.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
     return sorted(jobs.values())
@@ -56,18 +57,23 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
     # The layouts the tuner times "tiled" and "operand" on (bound layers keep their codes so).
     laid = {(mode, dt): replace(w, qweight=relay(w.qweight)) for dt, w in weights.items()
             for mode, relay in (("tiled", lay.to_tiled), ("operand", lay.to_operand))}
+    packed = {dt: kt.pack_scales_zeros(w) for dt, w in weights.items()}  # what bound operand tiles read
     ok = 0
     for i, (mb, cfg, dt, mode) in enumerate(jobs):
         if i % counts[1] != rank:
             continue
-        kt.CODE_MODE = mode
+        # "operand-s16": operand tiles reading scales and zero points apart (kernel_variants.py's A/B)
+        kt.CODE_MODE = "operand" if mode.startswith("operand") else mode
         dtype, w = DTYPES[dt], weights[dt]
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
         try:
             # operand codes through every configuration (dequantize + cuBLAS reads them too); tiled
             # ones through the kernels, with canonical codes for dequantize + cuBLAS
-            if mode == "operand" or (mode == "tiled" and cfg != kt.DEQUANT_CUBLAS):
+            if mode.startswith("operand"):
+                kt.launch(x, laid["operand", dt], out, cfg, layout="operand",
+                          sz=packed[dt] if mode == "operand" and kt.SCALES_PACKED else None)
+            elif mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:
                 kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
             else:
                 kt.launch(x, w, out, cfg)
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--modes", default="", help="code modes to compile (default: the kernel's own); "
-                    "kernel_variants.py times i2f,magic,inplace")
+                    "kernel_variants.py times i2f,magic,inplace; operand-s16: operand tiles with scales "
+                    "read apart (SCALES_PACKED off)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():

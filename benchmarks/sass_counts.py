@@ -12,6 +12,7 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
   python3 benchmarks/sass_counts.py --modes asm --dtype fp16 --config 16,128,128,4,4,3
   python3 benchmarks/sass_counts.py --modes asm --config 1,128,128,8,4,3 --config 1,64,128,4,4,3 --count BAR.SYNC,LDG.E.U16
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --ptxas   # + ptxas's own verdict
+  python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --count LDG.E.U,LDGSTS [--unpacked]
 
 --ptxas assembles the kernel's PTX again with `ptxas -v` for sm_90a and adds its register count and
 any performance warning (C75xx), e.g. C7515: "wgmma.mma_async instructions are serialized", which
@@ -85,6 +86,11 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
     consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ()) \
         + (mode == "tiled",)
     sig = _signature(fn, _TY[dtype], words, offsets)
+    if bm != 1:  # operand tiles read packed scales and zero points, as a bound layer's do (SCALES_PACKED)
+        packed = kt.SCALES_PACKED and mode == "operand" and not offsets
+        consts += (packed,)
+        if packed:
+            sig["s_ptr"] = "*i32"
     if bm == 1 and mode == "xprep":
         sig["x_ptr"] = "*fp32"  # the GEMV reads the activations _prep_x_kernel prepared
     names = [n for n in fn.arg_names if sig[n] == "constexpr"]
@@ -143,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offsets", action="store_true", help="float offsets per group (GGUF Q4_1/Q4_K)")
     ap.add_argument("--count", default="", help="opcode prefixes to count in the loop, e.g. BAR.SYNC,LDG.E.U16,LDGSTS")
     ap.add_argument("--ptxas", action="store_true", help="add ptxas -v's registers and performance warnings (sm_90a)")
+    ap.add_argument("--unpacked", action="store_true",
+                    help="operand tiles reading scales and zero points separately (SCALES_PACKED off, as up to r4)")
     a = ap.parse_args(argv)
+    if a.unpacked:
+        kt.SCALES_PACKED = False
     count = tuple(p for p in a.count.split(",") if p)
     cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
         (1, 128, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 4, 8, 4), (64, 128, 64, 2, 4, 3)]

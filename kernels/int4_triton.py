@@ -79,6 +79,7 @@ def _int4_matmul_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, FACTORED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr,
     MODE: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TILED: tl.constexpr,
+    SZ_PACKED: tl.constexpr,
 ):
     """Tensor-core tiles. OFFSETS: w = q * s + m with a float offset m per group (m_ptr)
     instead of (q - z) * s. EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask
@@ -96,6 +97,13 @@ def _int4_matmul_kernel(
     offsets): every tile is a word tile computed as W x^T, the weight dequantized with its scale
     applied (int4_codes.dequant_operand) straight into the tensor-core register operand, and the
     dot accumulating across K tiles, so consecutive wgmma need not wait for each other.
+
+    SZ_PACKED (operand tiles): s_ptr points at one int32 per (row, group), the scale's 16 bits
+    low and the zero point above (pack_scales_zeros). A scale alone is 2 bytes at stride NGROUPS,
+    below the 4 bytes of an asynchronous copy, so Triton's pipeliner left those loads in the
+    iteration that used them (SASS: LDG.E.U16 and LDG.E.U8 feeding the dequantization) and every
+    warp waited a load latency at each group; packed, they are staged through shared memory
+    `num_stages` deep like the codes (LDGSTS, then LDS).
     """
     OPERAND: tl.constexpr = MODE == 8 and BLOCK_K <= GROUP
     WORD_TILES: tl.constexpr = (MODE >= 3 and BLOCK_K <= GROUP and BLOCK_M <= 64) or OPERAND
@@ -157,11 +165,16 @@ def _int4_matmul_kernel(
                                 eviction_policy="evict_first")
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
-            s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0)
-            if OFFSETS:
-                z = tl.zeros((BLOCK_N,), dtype=tl.uint8)
+            if SZ_PACKED:
+                v = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
+                s = (v & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
+                z = ((v >> 16) & 0xFF).to(tl.uint8)
             else:
-                z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
+                s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0)
+                if OFFSETS:
+                    z = tl.zeros((BLOCK_N,), dtype=tl.uint8)
+                else:
+                    z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
             if OPERAND:
                 tl.static_assert(not OFFSETS, "the operand layout takes no float offsets")
                 acc_t = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.trans(x), acc_t)
@@ -514,6 +527,10 @@ def _offsets(w: Int4Weight) -> torch.Tensor:
 CODE_MODES = {"i2f": 0, "magic": 1, "inplace": 2, "asm": 3, "prefetch": 4, "async": 5, "xprep": 6, "tiled": 7,
               "operand": 8}
 CODE_MODE = "operand"
+# Bound operand-layout layers keep their scales and zero points packed one int32 per row and
+# group too (pack_scales_zeros; 4 bytes per 64 of codes at group 128), which their tensor-core
+# tiles read; False reads the two separately, as up to r4 (an A/B variant).
+SCALES_PACKED = True
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
@@ -596,10 +613,11 @@ def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
     return (_cdiv(n, bn), sk, m) if bm == 1 else (_cdiv(m, bm) * _cdiv(n, bn), sk, 1)
 
 
-def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
-                 layout: str = "canonical") -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
+def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, layout: str = "canonical",
+                 packed: bool = False) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
     """(launcher, the weight view it reads, the integer arguments, the constexprs) of one configuration.
-    layout: how w.qweight is laid out (int4_layouts; not canonical only for a bound layer)."""
+    layout: how w.qweight is laid out (int4_layouts; not canonical only for a bound layer).
+    packed: the scales and zero points are read from pack_scales_zeros' words (operand tiles only)."""
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
@@ -612,6 +630,8 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
                              f"of 32 or more columns inside one group, not {cfg} in {CODE_MODE!r}")
     elif mode == 8:
         mode = 3  # canonical codes: the "asm" kernels
+    if packed and (layout != "operand" or bm == 1):
+        raise ValueError(f"packed scales and zero points are read by operand tiles only, not {cfg} in {layout!r}")
     if mode >= 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
     words = bm == 1 or (mode >= 3 and bk <= w.group_size and bm <= 64) or mode == 8  # the kernels' WORD_TILES
@@ -620,7 +640,7 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool,
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
         return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, layout == "tiled")
-    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout == "tiled")
+    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout == "tiled", packed)
 
 
 def _interpreting() -> bool:
@@ -661,11 +681,13 @@ def _workspace(device: torch.device, stream: int, numel: int) -> tuple[int, int,
 
 
 def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: torch.Tensor | None,
-         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None, layout: str = "canonical"):
-    """One launch of a tile configuration; returns the compiled kernel (None in the interpreter)."""
+         counters: torch.Tensor | None, stream: int, stride_xm: int | None = None, layout: str = "canonical",
+         sz: torch.Tensor | None = None):
+    """One launch of a tile configuration; returns the compiled kernel (None in the interpreter).
+    sz: w's scales and zero points as pack_scales_zeros gives them, read instead (operand tiles)."""
     m, k = x2.shape
     n = w.out_features
-    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout)
+    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout, sz is not None)
     grid = _grid(cfg, m, n)
     sx = x2.stride(0) if stride_xm is None else stride_xm
     partials = cfg[3] * m * n if cfg[3] > 1 else 0
@@ -683,7 +705,8 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
         counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32)
     if not partials:
         counters = out  # never read
-    tensors = (x2, qw, w.scales, w.zeros, _offsets(w), out, ws, counters, out if bias is None else bias)
+    tensors = (x2, qw, w.scales if sz is None else sz, w.zeros, _offsets(w), out, ws, counters,
+               out if bias is None else bias)
     return fast(grid, tensors, (*ints, sx, out.stride(0)), constexprs, cfg[4], cfg[5])
 
 
@@ -693,19 +716,37 @@ def _prepares_x(cfg: Config) -> bool:
 
 
 def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias: torch.Tensor | None = None,
-           counters: torch.Tensor | None = None, layout: str = "canonical") -> torch.Tensor:
+           counters: torch.Tensor | None = None, layout: str = "canonical",
+           sz: torch.Tensor | None = None) -> torch.Tensor:
     """out = x2 @ W^T (+ bias) for a 2-D x (unit stride along K) with a given configuration.
 
     counters: for split-K, a zeroed int32 buffer with a slot per output tile, left zeroed
     (allocated here when not given). layout: how w.qweight is laid out (int4_layouts; DEQUANT_CUBLAS
-    reads canonical or operand codes)."""
+    reads canonical or operand codes). sz: pack_scales_zeros(w), which operand tiles then read
+    (the GEMV and DEQUANT_CUBLAS read w's own)."""
     if cfg == DEQUANT_CUBLAS:
         torch.matmul(x2, dequantize(w, x2.dtype, layout).T, out=out)
         if bias is not None:
             out += bias
         return out
-    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()), layout=layout)
+    _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()), layout=layout,
+         sz=sz if cfg[0] != 1 else None)
     return out
+
+
+def packs_scales(w: Int4Weight, layout: str) -> bool:
+    """Whether a bound layer in `layout` keeps pack_scales_zeros(w) for its tiles (SCALES_PACKED)."""
+    return SCALES_PACKED and layout == "operand" and w.offsets is None and w.scales.element_size() == 2
+
+
+def pack_scales_zeros(w: Int4Weight) -> torch.Tensor:
+    """int32 [N, groups]: each group's 16-bit scale in the low half, its zero point in bits 16-23.
+    One 4-byte word per row and group is what an asynchronous copy can stage (a 2-byte scale is
+    not); the scales' own bits, so nothing is rounded."""
+    if w.scales.element_size() != 2 or w.offsets is not None:
+        raise ValueError("packing takes 16-bit scales with integer zero points")
+    low = w.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return (low | (w.zeros.to(torch.int32) << 16)).contiguous()
 
 
 _MATMUL = FastLauncher(_int4_matmul_kernel)
@@ -737,9 +778,10 @@ class _Tuner:
         write_atomic(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
     def config(self, x2: torch.Tensor, w: Int4Weight, laid: Int4Weight | None = None,
-               layout: str = "canonical") -> Config:
+               layout: str = "canonical", sz: torch.Tensor | None = None) -> Config:
         """laid: the same weight in `layout` (int4_layouts), which the candidates then read; w is what
-        DEQUANT_CUBLAS reads: canonical codes, or for the operand layout the same operand codes."""
+        DEQUANT_CUBLAS reads: canonical codes, or for the operand layout the same operand codes.
+        sz: the packed scales and zero points the layer's tiles read (pack_scales_zeros), or None."""
         m, k = x2.shape
         n = w.out_features
         if _interpreting() or not x2.is_cuda:
@@ -748,21 +790,21 @@ class _Tuner:
         # The layout is in the key where it is not the canonical one: in one mode, a bound layer and an
         # unbound call of the same shape read different layouts (and older tables keep their keys).
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
-            + ("" if layout == "canonical" else f"-{layout}")
+            + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "")
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
         with self.lock:
             self._load(x2.device)
             if key not in self.table:
-                self.table[key] = list(self._search(x2, w, m_bucket(m), laid, layout))
+                self.table[key] = list(self._search(x2, w, m_bucket(m), laid, layout, sz))
                 self._save()
             self.memo[(x2.device, key)] = tuple(self.table[key])
             return self.memo[(x2.device, key)]  # type: ignore[return-value]
 
     @staticmethod
     def _search(x2: torch.Tensor, w: Int4Weight, mb: int, laid: Int4Weight | None = None,
-                layout: str = "canonical") -> Config:
+                layout: str = "canonical", sz: torch.Tensor | None = None) -> Config:
         m, k = x2.shape
         xb = torch.randn((mb, k), device=x2.device, dtype=x2.dtype)
         out = torch.empty((mb, w.out_features), device=x2.device, dtype=x2.dtype)
@@ -774,7 +816,7 @@ class _Tuner:
             try:
                 if laid is not None and cfg != DEQUANT_CUBLAS:
                     def run(cfg=cfg, cnt=cnt):
-                        return launch(xb, laid, out, cfg, counters=cnt, layout=layout)
+                        return launch(xb, laid, out, cfg, counters=cnt, layout=layout, sz=sz)
                 else:  # w: canonical codes, or for the operand layout the same operand codes
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, w, out, cfg, counters=cnt, layout=dequant_layout(layout))
@@ -841,11 +883,12 @@ def bound_layout(w: Int4Weight, config: Config | None = None) -> str:
 class _Plan:
     """One layer's launch for one M: everything but x, out and the workspace address."""
 
-    __slots__ = ("cfg", "grid", "tail", "ws_numel", "counters", "cnt_ptr", "raw")
+    __slots__ = ("cfg", "grid", "tail", "ws_numel", "counters", "cnt_ptr", "raw", "s_ptr")
 
-    def __init__(self, cfg: Config, grid, tail, ws_numel, counters, raw) -> None:
+    def __init__(self, cfg: Config, grid, tail, ws_numel, counters, raw, s_ptr: int) -> None:
         self.cfg, self.grid, self.tail, self.ws_numel, self.counters, self.raw = cfg, grid, tail, ws_numel, counters, raw
         self.cnt_ptr = counters.data_ptr() if counters is not None else 0
+        self.s_ptr = s_ptr  # the scales this launch reads: the layer's own, or their packed words
 
 
 class BoundLinear:
@@ -894,11 +937,26 @@ class BoundLinear:
                 raise ValueError("BoundLinear needs contiguous qweight, scales, zeros and offsets")
         self.qw_ptr = w.qweight.data_ptr()
         self.s_ptr, self.z_ptr = w.scales.data_ptr(), w.zeros.data_ptr()
+        # the tiles' scales and zero points, packed (the GEMV and DEQUANT_CUBLAS read w's own)
+        self._sz = pack_scales_zeros(w) if packs_scales(w, layout) else None
         self.m_ptr = _offsets(w).data_ptr()
         self.b_ptr = self.bias.data_ptr() if self.bias is not None else 0
         self.plans: dict[int, _Plan] = {}
         self._captured: list[_Plan] = []  # plans a CUDA graph holds; never used again here
         self._ws = _WORKSPACES.setdefault(self.device_index, {})
+
+    @property
+    def extra_nbytes(self) -> int:
+        """Device bytes this binding keeps beyond the stored weight: the packed scales and zero points,
+        and the "tiled" A/B mode's canonical copy of the codes."""
+        extra = self._sz.numel() * 4 if self._sz is not None else 0
+        if self._dq_w is not self.weight:
+            extra += self._dq_w.qweight.numel()
+        return extra
+
+    def _tile_sz(self, cfg: Config) -> torch.Tensor | None:
+        """The packed scales and zero points a configuration reads: tiles do, the GEMV does not."""
+        return self._sz if cfg[0] != 1 else None
 
     def canonical(self) -> Int4Weight:
         """The weight with canonical codes (a conversion, for the rare paths that need them)."""
@@ -932,7 +990,7 @@ class BoundLinear:
             op = out.data_ptr()
             g = plan.grid
             raw.fn(g[0], g[1], g[2], stream, raw.function, raw.coop, raw.pdl, None, None, raw.metadata,
-                   None, None, None, xp, self.qw_ptr, self.s_ptr, self.z_ptr, self.m_ptr, op, wsp, plan.cnt_ptr,
+                   None, None, None, xp, self.qw_ptr, plan.s_ptr, self.z_ptr, self.m_ptr, op, wsp, plan.cnt_ptr,
                    self.b_ptr or op, *plan.tail)
         elif m:
             self._slow(x2, out, plan)
@@ -948,24 +1006,28 @@ class BoundLinear:
             if plan.cfg == DEQUANT_CUBLAS:
                 launch(x2, self._dq_w, out, plan.cfg, self.bias, layout=self._dq_layout)
             else:
-                _run(plan.cfg, x2, self.weight, out, self.bias, plan.counters, stream, self.k, self.layout)
+                _run(plan.cfg, x2, self.weight, out, self.bias, plan.counters, stream, self.k, self.layout,
+                     self._tile_sz(plan.cfg))
             return
         cfg = self.config or TUNER.config(x2, self._dq_w, self.weight if self.layout != "canonical" else None,
-                                          self.layout)
+                                          self.layout, self._sz)
         if cfg == DEQUANT_CUBLAS:
             launch(x2, self._dq_w, out, cfg, self.bias, layout=self._dq_layout)
-            plan = _Plan(cfg, None, None, 0, None, None)
+            plan = _Plan(cfg, None, None, 0, None, None, self.s_ptr)
         else:
             grid = _grid(cfg, m, self.n)
             sk = cfg[3]
             counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
+            sz = self._tile_sz(cfg)
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
-            kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout)
-            _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None, self.layout)
+            kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout, sz)
+            _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None, self.layout,
+                                                  sz is not None)
             tail = (*ints, self.k, self.n, *constexprs)
             # Two launches ("xprep"): the plan keeps the configuration, and each call goes through _run.
             raw = None if _prepares_x(cfg) else raw_launcher(kernel)
-            plan = _Plan(cfg, grid, tail, sk * m * self.n if sk > 1 else 0, counters, raw)
+            plan = _Plan(cfg, grid, tail, sk * m * self.n if sk > 1 else 0, counters, raw,
+                         self.s_ptr if sz is None else sz.data_ptr())
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():
             self._captured.append(plan)
         elif len(self.plans) < self.MAX_PLANS:

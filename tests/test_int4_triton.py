@@ -605,6 +605,76 @@ def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monk
     assert _rel(given(x), _ref(x, qw, b)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_scales_and_zero_points_keep_every_bit(dtype):
+    """pack_scales_zeros: the scale's own 16 bits below the zero point's 8, nothing rounded."""
+    gen = torch.Generator().manual_seed(21)
+    qw, _ = _bound_case(40, 512, 64, dtype, "cpu", False, False, seed=22)
+    qw = replace(qw, scales=(torch.randn(qw.scales.shape, generator=gen) * 3).to(dtype),
+                 zeros=torch.randint(0, 16, qw.zeros.shape, generator=gen, dtype=torch.uint8))
+    sz = kt.pack_scales_zeros(qw)
+    assert sz.dtype == torch.int32 and sz.shape == qw.scales.shape and sz.is_contiguous()
+    low = (sz & 0xFFFF).to(torch.int16).view(dtype)
+    assert torch.equal(low.view(torch.int16), qw.scales.view(torch.int16))
+    assert torch.equal((sz >> 16).to(torch.uint8), qw.zeros)
+    with pytest.raises(ValueError, match="16-bit scales"):
+        kt.pack_scales_zeros(replace(qw, scales=qw.scales.float()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [(16, 64, 128, 3, 4, 3), (64, 64, 64, 2, 4, 3), (128, 64, 64, 1, 8, 3)])
+def test_interpreter_operand_tiles_read_packed_scales(cfg, monkeypatch):
+    """A bound operand layer with 16-bit scales keeps them packed with the zero points
+    (SCALES_PACKED) and its tensor-core tiles read those words; the GEMV reads the layer's own.
+    The product is the one of the separate loads, bit for bit, and within 3e-3 of float64 through
+    the same dequantized weight (fp16 activations, weights rounded to fp16 after the scale)."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    qw, b = _bound_case(72, 640, 128, torch.float16, "cpu", False, True, seed=cfg[0] + 7)
+    bound = kt.BoundLinear(qw, b, config=cfg)
+    assert bound.layout == "operand" and bound._sz is not None
+    assert bound.extra_nbytes == qw.scales.numel() * 4  # counted in the layer's weight bytes
+    gen = torch.Generator().manual_seed(cfg[1])
+    outs = {}
+    for m in (1, cfg[0] - 3):
+        x = torch.randn(m, 640, generator=gen).to(torch.float16)
+        outs[m] = (x, bound(x))
+        assert _rel(outs[m][1], _ref(x, qw, b)) < 3e-3, m
+        plan = bound.plans[m]
+        assert plan.s_ptr == (bound._sz.data_ptr() if plan.cfg[0] != 1 else qw.scales.data_ptr())
+    monkeypatch.setattr(kt, "SCALES_PACKED", False)
+    apart = kt.BoundLinear(qw, b, config=cfg)
+    assert apart._sz is None and apart.extra_nbytes == 0
+    for m, (x, y) in outs.items():
+        assert torch.equal(apart(x), y), m
+    with pytest.raises(ValueError, match="operand tiles only"):
+        kt.launch(x, qw, torch.empty_like(y), cfg, sz=kt.pack_scales_zeros(qw))  # canonical codes
+
+
+def test_operand_tiles_stage_their_scales_asynchronously_in_sass():
+    """The operand tiles' K loop reads the packed scales and zero points by asynchronous copies
+    (LDGSTS) like the codes, with no synchronous global load left in it. Read separately (2-byte
+    scales, 1-byte zero points: below the 4 bytes of a copy), Triton's pipeliner left them as
+    LDG.E.U16 and LDG.E.U8 in the loop, waited on at each group (no GPU needed to see it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("this Triton has no bundled nvdisasm")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, str(root / "benchmarks" / "sass_counts.py"), "--modes", "operand", "--count", "LDG.E,LDGSTS",
+            "--config", "16,64,128,1,4,3", "--config", "128,128,64,1,8,3"]
+    lines = {}
+    for flag in ([], ["--unpacked"]):
+        r = subprocess.run(args + flag, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines[bool(flag)] = [ln for ln in r.stdout.splitlines() if "operand" in ln]
+    assert len(lines[False]) == 2 and all("[LDG.E: 0]" in ln for ln in lines[False]), lines[False]
+    assert all("[LDG.E: 0]" not in ln for ln in lines[True]), lines[True]
+
+
 def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():
     for m in (1, 16, 64, 128, 512):
         cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128, layout="operand")

@@ -11,7 +11,8 @@ already in OUT_DIR keeps its rows: servers started by separate calls (an unprofi
 then on and off again) pool into one comparison, each row naming its log.
 
 usage: python benchmarks/vllm_serve_gpu.py CHECKPOINT OUT_DIR [ROUNDS] [-- extra vllm serve args]
-env: QB_SERVE_ORDER (default "off,on"), QB_SERVE_QUANTIZATION (quantbridge; empty: vLLM's own choice),
+env: QB_SERVE_ORDER (default "off,on"; "on@N": profiled with the FULL graphs' probed twins one step
+     in N, its own profile directory, reported apart: N past the run's steps isolates the twins' cost), QB_SERVE_QUANTIZATION (quantbridge; empty: vLLM's own choice),
      QB_SERVE_DTYPE (float16), QB_SERVE_CONCURRENCY (16),
      QB_SERVE_MAX_TOKENS (128), QB_SERVE_TIMEOUT (health wait, s; 420)
 """
@@ -59,10 +60,13 @@ def _round(base: str, model: str, prompts: list[str]) -> float:
     return sum(r["usage"]["completion_tokens"] for r in replies) / dt
 
 
-def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra: list[str]) -> dict:
+def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra: list[str],
+               full_every: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "QUANTBRIDGE_PROFILE_DIR"}
     if profile:
-        env["QUANTBRIDGE_PROFILE_DIR"] = str(out_dir / "profile")
+        env["QUANTBRIDGE_PROFILE_DIR"] = str(out_dir / ("profile" if full_every is None else f"profile-every{full_every}"))
+    if full_every is not None:  # the probed twins' share of the cost: they replace vLLM's graph one step in N
+        env["QUANTBRIDGE_PROFILE_FULL_EVERY"] = str(full_every)
     port = _free_port()
     # QB_SERVE_QUANTIZATION="" lets vLLM pick from the checkpoint's config (gptq_marlin for a GPTQ one).
     quant = os.environ.get("QB_SERVE_QUANTIZATION", "quantbridge")
@@ -71,9 +75,12 @@ def one_server(checkpoint: str, out_dir: Path, profile: bool, rounds: int, extra
            "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY, 1)), "--no-enable-prefix-caching",
            "--seed", "0", "--gpu-memory-utilization", os.environ.get("QB_SERVE_GPU_MEM", "0.5"), *extra]
     n = 0
-    while (log_path := out_dir / f"serve-{'on' if profile else 'off'}{f'-{n}' if n else ''}.log").exists():
+    name = ("on" if full_every is None else f"on-every{full_every}") if profile else "off"
+    while (log_path := out_dir / f"serve-{name}{f'-{n}' if n else ''}.log").exists():
         n += 1
     row: dict = {"profile": profile, "cmd": cmd, "log": log_path.name}
+    if full_every is not None:
+        row["full_every"] = full_every
     t_start = time.perf_counter()
     with open(log_path, "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -124,7 +131,10 @@ def main() -> None:
     earlier = out_dir / "serve.json"
     rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
     for which in filter(None, os.environ.get("QB_SERVE_ORDER", "off,on").split(",")):
-        row = one_server(checkpoint, out_dir, which == "on", rounds, extra)
+        setting, _, every = which.partition("@")
+        if setting not in ("off", "on") or (every and (setting == "off" or not every.isdigit())):
+            raise SystemExit(f"QB_SERVE_ORDER: {which!r} is not off, on or on@N")
+        row = one_server(checkpoint, out_dir, setting == "on", rounds, extra, int(every) if every else None)
         row["finished"] = time.strftime("%H:%M:%S")
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "cmd"}), flush=True)
@@ -136,13 +146,14 @@ def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: 
               "extra_args": extra, "rows": rows,
               "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "QUANTBRIDGE_", "QB_"))}}
     # Every round of every server with the same setting pooled: rounds are short (a second or so).
-    def rounds_of(flag: bool, key: str) -> list[float]:
-        return [t for r in rows if r["profile"] == flag for t in r.get(key, [])]
+    def rounds_of(flag: bool, key: str, every: int | None = None) -> list[float]:
+        return [t for r in rows if r["profile"] == flag and r.get("full_every") == every for t in r.get(key, [])]
     pooled = {flag: rounds_of(flag, "tokens_per_s") for flag in (False, True)}
     single = {flag: rounds_of(flag, "tokens_per_s_single") for flag in (False, True)}
     if pooled[True] and pooled[False]:
         off, on = statistics.median(pooled[False]), statistics.median(pooled[True])
-        servers = {flag: sum(1 for r in rows if r["profile"] == flag and r.get("tokens_per_s")) for flag in (False, True)}
+        servers = {flag: sum(1 for r in rows if r["profile"] == flag and r.get("tokens_per_s") and "full_every" not in r)
+                   for flag in (False, True)}
         result["overhead"] = {
             "tokens_per_s_off": off, "tokens_per_s_on": on, "change_pct": (on / off - 1) * 100,
             "single_off": statistics.median(single[False]), "single_on": statistics.median(single[True]),
@@ -151,6 +162,16 @@ def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: 
                       f"median of {len(pooled[False])} rounds over {servers[False]} unprofiled server(s) and "
                       f"{len(pooled[True])} over {servers[True]} profiled, CUDA graphs "
                       f"{'off' if '--enforce-eager' in extra else 'on'}"}
+        # profiled servers whose FULL graphs' twins ran one step in N (N past the run's steps: never)
+        by_every = {}
+        for every in sorted({r["full_every"] for r in rows if "full_every" in r}):
+            got = rounds_of(True, "tokens_per_s", every)
+            if got:
+                by_every[str(every)] = {"tokens_per_s": statistics.median(got), "rounds": len(got),
+                                        "change_pct": (statistics.median(got) / off - 1) * 100,
+                                        "single": statistics.median(rounds_of(True, "tokens_per_s_single", every))}
+        if by_every:
+            result["overhead"]["by_full_every"] = by_every
         (out_dir / "profile").mkdir(exist_ok=True)
         (out_dir / "profile" / "overhead.json").write_text(json.dumps(result["overhead"], indent=1))
     tmp = out_dir / ".serve.json.tmp"

@@ -14,6 +14,7 @@
 # machine's host); later starts hit vLLM's compile cache (~70 s). So serving spreads over calls on a
 # warm machine, pooling into one run directory there (/tmp/serve-run, copied to $1/run on exit):
 #   SERVE_ORDER=off (the cold start), then SERVE_ORDER=on,off (+ steps 7-9), then SERVE_ORDER= SERVE_MARLIN=1.
+#   SERVE_ORDER=on@1000000,off: a profiled server whose FULL graphs' twins never replay (their cost apart).
 set -uo pipefail
 OUT=$(realpath -m "${1:-runs/serve}"); mkdir -p "$OUT"
 V=${VLLM_VERSION:-0.26.0}; SET=/tmp/vllm-set; VS=/tmp/vsite
@@ -197,13 +198,17 @@ for r in d["rows"]:
     if "error" in r:
         print(f"  FAIL profile={r['profile']}: {r['error']}")
     else:
-        print(f"  tokens/s profile={'on ' if r['profile'] else 'off'} ({r['log']}): concurrent {statistics.median(r['tokens_per_s']):.1f} "
+        every = f"@{r['full_every']}" if "full_every" in r else ""
+        print(f"  tokens/s profile={'on ' if r['profile'] else 'off'}{every} ({r['log']}): concurrent {statistics.median(r['tokens_per_s']):.1f} "
               f"{[round(x, 1) for x in r['tokens_per_s']]}, single {statistics.median(r['tokens_per_s_single']):.1f}, "
               f"startup {r['startup_s']:.0f} s")
 if "overhead" in d:
     o = d["overhead"]
     print(f"  tokens/s change with profiling: {o['change_pct']:+.2f} % (single request: off {o['single_off']:.1f}, "
           f"on {o['single_on']:.1f}; {o['source']})")
+    for every, e in o.get("by_full_every", {}).items():
+        print(f"  tokens/s change with profiling, twins one step in {every}: {e['change_pct']:+.2f} % "
+              f"({e['tokens_per_s']:.1f} over {e['rounds']} rounds; single {e['single']:.1f})")
 PY
 PROFILED=$(ls "$RUN"/profile/worker-*.json 2>/dev/null | head -n 1)
 [ -z "$PROFILED" ] && { echo "== no profiled server in $RUN yet: steps 7-9 wait for SERVE_ORDER with on"; }

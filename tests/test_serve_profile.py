@@ -109,6 +109,16 @@ def test_flush_is_atomic_and_serve_stats_merges_ranks(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((d / "results.json").read_text())["backends"][0]["name"] == "vllm:native"
     assert "profile flushes: 2 in 2 worker(s)" in res.output
+    # the tokens/s of unprofiled and profiled servers (benchmarks/vllm_serve_gpu.py), with a profiled
+    # server whose FULL graphs' twins never ran reported apart
+    (d / "overhead.json").write_text(json.dumps({
+        "tokens_per_s_off": 8908.0, "tokens_per_s_on": 8608.9, "change_pct": -3.36, "source": "test",
+        "by_full_every": {"1000000": {"tokens_per_s": 8820.0, "change_pct": -0.99, "rounds": 8, "single": 690.0}}}))
+    res = CliRunner().invoke(cli, ["serve-stats", str(d)])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "8908.0 tokens/s unprofiled, 8608.9 profiled (-3.4 %)" in out
+    assert "with the FULL graphs' probed twins one step in 1000000: 8820.0 tokens/s (-1.0 %, 8 rounds)" in out
     res = CliRunner().invoke(cli, ["serve-stats", str(tmp_path / "none")])
     assert res.exit_code == 2 and "QUANTBRIDGE_PROFILE_DIR" in res.output
 

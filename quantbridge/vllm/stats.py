@@ -232,5 +232,17 @@ def overhead(directory: str | Path) -> dict | None:
         off, on = float(data["tokens_per_s_off"]), float(data["tokens_per_s_on"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {"tokens_per_s_off": off, "tokens_per_s_on": on, "change_pct": (on / off - 1) * 100 if off else 0.0,
-            "source": str(data.get("source", f))}
+    out = {"tokens_per_s_off": off, "tokens_per_s_on": on, "change_pct": (on / off - 1) * 100 if off else 0.0,
+           "source": str(data.get("source", f))}
+    # profiled servers with the FULL graphs' twins one step in N (benchmarks/vllm_serve_gpu.py "on@N")
+    by_every, raw = {}, data.get("by_full_every")
+    for every, e in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            t = float(e["tokens_per_s"])
+            by_every[str(int(every))] = {"tokens_per_s": t, "change_pct": (t / off - 1) * 100 if off else 0.0,
+                                         "rounds": int(e.get("rounds", 0))}
+        except (ValueError, KeyError, TypeError):
+            continue  # an entry this reader cannot use is left out, the rest still shown
+    if by_every:
+        out["by_full_every"] = by_every
+    return out

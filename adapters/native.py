@@ -92,8 +92,9 @@ class NativeLinear(QuantLinear):
 
     @property
     def weight_nbytes(self) -> int:
-        # what the bound launch keeps beside the stored weight (packed scales) is device memory too
-        return self._stored().nbytes + (self._bound.extra_nbytes if self._bound is not None else 0)
+        # the stored weight: what one call reads (bench's bandwidth figures divide by it); a binding's
+        # derived copies (packed scales) show in the measured device memory instead
+        return self._stored().nbytes
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -109,6 +110,8 @@ class NativeLinear(QuantLinear):
             q = state_dict[key].to(self.qweight.device)
             state_dict = {**state_dict, key: relayout(q, "canonical", self.layout)}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._bound is not None:  # loaded in place: the buffers' addresses, so no rebind, but new values
+            self._bound.weights_changed()
 
     def dequantize(self) -> torch.Tensor:
         return self.packed.dequantize(torch.float32)

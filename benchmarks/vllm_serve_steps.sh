@@ -206,9 +206,9 @@ if "overhead" in d:
     o = d["overhead"]
     print(f"  tokens/s change with profiling: {o['change_pct']:+.2f} % (single request: off {o['single_off']:.1f}, "
           f"on {o['single_on']:.1f}; {o['source']})")
-    for every, e in o.get("by_full_every", {}).items():
-        print(f"  tokens/s change with profiling, twins one step in {every}: {e['change_pct']:+.2f} % "
-              f"({e['tokens_per_s']:.1f} over {e['rounds']} rounds; single {e['single']:.1f})")
+for every, e in d.get("by_full_every", {}).items():
+    print(f"  tokens/s change with profiling, twins one step in {every}: {e['change_pct']:+.2f} % "
+          f"({e['tokens_per_s']:.1f} over {e['rounds']} rounds; single {e['single']:.1f})")
 PY
 PROFILED=$(ls "$RUN"/profile/worker-*.json 2>/dev/null | head -n 1)
 [ -z "$PROFILED" ] && { echo "== no profiled server in $RUN yet: steps 7-9 wait for SERVE_ORDER with on"; }

@@ -945,14 +945,14 @@ class BoundLinear:
         self._captured: list[_Plan] = []  # plans a CUDA graph holds; never used again here
         self._ws = _WORKSPACES.setdefault(self.device_index, {})
 
-    @property
-    def extra_nbytes(self) -> int:
-        """Device bytes this binding keeps beyond the stored weight: the packed scales and zero points,
-        and the "tiled" A/B mode's canonical copy of the codes."""
-        extra = self._sz.numel() * 4 if self._sz is not None else 0
+    def weights_changed(self) -> None:
+        """The stored weight was overwritten in place (a state dict loaded into the same buffers):
+        re-derive what was made from it, in place too, so plans and CUDA graphs that hold its
+        address read the new values."""
+        if self._sz is not None:
+            self._sz.copy_(pack_scales_zeros(self.weight))
         if self._dq_w is not self.weight:
-            extra += self._dq_w.qweight.numel()
-        return extra
+            self._dq_w.qweight.copy_(relayout(self.weight.qweight, "tiled", "canonical"))
 
     def _tile_sz(self, cfg: Config) -> torch.Tensor | None:
         """The packed scales and zero points a configuration reads: tiles do, the GEMV does not."""

@@ -447,6 +447,21 @@ def _native(n, k, dtype, act_order, bias, seed, gs=128):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_native_linear_load_state_dict_refreshes_packed_scales(dtype):
+    """A state dict loaded into a bound layer (same buffers, new values) reaches the GEMV and the
+    tiles alike: the packed scales the tiles read are re-derived in place."""
+    layer, qw, b = _native(1024, 2048, dtype, False, True, seed=41)
+    donor, qd, bd = _native(1024, 2048, dtype, False, True, seed=42)
+    xs = [torch.randn(m, 2048, device="cuda", dtype=dtype) for m in (1, 48)]
+    for x in xs:
+        assert _rel(layer(x), _ref(x, qw, b)) < 1e-2
+    layer.load_state_dict(donor.state_dict())
+    for x in xs:
+        assert _rel(layer(x), _ref(x, qd, bd)) < 1e-2, x.shape[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act_order,bias", [(False, False), (True, True)])
 def test_gpu_native_linear_bound_path(dtype, act_order, bias, fixed_tuner):
     """NativeLinear's cached launch over a sequence of M, through the compiled launcher,
@@ -625,29 +640,54 @@ def test_packed_scales_and_zero_points_keep_every_bit(dtype):
 @pytest.mark.parametrize("cfg", [(16, 64, 128, 3, 4, 3), (64, 64, 64, 2, 4, 3), (128, 64, 64, 1, 8, 3)])
 def test_interpreter_operand_tiles_read_packed_scales(cfg, monkeypatch):
     """A bound operand layer with 16-bit scales keeps them packed with the zero points
-    (SCALES_PACKED) and its tensor-core tiles read those words; the GEMV reads the layer's own.
-    The product is the one of the separate loads, bit for bit, and within 3e-3 of float64 through
-    the same dequantized weight (fp16 activations, weights rounded to fp16 after the scale)."""
+    (SCALES_PACKED) and its tensor-core tiles read those words. The product is the one of the
+    separate loads, bit for bit, and within 3e-3 of float64 through the same dequantized weight
+    (fp16 activations, weights rounded to fp16 after the scale; the interpreter runs no bf16)."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float16, "cpu", False, True, seed=cfg[0] + 7)
     bound = kt.BoundLinear(qw, b, config=cfg)
     assert bound.layout == "operand" and bound._sz is not None
-    assert bound.extra_nbytes == qw.scales.numel() * 4  # counted in the layer's weight bytes
     gen = torch.Generator().manual_seed(cfg[1])
     outs = {}
     for m in (1, cfg[0] - 3):
         x = torch.randn(m, 640, generator=gen).to(torch.float16)
         outs[m] = (x, bound(x))
         assert _rel(outs[m][1], _ref(x, qw, b)) < 3e-3, m
-        plan = bound.plans[m]
-        assert plan.s_ptr == (bound._sz.data_ptr() if plan.cfg[0] != 1 else qw.scales.data_ptr())
+        assert bound.plans[m].s_ptr == bound._sz.data_ptr()
     monkeypatch.setattr(kt, "SCALES_PACKED", False)
     apart = kt.BoundLinear(qw, b, config=cfg)
-    assert apart._sz is None and apart.extra_nbytes == 0
+    assert apart._sz is None
     for m, (x, y) in outs.items():
         assert torch.equal(apart(x), y), m
     with pytest.raises(ValueError, match="operand tiles only"):
         kt.launch(x, qw, torch.empty_like(y), cfg, sz=kt.pack_scales_zeros(qw))  # canonical codes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+def test_interpreter_packed_scales_follow_the_weight_and_the_gemv_reads_its_own(monkeypatch):
+    """The tuner's M=1 pick is a GEMV, which reads the layer's own scales; a tile reads the packed
+    words. Scales and zero points overwritten in place (a state dict loaded into the same buffers)
+    reach both after weights_changed(), the packed words at their old address (plans and captured
+    graphs hold it)."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    qw, b = _bound_case(72, 640, 128, torch.float16, "cpu", False, True, seed=31)
+    bound = kt.BoundLinear(qw, b)
+    gen = torch.Generator().manual_seed(32)
+    xs = {m: torch.randn(m, 640, generator=gen).to(torch.float16) for m in (1, 20)}
+    for m, x in xs.items():
+        assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, m
+    assert bound.plans[1].cfg[0] == 1 and bound.plans[1].s_ptr == qw.scales.data_ptr()
+    assert bound.plans[20].cfg[0] > 1 and bound.plans[20].s_ptr == bound._sz.data_ptr()
+    other, _ = _bound_case(72, 640, 128, torch.float16, "cpu", False, False, seed=33)
+    address = bound._sz.data_ptr()
+    bound.weight.qweight.copy_(lay.to_operand(other.qweight))
+    bound.weight.scales.copy_(other.scales)
+    bound.weight.zeros.copy_(other.zeros)
+    bound.weights_changed()
+    assert bound._sz.data_ptr() == address
+    new = replace(qw, qweight=other.qweight, scales=other.scales, zeros=other.zeros)
+    for m, x in xs.items():
+        assert _rel(bound(x), _ref(x, new, b)) < 3e-3, m
 
 
 def test_operand_tiles_stage_their_scales_asynchronously_in_sass():

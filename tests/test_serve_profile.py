@@ -394,6 +394,50 @@ def test_twins_belong_to_their_manager_and_go_with_it(profiling, monkeypatch):
     assert [g.probed for g in profiling.graphs.values()] == [2]
 
 
+def test_piecewise_wrapper_times_captured_layers_and_counts_served_replays(profiling, monkeypatch):
+    """A stand-in shaped like vLLM's CUDAGraphWrapper (an entry per batch descriptor, captured on
+    its first call, replayed after): the layers captured add their event pairs, every served replay
+    is counted and is activity for the idle flush, replays without attention metadata (warm-up)
+    are neither, and a read every EVERY replays gives the layer's time at the graph's batch size."""
+    from types import SimpleNamespace
+
+    class Entry:
+        cudagraph = None
+
+    us = float(torch.rand(1, generator=torch.Generator().manual_seed(9))) * 30 + 1
+
+    class Wrapper:
+        runtime_mode = _Mode.PIECEWISE
+
+        def __init__(self):
+            self.concrete_cudagraph_entries = {}
+
+        def __call__(self):
+            entry = self.concrete_cudagraph_entries.setdefault(fc.batch_descriptor, Entry())
+            if entry.cudagraph is None:  # capturing: the quantized layer records its event pair
+                a, b = _FakeEvent(0.0), _FakeEvent(us)
+                a.done = b.done = True
+                graphs.capture_key().add("l0", a, b)
+                entry.cudagraph = "graph"
+            return "out"
+
+    monkeypatch.setattr(Wrapper, "__call__", Wrapper.__call__)
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    fc = SimpleNamespace(cudagraph_runtime_mode=_Mode.PIECEWISE, batch_descriptor=_Desc((_Mode.PIECEWISE, 8)),
+                         attn_metadata=object())
+    graphs._wrap_piecewise(Wrapper, _Mode, lambda: fc, lambda: True, every=2)
+    w = Wrapper()
+    assert w() == "out"  # captures
+    (graph,) = profiling.graphs.values()
+    calls = profiling.calls
+    for _ in range(5):
+        assert w() == "out"
+    fc.attn_metadata = None  # vLLM's warm-up passes run without attention metadata
+    w()
+    assert (graph.replays, graph.warmup_replays, profiling.calls - calls) == (5, 1, 5)
+    assert graph.reads == 2 and profiling.graph_stats[("l0", 8)].samples_us == pytest.approx([us] * 2, abs=5e-4)
+
+
 def test_steps_that_only_replay_graphs_are_flushed_when_the_worker_goes_idle(profiling, monkeypatch):
     """A decode step that replays a FULL graph calls no layer. Such steps alone (a single request
     decoding after the last prefill) must still reach the file once the worker goes idle: vLLM

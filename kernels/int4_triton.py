@@ -730,8 +730,14 @@ def launch(x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, cfg: Config, bias
             out += bias
         return out
     _run(cfg, x2, w, out, bias, counters, _raw_stream(x2.get_device()), layout=layout,
-         sz=sz if cfg[0] != 1 else None)
+         sz=sz if reads_packed(cfg) else None)
     return out
+
+
+def reads_packed(cfg: Config) -> bool:
+    """Whether a configuration reads packed scales where a layer has them: the tensor-core tiles do;
+    the GEMV (BLOCK_M = 1) and DEQUANT_CUBLAS read the canonical ones."""
+    return cfg[0] != 1 and cfg != DEQUANT_CUBLAS
 
 
 def packs_scales(w: Int4Weight, layout: str) -> bool:
@@ -955,8 +961,8 @@ class BoundLinear:
             self._dq_w.qweight.copy_(relayout(self.weight.qweight, "tiled", "canonical"))
 
     def _tile_sz(self, cfg: Config) -> torch.Tensor | None:
-        """The packed scales and zero points a configuration reads: tiles do, the GEMV does not."""
-        return self._sz if cfg[0] != 1 else None
+        """The packed scales and zero points a configuration reads (reads_packed), or None."""
+        return self._sz if reads_packed(cfg) else None
 
     def canonical(self) -> Int4Weight:
         """The weight with canonical codes (a conversion, for the rare paths that need them)."""

@@ -152,17 +152,18 @@ def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: 
     single = {flag: rounds_of(flag, "tokens_per_s_single") for flag in (False, True)}
     # profiled servers whose FULL graphs' twins ran one step in N (N past the run's steps: never), against
     # the unprofiled ones; in serve.json even without a plain profiled server to compare with
+    off = statistics.median(pooled[False]) if pooled[False] else None
     by_every = {}
     for every in sorted({r["full_every"] for r in rows if "full_every" in r}):
         got = rounds_of(True, "tokens_per_s", every)
-        if got and pooled[False]:
-            by_every[str(every)] = {"tokens_per_s": statistics.median(got), "rounds": len(got),
-                                    "change_pct": (statistics.median(got) / statistics.median(pooled[False]) - 1) * 100,
+        if got and off:
+            t = statistics.median(got)
+            by_every[str(every)] = {"tokens_per_s": t, "rounds": len(got), "change_pct": (t / off - 1) * 100,
                                     "single": statistics.median(rounds_of(True, "tokens_per_s_single", every))}
     if by_every:
         result["by_full_every"] = by_every
-    if pooled[True] and pooled[False]:
-        off, on = statistics.median(pooled[False]), statistics.median(pooled[True])
+    if pooled[True] and off:
+        on = statistics.median(pooled[True])
         servers = {flag: sum(1 for r in rows if r["profile"] == flag and r.get("tokens_per_s") and "full_every" not in r)
                    for flag in (False, True)}
         result["overhead"] = {

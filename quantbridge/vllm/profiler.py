@@ -130,14 +130,13 @@ class Profiler:
                 acc.add(us, self._rng)
 
     def touch(self) -> None:
-        """A served graph replay: activity for the idle flush, which counts layer calls and replays
-        (a step that replays a captured graph calls no layer)."""
+        """Activity for the idle flush: a layer call, or a served graph replay (a step that replays a
+        captured graph calls no layer)."""
         self.calls += 1
         self._last_call = time.monotonic()
 
     def stop(self, token, name: str, m: int, warmup: bool) -> None:
-        self.calls += 1
-        self._last_call = time.monotonic()
+        self.touch()
         if warmup:
             self.warmup[name] = self.warmup.get(name, 0) + 1
             return

@@ -26,6 +26,18 @@ import torch.multiprocessing as mp
 from quantbridge.run.bench import parse_shapes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The operand modes (kernel_variants.py's A/B): the codes' layout, and whether the tiles read packed scales.
+OPERAND_MODES = {"operand": ("operand", True), "operand-tiled": ("operand-tiled", True),
+                 "operand-s16": ("operand", False)}
+
+
+def default_mode() -> str:
+    """The mode a bound layer runs under the kernel's own settings."""
+    from quantbridge.kernels import int4_triton as kt
+
+    if kt.CODE_MODE != "operand":
+        return kt.CODE_MODE
+    return "operand-tiled" if kt.OPERAND_TILED else "operand" if kt.SCALES_PACKED else "operand-s16"
 
 
 def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group: int, modes: list[str]) -> list:
@@ -38,7 +50,7 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
         for k, n in shapes:
             for mode in modes:
-                layout = "operand" if mode.startswith("operand") else "canonical"
+                layout = OPERAND_MODES[mode][0] if mode in OPERAND_MODES else "canonical"
                 for cfg in kt.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
@@ -54,25 +66,24 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
     n, k = 1024, 4096
     weights = {dt: quantize_rtn(torch.randn(n, k), QuantSpec(group_size=group), scale_dtype=dtype).to("cuda")
                for dt, dtype in DTYPES.items()}
-    # The layouts the tuner times "tiled" and "operand" on (bound layers keep their codes so).
-    laid = {(mode, dt): replace(w, qweight=relay(w.qweight)) for dt, w in weights.items()
-            for mode, relay in (("tiled", lay.to_tiled), ("operand", lay.to_operand))}
+    # The layouts the tuner times "tiled" and the operand modes on (bound layers keep their codes so).
+    laid = {(layout, dt): replace(w, qweight=lay.relayout(w.qweight, "canonical", layout)) for dt, w in weights.items()
+            for layout in ("tiled", "operand", "operand-tiled")}
     packed = {dt: kt.pack_scales_zeros(w) for dt, w in weights.items()}  # what bound operand tiles read
     ok = 0
     for i, (mb, cfg, dt, mode) in enumerate(jobs):
         if i % counts[1] != rank:
             continue
-        # "operand-s16": operand tiles reading scales and zero points apart (kernel_variants.py's A/B)
-        kt.CODE_MODE = "operand" if mode.startswith("operand") else mode
+        kt.CODE_MODE = "operand" if mode in OPERAND_MODES else mode
         dtype, w = DTYPES[dt], weights[dt]
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
         try:
             # operand codes through every configuration (dequantize + cuBLAS reads them too); tiled
             # ones through the kernels, with canonical codes for dequantize + cuBLAS
-            if mode.startswith("operand"):
-                kt.launch(x, laid["operand", dt], out, cfg, layout="operand",
-                          sz=packed[dt] if mode == "operand" and kt.SCALES_PACKED else None)
+            if mode in OPERAND_MODES:
+                layout, reads_packed = OPERAND_MODES[mode]
+                kt.launch(x, laid[layout, dt], out, cfg, layout=layout, sz=packed[dt] if reads_packed else None)
             elif mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:
                 kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
             else:
@@ -91,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--modes", default="", help="code modes to compile (default: the kernel's own); "
-                    "kernel_variants.py times i2f,magic,inplace; operand-s16: operand tiles with scales "
-                    "read apart (SCALES_PACKED off)")
+                    "kernel_variants.py times i2f,magic,inplace; operand-tiled: the operand codes stored "
+                    "tile-major (OPERAND_TILED); operand-s16: operand tiles with scales read apart (SCALES_PACKED off)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from quantbridge.kernels import int4_triton as kt
 
-    modes = a.modes.split(",") if a.modes else [kt.CODE_MODE]
+    modes = a.modes.split(",") if a.modes else [default_mode()]
+    unknown = [m for m in modes if m not in kt.CODE_MODES and m not in OPERAND_MODES]
+    if unknown:
+        print(f"precompile_triton: no mode {', '.join(unknown)}; modes: {', '.join([*kt.CODE_MODES, *OPERAND_MODES])}",
+              file=sys.stderr)
+        return 2
     jobs = _jobs(parse_shapes(a.shapes), [int(m) for m in a.batch.split(",")], a.dtypes.split(","),
                  a.group_size, modes)
     start = time.perf_counter()

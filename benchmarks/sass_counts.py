@@ -84,7 +84,7 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
     fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
     head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)
     consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ()) \
-        + (mode == "tiled",)
+        + (mode == "tiled" or (mode == "operand" and kt.OPERAND_TILED),)
     sig = _signature(fn, _TY[dtype], words, offsets)
     if bm != 1:  # operand tiles read packed scales and zero points, as a bound layer's do (SCALES_PACKED)
         packed = kt.SCALES_PACKED and mode == "operand" and not offsets
@@ -151,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ptxas", action="store_true", help="add ptxas -v's registers and performance warnings (sm_90a)")
     ap.add_argument("--unpacked", action="store_true",
                     help="operand tiles reading scales and zero points separately (SCALES_PACKED off, as up to r4)")
+    ap.add_argument("--tiled", action="store_true",
+                    help="operand codes stored tile-major, as bound layers of whole tiles keep them (OPERAND_TILED on)")
     a = ap.parse_args(argv)
     if a.unpacked:
         kt.SCALES_PACKED = False
+    kt.OPERAND_TILED = a.tiled
     count = tuple(p for p in a.count.split(",") if p)
     cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
         (1, 128, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 4, 8, 4), (64, 128, 64, 2, 4, 3)]

@@ -11,6 +11,10 @@ the kernels, converted once when the layer is bound, bit-exactly reversible:
              operands, kWidth 2: a thread holds columns 2l, 2l+1, 2l+8, 2l+9, and the same + 16,
              for l = its lane mod 4). Triton then feeds the dequantized tile to wgmma from
              registers, with no round trip through shared memory (benchmarks/NOTES.md).
+  "operand-tiled"  the operand layout's words stored tile-major as "tiled" does: whole 32-column
+             chunks stay inside one tile row, so the permutation and the tiling compose, and a
+             64x128 operand tile (64 rows x 16 words) is 4 KB read in one contiguous run instead
+             of 64 runs of 64 bytes at the row stride.
 """
 
 from __future__ import annotations
@@ -79,11 +83,24 @@ def from_operand(laid: torch.Tensor) -> torch.Tensor:
     return _permute_columns(laid, torch.argsort(operand_source()))
 
 
-RELAYOUTS = {"tiled": (to_tiled, from_tiled), "operand": (to_operand, from_operand)}
+def to_operand_tiled(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K/2] codes -> the operand layout, tile-major (same shape and dtype)."""
+    return to_tiled(to_operand(qweight))
+
+
+def from_operand_tiled(laid: torch.Tensor) -> torch.Tensor:
+    """to_operand_tiled's inverse."""
+    return from_operand(from_tiled(laid))
+
+
+RELAYOUTS = {"tiled": (to_tiled, from_tiled), "operand": (to_operand, from_operand),
+             "operand-tiled": (to_operand_tiled, from_operand_tiled)}
+OPERAND_LAYOUTS = ("operand", "operand-tiled")  # the codes dequant_operand reads
+TILED_LAYOUTS = ("tiled", "operand-tiled")  # words stored tile-major (the kernels' TILED addressing)
 
 
 def relayout(qweight: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-    """Codes laid out as `src` -> laid out as `dst` ("canonical", "tiled", "operand")."""
+    """Codes laid out as `src` -> laid out as `dst` ("canonical" or one of RELAYOUTS)."""
     if src == dst:
         return qweight
     canonical = qweight if src == "canonical" else RELAYOUTS[src][1](qweight)

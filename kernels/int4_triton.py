@@ -29,7 +29,7 @@ import triton.language as tl
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
-from quantbridge.kernels.int4_layouts import operand_fits, relayout, tileable
+from quantbridge.kernels.int4_layouts import OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, tileable
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
 
@@ -455,18 +455,21 @@ def _int4_gemv_kernel(
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, m_ptr, w_ptr, N, K, NGROUPS, GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSETS: tl.constexpr, OPERAND: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSETS: tl.constexpr, OPERAND: tl.constexpr,
+                    TILED: tl.constexpr):
     """Int4Weight -> dense [N, K] weight (for large M, where cuBLAS then wins).
 
     BLOCK_K never crosses a group, so scale and zero are one load per row. The arithmetic is
     the reference's, (q - z) * s or q * s + m in fp32, so the result is the same bit for bit.
     OPERAND: the codes are in int4_layouts' operand layout; each value is stored at the column it
-    holds (a permutation inside each 32-column chunk: the same 64-byte lines are written)."""
+    holds (a permutation inside each 32-column chunk: the same 64-byte lines are written).
+    TILED: the words are stored tile-major (int4_layouts.to_tiled)."""
     HALF: tl.constexpr = BLOCK_K // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kb = tl.program_id(1) * HALF + tl.arange(0, HALF)
     mask_n = offs_n < N
-    p = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + kb[None, :], mask=mask_n[:, None] & (kb < K // 2)[None, :], other=0)
+    p = tl.load(qw_ptr + _weight_offsets(offs_n[:, None], kb[None, :], K // 2, K // 8, TILED, True, min(HALF, 64)),
+                mask=mask_n[:, None] & (kb < K // 2)[None, :], other=0)
     q = as_float(tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K)), tl.float32, 1)
     g = (tl.program_id(1) * BLOCK_K) // GROUP
     s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -486,8 +489,8 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, m_ptr, w_ptr, N, K, NGROUPS, GROUP: tl
 
 def dequantize(w: Int4Weight, dtype: torch.dtype, layout: str = "canonical") -> torch.Tensor:
     """The dense weight in storage (act-order permuted) column order, computed on the GPU, from
-    canonical or operand-layout codes."""
-    if layout not in ("canonical", "operand"):
+    canonical or operand-layout codes (tile-major or not)."""
+    if layout != "canonical" and layout not in OPERAND_LAYOUTS:
         raise ValueError(f"dequantize reads canonical or operand codes, not {layout!r}")
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), device=w.qweight.device, dtype=dtype)
@@ -495,7 +498,8 @@ def dequantize(w: Int4Weight, dtype: torch.dtype, layout: str = "canonical") -> 
     # Through the fast launcher: at large M every call dequantizes, and Triton's own binder
     # costs more host time than the dequantization takes on the GPU.
     _DEQUANT((_cdiv(n, 64), _cdiv(k, bk), 1), (w.qweight, w.scales, w.zeros, _offsets(w), out),
-             (n, k, k // w.group_size), (w.group_size, 64, bk, w.offsets is not None, layout == "operand"))
+             (n, k, k // w.group_size), (w.group_size, 64, bk, w.offsets is not None, layout in OPERAND_LAYOUTS,
+              layout in TILED_LAYOUTS))
     return out
 
 
@@ -531,6 +535,9 @@ CODE_MODE = "operand"
 # group too (pack_scales_zeros; 4 bytes per 64 of codes at group 128), which their tensor-core
 # tiles read; False reads the two separately, as up to r4 (an A/B variant).
 SCALES_PACKED = True
+# Bound operand-layout layers store those codes tile-major too ("operand-tiled", int4_layouts), so
+# a 64x128 tile is one contiguous 4 KB read; False keeps them row-major (an A/B variant).
+OPERAND_TILED = False
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
@@ -553,7 +560,7 @@ def gemv_configs(k: int, group: int) -> list[Config]:
 def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonical") -> list[Config]:
     """The search space for one M bucket: kept small, since every candidate is compiled and timed.
     The operand layout runs tiles inside one group only."""
-    if layout == "operand":
+    if layout in OPERAND_LAYOUTS:
         # Tiles whose fp32 accumulator alone takes over 128 registers a thread spill (128x256 at 4
         # warps: 2.4 KB, and ptxas serializes its wgmma; sass_counts.py --ptxas): not candidates.
         tiles = [c for c in _tile_configs(m, n, k, group)
@@ -624,13 +631,13 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
     if bm != 1 and not splits(k, bk, sk):
         raise ValueError(f"{cfg}: split-K {sk} over {_cdiv(k, bk)} whole K-tiles leaves a split empty; "
                          f"the tile kernel runs every split at least once")
-    if layout == "operand":
+    if layout in OPERAND_LAYOUTS:
         if mode != 8 or not operand_config(cfg, w.group_size) or w.offsets is not None:
             raise ValueError(f"codes in the operand layout need CODE_MODE 'operand', no float offsets and tiles "
                              f"of 32 or more columns inside one group, not {cfg} in {CODE_MODE!r}")
     elif mode == 8:
         mode = 3  # canonical codes: the "asm" kernels
-    if packed and (layout != "operand" or bm == 1):
+    if packed and (layout not in OPERAND_LAYOUTS or bm == 1):
         raise ValueError(f"packed scales and zero points are read by operand tiles only, not {cfg} in {layout!r}")
     if mode >= 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
@@ -639,8 +646,8 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
     ints = (m, n, k, k // w.group_size, qw.shape[1], _MAGIC_BITS)
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
-        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, layout == "tiled")
-    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout == "tiled", packed)
+        return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, layout in TILED_LAYOUTS)
+    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout in TILED_LAYOUTS, packed)
 
 
 def _interpreting() -> bool:
@@ -742,7 +749,7 @@ def reads_packed(cfg: Config) -> bool:
 
 def packs_scales(w: Int4Weight, layout: str) -> bool:
     """Whether a bound layer in `layout` keeps pack_scales_zeros(w) for its tiles (SCALES_PACKED)."""
-    return SCALES_PACKED and layout == "operand" and w.offsets is None and w.scales.element_size() == 2
+    return SCALES_PACKED and layout in OPERAND_LAYOUTS and w.offsets is None and w.scales.element_size() == 2
 
 
 def pack_scales_zeros(w: Int4Weight) -> torch.Tensor:
@@ -869,9 +876,9 @@ def operand_config(cfg: Config, group: int) -> bool:
 
 
 def dequant_layout(layout: str) -> str:
-    """The codes dequantize + cuBLAS reads for a bound layer in `layout`: operand codes as they are,
-    tiled ones from the canonical copy that A/B mode keeps."""
-    return "operand" if layout == "operand" else "canonical"
+    """The codes dequantize + cuBLAS reads for a bound layer in `layout`: operand codes as they are
+    (tile-major or not), tiled ones from the canonical copy that A/B mode keeps."""
+    return layout if layout in OPERAND_LAYOUTS else "canonical"
 
 
 def bound_layout(w: Int4Weight, config: Config | None = None) -> str:
@@ -882,7 +889,7 @@ def bound_layout(w: Int4Weight, config: Config | None = None) -> str:
         return "tiled"
     if (CODE_MODE == "operand" and operand_fits(k, w.group_size) and w.offsets is None
             and (config is None or operand_config(config, w.group_size))):
-        return "operand"
+        return "operand-tiled" if OPERAND_TILED and tileable(n, k) else "operand"
     return "canonical"
 
 

@@ -215,18 +215,24 @@ def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
     ("xprep", [(1, 64, 128, 1, 4, 3), (1, 64, 128, 4, 4, 3)]),
     ("tiled", [(1, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (64, 128, 64, 1, 4, 3), (128, 128, 64, 2, 8, 3)]),
     ("operand", [(16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
-                 (256, 128, 64, 1, 8, 3)])])
+                 (256, 128, 64, 1, 8, 3)]),
+    ("operand-tiled", [(1, 64, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 128, 1, 4, 3),
+                       (128, 128, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3), kt.DEQUANT_CUBLAS])])
 def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
     """"xprep" runs two launches per call (activations prepared, then the GEMV); "tiled" reads a
-    tile-major copy of the codes; "operand" its operand layout, scales applied in bf16. A bound
-    layer gives the reference product on its first call, on later calls and replayed in a CUDA
-    graph. bf16 outputs: 1e-2 covers their rounding and, for "operand", the weight's."""
-    monkeypatch.setattr(kt, "CODE_MODE", mode)
+    tile-major copy of the codes; "operand" its operand layout, scales applied in bf16;
+    "operand-tiled" that layout stored tile-major (OPERAND_TILED), through the GEMV, the tiles and
+    dequantize + cuBLAS. A bound layer gives the reference product on its first call, on later calls
+    and replayed in a CUDA graph. bf16 outputs: 1e-2 covers their rounding and, for the operand
+    layouts, the weight's."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand" if mode == "operand-tiled" else mode)
+    monkeypatch.setattr(kt, "OPERAND_TILED", mode == "operand-tiled")
     for i, cfg in enumerate(configs):
-        m = 2 if cfg[0] == 1 else cfg[0] - 3
+        m = 2 if cfg[0] <= 1 else cfg[0] - 3
         x, qw, ref = _case(m, 1024, 1024, 128, False, torch.bfloat16, "cuda", seed=70 + i)
         layer = kt.BoundLinear(qw, config=cfg)
-        assert layer.layout == {"tiled": "tiled", "operand": "operand"}.get(mode, "canonical")
+        assert layer.layout == {"tiled": "tiled", "operand": "operand", "operand-tiled": "operand-tiled"}.get(
+            mode, "canonical")
         for _ in range(2):
             rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
             assert rel <= 1e-2, (cfg, rel)
@@ -426,7 +432,7 @@ def test_gpu_graph_survives_a_no_op_move_and_cpu_round_trip_gets_the_triton_kern
 @pytest.fixture
 def fixed_tuner(monkeypatch):
     """Tuning compiles every candidate; these tests take one split-K config per path instead."""
-    def config(x2, w, laid=None, layout="canonical"):
+    def config(x2, w, *_, **__):  # whatever else the layer hands the tuner (laid codes, layout, packed scales)
         m, k = x2.shape
         if m <= 2:
             return (1, 64, 128, 4, 4, 3)
@@ -618,6 +624,50 @@ def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monk
     assert given.weight.qweight is laid.qweight
     x = torch.randn(7, 640, generator=gen)
     assert _rel(given(x), _ref(x, qw, b)) < 1e-5
+
+
+def test_operand_tiled_layout_round_trips_bit_exact():
+    """"operand-tiled": the operand permutation, then the tiled placement of whole words; a 64x128
+    tile of operand codes is one contiguous 4 KB run, and relayout reaches every layout from every other."""
+    gen = torch.Generator().manual_seed(13)
+    qweight = torch.randint(0, 256, (128, 256), generator=gen, dtype=torch.uint8)  # N=128, K=512
+    laid = lay.to_operand_tiled(qweight)
+    assert laid.shape == qweight.shape and laid.dtype == torch.uint8
+    assert torch.equal(lay.from_operand_tiled(laid), qweight)
+    # tile (1, 3): rows 64..127, operand words 48..63, stored whole as the last of the 8 tiles
+    flat = laid.view(torch.int32).reshape(-1)
+    start = (1 * (512 // 8 // 16) + 3) * 64 * 16
+    assert torch.equal(flat[start:start + 64 * 16].reshape(64, 16), lay.to_operand(qweight).view(torch.int32)[64:, 48:])
+    for src in ("canonical", *lay.RELAYOUTS):
+        for dst in ("canonical", *lay.RELAYOUTS):
+            assert torch.equal(lay.relayout(lay.relayout(qweight, "canonical", src), src, dst),
+                               lay.relayout(qweight, "canonical", dst)), (src, dst)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [(1, 64, 128, 3, 4, 3), (1, 128, 64, 2, 4, 3), (16, 64, 128, 2, 4, 3),
+                                 (16, 128, 64, 1, 4, 3), (64, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
+                                 kt.DEQUANT_CUBLAS])
+def test_interpreter_operand_tiled_bound_layer_matches_reference(cfg, monkeypatch):
+    """OPERAND_TILED: a bound layer of whole tiles stores its operand codes tile-major, the one copy
+    that the GEMV, the tensor-core tiles (packed scales, split-K) and dequantize + cuBLAS all read;
+    N a whole number of tiles but not of every BLOCK_N, act-order, fp16 activations. Layers that are
+    not whole tiles keep the row-major operand layout."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(kt, "OPERAND_TILED", True)
+    qw, b = _bound_case(192, 768, 128, torch.float16, "cpu", True, True, seed=cfg[1] + cfg[0] + 3)
+    bound = kt.BoundLinear(qw, b, config=cfg)
+    assert bound.layout == "operand-tiled" and bound._dq_w is bound.weight
+    assert torch.equal(bound.weight.qweight, lay.to_operand_tiled(qw.qweight))
+    assert torch.equal(bound.canonical().qweight, qw.qweight)
+    gen = torch.Generator().manual_seed(cfg[2])
+    for m in ((1, 2) if cfg[0] <= 1 else (1, cfg[0] - 3)):
+        x = torch.randn(m, 768, generator=gen).to(torch.float16)
+        assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, m
+    if cfg == kt.DEQUANT_CUBLAS:
+        assert torch.equal(kt.dequantize(bound.weight, torch.float32, "operand-tiled"), kt.dequantize(qw, torch.float32))
+    ragged, _ = _bound_case(40, 384, 128, torch.float16, "cpu", False, False, seed=5)
+    assert kt.BoundLinear(ragged, config=(16, 64, 128, 1, 4, 3)).layout == "operand"  # not whole tiles
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

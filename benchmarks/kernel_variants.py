@@ -3,7 +3,7 @@
 Each variant is a setting of kernels/int4_triton.py (`CODE_MODE`: how codes become floats
 and how a bound layer lays them out; `SCALES_PACKED`: whether operand tiles read the scales and
 zero points packed in one word per row and group; `OPERAND_TILED`: whether a bound layer stores
-its operand codes tile-major). Every variant is
+its operand codes tile-major; `STREAM_K`: whether the tuner also tries stream-K tiles). Every variant is
 tuned on its own (the tuner keeps a separate table entry per variant) and timed by the
 bench harness: CUDA-graph replay, L2 flushed, a fresh random input per replay, median and
 p10/p90 of --runs. Predictions and outcomes go to benchmarks/NOTES.md.
@@ -26,12 +26,14 @@ from quantbridge.plugin.spec import QuantSpec
 from quantbridge.run import bench
 from quantbridge.run.rowspec import Kind, RowSpec
 
-VARIANTS = {mode: {"CODE_MODE": mode, "SCALES_PACKED": True, "OPERAND_TILED": False}
+VARIANTS = {mode: {"CODE_MODE": mode, "SCALES_PACKED": True, "OPERAND_TILED": False, "STREAM_K": False}
             for mode in ("i2f", "magic", "inplace", "asm", "prefetch", "async", "xprep", "tiled", "operand")}
 # operand tiles reading scales and zero points separately, as up to r4 (kernels/int4_triton.py SCALES_PACKED)
-VARIANTS["operand-s16"] = {"CODE_MODE": "operand", "SCALES_PACKED": False, "OPERAND_TILED": False}
+VARIANTS["operand-s16"] = {"CODE_MODE": "operand", "SCALES_PACKED": False, "OPERAND_TILED": False, "STREAM_K": False}
 # the operand codes stored tile-major (kernels/int4_triton.py OPERAND_TILED)
-VARIANTS["operand-tiled"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": True}
+VARIANTS["operand-tiled"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": True, "STREAM_K": False}
+# the tuner also trying stream-K tiles at M >= 64 (kernels/int4_triton.py STREAM_K)
+VARIANTS["operand-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": False, "STREAM_K": True}
 
 
 def _apply(settings: dict) -> None:

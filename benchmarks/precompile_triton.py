@@ -26,9 +26,10 @@ import torch.multiprocessing as mp
 from quantbridge.run.bench import parse_shapes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The operand modes (kernel_variants.py's A/B): the codes' layout, and whether the tiles read packed scales.
-OPERAND_MODES = {"operand": ("operand", True), "operand-tiled": ("operand-tiled", True),
-                 "operand-s16": ("operand", False)}
+# The operand modes (kernel_variants.py's A/B): the codes' layout, whether the tiles read packed
+# scales, and whether the tuner also tries stream-K tiles (STREAM_K).
+OPERAND_MODES = {"operand": ("operand", True, False), "operand-tiled": ("operand-tiled", True, False),
+                 "operand-s16": ("operand", False, False), "operand-streamk": ("operand", True, True)}
 
 
 def default_mode() -> str:
@@ -37,6 +38,8 @@ def default_mode() -> str:
 
     if kt.CODE_MODE != "operand":
         return kt.CODE_MODE
+    if kt.STREAM_K:
+        return "operand-streamk"
     return "operand-tiled" if kt.OPERAND_TILED else "operand" if kt.SCALES_PACKED else "operand-s16"
 
 
@@ -51,6 +54,7 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
         for k, n in shapes:
             for mode in modes:
                 layout = OPERAND_MODES[mode][0] if mode in OPERAND_MODES else "canonical"
+                kt.STREAM_K = mode in OPERAND_MODES and OPERAND_MODES[mode][2]
                 for cfg in kt.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
@@ -82,7 +86,7 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
             # operand codes through every configuration (dequantize + cuBLAS reads them too); tiled
             # ones through the kernels, with canonical codes for dequantize + cuBLAS
             if mode in OPERAND_MODES:
-                layout, reads_packed = OPERAND_MODES[mode]
+                layout, reads_packed, _ = OPERAND_MODES[mode]
                 kt.launch(x, laid[layout, dt], out, cfg, layout=layout, sz=packed[dt] if reads_packed else None)
             elif mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:
                 kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--modes", default="", help="code modes to compile (default: the kernel's own); "
                     "kernel_variants.py times i2f,magic,inplace; operand-tiled: the operand codes stored "
-                    "tile-major (OPERAND_TILED); operand-s16: operand tiles with scales read apart (SCALES_PACKED off)")
+                    "tile-major (OPERAND_TILED); operand-s16: operand tiles with scales read apart (SCALES_PACKED off); operand-streamk: "
+                    "stream-K tiles too (STREAM_K)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():

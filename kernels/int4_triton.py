@@ -105,6 +105,102 @@ def _int4_matmul_kernel(
     warp waited a load latency at each group; packed, they are staged through shared memory
     `num_stages` deep like the codes (LDGSTS, then LDS).
     """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_bm = tl.arange(0, BLOCK_M)
+    offs_bn = tl.arange(0, BLOCK_N)
+    if SPLIT_K < 0:
+        # Stream-K over -SPLIT_K programs: the (output tile, K-tile) steps, tile-major, cut into
+        # equal contiguous runs, one per program, so every SM gets the same work however few
+        # tiles there are. A tile a run covers whole is stored at once; one shared by several runs
+        # is summed by the last of them to arrive, each run's part in its own workspace slot
+        # (two per program: its first tile and its last). -SPLIT_K <= the number of steps.
+        P: tl.constexpr = -SPLIT_K
+        units = tl.cdiv(M, BLOCK_M) * num_pid_n * k_tiles  # units * P < 2^31 (stream_k_fits)
+        u0 = pid * units // P
+        u1 = (pid + 1) * units // P
+        first = u0 // k_tiles
+        for tile in range(first, (u1 - 1) // k_tiles + 1):
+            t0 = tile * k_tiles
+            ks = tl.maximum(u0, t0) - t0
+            ke = tl.minimum(u1, t0 + k_tiles) - t0
+            pid_m = tile // num_pid_n
+            pid_n = tile % num_pid_n
+            acc = _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
+                                pid_m, pid_n, ks, ke, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
+                                EVEN_K, USE_ASM, TILED, SZ_PACKED)
+            offs_m = pid_m * BLOCK_M + offs_bm
+            offs_n = pid_n * BLOCK_N + offs_bn
+            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            out_off = offs_m[:, None] * stride_om + offs_n[None, :]
+            if (ks == 0) & (ke == k_tiles):
+                _store_tile(acc, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS)
+            else:
+                local = offs_bm[:, None] * BLOCK_N + offs_bn[None, :]
+                slot = 2 * pid + (tile != first).to(tl.int32)
+                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, acc)
+                # the programs whose runs meet this tile: the owners of its first and last step
+                p_lo = ((t0 + 1) * P + units - 1) // units - 1
+                p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived == p_hi - p_lo:
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
+                        q_slot = 2 * q + (q * units // P < t0).to(tl.int32)  # this tile is q's first, or its last
+                        total += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+                    _store_tile(total, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS)
+                    tl.atomic_xchg(cnt_ptr + tile, 0)  # the counter is zero again for the next launch
+    else:
+        pid_k = tl.program_id(1)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        t_start = pid_k * per_split
+        if EVEN_K:
+            t_end = tl.minimum(t_start + per_split, k_tiles)
+        else:
+            # Tiles past K (in the last split) are fully masked below: they load nothing.
+            t_end = t_start + per_split
+        acc = _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
+                            pid_m, pid_n, t_start, t_end, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
+                            EVEN_K, USE_ASM, TILED, SZ_PACKED)
+        offs_m = pid_m * BLOCK_M + offs_bm
+        offs_n = pid_n * BLOCK_N + offs_bn
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        out_off = offs_m[:, None] * stride_om + offs_n[None, :]
+        if SPLIT_K == 1:
+            _store_tile(acc, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS)
+        else:
+            # Each split writes its own slice; the last of the tile's splits to arrive sums them.
+            ws_off = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=out_mask)
+            if _last_split(cnt_ptr + pid, SPLIT_K):
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for i in range(SPLIT_K):  # in split order: the sum does not depend on arrival order
+                    total += tl.load(ws_ptr + i * M * N + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+                _store_tile(total, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + pid, 0)  # the counter is zero again for the next launch
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
+    """acc (+ bias) into out, in out's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm, pid_m, pid_n,
+                  t_start, t_end, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, FACTORED: tl.constexpr, OFFSETS: tl.constexpr, MODE: tl.constexpr,
+                  EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TILED: tl.constexpr, SZ_PACKED: tl.constexpr):
+    """Output tile (pid_m, pid_n) over K-tiles [t_start, t_end): [BLOCK_M, BLOCK_N] in fp32 (see
+    _int4_matmul_kernel for the modes)."""
     OPERAND: tl.constexpr = MODE == 8 and BLOCK_K <= GROUP
     WORD_TILES: tl.constexpr = (MODE >= 3 and BLOCK_K <= GROUP and BLOCK_M <= 64) or OPERAND
     SWAP: tl.constexpr = WORD_TILES and (BLOCK_M <= 16 or OPERAND)
@@ -113,12 +209,6 @@ def _int4_matmul_kernel(
     # path (two lop3 per code) was slower there (benchmarks/NOTES.md).
     CONV: tl.constexpr = 0 if MODE >= 3 and BLOCK_M > 64 else MODE
     HALF: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, HALF)
@@ -126,15 +216,6 @@ def _int4_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     K2 = K // 2
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    if EVEN_K:
-        t_end = tl.minimum(t_start + per_split, k_tiles)
-    else:
-        # Tiles past K (in the last split) are fully masked below: they load nothing.
-        t_end = t_start + per_split
 
     if SWAP:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -243,25 +324,7 @@ def _int4_matmul_kernel(
                 acc = tl.dot(x_odd, tl.trans((as_float(hi, tl.float32, CONV) * s + b).to(x.dtype)), acc)
     if SWAP:
         acc = tl.trans(acc_t)
-
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    out_off = offs_m[:, None] * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # Each split writes its own slice; the last of the tile's splits to arrive sums them.
-        ws_off = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=out_mask)
-        if _last_split(cnt_ptr + pid, SPLIT_K):
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for i in range(SPLIT_K):  # in split order: the sum does not depend on arrival order
-                total += tl.load(ws_ptr + i * M * N + ws_off, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)  # the counter is zero again for the next launch
+    return acc
 
 
 @triton.jit
@@ -541,7 +604,11 @@ OPERAND_TILED = False
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+# Tensor-core tiles at M >= 64 may also run stream-K (SPLIT_K = -P: P programs, equal runs of
+# (tile, K-tile) steps): the tuner tries it on one or two programs per SM (an A/B setting).
+STREAM_K = False
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K programs
 Config = tuple[int, int, int, int, int, int]
 
 
@@ -572,6 +639,13 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
             extra.append((min(m, 128), 64, 64, 1, 4, 3))
         if m >= 256:  # W x^T: M is the tensor-core N dimension, up to 256
             extra += [(256, 128, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3)]
+        sms = _sm_count()
+        if STREAM_K and sms and m >= 64:
+            # Few tiles per SM (224 of 128x128 at M=128, N=28672: 1.7 per SM): equal runs of steps
+            # instead of whole tiles, for the tiles the tuner picks at these M (benchmarks/NOTES.md).
+            base = [(min(m, 128), 128, 64, 1, 4, 4)] + ([(256, 128, 64, 1, 8, 3)] if m >= 256 else [])
+            extra += [(bm, bn, bk, -c * sms, w, st) for bm, bn, bk, _, w, st in base for c in (1, 2)
+                      if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
@@ -599,6 +673,33 @@ def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:
     return keep + ([DEQUANT_CUBLAS] if m >= 128 else [])
 
 
+def _sm_count() -> int | None:
+    """The current CUDA device's SMs (stream-K's program count is per device), None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def stream_k_fits(m: int, n: int, k: int, bm: int, bn: int, bk: int, programs: int) -> bool:
+    """Whether stream-K over `programs` can run this shape: every program gets at least one step,
+    and the kernel's 32-bit step arithmetic (steps x programs) does not overflow."""
+    steps = _cdiv(m, bm) * _cdiv(n, bn) * _cdiv(k, bk)
+    return programs <= steps and steps * programs < 2 ** 31
+
+
+def partials_numel(cfg: Config, m: int, n: int) -> int:
+    """fp32 workspace elements a launch's split-K partials take: a slice of the output per split, or
+    for stream-K two tiles per program (the run's first and last tile)."""
+    bm, bn, _, sk, _, _ = cfg
+    return sk * m * n if sk > 1 else 2 * -sk * bm * bn if sk < 0 else 0
+
+
+def counter_slots(cfg: Config, m: int, n: int) -> int:
+    """int32 counters a split launch uses: one per output tile (the GEMV's: per N-tile and row)."""
+    bm, bn = cfg[0], cfg[1]
+    return _cdiv(n, bn) * m if bm == 1 else _cdiv(m, bm) * _cdiv(n, bn)
+
+
 def splits(k: int, bk: int, sk: int) -> bool:
     """Whether the tile kernel may run split-K `sk` over K: its K loop runs at least once (see its
     comment), which reads past K only where K is a multiple of BLOCK_K (no K mask) and a split has
@@ -617,6 +718,8 @@ def m_bucket(m: int) -> int:
 
 def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
     bm, bn, _, sk, _, _ = cfg
+    if sk < 0:
+        return (-sk, 1, 1)
     return (_cdiv(n, bn), sk, m) if bm == 1 else (_cdiv(m, bm) * _cdiv(n, bn), sk, 1)
 
 
@@ -628,7 +731,10 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
-    if bm != 1 and not splits(k, bk, sk):
+    if sk < 0 and (bm == 1 or not stream_k_fits(m, n, k, bm, bn, bk, -sk)):
+        raise ValueError(f"{cfg}: stream-K over {-sk} programs needs a tile configuration and at least as many "
+                         f"(tile, K-tile) steps as programs for M={m}, N={n}, K={k}")
+    if bm != 1 and sk > 0 and not splits(k, bk, sk):
         raise ValueError(f"{cfg}: split-K {sk} over {_cdiv(k, bk)} whole K-tiles leaves a split empty; "
                          f"the tile kernel runs every split at least once")
     if layout in OPERAND_LAYOUTS:
@@ -697,7 +803,7 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
     fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout, sz is not None)
     grid = _grid(cfg, m, n)
     sx = x2.stride(0) if stride_xm is None else stride_xm
-    partials = cfg[3] * m * n if cfg[3] > 1 else 0
+    partials = partials_numel(cfg, m, n)
     if _prepares_x(cfg):
         # The workspace holds the split-K partials, then the prepared activations [M, 8, K/8].
         ws = _workspace(x2.device, stream, partials + m * k)[2]
@@ -709,7 +815,7 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
     else:
         ws = out  # never read: SPLIT_K = 1 stores straight to out
     if partials and counters is None:
-        counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32)
+        counters = torch.zeros(counter_slots(cfg, m, n), device=x2.device, dtype=torch.int32)
     if not partials:
         counters = out  # never read
     tensors = (x2, qw, w.scales if sz is None else sz, w.zeros, _offsets(w), out, ws, counters,
@@ -803,7 +909,8 @@ class _Tuner:
         # The layout is in the key where it is not the canonical one: in one mode, a bound layer and an
         # unbound call of the same shape read different layouts (and older tables keep their keys).
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
-            + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "")
+            + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "") \
+            + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "")  # a larger search space
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
@@ -825,7 +932,7 @@ class _Tuner:
         for cfg in candidate_configs(mb, w.out_features, k, w.group_size, layout):
             # Zeroed once: split-K launches leave their tile counters zeroed again.
             cnt = None if cfg == DEQUANT_CUBLAS else torch.zeros(
-                _grid(cfg, mb, w.out_features)[0] * mb, device=x2.device, dtype=torch.int32)
+                counter_slots(cfg, mb, w.out_features), device=x2.device, dtype=torch.int32)
             try:
                 if laid is not None and cfg != DEQUANT_CUBLAS:
                     def run(cfg=cfg, cnt=cnt):
@@ -1029,8 +1136,9 @@ class BoundLinear:
             plan = _Plan(cfg, None, None, 0, None, None, self.s_ptr)
         else:
             grid = _grid(cfg, m, self.n)
-            sk = cfg[3]
-            counters = torch.zeros(grid[0] * grid[2], device=x2.device, dtype=torch.int32) if sk > 1 else None
+            ws_numel = partials_numel(cfg, m, self.n)
+            counters = torch.zeros(counter_slots(cfg, m, self.n), device=x2.device, dtype=torch.int32) \
+                if ws_numel else None
             sz = self._tile_sz(cfg)
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
             kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout, sz)
@@ -1039,7 +1147,7 @@ class BoundLinear:
             tail = (*ints, self.k, self.n, *constexprs)
             # Two launches ("xprep"): the plan keeps the configuration, and each call goes through _run.
             raw = None if _prepares_x(cfg) else raw_launcher(kernel)
-            plan = _Plan(cfg, grid, tail, sk * m * self.n if sk > 1 else 0, counters, raw,
+            plan = _Plan(cfg, grid, tail, ws_numel, counters, raw,
                          self.s_ptr if sz is None else sz.data_ptr())
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():
             self._captured.append(plan)

@@ -215,14 +215,14 @@ def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
     ("xprep", [(1, 64, 128, 1, 4, 3), (1, 64, 128, 4, 4, 3)]),
     ("tiled", [(1, 64, 128, 4, 4, 3), (16, 128, 128, 2, 4, 3), (64, 128, 64, 1, 4, 3), (128, 128, 64, 2, 8, 3)]),
     ("operand", [(16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
-                 (256, 128, 64, 1, 8, 3)]),
+                 (256, 128, 64, 1, 8, 3), (128, 128, 64, -64, 4, 4), (64, 128, 128, -48, 4, 3)]),
     ("operand-tiled", [(1, 64, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 128, 1, 4, 3),
                        (128, 128, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3), kt.DEQUANT_CUBLAS])])
 def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
     """"xprep" runs two launches per call (activations prepared, then the GEMV); "tiled" reads a
     tile-major copy of the codes; "operand" its operand layout, scales applied in bf16;
     "operand-tiled" that layout stored tile-major (OPERAND_TILED), through the GEMV, the tiles and
-    dequantize + cuBLAS. A bound layer gives the reference product on its first call, on later calls
+    dequantize + cuBLAS; negative split-K: stream-K over that many programs. A bound layer gives the reference product on its first call, on later calls
     and replayed in a CUDA graph. bf16 outputs: 1e-2 covers their rounding and, for the operand
     layouts, the weight's."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand" if mode == "operand-tiled" else mode)
@@ -624,6 +624,62 @@ def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monk
     assert given.weight.qweight is laid.qweight
     x = torch.randn(7, 640, generator=gen)
     assert _rel(given(x), _ref(x, qw, b)) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("programs", [1, 7, 40, 90])
+@pytest.mark.parametrize("k", [640, 600])
+def test_interpreter_stream_k_matches_reference(programs, k):
+    """Stream-K (SPLIT_K = -programs): 9 output tiles x 10 K-tiles cut into equal runs, so tiles are
+    whole in one run (1 program), shared by two (7) or by up to five (40), or one step per program
+    (90); a ragged K (600, one group per row) masks the last K-tile. Every output written once, against float64; the
+    tile counters are left zeroed, so a second launch with them gives the same bits."""
+    m, n = 37, 72
+    x, qw, ref = _case(m, n, k, 64 if k % 64 == 0 else -1, False, torch.float32, "cpu", seed=programs + k)
+    cfg = (16, 32, 64, -programs, 4, 3)
+    counters = torch.zeros(kt.counter_slots(cfg, m, n), dtype=torch.int32)
+    outs = []
+    for _ in range(2):
+        out = torch.full((m, n), float("nan"))
+        kt.launch(x, qw, out, cfg, counters=counters)
+        assert not out.isnan().any(), "unwritten outputs"
+        assert _rel(out, ref) < 1e-5
+        assert not counters.any()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="at least as many"):
+        kt.launch(x, qw, torch.empty(m, n), (16, 32, 64, -91, 4, 3))  # 90 steps: a program would get none
+    assert kt.partials_numel(cfg, m, n) == 2 * programs * 16 * 32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+def test_interpreter_stream_k_operand_tiles_with_packed_scales(monkeypatch):
+    """Stream-K through a bound operand layer's tiles (W x^T, packed scales, bias), runs crossing
+    tiles, against float64 through the same dequantized weight (fp16 activations)."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    qw, b = _bound_case(192, 768, 128, torch.float16, "cpu", True, True, seed=61)
+    gen = torch.Generator().manual_seed(62)
+    for cfg in ((64, 64, 64, -5, 4, 3), (16, 128, 128, -4, 4, 3)):
+        bound = kt.BoundLinear(qw, b, config=cfg)
+        assert bound.layout == "operand" and bound._sz is not None
+        for m in (cfg[0] - 3, 2 * cfg[0] + 1):
+            x = torch.randn(m, 768, generator=gen).to(torch.float16)
+            assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, (cfg, m)
+            assert bound.plans[m].ws_numel == 2 * -cfg[3] * cfg[0] * cfg[1]
+
+
+def test_stream_k_candidates_only_where_asked_and_where_they_fit(monkeypatch):
+    """The tuner tries stream-K (STREAM_K) at M >= 64 on operand tiles, with one and two programs
+    per SM of the device, and never where a program would get no step."""
+    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    assert not any(c[3] < 0 for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))
+    monkeypatch.setattr(kt, "STREAM_K", True)
+    got = [c for c in kt.candidate_configs(128, 28672, 8192, 128, "operand") if c[3] < 0]
+    assert got == [(128, 128, 64, -132, 4, 4), (128, 128, 64, -264, 4, 4)]
+    got = {c[3] for c in kt.candidate_configs(512, 28672, 8192, 128, "operand") if c[3] < 0}
+    assert got == {-132, -264}
+    assert not any(c[3] < 0 for c in kt.candidate_configs(16, 28672, 8192, 128, "operand"))
+    assert not any(c[3] < 0 for c in kt.candidate_configs(64, 128, 128, 128, "operand"))  # 2 steps
 
 
 def test_operand_tiled_layout_round_trips_bit_exact():

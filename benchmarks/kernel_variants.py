@@ -34,6 +34,8 @@ VARIANTS["operand-s16"] = {"CODE_MODE": "operand", "SCALES_PACKED": False, "OPER
 VARIANTS["operand-tiled"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": True, "STREAM_K": False}
 # the tuner also trying stream-K tiles at M >= 64 (kernels/int4_triton.py STREAM_K)
 VARIANTS["operand-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": False, "STREAM_K": True}
+VARIANTS["operand-tiled-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": True,
+                                     "STREAM_K": True}
 
 
 def _apply(settings: dict) -> None:

@@ -29,7 +29,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The operand modes (kernel_variants.py's A/B): the codes' layout, whether the tiles read packed
 # scales, and whether the tuner also tries stream-K tiles (STREAM_K).
 OPERAND_MODES = {"operand": ("operand", True, False), "operand-tiled": ("operand-tiled", True, False),
-                 "operand-s16": ("operand", False, False), "operand-streamk": ("operand", True, True)}
+                 "operand-s16": ("operand", False, False), "operand-streamk": ("operand", True, True),
+                 "operand-tiled-streamk": ("operand-tiled", True, True)}
 
 
 def default_mode() -> str:
@@ -38,9 +39,10 @@ def default_mode() -> str:
 
     if kt.CODE_MODE != "operand":
         return kt.CODE_MODE
+    tiled = "-tiled" if kt.OPERAND_TILED else ""
     if kt.STREAM_K:
-        return "operand-streamk"
-    return "operand-tiled" if kt.OPERAND_TILED else "operand" if kt.SCALES_PACKED else "operand-s16"
+        return f"operand{tiled}-streamk"
+    return f"operand{tiled}" if kt.SCALES_PACKED else "operand-s16"
 
 
 def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group: int, modes: list[str]) -> list:

@@ -598,14 +598,17 @@ CODE_MODE = "operand"
 # group too (pack_scales_zeros; 4 bytes per 64 of codes at group 128), which their tensor-core
 # tiles read; False reads the two separately, as up to r4 (an A/B variant).
 SCALES_PACKED = True
-# Bound operand-layout layers store those codes tile-major too ("operand-tiled", int4_layouts), so
-# a 64x128 tile is one contiguous 4 KB read; False keeps them row-major (an A/B variant).
-OPERAND_TILED = False
+# Bound operand-layout layers of whole 64x128 tiles store those codes tile-major ("operand-tiled",
+# int4_layouts), so a 64x128 tile is one contiguous 4 KB read: on an H100 it took 8192x28672 from
+# 66.5 to 60.0 us at M=1 and from 68.9 to 59.1 at M=16 (benchmarks/NOTES.md). False keeps them
+# row-major (an A/B variant).
+OPERAND_TILED = True
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
 # Tensor-core tiles at M >= 64 may also run stream-K (SPLIT_K = -P: P programs, equal runs of
-# (tile, K-tile) steps): the tuner tries it on one or two programs per SM (an A/B setting).
+# (tile, K-tile) steps): the tuner then tries it on one or two programs per SM. An A/B setting
+# until timed together with OPERAND_TILED: alone it took M=512 from 439 to 411 us (H100).
 STREAM_K = False
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K programs

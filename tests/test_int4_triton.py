@@ -653,15 +653,18 @@ def test_interpreter_stream_k_matches_reference(programs, k):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
-def test_interpreter_stream_k_operand_tiles_with_packed_scales(monkeypatch):
-    """Stream-K through a bound operand layer's tiles (W x^T, packed scales, bias), runs crossing
-    tiles, against float64 through the same dequantized weight (fp16 activations)."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_interpreter_stream_k_operand_tiles_with_packed_scales(tiled, monkeypatch):
+    """Stream-K through a bound operand layer's tiles (W x^T, packed scales, bias), codes row-major
+    or tile-major (OPERAND_TILED), runs crossing tiles, against float64 through the same dequantized
+    weight (fp16 activations)."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(kt, "OPERAND_TILED", tiled)
     qw, b = _bound_case(192, 768, 128, torch.float16, "cpu", True, True, seed=61)
     gen = torch.Generator().manual_seed(62)
     for cfg in ((64, 64, 64, -5, 4, 3), (16, 128, 128, -4, 4, 3)):
         bound = kt.BoundLinear(qw, b, config=cfg)
-        assert bound.layout == "operand" and bound._sz is not None
+        assert bound.layout == ("operand-tiled" if tiled else "operand") and bound._sz is not None
         for m in (cfg[0] - 3, 2 * cfg[0] + 1):
             x = torch.randn(m, 768, generator=gen).to(torch.float16)
             assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, (cfg, m)

@@ -62,14 +62,14 @@ def _weight_offsets(rows, cols, stride_wn, K8, TILED: tl.constexpr, BYTES: tl.co
 
 
 @triton.jit
-def _last_split(cnt, SPLIT_K: tl.constexpr):
-    """True in the program that is the last of SPLIT_K to reach this tile's counter.
+def _last_split(cnt, count):
+    """True in the program that is the last of `count` to reach this tile's counter.
 
     The barrier orders every thread's workspace stores before the (single-thread) release
     of the counter; the acquire makes the other splits' stores visible to the last one."""
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-    return arrived == SPLIT_K - 1
+    return arrived == count - 1
 
 
 @triton.jit
@@ -143,9 +143,7 @@ def _int4_matmul_kernel(
                 # the programs whose runs meet this tile: the owners of its first and last step
                 p_lo = ((t0 + 1) * P + units - 1) // units - 1
                 p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
-                tl.debug_barrier()
-                arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-                if arrived == p_hi - p_lo:
+                if _last_split(cnt_ptr + tile, p_hi - p_lo + 1):
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
                         q_slot = 2 * q + (q * units // P < t0).to(tl.int32)  # this tile is q's first, or its last

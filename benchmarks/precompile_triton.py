@@ -50,6 +50,7 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
 
     # M only enters the specialization as "is 1" or "a multiple of 16": one M per class.
     jobs: dict[tuple, tuple] = {}
+    stream_k = kt.STREAM_K  # each mode's candidates under its own STREAM_K, then the setting as it was
     for m in ms:
         mb = kt.m_bucket(m)
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
@@ -60,6 +61,7 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
                 for cfg in kt.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
+    kt.STREAM_K = stream_k
     return sorted(jobs.values())
 
 
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--modes", default="", help="code modes to compile (default: the kernel's own); "
                     "kernel_variants.py times i2f,magic,inplace; operand-tiled: the operand codes stored "
-                    "tile-major (OPERAND_TILED); operand-s16: operand tiles with scales read apart (SCALES_PACKED off); operand-streamk: "
-                    "stream-K tiles too (STREAM_K)")
+                    "tile-major (OPERAND_TILED); operand-s16: operand tiles with scales read apart "
+                    "(SCALES_PACKED off); operand-streamk, operand-tiled-streamk: stream-K tiles too (STREAM_K)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():

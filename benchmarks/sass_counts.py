@@ -151,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ptxas", action="store_true", help="add ptxas -v's registers and performance warnings (sm_90a)")
     ap.add_argument("--unpacked", action="store_true",
                     help="operand tiles reading scales and zero points separately (SCALES_PACKED off, as up to r4)")
-    ap.add_argument("--tiled", action="store_true",
-                    help="operand codes stored tile-major, as bound layers of whole tiles keep them (OPERAND_TILED on)")
+    ap.add_argument("--row-major", action="store_true",
+                    help="operand codes stored row-major (OPERAND_TILED off), not tile-major as bound layers of "
+                         "whole tiles keep them")
     a = ap.parse_args(argv)
     if a.unpacked:
         kt.SCALES_PACKED = False
-    kt.OPERAND_TILED = a.tiled
+    if a.row_major:
+        kt.OPERAND_TILED = False
     count = tuple(p for p in a.count.split(",") if p)
     cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
         (1, 128, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 4, 8, 4), (64, 128, 64, 2, 4, 3)]

@@ -22,27 +22,23 @@ from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
+from kernel_variants import VARIANTS  # the kernel settings each mode stands for (benchmarks/)
 
 from quantbridge.run.bench import parse_shapes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The operand modes (kernel_variants.py's A/B): the codes' layout, whether the tiles read packed
-# scales, and whether the tuner also tries stream-K tiles (STREAM_K).
-OPERAND_MODES = {"operand": ("operand", True, False), "operand-tiled": ("operand-tiled", True, False),
-                 "operand-s16": ("operand", False, False), "operand-streamk": ("operand", True, True),
-                 "operand-tiled-streamk": ("operand-tiled", True, True)}
+# The operand modes: the codes' layout, whether the tiles read packed scales, and whether the tuner
+# also tries stream-K tiles.
+OPERAND_MODES = {name: ("operand-tiled" if v["OPERAND_TILED"] else "operand", v["SCALES_PACKED"], v["STREAM_K"])
+                 for name, v in VARIANTS.items() if v["CODE_MODE"] == "operand"}
 
 
-def default_mode() -> str:
-    """The mode a bound layer runs under the kernel's own settings."""
+def default_mode() -> str | None:
+    """The mode whose settings are the kernel's own (what a bound layer runs), if one is."""
     from quantbridge.kernels import int4_triton as kt
 
-    if kt.CODE_MODE != "operand":
-        return kt.CODE_MODE
-    tiled = "-tiled" if kt.OPERAND_TILED else ""
-    if kt.STREAM_K:
-        return f"operand{tiled}-streamk"
-    return f"operand{tiled}" if kt.SCALES_PACKED else "operand-s16"
+    return next((name for name, v in VARIANTS.items() if all(getattr(kt, key) == val for key, val in v.items())),
+                None)
 
 
 def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group: int, modes: list[str]) -> list:
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from quantbridge.kernels import int4_triton as kt
 
-    modes = a.modes.split(",") if a.modes else [default_mode()]
+    modes = a.modes.split(",") if a.modes else [default_mode() or kt.CODE_MODE]
     unknown = [m for m in modes if m not in kt.CODE_MODES and m not in OPERAND_MODES]
     if unknown:
         print(f"precompile_triton: no mode {', '.join(unknown)}; modes: {', '.join([*kt.CODE_MODES, *OPERAND_MODES])}",

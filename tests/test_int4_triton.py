@@ -222,9 +222,9 @@ def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
     """"xprep" runs two launches per call (activations prepared, then the GEMV); "tiled" reads a
     tile-major copy of the codes; "operand" its operand layout, scales applied in bf16;
     "operand-tiled" that layout stored tile-major (OPERAND_TILED), through the GEMV, the tiles and
-    dequantize + cuBLAS; negative split-K: stream-K over that many programs. A bound layer gives the reference product on its first call, on later calls
-    and replayed in a CUDA graph. bf16 outputs: 1e-2 covers their rounding and, for the operand
-    layouts, the weight's."""
+    dequantize + cuBLAS; negative split-K: stream-K over that many programs. A bound layer gives
+    the reference product on its first call, on later calls and replayed in a CUDA graph. bf16
+    outputs: 1e-2 covers their rounding and, for the operand layouts, the weight's."""
     monkeypatch.setattr(kt, "CODE_MODE", "operand" if mode == "operand-tiled" else mode)
     monkeypatch.setattr(kt, "OPERAND_TILED", mode == "operand-tiled")
     for i, cfg in enumerate(configs):
@@ -632,8 +632,9 @@ def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monk
 def test_interpreter_stream_k_matches_reference(programs, k):
     """Stream-K (SPLIT_K = -programs): 9 output tiles x 10 K-tiles cut into equal runs, so tiles are
     whole in one run (1 program), shared by two (7) or by up to five (40), or one step per program
-    (90); a ragged K (600, one group per row) masks the last K-tile. Every output written once, against float64; the
-    tile counters are left zeroed, so a second launch with them gives the same bits."""
+    (90); a ragged K (600, one group per row) masks the last K-tile. Every output written once,
+    against float64; the tile counters are left zeroed, so a second launch with them gives the
+    same bits."""
     m, n = 37, 72
     x, qw, ref = _case(m, n, k, 64 if k % 64 == 0 else -1, False, torch.float32, "cpu", seed=programs + k)
     cfg = (16, 32, 64, -programs, 4, 3)
@@ -724,7 +725,8 @@ def test_interpreter_operand_tiled_bound_layer_matches_reference(cfg, monkeypatc
         x = torch.randn(m, 768, generator=gen).to(torch.float16)
         assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, m
     if cfg == kt.DEQUANT_CUBLAS:
-        assert torch.equal(kt.dequantize(bound.weight, torch.float32, "operand-tiled"), kt.dequantize(qw, torch.float32))
+        dense = kt.dequantize(bound.weight, torch.float32, "operand-tiled")
+        assert torch.equal(dense, kt.dequantize(qw, torch.float32))
     ragged, _ = _bound_case(40, 384, 128, torch.float16, "cpu", False, False, seed=5)
     assert kt.BoundLinear(ragged, config=(16, 64, 128, 1, 4, 3)).layout == "operand"  # not whole tiles
 

@@ -87,11 +87,19 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
         st["profiling_overhead"] = overhead
         click.echo(f"profiling overhead ({overhead['source']}): {overhead['tokens_per_s_off']:.1f} tokens/s unprofiled, "
                    f"{overhead['tokens_per_s_on']:.1f} profiled ({overhead['change_pct']:+.1f} %)")
+        _echo_paired(overhead.get("paired"), "  servers held together, rounds taking turns:")
         for every, e in sorted(overhead.get("by_full_every", {}).items(), key=lambda kv: int(kv[0])):
             click.echo(f"  with the FULL graphs' probed twins one step in {every}: {e['tokens_per_s']:.1f} tokens/s "
                        f"({e['change_pct']:+.1f} %, {e['rounds']} rounds)")
+            _echo_paired(e.get("paired"), "    held together with an unprofiled server:")
     save_json(comp, out)
     click.echo(f"wrote {out}")
+
+
+def _echo_paired(paired: dict | None, head: str) -> None:
+    for kind, p in (paired or {}).items():
+        click.echo(f"{head} {kind} {p['change_pct']:+.1f} % per cycle (median; quartiles {p['q1_pct']:+.1f} … "
+                   f"{p['q3_pct']:+.1f} %, {p['cycles']} cycles)")
 
 
 def _refuse_foreign(out: Path, named: bool) -> None:

@@ -243,6 +243,22 @@ def overhead(directory: str | Path) -> dict | None:
                                          "rounds": int(e.get("rounds", 0))}
         except (ValueError, KeyError, TypeError):
             continue  # an entry this reader cannot use is left out, the rest still shown
+        if paired := _paired(e.get("paired")):
+            by_every[str(int(every))]["paired"] = paired
     if by_every:
         out["by_full_every"] = by_every
+    if paired := _paired(data.get("paired")):
+        out["paired"] = paired
     return out
+
+
+def _paired(raw: object) -> dict | None:
+    """Servers held together, rounds taking turns: per-cycle change in % (median, quartiles, cycles),
+    concurrent and single-request rounds apart; what this reader cannot use is left out."""
+    out = {}
+    for kind, e in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            out[str(kind)] = {k: float(e[k]) for k in ("change_pct", "q1_pct", "q3_pct")} | {"cycles": int(e["cycles"])}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out or None

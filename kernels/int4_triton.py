@@ -37,7 +37,9 @@ KERNEL_NAME = "quantbridge.triton"
 # Bumped when the kernels change in a way that can move the best configuration: tuned
 # choices are kept per revision, so an older table is never applied to a newer kernel.
 # r4: the tile kernel's K loop provably runs (its wgmma were serialized by ptxas before).
-REVISION = "r4"
+# r5: the operand tiles' search space at M >= 128 grew (BLOCK_K 128 tiles, a 128x256 stream-K tile)
+# and STREAM_K is on.
+REVISION = "r5"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -605,9 +607,10 @@ _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a reg
 
 
 # Tensor-core tiles at M >= 64 may also run stream-K (SPLIT_K = -P: P programs, equal runs of
-# (tile, K-tile) steps): the tuner then tries it on one or two programs per SM. An A/B setting
-# until timed together with OPERAND_TILED: alone it took M=512 from 439 to 411 us (H100).
-STREAM_K = False
+# (tile, K-tile) steps): the tuner then tries it on one or two programs per SM, beside the whole
+# tiles, and keeps it only where it timed faster. On the H100 it took M=512 from 439 to 411 us
+# (row-major operand codes); False is the A/B variant without it.
+STREAM_K = True
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K programs
 Config = tuple[int, int, int, int, int, int]
@@ -638,6 +641,10 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
             # One warpgroup over 64 weight rows: twice the tiles of BLOCK_N 128, so more SMs busy at
             # M = 64..512; with the wgmma no longer serialized (r4) it need not interleave two groups.
             extra.append((min(m, 128), 64, 64, 1, 4, 3))
+        if m >= 128 and group >= 128:
+            # Twice the K per step: half the barriers and waits per code, where each of the M=128
+            # tile's 128 K steps took ~1 us against ~0.3 us of tensor-core work (benchmarks/NOTES.md).
+            extra += [(128, 128, 128, 1, 8, 3), (128, 64, 128, 1, 4, 3)]
         if m >= 256:  # W x^T: M is the tensor-core N dimension, up to 256
             extra += [(256, 128, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3)]
         sms = _sm_count()
@@ -647,6 +654,10 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
             base = [(min(m, 128), 128, 64, 1, 4, 4)] + ([(256, 128, 64, 1, 8, 3)] if m >= 256 else [])
             extra += [(bm, bn, bk, -c * sms, w, st) for bm, bn, bk, _, w, st in base for c in (1, 2)
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
+            # 256 weight rows a program read x half as often (x, not the weight, is most of what a
+            # 128x128 tile loads at M=128); at 255 registers, one program per SM.
+            if m >= 128 and stream_k_fits(m, n, k, 128, 256, 64, sms):
+                extra.append((128, 256, 64, -sms, 8, 3))
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles

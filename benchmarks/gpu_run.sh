@@ -15,7 +15,7 @@
 #   SERVE_SEND=1 bash benchmarks/gpu_run.sh                   # one chunk of the vLLM or demo set to /tmp/vllm-set (one call each)
 #   TESTS=0 BENCH=0 SERVE=1 SERVE_UNTIL=5b bash benchmarks/gpu_run.sh   # install vLLM 0.26.0, convert, tune the demo's shapes
 #   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER=off bash benchmarks/gpu_run.sh  # the first (cold, compiling) server
-#   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER=off+on+on@1000000 SERVE_ROUNDS=20 bash benchmarks/gpu_run.sh  # held together, taking turns; serve-stats, compare
+#   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER=off+on+off SERVE_ROUNDS=24 QB_SERVE_SINGLE_ROUNDS=8 bash benchmarks/gpu_run.sh  # held together, taking turns, an A/A control; serve-stats, compare
 #   TESTS=0 BENCH=0 SERVE=1 SERVE_ORDER= SERVE_MARLIN=1 bash benchmarks/gpu_run.sh   # vLLM's gptq_marlin, same weights
 # PRECOMPILE=1 compiles every tuning candidate in parallel first (benchmarks/precompile_triton.py).
 # exllamav2's extension, built by an earlier call (EXL_BUILD=1 returns it as exllamav2_ext.so.xz),

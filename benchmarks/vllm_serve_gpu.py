@@ -8,7 +8,8 @@ ignore_eos) and ROUNDS timed single-request rounds (decode at M=1). Servers held
 started one at a time (vLLM's start-up measures free GPU memory) and take turns round by round,
 the order rotating each cycle, so a drift of the machine falls on all of them alike and each
 cycle pairs their rounds: the overhead is the median of the per-cycle ratios, not of two
-medians taken minutes apart. A pause of QB_SERVE_GAP_S (0.3 s) before every round lets the
+medians taken minutes apart. A second unprofiled server in a group ("off+on+off") is a control:
+its per-cycle change against the first is what the harness reads where nothing differs. A pause of QB_SERVE_GAP_S (0.3 s) before every round lets the
 profiler's idle flush (quantbridge/vllm/profiler.py IDLE_S) finish outside the timed rounds; its
 cost is reported apart (serve-stats' "profile flushes"). Writes OUT_DIR/serve.json, the profiled
 servers' worker files and overhead.json (which `quantbridge serve-stats` shows) and the servers'
@@ -20,6 +21,7 @@ env: QB_SERVE_ORDER (default "off,on"; "off+on+on@1000000": three servers held t
      apart: N past the run's steps isolates the twins' cost), QB_SERVE_QUANTIZATION (quantbridge;
      empty: vLLM's own choice), QB_SERVE_DTYPE (float16), QB_SERVE_CONCURRENCY (16),
      QB_SERVE_MAX_TOKENS (128), QB_SERVE_TIMEOUT (health wait, s; 420), QB_SERVE_GAP_S (0.3),
+     QB_SERVE_SINGLE_ROUNDS (single-request rounds; ROUNDS),
      QB_SERVE_GPU_MEM (each server's --gpu-memory-utilization; 0.5, or 0.8 / servers held together)
 """
 
@@ -157,8 +159,9 @@ def run_group(checkpoint: str, out_dir: Path, specs: list[tuple[bool, int | None
         else:
             for s in live:
                 _round(s.base, checkpoint, PROMPTS)  # warm-up
-            for prompts, key in ((PROMPTS, "tokens_per_s"), (PROMPTS[:1], "tokens_per_s_single")):
-                for i in range(rounds):
+            single = int(os.environ.get("QB_SERVE_SINGLE_ROUNDS", rounds))
+            for prompts, key, n in ((PROMPTS, "tokens_per_s", rounds), (PROMPTS[:1], "tokens_per_s_single", single)):
+                for i in range(n):
                     for s in live[i % len(live):] + live[:i % len(live)]:
                         time.sleep(GAP_S)
                         s.row[key].append(_round(s.base, checkpoint, prompts))
@@ -214,6 +217,7 @@ def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: 
             by_every[str(every)] = {"tokens_per_s": t, "rounds": len(got), "change_pct": (t / off - 1) * 100,
                                     "single": statistics.median(rounds_of(True, "tokens_per_s_single", every))}
     paired = {key: _paired(rows, every) for key, every in (("on", None), *((str(e), e) for e in by_every_keys(rows)))}
+    paired["control"] = _paired(rows, None, control=True)
     paired = {k: v for k, v in paired.items() if v}
     for every, e in by_every.items():
         if every in paired:
@@ -234,6 +238,8 @@ def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: 
                       f"{'off' if '--enforce-eager' in extra else 'on'}"}
         if "on" in paired:
             result["overhead"]["paired"] = paired["on"]
+        if "control" in paired:
+            result["overhead"]["paired_control"] = paired["control"]
         if by_every:
             result["overhead"]["by_full_every"] = by_every
         (out_dir / "profile").mkdir(exist_ok=True)
@@ -247,15 +253,18 @@ def by_every_keys(rows: list[dict]) -> list[int]:
     return sorted({r["full_every"] for r in rows if "full_every" in r})
 
 
-def _paired(rows: list[dict], every: int | None) -> dict | None:
+def _paired(rows: list[dict], every: int | None, control: bool = False) -> dict | None:
     """Profiled against unprofiled rounds of servers held together, cycle by cycle: the median and
-    quartiles of the per-cycle change in %, concurrent and single-request rounds apart."""
+    quartiles of the per-cycle change in %, concurrent and single-request rounds apart. The first
+    unprofiled server of a group is the reference; `control`: the group's other unprofiled
+    servers against it instead (an A/A pair: what the harness reads where nothing differs)."""
     out = {}
     for key in ("tokens_per_s", "tokens_per_s_single"):
         change = []
         for g in {r["group"] for r in rows if "group" in r}:
             offs = [r for r in rows if r.get("group") == g and not r["profile"]]
-            ons = [r for r in rows if r.get("group") == g and r["profile"] and r.get("full_every") == every]
+            ons = offs[1:] if control else \
+                [r for r in rows if r.get("group") == g and r["profile"] and r.get("full_every") == every]
             for a in offs[:1]:
                 for b in ons:
                     change += [(y / x - 1) * 100 for x, y in zip(a.get(key, []), b.get(key, []))]

@@ -13,9 +13,10 @@
 # A server's first start on a machine compiles the model (torch.compile, ~6 minutes on the H100
 # machine's host); later starts hit vLLM's compile cache (~70 s). So serving spreads over calls on a
 # warm machine, pooling into one run directory there (/tmp/serve-run, copied to $1/run on exit):
-#   SERVE_ORDER=off (the cold start), then SERVE_ORDER=off+on+on@1000000 SERVE_ROUNDS=20 (+ steps 7-9),
-#   then SERVE_ORDER= SERVE_MARLIN=1. "+" holds servers together, taking turns round by round (the
-#   overhead read per cycle, free of the machine's drift between servers); "," runs them in turn.
+#   SERVE_ORDER=off (the cold start), then SERVE_ORDER=off+on+off SERVE_ROUNDS=24 QB_SERVE_SINGLE_ROUNDS=8
+#   (+ steps 7-9), then SERVE_ORDER=off+on@1000000+off, then SERVE_ORDER= SERVE_MARLIN=1. "+" holds
+#   servers together, taking turns round by round (the overhead read per cycle, free of the machine's
+#   drift between servers; the second "off" is the A/A control); "," runs them in turn.
 #   on@1000000: a profiled server whose FULL graphs' twins never replay (their cost apart).
 set -uo pipefail
 OUT=$(realpath -m "${1:-runs/serve}"); mkdir -p "$OUT"
@@ -211,7 +212,8 @@ if "overhead" in d:
 for every, e in d.get("by_full_every", {}).items():
     print(f"  tokens/s change with profiling, twins one step in {every}: {e['change_pct']:+.2f} % "
           f"({e['tokens_per_s']:.1f} over {e['rounds']} rounds; single {e['single']:.1f})")
-for name, p in [("profiled", d.get("overhead", {}).get("paired", {}))] + \
+for name, p in [("profiled", d.get("overhead", {}).get("paired", {})),
+                ("control (a second unprofiled server)", d.get("overhead", {}).get("paired_control", {}))] + \
         [(f"twins one step in {k}", e.get("paired", {})) for k, e in d.get("by_full_every", {}).items()]:
     for kind, c in p.items():  # servers held together, rounds taking turns: per-cycle change
         print(f"  paired {name} vs unprofiled, {kind}: {c['change_pct']:+.2f} % per cycle "

@@ -77,6 +77,28 @@ def test_servers_held_together_take_turns_and_the_cost_is_read_per_cycle(tmp_pat
     assert read["by_full_every"]["1000000"]["paired"]["single"]["cycles"] == 9
 
 
+def test_a_second_unprofiled_server_is_the_control(tmp_path, monkeypatch):
+    """"off+on+off": the second unprofiled server against the first reads about zero, the profiled
+    one its cost; single-request rounds may be fewer than the concurrent ones."""
+    mod = _module()
+    cost = random.uniform(0.02, 0.05)
+    turns = _stand_ins(mod, monkeypatch, {"off": 0.0, "on": cost}, drift=0.002)
+    monkeypatch.setenv("QB_SERVE_ORDER", "off+on+off")
+    monkeypatch.setenv("QB_SERVE_SINGLE_ROUNDS", "5")
+    monkeypatch.setattr(mod.sys, "argv", ["vllm_serve_gpu.py", "ck", str(tmp_path), "8"])
+    mod.main()
+    assert len(turns) == 3 + 3 * 8 + 3 * 5
+    d = json.loads((tmp_path / "serve.json").read_text())
+    assert [len(r["tokens_per_s"]) for r in d["rows"]] == [8, 8, 8]
+    assert [len(r["tokens_per_s_single"]) for r in d["rows"]] == [5, 5, 5]
+    o = d["overhead"]
+    assert abs(o["paired"]["concurrent"]["change_pct"] + cost * 100) < 0.8
+    assert abs(o["paired_control"]["concurrent"]["change_pct"]) < 0.8
+    assert o["paired_control"]["single"]["cycles"] == 5 and o["rounds_off"] == 16
+    read = stats.overhead(tmp_path / "profile")
+    assert read["paired_control"]["concurrent"]["cycles"] == 8
+
+
 def test_servers_run_one_after_another_are_not_paired(tmp_path, monkeypatch):
     mod = _module()
     _stand_ins(mod, monkeypatch, {"off": 0.0, "on": 0.03}, drift=0.0)
@@ -114,3 +136,4 @@ def test_serve_stats_prints_the_paired_overhead(tmp_path):
     assert f"servers held together, rounds taking turns: concurrent {c:+.1f} % per cycle (median; quartiles " \
            f"{c - 1:+.1f} … {c + 1:+.1f} %, 24 cycles)" in out
     assert f"single {s:+.1f} % per cycle" in out and "broken" not in out
+    assert "control" not in out  # no control server in this run

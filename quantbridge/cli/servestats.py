@@ -88,6 +88,7 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
         click.echo(f"profiling overhead ({overhead['source']}): {overhead['tokens_per_s_off']:.1f} tokens/s unprofiled, "
                    f"{overhead['tokens_per_s_on']:.1f} profiled ({overhead['change_pct']:+.1f} %)")
         _echo_paired(overhead.get("paired"), "  servers held together, rounds taking turns:")
+        _echo_paired(overhead.get("paired_control"), "  control, a second unprofiled server against the first:")
         for every, e in sorted(overhead.get("by_full_every", {}).items(), key=lambda kv: int(kv[0])):
             click.echo(f"  with the FULL graphs' probed twins one step in {every}: {e['tokens_per_s']:.1f} tokens/s "
                        f"({e['change_pct']:+.1f} %, {e['rounds']} rounds)")

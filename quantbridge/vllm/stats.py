@@ -247,8 +247,9 @@ def overhead(directory: str | Path) -> dict | None:
             by_every[str(int(every))]["paired"] = paired
     if by_every:
         out["by_full_every"] = by_every
-    if paired := _paired(data.get("paired")):
-        out["paired"] = paired
+    for key in ("paired", "paired_control"):  # the control: a second unprofiled server against the first
+        if paired := _paired(data.get(key)):
+            out[key] = paired
     return out
 
 

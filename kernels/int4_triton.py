@@ -37,8 +37,8 @@ KERNEL_NAME = "quantbridge.triton"
 # Bumped when the kernels change in a way that can move the best configuration: tuned
 # choices are kept per revision, so an older table is never applied to a newer kernel.
 # r4: the tile kernel's K loop provably runs (its wgmma were serialized by ptxas before).
-# r5: the operand tiles' search space at M >= 128 grew (BLOCK_K 128 tiles, a 128x256 stream-K tile)
-# and STREAM_K is on.
+# r5: the operand tiles' search space grew (at M >= 128 BLOCK_K 128 tiles and a 128x256 stream-K
+# tile, at M <= 16 stream-K tiles) and STREAM_K is on.
 REVISION = "r5"
 
 
@@ -658,6 +658,11 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
             # 128x128 tile loads at M=128); at 255 registers, one program per SM.
             if m >= 128 and stream_k_fits(m, n, k, 128, 256, 64, sms):
                 extra.append((128, 256, 64, -sms, 8, 3))
+        if STREAM_K and sms and m <= 16:
+            # Memory-bound: every SM streams an equal share of the weight (Marlin's stripes do
+            # this), one to three programs per SM, where whole tiles leave a partial last wave.
+            extra += [(16, 128, 128, -c * sms, 4, 4) for c in (1, 2, 3)
+                      if stream_k_fits(m, n, k, 16, 128, 128, c * sms)]
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles

@@ -666,15 +666,16 @@ def test_interpreter_stream_k_operand_tiles_with_packed_scales(tiled, monkeypatc
     for cfg in ((64, 64, 64, -5, 4, 3), (16, 128, 128, -4, 4, 3)):
         bound = kt.BoundLinear(qw, b, config=cfg)
         assert bound.layout == ("operand-tiled" if tiled else "operand") and bound._sz is not None
-        for m in (cfg[0] - 3, 2 * cfg[0] + 1):
+        # M=1 too: the tuner offers stream-K tiles beside the GEMV
+        for m in ((1,) if cfg[0] == 16 else ()) + (cfg[0] - 3, 2 * cfg[0] + 1):
             x = torch.randn(m, 768, generator=gen).to(torch.float16)
             assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, (cfg, m)
             assert bound.plans[m].ws_numel == 2 * -cfg[3] * cfg[0] * cfg[1]
 
 
 def test_stream_k_candidates_only_where_asked_and_where_they_fit(monkeypatch):
-    """The tuner tries stream-K (STREAM_K) at M >= 64 on operand tiles, with one and two programs
-    per SM of the device, and never where a program would get no step."""
+    """The tuner tries stream-K (STREAM_K) on operand tiles: at M >= 64 with one and two programs per
+    SM of the device, at M <= 16 with one to three, and never where a program would get no step."""
     monkeypatch.setattr(kt, "_sm_count", lambda: 132)
     monkeypatch.setattr(kt, "STREAM_K", False)
     assert not any(c[3] < 0 for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))
@@ -684,7 +685,11 @@ def test_stream_k_candidates_only_where_asked_and_where_they_fit(monkeypatch):
     assert not any(c[3] < 0 and c[1] == 256 for c in kt.candidate_configs(64, 28672, 8192, 128, "operand"))
     got = {c[3] for c in kt.candidate_configs(512, 28672, 8192, 128, "operand") if c[3] < 0}
     assert got == {-132, -264}
-    assert not any(c[3] < 0 for c in kt.candidate_configs(16, 28672, 8192, 128, "operand"))
+    got = [c for c in kt.candidate_configs(16, 28672, 8192, 128, "operand") if c[3] < 0]
+    assert got == [(16, 128, 128, -132, 4, 4), (16, 128, 128, -264, 4, 4), (16, 128, 128, -396, 4, 4)]
+    assert [c for c in kt.candidate_configs(1, 28672, 8192, 128, "operand") if c[3] < 0] == got  # beside the GEMV
+    # 4096x1024: 8 x 32 = 256 steps of 16x128x128, enough for 132 programs, not for 264
+    assert [c[3] for c in kt.candidate_configs(4, 1024, 4096, 128, "operand") if c[3] < 0] == [-132]
     assert not any(c[3] < 0 for c in kt.candidate_configs(64, 128, 128, 128, "operand"))  # 2 steps
 
 

@@ -4,16 +4,17 @@ QB_SERVE_ORDER lists servers: "," runs them one after another, "+" holds them to
 server (QUANTBRIDGE_PROFILE_DIR set when profiled; vLLM's defaults: torch.compile and CUDA graphs,
 no --enforce-eager) is started, waited for on /health, sent one warm-up round, then ROUNDS timed
 rounds of the same fixed set of concurrent completions (PROMPTS, greedy, MAX_TOKENS each,
-ignore_eos) and ROUNDS timed single-request rounds (decode at M=1). Servers held together are
-started one at a time (vLLM's start-up measures free GPU memory) and take turns round by round,
-the order rotating each cycle, so a drift of the machine falls on all of them alike and each
-cycle pairs their rounds: the overhead is the median of the per-cycle ratios, not of two
-medians taken minutes apart. A second unprofiled server in a group ("off+on+off") is a control:
-its per-cycle change against the first is what the harness reads where nothing differs. A pause of QB_SERVE_GAP_S (0.3 s) before every round lets the
-profiler's idle flush (quantbridge/vllm/profiler.py IDLE_S) finish outside the timed rounds; its
-cost is reported apart (serve-stats' "profile flushes"). Writes OUT_DIR/serve.json, the profiled
-servers' worker files and overhead.json (which `quantbridge serve-stats` shows) and the servers'
-logs. A serve.json already in OUT_DIR keeps its rows: servers started by separate calls pool.
+ignore_eos) and QB_SERVE_SINGLE_ROUNDS timed single-request rounds (decode at M=1). Servers held
+together are started one at a time (vLLM's start-up measures free GPU memory) and take turns
+round by round, the order rotating each cycle, so a drift of the machine falls on all of them
+alike and each cycle pairs their rounds: the overhead is the median of the per-cycle ratios, not
+of two medians taken minutes apart. A second unprofiled server in a group ("off+on+off") is a
+control: its per-cycle change against the first is what the harness reads where nothing differs.
+A pause of QB_SERVE_GAP_S before every round lets the profiler's idle flush
+(quantbridge/vllm/profiler.py IDLE_S) finish outside the timed rounds; its cost is reported apart
+(serve-stats' "profile flushes"). Writes OUT_DIR/serve.json, the profiled servers' worker files
+and overhead.json (which `quantbridge serve-stats` shows) and the servers' logs. A serve.json
+already in OUT_DIR keeps its rows: servers started by separate calls pool.
 
 usage: python benchmarks/vllm_serve_gpu.py CHECKPOINT OUT_DIR [ROUNDS] [-- extra vllm serve args]
 env: QB_SERVE_ORDER (default "off,on"; "off+on+on@1000000": three servers held together; "on@N":
@@ -196,6 +197,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "cmd"}), flush=True)
         _write(checkpoint, out_dir, rounds, extra, rows)  # a later server that never returns loses nothing
+
 
 def _write(checkpoint: str, out_dir: Path, rounds: int, extra: list[str], rows: list[dict]) -> None:
     result = {"checkpoint": checkpoint, "prompts": len(PROMPTS), "max_tokens": MAX_TOKENS, "rounds": rounds,

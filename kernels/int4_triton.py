@@ -606,10 +606,10 @@ OPERAND_TILED = True
 _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a register, not an immediate
 
 
-# Tensor-core tiles at M >= 64 may also run stream-K (SPLIT_K = -P: P programs, equal runs of
-# (tile, K-tile) steps): the tuner then tries it on one or two programs per SM, beside the whole
-# tiles, and keeps it only where it timed faster. On the H100 it took M=512 from 439 to 411 us
-# (row-major operand codes); False is the A/B variant without it.
+# Operand tiles may also run stream-K (SPLIT_K = -P: P programs, equal runs of (tile, K-tile)
+# steps): the tuner then tries it beside the whole tiles, on one or two programs per SM at M >= 64
+# and one to three at M <= 16, and keeps it only where it timed faster. On the H100 it took M=512
+# from 439 to 411 us (row-major operand codes); False is the A/B variant without it.
 STREAM_K = True
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K programs

@@ -13,6 +13,7 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
   python3 benchmarks/sass_counts.py --modes asm --config 1,128,128,8,4,3 --config 1,64,128,4,4,3 --count BAR.SYNC,LDG.E.U16
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --ptxas   # + ptxas's own verdict
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --count LDG.E.U,LDGSTS [--unpacked]
+  python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,4,4 --listing HGMMA,WARPGROUP,BAR
 
 --ptxas assembles the kernel's PTX again with `ptxas -v` for sm_90a and adds its register count and
 any performance warning (C75xx), e.g. C7515: "wgmma.mma_async instructions are serialized", which
@@ -141,6 +142,13 @@ def report(cfg: kt.Config, mode: str, dtype: str, offsets: bool = False, count: 
     return f"{str(cfg):26} {mode:8} {dtype} {len(loop):5} instr  {len(loop) / codes:5.2f}/code  {top}{counted}"
 
 
+def listing(cfg: kt.Config, mode: str, dtype: str, offsets: bool, prefixes: tuple[str, ...]) -> str:
+    """The K loop's instructions with the given opcode prefixes, each with its position in the loop:
+    where the wgmma, their waits and the barriers sit against the rest (dequantization, loads)."""
+    loop = main_loop(compile_sass(cfg, mode, dtype, offsets=offsets))
+    return "\n".join(f"{'':26} {i:4}: {t}" for i, t in enumerate(loop) if opcode(t).startswith(prefixes))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default=",".join(kt.CODE_MODES))
@@ -149,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offsets", action="store_true", help="float offsets per group (GGUF Q4_1/Q4_K)")
     ap.add_argument("--count", default="", help="opcode prefixes to count in the loop, e.g. BAR.SYNC,LDG.E.U16,LDGSTS")
     ap.add_argument("--ptxas", action="store_true", help="add ptxas -v's registers and performance warnings (sm_90a)")
+    ap.add_argument("--listing", default="",
+                    help="also print the K loop's instructions whose opcodes start with these prefixes, in order "
+                         "(position: instruction), e.g. HGMMA,WARPGROUP,BAR,LDSM,LDGSTS")
     ap.add_argument("--unpacked", action="store_true",
                     help="operand tiles reading scales and zero points separately (SCALES_PACKED off, as up to r4)")
     ap.add_argument("--row-major", action="store_true",
@@ -167,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report(cfg, mode, a.dtype, a.offsets, count), flush=True)
             if a.ptxas:
                 print(f"{'':26} {mode:8} {ptxas_verdict(cfg, mode, a.dtype)}", flush=True)
+            if a.listing:
+                print(listing(cfg, mode, a.dtype, a.offsets, tuple(a.listing.split(","))), flush=True)
     return 0
 
 

@@ -38,7 +38,7 @@ KERNEL_NAME = "quantbridge.triton"
 # choices are kept per revision, so an older table is never applied to a newer kernel.
 # r4: the tile kernel's K loop provably runs (its wgmma were serialized by ptxas before).
 # r5: the operand tiles' search space grew (at M >= 128 BLOCK_K 128 tiles and a 128x256 stream-K
-# tile, at M <= 16 stream-K tiles) and STREAM_K is on.
+# tile, at M < 128 BLOCK_K 128 stream-K tiles, at M <= 16 stream-K tiles) and STREAM_K is on.
 REVISION = "r5"
 
 
@@ -651,7 +651,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
         if STREAM_K and sms and m >= 64:
             # Few tiles per SM (224 of 128x128 at M=128, N=28672: 1.7 per SM): equal runs of steps
             # instead of whole tiles, for the tiles the tuner picks at these M (benchmarks/NOTES.md).
-            base = [(min(m, 128), 128, 64, 1, 4, 4)] + ([(256, 128, 64, 1, 8, 3)] if m >= 256 else [])
+            base = [(min(m, 128), 128, 64, 1, 4, 4)] + ([(256, 128, 64, 1, 8, 3)] if m >= 256 else []) \
+                + ([(64, 128, 128, 1, 4, 3)] if m < 128 and group >= 128 else [])  # the M=64 whole tile's K
             extra += [(bm, bn, bk, -c * sms, w, st) for bm, bn, bk, _, w, st in base for c in (1, 2)
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
             # 256 weight rows a program read x half as often (x, not the weight, is most of what a

@@ -683,6 +683,8 @@ def test_stream_k_candidates_only_where_asked_and_where_they_fit(monkeypatch):
     got = [c for c in kt.candidate_configs(128, 28672, 8192, 128, "operand") if c[3] < 0]
     assert got == [(128, 128, 64, -132, 4, 4), (128, 128, 64, -264, 4, 4), (128, 256, 64, -132, 8, 3)]
     assert not any(c[3] < 0 and c[1] == 256 for c in kt.candidate_configs(64, 28672, 8192, 128, "operand"))
+    assert [c for c in kt.candidate_configs(64, 28672, 8192, 128, "operand") if c[3] < 0] == [
+        (64, 128, 64, -132, 4, 4), (64, 128, 64, -264, 4, 4), (64, 128, 128, -132, 4, 3), (64, 128, 128, -264, 4, 3)]
     got = {c[3] for c in kt.candidate_configs(512, 28672, 8192, 128, "operand") if c[3] < 0}
     assert got == {-132, -264}
     got = [c for c in kt.candidate_configs(16, 28672, 8192, 128, "operand") if c[3] < 0]
@@ -714,7 +716,8 @@ def test_operand_tiled_layout_round_trips_bit_exact():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 @pytest.mark.parametrize("cfg", [(1, 64, 128, 3, 4, 3), (1, 128, 64, 2, 4, 3), (16, 64, 128, 2, 4, 3),
                                  (16, 128, 64, 1, 4, 3), (64, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
-                                 (128, 64, 128, 1, 4, 3), (128, 256, 64, -3, 8, 3), kt.DEQUANT_CUBLAS])
+                                 (128, 64, 128, 1, 4, 3), (128, 256, 64, -3, 8, 3), (64, 128, 128, -5, 4, 3),
+                                 kt.DEQUANT_CUBLAS])
 def test_interpreter_operand_tiled_bound_layer_matches_reference(cfg, monkeypatch):
     """OPERAND_TILED: a bound layer of whole tiles stores its operand codes tile-major, the one copy
     that the GEMV, the tensor-core tiles (packed scales, split-K) and dequantize + cuBLAS all read;

@@ -648,22 +648,26 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
         if m >= 256:  # W x^T: M is the tensor-core N dimension, up to 256
             extra += [(256, 128, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3)]
         sms = _sm_count()
-        if STREAM_K and sms and m >= 64:
-            # Few tiles per SM (224 of 128x128 at M=128, N=28672: 1.7 per SM): equal runs of steps
-            # instead of whole tiles, for the tiles the tuner picks at these M (benchmarks/NOTES.md).
-            base = [(min(m, 128), 128, 64, 1, 4, 4)] + ([(256, 128, 64, 1, 8, 3)] if m >= 256 else []) \
-                + ([(64, 128, 128, 1, 4, 3)] if m < 128 and group >= 128 else [])  # the M=64 whole tile's K
-            extra += [(bm, bn, bk, -c * sms, w, st) for bm, bn, bk, _, w, st in base for c in (1, 2)
+        if STREAM_K and sms:
+            # Equal runs of steps instead of whole tiles, as (tile, programs per SM) pairs. M <= 16 is
+            # memory-bound: every SM streams an equal share of the weight (Marlin's stripes do this),
+            # where whole tiles leave a partial last wave. M >= 64 has few tiles per SM (224 of
+            # 128x128 at M=128, N=28672: 1.7 per SM); a 128x256 tile reads x half as often (x, not
+            # the weight, is most of what a 128x128 tile loads at M=128) at 255 registers, one
+            # program per SM (benchmarks/NOTES.md).
+            runs = []
+            if m <= 16:
+                runs.append(((16, 128, 128, 4, 4), (1, 2, 3)))
+            if m >= 64:
+                runs.append(((min(m, 128), 128, 64, 4, 4), (1, 2)))
+            if 64 <= m < 128 and group >= 128:  # the M=64 whole tile's BLOCK_K
+                runs.append(((64, 128, 128, 4, 3), (1, 2)))
+            if m >= 128:
+                runs.append(((128, 256, 64, 8, 3), (1,)))
+            if m >= 256:
+                runs.append(((256, 128, 64, 8, 3), (1, 2)))
+            extra += [(bm, bn, bk, -c * sms, w, st) for (bm, bn, bk, w, st), per_sm in runs for c in per_sm
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
-            # 256 weight rows a program read x half as often (x, not the weight, is most of what a
-            # 128x128 tile loads at M=128); at 255 registers, one program per SM.
-            if m >= 128 and stream_k_fits(m, n, k, 128, 256, 64, sms):
-                extra.append((128, 256, 64, -sms, 8, 3))
-        if STREAM_K and sms and m <= 16:
-            # Memory-bound: every SM streams an equal share of the weight (Marlin's stripes do
-            # this), one to three programs per SM, where whole tiles leave a partial last wave.
-            extra += [(16, 128, 128, -c * sms, 4, 4) for c in (1, 2, 3)
-                      if stream_k_fits(m, n, k, 16, 128, 128, c * sms)]
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles

@@ -3,7 +3,8 @@
 Each variant is a setting of kernels/int4_triton.py (`CODE_MODE`: how codes become floats
 and how a bound layer lays them out; `SCALES_PACKED`: whether operand tiles read the scales and
 zero points packed in one word per row and group; `OPERAND_TILED`: whether a bound layer stores
-its operand codes tile-major; `STREAM_K`: whether the tuner also tries stream-K tiles). Every variant is
+its operand codes tile-major; `STREAM_K`: whether the tuner also tries stream-K tiles; `WGMMA_WS`:
+whether it also tries the warp-specialized Gluon tiles). Every variant is
 tuned on its own (the tuner keeps a separate table entry per variant) and timed by the
 bench harness: CUDA-graph replay, L2 flushed, a fresh random input per replay, median and
 p10/p90 of --runs. Predictions and outcomes go to benchmarks/NOTES.md.
@@ -36,6 +37,10 @@ VARIANTS["operand-tiled"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPE
 VARIANTS["operand-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": False, "STREAM_K": True}
 VARIANTS["operand-tiled-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": True,
                                      "STREAM_K": True}
+# + the warp-specialized Gluon tiles at M >= 64 (kernels/int4_wgmma.py, int4_triton.WGMMA_WS)
+VARIANTS["operand-tiled-ws"] = {**VARIANTS["operand-tiled-streamk"], "WGMMA_WS": True}
+for _v in VARIANTS.values():  # the variants before it ran without them
+    _v.setdefault("WGMMA_WS", False)
 
 
 def _apply(settings: dict) -> None:

@@ -14,6 +14,7 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --ptxas   # + ptxas's own verdict
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,8,3 --count LDG.E.U,LDGSTS [--unpacked]
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,4,4 --listing HGMMA,WARPGROUP,BAR
+  python3 benchmarks/sass_counts.py --ws 128,128,4 --ws 128,256,3 --ptxas   # kernels/int4_wgmma.py's tiles
 
 --ptxas assembles the kernel's PTX again with `ptxas -v` for sm_90a and adds its register count and
 any performance warning (C75xx), e.g. C7515: "wgmma.mma_async instructions are serialized", which
@@ -60,7 +61,10 @@ def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 12
 
 def ptxas_verdict(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192) -> str:
     """ptxas -v on the kernel's PTX for sm_90a: registers, and its performance warnings (or none)."""
-    ptx = _compile(cfg, mode, dtype, group, k, False, 90)[1]
+    return _ptxas(_compile(cfg, mode, dtype, group, k, False, 90)[1])
+
+
+def _ptxas(ptx: str) -> str:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -100,16 +104,58 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
              if sig[n] != "constexpr" and n != "M"}
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(zip(names, consts)), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return _sass(compiled.asm["cubin"]), compiled.asm["ptx"]
+
+
+def _sass(cubin: bytes) -> str:
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    return sass, compiled.asm["ptx"]
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def main_loop(sass: str) -> list[str]:
-    """The instructions of the longest backward-branch loop (the K loop)."""
+def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128, k: int = 8192,
+               n: int = 28672) -> tuple[str, str, int]:
+    """(SASS, PTX, shared memory bytes) of int4_wgmma's warp-specialized tile (BLOCK_M, BLOCK_N, STAGES)
+    for sm_90a, with the TMA descriptors a launch on an [M=BLOCK_M, K] x and [N, K] codes makes."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from quantbridge.kernels import int4_wgmma as ws
+    from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
+
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    x_desc, q_desc = ws.descriptors(torch.empty(cfg[0], k, dtype=tdt), torch.empty(n, k // 2, dtype=torch.uint8), cfg)
+    fn = ws._int4_ws_kernel
+    consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
+              "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2], "num_warps": 8}
+    sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
+    sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
+               b_ptr="*" + _TY[dtype])
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
+                         attrs={})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    return _sass(compiled.asm["cubin"]), compiled.asm["ptx"], compiled.metadata.shared
+
+
+def report_ws(cfg: tuple[int, int, int], dtype: str, count: tuple[str, ...], ptxas: bool) -> str:
+    """The warp-specialized tile's lines: its consumers' K loop (one step of 128 columns) and counts."""
+    sass, ptx, smem = compile_ws(cfg, dtype)
+    loop = main_loop(sass, holding="HGMMA")
+    ops = collections.Counter(opcode(t) for t in loop)
+    top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+    counted = "".join(f"  [{p}: {sum(v for k, v in ops.items() if k.startswith(p))}]" for p in count)
+    codes = cfg[1] * 128 / 256  # BLOCK_N x 128 codes per step over two consumer warpgroups
+    out = f"loop ws{cfg} {dtype} {len(loop)} instr  {len(loop) / codes:5.2f}/code  shared {smem} B  {top}{counted}"
+    return out + (f"\n{'':26} ws       {_ptxas(ptx)}" if ptxas else "")
+
+
+def main_loop(sass: str, holding: str | None = None) -> list[str]:
+    """The instructions of the longest backward-branch loop (the K loop); with `holding`, of the
+    shortest loop that holds an opcode starting so (a warp-specialized kernel's partitions sit
+    inside one loop of their own: its K loop is the innermost one with the wgmma)."""
     ins, labels = [], {}
     for line in sass.splitlines():
         lab = re.match(r"\s*\.L_x_(\d+):", line)
@@ -119,11 +165,16 @@ def main_loop(sass: str) -> list[str]:
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
         if m:
             ins.append(m.group(1))
-    best = (0, -1)
+    loops = []
     for i, text in enumerate(ins):
         m = re.search(r"BRA.*\.L_x_(\d+)", text)
-        if m and labels.get(int(m.group(1)), i + 1) <= i and i - labels[int(m.group(1))] > best[1] - best[0]:
-            best = (labels[int(m.group(1))], i)
+        if m and labels.get(int(m.group(1)), i + 1) <= i:
+            loops.append((labels[int(m.group(1))], i))
+    if holding is not None:
+        loops = [lp for lp in loops if any(opcode(t).startswith(holding) for t in ins[lp[0]:lp[1] + 1])]
+        best = min(loops, key=lambda lp: lp[1] - lp[0], default=(0, -1))
+    else:
+        best = max(loops, key=lambda lp: lp[1] - lp[0], default=(0, -1))
     return ins[best[0]:best[1] + 1]
 
 
@@ -165,7 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row-major", action="store_true",
                     help="operand codes stored row-major (OPERAND_TILED off), not tile-major as bound layers of "
                          "whole tiles keep them")
+    ap.add_argument("--ws", action="append",
+                    help="BLOCK_M,BLOCK_N,STAGES of kernels/int4_wgmma.py's warp-specialized tile (repeatable; "
+                         "replaces --config and --modes; counts HGMMA, WARPGROUP.DEPBAR.LE and STS by default)")
     a = ap.parse_args(argv)
+    if a.ws:
+        count = tuple(p for p in (a.count or "HGMMA,WARPGROUP.DEPBAR.LE,STS").split(",") if p)
+        for c in a.ws:
+            print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas), flush=True)
+        return 0
     if a.unpacked:
         kt.SCALES_PACKED = False
     if a.row_major:

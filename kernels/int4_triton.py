@@ -39,7 +39,8 @@ KERNEL_NAME = "quantbridge.triton"
 # r4: the tile kernel's K loop provably runs (its wgmma were serialized by ptxas before).
 # r5: the operand tiles' search space grew (at M >= 128 BLOCK_K 128 tiles and a 128x256 stream-K
 # tile, at M < 128 BLOCK_K 128 stream-K tiles, at M <= 16 stream-K tiles) and STREAM_K is on.
-REVISION = "r5"
+# r6: at M >= 64 the warp-specialized Gluon tiles (int4_wgmma) are candidates too (WGMMA_WS).
+REVISION = "r6"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -612,11 +613,32 @@ _MAGIC_BITS = 0x4B000000  # 2^23 as fp32 bits: a kernel argument, so it is a reg
 # from 439 to 411 us (row-major operand codes); False is the A/B variant without it.
 STREAM_K = True
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K programs
+# Operand-tiled layers with packed scales may also run the warp-specialized Hopper tiles of
+# int4_wgmma (a producer warp loading by TMA, two warpgroups unpacking into wgmma): the tuner tries
+# them at M >= 64 beside the Triton tiles and keeps them only where they timed faster. False is the
+# A/B variant without them.
+WGMMA_WS = True
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K
+# programs; SPLIT_K 0: int4_wgmma's warp-specialized tile (BLOCK_K 128, num_warps 8 consumers)
 Config = tuple[int, int, int, int, int, int]
 
 
 DEQUANT_CUBLAS: Config = (0, 0, 0, 0, 0, 0)  # dequantize with Triton, multiply with cuBLAS
+
+
+def is_ws(cfg: Config) -> bool:
+    """Whether a configuration is int4_wgmma's warp-specialized tile (SPLIT_K 0, not DEQUANT_CUBLAS)."""
+    return cfg[3] == 0 and cfg[0] != 0
+
+
+def _ws_module():
+    """int4_wgmma where its tiles can run here (WGMMA_WS, Gluon, a Hopper GPU), else None."""
+    if not WGMMA_WS:
+        return None
+    from quantbridge.kernels import int4_wgmma
+
+    return int4_wgmma if int4_wgmma.available() else None
 
 
 def gemv_configs(k: int, group: int) -> list[Config]:
@@ -668,6 +690,9 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
                 runs.append(((256, 128, 64, 8, 3), (1, 2)))
             extra += [(bm, bn, bk, -c * sms, w, st) for (bm, bn, bk, w, st), per_sm in runs for c in per_sm
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
+        ws = _ws_module() if layout == "operand-tiled" else None
+        if ws is not None:  # they read tile-major codes and packed scales: the tuner skips them without
+            extra += [(bm, bn, ws.TILE_K, 0, 8, st) for bm, bn, st in ws.configs(m, n, k, group)]
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
@@ -822,6 +847,11 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
     sz: w's scales and zero points as pack_scales_zeros gives them, read instead (operand tiles)."""
     m, k = x2.shape
     n = w.out_features
+    if is_ws(cfg):
+        if layout != "operand-tiled" or sz is None or _ws_module() is None:
+            raise ValueError(f"{cfg} is a warp-specialized Hopper tile: it reads operand-tiled codes with packed "
+                             f"scales on an sm_90 GPU (layout {layout!r}, packed scales: {sz is not None})")
+        return _ws_module().launch(x2, w.qweight, sz, out, (cfg[0], cfg[1], cfg[5]), w.group_size, bias)
     fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout, sz is not None)
     grid = _grid(cfg, m, n)
     sx = x2.stride(0) if stride_xm is None else stride_xm
@@ -932,7 +962,8 @@ class _Tuner:
         # unbound call of the same shape read different layouts (and older tables keep their keys).
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
             + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "") \
-            + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "")  # a larger search space
+            + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
+            + ("-ws" if layout == "operand-tiled" and sz is not None and _ws_module() is not None else "")  # larger spaces
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
@@ -952,6 +983,8 @@ class _Tuner:
         out = torch.empty((mb, w.out_features), device=x2.device, dtype=x2.dtype)
         best, best_t = None, float("inf")
         for cfg in candidate_configs(mb, w.out_features, k, w.group_size, layout):
+            if is_ws(cfg) and (sz is None or laid is None):
+                continue  # the warp-specialized tiles read packed scales
             # Zeroed once: split-K launches leave their tile counters zeroed again.
             cnt = None if cfg == DEQUANT_CUBLAS else torch.zeros(
                 counter_slots(cfg, mb, w.out_features), device=x2.device, dtype=torch.int32)
@@ -963,7 +996,7 @@ class _Tuner:
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, w, out, cfg, counters=cnt, layout=dequant_layout(layout))
                 t = triton.testing.do_bench(run, warmup=2, rep=8, return_mode="median")
-            except (triton.runtime.errors.OutOfResources, RuntimeError):
+            except (triton.runtime.errors.OutOfResources, RuntimeError, triton.compiler.errors.CompilationError):
                 continue  # too much shared memory or registers for this tile: not a candidate
             if t < best_t:
                 best, best_t = cfg, t
@@ -1156,6 +1189,10 @@ class BoundLinear:
         if cfg == DEQUANT_CUBLAS:
             launch(x2, self._dq_w, out, cfg, self.bias, layout=self._dq_layout)
             plan = _Plan(cfg, None, None, 0, None, None, self.s_ptr)
+        elif is_ws(cfg):  # Gluon's own launcher (TMA descriptors per call): each call goes through _run
+            sz = self._tile_sz(cfg)
+            _run(cfg, x2, self.weight, out, self.bias, None, stream, self.k, self.layout, sz)
+            plan = _Plan(cfg, None, None, 0, None, None, 0 if sz is None else sz.data_ptr())
         else:
             grid = _grid(cfg, m, self.n)
             ws_numel = partials_numel(cfg, m, self.n)

@@ -1,0 +1,226 @@
+"""Hopper INT4 tile with warp specialization (Gluon): one warp loads, two warpgroups compute.
+
+The Triton operand tiles (int4_triton, MODE 8) give one warpgroup all of a step in turn: wait for
+the copies, unpack the codes, scale them, issue the wgmma, issue the next copies. On the H100 at
+M=128 a step took ~1900 cycles against 512 of tensor-core work (benchmarks/NOTES.md). Here the
+steps are split by role, as Machete's are: a producer warp issues TMA loads of x and of the codes
+into a STAGES-deep ring of shared memory (mbarriers say when a stage is full and when it is free),
+and the consumer warpgroups only unpack, scale and issue wgmma, with the weight as the register
+operand (W x^T: N is the tensor-core M dimension, M its N), 32 columns of K at a time so the next
+chunk is unpacked while the last one's wgmma runs.
+
+It reads what a bound layer in the "operand-tiled" layout already holds: the codes tile-major,
+64 rows x 128 columns (16 int32 words) per 4 KB tile, in the operand permutation, so a thread's
+word is already the eight values its wgmma registers take (int4_layouts); and the scales and zero
+points packed one int32 per row and group (int4_triton.pack_scales_zeros). Groups of 128 or a
+multiple; N a multiple of BLOCK_N; K a multiple of 128.
+
+Gluon has no interpreter: the numeric tests are GPU tests; without a GPU the kernel is compiled
+for sm_90 and its SASS checked (tests/test_int4_wgmma.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
+
+try:  # Gluon ships with Triton 3.5+; without it the tuner offers none of these tiles
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the Triton installed
+    gluon = None
+
+TILE_ROWS, TILE_K = 64, 128  # the operand-tiled layout's tile: 64 rows x 128 columns (16 words)
+
+# (BLOCK_M, BLOCK_N, STAGES): M rows of x per tile (the wgmma N dimension: 64, 128 or 256),
+# weight rows per tile (two consumer warpgroups: 128 or 256), ring depth. Shared memory per stage:
+# BLOCK_M x 128 x 2 bytes of x + BLOCK_N x 64 bytes of codes (227 KB available on an H100).
+WsConfig = tuple[int, int, int]
+
+
+def available() -> bool:
+    """Whether this Triton has Gluon and the current device is a Hopper GPU (sm_90)."""
+    return gluon is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def fits(n: int, k: int, group: int, block_n: int = 128) -> bool:
+    """Whether a weight of this shape can run these tiles (whole tiles, groups of whole steps)."""
+    return n % block_n == 0 and n % TILE_ROWS == 0 and k % TILE_K == 0 and group % TILE_K == 0
+
+
+def smem_bytes(cfg: WsConfig) -> int:
+    """Shared memory a tile takes: the ring (x and codes per stage, two mbarriers each) and 8 KB the
+    compiler adds (the epilogue's transpose reuses the ring: 172,100 bytes for (128, 128, 4) when
+    compiled for sm_90)."""
+    bm, bn, stages = cfg
+    return stages * (bm * TILE_K * 2 + bn * TILE_K // 2 + 16) + 8 * 1024
+
+
+SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
+
+
+def configs(m: int, n: int, k: int, group: int) -> list[WsConfig]:
+    """The tiles the tuner tries for an M bucket. Below M = 64 the weight stream dominates and the
+    split-K and stream-K tiles win; BLOCK_M follows M up to 256 (the wgmma N limit); BLOCK_N 256
+    reads x half as often per weight row (x is most of a 128 x 128 step's bytes at M = 128)."""
+    if m < 64:
+        return []
+    bm = min(m, 128)
+    tiles = [(bm, 128, 4), (bm, 256, 3)] + ([(256, 128, 3)] if m >= 256 else [])
+    return [c for c in tiles if fits(n, k, group, c[1]) and smem_bytes(c) <= SMEM_LIMIT]
+
+
+if gluon is not None:
+
+    @gluon.constexpr_function
+    def _words_layout(rows, num_warps):
+        # A [rows, 4] block of words (one 32-column chunk), held as the wgmma register operand wants
+        # it after unpacking: lane % 4 picks the word (columns 2l..), lane / 4 the row, the second
+        # register the row + 8, warps 16 rows apart, then whole repeats of 16 x num_warps rows.
+        per = 16 * num_warps
+        return gl.DistributedLinearLayout(
+            reg_bases=[[8, 0]] + [[per << j, 0] for j in range((rows // per).bit_length() - 1)],
+            lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16 << j, 0] for j in range(num_warps.bit_length() - 1)], block_bases=[], shape=[rows, 4])
+
+    @gluon.jit
+    def _pair16(v):
+        """A 16-bit pattern per row [R] (int32) as both halves of an int32."""
+        v = v & 0xFFFF
+        return v | (v << 16)
+
+    @gluon.jit
+    def _unpack_chunk(words, bias2, scale2, ASM: gl.constexpr, DT: gl.constexpr):
+        """Words [R, 4] of one 32-column chunk (operand layout) -> (q - z) * s as DT [R, 32], in the
+        wgmma register operand's order (int4_codes.dequant_operand does the same in Triton)."""
+        zero = gl.zeros_like(words)
+        args = [words, gl.expand_dims(bias2, 1) + zero, gl.expand_dims(scale2, 1) + zero]
+        if DT == gl.float16:
+            q0, q1, q2, q3, q4, q5, q6, q7 = gl.inline_asm_elementwise(
+                ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args, dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            q0, q1, q2, q3, q4, q5, q6, q7 = gl.inline_asm_elementwise(
+                ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args, dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+        R: gl.constexpr = words.shape[0]
+        q = gl.join(gl.join(gl.join(q0, q1), gl.join(q2, q3)), gl.join(gl.join(q4, q5), gl.join(q6, q7)))
+        q = gl.permute(gl.reshape(q, (R, 1, 4, 2, 2, 2)), (0, 1, 3, 4, 2, 5))
+        return gl.reshape(q, (R, 32))
+
+    @gluon.jit
+    def _producer(x_desc, q_desc, x_bufs, q_bufs, ready, empty, m0, band0, k_tiles,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        for i in range(k_tiles):
+            st = i % STAGES
+            mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+            bar = ready.index(st)
+            mbarrier.expect(bar, x_desc.block_type.nbytes + (BLOCK_N // 64) * q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, i * 128], bar, x_bufs.index(st))
+            for b in gl.static_range(BLOCK_N // 64):
+                # tile (band, i) of the tile-major codes: rows (band * k_tiles + i) * 64 of the [*, 16] view
+                tma.async_copy_global_to_shared(q_desc, [((band0 + b) * k_tiles + i) * 64, 0], bar,
+                                                q_bufs.index(st).slice(64 * b, 64, dim=0))
+
+    @gluon.jit
+    def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, M, NGROUPS, GROUP_TILES, m0, n0, k_tiles,
+                  stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        DT: gl.constexpr = x_bufs.dtype
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        words_l: gl.constexpr = _words_layout(BLOCK_N, num_warps)
+        # A loop that may run zero times leaves a path where the zeroed accumulator meets the last
+        # wait, and ptxas then serializes every wgmma (C7515); launch() never passes K < 128.
+        gl.assume(k_tiles > 0)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+        s_rows = s_ptr + (n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))) * NGROUPS
+        sz_next = gl.load(s_rows)
+        for i in range(k_tiles):
+            st = i % STAGES
+            # this step's scales were loaded during the last one; the next step's are issued now
+            sz = sz_next
+            sz_next = gl.load(s_rows + gl.minimum(i + 1, k_tiles - 1) // GROUP_TILES)
+            scale2 = _pair16(sz)
+            bias2 = _pair16((-(TWO_E + ((sz >> 16) & 0xFF).to(gl.float32))).to(DT).to(gl.int16, bitcast=True)
+                            .to(gl.int32))
+            mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+            qb = q_bufs.index(st)
+            xb = x_bufs.index(st).permute((1, 0))  # x^T [128, BLOCK_M]: K-major, as wgmma reads it
+            for c in gl.static_range(4):
+                w = _unpack_chunk(qb.slice(4 * c, 4, dim=1).load(words_l), bias2, scale2, ASM, DT)
+                acc = warpgroup_mma(gl.convert_layout(w, a_l, assert_trivial=True), xb.slice(32 * c, 32, dim=0),
+                                    acc, is_async=True)
+            # this step's four wgmma groups stay in flight; the last step's are done: free its stage
+            acc = warpgroup_mma_wait(num_outstanding=4, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        # [BLOCK_M, BLOCK_N], N contiguous, through shared memory in DT (the fp32 tile would not fit beside the ring)
+        y = gl.convert_layout(gl.permute(acc.to(DT), (1, 0)), out_l)
+        om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
+        on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
+        if HAS_BIAS:
+            y = (y.to(gl.float32) + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 0)).to(DT)
+        gl.store(out_ptr + gl.expand_dims(om, 1) * stride_om + gl.expand_dims(on, 0), y,
+                 mask=gl.expand_dims(om < M, 1))
+
+    @gluon.jit
+    def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, M, N, NGROUPS, GROUP_TILES, stride_om,
+                        HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        pid = gl.program_id(0)
+        num_n = N // BLOCK_N
+        m0 = (pid // num_n) * BLOCK_M  # consecutive programs share x's rows and read different weights
+        n0 = (pid % num_n) * BLOCK_N
+        k_tiles = x_desc.shape[1] // 128
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], q_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, M, NGROUPS, GROUP_TILES, m0, n0,
+                         k_tiles, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M, STAGES, num_warps)),
+            (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, m0, n0 // 64, k_tiles, BLOCK_N, STAGES)),
+        ], [1], [40])
+
+
+_GL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def descriptors(x2: torch.Tensor, codes: torch.Tensor, cfg: WsConfig):
+    """TMA descriptors of x [M, K] (BLOCK_M x 128 boxes) and of the tile-major codes viewed as int32
+    rows of 16 words (64 x 16 boxes: one 4 KB tile)."""
+    bm = cfg[0]
+    dt = getattr(gl, _GL_DTYPE[x2.dtype])
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, TILE_K], gl.NVMMASharedLayout.get_default_for([bm, TILE_K], dt))
+    q = codes.view(torch.int32).reshape(-1, 16)
+    q_desc = TensorDescriptor.from_tensor(q, [TILE_ROWS, 16], gl.NVMMASharedLayout.get_default_for([TILE_ROWS, 16],
+                                                                                                   gl.int32))
+    return x_desc, q_desc
+
+
+def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
+           group: int, bias: torch.Tensor | None = None):
+    """out = x2 @ W^T (+ bias). codes: uint8 [N, K/2] in the "operand-tiled" layout; sz: int32
+    [N, K/group] (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. Returns the compiled kernel."""
+    m, k = x2.shape
+    n = out.shape[1]
+    bm, bn, stages = cfg
+    if x2.dtype not in _GL_DTYPE or not fits(n, k, group, bn) or sz.dtype != torch.int32:
+        raise ValueError(f"the warp-specialized tile {cfg} takes fp16/bf16 x, N a multiple of {bn}, K of 128, "
+                         f"groups of 128 or a multiple and packed int32 scales; got {x2.dtype}, N={n}, K={k}, "
+                         f"group {group}, scales {sz.dtype}")
+    x_desc, q_desc = descriptors(x2, codes, cfg)
+    fp16 = x2.dtype == torch.float16
+    grid = (-(-m // bm) * (n // bn),)
+    return _int4_ws_kernel[grid](
+        x_desc, q_desc, sz, out, out if bias is None else bias, m, n, k // group, group // TILE_K, out.stride(0),
+        HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
+        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, num_warps=8)

@@ -1,0 +1,130 @@
+"""The warp-specialized Hopper tile (kernels/int4_wgmma.py): numerics on an sm_90 GPU against float64,
+its place in the tuner's search space, and, without a GPU, what the compiler makes of it for sm_90.
+
+Gluon has no interpreter, so the numeric tests need the GPU (`-m gpu`); the SASS tests compile the
+kernel for sm_90 on any machine (with Triton's bundled ptxas and nvdisasm).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from quantbridge.kernels import int4_triton as kt  # noqa: E402
+from quantbridge.kernels import int4_wgmma as ws  # noqa: E402
+from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
+from quantbridge.plugin.spec import QuantSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_gluon = pytest.mark.skipif(ws.gluon is None, reason="this Triton has no Gluon")
+
+
+def _case(n, k, gs, dtype, bias, seed, sym=False):
+    gen = torch.Generator().manual_seed(seed)
+    qw = quantize_rtn(torch.randn(n, k, generator=gen), QuantSpec(group_size=gs, symmetric=sym), scale_dtype=dtype)
+    b = (torch.randn(n, generator=gen) * 0.5).to(dtype) if bias else None
+    return qw, b, gen
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def test_configs_fit_shared_memory_and_the_shape():
+    for m in (64, 128, 256, 512, 4096):
+        got = ws.configs(m, 28672, 8192, 128)
+        assert got and all(ws.smem_bytes(c) <= ws.SMEM_LIMIT and c[0] <= max(m, 64) for c in got), (m, got)
+    assert ws.configs(16, 28672, 8192, 128) == []  # the weight stream's regime: split-K and stream-K tiles
+    assert ws.configs(128, 28672, 8192, 64) == []  # groups smaller than a step
+    assert all(c[1] == 128 for c in ws.configs(128, 128 * 3, 8192, 128))  # N = 384: no 256-row tiles
+    assert ws.configs(128, 4096, 4000, 128) == []  # K not whole 128-column steps
+
+
+def test_tuner_offers_them_on_operand_tiled_layers_only_when_asked(monkeypatch):
+    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kt, "_ws_module", lambda: ws)  # as on an H100
+    got = [c for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c)]
+    assert got == [(128, 128, 128, 0, 8, 4), (128, 256, 128, 0, 8, 3)]
+    assert not any(kt.is_ws(c) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))  # row-major codes
+    assert not any(kt.is_ws(c) for c in kt.candidate_configs(16, 28672, 8192, 128, "operand-tiled"))
+    assert not kt.is_ws(kt.DEQUANT_CUBLAS)
+
+
+def test_the_ab_setting_turns_them_off(monkeypatch):
+    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kt, "WGMMA_WS", False)
+    assert kt._ws_module() is None
+    assert not any(kt.is_ws(c) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled"))
+
+
+def test_a_ws_config_is_refused_where_it_cannot_read_the_weight(monkeypatch):
+    qw, _, _ = _case(128, 256, 128, torch.float32, False, seed=3)
+    with pytest.raises(ValueError, match="warp-specialized Hopper tile"):
+        kt.launch(torch.randn(64, 256), qw, torch.empty(64, 128), (64, 128, 128, 0, 8, 4))
+
+
+def _sass_lines(cfg: str, *flags: str) -> list[str]:
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("this Triton has no bundled nvdisasm")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_counts.py"), "--ws", cfg, "--ptxas", *flags],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.splitlines()
+
+
+@needs_gluon
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
+def test_sass_keeps_the_wgmma_asynchronous_and_the_weight_in_registers():
+    """Per K step of 128: two m64 wgmma per 32-column chunk with the weight from registers (16-bit A
+    operands, no shared-memory round trip of the dequantized tile), one wait that leaves the step's
+    four groups in flight, and ptxas's verdict that nothing serializes them (C7515, which the
+    zeroed accumulator on a zero-trip path caused before the loop was declared non-empty)."""
+    for cfg, per_step in (("128,128,4", 8), ("128,256,3", 16)):
+        lines = _sass_lines(cfg)
+        loop = next(ln for ln in lines if ln.startswith("loop"))
+        assert f"HGMMA: {per_step}" in loop and "WARPGROUP.DEPBAR.LE: 1" in loop and "STS: 0" in loop, loop
+        assert any("ptxas:" in ln and "no performance warning" in ln for ln in lines), lines
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gs", [128, 256])
+def test_gpu_ws_tiles_match_float64(dtype, gs):
+    """Every tile, M below, at and above BLOCK_M (the tail rows masked), bias or not, asymmetric and
+    symmetric codes: within 3e-3 of float64 through the same dequantized weight, output poisoned first."""
+    for n, k, sym, bias in ((512, 1024, False, True), (768, 2048, True, False)):
+        qw, b, gen = _case(n, k, gs, dtype, bias, seed=n + gs, sym=sym)
+        qw, b = qw.to("cuda"), None if b is None else b.to("cuda")
+        for cfg in ws.configs(512, n, k, gs):
+            bound = kt.BoundLinear(qw, b, config=(cfg[0], cfg[1], 128, 0, 8, cfg[2]))
+            assert bound.layout == "operand-tiled" and bound._sz is not None
+            for m in (1, cfg[0] - 5, cfg[0], cfg[0] + 7, 3 * cfg[0]):
+                x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+                ref = x.double() @ qw.dequantize(torch.float64).T + (0 if b is None else b.double())
+                out = bound(x)
+                assert _rel(out, ref) < 3e-3, (cfg, m, dtype, gs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+def test_gpu_ws_tile_in_a_cuda_graph_reads_each_replays_input():
+    qw, b, gen = _case(1024, 4096, 128, torch.bfloat16, True, seed=9)
+    qw, b = qw.to("cuda"), b.to("cuda")
+    bound = kt.BoundLinear(qw, b, config=(128, 128, 128, 0, 8, 4))
+    static = torch.randn(200, 4096, generator=gen).to("cuda", torch.bfloat16)
+    bound(static)  # first call: compile and plan outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = bound(static)
+    for seed in (1, 2):
+        static.copy_(torch.randn(200, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+        g.replay()
+        want = static.double() @ qw.dequantize(torch.float64).T + b.double()
+        assert _rel(y, want) < 3e-3

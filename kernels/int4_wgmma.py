@@ -28,7 +28,8 @@ from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
 try:  # Gluon ships with Triton 3.5+; without it the tuner offers none of these tiles
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the Triton installed
     gluon = None
@@ -115,6 +116,9 @@ if gluon is not None:
         for i in range(k_tiles):
             st = i % STAGES
             mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+            # the consumers read the stage's codes through the generic proxy (ldmatrix), the TMA
+            # writes through the async one: order the two
+            fence_async_shared()
             bar = ready.index(st)
             mbarrier.expect(bar, x_desc.block_type.nbytes + (BLOCK_N // 64) * q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(x_desc, [m0, i * 128], bar, x_bufs.index(st))

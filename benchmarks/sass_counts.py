@@ -133,7 +133,7 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2], "num_warps": 8}
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
-               b_ptr="*" + _TY[dtype])
+               b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
                          attrs={})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})

@@ -620,16 +620,19 @@ STREAM_K = True
 WGMMA_WS = True
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K
-# programs; SPLIT_K 0: int4_wgmma's warp-specialized tile (BLOCK_K 128, num_warps 8 consumers)
+# programs; num_warps WS_WARPS: int4_wgmma's warp-specialized tile (BLOCK_K 128; SPLIT_K 1 or stream-K)
 Config = tuple[int, int, int, int, int, int]
 
 
 DEQUANT_CUBLAS: Config = (0, 0, 0, 0, 0, 0)  # dequantize with Triton, multiply with cuBLAS
 
 
+WS_WARPS = 12  # int4_wgmma's launch: two consumer warpgroups and the producer's (one warp of it working)
+
+
 def is_ws(cfg: Config) -> bool:
-    """Whether a configuration is int4_wgmma's warp-specialized tile (SPLIT_K 0, not DEQUANT_CUBLAS)."""
-    return cfg[3] == 0 and cfg[0] != 0
+    """Whether a configuration is int4_wgmma's warp-specialized tile (num_warps WS_WARPS)."""
+    return cfg[4] == WS_WARPS
 
 
 def _ws_module():
@@ -692,7 +695,11 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
         ws = _ws_module() if layout == "operand-tiled" else None
         if ws is not None:  # they read tile-major codes and packed scales: the tuner skips them without
-            extra += [(bm, bn, ws.TILE_K, 0, 8, st) for bm, bn, st in ws.configs(m, n, k, group)]
+            for bm, bn, st in ws.configs(m, n, k, group):
+                extra.append((bm, bn, ws.TILE_K, 1, WS_WARPS, st))
+                # stream-K where whole tiles leave a last wave part-empty
+                if STREAM_K and sms and ws.tiles(m, n, (bm, bn, st)) % sms and stream_k_fits(m, n, k, bm, bn, ws.TILE_K, sms):
+                    extra.append((bm, bn, ws.TILE_K, -sms, WS_WARPS, st))
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
@@ -847,13 +854,17 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
     sz: w's scales and zero points as pack_scales_zeros gives them, read instead (operand tiles)."""
     m, k = x2.shape
     n = w.out_features
+    ws_mod = None
     if is_ws(cfg):
-        if layout != "operand-tiled" or sz is None or _ws_module() is None:
+        ws_mod = _ws_module()
+        if layout != "operand-tiled" or sz is None or ws_mod is None:
             raise ValueError(f"{cfg} is a warp-specialized Hopper tile: it reads operand-tiled codes with packed "
                              f"scales on an sm_90 GPU (layout {layout!r}, packed scales: {sz is not None})")
-        return _ws_module().launch(x2, w.qweight, sz, out, (cfg[0], cfg[1], cfg[5]), w.group_size, bias)
-    fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout, sz is not None)
-    grid = _grid(cfg, m, n)
+        if cfg[3] < 0 and not stream_k_fits(m, n, k, cfg[0], cfg[1], cfg[2], -cfg[3]):
+            raise ValueError(f"{cfg}: stream-K over {-cfg[3]} programs needs at least as many (tile, K step) "
+                             f"units as programs for M={m}, N={n}, K={k}")
+    else:
+        fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout, sz is not None)
     sx = x2.stride(0) if stride_xm is None else stride_xm
     partials = partials_numel(cfg, m, n)
     if _prepares_x(cfg):
@@ -870,9 +881,13 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
         counters = torch.zeros(counter_slots(cfg, m, n), device=x2.device, dtype=torch.int32)
     if not partials:
         counters = out  # never read
+    if ws_mod is not None:
+        streamk = cfg[3] < 0
+        return ws_mod.launch(x2, w.qweight, sz, out, (cfg[0], cfg[1], cfg[5]), w.group_size, bias,
+                             -cfg[3] if streamk else None, ws if streamk else None, counters if streamk else None)
     tensors = (x2, qw, w.scales if sz is None else sz, w.zeros, _offsets(w), out, ws, counters,
                out if bias is None else bias)
-    return fast(grid, tensors, (*ints, sx, out.stride(0)), constexprs, cfg[4], cfg[5])
+    return fast(_grid(cfg, m, n), tensors, (*ints, sx, out.stride(0)), constexprs, cfg[4], cfg[5])
 
 
 def _prepares_x(cfg: Config) -> bool:
@@ -1191,8 +1206,11 @@ class BoundLinear:
             plan = _Plan(cfg, None, None, 0, None, None, self.s_ptr)
         elif is_ws(cfg):  # Gluon's own launcher (TMA descriptors per call): each call goes through _run
             sz = self._tile_sz(cfg)
-            _run(cfg, x2, self.weight, out, self.bias, None, stream, self.k, self.layout, sz)
-            plan = _Plan(cfg, None, None, 0, None, None, 0 if sz is None else sz.data_ptr())
+            ws_numel = partials_numel(cfg, m, self.n)
+            counters = torch.zeros(counter_slots(cfg, m, self.n), device=x2.device, dtype=torch.int32) \
+                if ws_numel else None
+            _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout, sz)
+            plan = _Plan(cfg, None, None, ws_numel, counters, None, 0 if sz is None else sz.data_ptr())
         else:
             grid = _grid(cfg, m, self.n)
             ws_numel = partials_numel(cfg, m, self.n)

@@ -111,56 +111,39 @@ if gluon is not None:
         return gl.reshape(q, (R, 32))
 
     @gluon.jit
-    def _producer(x_desc, q_desc, x_bufs, q_bufs, ready, empty, m0, band0, k_tiles,
+    def _run_of(pid, units, P):
+        """Program pid's run of (tile, K step) units: [u0, u1), equal shares, tile-major."""
+        return pid * units // P, (pid + 1) * units // P
+
+    @gluon.jit
+    def _producer(x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        for i in range(k_tiles):
-            st = i % STAGES
-            mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        u0, u1 = _run_of(gl.program_id(0), units, P)
+        for j in range(u1 - u0):
+            u = u0 + j
+            tile = u // k_tiles
+            kt = u % k_tiles
+            st = j % STAGES
+            mbarrier.wait(empty.index(st), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
             # the consumers read the stage's codes through the generic proxy (ldmatrix), the TMA
             # writes through the async one: order the two
             fence_async_shared()
             bar = ready.index(st)
             mbarrier.expect(bar, x_desc.block_type.nbytes + (BLOCK_N // 64) * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, i * 128], bar, x_bufs.index(st))
+            tma.async_copy_global_to_shared(x_desc, [(tile // num_n) * BLOCK_M, kt * 128], bar, x_bufs.index(st))
+            band0 = (tile % num_n) * (BLOCK_N // 64)
             for b in gl.static_range(BLOCK_N // 64):
-                # tile (band, i) of the tile-major codes: rows (band * k_tiles + i) * 64 of the [*, 16] view
-                tma.async_copy_global_to_shared(q_desc, [((band0 + b) * k_tiles + i) * 64, 0], bar,
+                # tile (band, kt) of the tile-major codes: rows (band * k_tiles + kt) * 64 of the [*, 16] view
+                tma.async_copy_global_to_shared(q_desc, [((band0 + b) * k_tiles + kt) * 64, 0], bar,
                                                 q_bufs.index(st).slice(64 * b, 64, dim=0))
 
     @gluon.jit
-    def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, M, NGROUPS, GROUP_TILES, m0, n0, k_tiles,
-                  stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
-                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        DT: gl.constexpr = x_bufs.dtype
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        words_l: gl.constexpr = _words_layout(BLOCK_N, num_warps)
-        # A loop that may run zero times leaves a path where the zeroed accumulator meets the last
-        # wait, and ptxas then serializes every wgmma (C7515); launch() never passes K < 128.
-        gl.assume(k_tiles > 0)
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
-        s_rows = s_ptr + (n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))) * NGROUPS
-        sz_next = gl.load(s_rows)
-        for i in range(k_tiles):
-            st = i % STAGES
-            # this step's scales were loaded during the last one; the next step's are issued now
-            sz = sz_next
-            sz_next = gl.load(s_rows + gl.minimum(i + 1, k_tiles - 1) // GROUP_TILES)
-            scale2 = _pair16(sz)
-            bias2 = _pair16((-(TWO_E + ((sz >> 16) & 0xFF).to(gl.float32))).to(DT).to(gl.int16, bitcast=True)
-                            .to(gl.int32))
-            mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-            qb = q_bufs.index(st)
-            xb = x_bufs.index(st).permute((1, 0))  # x^T [128, BLOCK_M]: K-major, as wgmma reads it
-            for c in gl.static_range(4):
-                w = _unpack_chunk(qb.slice(4 * c, 4, dim=1).load(words_l), bias2, scale2, ASM, DT)
-                acc = warpgroup_mma(gl.convert_layout(w, a_l, assert_trivial=True), xb.slice(32 * c, 32, dim=0),
-                                    acc, is_async=True)
-            # this step's four wgmma groups stay in flight; the last step's are done: free its stage
-            acc = warpgroup_mma_wait(num_outstanding=4, deps=(acc,))
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    def _store_out(acc, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS: gl.constexpr, DT: gl.constexpr,
+                   num_warps: gl.constexpr):
+        """The fp32 tile acc [BLOCK_N, BLOCK_M] (+ bias) into out [M, N] rows m0.., columns n0.., in DT."""
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        BLOCK_M: gl.constexpr = acc.shape[1]
         out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         # [BLOCK_M, BLOCK_N], N contiguous, through shared memory in DT (the fp32 tile would not fit beside the ring)
         y = gl.convert_layout(gl.permute(acc.to(DT), (1, 0)), out_l)
@@ -172,15 +155,83 @@ if gluon is not None:
                  mask=gl.expand_dims(om < M, 1))
 
     @gluon.jit
-    def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, M, N, NGROUPS, GROUP_TILES, stride_om,
-                        HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS, GROUP_TILES,
+                  num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        DT: gl.constexpr = x_bufs.dtype
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        words_l: gl.constexpr = _words_layout(BLOCK_N, num_warps)
         pid = gl.program_id(0)
-        num_n = N // BLOCK_N
-        m0 = (pid // num_n) * BLOCK_M  # consecutive programs share x's rows and read different weights
-        n0 = (pid % num_n) * BLOCK_N
+        u0, u1 = _run_of(pid, units, P)
+        first = u0 // k_tiles
+        j = 0  # this program's steps so far: the ring's position
+        for tile in range(first, (u1 - 1) // k_tiles + 1):
+            t0 = tile * k_tiles
+            ks = gl.maximum(u0, t0) - t0
+            ke = gl.minimum(u1, t0 + k_tiles) - t0
+            m0 = (tile // num_n) * BLOCK_M
+            n0 = (tile % num_n) * BLOCK_N
+            # A K loop that may run zero times leaves a path where the zeroed accumulator meets the
+            # last wait, and ptxas then serializes every wgmma (C7515); a run holds >= 1 step of each tile.
+            gl.assume(ke > ks)
+            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+            s_rows = s_ptr + (n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))) * NGROUPS
+            sz_next = gl.load(s_rows + ks // GROUP_TILES)
+            for kt in range(ks, ke):
+                st = j % STAGES
+                # this step's scales were loaded during the last one; the next step's are issued now
+                sz = sz_next
+                sz_next = gl.load(s_rows + gl.minimum(kt + 1, ke - 1) // GROUP_TILES)
+                scale2 = _pair16(sz)
+                bias2 = _pair16((-(TWO_E + ((sz >> 16) & 0xFF).to(gl.float32))).to(DT).to(gl.int16, bitcast=True)
+                                .to(gl.int32))
+                mbarrier.wait(ready.index(st), (j // STAGES) & 1)
+                qb = q_bufs.index(st)
+                xb = x_bufs.index(st).permute((1, 0))  # x^T [128, BLOCK_M]: K-major, as wgmma reads it
+                for c in gl.static_range(4):
+                    w = _unpack_chunk(qb.slice(4 * c, 4, dim=1).load(words_l), bias2, scale2, ASM, DT)
+                    acc = warpgroup_mma(gl.convert_layout(w, a_l, assert_trivial=True),
+                                        xb.slice(32 * c, 32, dim=0), acc, is_async=True)
+                # this step's four wgmma groups stay in flight; the step before is done: free its stage
+                acc = warpgroup_mma_wait(num_outstanding=4, deps=(acc,))
+                mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=kt > ks)
+                j += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES))  # the tile's last stage
+            if (ks == 0) & (ke == k_tiles):
+                _store_out(acc, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
+            else:
+                # Stream-K, as the Triton tiles do it: each run's part of a shared tile in its own
+                # workspace slot (two per program: its first tile and its last); the last of the
+                # tile's programs to arrive sums them in program order and stores the tile.
+                local = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), 1) * BLOCK_M \
+                    + gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l)), 0)
+                slot = 2 * pid + (tile != first).to(gl.int32)
+                gl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, acc)
+                p_lo = ((t0 + 1) * P + units - 1) // units - 1  # the owners of the tile's first and last step
+                p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
+                gl.thread_barrier()  # every thread's part is stored before the (single) release below
+                arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived == p_hi - p_lo:
+                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+                    for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
+                        q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
+                        total += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+                    _store_out(total, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
+                    gl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch
+
+    @gluon.jit
+    def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
+                        stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
+        when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        num_n = N // BLOCK_N  # consecutive tiles share x's rows and read different weights
         k_tiles = x_desc.shape[1] // 128
+        units = gl.cdiv(M, BLOCK_M) * num_n * k_tiles
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], q_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -189,9 +240,10 @@ if gluon is not None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, M, NGROUPS, GROUP_TILES, m0, n0,
-                         k_tiles, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M, STAGES, num_warps)),
-            (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, m0, n0 // 64, k_tiles, BLOCK_N, STAGES)),
+            (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS,
+                         GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
+                         STAGES, num_warps)),
+            (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
 
@@ -210,10 +262,18 @@ def descriptors(x2: torch.Tensor, codes: torch.Tensor, cfg: WsConfig):
     return x_desc, q_desc
 
 
+def tiles(m: int, n: int, cfg: WsConfig) -> int:
+    """Output tiles of one launch."""
+    return -(-m // cfg[0]) * (n // cfg[1])
+
+
 def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
-           group: int, bias: torch.Tensor | None = None):
+           group: int, bias: torch.Tensor | None = None, programs: int | None = None,
+           ws: torch.Tensor | None = None, counters: torch.Tensor | None = None):
     """out = x2 @ W^T (+ bias). codes: uint8 [N, K/2] in the "operand-tiled" layout; sz: int32
-    [N, K/group] (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. Returns the compiled kernel."""
+    [N, K/group] (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. programs: stream-K over that
+    many programs (None: one whole tile each), with ws (fp32, 2 x programs x BLOCK_M x BLOCK_N) and
+    counters (int32, one per tile, zeroed, left zeroed). Returns the compiled kernel."""
     m, k = x2.shape
     n = out.shape[1]
     bm, bn, stages = cfg
@@ -221,10 +281,15 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         raise ValueError(f"the warp-specialized tile {cfg} takes fp16/bf16 x, N a multiple of {bn}, K of 128, "
                          f"groups of 128 or a multiple and packed int32 scales; got {x2.dtype}, N={n}, K={k}, "
                          f"group {group}, scales {sz.dtype}")
+    p = tiles(m, n, cfg) if programs is None else programs
+    if programs is not None and (ws is None or counters is None or ws.numel() < 2 * p * bm * bn
+                                 or counters.numel() < tiles(m, n, cfg)):
+        raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
+                         f"{tiles(m, n, cfg)} zeroed counters")
     x_desc, q_desc = descriptors(x2, codes, cfg)
     fp16 = x2.dtype == torch.float16
-    grid = (-(-m // bm) * (n // bn),)
-    return _int4_ws_kernel[grid](
-        x_desc, q_desc, sz, out, out if bias is None else bias, m, n, k // group, group // TILE_K, out.stride(0),
+    return _int4_ws_kernel[(p,)](
+        x_desc, q_desc, sz, out, out if bias is None else bias, out if ws is None else ws,
+        sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
         TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, num_warps=8)

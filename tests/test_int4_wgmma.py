@@ -49,7 +49,11 @@ def test_tuner_offers_them_on_operand_tiled_layers_only_when_asked(monkeypatch):
     monkeypatch.setattr(kt, "_sm_count", lambda: 132)
     monkeypatch.setattr(kt, "_ws_module", lambda: ws)  # as on an H100
     got = [c for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c)]
-    assert got == [(128, 128, 128, 0, 8, 4), (128, 256, 128, 0, 8, 3)]
+    # whole tiles, and stream-K over one program per SM where the tiles leave a last wave part-empty
+    assert got == [(128, 128, 128, 1, 12, 4), (128, 128, 128, -132, 12, 4), (128, 256, 128, 1, 12, 3),
+                   (128, 256, 128, -132, 12, 3)]
+    monkeypatch.setattr(kt, "_sm_count", lambda: 112)  # 112 tiles of 128x256: whole tiles only
+    assert (128, 256, 128, -112, 12, 3) not in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled")
     assert not any(kt.is_ws(c) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))  # row-major codes
     assert not any(kt.is_ws(c) for c in kt.candidate_configs(16, 28672, 8192, 128, "operand-tiled"))
     assert not kt.is_ws(kt.DEQUANT_CUBLAS)
@@ -65,7 +69,7 @@ def test_the_ab_setting_turns_them_off(monkeypatch):
 def test_a_ws_config_is_refused_where_it_cannot_read_the_weight(monkeypatch):
     qw, _, _ = _case(128, 256, 128, torch.float32, False, seed=3)
     with pytest.raises(ValueError, match="warp-specialized Hopper tile"):
-        kt.launch(torch.randn(64, 256), qw, torch.empty(64, 128), (64, 128, 128, 0, 8, 4))
+        kt.launch(torch.randn(64, 256), qw, torch.empty(64, 128), (64, 128, 128, 1, kt.WS_WARPS, 4))
 
 
 def _sass_lines(cfg: str, *flags: str) -> list[str]:
@@ -102,14 +106,18 @@ def test_gpu_ws_tiles_match_float64(dtype, gs):
     for n, k, sym, bias in ((512, 1024, False, True), (768, 2048, True, False)):
         qw, b, gen = _case(n, k, gs, dtype, bias, seed=n + gs, sym=sym)
         qw, b = qw.to("cuda"), None if b is None else b.to("cuda")
-        for cfg in ws.configs(512, n, k, gs):
-            bound = kt.BoundLinear(qw, b, config=(cfg[0], cfg[1], 128, 0, 8, cfg[2]))
-            assert bound.layout == "operand-tiled" and bound._sz is not None
-            for m in (1, cfg[0] - 5, cfg[0], cfg[0] + 7, 3 * cfg[0]):
-                x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-                ref = x.double() @ qw.dequantize(torch.float64).T + (0 if b is None else b.double())
-                out = bound(x)
-                assert _rel(out, ref) < 3e-3, (cfg, m, dtype, gs)
+        for bm, bn, st in ws.configs(512, n, k, gs):
+            # whole tiles, and stream-K over 5 programs (runs that cross tiles, tiles shared by 2-3 runs)
+            for sk in (1, -5):
+                bound = kt.BoundLinear(qw, b, config=(bm, bn, 128, sk, kt.WS_WARPS, st))
+                assert bound.layout == "operand-tiled" and bound._sz is not None
+                for m in (1, bm - 5, bm, bm + 7, 3 * bm):
+                    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+                    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if b is None else b.double())
+                    out = bound(x)
+                    assert _rel(out, ref) < 3e-3, (bm, bn, st, sk, m, dtype, gs)
+                    if sk < 0:  # the tile counters are left zeroed for the next launch
+                        assert not bound.plans[m].counters.any()
 
 
 @pytest.mark.gpu
@@ -117,7 +125,7 @@ def test_gpu_ws_tiles_match_float64(dtype, gs):
 def test_gpu_ws_tile_in_a_cuda_graph_reads_each_replays_input():
     qw, b, gen = _case(1024, 4096, 128, torch.bfloat16, True, seed=9)
     qw, b = qw.to("cuda"), b.to("cuda")
-    bound = kt.BoundLinear(qw, b, config=(128, 128, 128, 0, 8, 4))
+    bound = kt.BoundLinear(qw, b, config=(128, 128, 128, -3, kt.WS_WARPS, 4))
     static = torch.randn(200, 4096, generator=gen).to("cuda", torch.bfloat16)
     bound(static)  # first call: compile and plan outside the capture
     g = torch.cuda.CUDAGraph()

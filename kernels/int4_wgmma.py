@@ -29,7 +29,7 @@ try:  # Gluon ships with Triton 3.5+; without it the tuner offers none of these 
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+                                                                   warpgroup_mma_init, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the Triton installed
     gluon = None
@@ -59,6 +59,11 @@ def smem_bytes(cfg: WsConfig) -> int:
     bm, bn, stages = cfg
     return stages * (bm * TILE_K * 2 + bn * TILE_K // 2 + 16) + 8 * 1024
 
+
+# wgmma groups a consumer leaves in flight before it unpacks the next chunk (one group per 32-column
+# chunk, four per step): at most 3, since the registers it writes were read by the group four back
+# (0 serializes them: the diagnostic in benchmarks/wgmma_check.py)
+IN_FLIGHT = 3
 
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
@@ -157,7 +162,8 @@ if gluon is not None:
     @gluon.jit
     def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS, GROUP_TILES,
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
-                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
+                  num_warps: gl.constexpr):
         DT: gl.constexpr = x_bufs.dtype
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -176,7 +182,8 @@ if gluon is not None:
             # A K loop that may run zero times leaves a path where the zeroed accumulator meets the
             # last wait, and ptxas then serializes every wgmma (C7515); a run holds >= 1 step of each tile.
             gl.assume(ke > ks)
-            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+            # an accumulator token from the start: the loop carries what its last wgmma returns
+            acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l))
             s_rows = s_ptr + (n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))) * NGROUPS
             sz_next = gl.load(s_rows + ks // GROUP_TILES)
             for kt in range(ks, ke):
@@ -191,12 +198,16 @@ if gluon is not None:
                 qb = q_bufs.index(st)
                 xb = x_bufs.index(st).permute((1, 0))  # x^T [128, BLOCK_M]: K-major, as wgmma reads it
                 for c in gl.static_range(4):
+                    # A wgmma reads its register operand while it runs, not when issued: the group that
+                    # last read this chunk's registers (four groups back, the last step's chunk c) must
+                    # be done before they are written again. Waiting here, not once a step, keeps the
+                    # other three in flight.
+                    acc = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
+                    if c == 3:  # the last step's four groups are done: free its stage
+                        mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=kt > ks)
                     w = _unpack_chunk(qb.slice(4 * c, 4, dim=1).load(words_l), bias2, scale2, ASM, DT)
                     acc = warpgroup_mma(gl.convert_layout(w, a_l, assert_trivial=True),
                                         xb.slice(32 * c, 32, dim=0), acc, is_async=True)
-                # this step's four wgmma groups stay in flight; the step before is done: free its stage
-                acc = warpgroup_mma_wait(num_outstanding=4, deps=(acc,))
-                mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=kt > ks)
                 j += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES))  # the tile's last stage
@@ -225,7 +236,7 @@ if gluon is not None:
     @gluon.jit
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
         when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -242,7 +253,7 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS,
                          GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, num_warps)),
+                         STAGES, IN_FLIGHT, num_warps)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
@@ -292,4 +303,4 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         x_desc, q_desc, sz, out, out if bias is None else bias, out if ws is None else ws,
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
-        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, num_warps=8)
+        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, num_warps=8)

@@ -11,6 +11,7 @@
 #   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
+#   WS_CHECK=1 TESTS=1 TEST_FILES=tests/test_int4_wgmma.py BENCH=0 bash benchmarks/gpu_run.sh   # the Gluon tiles' numerics
 #   TESTS=0 BENCH=0 VLLM_KERNELS=1 bash benchmarks/gpu_run.sh   # vLLM's machete/marlin/exllama: tests, bench, compare
 #   SERVE_SEND=1 bash benchmarks/gpu_run.sh                   # one chunk of the vLLM or demo set to /tmp/vllm-set (one call each)
 #   TESTS=0 BENCH=0 SERVE=1 SERVE_UNTIL=5b bash benchmarks/gpu_run.sh   # install vLLM 0.26.0, convert, tune the demo's shapes
@@ -90,6 +91,13 @@ exl_build() {
 if [ "${PRECOMPILE:-0}" = 1 ]; then
   timeout "${PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --batch "${PRE_BATCH:-1,2,4,8,16,32,64,128,512}" \
     --dtypes "${PRE_DTYPES:-bf16}" --modes "${PRE_MODES:-}" --workers "${PRE_WORKERS:-8}" 2>&1 | tail -n 3
+fi
+if [ "${WS_CHECK:-0}" = 1 ]; then
+  # kernels/int4_wgmma.py's tiles against float64 for each IN_FLIGHT, bf16 and fp16 (benchmarks/wgmma_check.py)
+  for dt in bf16 fp16; do
+    timeout "${WS_CHECK_TIMEOUT:-120}" python3 benchmarks/wgmma_check.py --dtype "$dt" > "$OUT/wgmma-check-$dt.txt" 2>&1
+    echo "== wgmma_check $dt rc=$?"; tail -n 30 "$OUT/wgmma-check-$dt.txt"
+  done
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then
   # A/B of kernel variants (benchmarks/kernel_variants.py), each tuned on its own. VAR_REPEAT=N runs

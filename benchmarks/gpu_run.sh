@@ -295,7 +295,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # VLLM_KERNELS=1's library in the same call), matched by PROFILE_KERNEL_RE (default: its name)
   for shape in ${PROFILE_SHAPES:-8192x28672x1 4096x4096x1 8192x28672x16 8192x28672x128}; do
     IFS=x read -r pk pn pm pkern <<< "$shape"
-    kre=${pkern:+"regex:${PROFILE_KERNEL_RE:-$pkern|${pkern^}}"}; kre=${kre:-"regex:_(int4_matmul|int4_gemv|dequant)_kernel"}
+    kre=${pkern:+"regex:${PROFILE_KERNEL_RE:-$pkern|${pkern^}}"}; kre=${kre:-"regex:_(int4_matmul|int4_gemv|int4_ws|dequant)_kernel"}
     timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" \
       --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \

@@ -39,8 +39,11 @@ VARIANTS["operand-tiled-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": Tr
                                      "STREAM_K": True}
 # + the warp-specialized Gluon tiles at M >= 64 (kernels/int4_wgmma.py, int4_triton.WGMMA_WS)
 VARIANTS["operand-tiled-ws"] = {**VARIANTS["operand-tiled-streamk"], "WGMMA_WS": True}
-for _v in VARIANTS.values():  # the variants before it ran without them
+# + its 16-row tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE)
+VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS_DECODE": True}
+for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("WGMMA_WS", False)
+    _v.setdefault("WGMMA_WS_DECODE", False)
 
 
 def _apply(settings: dict) -> None:

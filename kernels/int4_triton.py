@@ -618,6 +618,9 @@ STREAM_K = True
 # them at M >= 64 beside the Triton tiles and keeps them only where they timed faster. False is the
 # A/B variant without them.
 WGMMA_WS = True
+# ... and at M <= 16 its 16-row tiles on deep rings too (compiled and checked without a GPU, not yet
+# timed or tested on one: off until they are; benchmarks/NOTES.md)
+WGMMA_WS_DECODE = False
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K
 # programs; num_warps WS_WARPS: int4_wgmma's warp-specialized tile (BLOCK_K 128; SPLIT_K 1 or stream-K)
@@ -695,7 +698,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
         ws = _ws_module() if layout == "operand-tiled" else None
         if ws is not None:  # they read tile-major codes and packed scales: the tuner skips them without
-            for bm, bn, st in ws.configs(m, n, k, group):
+            for bm, bn, st in ws.configs(m, n, k, group, decode=WGMMA_WS_DECODE):
                 extra.append((bm, bn, ws.TILE_K, 1, WS_WARPS, st))
                 # stream-K where whole tiles leave a last wave part-empty
                 if STREAM_K and sms and ws.tiles(m, n, (bm, bn, st)) % sms and stream_k_fits(m, n, k, bm, bn, ws.TILE_K, sms):
@@ -978,7 +981,8 @@ class _Tuner:
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
             + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "") \
             + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
-            + ("-ws" if layout == "operand-tiled" and sz is not None and _ws_module() is not None else "")  # larger spaces
+            + ("-ws" if layout == "operand-tiled" and sz is not None and _ws_module() is not None else "") \
+            + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")  # larger spaces
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit

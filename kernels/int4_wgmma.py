@@ -68,14 +68,18 @@ IN_FLIGHT = 3
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
 
-def configs(m: int, n: int, k: int, group: int) -> list[WsConfig]:
-    """The tiles the tuner tries for an M bucket. Below M = 64 the weight stream dominates and the
-    split-K and stream-K tiles win; BLOCK_M follows M up to 256 (the wgmma N limit); BLOCK_N 256
-    reads x half as often per weight row (x is most of a 128 x 128 step's bytes at M = 128)."""
-    if m < 64:
+def configs(m: int, n: int, k: int, group: int, decode: bool = True) -> list[WsConfig]:
+    """The tiles the tuner tries for an M bucket. BLOCK_M follows M up to 256 (the wgmma N limit);
+    BLOCK_N 256 reads x half as often per weight row (x is most of a 128 x 128 step's bytes at
+    M = 128). At M <= 16 the weight stream is all that matters: 16-row tiles with deep rings (8 and 6
+    stages of 8 and 16 KB of codes; decode=False leaves them out); between 16 and 64 the Triton tiles alone."""
+    if m <= 16:
+        tiles = [(16, 128, 8), (16, 256, 6)] if decode else []
+    elif m < 64:
         return []
-    bm = min(m, 128)
-    tiles = [(bm, 128, 4), (bm, 256, 3)] + ([(256, 128, 3)] if m >= 256 else [])
+    else:
+        bm = min(m, 128)
+        tiles = [(bm, 128, 4), (bm, 256, 3)] + ([(256, 128, 3)] if m >= 256 else [])
     return [c for c in tiles if fits(n, k, group, c[1]) and smem_bytes(c) <= SMEM_LIMIT]
 
 

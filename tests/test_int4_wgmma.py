@@ -36,10 +36,11 @@ def _rel(out, ref):
 
 
 def test_configs_fit_shared_memory_and_the_shape():
-    for m in (64, 128, 256, 512, 4096):
+    for m in (1, 16, 64, 128, 256, 512, 4096):
         got = ws.configs(m, 28672, 8192, 128)
-        assert got and all(ws.smem_bytes(c) <= ws.SMEM_LIMIT and c[0] <= max(m, 64) for c in got), (m, got)
-    assert ws.configs(16, 28672, 8192, 128) == []  # the weight stream's regime: split-K and stream-K tiles
+        assert got and all(ws.smem_bytes(c) <= ws.SMEM_LIMIT and c[0] <= max(m, 16) for c in got), (m, got)
+    assert ws.configs(32, 28672, 8192, 128) == []  # between the decode tiles and the tensor-core ones
+    assert ws.configs(16, 28672, 8192, 128) == ws.configs(1, 28672, 8192, 128) == [(16, 128, 8), (16, 256, 6)]
     assert ws.configs(128, 28672, 8192, 64) == []  # groups smaller than a step
     assert all(c[1] == 128 for c in ws.configs(128, 128 * 3, 8192, 128))  # N = 384: no 256-row tiles
     assert ws.configs(128, 4096, 4000, 128) == []  # K not whole 128-column steps
@@ -55,7 +56,14 @@ def test_tuner_offers_them_on_operand_tiled_layers_only_when_asked(monkeypatch):
     monkeypatch.setattr(kt, "_sm_count", lambda: 112)  # 112 tiles of 128x256: whole tiles only
     assert (128, 256, 128, -112, 12, 3) not in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled")
     assert not any(kt.is_ws(c) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))  # row-major codes
-    assert not any(kt.is_ws(c) for c in kt.candidate_configs(16, 28672, 8192, 128, "operand-tiled"))
+    assert not any(kt.is_ws(c) for c in kt.candidate_configs(32, 28672, 8192, 128, "operand-tiled"))
+    # decode: 16-row tiles on deep rings, whole (224 or 112 tiles) and stream-K over one program per SM,
+    # only when asked (WGMMA_WS_DECODE: not yet timed on a GPU)
+    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    assert not any(kt.is_ws(c) for c in kt.candidate_configs(1, 28672, 8192, 128, "operand-tiled"))
+    monkeypatch.setattr(kt, "WGMMA_WS_DECODE", True)
+    assert [c for c in kt.candidate_configs(1, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c)] == [
+        (16, 128, 128, 1, 12, 8), (16, 128, 128, -132, 12, 8), (16, 256, 128, 1, 12, 6), (16, 256, 128, -132, 12, 6)]
     assert not kt.is_ws(kt.DEQUANT_CUBLAS)
 
 
@@ -111,8 +119,8 @@ def test_gpu_ws_tiles_match_float64(dtype, gs):
         # "float64 product of the kernel's own dequantized weight"; bf16 rounding of the weight alone
         # put one M=1 row at 3.1e-3 against the unrounded one)
         w_kernel = qw.dequantize_stored(dtype).double()
-        tiles = ws.configs(512, n, k, qw.group_size)
-        assert len(tiles) == 3
+        tiles = ws.configs(512, n, k, qw.group_size) + ws.configs(16, n, k, qw.group_size)
+        assert len(tiles) == 5
         for bm, bn, st in tiles:
             # whole tiles, and stream-K over 5 programs (runs that cross tiles, tiles shared by 2-3 runs)
             for sk in (1, -5):

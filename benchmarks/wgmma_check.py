@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_w = qw.dequantize(torch.float64)
     for f in (int(v) for v in a.in_flight.split(",")):
         ws.IN_FLIGHT = f
-        for bm, bn, st in ws.configs(512, n, k, 128):
+        for bm, bn, st in ws.configs(512, n, k, 128) + ws.configs(16, n, k, 128):
             for sk in (1, -5):
                 bound = kt.BoundLinear(qw, None, config=(bm, bn, 128, sk, kt.WS_WARPS, st))
                 errs = []

@@ -21,6 +21,8 @@ for sm_90 and its SASS checked (tests/test_int4_wgmma.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
@@ -265,15 +267,19 @@ if gluon is not None:
 _GL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(shape: tuple[int, int], dtype_name: str):
+    return gl.NVMMASharedLayout.get_default_for(list(shape), getattr(gl, dtype_name))
+
+
 def descriptors(x2: torch.Tensor, codes: torch.Tensor, cfg: WsConfig):
     """TMA descriptors of x [M, K] (BLOCK_M x 128 boxes) and of the tile-major codes viewed as int32
-    rows of 16 words (64 x 16 boxes: one 4 KB tile)."""
+    rows of 16 words (64 x 16 boxes: one 4 KB tile). Host-side objects: the launch encodes them."""
     bm = cfg[0]
-    dt = getattr(gl, _GL_DTYPE[x2.dtype])
-    x_desc = TensorDescriptor.from_tensor(x2, [bm, TILE_K], gl.NVMMASharedLayout.get_default_for([bm, TILE_K], dt))
-    q = codes.view(torch.int32).reshape(-1, 16)
-    q_desc = TensorDescriptor.from_tensor(q, [TILE_ROWS, 16], gl.NVMMASharedLayout.get_default_for([TILE_ROWS, 16],
-                                                                                                   gl.int32))
+    x_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [bm, TILE_K],
+                              _smem_layout((bm, TILE_K), _GL_DTYPE[x2.dtype]))
+    q = codes.view(torch.int32).view(-1, 16)
+    q_desc = TensorDescriptor(q, list(q.shape), [16, 1], [TILE_ROWS, 16], _smem_layout((TILE_ROWS, 16), "int32"))
     return x_desc, q_desc
 
 

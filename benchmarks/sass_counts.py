@@ -135,8 +135,11 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")
+    # pointers and the integers a Llama-shaped launch has divisible by 16, as Triton specializes them
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a in ("s_ptr", "out_ptr", "b_ptr", "ws_ptr", "cnt_ptr", "N", "NGROUPS", "stride_om")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
-                         attrs={})
+                         attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     return _sass(compiled.asm["cubin"]), compiled.asm["ptx"], compiled.metadata.shared
 

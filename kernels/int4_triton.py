@@ -696,13 +696,14 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
                 runs.append(((256, 128, 64, 8, 3), (1, 2)))
             extra += [(bm, bn, bk, -c * sms, w, st) for (bm, bn, bk, w, st), per_sm in runs for c in per_sm
                       if stream_k_fits(m, n, k, bm, bn, bk, c * sms)]
+        # the warp-specialized tiles read tile-major codes (and packed scales: the tuner skips them without)
         ws = _ws_module() if layout == "operand-tiled" else None
-        if ws is not None:  # they read tile-major codes and packed scales: the tuner skips them without
-            for bm, bn, st in ws.configs(m, n, k, group, decode=WGMMA_WS_DECODE):
-                extra.append((bm, bn, ws.TILE_K, 1, WS_WARPS, st))
-                # stream-K where whole tiles leave a last wave part-empty
-                if STREAM_K and sms and ws.tiles(m, n, (bm, bn, st)) % sms and stream_k_fits(m, n, k, bm, bn, ws.TILE_K, sms):
-                    extra.append((bm, bn, ws.TILE_K, -sms, WS_WARPS, st))
+        for bm, bn, st in ws.configs(m, n, k, group, decode=WGMMA_WS_DECODE) if ws is not None else ():
+            extra.append((bm, bn, ws.TILE_K, 1, WS_WARPS, st))
+            # stream-K where whole tiles leave a last wave part-empty
+            partial_wave = sms and ws.tiles(m, n, (bm, bn, st)) % sms
+            if STREAM_K and partial_wave and stream_k_fits(m, n, k, bm, bn, ws.TILE_K, sms):
+                extra.append((bm, bn, ws.TILE_K, -sms, WS_WARPS, st))
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
@@ -982,7 +983,7 @@ class _Tuner:
             + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "") \
             + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
             + ("-ws" if layout == "operand-tiled" and sz is not None and _ws_module() is not None else "") \
-            + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")  # larger spaces
+            + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
@@ -1208,28 +1209,23 @@ class BoundLinear:
         if cfg == DEQUANT_CUBLAS:
             launch(x2, self._dq_w, out, cfg, self.bias, layout=self._dq_layout)
             plan = _Plan(cfg, None, None, 0, None, None, self.s_ptr)
-        elif is_ws(cfg):  # Gluon's own launcher (TMA descriptors per call): each call goes through _run
-            sz = self._tile_sz(cfg)
-            ws_numel = partials_numel(cfg, m, self.n)
-            counters = torch.zeros(counter_slots(cfg, m, self.n), device=x2.device, dtype=torch.int32) \
-                if ws_numel else None
-            _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout, sz)
-            plan = _Plan(cfg, None, None, ws_numel, counters, None, 0 if sz is None else sz.data_ptr())
         else:
-            grid = _grid(cfg, m, self.n)
             ws_numel = partials_numel(cfg, m, self.n)
             counters = torch.zeros(counter_slots(cfg, m, self.n), device=x2.device, dtype=torch.int32) \
                 if ws_numel else None
             sz = self._tile_sz(cfg)
+            s_ptr = self.s_ptr if sz is None else sz.data_ptr()
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
             kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout, sz)
-            _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None, self.layout,
-                                                  sz is not None)
-            tail = (*ints, self.k, self.n, *constexprs)
-            # Two launches ("xprep"): the plan keeps the configuration, and each call goes through _run.
-            raw = None if _prepares_x(cfg) else raw_launcher(kernel)
-            plan = _Plan(cfg, grid, tail, ws_numel, counters, raw,
-                         self.s_ptr if sz is None else sz.data_ptr())
+            if is_ws(cfg) or _prepares_x(cfg):
+                # Gluon's own launcher (TMA descriptors per call), or two launches ("xprep"): the plan
+                # keeps the configuration, and each call goes through _run.
+                plan = _Plan(cfg, None, None, ws_numel, counters, None, s_ptr)
+            else:
+                _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None,
+                                                      self.layout, sz is not None)
+                plan = _Plan(cfg, _grid(cfg, m, self.n), (*ints, self.k, self.n, *constexprs), ws_numel, counters,
+                             raw_launcher(kernel), s_ptr)
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():
             self._captured.append(plan)
         elif len(self.plans) < self.MAX_PLANS:

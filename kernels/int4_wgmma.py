@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - depends on the Triton installed
 
 TILE_ROWS, TILE_K = 64, 128  # the operand-tiled layout's tile: 64 rows x 128 columns (16 words)
 
-# (BLOCK_M, BLOCK_N, STAGES): M rows of x per tile (the wgmma N dimension: 64, 128 or 256),
+# (BLOCK_M, BLOCK_N, STAGES): M rows of x per tile (the wgmma N dimension: 16, 64, 128 or 256),
 # weight rows per tile (two consumer warpgroups: 128 or 256), ring depth. Shared memory per stage:
 # BLOCK_M x 128 x 2 bytes of x + BLOCK_N x 64 bytes of codes (227 KB available on an H100).
 WsConfig = tuple[int, int, int]

@@ -128,7 +128,8 @@ class TritonKernel(Kernel):
     name = "triton"
     activation_dtypes = (torch.float16, torch.bfloat16)
     layouts = ("native", "gguf")
-    description = "quantbridge's packed-INT4 Triton kernel (GEMV for decode, tensor-core tiles, dequantize+cuBLAS)"
+    description = ("quantbridge's packed-INT4 Triton kernel (GEMV for decode, tensor-core tiles, warp-specialized "
+                   "Hopper tiles in Gluon, dequantize+cuBLAS)")
     takes_offsets = True  # w = q * s + m is one more term per tile (GGUF Q4_1/Q4_K)
 
     def available(self, device: torch.device) -> Availability:
@@ -139,7 +140,11 @@ class TritonKernel(Kernel):
             return Availability(False, f"Triton is not installed: {pip_extra('triton')}")
         import triton
 
-        return Availability(True, f"triton {triton.__version__}")
+        from quantbridge.kernels import int4_wgmma
+
+        # the tiles that make M >= 64 fast on an H100: say whether this machine gets them
+        ws = "with" if mod.WGMMA_WS and int4_wgmma.available() else "without (they need an sm_90 GPU and Gluon)"
+        return Availability(True, f"triton {triton.__version__}, {ws} the warp-specialized Hopper tiles")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:
         if not (ok := self.dtype_check(dtype)).ok:

@@ -80,6 +80,18 @@ def test_a_ws_config_is_refused_where_it_cannot_read_the_weight(monkeypatch):
         kt.launch(torch.randn(64, 256), qw, torch.empty(64, 128), (64, 128, 128, 1, kt.WS_WARPS, 4))
 
 
+def test_env_says_whether_the_native_kernel_gets_these_tiles(monkeypatch):
+    from quantbridge.plugin.kernel import get_kernel
+
+    triton_kernel = get_kernel("triton")
+    for hopper, want in ((True, "with the warp-specialized"), (False, "without (they need an sm_90 GPU and Gluon)")):
+        monkeypatch.setattr(ws, "available", lambda hopper=hopper: hopper)
+        got = triton_kernel.available(torch.device("cuda"))
+        assert got.ok and want in got.reason, got.reason
+    monkeypatch.setattr(kt, "WGMMA_WS", False)  # the A/B setting off: not offered, whatever the GPU
+    assert "without" in triton_kernel.available(torch.device("cuda")).reason
+
+
 def _sass_lines(cfg: str, *flags: str) -> list[str]:
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("this Triton has no bundled nvdisasm")

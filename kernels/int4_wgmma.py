@@ -45,8 +45,14 @@ WsConfig = tuple[int, int, int]
 
 
 def available() -> bool:
-    """Whether this Triton has Gluon and the current device is a Hopper GPU (sm_90)."""
-    return gluon is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    """Whether this Triton has Gluon and the current device is a Hopper GPU (sm_90). The tuner's key
+    asks on every unbound call: the device's answer is kept."""
+    return gluon is not None and torch.cuda.is_available() and _capability_major(torch.cuda.current_device()) == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def fits(n: int, k: int, group: int, block_n: int = 128) -> bool:

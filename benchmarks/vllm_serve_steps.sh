@@ -207,8 +207,10 @@ for r in d["rows"]:
               f"startup {r['startup_s']:.0f} s")
 if "overhead" in d:
     o = d["overhead"]
-    print(f"  tokens/s change with profiling: {o['change_pct']:+.2f} % (single request: off {o['single_off']:.1f}, "
-          f"on {o['single_on']:.1f}; {o['source']})")
+    # pooled over every server of the run directory, those of earlier calls too; the held-together
+    # ("paired") lines below are the figure to read where they exist
+    print(f"  tokens/s change with profiling, pooled medians: {o['change_pct']:+.2f} % (single request: off "
+          f"{o['single_off']:.1f}, on {o['single_on']:.1f}; {o['source']})")
 for every, e in d.get("by_full_every", {}).items():
     print(f"  tokens/s change with profiling, twins one step in {every}: {e['change_pct']:+.2f} % "
           f"({e['tokens_per_s']:.1f} over {e['rounds']} rounds; single {e['single']:.1f})")

@@ -137,3 +137,32 @@ def test_serve_stats_prints_the_paired_overhead(tmp_path):
            f"{c - 1:+.1f} … {c + 1:+.1f} %, 24 cycles)" in out
     assert f"single {s:+.1f} % per cycle" in out and "broken" not in out
     assert "control" not in out  # no control server in this run
+
+
+def test_serve_stats_says_whether_the_control_resolves_the_cost(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "worker-r0.json").write_text(json.dumps({
+        "schema": 2, "pid": 1, "host": "h", "device": "cpu", "backend": "native", "flushes": 1,
+        "flush_ms": {"count": 1, "total": 1.5, "max": 1.5}, "warmup_calls": {}, "graphs": {},
+        "layers": {"a": {"shape": [8, 16], "kernel": "k", "weight_bytes": 64,
+                         "m": {"1": {"count": 2, "total_us": 7.0, "min_us": 3.0, "max_us": 4.0,
+                                     "samples_ns": [3000, 4000]}}}}}))
+    # the control reads as no change (quartiles straddle zero, median under half the profiled one's), or not
+    on, small, big = random.uniform(-4, -2), random.uniform(-0.5, 0.5), random.uniform(2.5, 5)
+
+    def row(c: float, spread: float = 1.0) -> dict:
+        return {"change_pct": c, "q1_pct": c - spread, "q3_pct": c + spread, "cycles": 24}
+    # a wide control straddling zero still does not resolve a change of its own size
+    for control, spread, word in ((small, 1.0, "resolved:"), (big, 1.0, "not resolved:"),
+                                  (0.8 * on, 6.0, "not resolved:")):
+        (d / "overhead.json").write_text(json.dumps({
+            "tokens_per_s_off": 6000.0, "tokens_per_s_on": 5800.0, "source": "test",
+            "paired": {"concurrent": row(on)}, "paired_control": {"concurrent": row(control, spread)}}))
+        res = CliRunner().invoke(cli, ["serve-stats", str(d)])
+        assert res.exit_code == 0, res.output
+        out = " ".join(res.output.split())
+        assert f"concurrent: {word}" in out and f"{control:+.1f} %" in out
+        # the held-together figure comes first; the pooled medians follow, labelled as not held together
+        assert out.index("servers held together") < out.index("pooled medians, servers not held together")
+        assert ("not resolved" in out) == (word == "not resolved:")

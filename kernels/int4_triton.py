@@ -40,7 +40,9 @@ KERNEL_NAME = "quantbridge.triton"
 # r5: the operand tiles' search space grew (at M >= 128 BLOCK_K 128 tiles and a 128x256 stream-K
 # tile, at M < 128 BLOCK_K 128 stream-K tiles, at M <= 16 stream-K tiles) and STREAM_K is on.
 # r6: at M >= 64 the warp-specialized Gluon tiles (int4_wgmma) are candidates too (WGMMA_WS).
-REVISION = "r6"
+# r7: stream-K tiles write and read their fp32 partials for the rows of x that exist only (M=1 on a
+# 16-row tile: 1/16 of the workspace bytes), which makes them cheaper against the GEMV at M < 16.
+REVISION = "r7"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -142,7 +144,10 @@ def _int4_matmul_kernel(
             else:
                 local = offs_bm[:, None] * BLOCK_N + offs_bn[None, :]
                 slot = 2 * pid + (tile != first).to(tl.int32)
-                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, acc)
+                # rows of x past M are never stored: at M=1 on 16-row tiles the unmasked partials were
+                # 16x the bytes, written to L2 and evicted to DRAM by the weight stream (NOTES, r7)
+                rows = (offs_m < M)[:, None]
+                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, acc, mask=rows)
                 # the programs whose runs meet this tile: the owners of its first and last step
                 p_lo = ((t0 + 1) * P + units - 1) // units - 1
                 p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
@@ -150,7 +155,8 @@ def _int4_matmul_kernel(
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
                         q_slot = 2 * q + (q * units // P < t0).to(tl.int32)  # this tile is q's first, or its last
-                        total += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+                        total += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, mask=rows, other=0.0,
+                                         cache_modifier=".cg")
                     _store_tile(total, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS)
                     tl.atomic_xchg(cnt_ptr + tile, 0)  # the counter is zero again for the next launch
     else:

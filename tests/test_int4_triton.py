@@ -654,6 +654,25 @@ def test_interpreter_stream_k_matches_reference(programs, k):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("m", [1, 3])
+def test_interpreter_stream_k_partials_only_for_rows_of_x(m):
+    """A stream-K run's fp32 partial holds the rows of x that exist: at M=1 on a 16-row tile the rest
+    of its workspace slot is never written (NaN left in it stays NaN) nor summed into the output."""
+    n, k, programs = 72, 640, 7
+    x, qw, ref = _case(m, n, k, 64, False, torch.float32, "cpu", seed=70 + m)
+    cfg = (16, 32, 64, -programs, 4, 3)
+    numel = kt.partials_numel(cfg, m, n)
+    ws = kt._workspace(torch.device("cpu"), 0, numel)[2]
+    ws.fill_(float("nan"))
+    out = torch.full((m, n), float("nan"))
+    kt.launch(x, qw, out, cfg, counters=torch.zeros(kt.counter_slots(cfg, m, n), dtype=torch.int32))
+    assert _rel(out, ref) < 1e-5
+    slots = ws[:numel].view(2 * programs, 16, 32)
+    assert slots[:, m:].isnan().all()  # rows past M: never written
+    assert not slots[:, :m].isnan().all()  # the runs that share a tile wrote theirs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 @pytest.mark.parametrize("tiled", [False, True])
 def test_interpreter_stream_k_operand_tiles_with_packed_scales(tiled, monkeypatch):
     """Stream-K through a bound operand layer's tiles (W x^T, packed scales, bias), codes row-major

@@ -93,10 +93,10 @@ if [ "${PRECOMPILE:-0}" = 1 ]; then
     --dtypes "${PRE_DTYPES:-bf16}" --modes "${PRE_MODES:-}" --workers "${PRE_WORKERS:-8}" 2>&1 | tail -n 3
 fi
 if [ "${WS_CHECK:-0}" = 1 ]; then
-  # kernels/int4_wgmma.py's tiles against float64 for each IN_FLIGHT, bf16 and fp16 (benchmarks/wgmma_check.py)
+  # kernels/int4_wgmma.py's tiles against float64 for each IN_FLIGHT and RELEASE_LAG, bf16 and fp16 (benchmarks/wgmma_check.py)
   for dt in bf16 fp16; do
-    timeout "${WS_CHECK_TIMEOUT:-120}" python3 benchmarks/wgmma_check.py --dtype "$dt" > "$OUT/wgmma-check-$dt.txt" 2>&1
-    echo "== wgmma_check $dt rc=$?"; tail -n 30 "$OUT/wgmma-check-$dt.txt"
+    timeout "${WS_CHECK_TIMEOUT:-240}" python3 benchmarks/wgmma_check.py --dtype "$dt" > "$OUT/wgmma-check-$dt.txt" 2>&1
+    echo "== wgmma_check $dt rc=$?"; tail -n 60 "$OUT/wgmma-check-$dt.txt"
   done
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then

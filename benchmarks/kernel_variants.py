@@ -41,17 +41,23 @@ VARIANTS["operand-tiled-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": Tr
 VARIANTS["operand-tiled-ws"] = {**VARIANTS["operand-tiled-streamk"], "WGMMA_WS": True}
 # + its 16-row tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE)
 VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS_DECODE": True}
+# + the ws tile freeing each stage one step later, beside the next wait (int4_wgmma.RELEASE_LAG)
+VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LAG": 2}
 for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("WGMMA_WS", False)
     _v.setdefault("WGMMA_WS_DECODE", False)
+    _v.setdefault("RELEASE_LAG", 1)
+
+_WS_SETTINGS = ("RELEASE_LAG",)  # settings of int4_wgmma; the rest are int4_triton's
 
 
 def _apply(settings: dict) -> None:
     """Set one variant's module settings on the Triton kernel (the layer is built and first called under them)."""
     from quantbridge.kernels import int4_triton as kt
+    from quantbridge.kernels import int4_wgmma as ws
 
     for key, value in settings.items():
-        setattr(kt, key, value)
+        setattr(ws if key in _WS_SETTINGS else kt, key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

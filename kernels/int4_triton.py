@@ -985,10 +985,12 @@ class _Tuner:
             return candidate_configs(m_bucket(m), n, k, w.group_size, layout)[0]
         # The layout is in the key where it is not the canonical one: in one mode, a bound layer and an
         # unbound call of the same shape read different layouts (and older tables keep their keys).
+        ws = _ws_module() if layout == "operand-tiled" and sz is not None else None
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
             + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "") \
             + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
-            + ("-ws" if layout == "operand-tiled" and sz is not None and _ws_module() is not None else "") \
+            + ("-ws" if ws is not None else "") \
+            + (f"-lag{ws.RELEASE_LAG}" if ws is not None and ws.RELEASE_LAG != 1 else "") \
             + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup

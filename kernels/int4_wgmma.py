@@ -73,6 +73,14 @@ def smem_bytes(cfg: WsConfig) -> int:
 # (0 serializes them: the diagnostic in benchmarks/wgmma_check.py)
 IN_FLIGHT = 3
 
+# When a consumer frees a stage: 1, the step after it, once its four groups are done (at the fourth
+# chunk's wait); 2, the step after that, just before waiting for the stage it is about to read. Gluon
+# puts a barrier of all consumer threads around each release (one thread arrives) and before each
+# wait: two release points and one wait are three barriers a step; a release next to the wait shares
+# one, two a step, at the cost of one stage of the producer's lead (ncu at M >= 128:
+# benchmarks/NOTES.md). 2 needs STAGES >= 3, as every tile has.
+RELEASE_LAG = 1
+
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
 
@@ -175,7 +183,7 @@ if gluon is not None:
     def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS, GROUP_TILES,
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  LAG: gl.constexpr, num_warps: gl.constexpr):
         DT: gl.constexpr = x_bufs.dtype
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -206,6 +214,8 @@ if gluon is not None:
                 scale2 = _pair16(sz)
                 bias2 = _pair16((-(TWO_E + ((sz >> 16) & 0xFF).to(gl.float32))).to(DT).to(gl.int16, bitcast=True)
                                 .to(gl.int32))
+                if LAG == 2:  # the stage two steps back: the last step's fourth wait saw its groups done
+                    mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), pred=kt > ks + 1)
                 mbarrier.wait(ready.index(st), (j // STAGES) & 1)
                 qb = q_bufs.index(st)
                 xb = x_bufs.index(st).permute((1, 0))  # x^T [128, BLOCK_M]: K-major, as wgmma reads it
@@ -215,13 +225,16 @@ if gluon is not None:
                     # be done before they are written again. Waiting here, not once a step, keeps the
                     # other three in flight.
                     acc = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
-                    if c == 3:  # the last step's four groups are done: free its stage
-                        mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=kt > ks)
+                    if LAG == 1:
+                        if c == 3:  # the last step's four groups are done: free its stage
+                            mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=kt > ks)
                     w = _unpack_chunk(qb.slice(4 * c, 4, dim=1).load(words_l), bias2, scale2, ASM, DT)
                     acc = warpgroup_mma(gl.convert_layout(w, a_l, assert_trivial=True),
                                         xb.slice(32 * c, 32, dim=0), acc, is_async=True)
                 j += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if LAG == 2:  # the tile's last two stages (one, where the tile's run was one step)
+                mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), pred=ke - ks > 1)
             mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES))  # the tile's last stage
             if (ks == 0) & (ke == k_tiles):
                 _store_out(acc, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
@@ -248,7 +261,8 @@ if gluon is not None:
     @gluon.jit
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, LAG: gl.constexpr,
+                        num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
         when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -265,7 +279,7 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS,
                          GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, IN_FLIGHT, num_warps)),
+                         STAGES, IN_FLIGHT, LAG, num_warps)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
@@ -319,4 +333,4 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         x_desc, q_desc, sz, out, out if bias is None else bias, out if ws is None else ws,
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
-        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, num_warps=8)
+        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG, num_warps=8)

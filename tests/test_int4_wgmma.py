@@ -116,6 +116,19 @@ def test_sass_keeps_the_wgmma_asynchronous_and_the_weight_in_registers():
         assert any("ptxas:" in ln and "serialized" not in ln for ln in lines), lines
 
 
+@needs_gluon
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
+def test_sass_a_release_next_to_the_wait_shares_its_barrier():
+    """Gluon puts a barrier of all consumer threads before each stage's wait and around each release:
+    three a step when a stage is freed at the next step's fourth chunk (RELEASE_LAG 1), two when it is
+    freed one step later just before the wait (2); the wgmma and their waits stay as they were."""
+    for lag, bars in ((1, 3), (2, 2)):
+        lines = _sass_lines("128,128,4", "--release-lag", str(lag), "--count", "HGMMA,WARPGROUP.DEPBAR.LE,BAR")
+        loop = next(ln for ln in lines if ln.startswith("loop"))
+        assert "HGMMA: 8" in loop and "WARPGROUP.DEPBAR.LE: 4" in loop and f"BAR: {bars}]" in loop, (lag, loop)
+        assert any("ptxas:" in ln and "serialized" not in ln for ln in lines), lines
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -124,7 +137,20 @@ def test_gpu_ws_tiles_match_float64(dtype, gs):
     """Every tile, whole and stream-K, M below, at and above BLOCK_M (the tail rows masked), bias or not,
     asymmetric and symmetric codes, groups of 128 and one per row: within 3e-3 of float64 through the
     weight as the kernel dequantizes it."""
-    for n, k, sym, bias in ((512, 1024, False, True), (768, 2048, True, False)):
+    _check_tiles(dtype, gs, ((512, 1024, False, True), (768, 2048, True, False)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+def test_gpu_ws_tiles_release_lag_2(monkeypatch):
+    """The stages freed one step later (RELEASE_LAG 2): the same tiles, whole and stream-K (runs of one
+    step and runs crossing tiles free their stages at the tile's end), within 3e-3 of float64."""
+    monkeypatch.setattr(ws, "RELEASE_LAG", 2)
+    _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True),))
+
+
+def _check_tiles(dtype: torch.dtype, gs: int, cases) -> None:
+    for n, k, sym, bias in cases:
         qw, b, gen = _case(n, k, gs, dtype, bias, seed=n + gs, sym=sym)
         qw, b = qw.to("cuda"), None if b is None else b.to("cuda")
         # the weight as the kernel multiplies it: (q - z) * s rounded once to the dtype (the issue's

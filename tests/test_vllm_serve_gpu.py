@@ -116,14 +116,7 @@ def test_servers_run_one_after_another_are_not_paired(tmp_path, monkeypatch):
 
 
 def test_serve_stats_prints_the_paired_overhead(tmp_path):
-    d = tmp_path / "p"
-    d.mkdir()
-    (d / "worker-r0.json").write_text(json.dumps({
-        "schema": 2, "pid": 1, "host": "h", "device": "cpu", "backend": "native", "flushes": 1,
-        "flush_ms": {"count": 1, "total": 1.5, "max": 1.5}, "warmup_calls": {}, "graphs": {},
-        "layers": {"a": {"shape": [8, 16], "kernel": "k", "weight_bytes": 64,
-                         "m": {"1": {"count": 2, "total_us": 7.0, "min_us": 3.0, "max_us": 4.0,
-                                     "samples_ns": [3000, 4000]}}}}}))
+    d = _profile_dir(tmp_path)
     c, s = random.uniform(-5, -1), random.uniform(-3, 0)
     (d / "overhead.json").write_text(json.dumps({
         "tokens_per_s_off": 6000.0, "tokens_per_s_on": 5800.0, "source": "test",
@@ -140,14 +133,7 @@ def test_serve_stats_prints_the_paired_overhead(tmp_path):
 
 
 def test_serve_stats_says_whether_the_control_resolves_the_cost(tmp_path):
-    d = tmp_path / "p"
-    d.mkdir()
-    (d / "worker-r0.json").write_text(json.dumps({
-        "schema": 2, "pid": 1, "host": "h", "device": "cpu", "backend": "native", "flushes": 1,
-        "flush_ms": {"count": 1, "total": 1.5, "max": 1.5}, "warmup_calls": {}, "graphs": {},
-        "layers": {"a": {"shape": [8, 16], "kernel": "k", "weight_bytes": 64,
-                         "m": {"1": {"count": 2, "total_us": 7.0, "min_us": 3.0, "max_us": 4.0,
-                                     "samples_ns": [3000, 4000]}}}}}))
+    d = _profile_dir(tmp_path)
     # the control reads as no change (quartiles straddle zero, median under half the profiled one's), or not
     on, small, big = random.uniform(-4, -2), random.uniform(-0.5, 0.5), random.uniform(2.5, 5)
 
@@ -166,3 +152,16 @@ def test_serve_stats_says_whether_the_control_resolves_the_cost(tmp_path):
         # the held-together figure comes first; the pooled medians follow, labelled as not held together
         assert out.index("servers held together") < out.index("pooled medians, servers not held together")
         assert ("not resolved" in out) == (word == "not resolved:")
+
+
+def _profile_dir(tmp_path):
+    """A profile directory with one worker file of one layer, for serve-stats to read beside overhead.json."""
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "worker-r0.json").write_text(json.dumps({
+        "schema": 2, "pid": 1, "host": "h", "device": "cpu", "backend": "native", "flushes": 1,
+        "flush_ms": {"count": 1, "total": 1.5, "max": 1.5}, "warmup_calls": {}, "graphs": {},
+        "layers": {"a": {"shape": [8, 16], "kernel": "k", "weight_bytes": 64,
+                         "m": {"1": {"count": 2, "total_us": 7.0, "min_us": 3.0, "max_us": 4.0,
+                                     "samples_ns": [3000, 4000]}}}}}))
+    return d

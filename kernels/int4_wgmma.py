@@ -78,7 +78,7 @@ IN_FLIGHT = 3
 # puts a barrier of all consumer threads around each release (one thread arrives) and before each
 # wait: two release points and one wait are three barriers a step; a release next to the wait shares
 # one, two a step, at the cost of one stage of the producer's lead (ncu at M >= 128:
-# benchmarks/NOTES.md). 2 needs STAGES >= 3, as every tile has.
+# benchmarks/NOTES.md): the producer runs STAGES - 2 steps ahead, not STAGES - 1 (every tile has 3 or more).
 RELEASE_LAG = 1
 
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block

@@ -152,6 +152,8 @@ def test_serve_stats_says_whether_the_control_resolves_the_cost(tmp_path):
         # the held-together figure comes first; the pooled medians follow, labelled as not held together
         assert out.index("servers held together") < out.index("pooled medians, servers not held together")
         assert ("not resolved" in out) == (word == "not resolved:")
+        saved = json.loads((d / "results.json").read_text())  # the verdict is kept with the results
+        assert saved["settings"]["profiling_overhead"]["resolved"] == {"concurrent": word == "resolved:"}
 
 
 def _profile_dir(tmp_path):

@@ -85,12 +85,12 @@ def serve_stats(profile_dir: str, out_file: str | None) -> None:
     overhead = stats.overhead(profile_dir)
     if overhead is not None:
         st["profiling_overhead"] = overhead
-        paired, control = overhead.get("paired"), overhead.get("paired_control")
+        paired = overhead.get("paired")
         # Servers held together are the figure to read; the pooled medians mix servers run at other
         # times (another call's cold server included), so the machine's drift between them is in it.
         _echo_paired(paired, "profiling overhead, servers held together, rounds taking turns:")
-        _echo_paired(control, "  control, a second unprofiled server against the first:")
-        for line in _resolution(paired, control):
+        _echo_paired(overhead.get("paired_control"), "  control, a second unprofiled server against the first:")
+        for line in _resolution(overhead):
             click.echo(line)
         head = "  pooled medians, servers not held together" if paired else "profiling overhead"
         click.echo(f"{head} ({overhead['source']}): {overhead['tokens_per_s_off']:.1f} tokens/s unprofiled, "
@@ -109,16 +109,12 @@ def _echo_paired(paired: dict | None, head: str) -> None:
                    f"{p['q3_pct']:+.1f} %, {p['cycles']} cycles)")
 
 
-def _resolution(paired: dict | None, control: dict | None) -> list[str]:
-    """Whether the held-together run resolves the profiled server's change. It does only where the
-    A/A control (two unprofiled servers) reads as no change: its quartiles straddle zero and its
-    median is under half the profiled server's."""
+def _resolution(overhead: dict) -> list[str]:
+    """One line per load saying whether the held-together run resolves the change (stats.overhead)."""
     out = []
-    for kind, p in (paired or {}).items():
-        c = (control or {}).get(kind)
-        if c is None:
-            continue
-        if c["q1_pct"] <= 0 <= c["q3_pct"] and abs(c["change_pct"]) < abs(p["change_pct"]) / 2:
+    for kind, ok in overhead.get("resolved", {}).items():
+        p, c = overhead["paired"][kind], overhead["paired_control"][kind]
+        if ok:
             out.append(f"  {kind}: resolved: the profiled server moved {p['change_pct']:+.1f} %, the control "
                        f"{c['change_pct']:+.1f} %")
         else:

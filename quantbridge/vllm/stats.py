@@ -250,7 +250,17 @@ def overhead(directory: str | Path) -> dict | None:
     for key in ("paired", "paired_control"):  # the control: a second unprofiled server against the first
         if paired := _paired(data.get(key)):
             out[key] = paired
+    if resolved := _resolved(out.get("paired"), out.get("paired_control")):
+        out["resolved"] = resolved
     return out
+
+
+def _resolved(paired: dict | None, control: dict | None) -> dict[str, bool]:
+    """Per load (concurrent, single), whether a held-together run resolves the profiled server's
+    change: only where the A/A control reads as no change (its quartiles straddle zero and its
+    median is under half the profiled server's)."""
+    return {kind: c["q1_pct"] <= 0 <= c["q3_pct"] and abs(c["change_pct"]) < abs(p["change_pct"]) / 2
+            for kind, p in (paired or {}).items() if (c := (control or {}).get(kind)) is not None}
 
 
 def _paired(raw: object) -> dict | None:

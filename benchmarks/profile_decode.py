@@ -6,9 +6,12 @@
 Only the launches after tuning and warm-up are inside the profiler range (cudaProfilerStart), so
 with --profile-from-start off ncu never profiles a tuning candidate.
 
-Usage: python3 benchmarks/profile_decode.py [K N M [KERNEL]]   (default: 8192 28672 1, Llama-3-70B gate/up)
+Usage: python3 benchmarks/profile_decode.py [K N M [KERNEL]] [--config BM,BN,BK,SPLIT_K,WARPS,STAGES]
+(default: 8192 28672 1, Llama-3-70B gate/up)
 KERNEL: a registered kernel (marlin, machete, ...) run on round-to-nearest codes, as bench's rtn+K
 rows are; without it, the native backend. ncu's --kernel-name must then match that kernel's name.
+--config: the native kernel with this configuration (int4_triton.Config) instead of the tuned one,
+to profile a tile the tuner did not keep (its choice moves between tiles that time within 2 %).
 """
 
 import sys
@@ -21,16 +24,40 @@ from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.spec import QuantSpec
 
 
+def _config(args: list[str]) -> tuple[list[str], tuple[int, ...] | None]:
+    """The positional arguments, and --config's six integers if given."""
+    if "--config" not in args:
+        return args, None
+    i = args.index("--config")
+    try:
+        cfg = tuple(int(v) for v in args[i + 1].split(","))
+    except (IndexError, ValueError):
+        cfg = ()
+    if len(cfg) != 6:
+        sys.exit("--config takes six integers: BM,BN,BK,SPLIT_K,WARPS,STAGES (int4_triton.Config)")
+    return args[:i] + args[i + 2:], cfg
+
+
 def main() -> None:
-    k, n, m = (int(v) for v in sys.argv[1:4]) if len(sys.argv) >= 4 else (8192, 28672, 1)
-    kernel = sys.argv[4] if len(sys.argv) >= 5 else None
+    args, cfg = _config(sys.argv[1:])
+    k, n, m = (int(v) for v in args[0:3]) if len(args) >= 3 else (8192, 28672, 1)
+    kernel = args[3] if len(args) >= 4 else None
+    if kernel and cfg:
+        sys.exit("--config sets the native kernel's tile: not with KERNEL")
     lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, std=0.02)
     spec = QuantSpec(group_size=128)
     if kernel:
         q = build_exactly(kernel, quantize_rtn(lin.weight.detach(), spec, scale_dtype=torch.bfloat16), None)
+        label = q.kernel
     else:
         q = get("native").quantize(lin, spec)
+        label = q.kernel
+        if cfg:
+            from quantbridge.kernels.int4_triton import BoundLinear
+
+            label = f"{q.kernel} at {cfg}"
+            q = BoundLinear(q.packed, None, config=cfg)
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(10)]
     q(xs[0])  # tuning (cached on disk) happens here
     torch.cuda.synchronize()
@@ -42,7 +69,7 @@ def main() -> None:
         q(x)
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"ran {kernel or 'native'} K={k} N={n} M={m}, kernel {q.kernel}")
+    print(f"ran {kernel or 'native'} K={k} N={n} M={m}, kernel {label}")
 
 
 if __name__ == "__main__":

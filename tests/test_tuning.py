@@ -1,0 +1,71 @@
+"""The tuner's choice among candidates that time alike (kernels/tuning.py): which are timed again,
+in what order, and which wins. Timings here are simulated (a first pass, then a drifting clock)."""
+
+import random
+
+import pytest
+
+from quantbridge.kernels.tuning import finalists, pick_fastest
+
+
+def test_finalists_are_the_front_of_the_field_fastest_first():
+    first = [("c", 1.30), ("a", 1.00), ("d", 1.049), ("b", 1.02), ("e", 1.051)]
+    assert finalists(first) == ["a", "b", "d"]  # e is 5.1 % behind, c 30 %
+    assert finalists(first, limit=2) == ["a", "b"]
+    assert finalists([]) == []
+
+
+def test_a_lone_front_runner_is_not_timed_again():
+    def never(c):
+        raise AssertionError("timed again")
+
+    best, times = pick_fastest([("a", 1.0), ("b", 1.5)], never)
+    assert best == "a" and times == {}
+
+
+def test_rounds_rotate_so_each_candidate_leads_in_turn():
+    order = []
+
+    def time_again(c):
+        order.append(c)
+        return 1.0
+
+    pick_fastest([("a", 1.0), ("b", 1.01), ("c", 1.02)], time_again, rounds=3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_the_median_over_rounds_beats_a_first_pass_that_drifted():
+    """True times: b 2 % faster than a. The first pass timed a while the clock ran fast, so it ranked
+    a first; in the rounds the clock drifts by up to 4 % from call to call, and b still wins."""
+    rng = random.Random(20261207)
+    true = {"a": 60.0, "b": 58.8, "c": 75.0}
+    first = [("a", 58.5), ("b", 59.0), ("c", 75.0)]
+
+    def time_again(c):
+        return true[c] * (1.0 + rng.uniform(-0.02, 0.02))
+
+    best, times = pick_fastest(first, time_again, rounds=9)
+    assert best == "b"
+    assert set(times) == {"a", "b"} and all(len(v) == 9 for v in times.values())
+
+
+def test_a_candidate_that_fails_again_is_dropped():
+    def time_again(c):
+        if c == "a":
+            raise RuntimeError("out of resources")
+        return 2.0
+
+    best, times = pick_fastest([("a", 1.0), ("b", 1.02)], time_again)
+    assert best == "b" and set(times) == {"b"}
+
+
+def test_if_every_finalist_fails_again_the_first_pass_stands():
+    def time_again(c):
+        raise RuntimeError("device lost")
+
+    assert pick_fastest([("a", 1.0), ("b", 1.02)], time_again)[0] == "a"
+
+
+def test_no_candidate_is_an_error():
+    with pytest.raises(ValueError, match="no candidate"):
+        pick_fastest([], lambda c: 1.0)

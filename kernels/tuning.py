@@ -38,6 +38,8 @@ def pick_fastest(first_pass: Sequence[tuple[C, float]], time_again: Callable[[C]
     field = finalists(first_pass, margin, limit)
     if not field:
         raise ValueError("no candidate was timed")
+    if rounds < 1:
+        raise ValueError(f"rounds must be 1 or more, got {rounds}")
     if len(field) == 1:
         return field[0], {}
     times: dict[C, list[float]] = {c: [] for c in field}

@@ -69,3 +69,5 @@ def test_if_every_finalist_fails_again_the_first_pass_stands():
 def test_no_candidate_is_an_error():
     with pytest.raises(ValueError, match="no candidate"):
         pick_fastest([], lambda c: 1.0)
+    with pytest.raises(ValueError, match="rounds"):
+        pick_fastest([("a", 1.0), ("b", 1.01)], lambda c: 1.0, rounds=0)

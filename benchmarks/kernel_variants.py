@@ -43,12 +43,15 @@ VARIANTS["operand-tiled-ws"] = {**VARIANTS["operand-tiled-streamk"], "WGMMA_WS":
 VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS_DECODE": True}
 # + the ws tile freeing each stage one step later, beside the next wait (int4_wgmma.RELEASE_LAG)
 VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LAG": 2}
+# + the ws tile's stream-K parts kept in L2 for the rows of x only, summed 16 rows at a time (int4_wgmma.FIXUP_ROWS)
+VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16}
 for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("WGMMA_WS", False)
     _v.setdefault("WGMMA_WS_DECODE", False)
     _v.setdefault("RELEASE_LAG", 1)
+    _v.setdefault("FIXUP_ROWS", 0)
 
-_WS_SETTINGS = ("RELEASE_LAG",)  # settings of int4_wgmma; the rest are int4_triton's
+_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS")  # settings of int4_wgmma; the rest are int4_triton's
 
 
 def _apply(settings: dict) -> None:

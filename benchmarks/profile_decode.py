@@ -7,11 +7,13 @@ Only the launches after tuning and warm-up are inside the profiler range (cudaPr
 with --profile-from-start off ncu never profiles a tuning candidate.
 
 Usage: python3 benchmarks/profile_decode.py [K N M [KERNEL]] [--config BM,BN,BK,SPLIT_K,WARPS,STAGES]
+                                           [--fixup-rows R]
 (default: 8192 28672 1, Llama-3-70B gate/up)
 KERNEL: a registered kernel (marlin, machete, ...) run on round-to-nearest codes, as bench's rtn+K
 rows are; without it, the native backend. ncu's --kernel-name must then match that kernel's name.
 --config: the native kernel with this configuration (int4_triton.Config) instead of the tuned one,
 to profile a tile the tuner did not keep (its choice moves between tiles that time within 2 %).
+--fixup-rows: int4_wgmma.FIXUP_ROWS for the warp-specialized tiles (how stream-K parts are summed).
 """
 
 import sys
@@ -38,8 +40,21 @@ def _config(args: list[str]) -> tuple[list[str], tuple[int, ...] | None]:
     return args[:i] + args[i + 2:], cfg
 
 
+def _fixup_rows(args: list[str]) -> list[str]:
+    """Sets int4_wgmma.FIXUP_ROWS from --fixup-rows R; the other arguments."""
+    if "--fixup-rows" not in args:
+        return args
+    i = args.index("--fixup-rows")
+    if i + 1 >= len(args) or not args[i + 1].isdigit():
+        sys.exit("--fixup-rows takes a count of rows (0: the whole tile at once)")
+    from quantbridge.kernels import int4_wgmma
+
+    int4_wgmma.FIXUP_ROWS = int(args[i + 1])
+    return args[:i] + args[i + 2:]
+
+
 def main() -> None:
-    args, cfg = _config(sys.argv[1:])
+    args, cfg = _config(_fixup_rows(sys.argv[1:]))
     k, n, m = (int(v) for v in args[0:3]) if len(args) >= 3 else (8192, 28672, 1)
     kernel = args[3] if len(args) >= 4 else None
     if kernel and cfg:

@@ -16,6 +16,7 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
   python3 benchmarks/sass_counts.py --modes operand --config 128,128,64,1,4,4 --listing HGMMA,WARPGROUP,BAR
   python3 benchmarks/sass_counts.py --ws 128,128,4 --ws 128,256,3 --ptxas   # kernels/int4_wgmma.py's tiles
   python3 benchmarks/sass_counts.py --ws 128,128,4 --release-lag 2 --count BAR   # barriers a step, stage freed later
+  python3 benchmarks/sass_counts.py --ws 128,256,3 --fixup-rows 16 --ptxas   # stream-K parts summed 16 rows at a time
 
 --ptxas assembles the kernel's PTX again with `ptxas -v` for sm_90a and adds its register count and
 any performance warning (C75xx), e.g. C7515: "wgmma.mma_async instructions are serialized", which
@@ -132,7 +133,7 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     fn = ws._int4_ws_kernel
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
-              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "num_warps": 8}
+              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "num_warps": 8}
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")
@@ -226,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
                          "replaces --config and --modes; counts HGMMA, WARPGROUP.DEPBAR.LE and STS by default)")
     ap.add_argument("--release-lag", type=int, choices=(1, 2),
                     help="int4_wgmma.RELEASE_LAG for --ws: when a consumer frees a stage (default: the module's)")
+    ap.add_argument("--fixup-rows", type=int,
+                    help="int4_wgmma.FIXUP_ROWS for --ws: a stream-K tile summed whole (0) or R rows of x at a time")
     a = ap.parse_args(argv)
     if a.ws:
-        if a.release_lag is not None:
-            from quantbridge.kernels import int4_wgmma as ws
+        from quantbridge.kernels import int4_wgmma as ws
 
+        if a.release_lag is not None:
             ws.RELEASE_LAG = a.release_lag
+        if a.fixup_rows is not None:
+            ws.FIXUP_ROWS = a.fixup_rows
         count = tuple(p for p in (a.count or "HGMMA,WARPGROUP.DEPBAR.LE,STS").split(",") if p)
         for c in a.ws:
             print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas), flush=True)

@@ -993,6 +993,7 @@ class _Tuner:
             + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
             + ("-ws" if ws is not None else "") \
             + (f"-lag{ws.RELEASE_LAG}" if ws is not None and ws.RELEASE_LAG != 1 else "") \
+            + (f"-fix{ws.FIXUP_ROWS}" if ws is not None and ws.FIXUP_ROWS else "") \
             + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup

@@ -81,6 +81,14 @@ IN_FLIGHT = 3
 # benchmarks/NOTES.md): the producer runs STAGES - 2 steps ahead, not STAGES - 1 (every tile has 3 or more).
 RELEASE_LAG = 1
 
+# How a stream-K tile's parts are kept and summed: 0, all BLOCK_M rows of each part stored as the
+# accumulator holds them, and the last program sums whole parts (128 more floats a thread), then
+# stores through shared memory; R > 0, the parts stored x-row-major for the rows of x that exist
+# only, with an L2 evict_last hint, and summed R rows of x at a time (R x BLOCK_N floats a chunk).
+# ncu saw the 128x256 tile's 132-program twin take 23 % more cycles a step than the whole tile and
+# write its 35 MB of parts back to DRAM (benchmarks/NOTES.md); R is the A/B against that.
+FIXUP_ROWS = 0
+
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
 
@@ -180,10 +188,36 @@ if gluon is not None:
                  mask=gl.expand_dims(om < M, 1))
 
     @gluon.jit
+    def _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, HAS_BIAS: gl.constexpr,
+                    DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """A stream-K tile's parts (x-row-major: slot [BLOCK_M, BLOCK_N]) summed in program order, so the
+        sum does not depend on arrival order, and stored (+ bias) ROWS rows of x at a time."""
+        fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, fix_l))
+        on = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, fix_l))
+        if HAS_BIAS:
+            bias = gl.expand_dims(gl.load(b_ptr + n0 + on).to(gl.float32), 0)
+        for c in range(0, gl.cdiv(gl.minimum(M - m0, BLOCK_M), ROWS)):  # the chunks holding a row of x
+            rows = c * ROWS + r
+            keep = gl.expand_dims(m0 + rows < M, 1)
+            local = gl.expand_dims(rows, 1) * BLOCK_N + gl.expand_dims(on, 0)
+            part = gl.zeros([ROWS, BLOCK_N], gl.float32, fix_l)
+            for q in range(p_lo, p_hi + 1):
+                q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
+                # .cg: from L2, where the other programs wrote (ptxas takes no eviction hint beside it)
+                part += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, mask=keep, other=0.0,
+                                cache_modifier=".cg")
+            if HAS_BIAS:
+                part += bias
+            gl.store(out_ptr + gl.expand_dims(m0 + rows, 1) * stride_om + n0 + gl.expand_dims(on, 0), part.to(DT),
+                     mask=keep)
+
+    @gluon.jit
     def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS, GROUP_TILES,
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                  LAG: gl.constexpr, num_warps: gl.constexpr):
+                  LAG: gl.constexpr, FIXUP: gl.constexpr, num_warps: gl.constexpr):
         DT: gl.constexpr = x_bufs.dtype
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -242,27 +276,36 @@ if gluon is not None:
                 # Stream-K, as the Triton tiles do it: each run's part of a shared tile in its own
                 # workspace slot (two per program: its first tile and its last); the last of the
                 # tile's programs to arrive sums them in program order and stores the tile.
-                local = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), 1) * BLOCK_M \
-                    + gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l)), 0)
                 slot = 2 * pid + (tile != first).to(gl.int32)
-                gl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, acc)
+                acc_n = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), 1)
+                acc_m = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l)), 0)
+                if FIXUP == 0:
+                    local = acc_n * BLOCK_M + acc_m
+                    gl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, acc)
+                else:
+                    gl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + acc_m * BLOCK_N + acc_n, acc, mask=m0 + acc_m < M,
+                             eviction_policy="evict_last")
                 p_lo = ((t0 + 1) * P + units - 1) // units - 1  # the owners of the tile's first and last step
                 p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
                 gl.thread_barrier()  # every thread's part is stored before the (single) release below
                 arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
                 if arrived == p_hi - p_lo:
-                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
-                    for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
-                        q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
-                        total += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
-                    _store_out(total, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
+                    if FIXUP == 0:
+                        total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+                        for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
+                            q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
+                            total += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+                        _store_out(total, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
+                    else:
+                        _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, HAS_BIAS,
+                                    DT, BLOCK_N, BLOCK_M, FIXUP, num_warps)
                     gl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch
 
     @gluon.jit
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, LAG: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        FIXUP: gl.constexpr, num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
         when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -279,7 +322,7 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS,
                          GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, IN_FLIGHT, LAG, num_warps)),
+                         STAGES, IN_FLIGHT, LAG, FIXUP, num_warps)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
@@ -333,4 +376,5 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         x_desc, q_desc, sz, out, out if bias is None else bias, out if ws is None else ws,
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
-        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG, num_warps=8)
+        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
+        FIXUP=FIXUP_ROWS, num_warps=8)

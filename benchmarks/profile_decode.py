@@ -16,6 +16,7 @@ to profile a tile the tuner did not keep (its choice moves between tiles that ti
 --fixup-rows: int4_wgmma.FIXUP_ROWS for the warp-specialized tiles (how stream-K parts are summed).
 """
 
+import argparse
 import sys
 
 import torch
@@ -26,39 +27,38 @@ from quantbridge.plugin.packed import quantize_rtn
 from quantbridge.plugin.spec import QuantSpec
 
 
-def _config(args: list[str]) -> tuple[list[str], tuple[int, ...] | None]:
-    """The positional arguments, and --config's six integers if given."""
-    if "--config" not in args:
-        return args, None
-    i = args.index("--config")
+def _six_ints(text: str) -> tuple[int, ...]:
     try:
-        cfg = tuple(int(v) for v in args[i + 1].split(","))
-    except (IndexError, ValueError):
+        cfg = tuple(int(v) for v in text.split(","))
+    except ValueError:
         cfg = ()
     if len(cfg) != 6:
-        sys.exit("--config takes six integers: BM,BN,BK,SPLIT_K,WARPS,STAGES (int4_triton.Config)")
-    return args[:i] + args[i + 2:], cfg
+        raise argparse.ArgumentTypeError("six integers: BM,BN,BK,SPLIT_K,WARPS,STAGES (int4_triton.Config)")
+    return cfg
 
 
-def _fixup_rows(args: list[str]) -> list[str]:
-    """Sets int4_wgmma.FIXUP_ROWS from --fixup-rows R; the other arguments."""
-    if "--fixup-rows" not in args:
-        return args
-    i = args.index("--fixup-rows")
-    if i + 1 >= len(args) or not args[i + 1].isdigit():
-        sys.exit("--fixup-rows takes a count of rows (0: the whole tile at once)")
-    from quantbridge.kernels import int4_wgmma
-
-    int4_wgmma.FIXUP_ROWS = int(args[i + 1])
-    return args[:i] + args[i + 2:]
+def _args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shape", nargs="*", help="K N M [KERNEL]")
+    ap.add_argument("--config", type=_six_ints, help="BM,BN,BK,SPLIT_K,WARPS,STAGES")
+    ap.add_argument("--fixup-rows", type=int, help="int4_wgmma.FIXUP_ROWS")
+    a = ap.parse_args(argv)
+    if len(a.shape) not in (0, 3, 4) or not all(v.isdigit() for v in a.shape[:3]):
+        ap.error("the shape is K N M (integers), then optionally a kernel's name")
+    if len(a.shape) == 4 and a.config:
+        ap.error("--config sets the native kernel's tile: not with KERNEL")
+    return a
 
 
 def main() -> None:
-    args, cfg = _config(_fixup_rows(sys.argv[1:]))
-    k, n, m = (int(v) for v in args[0:3]) if len(args) >= 3 else (8192, 28672, 1)
-    kernel = args[3] if len(args) >= 4 else None
-    if kernel and cfg:
-        sys.exit("--config sets the native kernel's tile: not with KERNEL")
+    a = _args(sys.argv[1:])
+    if a.fixup_rows is not None:
+        from quantbridge.kernels import int4_wgmma
+
+        int4_wgmma.FIXUP_ROWS = a.fixup_rows
+    k, n, m = (int(v) for v in a.shape[:3]) if a.shape else (8192, 28672, 1)
+    kernel = a.shape[3] if len(a.shape) == 4 else None
+    cfg = a.config
     lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, std=0.02)
     spec = QuantSpec(group_size=128)

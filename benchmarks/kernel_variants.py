@@ -45,22 +45,35 @@ VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS
 VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LAG": 2}
 # + the ws tile's stream-K parts kept in L2 for the rows of x only, summed 16 rows at a time (int4_wgmma.FIXUP_ROWS)
 VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16}
+# + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
+VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("WGMMA_WS", False)
     _v.setdefault("WGMMA_WS_DECODE", False)
     _v.setdefault("RELEASE_LAG", 1)
     _v.setdefault("FIXUP_ROWS", 0)
+    _v.setdefault("SZ_SPLIT", False)
 
 _WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS")  # settings of int4_wgmma; the rest are int4_triton's
 
 
-def _apply(settings: dict) -> None:
-    """Set one variant's module settings on the Triton kernel (the layer is built and first called under them)."""
+def _module(key: str):
+    """The module that holds a variant setting."""
     from quantbridge.kernels import int4_triton as kt
     from quantbridge.kernels import int4_wgmma as ws
 
+    return ws if key in _WS_SETTINGS else kt
+
+
+def current(key: str):
+    """A variant setting's value as the kernel modules hold it now."""
+    return getattr(_module(key), key)
+
+
+def _apply(settings: dict) -> None:
+    """Set one variant's module settings on the Triton kernel (the layer is built and first called under them)."""
     for key, value in settings.items():
-        setattr(ws if key in _WS_SETTINGS else kt, key, value)
+        setattr(_module(key), key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
-from kernel_variants import VARIANTS  # the kernel settings each mode stands for (benchmarks/)
+from kernel_variants import VARIANTS, _apply, current  # the kernel settings each mode stands for (benchmarks/)
 
 from quantbridge.run.bench import parse_shapes
 
@@ -35,10 +35,7 @@ OPERAND_MODES = {name: ("operand-tiled" if v["OPERAND_TILED"] else "operand", v[
 
 def default_mode() -> str | None:
     """The mode whose settings are the kernel's own (what a bound layer runs), if one is."""
-    from quantbridge.kernels import int4_triton as kt
-
-    return next((name for name, v in VARIANTS.items() if all(getattr(kt, key) == val for key, val in v.items())),
-                None)
+    return next((name for name, v in VARIANTS.items() if all(current(key) == val for key, val in v.items())), None)
 
 
 def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group: int, modes: list[str]) -> list:
@@ -73,11 +70,14 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
     # The layouts the tuner times "tiled" and the operand modes on (bound layers keep their codes so).
     laid = {(layout, dt): replace(w, qweight=lay.relayout(w.qweight, "canonical", layout)) for dt, w in weights.items()
             for layout in ("tiled", "operand", "operand-tiled")}
-    packed = {dt: kt.pack_scales_zeros(w) for dt, w in weights.items()}  # what bound operand tiles read
+    # what bound operand tiles read, in each packing a mode's settings ask for (SZ_SPLIT)
+    packed = {(split, dt): kt.pack_scales_zeros(w, split) for dt, w in weights.items() for split in (False, True)}
     ok = 0
     for i, (mb, cfg, dt, mode) in enumerate(jobs):
         if i % counts[1] != rank:
             continue
+        if mode in VARIANTS:
+            _apply(VARIANTS[mode])
         kt.CODE_MODE = "operand" if mode in OPERAND_MODES else mode
         dtype, w = DTYPES[dt], weights[dt]
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
@@ -87,7 +87,8 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
             # ones through the kernels, with canonical codes for dequantize + cuBLAS
             if mode in OPERAND_MODES:
                 layout, reads_packed, _ = OPERAND_MODES[mode]
-                kt.launch(x, laid[layout, dt], out, cfg, layout=layout, sz=packed[dt] if reads_packed else None)
+                kt.launch(x, laid[layout, dt], out, cfg, layout=layout,
+                          sz=packed[kt.SZ_SPLIT, dt] if reads_packed else None)
             elif mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:
                 kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
             else:

@@ -95,7 +95,7 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
     sig = _signature(fn, _TY[dtype], words, offsets)
     if bm != 1:  # operand tiles read packed scales and zero points, as a bound layer's do (SCALES_PACKED)
         packed = kt.SCALES_PACKED and mode == "operand" and not offsets
-        consts += (packed,)
+        consts += ((2 if kt.SZ_SPLIT else 1) if packed else 0,)  # the kernel's SZ_PACKED (int4_triton.sz_format)
         if packed:
             sig["s_ptr"] = "*i32"
     if bm == 1 and mode == "xprep":
@@ -133,7 +133,8 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     fn = ws._int4_ws_kernel
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
-              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "num_warps": 8}
+              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "SPLIT": kt.SZ_SPLIT,
+              "num_warps": 8}
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")
@@ -229,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="int4_wgmma.RELEASE_LAG for --ws: when a consumer frees a stage (default: the module's)")
     ap.add_argument("--fixup-rows", type=int,
                     help="int4_wgmma.FIXUP_ROWS for --ws: a stream-K tile summed whole (0) or R rows of x at a time")
+    ap.add_argument("--sz-split", action="store_true",
+                    help="packed scales and zero points split into group-major words, 2.5 bytes a row and group "
+                         "(int4_triton.SZ_SPLIT), for operand and --ws tiles")
     a = ap.parse_args(argv)
+    kt.SZ_SPLIT = a.sz_split
     if a.ws:
         from quantbridge.kernels import int4_wgmma as ws
 

@@ -105,8 +105,8 @@ def _int4_matmul_kernel(
     applied (int4_codes.dequant_operand) straight into the tensor-core register operand, and the
     dot accumulating across K tiles, so consecutive wgmma need not wait for each other.
 
-    SZ_PACKED (operand tiles): s_ptr points at one int32 per (row, group), the scale's 16 bits
-    low and the zero point above (pack_scales_zeros). A scale alone is 2 bytes at stride NGROUPS,
+    SZ_PACKED (operand tiles): 1, s_ptr points at one int32 per (row, group), the scale's 16 bits
+    low and the zero point above (pack_scales_zeros); 2, at its split words (SZ_SPLIT). A scale alone is 2 bytes at stride NGROUPS,
     below the 4 bytes of an asynchronous copy, so Triton's pipeliner left those loads in the
     iteration that used them (SASS: LDG.E.U16 and LDG.E.U8 feeding the dequantization) and every
     warp waited a load latency at each group; packed, they are staged through shared memory
@@ -255,7 +255,12 @@ def _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_w
                                 eviction_policy="evict_first")
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
-            if SZ_PACKED:
+            if SZ_PACKED == 2:  # split: group-major words, BLOCK_N contiguous of each
+                v = tl.load(s_ptr + (g // 2) * N + offs_n, mask=in_k, other=0)
+                s = ((v >> ((g % 2) * 16)) & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
+                v = tl.load(s_ptr + ((NGROUPS + 1) // 2 + g // 8) * N + offs_n, mask=in_k, other=0)
+                z = ((v >> ((g % 8) * 4)) & 0xF).to(tl.uint8)
+            elif SZ_PACKED == 1:
                 v = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
                 s = (v & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
                 z = ((v >> 16) & 0xFF).to(tl.uint8)
@@ -607,6 +612,13 @@ CODE_MODE = "operand"
 # group too (pack_scales_zeros; 4 bytes per 64 of codes at group 128), which their tensor-core
 # tiles read; False reads the two separately, as up to r4 (an A/B variant).
 SCALES_PACKED = True
+# How they are packed: False, one int32 per row and group, row-major [N, groups] (4 bytes a row and
+# group); True ("split"), group-major words [groups/2 + groups/8, N]: two groups' 16-bit scales to
+# a word, then eight groups' 4-bit zero points to a word. 2.5 bytes a row and group, as Marlin's,
+# against 4 (2.7 MB of 8192x28672's 129.5 MB from DRAM under ncu), and each K step reads BLOCK_N
+# contiguous words of each, not one word from each of BLOCK_N rows (benchmarks/NOTES.md). An A/B
+# variant until measured.
+SZ_SPLIT = False
 # Bound operand-layout layers of whole 64x128 tiles store those codes tile-major ("operand-tiled",
 # int4_layouts), so a 64x128 tile is one contiguous 4 KB read: on an H100 it took 8192x28672 from
 # 66.5 to 60.0 us at M=1 and from 68.9 to 59.1 at M=16 (benchmarks/NOTES.md). False keeps them
@@ -790,10 +802,11 @@ def _grid(cfg: Config, m: int, n: int) -> tuple[int, int, int]:
 
 
 def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, layout: str = "canonical",
-                 packed: bool = False) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
+                 packed: int = 0) -> tuple[FastLauncher, torch.Tensor, tuple, tuple]:
     """(launcher, the weight view it reads, the integer arguments, the constexprs) of one configuration.
     layout: how w.qweight is laid out (int4_layouts; not canonical only for a bound layer).
-    packed: the scales and zero points are read from pack_scales_zeros' words (operand tiles only)."""
+    packed: the scales and zero points are read from pack_scales_zeros' words (operand tiles only):
+    sz_format's 1 or 2; 0, w's own."""
     bm, bn, bk, sk, _, _ = cfg
     n = w.out_features
     mode = CODE_MODES[CODE_MODE]
@@ -876,7 +889,8 @@ def _run(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: 
             raise ValueError(f"{cfg}: stream-K over {-cfg[3]} programs needs at least as many (tile, K step) "
                              f"units as programs for M={m}, N={n}, K={k}")
     else:
-        fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout, sz is not None)
+        fast, qw, ints, constexprs = _kernel_args(cfg, w, m, k, bias is not None, layout,
+                                                  sz_format(sz, n, k // w.group_size))
     sx = x2.stride(0) if stride_xm is None else stride_xm
     partials = partials_numel(cfg, m, n)
     if _prepares_x(cfg):
@@ -933,18 +947,51 @@ def reads_packed(cfg: Config) -> bool:
 
 
 def packs_scales(w: Int4Weight, layout: str) -> bool:
-    """Whether a bound layer in `layout` keeps pack_scales_zeros(w) for its tiles (SCALES_PACKED)."""
-    return SCALES_PACKED and layout in OPERAND_LAYOUTS and w.offsets is None and w.scales.element_size() == 2
+    """Whether a bound layer in `layout` keeps pack_scales_zeros(w) for its tiles (SCALES_PACKED; with
+    SZ_SPLIT, zero points of 4 bits only)."""
+    return SCALES_PACKED and layout in OPERAND_LAYOUTS and w.offsets is None and w.scales.element_size() == 2 \
+        and not (SZ_SPLIT and w.zeros.numel() and int(w.zeros.max()) > 15)
 
 
-def pack_scales_zeros(w: Int4Weight) -> torch.Tensor:
-    """int32 [N, groups]: each group's 16-bit scale in the low half, its zero point in bits 16-23.
-    One 4-byte word per row and group is what an asynchronous copy can stage (a 2-byte scale is
-    not); the scales' own bits, so nothing is rounded."""
+def pack_scales_zeros(w: Int4Weight, split: bool | None = None) -> torch.Tensor:
+    """The scales' own bits and the zero points, packed for the operand tiles (nothing is rounded).
+    Not split: int32 [N, groups], each group's 16-bit scale in the low half, its zero point in bits
+    16-23; one 4-byte word per row and group is what an asynchronous copy can stage (a 2-byte scale is
+    not). Split (SZ_SPLIT when None): int32 [ceil(groups/2) + ceil(groups/8), N], group-major: word
+    (g // 2, n) holds row n's scales of groups g (low half, g even) and g + 1; word (ceil(groups/2) +
+    g // 8, n) its zero points of groups g..g+7, 4 bits each, group g % 8 at bit 4 * (g % 8). Groups
+    past the last are zero."""
     if w.scales.element_size() != 2 or w.offsets is not None:
         raise ValueError("packing takes 16-bit scales with integer zero points")
     low = w.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    return (low | (w.zeros.to(torch.int32) << 16)).contiguous()
+    zeros = w.zeros.to(torch.int32)
+    if not (SZ_SPLIT if split is None else split):
+        return (low | (zeros << 16)).contiguous()
+    if zeros.numel() and int(zeros.max()) > 15:
+        raise ValueError("split packing holds 4-bit zero points; this weight has zero points above 15")
+    n, groups = low.shape
+    g2, g8 = -(-groups // 2), -(-groups // 8)
+    s = low.new_zeros(2 * g2, n)
+    s[:groups] = low.t()
+    z = zeros.new_zeros(8 * g8, n)
+    z[:groups] = zeros.t()
+    zw = z[0::8]
+    for i in range(1, 8):
+        zw = zw | (z[i::8] << (4 * i))
+    return torch.cat([s[0::2] | (s[1::2] << 16), zw]).contiguous()
+
+
+def sz_format(sz: torch.Tensor | None, n: int, groups: int) -> int:
+    """How the tiles read `sz` (their SZ_PACKED): 0, no packed words (w's own scales and zero points);
+    1, pack_scales_zeros' [N, groups] words; 2, its split words. Told apart by shape."""
+    if sz is None:
+        return 0
+    if tuple(sz.shape) == (n, groups):
+        return 1
+    if tuple(sz.shape) == (-(-groups // 2) - (-groups // 8), n):
+        return 2
+    raise ValueError(f"packed scales of shape {tuple(sz.shape)} fit neither [N, groups] = [{n}, {groups}] "
+                     f"nor the split [{-(-groups // 2) - (-groups // 8)}, {n}] (pack_scales_zeros)")
 
 
 _MATMUL = FastLauncher(_int4_matmul_kernel)
@@ -989,7 +1036,8 @@ class _Tuner:
         # unbound call of the same shape read different layouts (and older tables keep their keys).
         ws = _ws_module() if layout == "operand-tiled" and sz is not None else None
         key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
-            + ("" if layout == "canonical" else f"-{layout}") + ("-sz" if sz is not None else "") \
+            + ("" if layout == "canonical" else f"-{layout}") \
+            + ("", "-sz", "-sz25")[sz_format(sz, n, k // w.group_size)] \
             + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
             + ("-ws" if ws is not None else "") \
             + (f"-lag{ws.RELEASE_LAG}" if ws is not None and ws.RELEASE_LAG != 1 else "") \
@@ -1237,7 +1285,7 @@ class BoundLinear:
                 plan = _Plan(cfg, None, None, ws_numel, counters, None, s_ptr)
             else:
                 _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None,
-                                                      self.layout, sz is not None)
+                                                      self.layout, sz_format(sz, self.n, self.k // self.weight.group_size))
                 plan = _Plan(cfg, _grid(cfg, m, self.n), (*ints, self.k, self.n, *constexprs), ws_numel, counters,
                              raw_launcher(kernel), s_ptr)
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -12,7 +12,8 @@ chunk is unpacked while the last one's wgmma runs.
 It reads what a bound layer in the "operand-tiled" layout already holds: the codes tile-major,
 64 rows x 128 columns (16 int32 words) per 4 KB tile, in the operand permutation, so a thread's
 word is already the eight values its wgmma registers take (int4_layouts); and the scales and zero
-points packed one int32 per row and group (int4_triton.pack_scales_zeros). Groups of 128 or a
+points packed one int32 per row and group, or split into group-major words of two scales and of eight
+zero points (int4_triton.pack_scales_zeros). Groups of 128 or a
 multiple; N a multiple of BLOCK_N; K a multiple of 128.
 
 Gluon has no interpreter: the numeric tests are GPU tests; without a GPU the kernel is compiled
@@ -144,6 +145,17 @@ if gluon is not None:
         return gl.reshape(q, (R, 32))
 
     @gluon.jit
+    def _load_sz(s_ptr, rows, g, N, NGROUPS, SPLIT: gl.constexpr):
+        """Rows' scale (low 16 bits) and zero point (bits 16-23) of group g as one int32 each, from
+        pack_scales_zeros' [N, groups] words or (SPLIT) its group-major split words."""
+        if SPLIT:
+            v = gl.load(s_ptr + (g // 2) * N + rows)
+            z = gl.load(s_ptr + ((NGROUPS + 1) // 2 + g // 8) * N + rows)
+            return ((v >> ((g % 2) * 16)) & 0xFFFF) | (((z >> ((g % 8) * 4)) & 0xF) << 16)
+        else:
+            return gl.load(s_ptr + rows * NGROUPS + g)
+
+    @gluon.jit
     def _run_of(pid, units, P):
         """Program pid's run of (tile, K step) units: [u0, u1), equal shares, tile-major."""
         return pid * units // P, (pid + 1) * units // P
@@ -214,10 +226,10 @@ if gluon is not None:
                      mask=keep)
 
     @gluon.jit
-    def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS, GROUP_TILES,
+    def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                  LAG: gl.constexpr, FIXUP: gl.constexpr, num_warps: gl.constexpr):
+                  LAG: gl.constexpr, FIXUP: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         DT: gl.constexpr = x_bufs.dtype
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -238,13 +250,13 @@ if gluon is not None:
             gl.assume(ke > ks)
             # an accumulator token from the start: the loop carries what its last wgmma returns
             acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l))
-            s_rows = s_ptr + (n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))) * NGROUPS
-            sz_next = gl.load(s_rows + ks // GROUP_TILES)
+            rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))
+            sz_next = _load_sz(s_ptr, rows, ks // GROUP_TILES, N, NGROUPS, SPLIT)
             for kt in range(ks, ke):
                 st = j % STAGES
                 # this step's scales were loaded during the last one; the next step's are issued now
                 sz = sz_next
-                sz_next = gl.load(s_rows + gl.minimum(kt + 1, ke - 1) // GROUP_TILES)
+                sz_next = _load_sz(s_ptr, rows, gl.minimum(kt + 1, ke - 1) // GROUP_TILES, N, NGROUPS, SPLIT)
                 scale2 = _pair16(sz)
                 bias2 = _pair16((-(TWO_E + ((sz >> 16) & 0xFF).to(gl.float32))).to(DT).to(gl.int16, bitcast=True)
                                 .to(gl.int32))
@@ -305,7 +317,7 @@ if gluon is not None:
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, LAG: gl.constexpr,
-                        FIXUP: gl.constexpr, num_warps: gl.constexpr):
+                        FIXUP: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
         when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -320,9 +332,9 @@ if gluon is not None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, NGROUPS,
+            (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
                          GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, IN_FLIGHT, LAG, FIXUP, num_warps)),
+                         STAGES, IN_FLIGHT, LAG, FIXUP, SPLIT, num_warps)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
@@ -355,7 +367,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
            group: int, bias: torch.Tensor | None = None, programs: int | None = None,
            ws: torch.Tensor | None = None, counters: torch.Tensor | None = None):
     """out = x2 @ W^T (+ bias). codes: uint8 [N, K/2] in the "operand-tiled" layout; sz: int32
-    [N, K/group] (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. programs: stream-K over that
+    [N, K/group] or split (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. programs: stream-K over that
     many programs (None: one whole tile each), with ws (fp32, 2 x programs x BLOCK_M x BLOCK_N) and
     counters (int32, one per tile, zeroed, left zeroed). Returns the compiled kernel."""
     m, k = x2.shape
@@ -370,6 +382,11 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
                                  or counters.numel() < tiles(m, n, cfg)):
         raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
                          f"{tiles(m, n, cfg)} zeroed counters")
+    groups = k // group
+    split = tuple(sz.shape) == (-(-groups // 2) - (-groups // 8), n)  # else [N, groups]: see int4_triton.sz_format
+    if not split and tuple(sz.shape) != (n, groups):
+        raise ValueError(f"packed scales of shape {tuple(sz.shape)}: pack_scales_zeros gives [{n}, {groups}] "
+                         f"or, split, [{-(-groups // 2) - (-groups // 8)}, {n}]")
     x_desc, q_desc = descriptors(x2, codes, cfg)
     fp16 = x2.dtype == torch.float16
     return _int4_ws_kernel[(p,)](
@@ -377,4 +394,4 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
         TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
-        FIXUP=FIXUP_ROWS, num_warps=8)
+        FIXUP=FIXUP_ROWS, SPLIT=split, num_warps=8)

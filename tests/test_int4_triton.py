@@ -776,6 +776,59 @@ def test_packed_scales_and_zero_points_keep_every_bit(dtype):
         kt.pack_scales_zeros(replace(qw, scales=qw.scales.float()))
 
 
+@pytest.mark.parametrize("groups", [5, 8, 11])  # a ragged last word of scales and of zero points, and none
+def test_split_packed_scales_and_zero_points_keep_every_bit(groups):
+    """pack_scales_zeros split (SZ_SPLIT): word (g // 2, n) holds row n's scales of groups g and g + 1,
+    word (ceil(G/2) + g // 8, n) its 4-bit zero points of groups g..g+7; every bit of every scale and
+    zero point comes back, the words past the last group are zero, and 2.5 bytes a row and group."""
+    gen = torch.Generator().manual_seed(groups)
+    qw, _ = _bound_case(48, 64 * groups, 64, torch.bfloat16, "cpu", False, False, seed=groups + 1)
+    qw = replace(qw, scales=(torch.randn(qw.scales.shape, generator=gen) * 3).to(torch.bfloat16),
+                 zeros=torch.randint(0, 16, qw.zeros.shape, generator=gen, dtype=torch.uint8))
+    sz = kt.pack_scales_zeros(qw, split=True)
+    g2, g8 = -(-groups // 2), -(-groups // 8)
+    assert sz.dtype == torch.int32 and sz.shape == (g2 + g8, 48) and sz.is_contiguous()
+    assert kt.sz_format(sz, 48, groups) == 2 and kt.sz_format(kt.pack_scales_zeros(qw), 48, groups) == 1
+    for g in range(groups):
+        s = ((sz[g // 2] >> (16 * (g % 2))) & 0xFFFF).to(torch.int16)
+        assert torch.equal(s, qw.scales[:, g].contiguous().view(torch.int16)), g
+        z = (sz[g2 + g // 8] >> (4 * (g % 8))) & 0xF
+        assert torch.equal(z.to(torch.uint8), qw.zeros[:, g]), g
+    if groups % 2:
+        assert not (sz[g2 - 1] >> 16).any()
+    if groups % 8:
+        assert not (sz[-1] >> (4 * (groups % 8))).any()
+    with pytest.raises(ValueError, match="zero points above 15"):
+        kt.pack_scales_zeros(replace(qw, zeros=qw.zeros + 16), split=True)
+    with pytest.raises(ValueError, match="fit neither"):
+        kt.sz_format(sz[1:], 48, groups)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [(16, 64, 128, 3, 4, 3), (16, 128, 128, -4, 4, 3), (64, 64, 64, 2, 4, 3),
+                                 (128, 64, 128, 1, 4, 3)])
+def test_interpreter_operand_tiles_read_split_scales(cfg, monkeypatch):
+    """A bound operand-tiled layer under SZ_SPLIT keeps the split words and its tiles read them (five
+    groups: a ragged last word of each kind): the product of the [N, groups] words bit for bit, within
+    3e-3 of float64 through the same dequantized weight; a layer whose zero points pass 4 bits keeps
+    none and reads its own."""
+    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    qw, b = _bound_case(192, 640, 128, torch.float16, "cpu", False, True, seed=cfg[1] + 5)
+    whole = kt.BoundLinear(qw, b, config=cfg)
+    monkeypatch.setattr(kt, "SZ_SPLIT", True)
+    split = kt.BoundLinear(qw, b, config=cfg)
+    assert split.layout == "operand-tiled" and split._sz.shape == (3 + 1, 192)
+    gen = torch.Generator().manual_seed(cfg[0] + 9)
+    for m in (1, cfg[0] - 3, cfg[0] + 5):
+        x = torch.randn(m, 640, generator=gen).to(torch.float16)
+        y = split(x)
+        assert _rel(y, _ref(x, qw, b)) < 3e-3, m
+        assert torch.equal(y, whole(x)), m
+        assert split.plans[m].s_ptr == split._sz.data_ptr()
+    wide = replace(qw, zeros=qw.zeros.to(torch.int32) + 16)  # a zero point that needs 5 bits
+    assert kt.BoundLinear(wide, b, config=cfg)._sz is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
 @pytest.mark.parametrize("cfg", [(16, 64, 128, 3, 4, 3), (64, 64, 64, 2, 4, 3), (128, 64, 64, 1, 8, 3)])
 def test_interpreter_operand_tiles_read_packed_scales(cfg, monkeypatch):
@@ -831,8 +884,8 @@ def test_interpreter_packed_scales_follow_the_weight_and_the_gemv_reads_its_own(
 
 
 def test_operand_tiles_stage_their_scales_asynchronously_in_sass():
-    """The operand tiles' K loop reads the packed scales and zero points by asynchronous copies
-    (LDGSTS) like the codes, with no synchronous global load left in it. Read separately (2-byte
+    """The operand tiles' K loop reads the packed scales and zero points, as [N, groups] words or
+    split, by asynchronous copies (LDGSTS) like the codes, with no synchronous global load left in it. Read separately (2-byte
     scales, 1-byte zero points: below the 4 bytes of a copy), Triton's pipeliner left them as
     LDG.E.U16 and LDG.E.U8 in the loop, waited on at each group (no GPU needed to see it)."""
     import os
@@ -847,12 +900,14 @@ def test_operand_tiles_stage_their_scales_asynchronously_in_sass():
     args = [sys.executable, str(root / "benchmarks" / "sass_counts.py"), "--modes", "operand", "--count", "LDG.E,LDGSTS",
             "--config", "16,64,128,1,4,3", "--config", "128,128,64,1,8,3"]
     lines = {}
-    for flag in ([], ["--unpacked"]):
-        r = subprocess.run(args + flag, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    for flag in ("", "--unpacked", "--sz-split"):  # the split words (SZ_SPLIT) are 4-byte loads too
+        r = subprocess.run(args + ([flag] if flag else []), capture_output=True, text=True, env=env, timeout=600,
+                           cwd=root)
         assert r.returncode == 0, r.stderr[-3000:]
-        lines[bool(flag)] = [ln for ln in r.stdout.splitlines() if "operand" in ln]
-    assert len(lines[False]) == 2 and all("[LDG.E: 0]" in ln for ln in lines[False]), lines[False]
-    assert all("[LDG.E: 0]" not in ln for ln in lines[True]), lines[True]
+        lines[flag] = [ln for ln in r.stdout.splitlines() if "operand" in ln]
+    for flag in ("", "--sz-split"):
+        assert len(lines[flag]) == 2 and all("[LDG.E: 0]" in ln for ln in lines[flag]), lines[flag]
+    assert all("[LDG.E: 0]" not in ln for ln in lines["--unpacked"]), lines["--unpacked"]
 
 
 def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():

@@ -161,6 +161,27 @@ def test_gpu_ws_tiles_fixup_in_row_chunks(monkeypatch):
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True), (768, 2048, True, False)))
 
 
+@needs_gluon
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
+def test_sass_split_scales_leave_the_k_loop_asynchronous():
+    """The split scale and zero-point words (int4_triton.SZ_SPLIT: two loads a step, not one) change
+    only how a step's scales are read: the K loop keeps its wgmma, waits and no shared-memory stores,
+    and ptxas serializes nothing."""
+    lines = _sass_lines("128,256,3", "--sz-split")
+    loop = next(ln for ln in lines if ln.startswith("loop"))
+    assert "HGMMA: 16" in loop and "WARPGROUP.DEPBAR.LE: 4" in loop and "STS: 0" in loop, loop
+    assert any("ptxas:" in ln and "serialized" not in ln for ln in lines), lines
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+def test_gpu_ws_tiles_read_split_scales(monkeypatch):
+    """Scales and zero points in split group-major words (int4_triton.SZ_SPLIT), five groups (a ragged
+    last word of each kind) and sixteen: every tile, whole and stream-K, within 3e-3 of float64."""
+    monkeypatch.setattr(kt, "SZ_SPLIT", True)
+    _check_tiles(torch.bfloat16, 128, ((512, 640, False, True), (768, 2048, True, False)))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
 def test_gpu_ws_tiles_release_lag_2(monkeypatch):

@@ -1,0 +1,41 @@
+"""benchmarks/kernel_variants.py's A/B settings and the mode precompile_triton.py compiles by default."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import kernel_variants as kv  # noqa: E402
+import precompile_triton as pre  # noqa: E402
+
+from quantbridge.kernels import int4_triton as kt  # noqa: E402
+from quantbridge.kernels import int4_wgmma as ws  # noqa: E402
+
+
+def test_every_variant_setting_is_one_the_kernel_modules_hold():
+    for name, settings in kv.VARIANTS.items():
+        for key in settings:
+            assert hasattr(ws if key in kv._WS_SETTINGS else kt, key), (name, key)
+            kv.current(key)  # raises if the setting is looked up in the wrong module
+
+
+def test_default_mode_is_the_kernels_own_settings():
+    """The mode precompile_triton compiles without --modes: the variant whose every setting is the
+    modules' default (it once looked the wgmma settings up on the Triton module and raised)."""
+    mode = pre.default_mode()
+    assert mode is not None
+    assert all(kv.current(key) == value for key, value in kv.VARIANTS[mode].items())
+
+
+def test_apply_sets_each_setting_on_its_module(monkeypatch):
+    for key in ("SZ_SPLIT", "WGMMA_WS"):
+        monkeypatch.setattr(kt, key, getattr(kt, key))
+    for key in ("FIXUP_ROWS", "RELEASE_LAG"):
+        monkeypatch.setattr(ws, key, getattr(ws, key))
+    kv._apply({"SZ_SPLIT": True, "FIXUP_ROWS": 16, "RELEASE_LAG": 2, "WGMMA_WS": False})
+    assert kt.SZ_SPLIT is True and ws.FIXUP_ROWS == 16 and ws.RELEASE_LAG == 2 and kt.WGMMA_WS is False
+    assert not hasattr(kt, "FIXUP_ROWS") and not hasattr(ws, "SZ_SPLIT")
+    assert pre.default_mode() != "operand-tiled-ws"

@@ -89,7 +89,8 @@ exl_build() {
 # The build (minutes, CPU) runs beside the Triton precompilation; the tests wait for it.
 [ "${EXL_BUILD:-0}" = 1 ] && { exl_build > "$OUT/exllamav2-build.summary" 2>&1 & exl_pid=$!; }
 if [ "${PRECOMPILE:-0}" = 1 ]; then
-  timeout "${PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --batch "${PRE_BATCH:-1,2,4,8,16,32,64,128,512}" \
+  timeout "${PRECOMPILE_TIMEOUT:-240}" python3 benchmarks/precompile_triton.py --shapes "${PRE_SHAPES:-llama3-8b,llama3-70b}" \
+    --batch "${PRE_BATCH:-1,2,4,8,16,32,64,128,512}" \
     --dtypes "${PRE_DTYPES:-bf16}" --modes "${PRE_MODES:-}" --workers "${PRE_WORKERS:-8}" 2>&1 | tail -n 3
 fi
 if [ "${WS_CHECK:-0}" = 1 ]; then

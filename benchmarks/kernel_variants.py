@@ -47,6 +47,8 @@ VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LA
 VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16}
 # + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
 VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}
+# both: the fix-up in row chunks (the default since r8's A/B) with the split words
+VARIANTS["operand-tiled-ws-fixup16-sz25"] = {**VARIANTS["operand-tiled-ws-fixup16"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("WGMMA_WS", False)
     _v.setdefault("WGMMA_WS_DECODE", False)

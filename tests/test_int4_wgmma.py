@@ -143,9 +143,10 @@ def test_gpu_ws_tiles_match_float64(dtype, gs):
 @needs_gluon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
 def test_sass_fixup_in_row_chunks_leaves_the_k_loop_as_it_was():
-    """FIXUP_ROWS changes only what follows a stream-K run: the K loop keeps its wgmma, waits and no
-    shared-memory stores, and ptxas serializes nothing."""
-    lines = _sass_lines("128,256,3", "--fixup-rows", "16")
+    """FIXUP_ROWS changes only what follows a stream-K run: summed whole (0, the A/B variant; the
+    other SASS tests compile the default), the K loop keeps its wgmma, waits and no shared-memory
+    stores, and ptxas serializes nothing."""
+    lines = _sass_lines("128,256,3", "--fixup-rows", "0")
     loop = next(ln for ln in lines if ln.startswith("loop"))
     assert "HGMMA: 16" in loop and "WARPGROUP.DEPBAR.LE: 4" in loop and "STS: 0" in loop, loop
     assert any("ptxas:" in ln and "serialized" not in ln for ln in lines), lines
@@ -153,11 +154,12 @@ def test_sass_fixup_in_row_chunks_leaves_the_k_loop_as_it_was():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
-def test_gpu_ws_tiles_fixup_in_row_chunks(monkeypatch):
-    """Stream-K parts stored for the rows of x only and summed 16 rows at a time (FIXUP_ROWS 16): the
-    same tiles, M below, at and above BLOCK_M (tail rows masked in the parts and the output), bias or
-    not, within 3e-3 of float64."""
-    monkeypatch.setattr(ws, "FIXUP_ROWS", 16)
+@pytest.mark.parametrize("rows", [0, 8])  # the default (16) runs in every other ws test
+def test_gpu_ws_tiles_fixup_in_row_chunks(rows, monkeypatch):
+    """Stream-K parts summed whole (FIXUP_ROWS 0, the A/B variant) or stored for the rows of x only
+    and summed 8 rows at a time: the same tiles, M below, at and above BLOCK_M (tail rows masked in
+    the parts and the output), bias or not, within 3e-3 of float64."""
+    monkeypatch.setattr(ws, "FIXUP_ROWS", rows)
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True), (768, 2048, True, False)))
 
 

@@ -44,7 +44,9 @@ KERNEL_NAME = "quantbridge.triton"
 # r7: stream-K tiles write and read their fp32 partials for the rows of x that exist only (M=1 on a
 # 16-row tile: 1/16 of the workspace bytes), which makes them cheaper against the GEMV at M < 16.
 # r8: the tuner times the candidates within 5 % of the fastest again, in turns (kernels/tuning.py).
-REVISION = "r8"
+# r9: the ws tiles' stream-K parts summed in row chunks (int4_wgmma.FIXUP_ROWS 16), and where a layer
+# has fewer ws tiles than half the SMs, stream-K runs that split each tile's K evenly are candidates.
+REVISION = "r9"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -720,10 +722,16 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
         ws = _ws_module() if layout == "operand-tiled" else None
         for bm, bn, st in ws.configs(m, n, k, group, decode=WGMMA_WS_DECODE) if ws is not None else ():
             extra.append((bm, bn, ws.TILE_K, 1, WS_WARPS, st))
+            count = ws.tiles(m, n, (bm, bn, st))
             # stream-K where whole tiles leave a last wave part-empty
-            partial_wave = sms and ws.tiles(m, n, (bm, bn, st)) % sms
-            if STREAM_K and partial_wave and stream_k_fits(m, n, k, bm, bn, ws.TILE_K, sms):
+            if STREAM_K and sms and count % sms and stream_k_fits(m, n, k, bm, bn, ws.TILE_K, sms):
                 extra.append((bm, bn, ws.TILE_K, -sms, WS_WARPS, st))
+            # Fewer tiles than half the SMs (a small layer at large M: 32 tiles of 4096x1024 at
+            # M=512): each tile's K in s equal runs on tiles x s programs, so no run crosses a tile and
+            # a tile has s parts, where runs over every SM cross tiles and leave two parts a program.
+            for s_ in (2, 4, 8, 16) if STREAM_K and sms and 2 * count <= sms else ():
+                if (k // ws.TILE_K) % s_ == 0 and sms // 2 <= count * s_ <= 2 * sms and count * s_ != sms:
+                    extra.append((bm, bn, ws.TILE_K, -count * s_, WS_WARPS, st))
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles

@@ -67,6 +67,25 @@ def test_tuner_offers_them_on_operand_tiled_layers_only_when_asked(monkeypatch):
     assert not kt.is_ws(kt.DEQUANT_CUBLAS)
 
 
+def test_few_tiles_get_runs_that_split_each_tiles_k(monkeypatch):
+    """A layer with fewer ws tiles than half the SMs also gets stream-K on tiles x s programs, s
+    dividing its K steps, between half and twice the SMs: every run inside one tile, s parts a tile.
+    A layer of many tiles gets none of them."""
+    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kt, "_ws_module", lambda: ws)
+    got = [c for c in kt.candidate_configs(512, 1024, 4096, 128, "operand-tiled") if kt.is_ws(c)]
+    for c in got:
+        count, k_steps = ws.tiles(512, 1024, (c[0], c[1], c[5])), 4096 // 128
+        if c[3] < 0 and -c[3] != 132:
+            assert -c[3] % count == 0 and k_steps % (-c[3] // count) == 0 and 66 <= -c[3] <= 264, c
+    # 32 tiles of 128x128 (s = 4 and 8) and 16 of 128x256 and of 256x128 (s = 8 and 16)
+    assert {(c[0], c[1], -c[3]) for c in got if c[3] < 0 and c[3] != -132} == {
+        (128, 128, 128), (128, 128, 256), (128, 256, 128), (128, 256, 256), (256, 128, 128), (256, 128, 256)}
+    assert all(c[3] in (1, -132) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c))
+    monkeypatch.setattr(kt, "STREAM_K", False)
+    assert all(c[3] == 1 for c in kt.candidate_configs(512, 1024, 4096, 128, "operand-tiled") if kt.is_ws(c))
+
+
 def test_the_ab_setting_turns_them_off(monkeypatch):
     monkeypatch.setattr(kt, "_sm_count", lambda: 132)
     monkeypatch.setattr(kt, "WGMMA_WS", False)
@@ -204,8 +223,10 @@ def _check_tiles(dtype: torch.dtype, gs: int, cases) -> None:
         tiles = ws.configs(512, n, k, qw.group_size) + ws.configs(16, n, k, qw.group_size)
         assert len(tiles) == 5
         for bm, bn, st in tiles:
-            # whole tiles, and stream-K over 5 programs (runs that cross tiles, tiles shared by 2-3 runs)
-            for sk in (1, -5):
+            # whole tiles, stream-K over 5 programs (runs that cross tiles, tiles shared by 2-3 runs),
+            # and over twice the tiles at M = BLOCK_M (each tile's K in two runs, as the tuner offers
+            # layers of few tiles; other M: runs that cross tiles again)
+            for sk in (1, -5, -2 * ws.tiles(bm, n, (bm, bn, st))):
                 bound = kt.BoundLinear(qw, b, config=(bm, bn, 128, sk, kt.WS_WARPS, st))
                 assert bound.layout == "operand-tiled" and bound._sz is not None
                 for m in (1, bm - 5, bm, bm + 7, 3 * bm):

@@ -297,19 +297,20 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # PROFILE_CONFIG=BM,BN,BK,SPLIT_K,WARPS,STAGES: the native kernel held to that tile, not the tuned one.
   # PROFILE_FIXUP=R: int4_wgmma.FIXUP_ROWS (how the ws tiles' stream-K parts are summed).
   # PROFILE_SZ_SPLIT=1: int4_triton.SZ_SPLIT (the tiles read the split scale and zero-point words).
+  # PROFILE_FIXUP_LOADS=L: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
   for shape in ${PROFILE_SHAPES:-8192x28672x1 4096x4096x1 8192x28672x16 8192x28672x128}; do
     IFS=x read -r pk pn pm pkern <<< "$shape"
     kre=${pkern:+"regex:${PROFILE_KERNEL_RE:-$pkern|${pkern^}}"}; kre=${kre:-"regex:_(int4_matmul|int4_gemv|int4_ws|dequant)_kernel"}
     timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" \
       --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-      python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} \
+      python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"} \
       $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) > "$OUT/ncu-$shape.txt" 2>&1
     # The stall reasons themselves (WarpStateStats above prints only their total): warps stalled on each
     # reason per issued instruction; long_scoreboard is a wait on a global load's result.
     timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" \
       --launch-skip 5 --launch-count 1 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} \
+      python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"} \
       $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) > "$OUT/ncu-$shape-stalls.txt" 2>&1
     echo "== ncu $shape: $(grep -m1 -E '^ *Duration' "$OUT/ncu-$shape.txt" | tr -s ' ')"
   done

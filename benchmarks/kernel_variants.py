@@ -47,6 +47,8 @@ VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LA
 VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16}
 # + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
 VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}
+# + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS)
+VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixup16"], "FIXUP_LOADS": 4}
 # both: the fix-up in row chunks (the default since r8's A/B) with the split words
 VARIANTS["operand-tiled-ws-fixup16-sz25"] = {**VARIANTS["operand-tiled-ws-fixup16"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them
@@ -55,8 +57,9 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("RELEASE_LAG", 1)
     _v.setdefault("FIXUP_ROWS", 0)
     _v.setdefault("SZ_SPLIT", False)
+    _v.setdefault("FIXUP_LOADS", 1)
 
-_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS")  # settings of int4_wgmma; the rest are int4_triton's
+_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS")  # settings of int4_wgmma; the rest are int4_triton's
 
 
 def _module(key: str):

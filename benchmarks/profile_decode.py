@@ -7,13 +7,14 @@ Only the launches after tuning and warm-up are inside the profiler range (cudaPr
 with --profile-from-start off ncu never profiles a tuning candidate.
 
 Usage: python3 benchmarks/profile_decode.py [K N M [KERNEL]] [--config BM,BN,BK,SPLIT_K,WARPS,STAGES]
-                                           [--fixup-rows R] [--sz-split]
+                                           [--fixup-rows R] [--fixup-loads L] [--sz-split]
 (default: 8192 28672 1, Llama-3-70B gate/up)
 KERNEL: a registered kernel (marlin, machete, ...) run on round-to-nearest codes, as bench's rtn+K
 rows are; without it, the native backend. ncu's --kernel-name must then match that kernel's name.
 --config: the native kernel with this configuration (int4_triton.Config) instead of the tuned one,
 to profile a tile the tuner did not keep (its choice moves between tiles that time within 2 %).
 --fixup-rows: int4_wgmma.FIXUP_ROWS for the warp-specialized tiles (how stream-K parts are summed).
+--fixup-loads: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
 --sz-split: int4_triton.SZ_SPLIT (the tiles read split scale and zero-point words, 2.5 bytes a row and group).
 """
 
@@ -43,6 +44,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("shape", nargs="*", help="K N M [KERNEL]")
     ap.add_argument("--config", type=_six_ints, help="BM,BN,BK,SPLIT_K,WARPS,STAGES")
     ap.add_argument("--fixup-rows", type=int, help="int4_wgmma.FIXUP_ROWS")
+    ap.add_argument("--fixup-loads", type=int, help="int4_wgmma.FIXUP_LOADS")
     ap.add_argument("--sz-split", action="store_true", help="int4_triton.SZ_SPLIT")
     a = ap.parse_args(argv)
     if len(a.shape) not in (0, 3, 4) or not all(v.isdigit() for v in a.shape[:3]):
@@ -58,6 +60,10 @@ def main() -> None:
         from quantbridge.kernels import int4_wgmma
 
         int4_wgmma.FIXUP_ROWS = a.fixup_rows
+    if a.fixup_loads is not None:
+        from quantbridge.kernels import int4_wgmma
+
+        int4_wgmma.FIXUP_LOADS = a.fixup_loads
     if a.sz_split:
         from quantbridge.kernels import int4_triton
 

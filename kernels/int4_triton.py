@@ -107,12 +107,12 @@ def _int4_matmul_kernel(
     applied (int4_codes.dequant_operand) straight into the tensor-core register operand, and the
     dot accumulating across K tiles, so consecutive wgmma need not wait for each other.
 
-    SZ_PACKED (operand tiles): 1, s_ptr points at one int32 per (row, group), the scale's 16 bits
-    low and the zero point above (pack_scales_zeros); 2, at its split words (SZ_SPLIT). A scale alone is 2 bytes at stride NGROUPS,
-    below the 4 bytes of an asynchronous copy, so Triton's pipeliner left those loads in the
-    iteration that used them (SASS: LDG.E.U16 and LDG.E.U8 feeding the dequantization) and every
-    warp waited a load latency at each group; packed, they are staged through shared memory
-    `num_stages` deep like the codes (LDGSTS, then LDS).
+    SZ_PACKED (operand tiles): 1, s_ptr points at one int32 per (row, group), the scale's 16 bits low and the
+    zero point above (pack_scales_zeros); 2, at its split words (SZ_SPLIT). A scale alone is 2 bytes at stride
+    NGROUPS, below the 4 bytes of an asynchronous copy, so Triton's pipeliner left those loads in the iteration
+    that used them (SASS: LDG.E.U16 and LDG.E.U8 feeding the dequantization) and every warp waited a load
+    latency at each group; packed, they are staged through shared memory `num_stages` deep like the codes
+    (LDGSTS, then LDS).
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -1050,6 +1050,7 @@ class _Tuner:
             + ("-ws" if ws is not None else "") \
             + (f"-lag{ws.RELEASE_LAG}" if ws is not None and ws.RELEASE_LAG != 1 else "") \
             + (f"-fix{ws.FIXUP_ROWS}" if ws is not None and ws.FIXUP_ROWS else "") \
+            + (f"-ld{ws.FIXUP_LOADS}" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_LOADS != 1 else "") \
             + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
@@ -1292,8 +1293,9 @@ class BoundLinear:
                 # keeps the configuration, and each call goes through _run.
                 plan = _Plan(cfg, None, None, ws_numel, counters, None, s_ptr)
             else:
+                groups = self.k // self.weight.group_size
                 _, _, ints, constexprs = _kernel_args(cfg, self.weight, m, self.k, self.bias is not None,
-                                                      self.layout, sz_format(sz, self.n, self.k // self.weight.group_size))
+                                                      self.layout, sz_format(sz, self.n, groups))
                 plan = _Plan(cfg, _grid(cfg, m, self.n), (*ints, self.k, self.n, *constexprs), ws_numel, counters,
                              raw_launcher(kernel), s_ptr)
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -91,6 +91,13 @@ RELEASE_LAG = 1
 # reach DRAM) and, on an H100, M=128 ran 3 % faster and M=512 1 % in four processes each, on the
 # same tiles as R = 0 (benchmarks/NOTES.md, r8); 0 stays as the A/B variant.
 FIXUP_ROWS = 16
+# Parts whose loads a row-chunk fix-up issues before adding them (FIXUP_ROWS > 0): 1, one part at a
+# time, each load waiting on the last add; L > 1, L parts' loads in flight at once (added in program
+# order either way, so the sum is the same bits). A tile split into s runs has its last program make
+# s x BLOCK_M / FIXUP_ROWS such round trips while the SMs of the other runs sit idle: ncu of 4096x1024
+# at M=512 on 32 tiles x 4 runs saw the SMs active 57 % of the time (benchmarks/NOTES.md, r9). An A/B
+# setting until timed.
+FIXUP_LOADS = 1
 
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
@@ -204,7 +211,7 @@ if gluon is not None:
     @gluon.jit
     def _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, HAS_BIAS: gl.constexpr,
                     DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    LOADS: gl.constexpr, num_warps: gl.constexpr):
         """A stream-K tile's parts (x-row-major: slot [BLOCK_M, BLOCK_N]) summed in program order, so the
         sum does not depend on arrival order, and stored (+ bias) ROWS rows of x at a time."""
         fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
@@ -217,11 +224,13 @@ if gluon is not None:
             keep = gl.expand_dims(m0 + rows < M, 1)
             local = gl.expand_dims(rows, 1) * BLOCK_N + gl.expand_dims(on, 0)
             part = gl.zeros([ROWS, BLOCK_N], gl.float32, fix_l)
-            for q in range(p_lo, p_hi + 1):
-                q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
-                # .cg: from L2, where the other programs wrote (ptxas takes no eviction hint beside it)
-                part += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, mask=keep, other=0.0,
-                                cache_modifier=".cg")
+            for q0 in range(p_lo, p_hi + 1, LOADS):
+                for i in gl.static_range(LOADS):  # straight-line: the LOADS loads go out before the adds
+                    q = q0 + i
+                    q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
+                    # .cg: from L2, where the other programs wrote (ptxas takes no eviction hint beside it)
+                    part += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, mask=keep & (q <= p_hi),
+                                    other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 part += bias
             gl.store(out_ptr + gl.expand_dims(m0 + rows, 1) * stride_om + n0 + gl.expand_dims(on, 0), part.to(DT),
@@ -231,7 +240,8 @@ if gluon is not None:
     def _consumer(x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                  LAG: gl.constexpr, FIXUP: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                  LAG: gl.constexpr, FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr,
+                  num_warps: gl.constexpr):
         DT: gl.constexpr = x_bufs.dtype
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -312,14 +322,14 @@ if gluon is not None:
                         _store_out(total, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
                     else:
                         _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, HAS_BIAS,
-                                    DT, BLOCK_N, BLOCK_M, FIXUP, num_warps)
+                                    DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, num_warps)
                     gl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch
 
     @gluon.jit
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, LAG: gl.constexpr,
-                        FIXUP: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                        FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
         when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -336,7 +346,7 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
                          GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, IN_FLIGHT, LAG, FIXUP, SPLIT, num_warps)),
+                         STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, num_warps)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
@@ -396,4 +406,4 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
         TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
-        FIXUP=FIXUP_ROWS, SPLIT=split, num_warps=8)
+        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split, num_warps=8)

@@ -884,10 +884,10 @@ def test_interpreter_packed_scales_follow_the_weight_and_the_gemv_reads_its_own(
 
 
 def test_operand_tiles_stage_their_scales_asynchronously_in_sass():
-    """The operand tiles' K loop reads the packed scales and zero points, as [N, groups] words or
-    split, by asynchronous copies (LDGSTS) like the codes, with no synchronous global load left in it. Read separately (2-byte
-    scales, 1-byte zero points: below the 4 bytes of a copy), Triton's pipeliner left them as
-    LDG.E.U16 and LDG.E.U8 in the loop, waited on at each group (no GPU needed to see it)."""
+    """The operand tiles' K loop reads the packed scales and zero points, as [N, groups] words or split, by
+    asynchronous copies (LDGSTS) like the codes, with no synchronous global load left in it. Read separately
+    (2-byte scales, 1-byte zero points: below the 4 bytes of a copy), Triton's pipeliner left them as LDG.E.U16
+    and LDG.E.U8 in the loop, waited on at each group (no GPU needed to see it)."""
     import os
     import subprocess
     import sys

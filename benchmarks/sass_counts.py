@@ -133,8 +133,8 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     fn = ws._int4_ws_kernel
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
-              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS, "SPLIT": kt.SZ_SPLIT,
-              "num_warps": 8}
+              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS,
+              "SPLIT": kt.SZ_SPLIT, "num_warps": 8}
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")

@@ -105,3 +105,23 @@ def relayout(qweight: torch.Tensor, src: str, dst: str) -> torch.Tensor:
         return qweight
     canonical = qweight if src == "canonical" else RELAYOUTS[src][1](qweight)
     return canonical if dst == "canonical" else RELAYOUTS[dst][0](canonical)
+
+
+def split_sz_rows(groups: int) -> int:
+    """Rows of the split packing of scales and zero points (int4_triton.pack_scales_zeros): a word of
+    two groups' scales and a word of eight groups' zero points per weight row."""
+    return -(-groups // 2) - (-groups // 8)
+
+
+def sz_format(sz: torch.Tensor | None, n: int, groups: int) -> int:
+    """How the tiles read packed scales and zero points (their SZ_PACKED): 0, none (the weight's
+    own); 1, one int32 per row and group, [N, groups]; 2, the split words, [split_sz_rows, N]. Told
+    apart by shape."""
+    if sz is None:
+        return 0
+    if tuple(sz.shape) == (n, groups):
+        return 1
+    if tuple(sz.shape) == (split_sz_rows(groups), n):
+        return 2
+    raise ValueError(f"packed scales of shape {tuple(sz.shape)} fit neither [N, groups] = [{n}, {groups}] "
+                     f"nor the split [{split_sz_rows(groups)}, {n}] (pack_scales_zeros)")

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
-from quantbridge.kernels.int4_layouts import OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, tileable
+from quantbridge.kernels.int4_layouts import (OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, split_sz_rows,
+                                              sz_format, tileable)
 from quantbridge.kernels.tuning import pick_fastest
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
@@ -978,28 +979,15 @@ def pack_scales_zeros(w: Int4Weight, split: bool | None = None) -> torch.Tensor:
     if zeros.numel() and int(zeros.max()) > 15:
         raise ValueError("split packing holds 4-bit zero points; this weight has zero points above 15")
     n, groups = low.shape
-    g2, g8 = -(-groups // 2), -(-groups // 8)
+    g2 = -(-groups // 2)
     s = low.new_zeros(2 * g2, n)
     s[:groups] = low.t()
-    z = zeros.new_zeros(8 * g8, n)
+    z = zeros.new_zeros(8 * (split_sz_rows(groups) - g2), n)
     z[:groups] = zeros.t()
     zw = z[0::8]
     for i in range(1, 8):
         zw = zw | (z[i::8] << (4 * i))
     return torch.cat([s[0::2] | (s[1::2] << 16), zw]).contiguous()
-
-
-def sz_format(sz: torch.Tensor | None, n: int, groups: int) -> int:
-    """How the tiles read `sz` (their SZ_PACKED): 0, no packed words (w's own scales and zero points);
-    1, pack_scales_zeros' [N, groups] words; 2, its split words. Told apart by shape."""
-    if sz is None:
-        return 0
-    if tuple(sz.shape) == (n, groups):
-        return 1
-    if tuple(sz.shape) == (-(-groups // 2) - (-groups // 8), n):
-        return 2
-    raise ValueError(f"packed scales of shape {tuple(sz.shape)} fit neither [N, groups] = [{n}, {groups}] "
-                     f"nor the split [{-(-groups // 2) - (-groups // 8)}, {n}] (pack_scales_zeros)")
 
 
 _MATMUL = FastLauncher(_int4_matmul_kernel)

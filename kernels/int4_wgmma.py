@@ -27,6 +27,7 @@ import functools
 import torch
 
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
+from quantbridge.kernels.int4_layouts import sz_format
 
 try:  # Gluon ships with Triton 3.5+; without it the tuner offers none of these tiles
     from triton.experimental import gluon
@@ -394,11 +395,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
                                  or counters.numel() < tiles(m, n, cfg)):
         raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
                          f"{tiles(m, n, cfg)} zeroed counters")
-    groups = k // group
-    split = tuple(sz.shape) == (-(-groups // 2) - (-groups // 8), n)  # else [N, groups]: see int4_triton.sz_format
-    if not split and tuple(sz.shape) != (n, groups):
-        raise ValueError(f"packed scales of shape {tuple(sz.shape)}: pack_scales_zeros gives [{n}, {groups}] "
-                         f"or, split, [{-(-groups // 2) - (-groups // 8)}, {n}]")
+    split = sz_format(sz, n, k // group) == 2
     x_desc, q_desc = descriptors(x2, codes, cfg)
     fp16 = x2.dtype == torch.float16
     return _int4_ws_kernel[(p,)](

@@ -49,8 +49,14 @@ rm -rf /tmp/qb && mkdir -p /tmp/qb && cp -r quantbridge tests benchmarks pyproje
 export PYTHONPATH=/tmp/qb:${PYTHONPATH:-} QUANTBRIDGE_CACHE=${QUANTBRIDGE_CACHE:-/tmp/qbcache} PYTHONUNBUFFERED=1
 # Kernel configurations tuned on this device kind by an earlier call (carried as .qbcache/), so
 # a run split over two calls tunes once.
+# Merged into a table this machine already holds (an earlier call of the same hold), whose own
+# entries stay: a carried table never undoes what was tuned here since.
 if ls "$REPO"/.qbcache/triton-int4-*.json >/dev/null 2>&1; then
-  mkdir -p "$QUANTBRIDGE_CACHE" && cp "$REPO"/.qbcache/triton-int4-*.json "$QUANTBRIDGE_CACHE/"
+  mkdir -p "$QUANTBRIDGE_CACHE"
+  for f in "$REPO"/.qbcache/triton-int4-*.json; do
+    python3 -c "import json, os, sys; src, dst = sys.argv[1:]; t = json.load(open(src)); t.update(json.load(open(dst)) if os.path.exists(dst) else {}); json.dump(t, open(dst, 'w'), indent=0, sort_keys=True)" \
+      "$f" "$QUANTBRIDGE_CACHE/$(basename "$f")" || exit 1
+  done
 fi
 if [ -f "$REPO/.qbcache/exllamav2_ext.so.xz" ]; then
   mkdir -p /tmp/exlext && xz -dc "$REPO/.qbcache/exllamav2_ext.so.xz" > /tmp/exlext/exllamav2_ext.so \

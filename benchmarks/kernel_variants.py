@@ -43,7 +43,8 @@ VARIANTS["operand-tiled-ws"] = {**VARIANTS["operand-tiled-streamk"], "WGMMA_WS":
 VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS_DECODE": True}
 # + the ws tile freeing each stage one step later, beside the next wait (int4_wgmma.RELEASE_LAG)
 VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LAG": 2}
-# + the ws tile's stream-K parts kept in L2 for the rows of x only, summed 16 rows at a time (int4_wgmma.FIXUP_ROWS)
+# + the ws tile's stream-K parts stored for the rows of x only, summed 16 rows at a time (int4_wgmma.FIXUP_ROWS;
+# the kernel's default since r9, so "operand-tiled-ws" is now its A/B variant)
 VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16}
 # + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
 VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}

@@ -22,6 +22,7 @@ import argparse
 import sys
 
 import torch
+from kernel_variants import _apply  # benchmarks/: sets A/B settings on int4_triton or int4_wgmma
 
 from quantbridge.plugin.backend import get
 from quantbridge.plugin.kernel import build_exactly
@@ -56,18 +57,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 def main() -> None:
     a = _args(sys.argv[1:])
-    if a.fixup_rows is not None:
-        from quantbridge.kernels import int4_wgmma
-
-        int4_wgmma.FIXUP_ROWS = a.fixup_rows
-    if a.fixup_loads is not None:
-        from quantbridge.kernels import int4_wgmma
-
-        int4_wgmma.FIXUP_LOADS = a.fixup_loads
-    if a.sz_split:
-        from quantbridge.kernels import int4_triton
-
-        int4_triton.SZ_SPLIT = True
+    # the kernel settings asked for, each set on the module that holds it (as the A/B variants are)
+    _apply({key: value for key, value in (("FIXUP_ROWS", a.fixup_rows), ("FIXUP_LOADS", a.fixup_loads),
+                                          ("SZ_SPLIT", a.sz_split or None)) if value is not None})
     k, n, m = (int(v) for v in a.shape[:3]) if a.shape else (8192, 28672, 1)
     kernel = a.shape[3] if len(a.shape) == 4 else None
     cfg = a.config

@@ -44,13 +44,15 @@ VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS
 # + the ws tile freeing each stage one step later, beside the next wait (int4_wgmma.RELEASE_LAG)
 VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LAG": 2}
 # + the ws tile's stream-K parts stored for the rows of x only, summed 16 rows at a time (int4_wgmma.FIXUP_ROWS;
-# the kernel's default since r9, so "operand-tiled-ws" is now its A/B variant)
-VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16}
+# the kernel's default since r9, so "operand-tiled-ws" is now its A/B variant), one part's loads at a time
+# (FIXUP_LOADS 1: the kernel's default up to r9, now the A/B variant of "operand-tiled-ws-fixup16-loads4")
+VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16, "FIXUP_LOADS": 1}
 # + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
 VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}
-# + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS)
+# + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS 4): the kernel's default since
+# r10 (the variant precompile_triton.py compiles without --modes)
 VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixup16"], "FIXUP_LOADS": 4}
-# both: the fix-up in row chunks (the default since r8's A/B) with the split words
+# both: the fix-up in row chunks (the default since r8's A/B), one part's loads at a time, with the split words
 VARIANTS["operand-tiled-ws-fixup16-sz25"] = {**VARIANTS["operand-tiled-ws-fixup16"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("WGMMA_WS", False)

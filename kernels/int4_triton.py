@@ -47,7 +47,8 @@ KERNEL_NAME = "quantbridge.triton"
 # r8: the tuner times the candidates within 5 % of the fastest again, in turns (kernels/tuning.py).
 # r9: the ws tiles' stream-K parts summed in row chunks (int4_wgmma.FIXUP_ROWS 16), and where a layer
 # has fewer ws tiles than half the SMs, stream-K runs that split each tile's K evenly are candidates.
-REVISION = "r9"
+# r10: the ws tiles' row-chunk fix-up issues four parts' loads at once (int4_wgmma.FIXUP_LOADS 4).
+REVISION = "r10"
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -96,9 +96,10 @@ FIXUP_ROWS = 16
 # time, each load waiting on the last add; L > 1, L parts' loads in flight at once (added in program
 # order either way, so the sum is the same bits). A tile split into s runs has its last program make
 # s x BLOCK_M / FIXUP_ROWS such round trips while the SMs of the other runs sit idle: ncu of 4096x1024
-# at M=512 on 32 tiles x 4 runs saw the SMs active 57 % of the time (benchmarks/NOTES.md, r9). An A/B
-# setting until timed.
-FIXUP_LOADS = 1
+# at M=512 on 32 tiles x 4 runs saw the SMs active 57 % of the time (benchmarks/NOTES.md, r9). 4 is the
+# default since r10: its A/B on an H100 took 4096x1024 at M=512 from 23.8 to 19.5 us and 14336x4096 at
+# M=64 from 33.8 to 30.2 us, the other shapes alike; 1 stays as the A/B variant.
+FIXUP_LOADS = 4
 
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 

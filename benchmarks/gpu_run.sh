@@ -304,17 +304,21 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # PROFILE_FIXUP=R: int4_wgmma.FIXUP_ROWS (how the ws tiles' stream-K parts are summed).
   # PROFILE_SZ_SPLIT=1: int4_triton.SZ_SPLIT (the tiles read the split scale and zero-point words).
   # PROFILE_FIXUP_LOADS=L: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
+  # PROFILE_KERNEL_BASE=demangled: the regex sees the whole demangled name (Machete's kernel is a CUTLASS
+  # device_kernel whose template argument names it).
+  # PROFILE_CLOCKS=none: the GPU's own clocks, as the bench runs (ncu locks them to base by default, which
+  # slows an SM-bound kernel more than a DRAM-bound one and so changes who is ahead).
   for shape in ${PROFILE_SHAPES:-8192x28672x1 4096x4096x1 8192x28672x16 8192x28672x128}; do
     IFS=x read -r pk pn pm pkern <<< "$shape"
     kre=${pkern:+"regex:${PROFILE_KERNEL_RE:-$pkern|${pkern^}}"}; kre=${kre:-"regex:_(int4_matmul|int4_gemv|int4_ws|dequant)_kernel"}
-    timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" \
+    timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" --kernel-name-base "${PROFILE_KERNEL_BASE:-function}" --clock-control "${PROFILE_CLOCKS:-base}" \
       --launch-skip 5 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"} \
       $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) > "$OUT/ncu-$shape.txt" 2>&1
     # The stall reasons themselves (WarpStateStats above prints only their total): warps stalled on each
     # reason per issued instruction; long_scoreboard is a wait on a global load's result.
-    timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" \
+    timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" --kernel-name-base "${PROFILE_KERNEL_BASE:-function}" --clock-control "${PROFILE_CLOCKS:-base}" \
       --launch-skip 5 --launch-count 1 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"} \
       $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) > "$OUT/ncu-$shape-stalls.txt" 2>&1
@@ -322,6 +326,22 @@ if [ "${PROFILE:-0}" = 1 ]; then
   done
   # One archive back (a call returns at most 8 files): the bench's files need the other places.
   tar -czf "$OUT/ncu.tar.gz" -C "$OUT" $(cd "$OUT" && ls ncu-*.txt) && rm -f "$OUT"/ncu-*.txt
+fi
+if [ "${BENCH_NCU:-0}" = 1 ]; then
+  # The kernels as the bench runs them: ncu on `quantbridge bench`'s own graph replays, each kernel node
+  # profiled where the graph runs it, with the bench's L2 flush and the GPU's clocks left alone. Where a
+  # kernel's bench time and its profile_decode profile differ, this tells whether the gap is in the kernel
+  # or around it. BN_SHAPES (KxN), BN_BATCH, BN_KERNELS (rtn+K rows), BN_RE (demangled kernel names).
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+  timeout "${BN_TIMEOUT:-300}" "$ncu" --target-processes all --graph-profiling node --cache-control none --clock-control none \
+    --kernel-name-base demangled --kernel-name "regex:${BN_RE:-_int4_|Marlin|machete}" --csv \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__cycles_elapsed.avg.per_second \
+    python3 -m quantbridge.cli bench --shapes "${BN_SHAPES:-28672x8192,8192x28672}" --batch "${BN_BATCH:-1,4}" \
+    --backends fp16,native --kernels "${BN_KERNELS:-marlin}" --runs 20 --isolation none --out "$OUT/bench-ncu" \
+    > "$OUT/bench-ncu.csv" 2> "$OUT/bench-ncu.log"
+  echo "== bench under ncu rc=$?"; tail -n 2 "$OUT/bench-ncu.log"
+  python3 benchmarks/ncu_kernel_summary.py "$OUT/bench-ncu.csv" | tee "$OUT/bench-ncu.summary.txt"
+  cat "$OUT/bench-ncu/bench.md" 2>/dev/null | grep -E '^\| *[0-9]+ \|' | head -n 8
 fi
 if [ "${SERVE:-0}" = 1 ]; then
   # Under the call's 600 s limit, so the archive below is always made (a call killed at its limit returns

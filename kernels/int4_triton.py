@@ -31,6 +31,7 @@ from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_lau
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
 from quantbridge.kernels.int4_layouts import (OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, split_sz_rows,
                                               sz_format, tileable)
+from quantbridge.kernels.tune_timing import check_flush, time_ms
 from quantbridge.kernels.tuning import pick_fastest
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
@@ -645,6 +646,11 @@ WGMMA_WS = True
 # ... and at M <= 16 its 16-row tiles on deep rings too (compiled and checked without a GPU, not yet
 # timed or tested on one: off until they are; benchmarks/NOTES.md)
 WGMMA_WS_DECODE = False
+# How the tuner empties L2 before each timed candidate (kernels/tune_timing.py): "zero", do_bench's
+# write of 256 MB, so each launch starts with L2 full of dirty lines, or "read", as the bench times a
+# call. At M=1 on 8192x28672 one tuning kept a run 10 % slower in the bench than another tuning's on
+# the same H100 (benchmarks/NOTES.md, r10): an A/B setting until the two are compared.
+TUNE_FLUSH = "zero"
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K
 # programs; num_warps WS_WARPS: int4_wgmma's warp-specialized tile (BLOCK_K 128; SPLIT_K 1 or stream-K)
@@ -997,6 +1003,23 @@ _PREP = FastLauncher(_prep_x_kernel)
 _PREP_BLOCK = 256  # words (2,048 activations) per program
 
 
+def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: str, sz_fmt: int, ws=None) -> str:
+    """The tuned table's key of one M bucket of a layer: the shape and every module setting that
+    changes which candidates run or how they are timed. sz_fmt: sz_format of the scales the tiles
+    read (0 none, 1 [N, G] words, 2 split words); ws: int4_wgmma where its tiles are candidates."""
+    check_flush(TUNE_FLUSH)
+    return f"m{m_bucket(m)}-n{n}-k{k}-g{group}-{str(dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
+        + ("" if layout == "canonical" else f"-{layout}") \
+        + ("", "-sz", "-sz25")[sz_fmt] \
+        + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
+        + ("-ws" if ws is not None else "") \
+        + (f"-lag{ws.RELEASE_LAG}" if ws is not None and ws.RELEASE_LAG != 1 else "") \
+        + (f"-fix{ws.FIXUP_ROWS}" if ws is not None and ws.FIXUP_ROWS else "") \
+        + (f"-ld{ws.FIXUP_LOADS}" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_LOADS != 1 else "") \
+        + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "") \
+        + ("-frd" if TUNE_FLUSH == "read" else "")
+
+
 class _Tuner:
     """Picks a configuration per shape by timing every candidate once; remembers it on disk."""
 
@@ -1032,15 +1055,7 @@ class _Tuner:
         # The layout is in the key where it is not the canonical one: in one mode, a bound layer and an
         # unbound call of the same shape read different layouts (and older tables keep their keys).
         ws = _ws_module() if layout == "operand-tiled" and sz is not None else None
-        key = f"m{m_bucket(m)}-n{n}-k{k}-g{w.group_size}-{str(x2.dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
-            + ("" if layout == "canonical" else f"-{layout}") \
-            + ("", "-sz", "-sz25")[sz_format(sz, n, k // w.group_size)] \
-            + ("-streamk" if STREAM_K and layout in OPERAND_LAYOUTS else "") \
-            + ("-ws" if ws is not None else "") \
-            + (f"-lag{ws.RELEASE_LAG}" if ws is not None and ws.RELEASE_LAG != 1 else "") \
-            + (f"-fix{ws.FIXUP_ROWS}" if ws is not None and ws.FIXUP_ROWS else "") \
-            + (f"-ld{ws.FIXUP_LOADS}" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_LOADS != 1 else "") \
-            + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "")
+        key = tuner_key(m, n, k, w.group_size, x2.dtype, layout, sz_format(sz, n, k // w.group_size), ws)
         hit = self.memo.get((x2.device, key))
         if hit is not None:  # the per-call path: one dict lookup
             return hit
@@ -1073,7 +1088,7 @@ class _Tuner:
                 else:  # w: canonical codes, or for the operand layout the same operand codes
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, w, out, cfg, counters=cnt, layout=dequant_layout(layout))
-                t = triton.testing.do_bench(run, warmup=2, rep=8, return_mode="median")
+                t = time_ms(run, x2.device, TUNE_FLUSH, warmup=2, rep_ms=8)
             except (triton.runtime.errors.OutOfResources, RuntimeError, triton.compiler.errors.CompilationError):
                 continue  # too much shared memory or registers for this tile: not a candidate
             timed.append((cfg, t))
@@ -1081,7 +1096,7 @@ class _Tuner:
         if not timed:
             raise RuntimeError(f"no Triton configuration runs for M={mb}, N={w.out_features}, K={k}")
         # the front of the field timed again in turns (kernels/tuning.py): one pass's order moves
-        best, _ = pick_fastest(timed, lambda c: triton.testing.do_bench(runs[c], warmup=1, rep=4, return_mode="median"))
+        best, _ = pick_fastest(timed, lambda c: time_ms(runs[c], x2.device, TUNE_FLUSH, warmup=1, rep_ms=4))
         return best
 
 

@@ -4,6 +4,7 @@ Without CUDA these run in Triton's interpreter (TRITON_INTERPRET=1, set by conft
 small shapes; with CUDA (`-m gpu`) on the real compiler over many shapes in bf16/fp16.
 """
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -260,6 +261,20 @@ def test_gpu_tuner_picks_a_correct_config_and_caches_it(tmp_path, monkeypatch):
     again = kt._Tuner()
     again._search = None  # a second tuner must read the file, not search again
     assert again.config(x, qw) == cfg
+
+
+@pytest.mark.gpu
+def test_gpu_tuner_with_a_read_flush_picks_a_correct_config_under_its_own_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kt, "TUNE_FLUSH", "read")
+    tuner = kt._Tuner()
+    x, qw, ref = _case(16, 2048, 4096, 128, False, torch.bfloat16, "cuda", seed=5)
+    cfg = tuner.config(x, qw)
+    _check(x, qw, ref, cfg, 1e-2)
+    assert cfg in kt.candidate_configs(16, 2048, 4096, 128)
+    keys = json.loads(next(tmp_path.glob("triton-int4-*.json")).read_text())
+    assert [key for key in keys if key.startswith("m16-n2048-k4096-g128-bfloat16")] == \
+        [kt.tuner_key(16, 2048, 4096, 128, torch.bfloat16, "canonical", 0)]
 
 
 @pytest.mark.gpu

@@ -71,3 +71,26 @@ def test_no_candidate_is_an_error():
         pick_fastest([], lambda c: 1.0)
     with pytest.raises(ValueError, match="rounds"):
         pick_fastest([("a", 1.0), ("b", 1.01)], lambda c: 1.0, rounds=0)
+
+
+def test_the_tuners_l2_flush_is_in_its_key_and_an_unknown_one_is_refused(monkeypatch):
+    """Tables tuned with the two flushes are kept apart; a misspelt setting fails at the key, before any timing."""
+    pytest.importorskip("triton")
+    import torch
+
+    from quantbridge.kernels import int4_triton as kt
+    from quantbridge.kernels.tune_timing import check_flush, time_ms
+
+    args = (4, 28672, 8192, 128, torch.bfloat16, "operand-tiled", 1)
+    monkeypatch.setattr(kt, "TUNE_FLUSH", "zero")
+    zero = kt.tuner_key(*args)
+    monkeypatch.setattr(kt, "TUNE_FLUSH", "read")
+    read = kt.tuner_key(*args)
+    assert read == zero + "-frd" and zero.startswith("m4-n28672-k8192-g128-bfloat16-")
+    monkeypatch.setattr(kt, "TUNE_FLUSH", "reed")
+    with pytest.raises(ValueError, match="'reed'.*zero, read"):
+        kt.tuner_key(*args)
+    with pytest.raises(ValueError, match="zero, read"):
+        check_flush("none")
+    with pytest.raises(ValueError, match="zero, read"):
+        time_ms(lambda: None, torch.device("cpu"), "none", warmup=1, rep_ms=1)

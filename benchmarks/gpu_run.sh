@@ -308,24 +308,35 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # device_kernel whose template argument names it).
   # PROFILE_CLOCKS=none: the GPU's own clocks, as the bench runs (ncu locks them to base by default, which
   # slows an SM-bound kernel more than a DRAM-bound one and so changes who is ahead).
+  # PROFILE_SASS=1: a third run, stall samples per SASS instruction (benchmarks/ncu_sass_stalls.py), so a
+  # stall reason can be laid at the instruction that waits (a barrier, a scale load, the fix-up's loads).
   for shape in ${PROFILE_SHAPES:-8192x28672x1 4096x4096x1 8192x28672x16 8192x28672x128}; do
     IFS=x read -r pk pn pm pkern <<< "$shape"
     kre=${pkern:+"regex:${PROFILE_KERNEL_RE:-$pkern|${pkern^}}"}; kre=${kre:-"regex:_(int4_matmul|int4_gemv|int4_ws|dequant)_kernel"}
-    timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" --kernel-name-base "${PROFILE_KERNEL_BASE:-function}" --clock-control "${PROFILE_CLOCKS:-base}" \
-      --launch-skip 5 --launch-count 1 --section SpeedOfLight \
-      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-      python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"} \
-      $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) > "$OUT/ncu-$shape.txt" 2>&1
+    nf=(--profile-from-start off --kernel-name "$kre" --kernel-name-base "${PROFILE_KERNEL_BASE:-function}"
+        --clock-control "${PROFILE_CLOCKS:-base}" --launch-skip 5 --launch-count 1)
+    pd=(python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"}
+        ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"}
+        $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split))
+    timeout 120 "$ncu" "${nf[@]}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats "${pd[@]}" > "$OUT/ncu-$shape.txt" 2>&1
     # The stall reasons themselves (WarpStateStats above prints only their total): warps stalled on each
     # reason per issued instruction; long_scoreboard is a wait on a global load's result.
-    timeout 120 "$ncu" --profile-from-start off --kernel-name "$kre" --kernel-name-base "${PROFILE_KERNEL_BASE:-function}" --clock-control "${PROFILE_CLOCKS:-base}" \
-      --launch-skip 5 --launch-count 1 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"} \
-      $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) > "$OUT/ncu-$shape-stalls.txt" 2>&1
+    timeout 120 "$ncu" "${nf[@]}" --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      "${pd[@]}" > "$OUT/ncu-$shape-stalls.txt" 2>&1
+    if [ "${PROFILE_SASS:-0}" = 1 ]; then
+      rep=/tmp/ncu-sass-$shape  # the report stays on the machine: the CSV and its summary come back
+      timeout 150 "$ncu" "${nf[@]}" --section WarpStateStats --section SourceCounters -f -o "$rep" "${pd[@]}" \
+        > "$OUT/ncu-$shape-sass.log" 2>&1
+      "$ncu" --import "$rep.ncu-rep" --page source --print-source sass --csv > "$OUT/ncu-$shape-sass.csv" 2>> "$OUT/ncu-$shape-sass.log"
+      python3 benchmarks/ncu_sass_stalls.py "$OUT/ncu-$shape-sass.csv" > "$OUT/ncu-$shape-sass.txt" 2>&1
+      head -n 8 "$OUT/ncu-$shape-sass.txt"
+    fi
     echo "== ncu $shape: $(grep -m1 -E '^ *Duration' "$OUT/ncu-$shape.txt" | tr -s ' ')"
   done
   # One archive back (a call returns at most 8 files): the bench's files need the other places.
-  tar -czf "$OUT/ncu.tar.gz" -C "$OUT" $(cd "$OUT" && ls ncu-*.txt) && rm -f "$OUT"/ncu-*.txt
+  files=$(cd "$OUT" && ls ncu-*.txt ncu-*.csv ncu-*.log 2>/dev/null)
+  tar -czf "$OUT/ncu.tar.gz" -C "$OUT" $files && (cd "$OUT" && rm -f $files)
 fi
 if [ "${BENCH_NCU:-0}" = 1 ]; then
   # The kernels as the bench runs them: ncu on `quantbridge bench`'s own graph replays, each kernel node

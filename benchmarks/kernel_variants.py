@@ -52,9 +52,12 @@ VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT":
 # + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS 4): the kernel's default since
 # r10 (the variant precompile_triton.py compiles without --modes)
 VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixup16"], "FIXUP_LOADS": 4}
-# + the tuner emptying L2 by a read before each timed candidate, as the bench does (int4_triton.TUNE_FLUSH)
+# + the tuner emptying L2 by a read before each timed candidate, as the bench does (int4_triton.TUNE_TIMING),
+# and timing each in CUDA-graph replays, as the bench times a call
 VARIANTS["operand-tiled-ws-fixup16-loads4-readflush"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
-                                                         "TUNE_FLUSH": "read"}
+                                                         "TUNE_TIMING": "read"}
+VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
+                                                          "TUNE_TIMING": "graph"}
 # both: the fix-up in row chunks (the default since r8's A/B), one part's loads at a time, with the split words
 VARIANTS["operand-tiled-ws-fixup16-sz25"] = {**VARIANTS["operand-tiled-ws-fixup16"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them
@@ -64,7 +67,7 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("FIXUP_ROWS", 0)
     _v.setdefault("SZ_SPLIT", False)
     _v.setdefault("FIXUP_LOADS", 1)
-    _v.setdefault("TUNE_FLUSH", "zero")
+    _v.setdefault("TUNE_TIMING", "do_bench")
 
 _WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS")  # settings of int4_wgmma; the rest are int4_triton's
 

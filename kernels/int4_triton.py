@@ -31,7 +31,7 @@ from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_lau
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
 from quantbridge.kernels.int4_layouts import (OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, split_sz_rows,
                                               sz_format, tileable)
-from quantbridge.kernels.tune_timing import check_flush, time_ms
+from quantbridge.kernels.tune_timing import check_timing, time_ms
 from quantbridge.kernels.tuning import pick_fastest
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
@@ -646,11 +646,12 @@ WGMMA_WS = True
 # ... and at M <= 16 its 16-row tiles on deep rings too (compiled and checked without a GPU, not yet
 # timed or tested on one: off until they are; benchmarks/NOTES.md)
 WGMMA_WS_DECODE = False
-# How the tuner empties L2 before each timed candidate (kernels/tune_timing.py): "zero", do_bench's
-# write of 256 MB, so each launch starts with L2 full of dirty lines, or "read", as the bench times a
-# call. At M=1 on 8192x28672 one tuning kept a run 10 % slower in the bench than another tuning's on
-# the same H100 (benchmarks/NOTES.md, r10): an A/B setting until the two are compared.
-TUNE_FLUSH = "zero"
+# How the tuner times a candidate (kernels/tune_timing.py): "do_bench" (its L2 flush writes 256 MB,
+# so each launch starts among dirty lines), "read" (eager launches after a read flush, as the bench
+# flushes) or "graph" (replays of the launch captured in a CUDA graph after a read flush, as the bench
+# times a call). At M=1 on 8192x28672 one tuning kept a run 10 % slower in the bench than another
+# tuning's on the same H100 (benchmarks/NOTES.md, r10): A/B settings until compared.
+TUNE_TIMING = "do_bench"
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); SPLIT_K < 0: stream-K over -SPLIT_K
 # programs; num_warps WS_WARPS: int4_wgmma's warp-specialized tile (BLOCK_K 128; SPLIT_K 1 or stream-K)
@@ -1007,7 +1008,7 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
     """The tuned table's key of one M bucket of a layer: the shape and every module setting that
     changes which candidates run or how they are timed. sz_fmt: sz_format of the scales the tiles
     read (0 none, 1 [N, G] words, 2 split words); ws: int4_wgmma where its tiles are candidates."""
-    check_flush(TUNE_FLUSH)
+    check_timing(TUNE_TIMING)
     return f"m{m_bucket(m)}-n{n}-k{k}-g{group}-{str(dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
         + ("" if layout == "canonical" else f"-{layout}") \
         + ("", "-sz", "-sz25")[sz_fmt] \
@@ -1017,7 +1018,7 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
         + (f"-fix{ws.FIXUP_ROWS}" if ws is not None and ws.FIXUP_ROWS else "") \
         + (f"-ld{ws.FIXUP_LOADS}" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_LOADS != 1 else "") \
         + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "") \
-        + ("-frd" if TUNE_FLUSH == "read" else "")
+        + {"do_bench": "", "read": "-frd", "graph": "-tgr"}[TUNE_TIMING]
 
 
 class _Tuner:
@@ -1088,7 +1089,7 @@ class _Tuner:
                 else:  # w: canonical codes, or for the operand layout the same operand codes
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, w, out, cfg, counters=cnt, layout=dequant_layout(layout))
-                t = time_ms(run, x2.device, TUNE_FLUSH, warmup=2, rep_ms=8)
+                t = time_ms(run, x2.device, TUNE_TIMING, warmup=2, rep_ms=8)
             except (triton.runtime.errors.OutOfResources, RuntimeError, triton.compiler.errors.CompilationError):
                 continue  # too much shared memory or registers for this tile: not a candidate
             timed.append((cfg, t))
@@ -1096,7 +1097,7 @@ class _Tuner:
         if not timed:
             raise RuntimeError(f"no Triton configuration runs for M={mb}, N={w.out_features}, K={k}")
         # the front of the field timed again in turns (kernels/tuning.py): one pass's order moves
-        best, _ = pick_fastest(timed, lambda c: time_ms(runs[c], x2.device, TUNE_FLUSH, warmup=1, rep_ms=4))
+        best, _ = pick_fastest(timed, lambda c: time_ms(runs[c], x2.device, TUNE_TIMING, warmup=1, rep_ms=4))
         return best
 
 

@@ -1,12 +1,15 @@
-"""How the tuner times one candidate launch: median milliseconds, L2 emptied before each launch.
+"""How the tuner times one candidate: median milliseconds of a launch, L2 emptied before each.
 
-Two ways to empty L2 (int4_triton.TUNE_FLUSH picks one):
-- "zero": triton.testing.do_bench's own. It zeroes a 256 MB buffer, so each timed launch starts
-  with L2 full of dirty lines that are written back while the launch reads its weight.
-- "read": as quantbridge's bench times a call. It reads a 256 MB buffer, so L2 holds clean lines
-  and a timed launch's reads evict them without writes. The buffer is that large so that reading it
-  takes longer than the host needs to submit the next launch: the launch's start event then never
-  waits on the host.
+Three ways (int4_triton.TUNE_TIMING picks one):
+- "do_bench": triton.testing.do_bench. Its L2 flush zeroes a 256 MB buffer, so each timed launch
+  starts with L2 full of dirty lines that are written back while the launch reads its weight.
+- "read": launched as do_bench does (eagerly, CUDA events around each), but L2 is emptied by a read
+  of a 256 MB buffer, as quantbridge's bench empties it: clean lines, nothing to write back. The
+  buffer is that large so that reading it takes longer than the host needs to submit the launch:
+  the start event never waits on the host.
+- "graph": as the bench times a call. The launch is captured once in a CUDA graph with an event on
+  each side of it inside the graph, and the graph is replayed after each read flush: no host cost
+  and no launch latency in the figure, only the kernels.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ from typing import Callable
 
 import torch
 
-FLUSHES = ("zero", "read")
+TIMINGS = ("do_bench", "read", "graph")
 FLUSH_BYTES = 256 * 1024 * 1024  # do_bench's buffer size, over 5x an H100's 50 MB L2
+MAX_RUNS = 500
 
 _READ_BUFFERS: dict[int, torch.Tensor] = {}
 
 
-def check_flush(flush: str) -> None:
-    """Raises ValueError naming the choices when `flush` is not one of them."""
-    if flush not in FLUSHES:
-        raise ValueError(f"unknown tuner L2 flush {flush!r}: one of {', '.join(FLUSHES)}")
+def check_timing(timing: str) -> None:
+    """Raises ValueError naming the choices when `timing` is not one of them."""
+    if timing not in TIMINGS:
+        raise ValueError(f"unknown tuner timing {timing!r}: one of {', '.join(TIMINGS)}")
 
 
 def _read_flush(device: torch.device) -> None:
@@ -35,22 +39,22 @@ def _read_flush(device: torch.device) -> None:
     buf.max()  # reads every line of the buffer once and writes one int
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, flush: str, warmup: int, rep_ms: float) -> float:
-    """Median ms of fn() over about rep_ms of timed launches (5 to 500), each after `flush`."""
-    check_flush(flush)
-    if flush == "zero":
+def time_ms(fn: Callable[[], object], device: torch.device, timing: str, warmup: int, rep_ms: float) -> float:
+    """Median ms of fn() over about rep_ms of timed launches (5 to MAX_RUNS), L2 emptied before each."""
+    check_timing(timing)
+    if timing == "do_bench":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep_ms, return_mode="median")
     for _ in range(warmup):
         fn()
+    timed = _eager if timing == "read" else _graph(fn, device)
     # As do_bench does: five launches estimate how many fill rep_ms.
-    estimate = _timed(fn, device, 5)
-    n = max(5, min(500, int(rep_ms / max(statistics.median(estimate), 1e-3))))
-    return statistics.median(_timed(fn, device, n))
+    estimate = statistics.median(timed(fn, device, 5))
+    return statistics.median(timed(fn, device, max(5, min(MAX_RUNS, int(rep_ms / max(estimate, 1e-3))))))
 
 
-def _timed(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
+def _eager(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
     """ms of each of n launches of fn, L2 emptied by a read before each; CUDA events, read once all ran."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
@@ -61,3 +65,26 @@ def _timed(fn: Callable[[], object], device: torch.device, n: int) -> list[float
         end.record()
     torch.cuda.synchronize(device)
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _graph(fn: Callable[[], object], device: torch.device) -> Callable[[Callable[[], object], torch.device, int],
+                                                                       list[float]]:
+    """fn captured once, events inside the graph around it; returns the timer of n replays."""
+    start, end = (torch.cuda.Event(enable_timing=True, external=True) for _ in range(2))
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        start.record()
+        fn()
+        end.record()
+
+    def replays(_fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
+        times = []
+        for _ in range(n):  # each replay waited for: the next one records the same two events
+            _read_flush(device)
+            graph.replay()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+    return replays

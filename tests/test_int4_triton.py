@@ -264,9 +264,10 @@ def test_gpu_tuner_picks_a_correct_config_and_caches_it(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_tuner_with_a_read_flush_picks_a_correct_config_under_its_own_key(tmp_path, monkeypatch):
+@pytest.mark.parametrize("timing", ["read", "graph"])
+def test_gpu_tuner_timed_as_the_bench_picks_a_correct_config_under_its_own_key(timing, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(kt, "TUNE_FLUSH", "read")
+    monkeypatch.setattr(kt, "TUNE_TIMING", timing)
     tuner = kt._Tuner()
     x, qw, ref = _case(16, 2048, 4096, 128, False, torch.bfloat16, "cuda", seed=5)
     cfg = tuner.config(x, qw)
@@ -275,6 +276,7 @@ def test_gpu_tuner_with_a_read_flush_picks_a_correct_config_under_its_own_key(tm
     keys = json.loads(next(tmp_path.glob("triton-int4-*.json")).read_text())
     assert [key for key in keys if key.startswith("m16-n2048-k4096-g128-bfloat16")] == \
         [kt.tuner_key(16, 2048, 4096, 128, torch.bfloat16, "canonical", 0)]
+    assert next(iter(keys)).endswith({"read": "-frd", "graph": "-tgr"}[timing])
 
 
 @pytest.mark.gpu

@@ -73,24 +73,50 @@ def test_no_candidate_is_an_error():
         pick_fastest([("a", 1.0), ("b", 1.01)], lambda c: 1.0, rounds=0)
 
 
-def test_the_tuners_l2_flush_is_in_its_key_and_an_unknown_one_is_refused(monkeypatch):
-    """Tables tuned with the two flushes are kept apart; a misspelt setting fails at the key, before any timing."""
+def test_the_tuners_timing_is_in_its_key_and_an_unknown_one_is_refused(monkeypatch):
+    """Tables tuned with different timings are kept apart; a misspelt setting fails at the key, before any timing."""
     pytest.importorskip("triton")
     import torch
 
     from quantbridge.kernels import int4_triton as kt
-    from quantbridge.kernels.tune_timing import check_flush, time_ms
+    from quantbridge.kernels.tune_timing import check_timing, time_ms
 
     args = (4, 28672, 8192, 128, torch.bfloat16, "operand-tiled", 1)
-    monkeypatch.setattr(kt, "TUNE_FLUSH", "zero")
-    zero = kt.tuner_key(*args)
-    monkeypatch.setattr(kt, "TUNE_FLUSH", "read")
-    read = kt.tuner_key(*args)
-    assert read == zero + "-frd" and zero.startswith("m4-n28672-k8192-g128-bfloat16-")
-    monkeypatch.setattr(kt, "TUNE_FLUSH", "reed")
-    with pytest.raises(ValueError, match="'reed'.*zero, read"):
+    keys = {}
+    for timing in ("do_bench", "read", "graph"):
+        monkeypatch.setattr(kt, "TUNE_TIMING", timing)
+        keys[timing] = kt.tuner_key(*args)
+    assert keys["read"] == keys["do_bench"] + "-frd" and keys["graph"] == keys["do_bench"] + "-tgr"
+    assert keys["do_bench"].startswith("m4-n28672-k8192-g128-bfloat16-")
+    monkeypatch.setattr(kt, "TUNE_TIMING", "reed")
+    with pytest.raises(ValueError, match="'reed'.*do_bench, read, graph"):
         kt.tuner_key(*args)
-    with pytest.raises(ValueError, match="zero, read"):
-        check_flush("none")
-    with pytest.raises(ValueError, match="zero, read"):
+    with pytest.raises(ValueError, match="do_bench, read, graph"):
+        check_timing("none")
+    with pytest.raises(ValueError, match="do_bench, read, graph"):
         time_ms(lambda: None, torch.device("cpu"), "none", warmup=1, rep_ms=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("timing, eager_calls", [("read", None), ("graph", 3)])
+def test_gpu_graph_timing_replays_the_launch_and_read_timing_calls_it(timing, eager_calls):
+    """graph: fn runs in the two warm-up calls and once more in the capture, never again (the timed runs
+    are replays); read: once per timed run. Either way a positive median, on fresh random data."""
+    import torch
+
+    from quantbridge.kernels.tune_timing import time_ms
+
+    device = torch.device("cuda")
+    a = torch.randn(1024, 1024, device=device)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return a @ a
+
+    t = time_ms(fn, device, timing, warmup=2, rep_ms=1)
+    assert t > 0
+    if eager_calls is not None:
+        assert len(calls) == eager_calls
+    else:
+        assert len(calls) >= 2 + 5 + 5  # warm-up, the estimate's five, at least five timed

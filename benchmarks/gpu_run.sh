@@ -343,15 +343,20 @@ if [ "${BENCH_NCU:-0}" = 1 ]; then
   # profiled where the graph runs it, with the bench's L2 flush and the GPU's clocks left alone. Where a
   # kernel's bench time and its profile_decode profile differ, this tells whether the gap is in the kernel
   # or around it. BN_SHAPES (KxN), BN_BATCH, BN_KERNELS (rtn+K rows), BN_RE (demangled kernel names).
+  # BN_GRAPHS=1: each CUDA graph profiled whole instead (no name filter: the bench's eager work, its L2
+  # flush among it, is profiled too): a timed graph holds the call between two events, so its duration
+  # against its kernel's (a BN_GRAPHS=0 run) is the time the bench adds around the kernel.
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
-  timeout "${BN_TIMEOUT:-300}" "$ncu" --target-processes all --graph-profiling node --cache-control none --clock-control none \
-    --kernel-name-base demangled --kernel-name "regex:${BN_RE:-_int4_|Marlin|machete}" --csv \
+  if [ "${BN_GRAPHS:-0}" = 1 ]; then filt=(--graph-profiling graph); else
+    filt=(--graph-profiling node --kernel-name-base demangled --kernel-name "regex:${BN_RE:-_int4_|Marlin|machete}"); fi
+  timeout "${BN_TIMEOUT:-300}" "$ncu" --target-processes all "${filt[@]}" --cache-control none --clock-control none --csv \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__cycles_elapsed.avg.per_second \
     python3 -m quantbridge.cli bench --shapes "${BN_SHAPES:-28672x8192,8192x28672}" --batch "${BN_BATCH:-1,4}" \
     --backends fp16,native --kernels "${BN_KERNELS:-marlin}" --runs 20 --isolation none --out "$OUT/bench-ncu" \
     > "$OUT/bench-ncu.csv" 2> "$OUT/bench-ncu.log"
   echo "== bench under ncu rc=$?"; tail -n 2 "$OUT/bench-ncu.log"
-  python3 benchmarks/ncu_kernel_summary.py "$OUT/bench-ncu.csv" | tee "$OUT/bench-ncu.summary.txt"
+  python3 benchmarks/ncu_kernel_summary.py "$OUT/bench-ncu.csv" | tee "$OUT/bench-ncu.summary.txt" | head -n 40
+  python3 benchmarks/ncu_kernel_summary.py --each "$OUT/bench-ncu.csv" > "$OUT/bench-ncu.each.txt"
   cat "$OUT/bench-ncu/bench.md" 2>/dev/null | grep -E '^\| *[0-9]+ \|' | head -n 8
 fi
 if [ "${SERVE:-0}" = 1 ]; then

@@ -1,6 +1,7 @@
 """Summarise an `ncu --csv` metrics run: one line per run of consecutive launches of one kernel.
 
     python benchmarks/ncu_kernel_summary.py bench-ncu.csv
+    python benchmarks/ncu_kernel_summary.py --each bench-ncu.csv     # every launch, in order
 
 ncu prints one CSV row per (launch, metric). Launches of the same kernel with the same grid that
 follow one another are one bench row's calls (its check, warm-up and replays), so they are summarised
@@ -73,11 +74,19 @@ def summary(path: Path) -> list[str]:
     return rows
 
 
+def listing(path: Path) -> list[str]:
+    """Every launch in order, one line each (graphs profiled whole interleave with the eager work)."""
+    return [f"{e['id']:6d} {e['kernel'].split('(')[0][:60]:60s} grid {e['grid']:>14s} "
+            f"{e.get(DURATION, float('nan')):9.2f} us  DRAM read {e.get(DRAM_READ, float('nan')):8.1f} MB"
+            for e in launches(path)]
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: ncu_kernel_summary.py NCU_CSV", file=sys.stderr)
+    if len(argv) not in (1, 2) or (len(argv) == 2 and argv[0] != "--each"):
+        print("usage: ncu_kernel_summary.py [--each] NCU_CSV   (--each: every launch, not runs of them)",
+              file=sys.stderr)
         return 2
-    for line in summary(Path(argv[0])):
+    for line in (listing if argv[0] == "--each" else summary)(Path(argv[-1])):
         print(line)
     return 0
 

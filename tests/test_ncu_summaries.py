@@ -95,3 +95,15 @@ def test_sass_stalls_names_what_is_missing(tmp_path):
     f.write_text('"Address","Source","Instructions Executed"\n"0x0","NOP","3"\n')
     with pytest.raises(SystemExit, match="Warp Stall Sampling"):
         nss.summary(f)
+
+
+def test_kernel_listing_keeps_every_launch_in_order(tmp_path):
+    rng = random.Random()
+    launches = [(rng.choice(["_int4_matmul_kernel", "graph"]), "(1, 1, 1)", rng.uniform(1e3, 9e4), 1.0)
+                for _ in range(rng.randint(3, 20))]
+    f = tmp_path / "each.csv"
+    _metrics_csv(f, launches)
+    lines = nks.listing(f)
+    assert len(lines) == len(launches)
+    for i, (line, (name, _, ns, _)) in enumerate(zip(lines, launches)):
+        assert line.split()[:2] == [str(i), name] and f"{round(ns) / 1e3:9.2f} us" in line

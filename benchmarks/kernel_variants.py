@@ -52,6 +52,9 @@ VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT":
 # + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS 4): the kernel's default since
 # r10 (the variant precompile_triton.py compiles without --modes)
 VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixup16"], "FIXUP_LOADS": 4}
+# + a split run's parts summed by all of the tile's programs, each a slice of its rows (int4_wgmma.FIXUP_SLICED)
+VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
+                                                      "FIXUP_SLICED": True}
 # + the tuner emptying L2 by a read before each timed candidate, as the bench does (int4_triton.TUNE_TIMING),
 # and timing each in CUDA-graph replays, as the bench times a call
 VARIANTS["operand-tiled-ws-fixup16-loads4-readflush"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
@@ -67,9 +70,10 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("FIXUP_ROWS", 0)
     _v.setdefault("SZ_SPLIT", False)
     _v.setdefault("FIXUP_LOADS", 1)
+    _v.setdefault("FIXUP_SLICED", False)
     _v.setdefault("TUNE_TIMING", "do_bench")
 
-_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS")  # settings of int4_wgmma; the rest are int4_triton's
+_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED")  # settings of int4_wgmma; the rest are int4_triton's
 
 
 def _module(key: str):

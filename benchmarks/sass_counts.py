@@ -134,7 +134,7 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
               "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS,
-              "SPLIT": kt.SZ_SPLIT, "num_warps": 8}
+              "SPLIT": kt.SZ_SPLIT, "SLICED": ws.FIXUP_SLICED, "num_warps": 8}
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="int4_wgmma.FIXUP_ROWS for --ws: a stream-K tile summed whole (0) or R rows of x at a time")
     ap.add_argument("--fixup-loads", type=int,
                     help="int4_wgmma.FIXUP_LOADS for --ws: parts whose loads a row-chunk fix-up issues at once")
+    ap.add_argument("--fixup-sliced", action="store_true",
+                    help="int4_wgmma.FIXUP_SLICED for --ws: a split run's parts summed by all its programs")
     ap.add_argument("--sz-split", action="store_true",
                     help="packed scales and zero points split into group-major words, 2.5 bytes a row and group "
                          "(int4_triton.SZ_SPLIT), for operand and --ws tiles")
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             ws.FIXUP_ROWS = a.fixup_rows
         if a.fixup_loads is not None:
             ws.FIXUP_LOADS = a.fixup_loads
+        ws.FIXUP_SLICED = a.fixup_sliced or ws.FIXUP_SLICED
         count = tuple(p for p in (a.count or "HGMMA,WARPGROUP.DEPBAR.LE,STS").split(",") if p)
         for c in a.ws:
             print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas), flush=True)

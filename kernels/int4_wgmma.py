@@ -100,6 +100,13 @@ FIXUP_ROWS = 16
 # default since r10: its A/B on an H100 took 4096x1024 at M=512 from 23.8 to 19.5 us and 14336x4096 at
 # M=64 from 33.8 to 30.2 us, the other shapes alike; 1 stays as the A/B variant.
 FIXUP_LOADS = 4
+# Who sums a split run's parts (FIXUP_ROWS > 0; programs = tiles x s, each tile's K in s runs, one per
+# program): False, the tile's last program to arrive sums all its row chunks while the other s - 1
+# have ended (the tail ncu saw, above); True, every program of the tile waits until all s parts are
+# stored, then sums every s-th row chunk, in program order as before (the same bits). The wait needs
+# all programs resident at once: only where programs <= SMs (one program a SM: the ring fills its
+# shared memory). An A/B setting until timed (benchmarks/NOTES.md, r10).
+FIXUP_SLICED = False
 
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
@@ -211,17 +218,18 @@ if gluon is not None:
                  mask=gl.expand_dims(om < M, 1))
 
     @gluon.jit
-    def _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, HAS_BIAS: gl.constexpr,
-                    DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
-                    LOADS: gl.constexpr, num_warps: gl.constexpr):
+    def _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, c0, c_step,
+                    HAS_BIAS: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                    ROWS: gl.constexpr, LOADS: gl.constexpr, num_warps: gl.constexpr):
         """A stream-K tile's parts (x-row-major: slot [BLOCK_M, BLOCK_N]) summed in program order, so the
-        sum does not depend on arrival order, and stored (+ bias) ROWS rows of x at a time."""
+        sum does not depend on arrival order, and stored (+ bias) ROWS rows of x at a time: the chunks
+        c0, c0 + c_step, ... (all of them: 0, 1)."""
         fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
         r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, fix_l))
         on = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, fix_l))
         if HAS_BIAS:
             bias = gl.expand_dims(gl.load(b_ptr + n0 + on).to(gl.float32), 0)
-        for c in range(0, gl.cdiv(gl.minimum(M - m0, BLOCK_M), ROWS)):  # the chunks holding a row of x
+        for c in range(c0, gl.cdiv(gl.minimum(M - m0, BLOCK_M), ROWS), c_step):  # chunks holding a row of x
             rows = c * ROWS + r
             keep = gl.expand_dims(m0 + rows < M, 1)
             local = gl.expand_dims(rows, 1) * BLOCK_N + gl.expand_dims(on, 0)
@@ -243,7 +251,7 @@ if gluon is not None:
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
                   LAG: gl.constexpr, FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  SLICED: gl.constexpr, num_warps: gl.constexpr):
         DT: gl.constexpr = x_bufs.dtype
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -315,7 +323,19 @@ if gluon is not None:
                 p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
                 gl.thread_barrier()  # every thread's part is stored before the (single) release below
                 arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-                if arrived == p_hi - p_lo:
+                if SLICED:
+                    # a split run (the host checked: one tile a program, every program resident): all
+                    # the tile's programs sum, each its share of the row chunks, once every part is in
+                    runs = p_hi - p_lo + 1
+                    while arrived < runs:
+                        arrived = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
+                    _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, pid - p_lo,
+                                runs, HAS_BIAS, DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, num_warps)
+                    # the last to finish zeroes the counter for the next launch: every program has
+                    # passed its wait by then (each counts once more only after it)
+                    if gl.atomic_add(cnt_ptr + tile, 1, sem="relaxed", scope="gpu") == 2 * runs - 1:
+                        gl.atomic_xchg(cnt_ptr + tile, 0)
+                elif arrived == p_hi - p_lo:
                     if FIXUP == 0:
                         total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
                         for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
@@ -323,15 +343,16 @@ if gluon is not None:
                             total += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
                         _store_out(total, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
                     else:
-                        _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, HAS_BIAS,
-                                    DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, num_warps)
+                        _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, 0, 1,
+                                    HAS_BIAS, DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, num_warps)
                     gl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch
 
     @gluon.jit
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, LAG: gl.constexpr,
-                        FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                        FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr, SLICED: gl.constexpr,
+                        num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
         when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -348,7 +369,7 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
                          GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, num_warps)),
+                         STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, SLICED, num_warps)),
             (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
         ], [1], [40])
 
@@ -375,6 +396,21 @@ def descriptors(x2: torch.Tensor, codes: torch.Tensor, cfg: WsConfig):
 def tiles(m: int, n: int, cfg: WsConfig) -> int:
     """Output tiles of one launch."""
     return -(-m // cfg[0]) * (n // cfg[1])
+
+
+def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms: int) -> bool:
+    """Whether a launch sums its stream-K parts in slices (FIXUP_SLICED): a split run, i.e. each
+    tile's K steps in s >= 2 equal runs, one per program, and no more programs than SMs."""
+    if not (FIXUP_SLICED and FIXUP_ROWS and programs):
+        return False
+    t = tiles(m, n, cfg)
+    s = programs // t
+    return programs % t == 0 and s >= 2 and (k // TILE_K) % s == 0 and programs <= sms
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
@@ -404,4 +440,5 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
         TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
-        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split, num_warps=8)
+        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split,
+        SLICED=sums_sliced(m, n, k, cfg, programs, _sm_count(x2.device.index)), num_warps=8)

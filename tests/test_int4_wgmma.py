@@ -205,6 +205,69 @@ def test_gpu_ws_tiles_fixup_in_row_chunks(rows, loads, monkeypatch):
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True), (768, 2048, True, False)))
 
 
+def test_split_runs_are_summed_in_slices_only_where_every_program_is_resident(monkeypatch):
+    """FIXUP_SLICED applies to split runs (each tile's K in s >= 2 equal runs, one a program) of no
+    more programs than SMs, with the row-chunk fix-up; any other launch keeps the last-arriver sum."""
+    monkeypatch.setattr(ws, "FIXUP_SLICED", True)
+    cfg = (128, 128, 4)  # 4096x1024 at M=512: 32 tiles, 32 K steps
+    assert ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)  # s = 4
+    assert ws.sums_sliced(100, 1024, 4096, cfg, 16, 132)  # 8 tiles, s = 2
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 256, 132)  # more programs than SMs: not all resident
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 96, 132)  # s = 3 does not divide 32 steps: runs cross
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 40, 132)  # not a multiple of the tiles
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 32, 132)  # s = 1: whole tiles, no parts
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, None, 132)
+    monkeypatch.setattr(ws, "FIXUP_ROWS", 0)
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)  # parts summed whole: the last arriver's
+    monkeypatch.setattr(ws, "FIXUP_ROWS", 16)
+    monkeypatch.setattr(ws, "FIXUP_SLICED", False)
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)
+
+
+@needs_gluon
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
+def test_sass_sliced_fixup_polls_with_an_acquire_load_and_leaves_the_k_loop(monkeypatch):
+    """The sliced sum waits on the tile's counter with an acquire load (a poll, not an atomic add of 0)
+    and adds one more relaxed increment; the default has neither. The K loop keeps its wgmma and waits."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_counts
+
+    for sliced in (False, True):
+        monkeypatch.setattr(ws, "FIXUP_SLICED", sliced)
+        ptx = sass_counts.compile_ws((128, 128, 4))[1]
+        assert ("ld.global.gpu.acquire.b32" in ptx) == sliced
+        assert ptx.count("atom.global.gpu.relaxed.add") == int(sliced)
+        assert ptx.count("atom.global.gpu.acq_rel.add") == 1  # the arrival, either way
+    lines = _sass_lines("128,128,4", "--fixup-sliced")
+    loop = next(ln for ln in lines if ln.startswith("loop"))
+    assert "HGMMA: 8" in loop and "WARPGROUP.DEPBAR.LE: 4" in loop and "STS: 0" in loop, loop
+    assert any("ptxas:" in ln and "serialized" not in ln for ln in lines), lines
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
+    """FIXUP_SLICED: every tile within 3e-3 of float64 (split runs at M <= BLOCK_M summed in slices,
+    other runs as before), and split runs of 2 and 4 programs a tile bit for bit the output of the
+    last program summing alone (the same parts added in the same order), counters left zeroed."""
+    monkeypatch.setattr(ws, "FIXUP_SLICED", True)
+    _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True),))
+    qw, b, gen = _case(1024, 2048, 128, torch.bfloat16, True, seed=11)
+    qw, b = qw.to("cuda"), b.to("cuda")
+    for s in (2, 4):
+        for m in (128, 100):
+            x = torch.randn(m, 2048, generator=gen).to("cuda", torch.bfloat16)
+            cfg = (128, 128, 128, -s * ws.tiles(m, 1024, (128, 128, 4)), kt.WS_WARPS, 4)
+            outs = []
+            for sliced in (True, False):
+                monkeypatch.setattr(ws, "FIXUP_SLICED", sliced)
+                assert ws.sums_sliced(m, 1024, 2048, (128, 128, 4), -cfg[3], 132) == sliced
+                bound = kt.BoundLinear(qw, b, config=cfg)  # a new layer: the setting is fixed per plan
+                outs.append(bound(x))
+                assert not bound.plans[m].counters.any()
+            assert torch.equal(outs[0], outs[1]), (s, m)
+
+
 @needs_gluon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
 def test_sass_split_scales_leave_the_k_loop_asynchronous():

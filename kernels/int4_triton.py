@@ -31,7 +31,7 @@ from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_lau
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
 from quantbridge.kernels.int4_layouts import (OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, split_sz_rows,
                                               sz_format, tileable)
-from quantbridge.kernels.tune_timing import check_timing, time_ms
+from quantbridge.kernels.tune_timing import check_timing, release, time_ms
 from quantbridge.kernels.tuning import pick_fastest
 from quantbridge.plugin.files import cache_dir, write_atomic
 from quantbridge.plugin.packed import Int4Weight
@@ -1099,6 +1099,7 @@ class _Tuner:
             raise RuntimeError(f"no Triton configuration runs for M={mb}, N={w.out_features}, K={k}")
         # the front of the field timed again in turns (kernels/tuning.py): one pass's order moves
         best, _ = pick_fastest(timed, lambda c: time_ms(runs[c], x2.device, TUNE_TIMING, warmup=1, rep_ms=4))
+        release(x2.device)
         return best
 
 

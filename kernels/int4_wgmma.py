@@ -104,8 +104,9 @@ FIXUP_LOADS = 4
 # program): False, the tile's last program to arrive sums all its row chunks while the other s - 1
 # have ended (the tail ncu saw, above); True, every program of the tile waits until all s parts are
 # stored, then sums every s-th row chunk, in program order as before (the same bits). The wait needs
-# all programs resident at once: only where programs <= SMs (one program a SM: the ring fills its
-# shared memory). An A/B setting until timed (benchmarks/NOTES.md, r10).
+# all programs resident at once, which only a cooperative launch guarantees (other streams, graph
+# branches or processes may hold SMs): such launches are cooperative, and the driver refuses one
+# whose programs cannot all be resident. An A/B setting until timed (benchmarks/NOTES.md, r10).
 FIXUP_SLICED = False
 
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
@@ -399,13 +400,16 @@ def tiles(m: int, n: int, cfg: WsConfig) -> int:
 
 
 def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms: int) -> bool:
-    """Whether a launch sums its stream-K parts in slices (FIXUP_SLICED): a split run, i.e. each
-    tile's K steps in s >= 2 equal runs, one per program, and no more programs than SMs."""
+    """Whether a launch sums its stream-K parts in slices (FIXUP_SLICED): a split run, i.e. a
+    multiple s >= 2 of the tiles in programs (each program's run then lies in one tile: program
+    a*s + b runs steps floor(b*K/s) .. floor((b+1)*K/s) of tile a), no more runs a tile than K steps,
+    at least two row chunks to share, and no more programs than SMs (a cooperative launch's bound)."""
     if not (FIXUP_SLICED and FIXUP_ROWS and programs):
         return False
     t = tiles(m, n, cfg)
     s = programs // t
-    return programs % t == 0 and s >= 2 and (k // TILE_K) % s == 0 and programs <= sms
+    chunks = -(-min(m, cfg[0]) // FIXUP_ROWS)
+    return programs % t == 0 and 2 <= s <= k // TILE_K and chunks >= 2 and programs <= sms
 
 
 @functools.lru_cache(maxsize=None)
@@ -433,6 +437,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
                          f"{tiles(m, n, cfg)} zeroed counters")
     split = sz_format(sz, n, k // group) == 2
+    sliced = sums_sliced(m, n, k, cfg, programs, _sm_count(x2.device.index))
     x_desc, q_desc = descriptors(x2, codes, cfg)
     fp16 = x2.dtype == torch.float16
     return _int4_ws_kernel[(p,)](
@@ -440,5 +445,5 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
         TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
-        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split,
-        SLICED=sums_sliced(m, n, k, cfg, programs, _sm_count(x2.device.index)), num_warps=8)
+        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split, SLICED=sliced, num_warps=8,
+        launch_cooperative_grid=sliced)  # the sliced sum's programs wait on each other: all resident

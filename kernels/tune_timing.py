@@ -24,12 +24,18 @@ FLUSH_BYTES = 256 * 1024 * 1024  # do_bench's buffer size, over 5x an H100's 50 
 MAX_RUNS = 500
 
 _READ_BUFFERS: dict[int, torch.Tensor] = {}
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def check_timing(timing: str) -> None:
     """Raises ValueError naming the choices when `timing` is not one of them."""
     if timing not in TIMINGS:
         raise ValueError(f"unknown tuner timing {timing!r}: one of {', '.join(TIMINGS)}")
+
+
+def release(device: torch.device) -> None:
+    """Drops the flush buffer (256 MB) once a search is done: a serving process keeps no such thing."""
+    _READ_BUFFERS.pop(device.index, None)
 
 
 def _read_flush(device: torch.device) -> None:
@@ -69,14 +75,29 @@ def _eager(fn: Callable[[], object], device: torch.device, n: int) -> list[float
 
 def _graph(fn: Callable[[], object], device: torch.device) -> Callable[[Callable[[], object], torch.device, int],
                                                                        list[float]]:
-    """fn captured once, events inside the graph around it; returns the timer of n replays."""
+    """fn captured once, events inside the graph around it; returns the timer of n replays.
+
+    Captured on the tuner's own stream, after one call on it outside the capture: what fn keeps per
+    stream (the kernel's workspace) is then allocated once, as for any stream, not inside a graph's
+    private pool. capture_begin/end, not torch.cuda.graph: that empties the allocator's cache on
+    every entry, hundreds of times a tuning; thread-local errors leave other threads' work alone."""
     start, end = (torch.cuda.Event(enable_timing=True, external=True) for _ in range(2))
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        start.record()
+    side = _CAPTURE_STREAMS.get(device.index)
+    if side is None:
+        side = _CAPTURE_STREAMS[device.index] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
         fn()
-        end.record()
+    side.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            start.record()
+            fn()
+            end.record()
+        finally:  # the capture ends, and the caller's stream is current again, whatever fn raised
+            graph.capture_end()
 
     def replays(_fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
         times = []

@@ -212,9 +212,11 @@ def test_split_runs_are_summed_in_slices_only_where_every_program_is_resident(mo
     cfg = (128, 128, 4)  # 4096x1024 at M=512: 32 tiles, 32 K steps
     assert ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)  # s = 4
     assert ws.sums_sliced(100, 1024, 4096, cfg, 16, 132)  # 8 tiles, s = 2
+    assert ws.sums_sliced(512, 1024, 4096, cfg, 96, 132)  # s = 3: unequal runs, each still in one tile
     assert not ws.sums_sliced(512, 1024, 4096, cfg, 256, 132)  # more programs than SMs: not all resident
-    assert not ws.sums_sliced(512, 1024, 4096, cfg, 96, 132)  # s = 3 does not divide 32 steps: runs cross
-    assert not ws.sums_sliced(512, 1024, 4096, cfg, 40, 132)  # not a multiple of the tiles
+    assert not ws.sums_sliced(512, 1024, 4096, cfg, 40, 132)  # not a multiple of the tiles: runs cross
+    assert not ws.sums_sliced(16, 1024, 256, cfg, 24, 132)  # s = 3 over 2 K steps: a run would be empty
+    assert not ws.sums_sliced(16, 1024, 4096, cfg, 16, 132)  # one row chunk (M <= 16): nothing to share
     assert not ws.sums_sliced(512, 1024, 4096, cfg, 32, 132)  # s = 1: whole tiles, no parts
     assert not ws.sums_sliced(512, 1024, 4096, cfg, None, 132)
     monkeypatch.setattr(ws, "FIXUP_ROWS", 0)
@@ -222,6 +224,22 @@ def test_split_runs_are_summed_in_slices_only_where_every_program_is_resident(mo
     monkeypatch.setattr(ws, "FIXUP_ROWS", 16)
     monkeypatch.setattr(ws, "FIXUP_SLICED", False)
     assert not ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)
+
+
+@pytest.mark.parametrize("tiles,steps,s", [(32, 32, 4), (8, 16, 2), (32, 32, 3), (5, 7, 7), (3, 112, 5)])
+def test_split_runs_each_lie_in_one_tile_with_the_owners_the_kernel_computes(tiles, steps, s):
+    """What sums_sliced relies on, with the kernel's own formulas (_run_of; p_lo, p_hi in _consumer):
+    over tiles x s programs every run is non-empty and inside one tile a, whose owners are programs
+    a*s .. a*s + s - 1, so each program's slice index pid - p_lo is 0 .. s - 1."""
+    units, p = tiles * steps, tiles * s
+    for pid in range(p):
+        u0, u1 = pid * units // p, (pid + 1) * units // p
+        a = u0 // steps
+        assert u1 > u0 and (u1 - 1) // steps == a, (pid, u0, u1)
+        t0 = a * steps
+        p_lo = ((t0 + 1) * p + units - 1) // units - 1
+        p_hi = ((t0 + steps) * p + units - 1) // units - 1
+        assert (p_lo, p_hi) == (a * s, a * s + s - 1) and 0 <= pid - p_lo < s
 
 
 @needs_gluon
@@ -248,24 +266,28 @@ def test_sass_sliced_fixup_polls_with_an_acquire_load_and_leaves_the_k_loop(monk
 @pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
 def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
     """FIXUP_SLICED: every tile within 3e-3 of float64 (split runs at M <= BLOCK_M summed in slices,
-    other runs as before), and split runs of 2 and 4 programs a tile bit for bit the output of the
-    last program summing alone (the same parts added in the same order), counters left zeroed."""
+    other runs as before), and split runs of 2, 3 and 4 programs a tile bit for bit the output of the
+    last program summing alone (the same parts added in the same order) in each of several launches
+    back to back on fresh inputs, counters left zeroed after each."""
     monkeypatch.setattr(ws, "FIXUP_SLICED", True)
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True),))
     qw, b, gen = _case(1024, 2048, 128, torch.bfloat16, True, seed=11)
     qw, b = qw.to("cuda"), b.to("cuda")
-    for s in (2, 4):
+    for s in (2, 3, 4):
         for m in (128, 100):
-            x = torch.randn(m, 2048, generator=gen).to("cuda", torch.bfloat16)
             cfg = (128, 128, 128, -s * ws.tiles(m, 1024, (128, 128, 4)), kt.WS_WARPS, 4)
-            outs = []
-            for sliced in (True, False):
+            bound = {}
+            x = torch.randn(m, 2048, generator=gen).to("cuda", torch.bfloat16)
+            for sliced in (True, False):  # a layer each, its plan made (first call) under its setting
                 monkeypatch.setattr(ws, "FIXUP_SLICED", sliced)
                 assert ws.sums_sliced(m, 1024, 2048, (128, 128, 4), -cfg[3], 132) == sliced
-                bound = kt.BoundLinear(qw, b, config=cfg)  # a new layer: the setting is fixed per plan
-                outs.append(bound(x))
-                assert not bound.plans[m].counters.any()
-            assert torch.equal(outs[0], outs[1]), (s, m)
+                bound[sliced] = kt.BoundLinear(qw, b, config=cfg)
+                bound[sliced](x)
+            for _ in range(3):  # the plans' launches, back to back
+                x = torch.randn(m, 2048, generator=gen).to("cuda", torch.bfloat16)
+                outs = [bound[sliced](x) for sliced in (True, False)]
+                assert torch.equal(outs[0], outs[1]), (s, m)
+                assert not any(bound[sliced].plans[m].counters.any() for sliced in (True, False))
 
 
 @needs_gluon

@@ -98,10 +98,11 @@ def test_the_tuners_timing_is_in_its_key_and_an_unknown_one_is_refused(monkeypat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("timing, eager_calls", [("read", None), ("graph", 3)])
+@pytest.mark.parametrize("timing, eager_calls", [("read", None), ("graph", 4)])
 def test_gpu_graph_timing_replays_the_launch_and_read_timing_calls_it(timing, eager_calls):
-    """graph: fn runs in the two warm-up calls and once more in the capture, never again (the timed runs
-    are replays); read: once per timed run. Either way a positive median, on fresh random data."""
+    """graph: fn runs in the two warm-up calls, once on the capture stream and once in the capture,
+    never again (the timed runs are replays); read: once per timed run. Either way a positive median,
+    on fresh random data, and the caller's stream is current again afterwards."""
     import torch
 
     from quantbridge.kernels.tune_timing import time_ms
@@ -114,8 +115,9 @@ def test_gpu_graph_timing_replays_the_launch_and_read_timing_calls_it(timing, ea
         calls.append(1)
         return a @ a
 
+    before = torch.cuda.current_stream(device)
     t = time_ms(fn, device, timing, warmup=2, rep_ms=1)
-    assert t > 0
+    assert t > 0 and torch.cuda.current_stream(device) == before
     if eager_calls is not None:
         assert len(calls) == eager_calls
     else:

@@ -268,7 +268,8 @@ def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
     """FIXUP_SLICED: every tile within 3e-3 of float64 (split runs at M <= BLOCK_M summed in slices,
     other runs as before), and split runs of 2, 3 and 4 programs a tile bit for bit the output of the
     last program summing alone (the same parts added in the same order) in each of several launches
-    back to back on fresh inputs, counters left zeroed after each."""
+    back to back on fresh inputs, and in replays of a CUDA graph holding the (cooperative) launch,
+    counters left zeroed after each."""
     monkeypatch.setattr(ws, "FIXUP_SLICED", True)
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True),))
     qw, b, gen = _case(1024, 2048, 128, torch.bfloat16, True, seed=11)
@@ -288,6 +289,22 @@ def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
                 outs = [bound[sliced](x) for sliced in (True, False)]
                 assert torch.equal(outs[0], outs[1]), (s, m)
                 assert not any(bound[sliced].plans[m].counters.any() for sliced in (True, False))
+    # captured in a CUDA graph, as a served model runs it: the cooperative launch as a graph node
+    static = torch.randn(128, 2048, generator=gen).to("cuda", torch.bfloat16)
+    cfg = (128, 128, 128, -4 * ws.tiles(128, 1024, (128, 128, 4)), kt.WS_WARPS, 4)
+    monkeypatch.setattr(ws, "FIXUP_SLICED", True)
+    sliced_layer = kt.BoundLinear(qw, b, config=cfg)
+    sliced_layer(static)  # first call: compile and plan outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sliced_layer(static)
+    monkeypatch.setattr(ws, "FIXUP_SLICED", False)
+    alone = kt.BoundLinear(qw, b, config=cfg)
+    for _ in range(2):
+        static.copy_(torch.randn(128, 2048, generator=gen).to("cuda", torch.bfloat16))
+        g.replay()
+        assert torch.equal(y, alone(static))
+        assert not sliced_layer.plans[128].counters.any()
 
 
 @needs_gluon

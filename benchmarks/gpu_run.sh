@@ -113,6 +113,8 @@ if [ "${VARIANTS:-0}" = 1 ]; then
   reps=${VAR_REPEAT:-1}
   for i in $(seq 1 "$reps"); do
     tag=$([ "$reps" -gt 1 ] && echo "-p$i")
+    # QUANTBRIDGE_TUNE_LOG: every search's first-pass times, re-timings and pick (kernels/int4_triton.log_search)
+    QUANTBRIDGE_TUNE_LOG="$OUT/kernel-variants$tag.tune-log.jsonl" \
     timeout "${VARIANTS_TIMEOUT:-300}" python3 benchmarks/kernel_variants.py "$OUT/kernel-variants$tag.json" \
       --shapes "${VAR_SHAPES:-8192x28672,4096x4096,4096x14336,14336x4096}" --batch "${VAR_BATCH:-1,4,16,64,128}" \
       --variants "${VAR_VARIANTS:-i2f,magic,inplace}" > "$OUT/kernel-variants$tag.txt" 2> "$OUT/kernel-variants$tag.log"

@@ -1022,6 +1022,20 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
         + {"do_bench": "", "read": "-frd", "graph": "-tgr"}[TUNE_TIMING]
 
 
+def log_search(key: str, timed: list[tuple[Config, float]], again: dict[Config, list[float]], best: Config) -> None:
+    """One JSON line per search appended to $QUANTBRIDGE_TUNE_LOG where it is set (a diagnostic, off by
+    default): every candidate's first time, the finalists' times again and the pick, so that a pick
+    can be laid beside the bench's times of the same tiles."""
+    path = os.environ.get("QUANTBRIDGE_TUNE_LOG")
+    if not path:
+        return
+    line = {"key": key, "timing": TUNE_TIMING, "pick": list(best),
+            "first_ms": [[list(c), t] for c, t in sorted(timed, key=lambda ct: ct[1])],
+            "again_ms": [[list(c), ts] for c, ts in again.items()]}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 class _Tuner:
     """Picks a configuration per shape by timing every candidate once; remembers it on disk."""
 
@@ -1064,14 +1078,14 @@ class _Tuner:
         with self.lock:
             self._load(x2.device)
             if key not in self.table:
-                self.table[key] = list(self._search(x2, w, m_bucket(m), laid, layout, sz))
+                self.table[key] = list(self._search(x2, w, m_bucket(m), laid, layout, sz, key))
                 self._save()
             self.memo[(x2.device, key)] = tuple(self.table[key])
             return self.memo[(x2.device, key)]  # type: ignore[return-value]
 
     @staticmethod
     def _search(x2: torch.Tensor, w: Int4Weight, mb: int, laid: Int4Weight | None = None,
-                layout: str = "canonical", sz: torch.Tensor | None = None) -> Config:
+                layout: str = "canonical", sz: torch.Tensor | None = None, key: str = "") -> Config:
         m, k = x2.shape
         xb = torch.randn((mb, k), device=x2.device, dtype=x2.dtype)
         out = torch.empty((mb, w.out_features), device=x2.device, dtype=x2.dtype)
@@ -1098,8 +1112,9 @@ class _Tuner:
         if not timed:
             raise RuntimeError(f"no Triton configuration runs for M={mb}, N={w.out_features}, K={k}")
         # the front of the field timed again in turns (kernels/tuning.py): one pass's order moves
-        best, _ = pick_fastest(timed, lambda c: time_ms(runs[c], x2.device, TUNE_TIMING, warmup=1, rep_ms=4))
+        best, again = pick_fastest(timed, lambda c: time_ms(runs[c], x2.device, TUNE_TIMING, warmup=1, rep_ms=4))
         release(x2.device)
+        log_search(key, timed, again, best)
         return best
 
 

@@ -122,3 +122,31 @@ def test_gpu_graph_timing_replays_the_launch_and_read_timing_calls_it(timing, ea
         assert len(calls) == eager_calls
     else:
         assert len(calls) >= 2 + 5 + 5  # warm-up, the estimate's five, at least five timed
+
+
+def test_each_search_is_logged_where_asked_and_nowhere_otherwise(tmp_path, monkeypatch):
+    """QUANTBRIDGE_TUNE_LOG: one JSON line per search (first pass fastest first, re-timings, pick)."""
+    pytest.importorskip("triton")
+    import json
+
+    from quantbridge.kernels import int4_triton as kt
+
+    rng = random.Random()
+    searches = []
+    for _ in range(rng.randint(2, 5)):
+        timed = [((16, 128, 128, rng.choice([1, 4, -264, -396]), 4, rng.randint(3, 5)), rng.uniform(0.05, 0.07))
+                 for _ in range(rng.randint(2, 8))]
+        again = {timed[0][0]: [rng.uniform(0.05, 0.07) for _ in range(5)]}
+        searches.append((f"m{rng.choice([1, 4, 16])}-n28672-k8192", timed, again, timed[0][0]))
+    monkeypatch.delenv("QUANTBRIDGE_TUNE_LOG", raising=False)
+    kt.log_search(*searches[0])  # not asked: nothing written anywhere
+    log = tmp_path / "tune.jsonl"
+    monkeypatch.setenv("QUANTBRIDGE_TUNE_LOG", str(log))
+    for s in searches:
+        kt.log_search(*s)
+    lines = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert len(lines) == len(searches)
+    for got, (key, timed, again, best) in zip(lines, searches):
+        assert got["key"] == key and got["pick"] == list(best) and got["timing"] == kt.TUNE_TIMING
+        assert [t for _, t in got["first_ms"]] == sorted(t for _, t in timed)
+        assert got["again_ms"] == [[list(c), ts] for c, ts in again.items()]

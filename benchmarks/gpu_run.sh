@@ -295,8 +295,9 @@ if [ "${EVENTS:-0}" = 1 ]; then
     --backends "${EVENT_BACKENDS:-fp16,native,tinygemm}" > "$OUT/event-placement.txt" 2>&1
   echo "== event placement rc=$?"; tail -n 40 "$OUT/event-placement.txt"
 fi
+# Nsight Compute, for the PROFILE and BENCH_NCU steps: on PATH, or where the CUDA images install it
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 if [ "${PROFILE:-0}" = 1 ]; then
-  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
   # profile_decode.py tunes and warms up outside the profiler range: the profiled launch is never a
   # tuning one (tuning takes seconds per shape without a tuned table from an earlier step).
   # Achieved bandwidth (SpeedOfLight), stall reasons (WarpStateStats), L2 hit rate (MemoryWorkloadAnalysis).
@@ -349,7 +350,6 @@ if [ "${BENCH_NCU:-0}" = 1 ]; then
   # BN_GRAPHS=1: each CUDA graph profiled whole instead (no name filter: the bench's eager work, its L2
   # flush among it, is profiled too): a timed graph holds the call between two events, so its duration
   # against its kernel's (a BN_GRAPHS=0 run) is the time the bench adds around the kernel.
-  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
   if [ "${BN_GRAPHS:-0}" = 1 ]; then filt=(--graph-profiling graph); else
     filt=(--graph-profiling node --kernel-name-base demangled --kernel-name "regex:${BN_RE:-_int4_|Marlin|machete}"); fi
   timeout "${BN_TIMEOUT:-300}" "$ncu" --target-processes all "${filt[@]}" --cache-control none --clock-control none --csv \

@@ -15,8 +15,10 @@ given as an integer, the `data_ptr()` call and the driver's pointer-attribute qu
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 from triton import knobs
 from triton.runtime.driver import driver
@@ -25,6 +27,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _RUNTIME = knobs.runtime
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """SMs of a CUDA device: how many programs a grid sized to the GPU (stream-K, cooperative) has."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def hooks_active() -> bool:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
+from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher, sm_count
 from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
 from quantbridge.kernels.int4_layouts import (OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, split_sz_rows,
                                               sz_format, tileable)
@@ -772,7 +772,7 @@ def _sm_count() -> int | None:
     """The current CUDA device's SMs (stream-K's program count is per device), None without one."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return sm_count(torch.cuda.current_device())
 
 
 def stream_k_fits(m: int, n: int, k: int, bm: int, bn: int, bk: int, programs: int) -> bool:

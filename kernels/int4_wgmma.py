@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from quantbridge.kernels._fast_launch import sm_count
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
 from quantbridge.kernels.int4_layouts import sz_format
 
@@ -412,11 +413,6 @@ def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms
     return programs % t == 0 and 2 <= s <= k // TILE_K and chunks >= 2 and programs <= sms
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
            group: int, bias: torch.Tensor | None = None, programs: int | None = None,
            ws: torch.Tensor | None = None, counters: torch.Tensor | None = None):
@@ -437,7 +433,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
                          f"{tiles(m, n, cfg)} zeroed counters")
     split = sz_format(sz, n, k // group) == 2
-    sliced = sums_sliced(m, n, k, cfg, programs, _sm_count(x2.device.index))
+    sliced = sums_sliced(m, n, k, cfg, programs, sm_count(x2.device.index))
     x_desc, q_desc = descriptors(x2, codes, cfg)
     fp16 = x2.dtype == torch.float16
     return _int4_ws_kernel[(p,)](

@@ -55,6 +55,9 @@ VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixu
 # + a split run's parts summed by all of the tile's programs, each a slice of its rows (int4_wgmma.FIXUP_SLICED)
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
                                                       "FIXUP_SLICED": True}
+# + the ws tile's consumer warpgroups as two partitions of one warpgroup each, half the tile's rows each
+# (int4_wgmma.CONSUMER_PARTS 2: barriers of 128 threads, not 256; the (128, 256) and (256, 128) tiles left out)
+VARIANTS["operand-tiled-ws-fixup16-loads4-2cons"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "CONSUMER_PARTS": 2}
 # + the tuner emptying L2 by a read before each timed candidate, as the bench does (int4_triton.TUNE_TIMING),
 # and timing each in CUDA-graph replays, as the bench times a call
 VARIANTS["operand-tiled-ws-fixup16-loads4-readflush"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
@@ -71,9 +74,11 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("SZ_SPLIT", False)
     _v.setdefault("FIXUP_LOADS", 1)
     _v.setdefault("FIXUP_SLICED", False)
+    _v.setdefault("CONSUMER_PARTS", 1)
     _v.setdefault("TUNE_TIMING", "do_bench")
 
-_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED")  # settings of int4_wgmma; the rest are int4_triton's
+# settings of int4_wgmma; the rest are int4_triton's
+_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED", "CONSUMER_PARTS")
 
 
 def _module(key: str):

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
-from kernel_variants import VARIANTS, _apply, current  # the kernel settings each mode stands for (benchmarks/)
+from kernel_variants import _WS_SETTINGS, VARIANTS, _apply, current  # the kernel settings each mode stands for
 
 from quantbridge.run.bench import parse_shapes
 
@@ -43,17 +43,22 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
 
     # M only enters the specialization as "is 1" or "a multiple of 16": one M per class.
     jobs: dict[tuple, tuple] = {}
-    stream_k = kt.STREAM_K  # each mode's candidates under its own STREAM_K, then the setting as it was
+    # each mode's candidates under its own STREAM_K and ws tile settings (CONSUMER_PARTS 2 leaves some
+    # tiles out), as the worker will launch them, then the settings as they were
+    stream_k, saved = kt.STREAM_K, {key: current(key) for key in _WS_SETTINGS}
     for m in ms:
         mb = kt.m_bucket(m)
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
         for k, n in shapes:
             for mode in modes:
                 layout = OPERAND_MODES[mode][0] if mode in OPERAND_MODES else "canonical"
+                if mode in VARIANTS:
+                    _apply({key: VARIANTS[mode][key] for key in _WS_SETTINGS})
                 kt.STREAM_K = mode in OPERAND_MODES and OPERAND_MODES[mode][2]
                 for cfg in kt.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
+                _apply(saved)
     kt.STREAM_K = stream_k
     return sorted(jobs.values())
 

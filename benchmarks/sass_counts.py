@@ -17,6 +17,7 @@ Integer arguments are specialized as Triton does at run time for Llama shapes (p
   python3 benchmarks/sass_counts.py --ws 128,128,4 --ws 128,256,3 --ptxas   # kernels/int4_wgmma.py's tiles
   python3 benchmarks/sass_counts.py --ws 128,128,4 --release-lag 2 --count BAR   # barriers a step, stage freed later
   python3 benchmarks/sass_counts.py --ws 128,256,3 --fixup-rows 16 --ptxas   # stream-K parts summed 16 rows at a time
+  python3 benchmarks/sass_counts.py --ws 128,128,4 --consumer-parts 2 --ptxas --count BAR   # two consumer partitions
 
 --ptxas assembles the kernel's PTX again with `ptxas -v` for sm_90a and adds its register count and
 any performance warning (C75xx), e.g. C7515: "wgmma.mma_async instructions are serialized", which
@@ -134,7 +135,8 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
               "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS,
-              "SPLIT": kt.SZ_SPLIT, "SLICED": ws.FIXUP_SLICED, "num_warps": 8}
+              "SPLIT": kt.SZ_SPLIT, "SLICED": ws.FIXUP_SLICED, "PARTS": ws.CONSUMER_PARTS,
+              "num_warps": 8 // ws.CONSUMER_PARTS}  # a consumer partition's warps, as launch passes them
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")
@@ -143,18 +145,19 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
              if a in ("s_ptr", "out_ptr", "b_ptr", "ws_ptr", "cnt_ptr", "N", "NGROUPS", "stride_om")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
                          attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"]})
     return _sass(compiled.asm["cubin"]), compiled.asm["ptx"], compiled.metadata.shared
 
 
 def report_ws(cfg: tuple[int, int, int], dtype: str, count: tuple[str, ...], ptxas: bool) -> str:
-    """The warp-specialized tile's lines: its consumers' K loop (one step of 128 columns) and counts."""
+    """The warp-specialized tile's lines: its consumers' K loop (one step of 128 columns; with two consumer
+    partitions, the first one's: each has its own copy, of BLOCK_N / 2 rows) and counts."""
     sass, ptx, smem = compile_ws(cfg, dtype)
     loop = main_loop(sass, holding="HGMMA")
     ops = collections.Counter(opcode(t) for t in loop)
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
     counted = "".join(f"  [{p}: {sum(v for k, v in ops.items() if k.startswith(p))}]" for p in count)
-    codes = cfg[1] * 128 / 256  # BLOCK_N x 128 codes per step over two consumer warpgroups
+    codes = cfg[1] * 128 / 256  # BLOCK_N x 128 codes per step over two consumer warpgroups (either way)
     out = f"loop ws{cfg} {dtype} {len(loop)} instr  {len(loop) / codes:5.2f}/code  shared {smem} B  {top}{counted}"
     return out + (f"\n{'':26} ws       {_ptxas(ptx)}" if ptxas else "")
 
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="int4_wgmma.FIXUP_LOADS for --ws: parts whose loads a row-chunk fix-up issues at once")
     ap.add_argument("--fixup-sliced", action="store_true",
                     help="int4_wgmma.FIXUP_SLICED for --ws: a split run's parts summed by all its programs")
+    ap.add_argument("--consumer-parts", type=int, choices=(1, 2),
+                    help="int4_wgmma.CONSUMER_PARTS for --ws: the consumer warpgroups as one partition or two")
     ap.add_argument("--sz-split", action="store_true",
                     help="packed scales and zero points split into group-major words, 2.5 bytes a row and group "
                          "(int4_triton.SZ_SPLIT), for operand and --ws tiles")
@@ -249,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.fixup_loads is not None:
             ws.FIXUP_LOADS = a.fixup_loads
         ws.FIXUP_SLICED = a.fixup_sliced or ws.FIXUP_SLICED
+        if a.consumer_parts is not None:
+            ws.CONSUMER_PARTS = a.consumer_parts
         count = tuple(p for p in (a.count or "HGMMA,WARPGROUP.DEPBAR.LE,STS").split(",") if p)
         for c in a.ws:
             print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas), flush=True)

@@ -790,8 +790,13 @@ def partials_numel(cfg: Config, m: int, n: int) -> int:
 
 
 def counter_slots(cfg: Config, m: int, n: int) -> int:
-    """int32 counters a split launch uses: one per output tile (the GEMV's: per N-tile and row)."""
+    """int32 counters a split launch uses: one per output tile (the GEMV's: per N-tile and row; the
+    warp-specialized tile's: per tile and consumer partition, int4_wgmma.CONSUMER_PARTS as it is now)."""
     bm, bn = cfg[0], cfg[1]
+    if is_ws(cfg):
+        from quantbridge.kernels import int4_wgmma
+
+        return int4_wgmma.counter_count(m, n, (bm, bn, cfg[5]))
     return _cdiv(n, bn) * m if bm == 1 else _cdiv(m, bm) * _cdiv(n, bn)
 
 
@@ -1018,6 +1023,7 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
         + (f"-fix{ws.FIXUP_ROWS}" if ws is not None and ws.FIXUP_ROWS else "") \
         + (f"-ld{ws.FIXUP_LOADS}" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_LOADS != 1 else "") \
         + ("-slc" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_SLICED else "") \
+        + ("-cp2" if ws is not None and ws.CONSUMER_PARTS == 2 else "") \
         + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "") \
         + {"do_bench": "", "read": "-frd", "graph": "-tgr"}[TUNE_TIMING]
 

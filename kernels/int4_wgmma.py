@@ -66,9 +66,14 @@ def fits(n: int, k: int, group: int, block_n: int = 128) -> bool:
 def smem_bytes(cfg: WsConfig) -> int:
     """Shared memory a tile takes: the ring (x and codes per stage, two mbarriers each) and 8 KB the
     compiler adds (the epilogue's transpose reuses the ring: 172,100 bytes for (128, 128, 4) when
-    compiled for sm_90)."""
+    compiled for sm_90; with two consumer partitions 4 KB less: 168,008)."""
     bm, bn, stages = cfg
     return stages * (bm * TILE_K * 2 + bn * TILE_K // 2 + 16) + 8 * 1024
+
+
+def counter_count(m: int, n: int, cfg: WsConfig) -> int:
+    """int32 counters a stream-K launch uses: one per output tile and consumer partition (CONSUMER_PARTS)."""
+    return tiles(m, n, cfg) * CONSUMER_PARTS
 
 
 # wgmma groups a consumer leaves in flight before it unpacks the next chunk (one group per 32-column
@@ -110,6 +115,24 @@ FIXUP_LOADS = 4
 # whose programs cannot all be resident. An A/B setting until timed (benchmarks/NOTES.md, r10).
 FIXUP_SLICED = False
 
+# How many partitions the consumer warpgroups are: 1, one partition of two warpgroups (8 warps) holding
+# the whole [BLOCK_N, BLOCK_M] accumulator; 2, two partitions of one warpgroup each, partition h holding
+# weight rows h * BLOCK_N / 2 .. of the tile (its codes, scales, accumulator and output columns), both
+# waiting on the same `ready` barriers and each arriving on `empty` (count 2). Gluon's mbarrier.arrive is
+# one thread's, so each release and each wait is fenced by a barrier of the whole partition: ncu on an
+# H100 at M=512 saw the consumers stall on barriers 5.3 times per issued instruction, Machete's 3.4
+# (benchmarks/NOTES.md); with two partitions each barrier holds 128 threads, not 256, and one warpgroup
+# waits on it while the other goes on. A stream-K part is summed per half: a counter per (tile, half),
+# and each half's last program sums that half's columns, in program order (the same bits as 1). An A/B
+# setting until timed on an H100 (benchmarks/NOTES.md).
+CONSUMER_PARTS = 1
+# With two partitions every warp keeps the launch's 168 registers (65,536 over 12 warps: no setmaxnreg,
+# see _int4_ws_kernel), which holds a consumer warpgroup's 64 accumulator floats a thread but not 128:
+# the (128, 256) and (256, 128) tiles then serialize their wgmma (ptxas C7511/C7512), and configs() leaves
+# them out (ACC_LIMIT_2P). (64, 256) fits with a word or two of its K step spilled (four weight rows' scales a
+# thread); the others spill nothing in their K loops.
+ACC_LIMIT_2P = 64 * 256  # BLOCK_M x BLOCK_N at most with CONSUMER_PARTS 2: 64 floats a consumer thread
+
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
 
@@ -117,7 +140,8 @@ def configs(m: int, n: int, k: int, group: int, decode: bool = True) -> list[WsC
     """The tiles the tuner tries for an M bucket. BLOCK_M follows M up to 256 (the wgmma N limit);
     BLOCK_N 256 reads x half as often per weight row (x is most of a 128 x 128 step's bytes at
     M = 128). At M <= 16 the weight stream is all that matters: 16-row tiles with deep rings (8 and 6
-    stages of 8 and 16 KB of codes; decode=False leaves them out); between 16 and 64 the Triton tiles alone."""
+    stages of 8 and 16 KB of codes; decode=False leaves them out); between 16 and 64 the Triton tiles alone.
+    With two consumer partitions (CONSUMER_PARTS) only tiles of at most ACC_LIMIT_2P outputs."""
     if m <= 16:
         tiles = [(16, 128, 8), (16, 256, 6)] if decode else []
     elif m < 64:
@@ -125,7 +149,8 @@ def configs(m: int, n: int, k: int, group: int, decode: bool = True) -> list[WsC
     else:
         bm = min(m, 128)
         tiles = [(bm, 128, 4), (bm, 256, 3)] + ([(256, 128, 3)] if m >= 256 else [])
-    return [c for c in tiles if fits(n, k, group, c[1]) and smem_bytes(c) <= SMEM_LIMIT]
+    return [c for c in tiles if fits(n, k, group, c[1]) and smem_bytes(c) <= SMEM_LIMIT
+            and (CONSUMER_PARTS == 1 or c[0] * c[1] <= ACC_LIMIT_2P)]
 
 
 if gluon is not None:
@@ -140,6 +165,13 @@ if gluon is not None:
             reg_bases=[[8, 0]] + [[per << j, 0] for j in range((rows // per).bit_length() - 1)],
             lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[16 << j, 0] for j in range(num_warps.bit_length() - 1)], block_bases=[], shape=[rows, 4])
+
+    @gluon.constexpr_function
+    def _fix_layout(cols, num_warps):
+        # ROWS x cols floats of a row-chunk fix-up: four columns a thread, a warp across 128 columns
+        # (fewer columns: more rows a warp)
+        lanes = min(32, cols // 4)
+        return gl.BlockedLayout([1, 4], [32 // lanes, lanes], [num_warps, 1], [1, 0])
 
     @gluon.jit
     def _pair16(v):
@@ -222,20 +254,24 @@ if gluon is not None:
     @gluon.jit
     def _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, c0, c_step,
                     HAS_BIAS: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                    ROWS: gl.constexpr, LOADS: gl.constexpr, num_warps: gl.constexpr):
+                    ROWS: gl.constexpr, LOADS: gl.constexpr, COL0: gl.constexpr, COLS: gl.constexpr,
+                    num_warps: gl.constexpr):
         """A stream-K tile's parts (x-row-major: slot [BLOCK_M, BLOCK_N]) summed in program order, so the
         sum does not depend on arrival order, and stored (+ bias) ROWS rows of x at a time: the chunks
-        c0, c0 + c_step, ... (all of them: 0, 1)."""
-        fix_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        c0, c0 + c_step, ... (all of them: 0, 1), of the tile's columns COL0 .. COL0 + COLS (a consumer
+        partition's half, or all of them)."""
+        fix_l: gl.constexpr = _fix_layout(COLS, num_warps)
         r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, fix_l))
-        on = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, fix_l))
+        on = gl.arange(0, COLS, layout=gl.SliceLayout(0, fix_l))
+        if COL0 != 0:  # (0: the kernel as it was before there were partitions, to the instruction)
+            on = on + COL0
         if HAS_BIAS:
             bias = gl.expand_dims(gl.load(b_ptr + n0 + on).to(gl.float32), 0)
         for c in range(c0, gl.cdiv(gl.minimum(M - m0, BLOCK_M), ROWS), c_step):  # chunks holding a row of x
             rows = c * ROWS + r
             keep = gl.expand_dims(m0 + rows < M, 1)
             local = gl.expand_dims(rows, 1) * BLOCK_N + gl.expand_dims(on, 0)
-            part = gl.zeros([ROWS, BLOCK_N], gl.float32, fix_l)
+            part = gl.zeros([ROWS, COLS], gl.float32, fix_l)
             for q0 in range(p_lo, p_hi + 1, LOADS):
                 for i in gl.static_range(LOADS):  # straight-line: the LOADS loads go out before the adds
                     q = q0 + i
@@ -253,12 +289,16 @@ if gluon is not None:
                   num_n, k_tiles, units, P, stride_om, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
                   LAG: gl.constexpr, FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr,
-                  SLICED: gl.constexpr, num_warps: gl.constexpr):
+                  SLICED: gl.constexpr, PARTS: gl.constexpr, H: gl.constexpr, num_warps: gl.constexpr):
+        """Consumer partition H of PARTS (num_warps warps): the tile's weight rows H * ROWS_H .. of each
+        stage, its own accumulator [ROWS_H, BLOCK_M], the output's columns n0 + H * ROWS_H .."""
         DT: gl.constexpr = x_bufs.dtype
+        ROWS_H: gl.constexpr = BLOCK_N // PARTS
+        COL0: gl.constexpr = H * ROWS_H  # (PARTS 1: every offset by it is left out, as is every other change)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        words_l: gl.constexpr = _words_layout(BLOCK_N, num_warps)
+        words_l: gl.constexpr = _words_layout(ROWS_H, num_warps)
         pid = gl.program_id(0)
         u0, u1 = _run_of(pid, units, P)
         first = u0 // k_tiles
@@ -273,8 +313,11 @@ if gluon is not None:
             # last wait, and ptxas then serializes every wgmma (C7515); a run holds >= 1 step of each tile.
             gl.assume(ke > ks)
             # an accumulator token from the start: the loop carries what its last wgmma returns
-            acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l))
-            rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_l))
+            acc = warpgroup_mma_init(gl.zeros([ROWS_H, BLOCK_M], gl.float32, acc_l))
+            n_h = n0  # this partition's first weight row (output column)
+            if COL0 != 0:
+                n_h = n0 + COL0
+            rows = n_h + gl.arange(0, ROWS_H, layout=gl.SliceLayout(1, words_l))
             sz_next = _load_sz(s_ptr, rows, ks // GROUP_TILES, N, NGROUPS, SPLIT)
             for kt in range(ks, ke):
                 st = j % STAGES
@@ -288,6 +331,8 @@ if gluon is not None:
                     mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), pred=kt > ks + 1)
                 mbarrier.wait(ready.index(st), (j // STAGES) & 1)
                 qb = q_bufs.index(st)
+                if PARTS > 1:  # this partition's rows of the stage's codes
+                    qb = qb.slice(COL0, ROWS_H, dim=0)
                 xb = x_bufs.index(st).permute((1, 0))  # x^T [128, BLOCK_M]: K-major, as wgmma reads it
                 for c in gl.static_range(4):
                     # A wgmma reads its register operand while it runs, not when issued: the group that
@@ -307,13 +352,18 @@ if gluon is not None:
                 mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), pred=ke - ks > 1)
             mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES))  # the tile's last stage
             if (ks == 0) & (ke == k_tiles):
-                _store_out(acc, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
+                _store_out(acc, out_ptr, b_ptr, m0, n_h, M, stride_om, HAS_BIAS, DT, num_warps)
             else:
                 # Stream-K, as the Triton tiles do it: each run's part of a shared tile in its own
                 # workspace slot (two per program: its first tile and its last); the last of the
-                # tile's programs to arrive sums them in program order and stores the tile.
+                # tile's programs to arrive sums them in program order and stores the tile. With two
+                # consumer partitions, each writes its rows (columns of out) of the same slot and has a
+                # counter of its own (tile * PARTS + H): each half's last arriver sums that half.
                 slot = 2 * pid + (tile != first).to(gl.int32)
-                acc_n = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l)), 1)
+                acc_n = gl.arange(0, ROWS_H, layout=gl.SliceLayout(1, acc_l))
+                if COL0 != 0:
+                    acc_n = acc_n + COL0
+                acc_n = gl.expand_dims(acc_n, 1)
                 acc_m = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l)), 0)
                 if FIXUP == 0:
                     local = acc_n * BLOCK_M + acc_m
@@ -323,40 +373,48 @@ if gluon is not None:
                              eviction_policy="evict_last")
                 p_lo = ((t0 + 1) * P + units - 1) // units - 1  # the owners of the tile's first and last step
                 p_hi = ((t0 + k_tiles) * P + units - 1) // units - 1
-                gl.thread_barrier()  # every thread's part is stored before the (single) release below
-                arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                # every thread's part is stored before the (single) release below: a barrier of this
+                # partition's threads (a named barrier of 128 with two partitions: test_int4_wgmma)
+                gl.thread_barrier()
+                cnt = cnt_ptr + tile
+                if PARTS > 1:
+                    cnt = cnt_ptr + (tile * PARTS + H)
+                arrived = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if SLICED:
                     # a split run (the host checked: one tile a program, every program resident): all
-                    # the tile's programs sum, each its share of the row chunks, once every part is in
+                    # the tile's programs sum, each its share of the row chunks, once every part is in.
+                    # Per half with two consumer partitions: each waits on its half's counter and sums
+                    # its columns (both halves of a program are resident together).
                     runs = p_hi - p_lo + 1
                     while arrived < runs:
-                        arrived = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
+                        arrived = gl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
                     _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, pid - p_lo,
-                                runs, HAS_BIAS, DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, num_warps)
+                                runs, HAS_BIAS, DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, COL0, ROWS_H, num_warps)
                     # the last to finish zeroes the counter for the next launch: every program has
                     # passed its wait by then (each counts once more only after it)
-                    if gl.atomic_add(cnt_ptr + tile, 1, sem="relaxed", scope="gpu") == 2 * runs - 1:
-                        gl.atomic_xchg(cnt_ptr + tile, 0)
+                    if gl.atomic_add(cnt, 1, sem="relaxed", scope="gpu") == 2 * runs - 1:
+                        gl.atomic_xchg(cnt, 0)
                 elif arrived == p_hi - p_lo:
                     if FIXUP == 0:
-                        total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+                        total = gl.zeros([ROWS_H, BLOCK_M], gl.float32, acc_l)
                         for q in range(p_lo, p_hi + 1):  # in program order: the sum does not depend on arrival order
                             q_slot = 2 * q + (q * units // P < t0).to(gl.int32)  # the tile is q's first, or its last
                             total += gl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
-                        _store_out(total, out_ptr, b_ptr, m0, n0, M, stride_om, HAS_BIAS, DT, num_warps)
+                        _store_out(total, out_ptr, b_ptr, m0, n_h, M, stride_om, HAS_BIAS, DT, num_warps)
                     else:
                         _fixup_rows(ws_ptr, out_ptr, b_ptr, m0, n0, M, stride_om, t0, p_lo, p_hi, units, P, 0, 1,
-                                    HAS_BIAS, DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, num_warps)
-                    gl.atomic_xchg(cnt_ptr + tile, 0)  # zero again for the next launch
+                                    HAS_BIAS, DT, BLOCK_N, BLOCK_M, FIXUP, LOADS, COL0, ROWS_H, num_warps)
+                    gl.atomic_xchg(cnt, 0)  # zero again for the next launch
 
     @gluon.jit
     def _int4_ws_kernel(x_desc, q_desc, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS, GROUP_TILES,
                         stride_om, P, HAS_BIAS: gl.constexpr, ASM: gl.constexpr, TWO_E: gl.constexpr,
                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, LAG: gl.constexpr,
                         FIXUP: gl.constexpr, LOADS: gl.constexpr, SPLIT: gl.constexpr, SLICED: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        PARTS: gl.constexpr, num_warps: gl.constexpr):
         """P programs, each an equal run of the (output tile, K step) units, tile-major (whole tiles
-        when P is the number of tiles: then nothing is shared and the workspace is never touched)."""
+        when P is the number of tiles: then nothing is shared and the workspace is never touched).
+        num_warps: a consumer partition's warps (8 with PARTS 1, 4 with 2: CONSUMER_PARTS)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         num_n = N // BLOCK_N  # consecutive tiles share x's rows and read different weights
         k_tiles = x_desc.shape[1] // 128
@@ -367,13 +425,32 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        gl.warp_specialize([
-            (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
-                         GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
-                         STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, SLICED, num_warps)),
-            (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N, STAGES)),
-        ], [1], [40])
+            mbarrier.init(empty.index(i), count=PARTS)  # each consumer partition frees the stage
+        if PARTS == 1:
+            gl.warp_specialize([
+                (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
+                             GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
+                             STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, SLICED, PARTS, 0, num_warps)),
+                (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N,
+                             STAGES)),
+            ], [1], [40])
+        else:
+            # Two consumer warpgroups as two partitions: rows 0 .. BLOCK_N / 2 and BLOCK_N / 2 .. of each
+            # tile. Register requests beyond the pool (12 warps at 168 each: 2 x 256 > 3 x 168), so that
+            # Triton's reallocation gives up, emits no setmaxnreg and every warp keeps 168: Triton puts a worker
+            # partition's setmaxnreg in the loop its warps branch from, and ptxas then serializes that
+            # partition's wgmma (C7512, "insufficient register resources") whatever the count (120 to 256
+            # tried); without it the (64-float) consumers take 147 registers (benchmarks/sass_counts.py).
+            gl.warp_specialize([
+                (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
+                             GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
+                             STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, SLICED, PARTS, 0, num_warps)),
+                (_consumer, (x_bufs, q_bufs, ready, empty, s_ptr, out_ptr, b_ptr, ws_ptr, cnt_ptr, M, N, NGROUPS,
+                             GROUP_TILES, num_n, k_tiles, units, P, stride_om, HAS_BIAS, ASM, TWO_E, BLOCK_N, BLOCK_M,
+                             STAGES, IN_FLIGHT, LAG, FIXUP, LOADS, SPLIT, SLICED, PARTS, 1, num_warps)),
+                (_producer, (x_desc, q_desc, x_bufs, q_bufs, ready, empty, num_n, k_tiles, units, P, BLOCK_N,
+                             STAGES)),
+            ], [num_warps, 1], [256, 256])
 
 
 _GL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -419,7 +496,8 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
     """out = x2 @ W^T (+ bias). codes: uint8 [N, K/2] in the "operand-tiled" layout; sz: int32
     [N, K/group] or split (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. programs: stream-K over that
     many programs (None: one whole tile each), with ws (fp32, 2 x programs x BLOCK_M x BLOCK_N) and
-    counters (int32, one per tile, zeroed, left zeroed). Returns the compiled kernel."""
+    counters (int32, zeroed, left zeroed: counter_count, one per tile and consumer partition). Returns the
+    compiled kernel."""
     m, k = x2.shape
     n = out.shape[1]
     bm, bn, stages = cfg
@@ -428,10 +506,13 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
                          f"groups of 128 or a multiple and packed int32 scales; got {x2.dtype}, N={n}, K={k}, "
                          f"group {group}, scales {sz.dtype}")
     p = tiles(m, n, cfg) if programs is None else programs
+    if CONSUMER_PARTS not in (1, 2) or (CONSUMER_PARTS == 2 and bm * bn > ACC_LIMIT_2P):
+        raise ValueError(f"CONSUMER_PARTS is 1 or 2 (not {CONSUMER_PARTS}), and with 2 a tile holds at most "
+                         f"{ACC_LIMIT_2P} outputs (64 accumulator floats a consumer thread); got {cfg}")
     if programs is not None and (ws is None or counters is None or ws.numel() < 2 * p * bm * bn
-                                 or counters.numel() < tiles(m, n, cfg)):
+                                 or counters.numel() < counter_count(m, n, cfg)):
         raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
-                         f"{tiles(m, n, cfg)} zeroed counters")
+                         f"{counter_count(m, n, cfg)} zeroed counters ({CONSUMER_PARTS} a tile: CONSUMER_PARTS)")
     split = sz_format(sz, n, k // group) == 2
     sliced = sums_sliced(m, n, k, cfg, programs, sm_count(x2.device.index))
     x_desc, q_desc = descriptors(x2, codes, cfg)
@@ -441,5 +522,6 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
         HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
         TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
-        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split, SLICED=sliced, num_warps=8,
+        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split, SLICED=sliced, PARTS=CONSUMER_PARTS,
+        num_warps=8 // CONSUMER_PARTS,
         launch_cooperative_grid=sliced)  # the sliced sum's programs wait on each other: all resident

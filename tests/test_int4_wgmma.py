@@ -6,6 +6,7 @@ kernel for sm_90 on any machine (with Triton's bundled ptxas and nvdisasm).
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +380,145 @@ def test_gpu_ws_tile_in_a_cuda_graph_reads_each_replays_input():
         g.replay()
         want = static.double() @ qw.dequantize(torch.float64).T + b.double()
         assert _rel(y, want) < 3e-3
+
+
+def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key(monkeypatch):
+    """CONSUMER_PARTS 2: a stream-K launch's counters are one per (tile, half), wherever the host sizes
+    them (counter_slots: the tuner's search and the bound layers' plans), and a launch handed one per
+    tile is refused; the tiles whose consumers would hold 128 accumulator floats a thread are left out
+    and refused; the tuned table keys it apart (-cp2)."""
+    cfg = (128, 128, 128, -132, kt.WS_WARPS, 4)
+    assert kt.counter_slots(cfg, 512, 1024) == ws.counter_count(512, 1024, (128, 128, 4)) == 32
+    assert kt.counter_slots((128, 128, 64, -132, 8, 3), 512, 1024) == 32  # a Triton tile: one a tile, always
+    args = (512, 1024, 4096, 128, torch.bfloat16, "operand-tiled", 1)
+    key1 = kt.tuner_key(*args, ws)
+    monkeypatch.setattr(ws, "CONSUMER_PARTS", 2)
+    assert kt.counter_slots(cfg, 512, 1024) == ws.counter_count(512, 1024, (128, 128, 4)) == 64
+    assert kt.counter_slots((128, 128, 64, -132, 8, 3), 512, 1024) == 32
+    assert kt.tuner_key(*args, ws) == key1 + "-cp2" and "-cp2" not in key1
+    assert "-cp2" not in kt.tuner_key(*args, None)  # no ws tiles among the candidates: nothing to tell apart
+    assert ws.configs(512, 28672, 8192, 128) == [(128, 128, 4)]  # not (128, 256, 3) nor (256, 128, 3)
+    assert ws.configs(64, 28672, 8192, 128) == [(64, 128, 4), (64, 256, 3)]
+    assert ws.configs(16, 28672, 8192, 128) == [(16, 128, 8), (16, 256, 6)]
+    x = torch.zeros(512, 4096, dtype=torch.bfloat16)
+    codes = torch.zeros(1024, 2048, dtype=torch.uint8)
+    sz = torch.zeros(1024, 32, dtype=torch.int32)
+    out = torch.empty(512, 1024, dtype=torch.bfloat16)
+    work = torch.empty(2 * 132 * 128 * 128)
+    with pytest.raises(ValueError, match="64 zeroed counters"):
+        ws.launch(x, codes, sz, out, (128, 128, 4), 128, programs=132, ws=work,
+                  counters=torch.zeros(32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="at most 16384 outputs"):
+        ws.launch(x, codes, sz, out, (128, 256, 3), 128)
+
+
+def test_the_two_consumer_variant_sets_the_ws_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_variants as kv
+
+    v = kv.VARIANTS["operand-tiled-ws-fixup16-loads4-2cons"]
+    assert v == {**kv.VARIANTS["operand-tiled-ws-fixup16-loads4"], "CONSUMER_PARTS": 2}
+    assert kv._module("CONSUMER_PARTS") is ws and kv.VARIANTS["operand-tiled-ws-fixup16-loads4"]["CONSUMER_PARTS"] == 1
+
+
+@needs_gluon
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
+def test_sass_two_consumer_partitions_fence_128_threads_and_keep_the_wgmma_asynchronous(monkeypatch):
+    """CONSUMER_PARTS 2: each consumer partition's K loop (one per partition, BLOCK_N / 2 rows) keeps its
+    two m64 wgmma a chunk and a wait a chunk leaving three groups in flight, and ptxas serializes nothing
+    (no setmaxnreg: one in a worker partition made ptxas serialize its wgmma, C7512). Every barrier in
+    either K loop, and the one before each half's stream-K arrival (gl.thread_barrier), is a named barrier
+    of 128 threads, a different one per partition: none waits for the other partition's threads."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_counts
+
+    monkeypatch.setattr(ws, "CONSUMER_PARTS", 2)
+    for cfg, hgmma in (((128, 128, 4), 8), ((16, 256, 6), 16)):
+        sass, ptx, _ = sass_counts.compile_ws(cfg)
+        assert "no performance warning" in sass_counts._ptxas(ptx) and "USETMAXREG" not in sass, cfg
+        ins, labels = [], {}
+        for line in sass.splitlines():
+            lab = re.match(r"\s*\.L_x_(\d+):", line)
+            if lab:
+                labels[lab.group(1)] = len(ins)
+            elif m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
+                ins.append(m.group(1))
+        loops = [ins[labels[m.group(1)]:i + 1] for i, t in enumerate(ins)
+                 if (m := re.search(r"BRA.*\.L_x_(\d+)", t)) and labels.get(m.group(1), i + 1) <= i]
+        k_loops = [lp for lp in loops if len(lp) < 600 and any(t.startswith("HGMMA") for t in lp)]
+        named = set()
+        for lp in k_loops:  # the innermost loops with wgmma: the two partitions' K loops
+            assert sum(t.startswith("HGMMA") for t in lp) == hgmma, (cfg, lp)
+            assert [t for t in lp if t.startswith("WARPGROUP.DEPBAR")] == ["WARPGROUP.DEPBAR.LE gsb0, 0x3"] * 4, cfg
+            bars = {t for t in lp if t.startswith("BAR.SYNC")}
+            assert bars and all(t.endswith(", 0x80") for t in bars), (cfg, bars)
+            named |= bars
+        assert len(k_loops) == 2 and len(named) == 2, (cfg, named)  # one barrier id each
+        # the barrier before each half's arrival on its stream-K counter: its partition's 128 threads
+        lines = ptx.splitlines()
+        arrivals = [i for i, ln in enumerate(lines) if "atom.global.gpu.acq_rel.add" in ln]
+        fences = [next(ln.split(None, 1)[1] for ln in reversed(lines[:i]) if "bar.sync" in ln or "barrier.sync" in ln)
+                  for i in arrivals]
+        assert len(fences) == 2 and len(set(fences)) == 2 and all(f.endswith(", 128;") for f in fences), fences
+    lines = _sass_lines("128,128,4", "--consumer-parts", "2", "--count", "HGMMA,WARPGROUP.DEPBAR.LE,STS,BAR")
+    loop = next(ln for ln in lines if ln.startswith("loop"))
+    assert "HGMMA: 8" in loop and "WARPGROUP.DEPBAR.LE: 4" in loop and "STS: 0" in loop, loop
+    assert any("ptxas:" in ln and "no performance warning" in ln for ln in lines), lines
+
+
+@needs_gluon
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
+def test_sass_one_consumer_partition_is_the_kernel_it_was(monkeypatch):
+    """CONSUMER_PARTS 1 (the default) compiles the kernel it did before the setting: every offset, counter
+    index and argument for the halves is left out, so the SASS is the same to the instruction (what the
+    other SASS tests check of it holds for it alone); here the K loop and the barriers of all 256 consumer
+    threads it keeps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_counts
+
+    monkeypatch.setattr(ws, "CONSUMER_PARTS", 1)
+    sass = sass_counts.compile_ws((128, 128, 4))[0]
+    loop = sass_counts.main_loop(sass, holding="HGMMA")
+    assert len(loop) == 257 and sum(t.startswith("HGMMA") for t in loop) == 8, len(loop)
+    assert [t for t in loop if t.startswith("BAR.SYNC")] == ["BAR.SYNC.DEFER_BLOCKING 0x0, 0x100"] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,sliced", [(16, False), (0, False), (16, True)])
+def test_gpu_ws_two_consumer_partitions_match_float64_and_one_partition(dtype, rows, sliced, monkeypatch):
+    """CONSUMER_PARTS 2, every tile configs() then offers, whole and stream-K (runs crossing tiles, and
+    each tile's K in two runs, summed per half by its last program or, FIXUP_SLICED, by all of them),
+    stream-K parts summed whole (FIXUP_ROWS 0) or 16 rows at a time, M = 16, 64, 128, 512 and a ragged
+    one: within 3e-3 of float64, and bit for bit the output of one consumer partition on the same launch
+    configuration (the same products, the parts added in the same order), counters left zeroed."""
+    monkeypatch.setattr(ws, "FIXUP_ROWS", rows)
+    monkeypatch.setattr(ws, "FIXUP_SLICED", sliced)
+    for n, k, sym, bias in ((512, 1024, False, True), (768, 2048, True, False)):
+        qw, b, gen = _case(n, k, 128, dtype, bias, seed=n + 17, sym=sym)
+        qw, b = qw.to("cuda"), None if b is None else b.to("cuda")
+        w_kernel = qw.dequantize_stored(dtype).double()
+        monkeypatch.setattr(ws, "CONSUMER_PARTS", 2)
+        tiles = ws.configs(512, n, k, 128) + ws.configs(64, n, k, 128) + ws.configs(16, n, k, 128)
+        assert len(tiles) == 5 and all(bm * bn <= ws.ACC_LIMIT_2P for bm, bn, _ in tiles), tiles
+        for bm, bn, st in tiles:
+            for sk in (1, -5, -2 * ws.tiles(bm, n, (bm, bn, st))):
+                cfg = (bm, bn, 128, sk, kt.WS_WARPS, st)
+                bound = {}
+                for parts in (1, 2):  # a layer each: its plans' counters are sized under its setting
+                    monkeypatch.setattr(ws, "CONSUMER_PARTS", parts)
+                    bound[parts] = kt.BoundLinear(qw, b, config=cfg)
+                for m in sorted({16, 64, 128, 512, bm + 7}):
+                    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+                    ref = x.double() @ w_kernel.T + (0 if b is None else b.double())
+                    outs = {}
+                    for parts in (1, 2):
+                        monkeypatch.setattr(ws, "CONSUMER_PARTS", parts)  # launch reads it per call
+                        outs[parts] = bound[parts](x)
+                        if sk < 0:
+                            plan = bound[parts].plans[m]
+                            assert plan.counters.numel() == parts * ws.tiles(m, n, (bm, bn, st))
+                            assert not plan.counters.any()
+                    assert _rel(outs[2], ref) < 3e-3, (bm, bn, st, sk, m, dtype)
+                    assert torch.equal(outs[1], outs[2]), (bm, bn, st, sk, m, dtype)

@@ -333,7 +333,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
       timeout 150 "$ncu" "${nf[@]}" --section WarpStateStats --section SourceCounters -f -o "$rep" "${pd[@]}" \
         > "$OUT/ncu-$shape-sass.log" 2>&1
       "$ncu" --import "$rep.ncu-rep" --page source --print-source sass --csv > "$OUT/ncu-$shape-sass.csv" 2>> "$OUT/ncu-$shape-sass.log"
-      python3 benchmarks/ncu_sass_stalls.py "$OUT/ncu-$shape-sass.csv" > "$OUT/ncu-$shape-sass.txt" 2>&1
+      python3 benchmarks/ncu_sass_stalls.py "$OUT/ncu-$shape-sass.csv" --reason barrier,long_sb,wait > "$OUT/ncu-$shape-sass.txt" 2>&1
       head -n 8 "$OUT/ncu-$shape-sass.txt"
     fi
     echo "== ncu $shape: $(grep -m1 -E '^ *Duration' "$OUT/ncu-$shape.txt" | tr -s ' ')"

@@ -8,7 +8,12 @@ ncu samples each warp's program counter and why it is not issuing; the source pa
 samples per SASS instruction. WarpStateStats says how much a kernel stalls on, e.g., a barrier or a
 global load (long scoreboard); this says at which instruction, so a stall can be laid at the code
 that causes it (the stage release's barrier, a scale load, the stream-K fix-up's loads) before any
-change is made for it. Prints the instructions with the most samples, then the samples by opcode.
+change is made for it. Prints the instructions with the most samples, then the samples by opcode,
+then each stall reason's share of all samples and, for the reasons asked for (`--reason`), the
+instructions that reason's samples sit at: a kernel-wide "barrier" figure, for one, counts idle warps
+parked at a barrier (a warp-specialized kernel's unused producer warps) as much as a consumer's fence.
+
+    python benchmarks/ncu_sass_stalls.py rep.csv --reason barrier,long_sb
 """
 
 from __future__ import annotations
@@ -69,12 +74,42 @@ def summary(path: Path, top: int = 25) -> list[str]:
     return out
 
 
+def _reason_columns(table: list[dict]) -> list[str]:
+    """ncu's per-instruction stall columns (all samples, not the not-issued ones): stall_barrier, ..."""
+    return [c for c in (table[0] if table else {}) if c.startswith("stall_") and not c.endswith("(Not Issued)")]
+
+
+def by_reason(path: Path, reasons: list[str], top: int = 8) -> list[str]:
+    """Each stall reason's share of all samples (those of 0.5 % and more), then for each reason in
+    `reasons` (without the stall_ prefix) the instructions holding most of its samples."""
+    table, col = rows(path)
+    total = sum(_count(r[col]) for r in table)
+    cols = _reason_columns(table)
+    if not total or not cols:
+        return [f"{path}: no stall samples by reason (ncu's source page without its stall_* columns)"]
+    share = {c: sum(_count(r[c]) for r in table) / total for c in cols}
+    out = ["by reason: " + ", ".join(f"{c.removeprefix('stall_')} {100 * v:.1f} %"
+                                     for c, v in sorted(share.items(), key=lambda cv: -cv[1]) if v >= 0.005)]
+    for reason in reasons:
+        c = f"stall_{reason.removeprefix('stall_')}"
+        if c not in share:
+            raise SystemExit(f"{path}: no column {c!r}; the reasons are {', '.join(x.removeprefix('stall_') for x in cols)}")
+        out.append(f"{reason}: {100 * share[c]:.1f} % of all samples, at:")
+        ranked = sorted(table, key=lambda r: -_count(r[c]))[:top]
+        out += [f"  {100 * _count(r[c]) / total:5.1f} %  {r.get('Address', '')[-6:]:>6s}  {r['Source'].strip()}"
+                for r in ranked if _count(r[c])]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv", type=Path)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--reason", default="", help="stall reasons to lay at their instructions, e.g. barrier,long_sb")
     a = ap.parse_args(argv)
     for line in summary(a.csv, a.top):
+        print(line)
+    for line in by_reason(a.csv, [r for r in a.reason.split(",") if r]):
         print(line)
     return 0
 

@@ -95,6 +95,33 @@ def test_sass_stalls_ranks_instructions_and_opcodes_by_samples(tmp_path):
     assert nss.opcode("@!UP2 BAR.SYNC 0x1") == "BAR.SYNC"
 
 
+def test_sass_stalls_lay_each_reason_at_its_instructions(tmp_path):
+    rng = random.Random()
+    sass = ["USETMAXREG.DEALLOC.CTAPOOL 0x18", "SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR7+0x38020], RZ",
+            "LDG.E R190, desc[UR22][R190.64]", "HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR4], R24"]
+    reasons = ["stall_barrier", "stall_long_sb", "stall_wait"]
+    cells = [[rng.randint(1, 5_000) for _ in reasons] for _ in sass]
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL)
+    w.writerow(["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)"]
+               + reasons + [f"{r} (Not Issued)" for r in reasons])
+    for i, (s, c) in enumerate(zip(sass, cells)):
+        w.writerow([f"0x7f00{16 * i:04x}", s, f"{sum(c):,}", "1"] + [f"{v:,}" for v in c] + ["0"] * len(reasons))
+    f = tmp_path / "sass.csv"
+    f.write_text(buf.getvalue())
+    total = sum(map(sum, cells))
+    lines = nss.by_reason(f, ["barrier", "long_sb"], top=2)
+    share = {r: 100 * sum(c[j] for c in cells) / total for j, r in enumerate(reasons)}
+    assert lines[0].startswith("by reason: ") and "Not Issued" not in lines[0]
+    for r, v in share.items():
+        assert f"{r.removeprefix('stall_')} {v:.1f} %" in lines[0]
+    i = lines.index(f"barrier: {share['stall_barrier']:.1f} % of all samples, at:")
+    first = max(range(len(sass)), key=lambda k: cells[k][0])
+    assert lines[i + 1].endswith(sass[first]) and f"{100 * cells[first][0] / total:5.1f} %" in lines[i + 1]
+    with pytest.raises(SystemExit, match="no column 'stall_gmma'"):
+        nss.by_reason(f, ["gmma"])
+
+
 def test_sass_stalls_names_what_is_missing(tmp_path):
     f = tmp_path / "no-samples.csv"
     f.write_text('"Address","Source","Instructions Executed"\n"0x0","NOP","3"\n')

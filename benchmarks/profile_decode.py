@@ -91,7 +91,12 @@ def main() -> None:
         q(x)
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"ran {kernel or 'native'} K={k} N={n} M={m}, kernel {label}")
+    # the configuration the native kernel ran (the tuner's pick on this device, or --config), so a
+    # profile says which tile it is of: picks differ between devices and tunings
+    bound = getattr(q, "_bound", q)
+    plan = getattr(bound, "plans", {}).get(m)
+    ran = f", configuration {plan.cfg}" if plan is not None else ""
+    print(f"ran {kernel or 'native'} K={k} N={n} M={m}, kernel {label}{ran}")
 
 
 if __name__ == "__main__":

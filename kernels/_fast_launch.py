@@ -41,6 +41,16 @@ def hooks_active() -> bool:
     return (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
 
 
+def launch_hooks():
+    """(enter, leave): Triton's launch hooks as a compiled kernel's launcher takes them (None when empty)."""
+    return _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+
+
+def current_stream(device_index: int) -> int:
+    """The raw handle of the device's current stream, as Triton's own launch path gets it."""
+    return driver.active.get_current_stream(device_index)
+
+
 def _hook(h):
     # Triton 3.6 keeps the hooks in a HookChain that is never None: pass None when it is
     # empty, so the launcher does not call into Python twice per launch for nothing.

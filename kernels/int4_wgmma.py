@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from quantbridge.kernels._fast_launch import sm_count
+from quantbridge.kernels._fast_launch import current_stream, launch_hooks, sm_count
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
 from quantbridge.kernels.int4_layouts import sz_format
 
@@ -112,7 +112,9 @@ FIXUP_LOADS = 4
 # stored, then sums every s-th row chunk, in program order as before (the same bits). The wait needs
 # all programs resident at once, which only a cooperative launch guarantees (other streams, graph
 # branches or processes may hold SMs): such launches are cooperative, and the driver refuses one
-# whose programs cannot all be resident. An A/B setting until timed (benchmarks/NOTES.md, r10).
+# whose programs cannot all be resident. An A/B setting: its H100 A/B (sixth session) ran 5-47 % slower,
+# but its tuner kept no ws tile on those layers (the eager-timing floor FAST_LAUNCH removes), so it
+# is to be taken again (benchmarks/NOTES.md).
 FIXUP_SLICED = False
 
 # How many partitions the consumer warpgroups are: 1, one partition of two warpgroups (8 warps) holding
@@ -124,7 +126,9 @@ FIXUP_SLICED = False
 # (benchmarks/NOTES.md); with two partitions each barrier holds 128 threads, not 256, and one warpgroup
 # waits on it while the other goes on. A stream-K part is summed per half: a counter per (tile, half),
 # and each half's last program sums that half's columns, in program order (the same bits as 1). An A/B
-# setting until timed on an H100 (benchmarks/NOTES.md).
+# setting, off: on an H100 it ran 5-26 % slower in 7 of 9 large-layer cells at M >= 64 (the same 64x256
+# tile 8.5 % slower at 8192x28672 M=64; the 256-wide tiles it cannot offer won at M=512) and within 2 %
+# in the other two (benchmarks/NOTES.md, sixth session).
 CONSUMER_PARTS = 1
 # With two partitions every warp keeps the launch's 168 registers (65,536 over 12 warps: no setmaxnreg,
 # see _int4_ws_kernel), which holds a consumer warpgroup's 64 accumulator floats a thread but not 128:
@@ -490,6 +494,27 @@ def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms
     return programs % t == 0 and 2 <= s <= k // TILE_K and chunks >= 2 and programs <= sms
 
 
+# Launches after the first of each specialization call the compiled kernel's launcher directly, as
+# _fast_launch does for the Triton tiles: Gluon's own path binds and specializes every argument and
+# looks the kernel up on each call. Eager timing on an H100 found no ws tile below ~50-110 us, kernels
+# of 15-80 us under graph replay (benchmarks/NOTES.md, sixth session): that host cost, paid by the
+# tuner's eager timings and by any eager caller. False: every launch through Gluon (the A/B of it).
+FAST_LAUNCH = True
+_COMPILED: dict[tuple, object] = {}
+# the kernel's constexpr parameters, in its signature's order (num_warps last)
+_CONSTEXPRS = ("HAS_BIAS", "ASM", "TWO_E", "BLOCK_N", "STAGES", "IN_FLIGHT", "LAG", "FIXUP", "LOADS", "SPLIT",
+               "SLICED", "PARTS", "num_warps")
+
+
+def launch_key(device_index: int, dtype: torch.dtype, block_m: int, consts: tuple, ptrs: tuple,
+               ints: tuple) -> tuple:
+    """What selects one compiled ws kernel: its constexprs, the TMA descriptors' types (dtype and
+    box, the box fixed by BLOCK_M) and Triton's default specialization of the other arguments
+    (pointers by 16-byte alignment; integers by equal to 1, a multiple of 16, 32 bits or more)."""
+    return (device_index, dtype, block_m, consts, tuple(t.data_ptr() & 15 == 0 for t in ptrs),
+            tuple((i == 1, i & 15 == 0, i >= 2**31) for i in ints))
+
+
 def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
            group: int, bias: torch.Tensor | None = None, programs: int | None = None,
            ws: torch.Tensor | None = None, counters: torch.Tensor | None = None):
@@ -515,13 +540,27 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
                          f"{counter_count(m, n, cfg)} zeroed counters ({CONSUMER_PARTS} a tile: CONSUMER_PARTS)")
     split = sz_format(sz, n, k // group) == 2
     sliced = sums_sliced(m, n, k, cfg, programs, sm_count(x2.device.index))
-    x_desc, q_desc = descriptors(x2, codes, cfg)
     fp16 = x2.dtype == torch.float16
-    return _int4_ws_kernel[(p,)](
-        x_desc, q_desc, sz, out, out if bias is None else bias, out if ws is None else ws,
-        sz if counters is None else counters, m, n, k // group, group // TILE_K, out.stride(0), p,
-        HAS_BIAS=bias is not None, ASM=(ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value,
-        TWO_E=1024.0 if fp16 else 128.0, BLOCK_N=bn, STAGES=stages, IN_FLIGHT=IN_FLIGHT, LAG=RELEASE_LAG,
-        FIXUP=FIXUP_ROWS, LOADS=FIXUP_LOADS, SPLIT=split, SLICED=sliced, PARTS=CONSUMER_PARTS,
-        num_warps=8 // CONSUMER_PARTS,
-        launch_cooperative_grid=sliced)  # the sliced sum's programs wait on each other: all resident
+    descs = descriptors(x2, codes, cfg)
+    ptrs = (sz, out, out if bias is None else bias, out if ws is None else ws, sz if counters is None else counters)
+    ints = (m, n, k // group, group // TILE_K, out.stride(0), p)
+    consts = (bias is not None, (ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value, 1024.0 if fp16 else 128.0, bn,
+              stages, IN_FLIGHT, RELEASE_LAG, FIXUP_ROWS, FIXUP_LOADS, split, sliced, CONSUMER_PARTS,
+              8 // CONSUMER_PARTS)
+    key = launch_key(x2.device.index, x2.dtype, bm, consts, ptrs, ints)
+    kernel = _COMPILED.get(key) if FAST_LAUNCH else None
+    if kernel is None:
+        kernel = _int4_ws_kernel[(p,)](
+            *descs, *ptrs, *ints, **dict(zip(_CONSTEXPRS, consts)),
+            launch_cooperative_grid=sliced)  # the sliced sum's programs wait on each other: all resident
+        if FAST_LAUNCH and kernel is not None:
+            _COMPILED[key] = kernel
+        return kernel
+    # The compiled kernel's own launcher: it encodes the two TMA descriptors (a driver call each) and
+    # launches; Gluon's binder and cache lookup are what is skipped.
+    stream = current_stream(x2.device.index)
+    enter, leave = launch_hooks()
+    meta = kernel.launch_metadata((p, 1, 1), stream, *descs, *ptrs, *ints, *consts) if enter is not None else None
+    kernel.run(p, 1, 1, stream, kernel.function, kernel.packed_metadata, meta, enter, leave,
+               *descs, *ptrs, *ints, *consts)
+    return kernel

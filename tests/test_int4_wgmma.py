@@ -382,6 +382,86 @@ def test_gpu_ws_tile_in_a_cuda_graph_reads_each_replays_input():
         assert _rel(y, want) < 3e-3
 
 
+def test_launch_key_tells_apart_what_triton_specializes_on():
+    """The fast launch reuses a compiled kernel only for arguments Triton would have compiled the same
+    kernel for: the same constexprs and BLOCK_M, pointers alike in 16-byte alignment, integers alike in
+    being 1, a multiple of 16 and 32-bit."""
+    buf = torch.empty(64, dtype=torch.int32)
+    consts = (True, 1, 128.0, 128, 4, 3, 1, 16, 4, False, False, 1, 8)
+    key = ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (200, 4096, 32))
+    assert key == ws.launch_key(0, torch.bfloat16, 128, consts, (buf[8:], buf[12:]), (184, 8192, 48))
+    others = [
+        ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[1:]), (200, 4096, 32)),  # 4-byte aligned
+        ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (208, 4096, 32)),  # M a multiple of 16
+        ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (1, 4096, 32)),  # M = 1
+        ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (200, 2**31, 32)),  # 64-bit
+        ws.launch_key(0, torch.float16, 128, consts, (buf, buf[4:]), (200, 4096, 32)),
+        ws.launch_key(0, torch.bfloat16, 64, consts, (buf, buf[4:]), (200, 4096, 32)),
+        ws.launch_key(0, torch.bfloat16, 128, consts[:-3] + (2, 4), (buf, buf[4:]), (200, 4096, 32))[:4],
+        ws.launch_key(1, torch.bfloat16, 128, consts, (buf, buf[4:]), (200, 4096, 32)),
+    ]
+    assert all(o != key for o in others)
+
+
+class _CountingKernel:
+    """Stands in for the Gluon kernel: counts launches through Gluon's own path."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fast_launch_is_gluons_launch_bit_for_bit(dtype, monkeypatch):
+    """FAST_LAUNCH: after the first launch of a specialization, launches skip Gluon's binder (none
+    reaches it) and give the output of launches through it bit for bit, whole tiles and stream-K, M of
+    every specialization class, on fresh inputs; inside a CUDA graph too. FAST_LAUNCH False: every
+    launch goes through Gluon."""
+    counting = _CountingKernel(ws._int4_ws_kernel)
+    monkeypatch.setattr(ws, "_int4_ws_kernel", counting)
+    monkeypatch.setattr(ws, "_COMPILED", {})
+    qw, b, gen = _case(768, 2048, 128, dtype, True, seed=23)
+    qw, b = qw.to("cuda"), b.to("cuda")
+    for cfg in ((128, 128, 128, 1, kt.WS_WARPS, 4), (128, 128, 128, -5, kt.WS_WARPS, 4),
+                (64, 256, 128, -12, kt.WS_WARPS, 3)):
+        bound = {}
+        for fast in (True, False):
+            monkeypatch.setattr(ws, "FAST_LAUNCH", fast)
+            bound[fast] = kt.BoundLinear(qw, b, config=cfg)
+        for m in (1, 37, 64, 200):  # 200 is 37's class: its first launch is already fast
+            for step in range(3):
+                x = torch.randn(m, 2048, generator=gen).to("cuda", dtype)
+                outs = {}
+                for fast in (True, False):
+                    monkeypatch.setattr(ws, "FAST_LAUNCH", fast)
+                    before, known = counting.calls, len(ws._COMPILED)
+                    outs[fast] = bound[fast](x)
+                    # Gluon's path: every launch without the fast path; with it, only a launch of a
+                    # specialization not seen before (which the fast path then keeps)
+                    went = counting.calls - before
+                    assert went == (len(ws._COMPILED) - known if fast else 1), (cfg, m, step, fast)
+                    assert not (fast and step and went), (cfg, m, step)
+                assert torch.equal(outs[True], outs[False]), (cfg, m)
+    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    layer = kt.BoundLinear(qw, b, config=(128, 128, 128, -5, kt.WS_WARPS, 4))
+    static = torch.randn(96, 2048, generator=gen).to("cuda", dtype)
+    layer(static)
+    calls = counting.calls
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = layer(static)
+    assert counting.calls == calls  # captured through the fast path
+    for _ in range(2):
+        static.copy_(torch.randn(96, 2048, generator=gen).to("cuda", dtype))
+        g.replay()
+        assert torch.equal(y, layer(static))
+
+
 def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key(monkeypatch):
     """CONSUMER_PARTS 2: a stream-K launch's counters are one per (tile, half), wherever the host sizes
     them (counter_slots: the tuner's search and the bound layers' plans), and a launch handed one per

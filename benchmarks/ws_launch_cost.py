@@ -1,0 +1,105 @@
+"""Host cost of a native layer call by configuration, with the ws tile's fast launch on and off.
+
+For each case (a layer K x N at M rows, held to one configuration) and each int4_wgmma.FAST_LAUNCH
+setting, after warm-up:
+  host_us    perf_counter per call over CALLS calls without synchronising (what the host spends)
+  eager_us   CUDA events around CALLS back-to-back calls, per call (what an eager caller sees)
+  tune_*_us  the tuner's figure for the call under each TUNE_TIMING (kernels/tune_timing.py)
+Where host_us exceeds the kernel's time, eager callers and eager timings see the host, not the kernel;
+tune_graph_us is the kernel alone. Triton-tile cases (not ws) run the same either way: a baseline.
+
+Usage: python3 benchmarks/ws_launch_cost.py OUT.json [--case K N M BM,BN,BK,SPLIT_K,WARPS,STAGES ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from quantbridge.kernels import int4_wgmma, tune_timing
+from quantbridge.kernels.int4_triton import BoundLinear
+from quantbridge.measure.hardware import device_info
+from quantbridge.plugin.backend import get
+from quantbridge.plugin.spec import QuantSpec
+
+CALLS = 200
+# r10's H100 picks where eager timing found a floor (benchmarks/NOTES.md, sixth session), and a Triton tile
+DEFAULT_CASES = (
+    (8192, 8192, 64, (64, 128, 128, -128, 12, 4)),
+    (8192, 8192, 128, (128, 128, 128, -128, 12, 4)),
+    (4096, 4096, 128, (128, 128, 128, -128, 12, 4)),
+    (4096, 1024, 512, (128, 128, 128, -128, 12, 4)),
+    (8192, 28672, 128, (128, 256, 128, 1, 12, 3)),
+    (8192, 8192, 64, (64, 128, 128, 2, 4, 3)),
+)
+
+
+def _per_call(fn, x) -> tuple[float, float]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(CALLS):
+        fn(x)
+    host = (time.perf_counter() - t0) / CALLS * 1e6
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(CALLS):
+        fn(x)
+    b.record()
+    torch.cuda.synchronize()
+    return host, a.elapsed_time(b) / CALLS * 1e3
+
+
+def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    layer = BoundLinear(get("native").quantize(lin, QuantSpec(group_size=128)).packed, None, config=cfg)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    rows, outs = [], {}
+    for fast in (False, True):
+        int4_wgmma.FAST_LAUNCH = fast
+        for _ in range(20):
+            outs[fast] = layer(x)
+        host, eager = _per_call(layer, x)
+        row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, "host_us": host, "eager_us": eager}
+        for timing in tune_timing.TIMINGS:
+            row[f"tune_{timing}_us"] = 1e3 * tune_timing.time_ms(lambda: layer(x), x.device, timing, 10, 100)
+        rows.append(row)
+    int4_wgmma.FAST_LAUNCH = True
+    tune_timing.release(x.device)
+    same = torch.equal(outs[True], outs[False])
+    for row in rows:
+        row["outputs_equal"] = same
+    return rows
+
+
+def _cfg(text: str) -> tuple:
+    return tuple(int(v) for v in text.split(","))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--case", nargs=4, action="append", metavar=("K", "N", "M", "CONFIG"),
+                    help="a layer and the configuration it is held to (repeat); default: the r10 cases")
+    a = ap.parse_args()
+    cases = [(int(k), int(n), int(m), _cfg(c)) for k, n, m, c in a.case] if a.case else DEFAULT_CASES
+    rows = []
+    for k, n, m, cfg in cases:
+        for row in measure(k, n, m, cfg):
+            rows.append(row)
+            print(f"{k}x{n} M={m:<4d} {str(tuple(cfg)):32s} fast={int(row['fast_launch'])} "
+                  f"host {row['host_us']:7.1f} us  eager {row['eager_us']:7.1f}  tuner do_bench "
+                  f"{row['tune_do_bench_us']:7.1f} read {row['tune_read_us']:7.1f} graph {row['tune_graph_us']:7.1f}"
+                  f"  same output {row['outputs_equal']}", flush=True)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"device": device_info(), "calls": CALLS, "rows": rows}, f, indent=1)
+    os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

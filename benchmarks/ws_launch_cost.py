@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -64,7 +65,16 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
         for _ in range(20):
             outs[fast] = layer(x)
         host, eager = _per_call(layer, x)
-        row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, "host_us": host, "eager_us": eager}
+        with warnings.catch_warnings(record=True) as caught:  # a call that waits on the GPU shows here
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                layer(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message).splitlines()[0] for w in caught]
+        row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, "host_us": host, "eager_us": eager,
+               "syncs_per_call": len(syncs), "sync_messages": syncs[:3]}
         for timing in tune_timing.TIMINGS:
             row[f"tune_{timing}_us"] = 1e3 * tune_timing.time_ms(lambda: layer(x), x.device, timing, 10, 100)
         rows.append(row)
@@ -94,10 +104,12 @@ def main() -> None:
             print(f"{k}x{n} M={m:<4d} {str(tuple(cfg)):32s} fast={int(row['fast_launch'])} "
                   f"host {row['host_us']:7.1f} us  eager {row['eager_us']:7.1f}  tuner do_bench "
                   f"{row['tune_do_bench_us']:7.1f} read {row['tune_read_us']:7.1f} graph {row['tune_graph_us']:7.1f}"
-                  f"  same output {row['outputs_equal']}", flush=True)
+                  f"  same output {row['outputs_equal']}  syncs {row['syncs_per_call']} {row['sync_messages'][:1]}",
+                  flush=True)
+    text = json.dumps({"device": device_info(torch.device("cuda")), "calls": CALLS, "rows": rows}, indent=1)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"device": device_info(), "calls": CALLS, "rows": rows}, f, indent=1)
+        f.write(text)
     os.replace(tmp, a.out)
 
 

@@ -112,9 +112,9 @@ FIXUP_LOADS = 4
 # stored, then sums every s-th row chunk, in program order as before (the same bits). The wait needs
 # all programs resident at once, which only a cooperative launch guarantees (other streams, graph
 # branches or processes may hold SMs): such launches are cooperative, and the driver refuses one
-# whose programs cannot all be resident. An A/B setting: its H100 A/B (sixth session) ran 5-47 % slower,
-# but its tuner kept no ws tile on those layers (the eager-timing floor FAST_LAUNCH removes), so it
-# is to be taken again (benchmarks/NOTES.md).
+# whose programs cannot all be resident. An A/B setting: with FAST_LAUNCH (which took the eager-timing
+# floor off the tuner) an H100 ran the small layers' split runs 3.5-9 % faster tile for tile, in one
+# process; on once that holds in a second (benchmarks/NOTES.md, sixth session).
 FIXUP_SLICED = False
 
 # How many partitions the consumer warpgroups are: 1, one partition of two warpgroups (8 warps) holding
@@ -497,8 +497,9 @@ def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms
 # Launches after the first of each specialization call the compiled kernel's launcher directly, as
 # _fast_launch does for the Triton tiles: Gluon's own path binds and specializes every argument and
 # looks the kernel up on each call. Eager timing on an H100 found no ws tile below ~50-110 us, kernels
-# of 15-80 us under graph replay (benchmarks/NOTES.md, sixth session): that host cost, paid by the
-# tuner's eager timings and by any eager caller. False: every launch through Gluon (the A/B of it).
+# of 15-80 us under graph replay: that host cost, paid by the tuner's eager timings and by any eager
+# caller. On the H100 this took 11-51 us off a call's host cost (benchmarks/NOTES.md, sixth session).
+# False: every launch through Gluon (the A/B of it).
 FAST_LAUNCH = True
 _COMPILED: dict[tuple, object] = {}
 # the kernel's constexpr parameters, in its signature's order (num_warps last)
@@ -510,8 +511,9 @@ def launch_key(device_index: int, dtype: torch.dtype, block_m: int, consts: tupl
                ints: tuple) -> tuple:
     """What selects one compiled ws kernel: its constexprs, the TMA descriptors' types (dtype and
     box, the box fixed by BLOCK_M) and Triton's default specialization of the other arguments
-    (pointers by 16-byte alignment; integers by equal to 1, a multiple of 16, 32 bits or more)."""
-    return (device_index, dtype, block_m, consts, tuple(t.data_ptr() & 15 == 0 for t in ptrs),
+    (pointers by element type and 16-byte alignment: a whole-tile launch passes `out` where stream-K
+    passes its fp32 workspace; integers by equal to 1, a multiple of 16, 32 bits or more)."""
+    return (device_index, dtype, block_m, consts, tuple((t.dtype, t.data_ptr() & 15 == 0) for t in ptrs),
             tuple((i == 1, i & 15 == 0, i >= 2**31) for i in ints))
 
 

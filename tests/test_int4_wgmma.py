@@ -384,14 +384,15 @@ def test_gpu_ws_tile_in_a_cuda_graph_reads_each_replays_input():
 
 def test_launch_key_tells_apart_what_triton_specializes_on():
     """The fast launch reuses a compiled kernel only for arguments Triton would have compiled the same
-    kernel for: the same constexprs and BLOCK_M, pointers alike in 16-byte alignment, integers alike in
-    being 1, a multiple of 16 and 32-bit."""
+    kernel for: the same constexprs and BLOCK_M, pointers alike in element type and 16-byte alignment,
+    integers alike in being 1, a multiple of 16 and 32-bit."""
     buf = torch.empty(64, dtype=torch.int32)
     consts = (True, 1, 128.0, 128, 4, 3, 1, 16, 4, False, False, 1, 8)
     key = ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (200, 4096, 32))
     assert key == ws.launch_key(0, torch.bfloat16, 128, consts, (buf[8:], buf[12:]), (184, 8192, 48))
     others = [
         ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[1:]), (200, 4096, 32)),  # 4-byte aligned
+        ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf.view(torch.float32)), (200, 4096, 32)),  # fp32 ptr
         ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (208, 4096, 32)),  # M a multiple of 16
         ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (1, 4096, 32)),  # M = 1
         ws.launch_key(0, torch.bfloat16, 128, consts, (buf, buf[4:]), (200, 2**31, 32)),  # 64-bit

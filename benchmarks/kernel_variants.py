@@ -64,6 +64,11 @@ VARIANTS["operand-tiled-ws-fixup16-loads4-readflush"] = {**VARIANTS["operand-til
                                                          "TUNE_TIMING": "read"}
 VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
                                                           "TUNE_TIMING": "graph"}
+# + the ws tile launched through its compiled kernel's launcher after the first call (int4_wgmma.FAST_LAUNCH):
+# no Gluon binder per call, so the tuner's eager timings see less host cost; with and without the sliced sum
+VARIANTS["operand-tiled-ws-fixup16-loads4-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "FAST_LAUNCH": True}
+VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"],
+                                                           "FAST_LAUNCH": True}
 # both: the fix-up in row chunks (the default since r8's A/B), one part's loads at a time, with the split words
 VARIANTS["operand-tiled-ws-fixup16-sz25"] = {**VARIANTS["operand-tiled-ws-fixup16"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them
@@ -75,10 +80,11 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("FIXUP_LOADS", 1)
     _v.setdefault("FIXUP_SLICED", False)
     _v.setdefault("CONSUMER_PARTS", 1)
+    _v.setdefault("FAST_LAUNCH", False)
     _v.setdefault("TUNE_TIMING", "do_bench")
 
 # settings of int4_wgmma; the rest are int4_triton's
-_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED", "CONSUMER_PARTS")
+_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED", "CONSUMER_PARTS", "FAST_LAUNCH")
 
 
 def _module(key: str):

@@ -1011,7 +1011,7 @@ _PREP_BLOCK = 256  # words (2,048 activations) per program
 
 def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: str, sz_fmt: int, ws=None) -> str:
     """The tuned table's key of one M bucket of a layer: the shape and every module setting that
-    changes which candidates run or how they are timed. sz_fmt: sz_format of the scales the tiles
+    changes which candidates run or how they are timed (the ws fast launch: what eager timing adds). sz_fmt: sz_format of the scales the tiles
     read (0 none, 1 [N, G] words, 2 split words); ws: int4_wgmma where its tiles are candidates."""
     check_timing(TUNE_TIMING)
     return f"m{m_bucket(m)}-n{n}-k{k}-g{group}-{str(dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
@@ -1024,6 +1024,7 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
         + (f"-ld{ws.FIXUP_LOADS}" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_LOADS != 1 else "") \
         + ("-slc" if ws is not None and ws.FIXUP_ROWS and ws.FIXUP_SLICED else "") \
         + ("-cp2" if ws is not None and ws.CONSUMER_PARTS == 2 else "") \
+        + ("-fl" if ws is not None and ws.FAST_LAUNCH else "") \
         + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "") \
         + {"do_bench": "", "read": "-frd", "graph": "-tgr"}[TUNE_TIMING]
 

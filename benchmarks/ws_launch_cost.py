@@ -5,6 +5,8 @@ setting, after warm-up:
   host_us    perf_counter per call over CALLS calls without synchronising (what the host spends)
   eager_us   CUDA events around CALLS back-to-back calls, per call (what an eager caller sees)
   tune_*_us  the tuner's figure for the call under each TUNE_TIMING (kernels/tune_timing.py)
+  syncs_per_call, host_profile_top  calls that wait on the GPU (torch's sync debug mode) and the
+             functions the host spends CALLS calls in, by their own time (cProfile)
 Where host_us exceeds the kernel's time, eager callers and eager timings see the host, not the kernel;
 tune_graph_us is the kernel alone. Triton-tile cases (not ws) run the same either way: a baseline.
 
@@ -12,8 +14,12 @@ Usage: python3 benchmarks/ws_launch_cost.py OUT.json [--case K N M BM,BN,BK,SPLI
 """
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
+import re
 import sys
 import time
 import warnings
@@ -73,8 +79,18 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         syncs = [str(w.message).splitlines()[0] for w in caught]
+        # where the host's time goes: the functions of CALLS calls by their own time
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(CALLS):
+            layer(x)
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
+        top = [line.strip() for line in text.getvalue().splitlines() if re.match(r"\s*\d+\s", line)]
         row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, "host_us": host, "eager_us": eager,
-               "syncs_per_call": len(syncs), "sync_messages": syncs[:3]}
+               "syncs_per_call": len(syncs), "sync_messages": syncs[:3], "host_profile_top": top}
         for timing in tune_timing.TIMINGS:
             row[f"tune_{timing}_us"] = 1e3 * tune_timing.time_ms(lambda: layer(x), x.device, timing, 10, 100)
         rows.append(row)
@@ -106,6 +122,8 @@ def main() -> None:
                   f"{row['tune_do_bench_us']:7.1f} read {row['tune_read_us']:7.1f} graph {row['tune_graph_us']:7.1f}"
                   f"  same output {row['outputs_equal']}  syncs {row['syncs_per_call']} {row['sync_messages'][:1]}",
                   flush=True)
+            for line in row["host_profile_top"] if row["fast_launch"] else ():
+                print("      " + line)
     text = json.dumps({"device": device_info(torch.device("cuda")), "calls": CALLS, "rows": rows}, indent=1)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:

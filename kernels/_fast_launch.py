@@ -41,14 +41,13 @@ def hooks_active() -> bool:
     return (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
 
 
-def launch_hooks():
-    """(enter, leave): Triton's launch hooks as a compiled kernel's launcher takes them (None when empty)."""
-    return _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
-
-
-def current_stream(device_index: int) -> int:
-    """The raw handle of the device's current stream, as Triton's own launch path gets it."""
-    return driver.active.get_current_stream(device_index)
+def run_compiled(kernel, grid: tuple[int, int, int], device_index: int, args: tuple) -> None:
+    """Launch a compiled kernel through its own launcher on the device's current stream, as Triton's
+    launch path ends: every argument of its signature in order (constexprs included), no binder."""
+    stream = driver.active.get_current_stream(device_index)
+    enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+    meta = kernel.launch_metadata(grid, stream, *args) if enter is not None else None
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args)
 
 
 def _hook(h):
@@ -114,9 +113,5 @@ class FastLauncher:
             if kernel is not None and not _INTERPRET:
                 self.cache[key] = kernel
             return kernel
-        stream = driver.active.get_current_stream(dev)
-        enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
-        meta = kernel.launch_metadata(grid, stream, *tensors, *ints, *constexprs) if enter is not None else None
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
-                   enter, leave, *tensors, *ints, *constexprs)
+        run_compiled(kernel, grid, dev, (*tensors, *ints, *constexprs))
         return kernel

@@ -1011,8 +1011,9 @@ _PREP_BLOCK = 256  # words (2,048 activations) per program
 
 def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: str, sz_fmt: int, ws=None) -> str:
     """The tuned table's key of one M bucket of a layer: the shape and every module setting that
-    changes which candidates run or how they are timed (the ws fast launch: what eager timing adds). sz_fmt: sz_format of the scales the tiles
-    read (0 none, 1 [N, G] words, 2 split words); ws: int4_wgmma where its tiles are candidates."""
+    changes which candidates run or how they are timed (the ws fast launch changes what eager timing
+    adds to them). sz_fmt: sz_format of the scales the tiles read (0 none, 1 [N, G] words, 2 split
+    words); ws: int4_wgmma where its tiles are candidates."""
     check_timing(TUNE_TIMING)
     return f"m{m_bucket(m)}-n{n}-k{k}-g{group}-{str(dtype).removeprefix('torch.')}" + f"-{CODE_MODE}" \
         + ("" if layout == "canonical" else f"-{layout}") \

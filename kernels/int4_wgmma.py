@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from quantbridge.kernels._fast_launch import current_stream, launch_hooks, sm_count
+from quantbridge.kernels._fast_launch import run_compiled, sm_count
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
 from quantbridge.kernels.int4_layouts import sz_format
 
@@ -550,7 +550,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
     consts = (bias is not None, (ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value, 1024.0 if fp16 else 128.0, bn,
               stages, IN_FLIGHT, RELEASE_LAG, FIXUP_ROWS, FIXUP_LOADS, split, sliced, CONSUMER_PARTS,
               8 // CONSUMER_PARTS)
-    key = launch_key(x2.device.index, x2.dtype, bm, consts, ptrs, ints)
+    key = launch_key(x2.device.index, x2.dtype, bm, consts, ptrs, ints) if FAST_LAUNCH else None
     kernel = _COMPILED.get(key) if FAST_LAUNCH else None
     if kernel is None:
         kernel = _int4_ws_kernel[(p,)](
@@ -559,11 +559,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
         if FAST_LAUNCH and kernel is not None:
             _COMPILED[key] = kernel
         return kernel
-    # The compiled kernel's own launcher: it encodes the two TMA descriptors (a driver call each) and
+    # The compiled kernel's own launcher encodes the two TMA descriptors (a driver call each) and
     # launches; Gluon's binder and cache lookup are what is skipped.
-    stream = current_stream(x2.device.index)
-    enter, leave = launch_hooks()
-    meta = kernel.launch_metadata((p, 1, 1), stream, *descs, *ptrs, *ints, *consts) if enter is not None else None
-    kernel.run(p, 1, 1, stream, kernel.function, kernel.packed_metadata, meta, enter, leave,
-               *descs, *ptrs, *ints, *consts)
+    run_compiled(kernel, (p, 1, 1), x2.device.index, (*descs, *ptrs, *ints, *consts))
     return kernel

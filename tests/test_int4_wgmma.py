@@ -502,6 +502,23 @@ def test_the_two_consumer_variant_sets_the_ws_module():
     assert kv._module("CONSUMER_PARTS") is ws and kv.VARIANTS["operand-tiled-ws-fixup16-loads4"]["CONSUMER_PARTS"] == 1
 
 
+def test_fast_launch_keeps_its_own_tuner_key_and_variants(monkeypatch):
+    """FAST_LAUNCH changes what the tuner's eager timings see of a ws candidate (the host's cost), so a
+    table tuned with it is keyed apart (-fl); its variants set it on the ws module and nothing else."""
+    args = (512, 1024, 4096, 128, torch.bfloat16, "operand-tiled", 1)
+    monkeypatch.setattr(ws, "FAST_LAUNCH", False)
+    key = kt.tuner_key(*args, ws)
+    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    assert kt.tuner_key(*args, ws) == key + "-fl" and "-fl" not in kt.tuner_key(*args, None)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_variants as kv
+
+    for base in ("operand-tiled-ws-fixup16-loads4", "operand-tiled-ws-fixup16-loads4-sliced"):
+        assert kv.VARIANTS[base + "-fast"] == {**kv.VARIANTS[base], "FAST_LAUNCH": True}
+        assert kv.VARIANTS[base]["FAST_LAUNCH"] is False
+    assert kv._module("FAST_LAUNCH") is ws
+
+
 @needs_gluon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
 def test_sass_two_consumer_partitions_fence_128_threads_and_keep_the_wgmma_asynchronous(monkeypatch):

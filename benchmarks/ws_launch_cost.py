@@ -4,6 +4,7 @@ For each case (a layer K x N at M rows, held to one configuration) and each int4
 setting, after warm-up:
   host_us    perf_counter per call over CALLS calls without synchronising (what the host spends)
   eager_us   CUDA events around CALLS back-to-back calls, per call (what an eager caller sees)
+  graph_us   the call captured in a CUDA graph and replayed (benchmarks/launch_overhead.py measures all three)
   tune_*_us  the tuner's figure for the call under each TUNE_TIMING (kernels/tune_timing.py)
   syncs_per_call, host_profile_top  calls that wait on the GPU (torch's sync debug mode) and the
              functions the host spends CALLS calls in, by their own time (cProfile)
@@ -21,10 +22,11 @@ import os
 import pstats
 import re
 import sys
-import time
 import warnings
 
 import torch
+from launch_overhead import CALLS
+from launch_overhead import measure as per_call  # benchmarks/: host, eager and graph time of a call
 
 from quantbridge.kernels import int4_wgmma, tune_timing
 from quantbridge.kernels.int4_triton import BoundLinear
@@ -32,7 +34,6 @@ from quantbridge.measure.hardware import device_info
 from quantbridge.plugin.backend import get
 from quantbridge.plugin.spec import QuantSpec
 
-CALLS = 200
 # r10's H100 picks where eager timing found a floor (benchmarks/NOTES.md, sixth session), and a Triton tile
 DEFAULT_CASES = (
     (8192, 8192, 64, (64, 128, 128, -128, 12, 4)),
@@ -42,22 +43,6 @@ DEFAULT_CASES = (
     (8192, 28672, 128, (128, 256, 128, 1, 12, 3)),
     (8192, 8192, 64, (64, 128, 128, 2, 4, 3)),
 )
-
-
-def _per_call(fn, x) -> tuple[float, float]:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(CALLS):
-        fn(x)
-    host = (time.perf_counter() - t0) / CALLS * 1e6
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(CALLS):
-        fn(x)
-    b.record()
-    torch.cuda.synchronize()
-    return host, a.elapsed_time(b) / CALLS * 1e3
 
 
 def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
@@ -70,7 +55,7 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
         int4_wgmma.FAST_LAUNCH = fast
         for _ in range(20):
             outs[fast] = layer(x)
-        host, eager = _per_call(layer, x)
+        timed = per_call(layer, x)  # host_us, eager_us and graph_us over launch_overhead's CALLS calls
         with warnings.catch_warnings(record=True) as caught:  # a call that waits on the GPU shows here
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -89,7 +74,7 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
         top = [line.strip() for line in text.getvalue().splitlines() if re.match(r"\s*\d+\s", line)]
-        row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, "host_us": host, "eager_us": eager,
+        row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, **timed,
                "syncs_per_call": len(syncs), "sync_messages": syncs[:3], "host_profile_top": top}
         for timing in tune_timing.TIMINGS:
             row[f"tune_{timing}_us"] = 1e3 * tune_timing.time_ms(lambda: layer(x), x.device, timing, 10, 100)

@@ -404,6 +404,14 @@ def test_launch_key_tells_apart_what_triton_specializes_on():
     assert all(o != key for o in others)
 
 
+@needs_gluon
+def test_fast_launch_passes_the_constexprs_in_the_kernels_order():
+    """The fast launch hands the compiled kernel its arguments positionally: its constexpr names must be
+    the kernel's last parameters, in order, after the 13 runtime ones."""
+    names = ws._int4_ws_kernel.arg_names
+    assert tuple(names[-len(ws._CONSTEXPRS):]) == ws._CONSTEXPRS and len(names) == 13 + len(ws._CONSTEXPRS)
+
+
 class _CountingKernel:
     """Stands in for the Gluon kernel: counts launches through Gluon's own path."""
 

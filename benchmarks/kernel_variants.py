@@ -69,6 +69,11 @@ VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-ti
 VARIANTS["operand-tiled-ws-fixup16-loads4-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "FAST_LAUNCH": True}
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"],
                                                            "FAST_LAUNCH": True}
+# + the ws tile's 16-row decode tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE), the tuner timing every
+# candidate in CUDA-graph replays: r6 judged these tiles by eager timing, which put a ws launch's host
+# cost (~50-110 us, benchmarks/NOTES.md, sixth session) on kernels of ~50 us. Its A/B is "-graphtimed".
+VARIANTS["operand-tiled-ws-fixup16-loads4-decode-graphtimed"] = {
+    **VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"], "WGMMA_WS_DECODE": True}
 # both: the fix-up in row chunks (the default since r8's A/B), one part's loads at a time, with the split words
 VARIANTS["operand-tiled-ws-fixup16-sz25"] = {**VARIANTS["operand-tiled-ws-fixup16"], "SZ_SPLIT": True}
 for _v in VARIANTS.values():  # the variants before them ran without them

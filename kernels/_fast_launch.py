@@ -47,7 +47,8 @@ def run_compiled(kernel, grid: tuple[int, int, int], device_index: int, args: tu
     stream = driver.active.get_current_stream(device_index)
     enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
     meta = kernel.launch_metadata(grid, stream, *args) if enter is not None else None
-    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args)
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave,
+               *args)
 
 
 def _hook(h):

@@ -44,8 +44,10 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
     # M only enters the specialization as "is 1" or "a multiple of 16": one M per class.
     jobs: dict[tuple, tuple] = {}
     # each mode's candidates under its own STREAM_K and ws tile settings (CONSUMER_PARTS 2 leaves some
-    # tiles out), as the worker will launch them, then the settings as they were
-    stream_k, saved = kt.STREAM_K, {key: current(key) for key in _WS_SETTINGS}
+    # tiles out, WGMMA_WS_DECODE adds the 16-row ones), as the worker will launch them, then the
+    # settings as they were
+    shaping = (*_WS_SETTINGS, "WGMMA_WS_DECODE")
+    stream_k, saved = kt.STREAM_K, {key: current(key) for key in shaping}
     for m in ms:
         mb = kt.m_bucket(m)
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
@@ -53,7 +55,7 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
             for mode in modes:
                 layout = OPERAND_MODES[mode][0] if mode in OPERAND_MODES else "canonical"
                 if mode in VARIANTS:
-                    _apply({key: VARIANTS[mode][key] for key in _WS_SETTINGS})
+                    _apply({key: VARIANTS[mode][key] for key in shaping})
                 kt.STREAM_K = mode in OPERAND_MODES and OPERAND_MODES[mode][2]
                 for cfg in kt.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:

@@ -39,3 +39,15 @@ def test_apply_sets_each_setting_on_its_module(monkeypatch):
     assert kt.SZ_SPLIT is True and ws.FIXUP_ROWS == 16 and ws.RELEASE_LAG == 2 and kt.WGMMA_WS is False
     assert not hasattr(kt, "FIXUP_ROWS") and not hasattr(ws, "SZ_SPLIT")
     assert pre.default_mode() != "operand-tiled-ws"
+
+
+def test_precompile_lists_each_modes_candidates_under_its_tile_settings(monkeypatch):
+    """precompile_triton compiles a mode's candidates as the tuner will try them: the 16-row ws decode
+    tiles for a mode with WGMMA_WS_DECODE (and not for its A/B twin), the settings restored after."""
+    monkeypatch.setattr(kt, "_ws_module", lambda: ws)  # the ws tiles as on a Hopper GPU
+    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    base, decode = "operand-tiled-ws-fixup16-loads4-graphtimed", "operand-tiled-ws-fixup16-loads4-decode-graphtimed"
+    jobs = pre._jobs([(8192, 28672)], [1, 4, 16], ["bf16"], 128, [base, decode])
+    ws_decode = {mode for mb, cfg, dt, mode in jobs if kt.is_ws(cfg) and cfg[0] == 16}
+    assert ws_decode == {decode}
+    assert kt.WGMMA_WS_DECODE is False and ws.FAST_LAUNCH is False

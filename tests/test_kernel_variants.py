@@ -51,3 +51,25 @@ def test_precompile_lists_each_modes_candidates_under_its_tile_settings(monkeypa
     ws_decode = {mode for mb, cfg, dt, mode in jobs if kt.is_ws(cfg) and cfg[0] == 16}
     assert ws_decode == {decode}
     assert kt.WGMMA_WS_DECODE is False and ws.FAST_LAUNCH is False
+
+
+def test_tune_log_summary_sets_the_best_ws_and_triton_candidates_side_by_side():
+    import json
+    import random
+
+    import tune_log_summary as tls
+
+    rng = random.Random(7)
+    ws_t, tr_t = sorted(rng.uniform(0.02, 0.09) for _ in range(3)), sorted(rng.uniform(0.02, 0.09) for _ in range(3))
+    first = [[[128, 128, 128, -128 * (i + 1), 12, 4], t] for i, t in enumerate(reversed(ws_t))] \
+        + [[[64, 128, 64, i + 1, 4, 3], t] for i, t in enumerate(tr_t)]
+    lines = [json.dumps({"key": "m128-n8192-k8192-x-frd", "timing": "read", "pick": [64, 128, 64, 1, 4, 3],
+                         "first_ms": first, "again_ms": []}),
+             json.dumps({"key": "m1-n8192-k8192-x", "timing": "do_bench", "pick": [16, 64, 128, 4, 4, 3],
+                         "first_ms": [[[16, 64, 128, 4, 4, 3], 0.011]], "again_ms": []})]
+    out = tls.summarize(lines)
+    assert out[0] == ("m128-n8192-k8192-x-frd  read  pick (64, 128, 64, 1, 4, 3)  "
+                      f"best ws (128, 128, 128, -384, 12, 4) {ws_t[0] * 1e3:.1f} us  "
+                      f"best triton (64, 128, 64, 1, 4, 3) {tr_t[0] * 1e3:.1f} us")
+    assert out[1].endswith("best ws none  best triton (16, 64, 128, 4, 4, 3) 11.0 us")
+    assert tls.summarize(lines, "m1-") == out[1:]

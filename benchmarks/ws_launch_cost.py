@@ -27,6 +27,7 @@ import warnings
 import torch
 from launch_overhead import CALLS
 from launch_overhead import measure as per_call  # benchmarks/: host, eager and graph time of a call
+from profile_decode import _six_ints  # benchmarks/: a configuration given as BM,BN,BK,SPLIT_K,WARPS,STAGES
 
 from quantbridge.kernels import int4_wgmma, tune_timing
 from quantbridge.kernels.int4_triton import BoundLinear
@@ -87,17 +88,13 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
     return rows
 
 
-def _cfg(text: str) -> tuple:
-    return tuple(int(v) for v in text.split(","))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--case", nargs=4, action="append", metavar=("K", "N", "M", "CONFIG"),
                     help="a layer and the configuration it is held to (repeat); default: the r10 cases")
     a = ap.parse_args()
-    cases = [(int(k), int(n), int(m), _cfg(c)) for k, n, m, c in a.case] if a.case else DEFAULT_CASES
+    cases = [(int(k), int(n), int(m), _six_ints(c)) for k, n, m, c in a.case] if a.case else DEFAULT_CASES
     rows = []
     for k, n, m, cfg in cases:
         for row in measure(k, n, m, cfg):

@@ -1,7 +1,10 @@
-"""Host cost of a native layer call by configuration, with the ws tile's fast launch on and off.
+"""Host cost of a native layer call by configuration, through each of the ws tile's launch paths.
 
-For each case (a layer K x N at M rows, held to one configuration) and each int4_wgmma.FAST_LAUNCH
-setting, after warm-up:
+For each case (a layer K x N at M rows, held to one configuration) and each launch path of the ws
+tile (LAUNCHES: "gluon", int4_wgmma.FAST_LAUNCH off, Gluon's own launch every call; "fast", on, in a
+layer whose plan was made with it off, so each call goes through int4_triton._run and the compiled
+launcher; "bound", on from the layer's first call, so its plan holds an int4_wgmma.BoundLaunch), after
+warm-up:
   host_us    perf_counter per call over CALLS calls without synchronising (what the host spends)
   eager_us   CUDA events around CALLS back-to-back calls, per call (what an eager caller sees)
   graph_us   the call captured in a CUDA graph and replayed (benchmarks/launch_overhead.py measures all three)
@@ -46,16 +49,23 @@ DEFAULT_CASES = (
 )
 
 
+LAUNCHES = ("gluon", "fast", "bound")
+
+
 def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
     lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, std=0.02)
-    layer = BoundLinear(get("native").quantize(lin, QuantSpec(group_size=128)).packed, None, config=cfg)
+    packed = get("native").quantize(lin, QuantSpec(group_size=128)).packed
+    # "gluon" and "fast" share a layer whose plan was made with the fast launch off (not bound)
+    unbound, bound = BoundLinear(packed, None, config=cfg), BoundLinear(packed, None, config=cfg)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     rows, outs, default = [], {}, int4_wgmma.FAST_LAUNCH
-    for fast in (False, True):
-        int4_wgmma.FAST_LAUNCH = fast
+    for path in LAUNCHES:
+        int4_wgmma.FAST_LAUNCH = path != "gluon"
+        layer = bound if path == "bound" else unbound
         for _ in range(20):
-            outs[fast] = layer(x)
+            outs[path] = layer(x)
+        plan = layer.plans[m]
         timed = per_call(layer, x)  # host_us, eager_us and graph_us over launch_overhead's CALLS calls
         with warnings.catch_warnings(record=True) as caught:  # a call that waits on the GPU shows here
             warnings.simplefilter("always")
@@ -75,14 +85,14 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
         top = [line.strip() for line in text.getvalue().splitlines() if re.match(r"\s*\d+\s", line)]
-        row = {"k": k, "n": n, "m": m, "config": list(cfg), "fast_launch": fast, **timed,
-               "syncs_per_call": len(syncs), "sync_messages": syncs[:3], "host_profile_top": top}
+        row = {"k": k, "n": n, "m": m, "config": list(cfg), "launch": path, "plan_bound": plan.bound is not None,
+               **timed, "syncs_per_call": len(syncs), "sync_messages": syncs[:3], "host_profile_top": top}
         for timing in tune_timing.TIMINGS:
             row[f"tune_{timing}_us"] = 1e3 * tune_timing.time_ms(lambda: layer(x), x.device, timing, 10, 100)
         rows.append(row)
     int4_wgmma.FAST_LAUNCH = default
     tune_timing.release(x.device)
-    same = torch.equal(outs[True], outs[False])
+    same = all(torch.equal(outs[p], outs["gluon"]) for p in LAUNCHES)
     for row in rows:
         row["outputs_equal"] = same
     return rows
@@ -99,12 +109,12 @@ def main() -> None:
     for k, n, m, cfg in cases:
         for row in measure(k, n, m, cfg):
             rows.append(row)
-            print(f"{k}x{n} M={m:<4d} {str(tuple(cfg)):32s} fast={int(row['fast_launch'])} "
+            print(f"{k}x{n} M={m:<4d} {str(tuple(cfg)):32s} {row['launch']:5s} bound={int(row['plan_bound'])} "
                   f"host {row['host_us']:7.1f} us  eager {row['eager_us']:7.1f}  tuner do_bench "
                   f"{row['tune_do_bench_us']:7.1f} read {row['tune_read_us']:7.1f} graph {row['tune_graph_us']:7.1f}"
                   f"  same output {row['outputs_equal']}  syncs {row['syncs_per_call']} {row['sync_messages'][:1]}",
                   flush=True)
-            for line in row["host_profile_top"] if row["fast_launch"] else ():
+            for line in row["host_profile_top"] if row["launch"] != "gluon" else ():
                 print("      " + line)
     text = json.dumps({"device": device_info(torch.device("cuda")), "calls": CALLS, "rows": rows}, indent=1)
     tmp = a.out + ".tmp"

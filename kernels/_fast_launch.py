@@ -11,6 +11,9 @@ calls with the same specialization call its launcher directly.
 stream and every pointer as a plain integer. Triton's launcher then skips its Python
 wrapper, the launch-metadata dictionary, the (empty) hook chains and, for each pointer
 given as an integer, the `data_ptr()` call and the driver's pointer-attribute query.
+`tma_launcher(kernel)` does the same for a kernel that takes host-side TMA descriptors
+(the Gluon tile): Triton wraps its C entry in Python that encodes every descriptor on
+every call; a caller that binds one encodes the fixed ones once (TmaLauncher.fill).
 """
 
 from __future__ import annotations
@@ -86,6 +89,48 @@ def raw_launcher(kernel) -> RawLauncher | None:
         return RawLauncher(launch, kernel.function, run.launch_cooperative_grid, run.launch_pdl,
                            kernel.packed_metadata)
     except AttributeError:
+        return None
+
+
+class TmaLauncher:
+    """A compiled kernel's C launcher under Triton's descriptor wrapper. `fn` takes what
+    RawLauncher's does, each TMA descriptor as (encoded map, *shape, *strides) in its place;
+    `fill(address, *encodings[i], shape, strides, 0)` encodes descriptor i's map (one driver
+    call): its swizzle, element size, element type and box as the kernel was compiled for."""
+
+    __slots__ = ("fn", "function", "coop", "pdl", "metadata", "encodings", "fill")
+
+    def __init__(self, fn, function, coop, pdl, metadata, encodings, fill) -> None:
+        self.fn, self.function, self.coop, self.pdl, self.metadata = fn, function, coop, pdl, metadata
+        self.encodings, self.fill = encodings, fill
+
+
+def tma_launcher(kernel) -> TmaLauncher | None:
+    """The C entry point under the host-side-descriptor wrapper of a compiled kernel's launcher, or
+    None where it cannot be called directly (as raw_launcher; or descriptors not lowered to TMA)."""
+    if kernel is None or _INTERPRET or not triton.__version__.startswith("3.6."):
+        return None
+    run = kernel.run
+    wrapper = getattr(run, "launch", None)
+    cells = getattr(wrapper, "__closure__", None)
+    if not cells or getattr(run, "num_ctas", 1) != 1:
+        return None
+    if getattr(run, "global_scratch_size", 0) or getattr(run, "profile_scratch_size", 0):
+        return None
+    # Triton 3.6's wrap_handle_tensordesc closes over the C launcher and each descriptor's metadata,
+    # and encodes each descriptor as its make_tensordesc_arg does (zero padding, no fp4 padding here)
+    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+
+    free = dict(zip(wrapper.__code__.co_freevars, (c.cell_contents for c in cells)))
+    metas = free.get("tensordesc_meta")
+    if "launcher" not in free or not metas or any(m is None or m.get("fp4_padded") for m in metas):
+        return None
+    try:
+        encodings = tuple((m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"])
+                          for m in metas)
+        return TmaLauncher(free["launcher"], kernel.function, run.launch_cooperative_grid, run.launch_pdl,
+                           kernel.packed_metadata, encodings, driver.active.utils.fill_tma_descriptor)
+    except (AttributeError, KeyError):
         return None
 
 

@@ -1177,14 +1177,16 @@ def bound_layout(w: Int4Weight, config: Config | None = None) -> str:
 
 
 class _Plan:
-    """One layer's launch for one M: everything but x, out and the workspace address."""
+    """One layer's launch for one M: everything but x, out and the workspace address. raw: a
+    Triton tile's C launcher; bound: a ws tile's (int4_wgmma.BoundLaunch); neither: through _run."""
 
-    __slots__ = ("cfg", "grid", "tail", "ws_numel", "counters", "cnt_ptr", "raw", "s_ptr")
+    __slots__ = ("cfg", "grid", "tail", "ws_numel", "counters", "cnt_ptr", "raw", "s_ptr", "bound")
 
-    def __init__(self, cfg: Config, grid, tail, ws_numel, counters, raw, s_ptr: int) -> None:
+    def __init__(self, cfg: Config, grid, tail, ws_numel, counters, raw, s_ptr: int, bound=None) -> None:
         self.cfg, self.grid, self.tail, self.ws_numel, self.counters, self.raw = cfg, grid, tail, ws_numel, counters, raw
         self.cnt_ptr = counters.data_ptr() if counters is not None else 0
         self.s_ptr = s_ptr  # the scales this launch reads: the layer's own, or their packed words
+        self.bound = bound
 
 
 class BoundLinear:
@@ -1273,8 +1275,7 @@ class BoundLinear:
         m = x2.shape[0]
         out = torch.empty((m, self.n), device=self.device, dtype=self.dtype)
         plan = self.plans.get(m)
-        if plan is not None and plan.raw is not None and not hooks_active():
-            raw = plan.raw
+        if plan is not None and (plan.raw is not None or plan.bound is not None) and not hooks_active():
             stream = _current_raw_stream(self.device_index)
             if plan.ws_numel:
                 ws = self._ws.get(stream)
@@ -1284,10 +1285,14 @@ class BoundLinear:
             else:
                 wsp = 0
             op = out.data_ptr()
-            g = plan.grid
-            raw.fn(g[0], g[1], g[2], stream, raw.function, raw.coop, raw.pdl, None, None, raw.metadata,
-                   None, None, None, xp, self.qw_ptr, plan.s_ptr, self.z_ptr, self.m_ptr, op, wsp, plan.cnt_ptr,
-                   self.b_ptr or op, *plan.tail)
+            raw = plan.raw
+            if raw is None:
+                plan.bound(xp, op, wsp, stream)
+            else:
+                g = plan.grid
+                raw.fn(g[0], g[1], g[2], stream, raw.function, raw.coop, raw.pdl, None, None, raw.metadata,
+                       None, None, None, xp, self.qw_ptr, plan.s_ptr, self.z_ptr, self.m_ptr, op, wsp, plan.cnt_ptr,
+                       self.b_ptr or op, *plan.tail)
         elif m:
             self._slow(x2, out, plan)
         elif self.bias is not None:
@@ -1318,9 +1323,17 @@ class BoundLinear:
             s_ptr = self.s_ptr if sz is None else sz.data_ptr()
             # stride_xm is K: x2 is contiguous (for M = 1 its stride never multiplies a nonzero row)
             kernel = _run(cfg, x2, self.weight, out, self.bias, counters, stream, self.k, self.layout, sz)
-            if is_ws(cfg) or _prepares_x(cfg):
-                # Gluon's own launcher (TMA descriptors per call), or two launches ("xprep"): the plan
-                # keeps the configuration, and each call goes through _run.
+            if is_ws(cfg):
+                # bound where the fast launch is on (x's TMA descriptor encoded per call, the rest once);
+                # otherwise each call goes through _run and Gluon's own launch path
+                streamk = cfg[3] < 0
+                ws = _workspace(x2.device, stream, ws_numel)[2] if streamk else None
+                bound = _ws_module().bind(kernel, x2, self.weight.qweight, sz, out, (cfg[0], cfg[1], cfg[5]),
+                                          self.weight.group_size, self.bias, -cfg[3] if streamk else None, ws,
+                                          counters if streamk else None)
+                plan = _Plan(cfg, None, None, ws_numel, counters, None, s_ptr, bound)
+            elif _prepares_x(cfg):
+                # two launches ("xprep"): the plan keeps the configuration, and each call goes through _run
                 plan = _Plan(cfg, None, None, ws_numel, counters, None, s_ptr)
             else:
                 groups = self.k // self.weight.group_size

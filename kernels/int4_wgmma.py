@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from quantbridge.kernels._fast_launch import run_compiled, sm_count
+from quantbridge.kernels._fast_launch import run_compiled, sm_count, tma_launcher
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
 from quantbridge.kernels.int4_layouts import sz_format
 
@@ -518,14 +518,10 @@ def launch_key(device_index: int, dtype: torch.dtype, block_m: int, consts: tupl
             tuple((i == 1, i & 15 == 0, i >= 2**31) for i in ints))
 
 
-def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
-           group: int, bias: torch.Tensor | None = None, programs: int | None = None,
-           ws: torch.Tensor | None = None, counters: torch.Tensor | None = None):
-    """out = x2 @ W^T (+ bias). codes: uint8 [N, K/2] in the "operand-tiled" layout; sz: int32
-    [N, K/group] or split (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. programs: stream-K over that
-    many programs (None: one whole tile each), with ws (fp32, 2 x programs x BLOCK_M x BLOCK_N) and
-    counters (int32, zeroed, left zeroed: counter_count, one per tile and consumer partition). Returns the
-    compiled kernel."""
+def _arguments(x2: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig, group: int,
+               bias: torch.Tensor | None, programs: int | None, ws: torch.Tensor | None,
+               counters: torch.Tensor | None) -> tuple[int, tuple, tuple, bool]:
+    """(programs, integer arguments, constexprs, sliced) of one launch, its inputs checked."""
     m, k = x2.shape
     n = out.shape[1]
     bm, bn, stages = cfg
@@ -544,13 +540,25 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
     split = sz_format(sz, n, k // group) == 2
     sliced = sums_sliced(m, n, k, cfg, programs, sm_count(x2.device.index))
     fp16 = x2.dtype == torch.float16
-    descs = descriptors(x2, codes, cfg)
-    ptrs = (sz, out, out if bias is None else bias, out if ws is None else ws, sz if counters is None else counters)
     ints = (m, n, k // group, group // TILE_K, out.stride(0), p)
     consts = (bias is not None, (ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value, 1024.0 if fp16 else 128.0, bn,
               stages, IN_FLIGHT, RELEASE_LAG, FIXUP_ROWS, FIXUP_LOADS, split, sliced, CONSUMER_PARTS,
               8 // CONSUMER_PARTS)
-    key = launch_key(x2.device.index, x2.dtype, bm, consts, ptrs, ints) if FAST_LAUNCH else None
+    return p, ints, consts, sliced
+
+
+def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
+           group: int, bias: torch.Tensor | None = None, programs: int | None = None,
+           ws: torch.Tensor | None = None, counters: torch.Tensor | None = None):
+    """out = x2 @ W^T (+ bias). codes: uint8 [N, K/2] in the "operand-tiled" layout; sz: int32
+    [N, K/group] or split (pack_scales_zeros); x2 [M, K] contiguous, fp16 or bf16. programs: stream-K over that
+    many programs (None: one whole tile each), with ws (fp32, 2 x programs x BLOCK_M x BLOCK_N) and
+    counters (int32, zeroed, left zeroed: counter_count, one per tile and consumer partition). Returns the
+    compiled kernel."""
+    p, ints, consts, sliced = _arguments(x2, sz, out, cfg, group, bias, programs, ws, counters)
+    descs = descriptors(x2, codes, cfg)
+    ptrs = (sz, out, out if bias is None else bias, out if ws is None else ws, sz if counters is None else counters)
+    key = launch_key(x2.device.index, x2.dtype, cfg[0], consts, ptrs, ints) if FAST_LAUNCH else None
     kernel = _COMPILED.get(key) if FAST_LAUNCH else None
     if kernel is None:
         kernel = _int4_ws_kernel[(p,)](
@@ -563,3 +571,42 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
     # launches; Gluon's binder and cache lookup are what is skipped.
     run_compiled(kernel, (p, 1, 1), x2.device.index, (*descs, *ptrs, *ints, *consts))
     return kernel
+
+
+class BoundLaunch:
+    """A compiled ws kernel bound to one layer, M and configuration (a BoundLinear plan). A call
+    encodes x's TMA descriptor (one driver call) and calls the compiled launcher's C entry with
+    every other argument fixed when bound: the codes' descriptor encoded once, the scales, bias
+    and counters as addresses, the integers and constexprs. What `launch` passes, in its order."""
+
+    __slots__ = ("tma", "programs", "x_enc", "x_shape", "x_strides", "q_args", "s_ptr", "b_ptr", "cnt_ptr",
+                 "stream_k", "tail")
+
+    def __call__(self, x_ptr: int, out_ptr: int, ws_ptr: int, stream: int) -> None:
+        t = self.tma
+        x_map = t.fill(x_ptr, *self.x_enc, self.x_shape, self.x_strides, 0)
+        t.fn(self.programs, 1, 1, stream, t.function, t.coop, t.pdl, None, None, t.metadata, None, None, None,
+             x_map, *self.x_shape, *self.x_strides, *self.q_args, self.s_ptr, out_ptr, self.b_ptr or out_ptr,
+             ws_ptr if self.stream_k else out_ptr, self.cnt_ptr, *self.tail)
+
+
+def bind(kernel, x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsConfig,
+         group: int, bias: torch.Tensor | None = None, programs: int | None = None,
+         ws: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> BoundLaunch | None:
+    """The launch `launch` just made with these arguments (`kernel`, what it returned), bound for
+    later calls that differ only in x's, out's and the workspace's addresses: x contiguous and
+    16-byte aligned, out fresh from torch.empty, ws of the same size. None with FAST_LAUNCH off
+    or where the compiled launcher's C entry cannot be called directly (tma_launcher)."""
+    tma = tma_launcher(kernel) if FAST_LAUNCH else None
+    if tma is None or len(tma.encodings) != 2 or not x2.is_contiguous():
+        return None
+    p, ints, consts, _ = _arguments(x2, sz, out, cfg, group, bias, programs, ws, counters)
+    q = codes.view(torch.int32).view(-1, 16)
+    b = BoundLaunch()
+    b.tma, b.programs, b.stream_k, b.tail = tma, p, programs is not None, (*ints, *consts)
+    b.x_enc, b.x_shape, b.x_strides = tma.encodings[0], list(x2.shape), [x2.shape[1], 1]
+    q_shape, q_strides = list(q.shape), [16, 1]
+    b.q_args = (tma.fill(q.data_ptr(), *tma.encodings[1], q_shape, q_strides, 0), *q_shape, *q_strides)
+    b.s_ptr, b.b_ptr = sz.data_ptr(), 0 if bias is None else bias.data_ptr()
+    b.cnt_ptr = (sz if counters is None else counters).data_ptr()
+    return b

@@ -429,8 +429,9 @@ class _CountingKernel:
 def test_gpu_fast_launch_is_gluons_launch_bit_for_bit(dtype, monkeypatch):
     """FAST_LAUNCH: after the first launch of a specialization, launches skip Gluon's binder (none
     reaches it) and give the output of launches through it bit for bit, whole tiles and stream-K, M of
-    every specialization class, on fresh inputs; inside a CUDA graph too. FAST_LAUNCH False: every
-    launch goes through Gluon."""
+    every specialization class, on fresh inputs; inside a CUDA graph too. A layer's later calls at an
+    M go through its bound plan (int4_wgmma.BoundLaunch). FAST_LAUNCH False: every launch goes
+    through Gluon."""
     counting = _CountingKernel(ws._int4_ws_kernel)
     monkeypatch.setattr(ws, "_int4_ws_kernel", counting)
     monkeypatch.setattr(ws, "_COMPILED", {})
@@ -455,7 +456,9 @@ def test_gpu_fast_launch_is_gluons_launch_bit_for_bit(dtype, monkeypatch):
                     went = counting.calls - before
                     assert went == (len(ws._COMPILED) - known if fast else 1), (cfg, m, step, fast)
                     assert not (fast and step and went), (cfg, m, step)
-                assert torch.equal(outs[True], outs[False]), (cfg, m)
+                assert torch.equal(outs[True], outs[False]), (cfg, m, step)  # step >= 1: the bound plan's
+                # the fast side's later calls went through its bound plan (int4_wgmma.BoundLaunch)
+                assert bound[True].plans[m].bound is not None and bound[False].plans[m].bound is None, (cfg, m)
     monkeypatch.setattr(ws, "FAST_LAUNCH", True)
     layer = kt.BoundLinear(qw, b, config=(128, 128, 128, -5, kt.WS_WARPS, 4))
     static = torch.randn(96, 2048, generator=gen).to("cuda", dtype)
@@ -469,6 +472,70 @@ def test_gpu_fast_launch_is_gluons_launch_bit_for_bit(dtype, monkeypatch):
         static.copy_(torch.randn(96, 2048, generator=gen).to("cuda", dtype))
         g.replay()
         assert torch.equal(y, layer(static))
+
+
+class _FakeRun:
+    """Stands in for Triton 3.6's CudaLauncher around Triton's own descriptor wrapper, whose C entry
+    point records what it is given."""
+
+    num_ctas, global_scratch_size, profile_scratch_size = 1, 0, 0
+    launch_cooperative_grid, launch_pdl = False, False
+
+    def __init__(self, signature, metas, calls):
+        from triton.backends.nvidia.driver import wrap_handle_tensordesc
+
+        self.launch = wrap_handle_tensordesc(lambda *args: calls.append(args), signature, metas)
+
+    def __call__(self, gx, gy, gz, stream, function, *args):  # CudaLauncher.__call__, no scratch
+        self.launch(gx, gy, gz, stream, function, self.launch_cooperative_grid, self.launch_pdl, None, None, *args)
+
+
+@needs_gluon
+@pytest.mark.parametrize("bias,programs", [(True, None), (False, 12)])
+def test_bound_launch_hands_the_c_launcher_what_tritons_wrapper_does(bias, programs, monkeypatch):
+    """int4_wgmma.BoundLaunch calls the compiled launcher's C entry itself, the codes' TMA descriptor
+    encoded once and x's per call: every argument must be what Triton's own descriptor wrapper (its
+    make_tensordesc_arg) hands it for the same launch through run_compiled, in order, for a later x
+    and out at other addresses too (tensors compared by address; the driver's encode recorded)."""
+    from types import SimpleNamespace
+
+    from quantbridge.kernels import _fast_launch
+
+    if not triton.__version__.startswith("3.6."):
+        pytest.skip("the bound launch is written against Triton 3.6's launcher")
+    fills = lambda *a: ("map", a[0], a[1], a[2], a[3], tuple(a[4]), tuple(a[5]), tuple(a[6]), a[7])  # noqa: E731
+    fake = SimpleNamespace(utils=SimpleNamespace(fill_tma_descriptor=fills), get_current_stream=lambda i: 77)
+    monkeypatch.setattr(_fast_launch.driver, "_active", fake)
+    monkeypatch.setattr(_fast_launch, "_INTERPRET", False)  # CPU test runs set TRITON_INTERPRET
+    monkeypatch.setattr(ws, "sm_count", lambda i: 132)
+    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    m, n, k, group, cfg = 96, 256, 512, 128, (64, 128, 4)
+    metas = [{"swizzle": 3, "elem_size": 2, "elem_type": 10, "block_size": [64, 128], "fp4_padded": False},
+             {"swizzle": 1, "elem_size": 4, "elem_type": 3, "block_size": [64, 16], "fp4_padded": False}]
+    names = ws._int4_ws_kernel.arg_names
+    signature = {name: ("tensordesc<bf16[64, 128]>" if i == 0 else "tensordesc<i32[64, 16]>" if i == 1
+                        else "constexpr" if name in ws._CONSTEXPRS else "*i32" if i < 7 else "i32")
+                 for i, name in enumerate(names)}
+    calls = []
+    kernel = SimpleNamespace(run=_FakeRun(signature, metas, calls), function=4321, packed_metadata=("meta",))
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    sz = torch.randint(0, 2**31 - 1, (n, k // group), generator=gen, dtype=torch.int32)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    wsp = torch.empty(2 * 12 * 64 * 128) if programs else None
+    cnt = torch.zeros(ws.counter_count(m, n, cfg), dtype=torch.int32) if programs else None
+    x, out = torch.randn(m, k, generator=gen).to(torch.bfloat16), torch.empty(m, n, dtype=torch.bfloat16)
+    bound = ws.bind(kernel, x, codes, sz, out, cfg, group, b, programs, wsp, cnt)
+    assert bound is not None
+    by_address = lambda args: tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)  # noqa: E731
+    for x_, out_ in ((x, out), (torch.randn(m, k, generator=gen).to(torch.bfloat16), torch.empty_like(out))):
+        p, ints, consts, _ = ws._arguments(x_, sz, out_, cfg, group, b, programs, wsp, cnt)
+        ptrs = (sz, out_, out_ if b is None else b, out_ if wsp is None else wsp, sz if cnt is None else cnt)
+        ws.run_compiled(kernel, (p, 1, 1), 0, (*ws.descriptors(x_, codes, cfg), *ptrs, *ints, *consts))
+        bound(x_.data_ptr(), out_.data_ptr(), 0 if wsp is None else wsp.data_ptr(), 77)
+        want, got = calls[-2:]
+        assert by_address(got) == by_address(want)
+        assert got[13][0] == "map" and got[13][1] == x_.data_ptr() and got[18][1] == codes.data_ptr()
 
 
 def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key(monkeypatch):

@@ -1106,7 +1106,9 @@ class _Tuner:
             cnt = None if cfg == DEQUANT_CUBLAS else torch.zeros(
                 counter_slots(cfg, mb, w.out_features), device=x2.device, dtype=torch.int32)
             try:
-                if laid is not None and cfg != DEQUANT_CUBLAS:
+                if laid is not None and is_ws(cfg):
+                    run = _ws_candidate(cfg, xb, laid, out, cnt, sz)
+                elif laid is not None and cfg != DEQUANT_CUBLAS:
                     def run(cfg=cfg, cnt=cnt):
                         return launch(xb, laid, out, cfg, counters=cnt, layout=layout, sz=sz)
                 else:  # w: canonical codes, or for the operand layout the same operand codes
@@ -1127,6 +1129,33 @@ class _Tuner:
 
 
 TUNER = _Tuner()
+
+
+def _ws_candidate(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, counters: torch.Tensor,
+                  sz: torch.Tensor):
+    """A warp-specialized candidate's launch as the tuner times it: the first through _run (compiling
+    it; an error there is the candidate's), then, where the fast launch binds it (FAST_LAUNCH), as a
+    bound layer launches it (int4_wgmma.BoundLaunch). Through _run each call pays 70-125 us of host
+    on an H100 whatever the kernel, which eager timings then report in its place (benchmarks/NOTES.md,
+    seventh session); a bound launch pays 12-19."""
+    m, k = x2.shape
+    streamk = cfg[3] < 0
+    numel = partials_numel(cfg, m, w.out_features)
+    stream = _raw_stream(x2.get_device())
+    kernel = _run(cfg, x2, w, out, None, counters, stream, k, "operand-tiled", sz)
+    bound = _ws_module().bind(kernel, x2, w.qweight, sz, out, (cfg[0], cfg[1], cfg[5]), w.group_size, None,
+                              -cfg[3] if streamk else None, _workspace(x2.device, stream, numel)[2] if streamk else None,
+                              counters if streamk else None)
+    if bound is None:
+        def run():
+            return _run(cfg, x2, w, out, None, counters, _raw_stream(x2.get_device()), k, "operand-tiled", sz)
+        return run
+    index, xp, op = x2.get_device(), x2.data_ptr(), out.data_ptr()
+
+    def run_bound():
+        s = _current_raw_stream(index)  # the tuner's graph timing captures on a stream of its own
+        bound(xp, op, _workspace(x2.device, s, numel)[1] if streamk else 0, s)
+    return run_bound
 
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:

@@ -538,6 +538,41 @@ def test_bound_launch_hands_the_c_launcher_what_tritons_wrapper_does(bias, progr
         assert got[13][0] == "map" and got[13][1] == x_.data_ptr() and got[18][1] == codes.data_ptr()
 
 
+@pytest.mark.parametrize("binds", [True, False])
+def test_the_tuner_times_a_ws_candidate_as_a_bound_layer_launches_it(binds, monkeypatch):
+    """A ws candidate's first launch goes through _run (compiling it), and its timed launches through
+    the bound launch where the fast launch binds one: the tuner's x and out, the workspace of the
+    stream it is called on (the graph timing captures on its own), stream-K's counters. Where nothing
+    binds, every timed launch goes through _run."""
+    launched, bound_calls, binds_with = [], [], []
+    monkeypatch.setattr(kt, "_run", lambda *a, **k: launched.append(a) or "kernel")
+    fake = type("Ws", (), {"bind": staticmethod(lambda *a: binds_with.append(a) or (
+        (lambda *c: bound_calls.append(c)) if binds else None))})
+    monkeypatch.setattr(kt, "_ws_module", lambda: fake)
+    streams = iter([11, 22])
+    monkeypatch.setattr(kt, "_current_raw_stream", lambda i: next(streams))
+    monkeypatch.setattr(kt, "_raw_stream", lambda i: 5)
+    monkeypatch.setattr(kt, "_WORKSPACES", {})  # the fake streams' workspaces go with the test
+    qw, _, gen = _case(256, 512, 128, torch.bfloat16, False, seed=31)
+    x, out = torch.randn(64, 512, generator=gen).to(torch.bfloat16), torch.empty(64, 256, dtype=torch.bfloat16)
+    cfg = (64, 128, 128, -8, kt.WS_WARPS, 4)
+    cnt = torch.zeros(ws.counter_count(64, 256, (64, 128, 4)), dtype=torch.int32)
+    sz = kt.pack_scales_zeros(qw)
+    run = kt._ws_candidate(cfg, x, qw, out, cnt, sz)
+    assert len(launched) == 1 and launched[0][0] == cfg and launched[0][6] == 5
+    (args,) = binds_with
+    assert args[0] == "kernel" and args[1] is x and args[4] is out and args[5] == (64, 128, 4) and args[8] == 8
+    assert args[10] is cnt and args[9].numel() >= kt.partials_numel(cfg, 64, 256)
+    run()
+    run()
+    if binds:
+        assert len(launched) == 1 and [c[3] for c in bound_calls] == [11, 22]
+        assert all(c[:2] == (x.data_ptr(), out.data_ptr()) for c in bound_calls)
+        assert bound_calls[0][2] == kt._workspace(x.device, 11, 1)[1] != kt._workspace(x.device, 22, 1)[1]
+    else:
+        assert len(launched) == 3 and not bound_calls
+
+
 def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key(monkeypatch):
     """CONSUMER_PARTS 2: a stream-K launch's counters are one per (tile, half), wherever the host sizes
     them (counter_slots: the tuner's search and the bound layers' plans), and a launch handed one per

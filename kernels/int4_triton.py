@@ -1135,7 +1135,7 @@ def _ws_candidate(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tenso
                   sz: torch.Tensor):
     """A warp-specialized candidate's launch as the tuner times it: the first through _run (compiling
     it; an error there is the candidate's), then, where the fast launch binds it (FAST_LAUNCH), as a
-    bound layer launches it (int4_wgmma.BoundLaunch). Through _run each call pays 70-125 us of host
+    bound layer launches it (int4_wgmma.BoundLaunch). Through _run each call pays 73-126 us of host
     on an H100 whatever the kernel, which eager timings then report in its place (benchmarks/NOTES.md,
     seventh session); a bound launch pays 12-19."""
     m, k = x2.shape

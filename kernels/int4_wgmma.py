@@ -499,7 +499,7 @@ def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms
 # looks the kernel up on each call. Eager timing on an H100 found no ws tile below ~50-110 us, kernels
 # of 15-80 us under graph replay: that host cost, paid by the tuner's eager timings and by any eager
 # caller. A BoundLinear plan is bound (BoundLaunch) and the tuner times candidates so (int4_triton):
-# on an H100 a ws call then cost the host 12-19 us against 112-126 through Gluon, and eager time was
+# on an H100 a ws call then cost the host 12-19 us against 111-126 through Gluon, and eager time was
 # the kernel's (benchmarks/NOTES.md, seventh session). Its GPU test passed there, bit for bit against
 # Gluon's launch; it turns on with r11, benched with FIXUP_SLICED. False: every launch through Gluon.
 FAST_LAUNCH = False

@@ -8,7 +8,7 @@
 #   TESTS=0 BENCH=0 GRAPH=1 bash benchmarks/gpu_run.sh      # graph vs eager timing, its fidelity, host cost
 #   TESTS=0 BENCH=0 PROBES=1 bash benchmarks/gpu_run.sh     # the probes' cost per M and the machine check, graph mode
 #   TESTS=0 BENCH=0 EVENTS=1 bash benchmarks/gpu_run.sh     # bench's events outside the replay vs inside the graph
-#   TESTS=0 BENCH=0 WS_LAUNCH=1 bash benchmarks/gpu_run.sh  # host cost of a ws layer call, fast launch off and on
+#   TESTS=0 BENCH=0 WS_LAUNCH=1 bash benchmarks/gpu_run.sh  # host cost of a ws layer call: Gluon's launch, fast, bound
 #   EXL_BUILD=1 TEST_FILES=tests/test_engine_kernels.py BENCH=0 bash benchmarks/gpu_run.sh   # build exllamav2, test engines
 #   TESTS=0 BENCH=0 ENGINES=1 bash benchmarks/gpu_run.sh    # GPTQ/AWQ weights x engine kernels: compare, then bench
 #   PRECOMPILE=1 PRE_MODES=i2f,magic,inplace VARIANTS=1 TESTS=0 BENCH=0 bash benchmarks/gpu_run.sh   # kernel A/B
@@ -243,8 +243,8 @@ if [ "${HOST:-0}" = 1 ]; then
     > "$OUT/host-cost.log" 2>&1; echo "== host cost rc=$?"; tail -n 25 "$OUT/host-cost.log"
 fi
 if [ "${WS_LAUNCH:-0}" = 1 ]; then
-  # Host cost of a held ws (and Triton) layer call with int4_wgmma.FAST_LAUNCH off and on, and the
-  # tuner's figure for it under each timing (benchmarks/ws_launch_cost.py; WSL_ARGS: its --case list).
+  # Host cost of a held ws (and Triton) layer call through Gluon's launch, the fast launch and the bound
+  # plan, and the tuner's figure for it under each timing (benchmarks/ws_launch_cost.py; WSL_ARGS: --case list).
   timeout "${WSL_TIMEOUT:-300}" python3 benchmarks/ws_launch_cost.py "$OUT/ws-launch-cost.json" ${WSL_ARGS:-} \
     > "$OUT/ws-launch-cost.log" 2>&1; echo "== ws launch cost rc=$?"; tail -n 20 "$OUT/ws-launch-cost.log"
 fi

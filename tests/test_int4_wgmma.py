@@ -573,6 +573,35 @@ def test_the_tuner_times_a_ws_candidate_as_a_bound_layer_launches_it(binds, monk
         assert len(launched) == 3 and not bound_calls
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
+def test_gpu_tuner_candidate_under_fast_launch_is_the_launch_bit_for_bit(monkeypatch):
+    """What the tuner times of a ws candidate (int4_triton._ws_candidate: the bound launch, with
+    FAST_LAUNCH) computes what `launch` does, bit for bit, whole tiles and stream-K, on the current
+    stream and on another one (the graph timing's), the input rewritten between calls."""
+    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    qw, _, gen = _case(768, 2048, 128, torch.bfloat16, False, seed=29)
+    qw = qw.to("cuda")
+    for cfg in ((128, 128, 128, 1, kt.WS_WARPS, 4), (64, 256, 128, -12, kt.WS_WARPS, 3)):
+        layer = kt.BoundLinear(qw, None, config=cfg)  # the operand-tiled codes and packed scales
+        x = torch.randn(96, 2048, generator=gen).to("cuda", torch.bfloat16)
+        out, want = torch.empty(96, 768, device="cuda", dtype=torch.bfloat16), torch.empty_like(out)
+        cnt = torch.zeros(kt.counter_slots(cfg, 96, 768), device="cuda", dtype=torch.int32)
+        run = kt._ws_candidate(cfg, x, layer.weight, out, cnt, layer._sz)
+        side = torch.cuda.Stream()
+        for step in range(3):
+            x.copy_(torch.randn(96, 2048, generator=gen).to("cuda", torch.bfloat16))
+            if step == 2:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                run()
+            kt.launch(x, layer.weight, want, cfg, counters=cnt, layout="operand-tiled", sz=layer._sz)
+            assert torch.equal(out, want), (cfg, step)
+
+
 def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key(monkeypatch):
     """CONSUMER_PARTS 2: a stream-K launch's counters are one per (tile, half), wherever the host sizes
     them (counter_slots: the tuner's search and the bound layers' plans), and a launch handed one per

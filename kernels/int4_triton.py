@@ -1131,6 +1131,16 @@ class _Tuner:
 TUNER = _Tuner()
 
 
+def _bind_ws(kernel, cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, bias: torch.Tensor | None,
+             counters: torch.Tensor | None, stream: int, sz: torch.Tensor):
+    """int4_wgmma.bind for the launch of a ws configuration that _run just made with these arguments
+    (`kernel`, what it returned): an int4_wgmma.BoundLaunch, or None where the launch does not bind."""
+    streamk = cfg[3] < 0
+    ws = _workspace(x2.device, stream, partials_numel(cfg, x2.shape[0], w.out_features))[2] if streamk else None
+    return _ws_module().bind(kernel, x2, w.qweight, sz, out, (cfg[0], cfg[1], cfg[5]), w.group_size, bias,
+                             -cfg[3] if streamk else None, ws, counters if streamk else None)
+
+
 def _ws_candidate(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tensor, counters: torch.Tensor,
                   sz: torch.Tensor):
     """A warp-specialized candidate's launch as the tuner times it: the first through _run (compiling
@@ -1143,9 +1153,7 @@ def _ws_candidate(cfg: Config, x2: torch.Tensor, w: Int4Weight, out: torch.Tenso
     numel = partials_numel(cfg, m, w.out_features)
     stream = _raw_stream(x2.get_device())
     kernel = _run(cfg, x2, w, out, None, counters, stream, k, "operand-tiled", sz)
-    bound = _ws_module().bind(kernel, x2, w.qweight, sz, out, (cfg[0], cfg[1], cfg[5]), w.group_size, None,
-                              -cfg[3] if streamk else None, _workspace(x2.device, stream, numel)[2] if streamk else None,
-                              counters if streamk else None)
+    bound = _bind_ws(kernel, cfg, x2, w, out, None, counters, stream, sz)
     if bound is None:
         def run():
             return _run(cfg, x2, w, out, None, counters, _raw_stream(x2.get_device()), k, "operand-tiled", sz)
@@ -1355,11 +1363,7 @@ class BoundLinear:
             if is_ws(cfg):
                 # bound where the fast launch is on (x's TMA descriptor encoded per call, the rest once);
                 # otherwise each call goes through _run and Gluon's own launch path
-                streamk = cfg[3] < 0
-                ws = _workspace(x2.device, stream, ws_numel)[2] if streamk else None
-                bound = _ws_module().bind(kernel, x2, self.weight.qweight, sz, out, (cfg[0], cfg[1], cfg[5]),
-                                          self.weight.group_size, self.bias, -cfg[3] if streamk else None, ws,
-                                          counters if streamk else None)
+                bound = _bind_ws(kernel, cfg, x2, self.weight, out, self.bias, counters, stream, sz)
                 plan = _Plan(cfg, None, None, ws_numel, counters, None, s_ptr, bound)
             elif _prepares_x(cfg):
                 # two launches ("xprep"): the plan keeps the configuration, and each call goes through _run

@@ -314,7 +314,8 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # PROFILE_FIXUP=R: int4_wgmma.FIXUP_ROWS (how the ws tiles' stream-K parts are summed).
   # PROFILE_SZ_SPLIT=1: int4_triton.SZ_SPLIT (the tiles read the split scale and zero-point words).
   # PROFILE_FIXUP_LOADS=L: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
-  # PROFILE_FIXUP_SLICED=1: int4_wgmma.FIXUP_SLICED (a split run's parts summed by all its programs).
+  # PROFILE_FIXUP_SLICED=1 or 0: int4_wgmma.FIXUP_SLICED on or off (a split run's parts summed by all its
+  # programs, the default since r11, or by the last to arrive); unset: the module's.
   # PROFILE_KERNEL_BASE=demangled: the regex sees the whole demangled name (Machete's kernel is a CUTLASS
   # device_kernel whose template argument names it).
   # PROFILE_CLOCKS=none: the GPU's own clocks, as the bench runs (ncu locks them to base by default, which
@@ -328,7 +329,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
         --clock-control "${PROFILE_CLOCKS:-base}" --launch-skip 5 --launch-count 1)
     pd=(python3 benchmarks/profile_decode.py $pk $pn $pm $pkern ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"}
         ${PROFILE_FIXUP:+--fixup-rows "$PROFILE_FIXUP"} ${PROFILE_FIXUP_LOADS:+--fixup-loads "$PROFILE_FIXUP_LOADS"}
-        $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) $([ "${PROFILE_FIXUP_SLICED:-0}" = 1 ] && echo --fixup-sliced))
+        $([ "${PROFILE_SZ_SPLIT:-0}" = 1 ] && echo --sz-split) $([ "${PROFILE_FIXUP_SLICED:-}" = 1 ] && echo --fixup-sliced) $([ "${PROFILE_FIXUP_SLICED:-}" = 0 ] && echo --no-fixup-sliced))
     timeout 120 "$ncu" "${nf[@]}" --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats "${pd[@]}" > "$OUT/ncu-$shape.txt" 2>&1
     # The stall reasons themselves (WarpStateStats above prints only their total): warps stalled on each

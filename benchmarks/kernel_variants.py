@@ -50,7 +50,7 @@ VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_R
 # + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
 VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}
 # + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS 4): the kernel's default since
-# r10 (the variant precompile_triton.py compiles without --modes)
+# r10; r10's own settings, the A/B variant of r11's "-sliced-fast"
 VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixup16"], "FIXUP_LOADS": 4}
 # + a split run's parts summed by all of the tile's programs, each a slice of its rows (int4_wgmma.FIXUP_SLICED)
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
@@ -65,7 +65,8 @@ VARIANTS["operand-tiled-ws-fixup16-loads4-readflush"] = {**VARIANTS["operand-til
 VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
                                                           "TUNE_TIMING": "graph"}
 # + the ws tile launched through its compiled kernel's launcher after the first call (int4_wgmma.FAST_LAUNCH):
-# no Gluon binder per call, so the tuner's eager timings see less host cost; with and without the sliced sum
+# no Gluon binder per call, so the tuner's eager timings see less host cost; with and without the sliced sum.
+# "-sliced-fast" is the kernel's default since r11 (the variant precompile_triton.py compiles without --modes)
 VARIANTS["operand-tiled-ws-fixup16-loads4-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "FAST_LAUNCH": True}
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"],
                                                            "FAST_LAUNCH": True}

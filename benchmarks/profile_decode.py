@@ -7,7 +7,7 @@ Only the launches after tuning and warm-up are inside the profiler range (cudaPr
 with --profile-from-start off ncu never profiles a tuning candidate.
 
 Usage: python3 benchmarks/profile_decode.py [K N M [KERNEL]] [--config BM,BN,BK,SPLIT_K,WARPS,STAGES]
-                                           [--fixup-rows R] [--fixup-loads L] [--fixup-sliced] [--sz-split]
+                                           [--fixup-rows R] [--fixup-loads L] [--[no-]fixup-sliced] [--sz-split]
 (default: 8192 28672 1, Llama-3-70B gate/up)
 KERNEL: a registered kernel (marlin, machete, ...) run on round-to-nearest codes, as bench's rtn+K
 rows are; without it, the native backend. ncu's --kernel-name must then match that kernel's name.
@@ -15,7 +15,8 @@ rows are; without it, the native backend. ncu's --kernel-name must then match th
 to profile a tile the tuner did not keep (its choice moves between tiles that time within 2 %).
 --fixup-rows: int4_wgmma.FIXUP_ROWS for the warp-specialized tiles (how stream-K parts are summed).
 --fixup-loads: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
---fixup-sliced: int4_wgmma.FIXUP_SLICED (a split run's parts summed by all its programs, a slice each).
+--[no-]fixup-sliced: int4_wgmma.FIXUP_SLICED on (a split run's parts summed by all its programs, a slice
+each; the default since r11) or off.
 --sz-split: int4_triton.SZ_SPLIT (the tiles read split scale and zero-point words, 2.5 bytes a row and group).
 """
 
@@ -47,7 +48,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--config", type=_six_ints, help="BM,BN,BK,SPLIT_K,WARPS,STAGES")
     ap.add_argument("--fixup-rows", type=int, help="int4_wgmma.FIXUP_ROWS")
     ap.add_argument("--fixup-loads", type=int, help="int4_wgmma.FIXUP_LOADS")
-    ap.add_argument("--fixup-sliced", action="store_true", help="int4_wgmma.FIXUP_SLICED")
+    ap.add_argument("--fixup-sliced", action=argparse.BooleanOptionalAction,
+                    help="int4_wgmma.FIXUP_SLICED on or off (default: the module's)")
     ap.add_argument("--sz-split", action="store_true", help="int4_triton.SZ_SPLIT")
     a = ap.parse_args(argv)
     if len(a.shape) not in (0, 3, 4) or not all(v.isdigit() for v in a.shape[:3]):
@@ -61,7 +63,7 @@ def main() -> None:
     a = _args(sys.argv[1:])
     # the kernel settings asked for, each set on the module that holds it (as the A/B variants are)
     _apply({key: value for key, value in (("FIXUP_ROWS", a.fixup_rows), ("FIXUP_LOADS", a.fixup_loads),
-                                          ("FIXUP_SLICED", a.fixup_sliced or None),
+                                          ("FIXUP_SLICED", a.fixup_sliced),
                                           ("SZ_SPLIT", a.sz_split or None)) if value is not None})
     k, n, m = (int(v) for v in a.shape[:3]) if a.shape else (8192, 28672, 1)
     kernel = a.shape[3] if len(a.shape) == 4 else None

@@ -119,9 +119,11 @@ def _sass(cubin: bytes) -> str:
 
 
 def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128, k: int = 8192,
-               n: int = 28672) -> tuple[str, str, int]:
+               n: int = 28672, sliced: bool = False) -> tuple[str, str, int]:
     """(SASS, PTX, shared memory bytes) of int4_wgmma's warp-specialized tile (BLOCK_M, BLOCK_N, STAGES)
-    for sm_90a, with the TMA descriptors a launch on an [M=BLOCK_M, K] x and [N, K] codes makes."""
+    for sm_90a, with the TMA descriptors a launch on an [M=BLOCK_M, K] x and [N, K] codes makes.
+    sliced: the specialization of a split run summed in slices (the kernel's SLICED, which a launch
+    takes from int4_wgmma.sums_sliced), else of every other launch."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -135,7 +137,7 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
               "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS,
-              "SPLIT": kt.SZ_SPLIT, "SLICED": ws.FIXUP_SLICED, "PARTS": ws.CONSUMER_PARTS,
+              "SPLIT": kt.SZ_SPLIT, "SLICED": sliced, "PARTS": ws.CONSUMER_PARTS,
               "num_warps": 8 // ws.CONSUMER_PARTS}  # a consumer partition's warps, as launch passes them
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
@@ -149,10 +151,10 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     return _sass(compiled.asm["cubin"]), compiled.asm["ptx"], compiled.metadata.shared
 
 
-def report_ws(cfg: tuple[int, int, int], dtype: str, count: tuple[str, ...], ptxas: bool) -> str:
+def report_ws(cfg: tuple[int, int, int], dtype: str, count: tuple[str, ...], ptxas: bool, sliced: bool = False) -> str:
     """The warp-specialized tile's lines: its consumers' K loop (one step of 128 columns; with two consumer
     partitions, the first one's: each has its own copy, of BLOCK_N / 2 rows) and counts."""
-    sass, ptx, smem = compile_ws(cfg, dtype)
+    sass, ptx, smem = compile_ws(cfg, dtype, sliced=sliced)
     loop = main_loop(sass, holding="HGMMA")
     ops = collections.Counter(opcode(t) for t in loop)
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixup-loads", type=int,
                     help="int4_wgmma.FIXUP_LOADS for --ws: parts whose loads a row-chunk fix-up issues at once")
     ap.add_argument("--fixup-sliced", action="store_true",
-                    help="int4_wgmma.FIXUP_SLICED for --ws: a split run's parts summed by all its programs")
+                    help="--ws compiled as a split run summed in slices (int4_wgmma.FIXUP_SLICED's launches), "
+                         "not as every other launch")
     ap.add_argument("--consumer-parts", type=int, choices=(1, 2),
                     help="int4_wgmma.CONSUMER_PARTS for --ws: the consumer warpgroups as one partition or two")
     ap.add_argument("--sz-split", action="store_true",
@@ -253,12 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             ws.FIXUP_ROWS = a.fixup_rows
         if a.fixup_loads is not None:
             ws.FIXUP_LOADS = a.fixup_loads
-        ws.FIXUP_SLICED = a.fixup_sliced or ws.FIXUP_SLICED
         if a.consumer_parts is not None:
             ws.CONSUMER_PARTS = a.consumer_parts
         count = tuple(p for p in (a.count or "HGMMA,WARPGROUP.DEPBAR.LE,STS").split(",") if p)
         for c in a.ws:
-            print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas), flush=True)
+            print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas, a.fixup_sliced), flush=True)
         return 0
     if a.unpacked:
         kt.SCALES_PACKED = False

@@ -49,7 +49,10 @@ KERNEL_NAME = "quantbridge.triton"
 # r9: the ws tiles' stream-K parts summed in row chunks (int4_wgmma.FIXUP_ROWS 16), and where a layer
 # has fewer ws tiles than half the SMs, stream-K runs that split each tile's K evenly are candidates.
 # r10: the ws tiles' row-chunk fix-up issues four parts' loads at once (int4_wgmma.FIXUP_LOADS 4).
-REVISION = "r10"
+# r11: ws tiles launched bound (int4_wgmma.FAST_LAUNCH), so the tuner's eager timings of a ws candidate
+# see its kernel, not ~110 us of Gluon's launch; a split run's parts summed by all its programs
+# (int4_wgmma.FIXUP_SLICED).
+REVISION = "r11"
 
 
 def _cdiv(a: int, b: int) -> int:

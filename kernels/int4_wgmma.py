@@ -112,10 +112,11 @@ FIXUP_LOADS = 4
 # stored, then sums every s-th row chunk, in program order as before (the same bits). The wait needs
 # all programs resident at once, which only a cooperative launch guarantees (other streams, graph
 # branches or processes may hold SMs): such launches are cooperative, and the driver refuses one
-# whose programs cannot all be resident. An A/B setting: with FAST_LAUNCH (which took the eager-timing
-# floor off the tuner) an H100 ran the small layers' split runs 3.5-9 % faster tile for tile, in one
-# process; on once that holds in a second (benchmarks/NOTES.md, sixth session).
-FIXUP_SLICED = False
+# whose programs cannot all be resident. On since r11: with FAST_LAUNCH (which took the eager-timing
+# floor off the tuner) an H100 ran the small layers' split runs 3.5-9 % faster tile for tile, and in
+# two processes 3.2-5.8 % faster where both tuners picked a split run (benchmarks/NOTES.md, sixth and
+# seventh sessions). False stays as the A/B variant.
+FIXUP_SLICED = True
 
 # How many partitions the consumer warpgroups are: 1, one partition of two warpgroups (8 warps) holding
 # the whole [BLOCK_N, BLOCK_M] accumulator; 2, two partitions of one warpgroup each, partition h holding
@@ -501,8 +502,8 @@ def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms
 # caller. A BoundLinear plan is bound (BoundLaunch) and the tuner times candidates so (int4_triton):
 # on an H100 a ws call then cost the host 12-19 us against 111-126 through Gluon, and eager time was
 # the kernel's (benchmarks/NOTES.md, seventh session). Its GPU test passed there, bit for bit against
-# Gluon's launch; it turns on with r11, benched with FIXUP_SLICED. False: every launch through Gluon.
-FAST_LAUNCH = False
+# Gluon's launch; on since r11. False (the A/B variant): every launch through Gluon.
+FAST_LAUNCH = True
 _COMPILED: dict[tuple, object] = {}
 # the kernel's constexpr parameters, in its signature's order (num_warps last)
 _CONSTEXPRS = ("HAS_BIAS", "ASM", "TWO_E", "BLOCK_N", "STAGES", "IN_FLIGHT", "LAG", "FIXUP", "LOADS", "SPLIT",

@@ -47,10 +47,11 @@ def test_precompile_lists_each_modes_candidates_under_its_tile_settings(monkeypa
     monkeypatch.setattr(kt, "_ws_module", lambda: ws)  # the ws tiles as on a Hopper GPU
     monkeypatch.setattr(kt, "_sm_count", lambda: 132)
     base, decode = "operand-tiled-ws-fixup16-loads4-graphtimed", "operand-tiled-ws-fixup16-loads4-decode-graphtimed"
+    before = (kt.WGMMA_WS_DECODE, ws.FAST_LAUNCH, ws.FIXUP_SLICED)
     jobs = pre._jobs([(8192, 28672)], [1, 4, 16], ["bf16"], 128, [base, decode])
     ws_decode = {mode for mb, cfg, dt, mode in jobs if kt.is_ws(cfg) and cfg[0] == 16}
     assert ws_decode == {decode}
-    assert kt.WGMMA_WS_DECODE is False and ws.FAST_LAUNCH is False
+    assert (kt.WGMMA_WS_DECODE, ws.FAST_LAUNCH, ws.FIXUP_SLICED) == before
 
 
 def test_tune_log_summary_sets_the_best_ws_and_triton_candidates_side_by_side():

@@ -70,6 +70,10 @@ VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-ti
 VARIANTS["operand-tiled-ws-fixup16-loads4-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "FAST_LAUNCH": True}
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"],
                                                            "FAST_LAUNCH": True}
+# r11's default + the warp-K decode tiles at M <= 16 (int4_triton.DECODE_WARP_K: each K step split among
+# a program's warps, a batched dot summed once after the loop; 16 or 32 rows a program)
+VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast-warpk"] = {
+    **VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"], "DECODE_WARP_K": True}
 # + the ws tile's 16-row decode tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE), the tuner timing every
 # candidate in CUDA-graph replays: r6 judged these tiles by eager timing, which put a ws launch's host
 # cost (~50-110 us, benchmarks/NOTES.md, sixth session) on kernels of ~50 us. Its A/B is "-graphtimed".
@@ -88,6 +92,7 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("CONSUMER_PARTS", 1)
     _v.setdefault("FAST_LAUNCH", False)
     _v.setdefault("TUNE_TIMING", "do_bench")
+    _v.setdefault("DECODE_WARP_K", False)
 
 # settings of int4_wgmma; the rest are int4_triton's
 _WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED", "CONSUMER_PARTS", "FAST_LAUNCH")

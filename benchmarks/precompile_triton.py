@@ -44,9 +44,9 @@ def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group
     # M only enters the specialization as "is 1" or "a multiple of 16": one M per class.
     jobs: dict[tuple, tuple] = {}
     # each mode's candidates under its own STREAM_K and ws tile settings (CONSUMER_PARTS 2 leaves some
-    # tiles out, WGMMA_WS_DECODE adds the 16-row ones), as the worker will launch them, then the
-    # settings as they were
-    shaping = (*_WS_SETTINGS, "WGMMA_WS_DECODE")
+    # tiles out, WGMMA_WS_DECODE adds the 16-row ones, DECODE_WARP_K the warp-K ones), as the worker will
+    # launch them, then the settings as they were
+    shaping = (*_WS_SETTINGS, "WGMMA_WS_DECODE", "DECODE_WARP_K")
     stream_k, saved = kt.STREAM_K, {key: current(key) for key in shaping}
     for m in ms:
         mb = kt.m_bucket(m)

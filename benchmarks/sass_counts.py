@@ -88,7 +88,8 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
     """(SASS, PTX) of one configuration's kernel."""
     bm, bn, bk, sk, warps, stages = cfg
     mode_i = kt.CODE_MODES[mode]
-    words = bm == 1 or (mode_i >= 3 and bk <= group and (bm <= 64 or mode_i == 8))  # the kernel's WORD_TILES
+    slices = kt.warp_k(cfg) if bm != 1 else 1
+    words = bm == 1 or (mode_i >= 3 and bk // slices <= group and (bm <= 64 or mode_i == 8))  # the kernel's WORD_TILES
     fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
     head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)
     consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ()) \
@@ -96,7 +97,7 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
     sig = _signature(fn, _TY[dtype], words, offsets)
     if bm != 1:  # operand tiles read packed scales and zero points, as a bound layer's do (SCALES_PACKED)
         packed = kt.SCALES_PACKED and mode == "operand" and not offsets
-        consts += ((2 if kt.SZ_SPLIT else 1) if packed else 0,)  # the kernel's SZ_PACKED (int4_triton.sz_format)
+        consts += ((2 if kt.SZ_SPLIT else 1) if packed else 0, slices)  # SZ_PACKED (int4_triton.sz_format), WARP_K
         if packed:
             sig["s_ptr"] = "*i32"
     if bm == 1 and mode == "xprep":

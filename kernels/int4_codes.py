@@ -96,15 +96,17 @@ def dequant_words(words, z, DT: tl.constexpr, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _pair(v, words):
-    """A 16-bit value per row [R] as both halves of an int32, broadcast to words' shape [R, W]."""
+    """A 16-bit value per row ([R], or [B, R]) as both halves of an int32, broadcast to words' shape
+    ([R, W], or [B, R, W])."""
     v = v.to(tl.int32) & 0xFFFF
-    return (v | (v << 16))[:, None] + tl.zeros_like(words)
+    return tl.expand_dims(v | (v << 16), len(words.shape) - 1) + tl.zeros_like(words)
 
 
 @triton.jit
 def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 words [R, W] in int4_layouts' "operand" layout, zero-points z [R] (uint8) and scales
-    s [R] -> (q - z) * s as DT [R, 8W] in canonical column order, each value rounded once.
+    s [R] -> (q - z) * s as DT [R, 8W] in canonical column order, each value rounded once. Or a
+    batch of them: words [B, R, W], z and s [B, R] -> [B, R, 8W] (a batched dot's operand).
     (Float offsets, w = q s + m, are not taken: m rounded to DT before the sum loses the weight
     where q s is close to -m; such weights keep the canonical layout.)
 
@@ -127,8 +129,8 @@ def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
             [words, _pair(bias, words), _pair(s.to(DT).to(tl.int16, bitcast=True), words)],
             dtype=out, is_pure=True, pack=1)
     else:
-        zf = z.to(tl.float32)[:, None]
-        sf = s.to(tl.float32)[:, None]
+        zf = tl.expand_dims(z.to(tl.float32), len(words.shape) - 1)
+        sf = tl.expand_dims(s.to(tl.float32), len(words.shape) - 1)
         q0 = ((((words >> 0) & 0xF).to(tl.float32) - zf) * sf).to(DT)
         q1 = ((((words >> 4) & 0xF).to(tl.float32) - zf) * sf).to(DT)
         q2 = ((((words >> 8) & 0xF).to(tl.float32) - zf) * sf).to(DT)
@@ -137,11 +139,19 @@ def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
         q5 = ((((words >> 20) & 0xF).to(tl.float32) - zf) * sf).to(DT)
         q6 = ((((words >> 24) & 0xF).to(tl.float32) - zf) * sf).to(DT)
         q7 = ((((words >> 28) & 0xF).to(tl.float32) - zf) * sf).to(DT)
-    R: tl.constexpr = words.shape[0]
-    W: tl.constexpr = words.shape[1]
     # join appends a minor axis, so the innermost join's is the first of the three: [..., a, b, c]
     # holds nibble 4c + 2b + a. Nibbles j and j + 4, which the assembly leaves in one register,
     # are columns 2i and 2i + 1: the operand's register pair, so no byte permutes either.
     q = tl.join(tl.join(tl.join(q0, q1), tl.join(q2, q3)), tl.join(tl.join(q4, q5), tl.join(q6, q7)))
-    q = tl.permute(tl.reshape(q, (R, W // 4, 4, 2, 2, 2)), (0, 1, 3, 4, 2, 5))
-    return tl.reshape(q, (R, 8 * W))
+    if len(words.shape) == 2:
+        R: tl.constexpr = words.shape[0]
+        W: tl.constexpr = words.shape[1]
+        q = tl.permute(tl.reshape(q, (R, W // 4, 4, 2, 2, 2)), (0, 1, 3, 4, 2, 5))
+        q = tl.reshape(q, (R, 8 * W))
+    else:
+        B: tl.constexpr = words.shape[0]
+        R: tl.constexpr = words.shape[1]
+        W: tl.constexpr = words.shape[2]
+        q = tl.permute(tl.reshape(q, (B, R, W // 4, 4, 2, 2, 2)), (0, 1, 2, 4, 5, 3, 6))
+        q = tl.reshape(q, (B, R, 8 * W))
+    return q

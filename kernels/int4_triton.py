@@ -62,7 +62,8 @@ def _cdiv(a: int, b: int) -> int:
 
 @triton.jit
 def _weight_offsets(rows, cols, stride_wn, K8, TILED: tl.constexpr, BYTES: tl.constexpr, RUN: tl.constexpr):
-    """Offsets from the weight pointer of rows [R, 1] x columns [1, C], in the loaded unit: int32
+    """Offsets from the weight pointer of rows [R, 1] x columns [1, C] (or [1, R, 1] x [S, 1, C]: a warp-K
+    tile's), in the loaded unit: int32
     words, or bytes (BYTES). TILED: the layout to_tiled() makes, tiles of TILE_ROWS rows x TILE_WORDS
     words stored whole and row-major, so 8 rows of one tile are 512 contiguous bytes. RUN: how many
     consecutive columns stay contiguous (the hint that keeps 16-byte loads)."""
@@ -71,7 +72,11 @@ def _weight_offsets(rows, cols, stride_wn, K8, TILED: tl.constexpr, BYTES: tl.co
         off = ((rows // 64) * (K8 // 16) + w // 16) * 1024 + (rows % 64) * 16 + w % 16
         if BYTES:
             off = off * 4 + cols % 4
-        return tl.max_contiguous(tl.multiple_of(off, [1, RUN]), [1, RUN])
+        if len(off.shape) == 3:  # a warp-K tile's [slices, rows, columns]
+            off = tl.max_contiguous(tl.multiple_of(off, [1, 1, RUN]), [1, 1, RUN])
+        else:
+            off = tl.max_contiguous(tl.multiple_of(off, [1, RUN]), [1, RUN])
+        return off
     else:
         return rows * stride_wn + cols
 
@@ -94,7 +99,7 @@ def _int4_matmul_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, FACTORED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSETS: tl.constexpr,
     MODE: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TILED: tl.constexpr,
-    SZ_PACKED: tl.constexpr,
+    SZ_PACKED: tl.constexpr, WARP_K: tl.constexpr,
 ):
     """Tensor-core tiles. OFFSETS: w = q * s + m with a float offset m per group (m_ptr)
     instead of (q - z) * s. EVEN_K: K is a multiple of BLOCK_K, so no load needs a K mask
@@ -119,6 +124,10 @@ def _int4_matmul_kernel(
     that used them (SASS: LDG.E.U16 and LDG.E.U8 feeding the dequantization) and every warp waited a load
     latency at each group; packed, they are staged through shared memory `num_stages` deep like the codes
     (LDGSTS, then LDS).
+
+    WARP_K > 1 (operand codes, BLOCK_M 16: warp_k): each K step of BLOCK_K columns is WARP_K slices
+    of BLOCK_K / WARP_K, one a warp, multiplied as one batched dot and summed across the warps once,
+    after the K loop (_warp_k_product).
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -142,9 +151,9 @@ def _int4_matmul_kernel(
             ke = tl.minimum(u1, t0 + k_tiles) - t0
             pid_m = tile // num_pid_n
             pid_n = tile % num_pid_n
-            acc = _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
-                                pid_m, pid_n, ks, ke, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
-                                EVEN_K, USE_ASM, TILED, SZ_PACKED)
+            acc = _product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
+                           pid_m, pid_n, ks, ke, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
+                           EVEN_K, USE_ASM, TILED, SZ_PACKED, WARP_K)
             offs_m = pid_m * BLOCK_M + offs_bm
             offs_n = pid_n * BLOCK_N + offs_bn
             out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -180,9 +189,9 @@ def _int4_matmul_kernel(
         else:
             # Tiles past K (in the last split) are fully masked below: they load nothing.
             t_end = t_start + per_split
-        acc = _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
-                            pid_m, pid_n, t_start, t_end, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
-                            EVEN_K, USE_ASM, TILED, SZ_PACKED)
+        acc = _product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
+                       pid_m, pid_n, t_start, t_end, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
+                       EVEN_K, USE_ASM, TILED, SZ_PACKED, WARP_K)
         offs_m = pid_m * BLOCK_M + offs_bm
         offs_n = pid_n * BLOCK_N + offs_bn
         mask_m = offs_m < M
@@ -209,6 +218,78 @@ def _store_tile(acc, out_ptr, out_off, out_mask, b_ptr, offs_n, N, HAS_BIAS: tl.
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm, pid_m, pid_n,
+             t_start, t_end, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, FACTORED: tl.constexpr, OFFSETS: tl.constexpr, MODE: tl.constexpr,
+             EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TILED: tl.constexpr, SZ_PACKED: tl.constexpr,
+             WARP_K: tl.constexpr):
+    """Output tile (pid_m, pid_n) over K steps [t_start, t_end): [BLOCK_M, BLOCK_N] in fp32."""
+    if WARP_K > 1:
+        acc = _warp_k_product(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, NGROUPS, stride_wn, stride_xm, pid_m, pid_n,
+                              t_start, t_end, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_ASM, TILED, SZ_PACKED,
+                              WARP_K)
+    else:
+        acc = _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_wn, stride_xm,
+                            pid_m, pid_n, t_start, t_end, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FACTORED, OFFSETS, MODE,
+                            EVEN_K, USE_ASM, TILED, SZ_PACKED)
+    return acc
+
+
+@triton.jit
+def _warp_k_product(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, NGROUPS, stride_wn, stride_xm, pid_m, pid_n,
+                    t_start, t_end, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TILED: tl.constexpr,
+                    SZ_PACKED: tl.constexpr, WARP_K: tl.constexpr):
+    """A decode tile whose warps split K inside the program: each step's BLOCK_K columns are WARP_K
+    slices of SK = BLOCK_K / WARP_K (each inside one group), the weight's [WARP_K, BLOCK_N, SK]
+    dequantized into a batched dot's register operand against x's [WARP_K, SK, BLOCK_M], one slice
+    a warp (a 3-D dot puts the warps on the batch axis); the WARP_K partial tiles are summed once,
+    after the loop, through shared memory. So a program of 4 or 8 warps covers BLOCK_N rows over the
+    whole of K (or its split) with no counter between programs: on an H100 the 16-row tile's few
+    warps waited on the split-K epilogue and issued most of the time (benchmarks/NOTES.md, kind 2).
+    Operand codes only (MODE 8, no float offsets)."""
+    SK: tl.constexpr = BLOCK_K // WARP_K
+    WORDS: tl.constexpr = SK // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows_x = (offs_m < M)[None, :, None]
+    rows_w = offs_n[None, :, None]
+    sl = tl.arange(0, WARP_K)
+    acc = tl.zeros((WARP_K, BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in range(0, tl.maximum(t_end - t_start, 1)):  # at least one trip, as _tile_product's loop
+        st = (t_start + i) * WARP_K + sl  # the step's slices, SK columns each: [WARP_K]
+        kk = st[:, None, None] * SK + tl.arange(0, SK)[None, None, :]
+        ow = st[:, None, None] * WORDS + tl.arange(0, WORDS)[None, None, :]
+        w_off = _weight_offsets(rows_w, ow, stride_wn, K // 8, TILED, False, min(WORDS, 16))
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + kk, mask=rows_x, other=0.0)
+            words = tl.load(qw_ptr + w_off, mask=mask_n[None, :, None], other=0, eviction_policy="evict_first")
+        else:
+            x = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + kk, mask=rows_x & (kk < K), other=0.0)
+            words = tl.load(qw_ptr + w_off, mask=mask_n[None, :, None] & (ow < K // 8), other=0,
+                            eviction_policy="evict_first")
+        g = (st * SK) // GROUP
+        in_k = mask_n[None, :] & (st * SK < K)[:, None]  # slices past K must not read past the scales
+        if SZ_PACKED == 2:  # split: group-major words, BLOCK_N contiguous of each
+            v = tl.load(s_ptr + (g // 2)[:, None] * N + offs_n[None, :], mask=in_k, other=0)
+            s = ((v >> ((g % 2) * 16)[:, None]) & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
+            v = tl.load(s_ptr + ((NGROUPS + 1) // 2 + g // 8)[:, None] * N + offs_n[None, :], mask=in_k, other=0)
+            z = (v >> ((g % 8) * 4)[:, None]) & 0xF
+        elif SZ_PACKED == 1:
+            v = tl.load(s_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0)
+            s = (v & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
+            z = (v >> 16) & 0xFF
+        else:
+            s = tl.load(s_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0.0)
+            z = tl.load(z_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0).to(tl.int32)
+        # z stays int32: a batched dot's operand width follows the narrowest type it was made from (a
+        # uint8 zero point gave kWidth 4, and the dequantized tile went through shared memory)
+        acc = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.permute(x, (0, 2, 1)), acc)
+    return tl.trans(tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -646,9 +727,15 @@ STREAM_K = True
 # them at M >= 64 beside the Triton tiles and keeps them only where they timed faster. False is the
 # A/B variant without them.
 WGMMA_WS = True
-# ... and at M <= 16 its 16-row tiles on deep rings too (compiled and checked without a GPU, not yet
-# timed or tested on one: off until they are; benchmarks/NOTES.md)
+# ... and at M <= 16 its 16-row tiles on deep rings too: correct on an H100, and 11-16 % slower there than
+# the Triton tiles by kernel time (graph-timed tuning, benchmarks/NOTES.md): the A/B setting, off.
 WGMMA_WS_DECODE = False
+# At M <= 16 on operand codes the tuner also tries tiles whose warps split each K step among them
+# (warp_k: a batched dot, one K slice a warp, summed once after the loop; _warp_k_product), 16 or 32
+# rows a program over the whole of K (or half of it, on two programs, where N <= 8192), so at most a
+# counter between two programs, where the 16-row tiles split K over up to eight. Built for the small layers at M <= 4 (tinygemm's shape: many warps a program, each
+# on its own K); an A/B setting, off until timed on an H100 (benchmarks/NOTES.md, eighth session).
+DECODE_WARP_K = False
 # How the tuner times a candidate (kernels/tune_timing.py): "do_bench" (its L2 flush writes 256 MB,
 # so each launch starts among dirty lines), "read" (eager launches after a read flush, as the bench
 # flushes) or "graph" (replays of the launch captured in a CUDA graph after a read flush, as the bench
@@ -665,6 +752,12 @@ DEQUANT_CUBLAS: Config = (0, 0, 0, 0, 0, 0)  # dequantize with Triton, multiply 
 
 
 WS_WARPS = 12  # int4_wgmma's launch: two consumer warpgroups and the producer's (one warp of it working)
+
+
+def warp_k(cfg: Config) -> int:
+    """How many K slices a configuration's warps split each step into (1: none). A 16-row tile with
+    BLOCK_K >= 256 is a warp-K tile, one K slice a warp, each BLOCK_K / num_warps columns (DECODE_WARP_K)."""
+    return cfg[4] if cfg[0] == 16 and cfg[2] >= 256 and cfg[4] != WS_WARPS else 1
 
 
 def is_ws(cfg: Config) -> bool:
@@ -744,12 +837,25 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
             for s_ in (2, 4, 8, 16) if STREAM_K and sms and 2 * count <= sms else ():
                 if (k // ws.TILE_K) % s_ == 0 and sms // 2 <= count * s_ <= 2 * sms and count * s_ != sms:
                     extra.append((bm, bn, ws.TILE_K, -count * s_, WS_WARPS, st))
+        if DECODE_WARP_K and m <= 16:
+            extra += warp_k_configs(n, k, group)
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
     if m <= 2:
         return gemv_configs(k, group) + _tile_configs(m, n, k, group)
     return _tile_configs(m, n, k, group)
+
+
+def warp_k_configs(n: int, k: int, group: int) -> list[Config]:
+    """The warp-K decode tiles (warp_k) for one layer: 16 or 32 rows a program, 4 or 8 warps each
+    on slices of 128 columns (64 where the group is 64), whole K or split over two programs (the small
+    layers: 256 programs of 16 rows at N=4096, 512 with the split)."""
+    sk_cols = 128 if group % 128 == 0 else 64 if group % 64 == 0 else 0
+    if not sk_cols:
+        return []
+    out = [(16, bn, warps * sk_cols, split, warps, 3) for bn in (16, 32) for warps in (4, 8) for split in (1, 2)]
+    return [c for c in out if k // c[2] >= c[3] and splits(k, c[2], c[3]) and (c[3] == 1 or n <= 8192)]
 
 
 def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:
@@ -849,6 +955,8 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
         mode = 3  # canonical codes: the "asm" kernels
     if packed and (layout not in OPERAND_LAYOUTS or bm == 1):
         raise ValueError(f"packed scales and zero points are read by operand tiles only, not {cfg} in {layout!r}")
+    if warp_k(cfg) > 1 and layout not in OPERAND_LAYOUTS:
+        raise ValueError(f"{cfg}: a warp-K tile reads operand codes only, not {layout!r}")
     if mode >= 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
     words = bm == 1 or (mode >= 3 and bk <= w.group_size and bm <= 64) or mode == 8  # the kernels' WORD_TILES
@@ -857,7 +965,8 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
         return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, layout in TILED_LAYOUTS)
-    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout in TILED_LAYOUTS, packed)
+    return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout in TILED_LAYOUTS, packed,
+                               warp_k(cfg))
 
 
 def _interpreting() -> bool:
@@ -1030,6 +1139,7 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
         + ("-cp2" if ws is not None and ws.CONSUMER_PARTS == 2 else "") \
         + ("-fl" if ws is not None and ws.FAST_LAUNCH else "") \
         + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "") \
+        + ("-wk" if DECODE_WARP_K and m_bucket(m) <= 16 and layout in OPERAND_LAYOUTS else "") \
         + {"do_bench": "", "read": "-frd", "graph": "-tgr"}[TUNE_TIMING]
 
 
@@ -1195,7 +1305,11 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
 
 def operand_config(cfg: Config, group: int) -> bool:
     """Whether a configuration can read the operand layout: tiles of whole chunks inside one group."""
-    return cfg == DEQUANT_CUBLAS or (cfg[2] <= group and cfg[2] % 32 == 0)
+    if cfg == DEQUANT_CUBLAS:
+        return True
+    sl = warp_k(cfg)
+    bk = cfg[2] // sl  # a warp-K tile's slice: inside one group, so the groups cut between slices
+    return bk <= group and bk % 32 == 0 and (sl == 1 or (group % bk == 0 and cfg[2] % sl == 0))
 
 
 def dequant_layout(layout: str) -> str:

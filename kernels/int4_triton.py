@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher, sm_count
-from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words
+from quantbridge.kernels.int4_codes import as_float, dequant_operand, dequant_words, k4_order
 from quantbridge.kernels.int4_layouts import (OPERAND_LAYOUTS, TILED_LAYOUTS, operand_fits, relayout, split_sz_rows,
                                               sz_format, tileable)
 from quantbridge.kernels.tune_timing import check_timing, release, time_ms
@@ -286,9 +286,8 @@ def _warp_k_product(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, NGROUPS, stride_wn, st
         else:
             s = tl.load(s_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0.0)
             z = tl.load(z_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0).to(tl.int32)
-        # z stays int32: a batched dot's operand width follows the narrowest type it was made from (a
-        # uint8 zero point gave kWidth 4, and the dequantized tile went through shared memory)
-        acc = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.permute(x, (0, 2, 1)), acc)
+        # K in k4_order on both sides: each thread's operand registers are then its own unpacked words
+        acc = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM, True), tl.permute(k4_order(x), (0, 2, 1)), acc)
     return tl.trans(tl.sum(acc, axis=0))
 
 
@@ -731,9 +730,10 @@ WGMMA_WS = True
 # the Triton tiles by kernel time (graph-timed tuning, benchmarks/NOTES.md): the A/B setting, off.
 WGMMA_WS_DECODE = False
 # At M <= 16 on operand codes the tuner also tries tiles whose warps split each K step among them
-# (warp_k: a batched dot, one K slice a warp, summed once after the loop; _warp_k_product), 16 or 32
-# rows a program over the whole of K (or half of it, on two programs, where N <= 8192), so at most a
-# counter between two programs, where the 16-row tiles split K over up to eight. Built for the small layers at M <= 4 (tinygemm's shape: many warps a program, each
+# (warp_k: a batched dot, one K slice a warp, summed once after the loop; _warp_k_product), 16 to 64
+# rows a program over the whole of K (or a half or quarter of it on the small layers), so a counter
+# between at most four programs, where the 16-row tiles split K over up to eight. Compiled for sm_90
+# their K loop issues 3.5-4.7 instructions a code against the 16x64 wgmma tile's 4.6. Built for the small layers at M <= 4 (tinygemm's shape: many warps a program, each
 # on its own K); an A/B setting, off until timed on an H100 (benchmarks/NOTES.md, eighth session).
 DECODE_WARP_K = False
 # How the tuner times a candidate (kernels/tune_timing.py): "do_bench" (its L2 flush writes 256 MB,
@@ -838,7 +838,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
                 if (k // ws.TILE_K) % s_ == 0 and sms // 2 <= count * s_ <= 2 * sms and count * s_ != sms:
                     extra.append((bm, bn, ws.TILE_K, -count * s_, WS_WARPS, st))
         if DECODE_WARP_K and m <= 16:
-            extra += warp_k_configs(n, k, group)
+            extra += warp_k_configs(n, k, group, sms)
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
         return (gemv_configs(k, group) if m <= 2 else []) + tiles
@@ -847,15 +847,23 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
     return _tile_configs(m, n, k, group)
 
 
-def warp_k_configs(n: int, k: int, group: int) -> list[Config]:
-    """The warp-K decode tiles (warp_k) for one layer: 16 or 32 rows a program, 4 or 8 warps each
-    on slices of 128 columns (64 where the group is 64), whole K or split over two programs (the small
-    layers: 256 programs of 16 rows at N=4096, 512 with the split)."""
+def warp_k_configs(n: int, k: int, group: int, sms: int | None) -> list[Config]:
+    """The warp-K decode tiles (warp_k) for one layer: 16, 32 or 64 rows a program, 4 or 8 warps each on
+    slices of 128 columns (64 where the group is 64), over the whole of K or split over 2 or 4 programs
+    where the split before left fewer than two programs an SM (sms; none without a device): at N=4096,
+    16-row tiles on 256 or 512 programs, 64-row ones on 64 to 256."""
     sk_cols = 128 if group % 128 == 0 else 64 if group % 64 == 0 else 0
     if not sk_cols:
         return []
-    out = [(16, bn, warps * sk_cols, split, warps, 3) for bn in (16, 32) for warps in (4, 8) for split in (1, 2)]
-    return [c for c in out if k // c[2] >= c[3] and splits(k, c[2], c[3]) and (c[3] == 1 or n <= 8192)]
+    out = []
+    for bn in (16, 32, 64):
+        for warps in (4, 8):
+            for split in (1, 2, 4):
+                cfg = (16, bn, warps * sk_cols, split, warps, 3)
+                few = sms is not None and _cdiv(n, bn) * (split // 2) < 2 * sms  # the split before: < 2 an SM
+                if (split == 1 or few) and k // cfg[2] >= split and splits(k, cfg[2], split):
+                    out.append(cfg)
+    return out
 
 
 def _tile_configs(m: int, n: int, k: int, group: int) -> list[Config]:

@@ -59,13 +59,16 @@ def test_warp_k_candidates_only_where_asked(monkeypatch):
     for m in (1, 4, 16):
         wk = [c for c in kt.candidate_configs(m, 4096, 4096, 128, "operand-tiled") if kt.warp_k(c) > 1]
         assert wk and all(kt.operand_config(c, 128) for c in wk), m
-        assert {c[1] for c in wk} == {16, 32} and {c[4] for c in wk} == {4, 8}
+        assert {c[1] for c in wk} == {16, 32, 64} and {c[4] for c in wk} == {4, 8}
     assert kt.candidate_configs(64, 4096, 4096, 128, "operand-tiled") == off[64]
     assert not any(kt.warp_k(c) > 1 for c in kt.candidate_configs(1, 4096, 4096, 128, "canonical"))
     assert kt.tuner_key(1, *args) == key_off + "-wk" and "-wk" not in kt.tuner_key(64, *args)
-    # two programs a tile only where the layer has few tiles (N <= 8192)
-    assert not any(c[3] == 2 for c in kt.warp_k_configs(28672, 8192, 128))
-    assert any(c[3] == 2 for c in kt.warp_k_configs(4096, 4096, 128))
+    # K split over programs only where the split before left fewer than two programs an SM
+    assert {c[3] for c in kt.warp_k_configs(28672, 8192, 128, 132)} == {1}
+    small = kt.warp_k_configs(4096, 4096, 128, 132)
+    assert {c[3] for c in small if c[1] == 16} == {1, 2} and {c[3] for c in small if c[1] == 64} == {1, 2, 4}
+    assert {c[3] for c in kt.warp_k_configs(4096, 4096, 128, None)} == {1}
+    assert {c[2] // c[4] for c in kt.warp_k_configs(4096, 4096, 64, 132)} == {64}  # slices inside groups of 64
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -76,7 +79,8 @@ def test_interpreter_warp_k_tile_refuses_canonical_codes():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
-@pytest.mark.parametrize("cfg", [(16, 16, 512, 1, 4, 3), (16, 32, 512, 2, 4, 3), (16, 16, 1024, 1, 8, 3)])
+@pytest.mark.parametrize("cfg", [(16, 16, 512, 1, 4, 3), (16, 32, 512, 2, 4, 3), (16, 16, 1024, 1, 8, 3),
+                                 (16, 64, 512, 2, 4, 3)])
 @pytest.mark.parametrize("sz", ["packed", "split", "apart"])
 def test_interpreter_warp_k_bound_layer_matches_reference(cfg, sz, monkeypatch):
     """A bound operand-tiled layer through a warp-K tile: M = 1, 3 and 16, a K that is whole steps
@@ -116,9 +120,9 @@ def test_interpreter_warp_k_tile_in_groups_of_64():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
 def test_sass_warp_k_tile_multiplies_on_tensor_cores_without_spilling():
     """Compiled for sm_90 (no GPU): a warp-K tile's K loop runs mma.sync (HMMA; a batched dot is not
-    wgmma), one m16n8k16 pair per 16 columns of its warp's slice, and ptxas spills nothing. Its
-    dequantized operand passes through shared memory (STS in the loop; benchmarks/NOTES.md, eighth
-    session): counted, so a change that removes it shows here."""
+    wgmma), one m16n8k16 pair per 16 columns of its warp's slice, stores nothing to shared memory (with
+    K in canonical order Triton took the dequantized operand through it: 8 STS a step; k4_order keeps it
+    in the registers it was unpacked in), and ptxas spills nothing."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("this Triton has no bundled nvdisasm")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -128,7 +132,7 @@ def test_sass_warp_k_tile_multiplies_on_tensor_cores_without_spilling():
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     loop = next(ln for ln in lines if ln.startswith("(16, 16, 512"))
-    assert "[HMMA: 16]" in loop and "[HGMMA: 0]" in loop, loop
+    assert "[HMMA: 16]" in loop and "[HGMMA: 0]" in loop and "[STS: 0]" in loop, loop
     assert any("ptxas:" in ln and "no performance warning" in ln for ln in lines), lines
 
 
@@ -139,7 +143,7 @@ def test_gpu_warp_k_bound_layer_matches_reference(dtype):
     """On the GPU: every warp-K candidate of a 4096x4096 layer within 3e-3 of float64, M = 1, 4, 16, in
     a CUDA graph too (the split runs' counters left zeroed for the next replay)."""
     qw, b = _layer(4096, 4096, 128, dtype, "cuda", seed=7)
-    for cfg in kt.warp_k_configs(4096, 4096, 128):
+    for cfg in kt.warp_k_configs(4096, 4096, 128, torch.cuda.get_device_properties(0).multi_processor_count):
         bound = kt.BoundLinear(qw, b, config=cfg)
         for m in (1, 4, 16):
             x = torch.randn(m, 4096, device="cuda", dtype=dtype)

@@ -733,8 +733,9 @@ WGMMA_WS_DECODE = False
 # (warp_k: a batched dot, one K slice a warp, summed once after the loop; _warp_k_product), 16 to 64
 # rows a program over the whole of K (or a half or quarter of it on the small layers), so a counter
 # between at most four programs, where the 16-row tiles split K over up to eight. Compiled for sm_90
-# their K loop issues 3.5-4.7 instructions a code against the 16x64 wgmma tile's 4.6. Built for the small layers at M <= 4 (tinygemm's shape: many warps a program, each
-# on its own K); an A/B setting, off until timed on an H100 (benchmarks/NOTES.md, eighth session).
+# their K loop issues 3.5-4.7 instructions a code against the 16x64 wgmma tile's 4.6. Built for the
+# small layers at M <= 4 (tinygemm's shape: many warps a program, each on its own K); an A/B setting,
+# off until timed on an H100 (benchmarks/NOTES.md, eighth session).
 DECODE_WARP_K = False
 # How the tuner times a candidate (kernels/tune_timing.py): "do_bench" (its L2 flush writes 256 MB,
 # so each launch starts among dirty lines), "read" (eager launches after a read flush, as the bench

@@ -70,8 +70,8 @@ VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-ti
 VARIANTS["operand-tiled-ws-fixup16-loads4-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "FAST_LAUNCH": True}
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"],
                                                            "FAST_LAUNCH": True}
-# r11's default + the warp-K decode tiles at M <= 16 (int4_triton.DECODE_WARP_K: each K step split among
-# a program's warps, a batched dot summed once after the loop; 16 or 32 rows a program)
+# r11's default + the warp-K decode tiles at M <= 8 (int4_triton.DECODE_WARP_K: each K step split among
+# a program's warps, a batched dot summed once after the loop; 8 rows of x, 16 to 64 weight rows a program)
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast-warpk"] = {
     **VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"], "DECODE_WARP_K": True}
 # + the ws tile's 16-row decode tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE), the tuner timing every

@@ -88,7 +88,7 @@ def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets:
     """(SASS, PTX) of one configuration's kernel."""
     bm, bn, bk, sk, warps, stages = cfg
     mode_i = kt.CODE_MODES[mode]
-    slices = kt.warp_k(cfg) if bm != 1 else 1
+    slices = kt.warp_k(cfg)
     words = bm == 1 or (mode_i >= 3 and bk // slices <= group and (bm <= 64 or mode_i == 8))  # the kernel's WORD_TILES
     fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
     head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)

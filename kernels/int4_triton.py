@@ -125,7 +125,7 @@ def _int4_matmul_kernel(
     latency at each group; packed, they are staged through shared memory `num_stages` deep like the codes
     (LDGSTS, then LDS).
 
-    WARP_K > 1 (operand codes, BLOCK_M 16: warp_k): each K step of BLOCK_K columns is WARP_K slices
+    WARP_K > 1 (operand codes, BLOCK_M 8: warp_k): each K step of BLOCK_K columns is WARP_K slices
     of BLOCK_K / WARP_K, one a warp, multiplied as one batched dot and summed across the warps once,
     after the K loop (_warp_k_product).
     """
@@ -245,8 +245,9 @@ def _warp_k_product(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, NGROUPS, stride_wn, st
                     SZ_PACKED: tl.constexpr, WARP_K: tl.constexpr):
     """A decode tile whose warps split K inside the program: each step's BLOCK_K columns are WARP_K
     slices of SK = BLOCK_K / WARP_K (each inside one group), the weight's [WARP_K, BLOCK_N, SK]
-    dequantized into a batched dot's register operand against x's [WARP_K, SK, BLOCK_M], one slice
-    a warp (a 3-D dot puts the warps on the batch axis); the WARP_K partial tiles are summed once,
+    dequantized into a batched dot's register operand against x's [WARP_K, SK, BLOCK_M] (8 rows of x:
+    mma.sync's n8), one slice a warp (a 3-D dot puts the warps on the batch axis); the WARP_K partial
+    tiles are summed once,
     after the loop, through shared memory. So a program of 4 or 8 warps covers BLOCK_N rows over the
     whole of K (or its split) with no counter between programs: on an H100 the 16-row tile's few
     warps waited on the split-K epilogue and issued most of the time (benchmarks/NOTES.md, kind 2).
@@ -729,13 +730,14 @@ WGMMA_WS = True
 # ... and at M <= 16 its 16-row tiles on deep rings too: correct on an H100, and 11-16 % slower there than
 # the Triton tiles by kernel time (graph-timed tuning, benchmarks/NOTES.md): the A/B setting, off.
 WGMMA_WS_DECODE = False
-# At M <= 16 on operand codes the tuner also tries tiles whose warps split each K step among them
-# (warp_k: a batched dot, one K slice a warp, summed once after the loop; _warp_k_product), 16 to 64
-# rows a program over the whole of K (or a half or quarter of it on the small layers), so a counter
-# between at most four programs, where the 16-row tiles split K over up to eight. Compiled for sm_90
-# their K loop issues 3.5-4.7 instructions a code against the 16x64 wgmma tile's 4.6. Built for the
-# small layers at M <= 4 (tinygemm's shape: many warps a program, each on its own K); an A/B setting,
-# off until timed on an H100 (benchmarks/NOTES.md, eighth session).
+# At M <= 8 on operand codes the tuner also tries tiles whose warps split each K step among them
+# (warp_k: 8 rows of x, a batched dot, one K slice a warp, summed once after the loop; _warp_k_product),
+# 16 to 64 weight rows a program over the whole of K (or a half or quarter of it on the small layers),
+# so a counter between at most four programs, where the 16-row tiles split K over up to eight. Compiled
+# for sm_90 their K loop issues fewer instructions a code than the 16-row wgmma tiles
+# (benchmarks/results/sass-warp-k-sm90.txt). Built for the small layers at M <= 4 (tinygemm's shape:
+# many warps a program, each on its own K); an A/B setting, off until timed on an H100
+# (benchmarks/NOTES.md, eighth session).
 DECODE_WARP_K = False
 # How the tuner times a candidate (kernels/tune_timing.py): "do_bench" (its L2 flush writes 256 MB,
 # so each launch starts among dirty lines), "read" (eager launches after a read flush, as the bench
@@ -756,9 +758,10 @@ WS_WARPS = 12  # int4_wgmma's launch: two consumer warpgroups and the producer's
 
 
 def warp_k(cfg: Config) -> int:
-    """How many K slices a configuration's warps split each step into (1: none). A 16-row tile with
-    BLOCK_K >= 256 is a warp-K tile, one K slice a warp, each BLOCK_K / num_warps columns (DECODE_WARP_K)."""
-    return cfg[4] if cfg[0] == 16 and cfg[2] >= 256 and cfg[4] != WS_WARPS else 1
+    """How many K slices a configuration's warps split each step into (1: none). BLOCK_M 8 marks a warp-K
+    tile (DECODE_WARP_K; no other tile has 8 rows of x): one K slice a warp, each BLOCK_K / num_warps
+    columns, on operand codes only."""
+    return cfg[4] if cfg[0] == 8 else 1
 
 
 def is_ws(cfg: Config) -> bool:
@@ -838,7 +841,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
             for s_ in (2, 4, 8, 16) if STREAM_K and sms and 2 * count <= sms else ():
                 if (k // ws.TILE_K) % s_ == 0 and sms // 2 <= count * s_ <= 2 * sms and count * s_ != sms:
                     extra.append((bm, bn, ws.TILE_K, -count * s_, WS_WARPS, st))
-        if DECODE_WARP_K and m <= 16:
+        if DECODE_WARP_K and m <= 8:
             extra += warp_k_configs(n, k, group, sms)
         at = len(tiles) - (tiles[-1:] == [DEQUANT_CUBLAS])  # dequantize + cuBLAS stays the last candidate
         tiles[at:at] = [c for c in extra if c not in tiles]
@@ -849,10 +852,10 @@ def candidate_configs(m: int, n: int, k: int, group: int, layout: str = "canonic
 
 
 def warp_k_configs(n: int, k: int, group: int, sms: int | None) -> list[Config]:
-    """The warp-K decode tiles (warp_k) for one layer: 16, 32 or 64 rows a program, 4 or 8 warps each on
-    slices of 128 columns (64 where the group is 64), over the whole of K or split over 2 or 4 programs
-    where the split before left fewer than two programs an SM (sms; none without a device): at N=4096,
-    16-row tiles on 256 or 512 programs, 64-row ones on 64 to 256."""
+    """The warp-K decode tiles (warp_k) for one layer: 8 rows of x and 16, 32 or 64 weight rows a program,
+    4 or 8 warps each on slices of 128 columns (64 where the group is 64), over the whole of K or split
+    over 2 or 4 programs where the split before left fewer than two programs an SM (sms; none without a
+    device): at N=4096, 16-row tiles on 256 or 512 programs, 64-row ones on 64 to 256."""
     sk_cols = 128 if group % 128 == 0 else 64 if group % 64 == 0 else 0
     if not sk_cols:
         return []
@@ -860,7 +863,7 @@ def warp_k_configs(n: int, k: int, group: int, sms: int | None) -> list[Config]:
     for bn in (16, 32, 64):
         for warps in (4, 8):
             for split in (1, 2, 4):
-                cfg = (16, bn, warps * sk_cols, split, warps, 3)
+                cfg = (8, bn, warps * sk_cols, split, warps, 3)
                 few = sms is not None and _cdiv(n, bn) * (split // 2) < 2 * sms  # the split before: < 2 an SM
                 if (split == 1 or few) and k // cfg[2] >= split and splits(k, cfg[2], split):
                     out.append(cfg)
@@ -964,8 +967,6 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
         mode = 3  # canonical codes: the "asm" kernels
     if packed and (layout not in OPERAND_LAYOUTS or bm == 1):
         raise ValueError(f"packed scales and zero points are read by operand tiles only, not {cfg} in {layout!r}")
-    if warp_k(cfg) > 1 and layout not in OPERAND_LAYOUTS:
-        raise ValueError(f"{cfg}: a warp-K tile reads operand codes only, not {layout!r}")
     if mode >= 3 and k % 8:
         mode = 2  # rows that are not whole int32 words: the byte path
     words = bm == 1 or (mode >= 3 and bk <= w.group_size and bm <= 64) or mode == 8  # the kernels' WORD_TILES
@@ -974,6 +975,8 @@ def _kernel_args(cfg: Config, w: Int4Weight, m: int, k: int, has_bias: bool, lay
     tail = (has_bias, w.offsets is not None, mode, k % bk == 0, not _interpreting())
     if bm == 1:
         return _GEMV, qw, ints, (w.group_size, bn, bk, sk, *tail, cfg[5] if mode == 5 else 1, layout in TILED_LAYOUTS)
+    if warp_k(cfg) > 1 and layout not in OPERAND_LAYOUTS:
+        raise ValueError(f"{cfg}: a warp-K tile (BLOCK_M 8) reads operand codes only, not {layout!r}")
     return _MATMUL, qw, ints, (w.group_size, bm, bn, bk, sk, bm <= 16, *tail, layout in TILED_LAYOUTS, packed,
                                warp_k(cfg))
 
@@ -1148,7 +1151,7 @@ def tuner_key(m: int, n: int, k: int, group: int, dtype: torch.dtype, layout: st
         + ("-cp2" if ws is not None and ws.CONSUMER_PARTS == 2 else "") \
         + ("-fl" if ws is not None and ws.FAST_LAUNCH else "") \
         + ("-wsdecode" if WGMMA_WS_DECODE and m_bucket(m) <= 16 and layout == "operand-tiled" else "") \
-        + ("-wk" if DECODE_WARP_K and m_bucket(m) <= 16 and layout in OPERAND_LAYOUTS else "") \
+        + ("-wk" if DECODE_WARP_K and m_bucket(m) <= 8 and layout in OPERAND_LAYOUTS else "") \
         + {"do_bench": "", "read": "-frd", "graph": "-tgr"}[TUNE_TIMING]
 
 

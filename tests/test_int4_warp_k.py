@@ -37,32 +37,36 @@ def _rel_to_float64(out, x, qw, b):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def test_warp_k_marks_only_16_row_tiles_with_a_long_step():
-    assert kt.warp_k((16, 16, 512, 1, 4, 3)) == 4 and kt.warp_k((16, 32, 1024, 2, 8, 3)) == 8
-    for cfg in [(16, 64, 128, 4, 4, 3), (1, 64, 256, 4, 4, 3), (128, 128, 64, 1, 8, 3),
+def test_warp_k_marks_only_tiles_of_8_rows():
+    """BLOCK_M 8 marks a warp-K tile; every other tuple keeps its meaning (a 16-row tile with a long step
+    is the tile over several groups it always was, which operand codes cannot hold)."""
+    assert kt.warp_k((8, 16, 512, 1, 4, 3)) == 4 and kt.warp_k((8, 32, 1024, 2, 8, 3)) == 8
+    for cfg in [(16, 64, 128, 4, 4, 3), (16, 16, 512, 1, 4, 3), (1, 64, 256, 4, 4, 3), (128, 128, 64, 1, 8, 3),
                 (16, 256, 128, 1, kt.WS_WARPS, 6), kt.DEQUANT_CUBLAS]:
         assert kt.warp_k(cfg) == 1, cfg
+    assert not kt.operand_config((16, 16, 256, 2, 4, 3), 128)
     # a slice lies inside one group: 4 slices of 128 in groups of 128, not of 64; 4 of 64 in groups of 64
-    assert kt.operand_config((16, 16, 512, 1, 4, 3), 128) and not kt.operand_config((16, 16, 512, 1, 4, 3), 64)
-    assert kt.operand_config((16, 16, 256, 1, 4, 3), 64) and not kt.operand_config((16, 16, 256, 1, 4, 3), 96)
+    assert kt.operand_config((8, 16, 512, 1, 4, 3), 128) and not kt.operand_config((8, 16, 512, 1, 4, 3), 64)
+    assert kt.operand_config((8, 16, 256, 1, 4, 3), 64) and not kt.operand_config((8, 16, 256, 1, 4, 3), 96)
 
 
 def test_warp_k_candidates_only_where_asked(monkeypatch):
     """DECODE_WARP_K off (the default): no warp-K candidate and the key as it was; on: warp-K tiles at
-    M <= 16 on operand codes only, each a valid operand configuration, and the key says so (-wk)."""
+    M <= 8 on operand codes only, each a valid operand configuration, and the key says so (-wk)."""
     monkeypatch.setattr(kt, "_sm_count", lambda: 132)
     args = (4096, 4096, 128, torch.bfloat16, "operand-tiled", 1)
     off = {m: kt.candidate_configs(m, 4096, 4096, 128, "operand-tiled") for m in (1, 16, 64)}
     key_off = kt.tuner_key(1, *args)
     assert not any(kt.warp_k(c) > 1 for cs in off.values() for c in cs)
     monkeypatch.setattr(kt, "DECODE_WARP_K", True)
-    for m in (1, 4, 16):
+    for m in (1, 4, 8):
         wk = [c for c in kt.candidate_configs(m, 4096, 4096, 128, "operand-tiled") if kt.warp_k(c) > 1]
         assert wk and all(kt.operand_config(c, 128) for c in wk), m
         assert {c[1] for c in wk} == {16, 32, 64} and {c[4] for c in wk} == {4, 8}
+    assert kt.candidate_configs(16, 4096, 4096, 128, "operand-tiled") == off[16]
     assert kt.candidate_configs(64, 4096, 4096, 128, "operand-tiled") == off[64]
     assert not any(kt.warp_k(c) > 1 for c in kt.candidate_configs(1, 4096, 4096, 128, "canonical"))
-    assert kt.tuner_key(1, *args) == key_off + "-wk" and "-wk" not in kt.tuner_key(64, *args)
+    assert kt.tuner_key(1, *args) == key_off + "-wk" and "-wk" not in kt.tuner_key(16, *args)
     # K split over programs only where the split before left fewer than two programs an SM
     assert {c[3] for c in kt.warp_k_configs(28672, 8192, 128, 132)} == {1}
     small = kt.warp_k_configs(4096, 4096, 128, 132)
@@ -75,15 +79,15 @@ def test_warp_k_candidates_only_where_asked(monkeypatch):
 def test_interpreter_warp_k_tile_refuses_canonical_codes():
     qw, _ = _layer(64, 512, 128, torch.float32, "cpu", seed=3)
     with pytest.raises(ValueError, match="operand codes only"):
-        kt.launch(torch.randn(2, 512), qw, torch.empty(2, 64), (16, 16, 512, 1, 4, 3))
+        kt.launch(torch.randn(2, 512), qw, torch.empty(2, 64), (8, 16, 512, 1, 4, 3))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
-@pytest.mark.parametrize("cfg", [(16, 16, 512, 1, 4, 3), (16, 32, 512, 2, 4, 3), (16, 16, 1024, 1, 8, 3),
-                                 (16, 64, 512, 2, 4, 3)])
+@pytest.mark.parametrize("cfg", [(8, 16, 512, 1, 4, 3), (8, 32, 512, 2, 4, 3), (8, 16, 1024, 1, 8, 3),
+                                 (8, 64, 512, 2, 4, 3)])
 @pytest.mark.parametrize("sz", ["packed", "split", "apart"])
 def test_interpreter_warp_k_bound_layer_matches_reference(cfg, sz, monkeypatch):
-    """A bound operand-tiled layer through a warp-K tile: M = 1, 3 and 16, a K that is whole steps
+    """A bound operand-tiled layer through a warp-K tile: M = 1, 3, 8 and 13 (two tiles of x), a K that is whole steps
     (1024) and one that is not (1280: the last step's upper slices past K, masked, with their scales),
     split over one or two programs, scales packed as [N, groups] words, split words or read apart;
     act-order and bias; within 3e-3 of float64 through the same dequantized weight (fp16 activations)."""
@@ -96,7 +100,7 @@ def test_interpreter_warp_k_bound_layer_matches_reference(cfg, sz, monkeypatch):
         qw, b = _layer(128, k, 128, torch.float16, "cpu", seed=k + cfg[4], act_order=True)
         bound = kt.BoundLinear(qw, b, config=cfg)
         assert bound.layout == "operand-tiled" and (bound._sz is None) == (sz == "apart")
-        for m in (1, 3, 16):
+        for m in (1, 3, 8, 13):
             x = torch.randn(m, k, generator=gen).to(torch.float16)
             assert _rel_to_float64(bound(x), x, qw, b) < 3e-3, (k, m)
 
@@ -111,7 +115,7 @@ def test_interpreter_warp_k_tile_in_groups_of_64():
     old = kt.CODE_MODE
     kt.CODE_MODE = "operand"
     try:
-        kt.launch(x, laid, out, (16, 16, 256, 1, 4, 3), bias=b, layout="operand")
+        kt.launch(x, laid, out, (8, 16, 256, 1, 4, 3), bias=b, layout="operand")
     finally:
         kt.CODE_MODE = old
     assert _rel_to_float64(out, x, qw, b) < 3e-3
@@ -120,19 +124,19 @@ def test_interpreter_warp_k_tile_in_groups_of_64():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
 def test_sass_warp_k_tile_multiplies_on_tensor_cores_without_spilling():
     """Compiled for sm_90 (no GPU): a warp-K tile's K loop runs mma.sync (HMMA; a batched dot is not
-    wgmma), one m16n8k16 pair per 16 columns of its warp's slice, stores nothing to shared memory (with
+    wgmma), one m16n8k16 per 16 columns of its warp's slice (8 rows of x: the n8), stores nothing to shared memory (with
     K in canonical order Triton took the dequantized operand through it: 8 STS a step; k4_order keeps it
     in the registers it was unpacked in), and ptxas spills nothing."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("this Triton has no bundled nvdisasm")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_counts.py"), "--modes", "operand",
-                        "--config", "16,16,512,1,4,3", "--count", "HMMA,HGMMA,STS", "--ptxas"],
+                        "--config", "8,16,512,1,4,3", "--count", "HMMA,HGMMA,STS", "--ptxas"],
                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    loop = next(ln for ln in lines if ln.startswith("(16, 16, 512"))
-    assert "[HMMA: 16]" in loop and "[HGMMA: 0]" in loop and "[STS: 0]" in loop, loop
+    loop = next(ln for ln in lines if ln.startswith("(8, 16, 512"))
+    assert "[HMMA: 8]" in loop and "[HGMMA: 0]" in loop and "[STS: 0]" in loop, loop
     assert any("ptxas:" in ln and "no performance warning" in ln for ln in lines), lines
 
 
@@ -141,13 +145,14 @@ def test_sass_warp_k_tile_multiplies_on_tensor_cores_without_spilling():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_warp_k_bound_layer_matches_reference(dtype):
     """On the GPU: the warp-K tiles of a 4096x4096 layer (each row count and warp count over the whole
-    of K, and the split runs of 64 rows) within 3e-3 of float64, M = 1, 4, 16, in a CUDA graph too (the
+    of K, and the split runs of 64 rows) within 3e-3 of float64, M = 1, 4, 8 and 16 (two tiles of x), in a
+    CUDA graph too (the
     split runs' counters left zeroed for the next replay)."""
     qw, b = _layer(4096, 4096, 128, dtype, "cuda", seed=7)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for cfg in [c for c in kt.warp_k_configs(4096, 4096, 128, sms) if c[3] == 1 or (c[1] == 64 and c[4] == 8)]:
         bound = kt.BoundLinear(qw, b, config=cfg)
-        for m in (1, 4, 16):
+        for m in (1, 4, 8, 16):
             x = torch.randn(m, 4096, device="cuda", dtype=dtype)
             assert _rel_to_float64(bound(x), x, qw, b) < 3e-3, (cfg, m)
         static = torch.randn(4, 4096, device="cuda", dtype=dtype)

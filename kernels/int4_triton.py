@@ -275,18 +275,8 @@ def _warp_k_product(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, NGROUPS, stride_wn, st
                             eviction_policy="evict_first")
         g = (st * SK) // GROUP
         in_k = mask_n[None, :] & (st * SK < K)[:, None]  # slices past K must not read past the scales
-        if SZ_PACKED == 2:  # split: group-major words, BLOCK_N contiguous of each
-            v = tl.load(s_ptr + (g // 2)[:, None] * N + offs_n[None, :], mask=in_k, other=0)
-            s = ((v >> ((g % 2) * 16)[:, None]) & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
-            v = tl.load(s_ptr + ((NGROUPS + 1) // 2 + g // 8)[:, None] * N + offs_n[None, :], mask=in_k, other=0)
-            z = (v >> ((g % 8) * 4)[:, None]) & 0xF
-        elif SZ_PACKED == 1:
-            v = tl.load(s_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0)
-            s = (v & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
-            z = (v >> 16) & 0xFF
-        else:
-            s = tl.load(s_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0.0)
-            z = tl.load(z_ptr + offs_n[None, :] * NGROUPS + g[:, None], mask=in_k, other=0).to(tl.int32)
+        # z stays int32 here: a uint8 zero point in the operand's making sends the tile through shared memory
+        s, z = _scale_zero(s_ptr, z_ptr, offs_n[None, :], g[:, None], in_k, N, NGROUPS, SZ_PACKED, False, x.dtype)
         # K in k4_order on both sides: each thread's operand registers are then its own unpacked words
         acc = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM, True), tl.permute(k4_order(x), (0, 2, 1)), acc)
     return tl.trans(tl.sum(acc, axis=0))
@@ -344,21 +334,8 @@ def _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_w
                                 eviction_policy="evict_first")
             g = (t * BLOCK_K) // GROUP
             in_k = mask_n & (t * BLOCK_K < K)  # tiles past K (last split) must not read past the scales
-            if SZ_PACKED == 2:  # split: group-major words, BLOCK_N contiguous of each
-                v = tl.load(s_ptr + (g // 2) * N + offs_n, mask=in_k, other=0)
-                s = ((v >> ((g % 2) * 16)) & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
-                v = tl.load(s_ptr + ((NGROUPS + 1) // 2 + g // 8) * N + offs_n, mask=in_k, other=0)
-                z = ((v >> ((g % 8) * 4)) & 0xF).to(tl.uint8)
-            elif SZ_PACKED == 1:
-                v = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
-                s = (v & 0xFFFF).to(tl.uint16).to(x.dtype, bitcast=True)
-                z = ((v >> 16) & 0xFF).to(tl.uint8)
-            else:
-                s = tl.load(s_ptr + offs_n * NGROUPS + g, mask=in_k, other=0.0)
-                if OFFSETS:
-                    z = tl.zeros((BLOCK_N,), dtype=tl.uint8)
-                else:
-                    z = tl.load(z_ptr + offs_n * NGROUPS + g, mask=in_k, other=0)
+            s, z = _scale_zero(s_ptr, z_ptr, offs_n, g, in_k, N, NGROUPS, SZ_PACKED, OFFSETS, x.dtype)
+            z = z.to(tl.uint8)
             if OPERAND:
                 tl.static_assert(not OFFSETS, "the operand layout takes no float offsets")
                 acc_t = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.trans(x), acc_t)
@@ -428,6 +405,31 @@ def _tile_product(x_ptr, qw_ptr, s_ptr, z_ptr, m_ptr, M, N, K, NGROUPS, stride_w
     if SWAP:
         acc = tl.trans(acc_t)
     return acc
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, rows, g, mask, N, NGROUPS, SZ_PACKED: tl.constexpr, OFFSETS: tl.constexpr,
+                DT: tl.constexpr):
+    """Scales and zero points (int32) of weight rows `rows` in groups `g`, the two broadcast together (a
+    tile's [BLOCK_N] and one group; a warp-K tile's [1, BLOCK_N] and [WARP_K, 1]): from the split words
+    (SZ_PACKED 2: group-major, BLOCK_N contiguous of each), the [N, groups] words (1, scale in DT), or
+    the layer's own tensors (0; OFFSETS: no zero points, w = q s + m)."""
+    if SZ_PACKED == 2:
+        v = tl.load(s_ptr + (g // 2) * N + rows, mask=mask, other=0)
+        s = ((v >> ((g % 2) * 16)) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        v = tl.load(s_ptr + ((NGROUPS + 1) // 2 + g // 8) * N + rows, mask=mask, other=0)
+        z = (v >> ((g % 8) * 4)) & 0xF
+    elif SZ_PACKED == 1:
+        v = tl.load(s_ptr + rows * NGROUPS + g, mask=mask, other=0)
+        s = (v & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        z = (v >> 16) & 0xFF
+    else:
+        s = tl.load(s_ptr + rows * NGROUPS + g, mask=mask, other=0.0)
+        if OFFSETS:
+            z = tl.zeros_like(rows + g)
+        else:
+            z = tl.load(z_ptr + rows * NGROUPS + g, mask=mask, other=0).to(tl.int32)
+    return s, z
 
 
 @triton.jit

@@ -104,8 +104,8 @@ def _pair(v, words):
 
 @triton.jit
 def k4_order(x):
-    """x [B, M, C] (C a multiple of 32) with its columns in the order dequant_operand(K4=True) gives the
-    weight's: within each 32 columns, position 16a + 4i + 2b + c holds column 16a + 8b + 2i + c. A dot
+    """x [B, M, C] (C a multiple of 32) with its columns in the order dequant_operand gives a batch of
+    weights: within each 32 columns, position 16a + 4i + 2b + c holds column 16a + 8b + 2i + c. A dot
     sums over its K in any order, as long as both operands share it: in this one each thread's four
     consecutive K of a batched dot's operand are one code word's, so the dequantized weight stays in the
     registers it was unpacked in (in canonical order Triton took it through shared memory)."""
@@ -116,12 +116,12 @@ def k4_order(x):
 
 
 @triton.jit
-def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr, K4: tl.constexpr = False):
+def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 words [R, W] in int4_layouts' "operand" layout, zero-points z [R] (uint8) and scales
     s [R] -> (q - z) * s as DT [R, 8W] in canonical column order, each value rounded once. Or a
-    batch of them: words [B, R, W], z and s [B, R] -> [B, R, 8W] (a batched dot's operand).
-    K4 (a batch only): the columns in k4_order instead, the order in which each thread of a batched
-    dot's operand (kWidth 4) already holds them.
+    batch of them: words [B, R, W], z and s [B, R] -> [B, R, 8W] (a batched dot's operand), its
+    columns in k4_order, the order in which each thread of a batched dot's operand (kWidth 4) already
+    holds them.
     (Float offsets, w = q s + m, are not taken: m rounded to DT before the sum loses the weight
     where q s is close to -m; such weights keep the canonical layout.)
 
@@ -167,9 +167,7 @@ def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr, K4: tl
         B: tl.constexpr = words.shape[0]
         R: tl.constexpr = words.shape[1]
         W: tl.constexpr = words.shape[2]
-        if K4:  # [.., chunk, i, a, b, c] -> [.., chunk, a, i, b, c]
-            q = tl.permute(tl.reshape(q, (B, R, W // 4, 4, 2, 2, 2)), (0, 1, 2, 4, 3, 5, 6))
-        else:
-            q = tl.permute(tl.reshape(q, (B, R, W // 4, 4, 2, 2, 2)), (0, 1, 2, 4, 5, 3, 6))
+        # [.., chunk, i, a, b, c] -> [.., chunk, a, i, b, c]: k4_order
+        q = tl.permute(tl.reshape(q, (B, R, W // 4, 4, 2, 2, 2)), (0, 1, 2, 4, 3, 5, 6))
         q = tl.reshape(q, (B, R, 8 * W))
     return q

@@ -231,7 +231,7 @@ def _warp_k_product(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, NGROUPS, stride_wn, st
         # z stays int32 here: a uint8 zero point in the operand's making sends the tile through shared memory
         s, z = _scale_zero(s_ptr, z_ptr, offs_n[None, :], g[:, None], in_k, N, NGROUPS, SZ_PACKED, False, x.dtype)
         # K in k4_order on both sides: each thread's operand registers are then its own unpacked words
-        acc = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM, True), tl.permute(k4_order(x), (0, 2, 1)), acc)
+        acc = tl.dot(dequant_operand(words, z, s, x.dtype, USE_ASM), tl.permute(k4_order(x), (0, 2, 1)), acc)
     return tl.trans(tl.sum(acc, axis=0))
 
 

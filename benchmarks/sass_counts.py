@@ -140,6 +140,8 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
               "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS,
               "SPLIT": kt.SZ_SPLIT, "SLICED": sliced, "PARTS": ws.CONSUMER_PARTS,
               "num_warps": 8 // ws.CONSUMER_PARTS}  # a consumer partition's warps, as launch passes them
+    if group == 128:  # Triton specializes an integer argument equal to 1 as a constant, as a launch's is here
+        consts["GROUP_TILES"] = 1
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
     sig.update(x_desc=mangle_type(x_desc), q_desc=mangle_type(q_desc), s_ptr="*i32", out_ptr="*" + _TY[dtype],
                b_ptr="*" + _TY[dtype], ws_ptr="*fp32", cnt_ptr="*i32")

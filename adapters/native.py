@@ -140,10 +140,10 @@ class TritonKernel(Kernel):
             return Availability(False, f"Triton is not installed: {pip_extra('triton')}")
         import triton
 
-        from quantbridge.kernels import int4_wgmma
+        from quantbridge.kernels import int4_configs
 
         # the tiles that make M >= 64 fast on an H100: say whether this machine gets them
-        ws = "with" if mod.WGMMA_WS and int4_wgmma.available() else "without (they need an sm_90 GPU and Gluon)"
+        ws = "with" if int4_configs.ws_module() is not None else "without (they need an sm_90 GPU and Gluon)"
         return Availability(True, f"triton {triton.__version__}, {ws} the warp-specialized Hopper tiles")
 
     def can_implement(self, weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> Availability:

@@ -114,7 +114,7 @@ if [ "${VARIANTS:-0}" = 1 ]; then
   reps=${VAR_REPEAT:-1}
   for i in $(seq 1 "$reps"); do
     tag=$([ "$reps" -gt 1 ] && echo "-p$i")
-    # QUANTBRIDGE_TUNE_LOG: every search's first-pass times, re-timings and pick (kernels/int4_triton.log_search)
+    # QUANTBRIDGE_TUNE_LOG: every search's first-pass times, re-timings and pick (kernels/int4_tuner.log_search)
     QUANTBRIDGE_TUNE_LOG="$OUT/kernel-variants$tag.tune-log.jsonl" \
     timeout "${VARIANTS_TIMEOUT:-300}" python3 benchmarks/kernel_variants.py "$OUT/kernel-variants$tag.json" \
       --shapes "${VAR_SHAPES:-8192x28672,4096x4096,4096x14336,14336x4096}" --batch "${VAR_BATCH:-1,4,16,64,128}" \
@@ -311,10 +311,10 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # KxNxM, or KxNxMxKERNEL for another kernel on round-to-nearest codes (marlin, machete: with
   # VLLM_KERNELS=1's library in the same call), matched by PROFILE_KERNEL_RE (default: its name).
   # PROFILE_CONFIG=BM,BN,BK,SPLIT_K,WARPS,STAGES: the native kernel held to that tile, not the tuned one.
-  # PROFILE_FIXUP=R: int4_wgmma.FIXUP_ROWS (how the ws tiles' stream-K parts are summed).
-  # PROFILE_SZ_SPLIT=1: int4_triton.SZ_SPLIT (the tiles read the split scale and zero-point words).
-  # PROFILE_FIXUP_LOADS=L: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
-  # PROFILE_FIXUP_SLICED=1 or 0: int4_wgmma.FIXUP_SLICED on or off (a split run's parts summed by all its
+  # PROFILE_FIXUP=R: int4_settings.FIXUP_ROWS (how the ws tiles' stream-K parts are summed).
+  # PROFILE_SZ_SPLIT=1: int4_settings.SZ_SPLIT (the tiles read the split scale and zero-point words).
+  # PROFILE_FIXUP_LOADS=L: int4_settings.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
+  # PROFILE_FIXUP_SLICED=1 or 0: int4_settings.FIXUP_SLICED on or off (a split run's parts summed by all its
   # programs, the default since r11, or by the last to arrive); unset: the module's.
   # PROFILE_KERNEL_BASE=demangled: the regex sees the whole demangled name (Machete's kernel is a CUTLASS
   # device_kernel whose template argument names it).

@@ -37,44 +37,44 @@ VARIANTS["operand-tiled"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPE
 VARIANTS["operand-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": False, "STREAM_K": True}
 VARIANTS["operand-tiled-streamk"] = {"CODE_MODE": "operand", "SCALES_PACKED": True, "OPERAND_TILED": True,
                                      "STREAM_K": True}
-# + the warp-specialized Gluon tiles at M >= 64 (kernels/int4_wgmma.py, int4_triton.WGMMA_WS)
+# + the warp-specialized Gluon tiles at M >= 64 (kernels/int4_wgmma.py, int4_settings.WGMMA_WS)
 VARIANTS["operand-tiled-ws"] = {**VARIANTS["operand-tiled-streamk"], "WGMMA_WS": True}
-# + its 16-row tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE)
+# + its 16-row tiles at M <= 16 (int4_settings.WGMMA_WS_DECODE)
 VARIANTS["operand-tiled-ws-decode"] = {**VARIANTS["operand-tiled-ws"], "WGMMA_WS_DECODE": True}
-# + the ws tile freeing each stage one step later, beside the next wait (int4_wgmma.RELEASE_LAG)
+# + the ws tile freeing each stage one step later, beside the next wait (int4_settings.RELEASE_LAG)
 VARIANTS["operand-tiled-ws-lag2"] = {**VARIANTS["operand-tiled-ws"], "RELEASE_LAG": 2}
-# + the ws tile's stream-K parts stored for the rows of x only, summed 16 rows at a time (int4_wgmma.FIXUP_ROWS;
+# + the ws tile's stream-K parts stored for the rows of x only, summed 16 rows at a time (int4_settings.FIXUP_ROWS;
 # the kernel's default since r9, so "operand-tiled-ws" is now its A/B variant), one part's loads at a time
 # (FIXUP_LOADS 1: the kernel's default up to r9, now the A/B variant of "operand-tiled-ws-fixup16-loads4")
 VARIANTS["operand-tiled-ws-fixup16"] = {**VARIANTS["operand-tiled-ws"], "FIXUP_ROWS": 16, "FIXUP_LOADS": 1}
-# + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_triton.SZ_SPLIT)
+# + the scales and zero points in split group-major words, 2.5 bytes a row and group (int4_settings.SZ_SPLIT)
 VARIANTS["operand-tiled-ws-sz25"] = {**VARIANTS["operand-tiled-ws"], "SZ_SPLIT": True}
-# + the row-chunk fix-up's loads four parts at a time (int4_wgmma.FIXUP_LOADS 4): the kernel's default since
+# + the row-chunk fix-up's loads four parts at a time (int4_settings.FIXUP_LOADS 4): the kernel's default since
 # r10; r10's own settings, the A/B variant of r11's "-sliced-fast"
 VARIANTS["operand-tiled-ws-fixup16-loads4"] = {**VARIANTS["operand-tiled-ws-fixup16"], "FIXUP_LOADS": 4}
-# + a split run's parts summed by all of the tile's programs, each a slice of its rows (int4_wgmma.FIXUP_SLICED)
+# + a split run's parts summed by all of the tile's programs, each a slice of its rows (int4_settings.FIXUP_SLICED)
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
                                                       "FIXUP_SLICED": True}
 # + the ws tile's consumer warpgroups as two partitions of one warpgroup each, half the tile's rows each
-# (int4_wgmma.CONSUMER_PARTS 2: barriers of 128 threads, not 256; the (128, 256) and (256, 128) tiles left out)
+# (int4_settings.CONSUMER_PARTS 2: barriers of 128 threads, not 256; the (128, 256) and (256, 128) tiles left out)
 VARIANTS["operand-tiled-ws-fixup16-loads4-2cons"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "CONSUMER_PARTS": 2}
-# + the tuner emptying L2 by a read before each timed candidate, as the bench does (int4_triton.TUNE_TIMING),
+# + the tuner emptying L2 by a read before each timed candidate, as the bench does (int4_settings.TUNE_TIMING),
 # and timing each in CUDA-graph replays, as the bench times a call
 VARIANTS["operand-tiled-ws-fixup16-loads4-readflush"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
                                                          "TUNE_TIMING": "read"}
 VARIANTS["operand-tiled-ws-fixup16-loads4-graphtimed"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"],
                                                           "TUNE_TIMING": "graph"}
-# + the ws tile launched through its compiled kernel's launcher after the first call (int4_wgmma.FAST_LAUNCH):
+# + the ws tile launched through its compiled kernel's launcher after the first call (int4_settings.FAST_LAUNCH):
 # no Gluon binder per call, so the tuner's eager timings see less host cost; with and without the sliced sum.
 # "-sliced-fast" is the kernel's default since r11 (the variant precompile_triton.py compiles without --modes)
 VARIANTS["operand-tiled-ws-fixup16-loads4-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4"], "FAST_LAUNCH": True}
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"] = {**VARIANTS["operand-tiled-ws-fixup16-loads4-sliced"],
                                                            "FAST_LAUNCH": True}
-# r11's default + the warp-K decode tiles at M <= 8 (int4_triton.DECODE_WARP_K: each K step split among
+# r11's default + the warp-K decode tiles at M <= 8 (int4_settings.DECODE_WARP_K: each K step split among
 # a program's warps, a batched dot summed once after the loop; 8 rows of x, 16 to 64 weight rows a program)
 VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast-warpk"] = {
     **VARIANTS["operand-tiled-ws-fixup16-loads4-sliced-fast"], "DECODE_WARP_K": True}
-# + the ws tile's 16-row decode tiles at M <= 16 (int4_triton.WGMMA_WS_DECODE), the tuner timing every
+# + the ws tile's 16-row decode tiles at M <= 16 (int4_settings.WGMMA_WS_DECODE), the tuner timing every
 # candidate in CUDA-graph replays: r6 judged these tiles by eager timing, which put a ws launch's host
 # cost (~50-110 us, benchmarks/NOTES.md, sixth session) on kernels of ~50 us. Its A/B is "-graphtimed".
 VARIANTS["operand-tiled-ws-fixup16-loads4-decode-graphtimed"] = {
@@ -94,27 +94,24 @@ for _v in VARIANTS.values():  # the variants before them ran without them
     _v.setdefault("TUNE_TIMING", "do_bench")
     _v.setdefault("DECODE_WARP_K", False)
 
-# settings of int4_wgmma; the rest are int4_triton's
-_WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED", "CONSUMER_PARTS", "FAST_LAUNCH")
-
-
-def _module(key: str):
-    """The module that holds a variant setting."""
-    from quantbridge.kernels import int4_triton as kt
-    from quantbridge.kernels import int4_wgmma as ws
-
-    return ws if key in _WS_SETTINGS else kt
+# the ws tile's settings (int4_wgmma's launches read them); the rest are the Triton tiles' and the tuner's
+WS_SETTINGS = ("RELEASE_LAG", "FIXUP_ROWS", "FIXUP_LOADS", "FIXUP_SLICED", "CONSUMER_PARTS", "FAST_LAUNCH")
 
 
 def current(key: str):
-    """A variant setting's value as the kernel modules hold it now."""
-    return getattr(_module(key), key)
+    """A variant setting's value as int4_settings holds it now (AttributeError: no such setting)."""
+    from quantbridge.kernels import int4_settings
+
+    return getattr(int4_settings, key)
 
 
-def _apply(settings: dict) -> None:
-    """Set one variant's module settings on the Triton kernel (the layer is built and first called under them)."""
-    for key, value in settings.items():
-        setattr(_module(key), key, value)
+def _apply(values: dict) -> None:
+    """Set one variant's settings on int4_settings (the layer is built and first called under them)."""
+    from quantbridge.kernels import int4_settings
+
+    for key, value in values.items():
+        current(key)  # a name the settings do not hold is an error, not a new attribute
+        setattr(int4_settings, key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

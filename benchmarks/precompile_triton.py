@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
-from kernel_variants import _WS_SETTINGS, VARIANTS, _apply, current  # the kernel settings each mode stands for
+from kernel_variants import VARIANTS, WS_SETTINGS, _apply, current  # the kernel settings each mode stands for
 
 from quantbridge.run.bench import parse_shapes
 
@@ -39,34 +39,37 @@ def default_mode() -> str | None:
 
 
 def _jobs(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], group: int, modes: list[str]) -> list:
-    from quantbridge.kernels import int4_triton as kt
+    from quantbridge.kernels import int4_configs as kc
+    from quantbridge.kernels import int4_settings as settings
 
     # M only enters the specialization as "is 1" or "a multiple of 16": one M per class.
     jobs: dict[tuple, tuple] = {}
     # each mode's candidates under its own STREAM_K and ws tile settings (CONSUMER_PARTS 2 leaves some
     # tiles out, WGMMA_WS_DECODE adds the 16-row ones, DECODE_WARP_K the warp-K ones), as the worker will
     # launch them, then the settings as they were
-    shaping = (*_WS_SETTINGS, "WGMMA_WS_DECODE", "DECODE_WARP_K")
-    stream_k, saved = kt.STREAM_K, {key: current(key) for key in shaping}
+    shaping = (*WS_SETTINGS, "WGMMA_WS_DECODE", "DECODE_WARP_K")
+    stream_k, saved = settings.STREAM_K, {key: current(key) for key in shaping}
     for m in ms:
-        mb = kt.m_bucket(m)
+        mb = kc.m_bucket(m)
         cls = 1 if mb == 1 else 16 if mb % 16 == 0 else 0
         for k, n in shapes:
             for mode in modes:
                 layout = OPERAND_MODES[mode][0] if mode in OPERAND_MODES else "canonical"
                 if mode in VARIANTS:
                     _apply({key: VARIANTS[mode][key] for key in shaping})
-                kt.STREAM_K = mode in OPERAND_MODES and OPERAND_MODES[mode][2]
-                for cfg in kt.candidate_configs(mb, n, k, group, layout):
+                settings.STREAM_K = mode in OPERAND_MODES and OPERAND_MODES[mode][2]
+                for cfg in kc.candidate_configs(mb, n, k, group, layout):
                     for dt in dtypes:
                         jobs.setdefault((cls, cfg, dt, mode), (mb, cfg, dt, mode))
                 _apply(saved)
-    kt.STREAM_K = stream_k
+    settings.STREAM_K = stream_k
     return sorted(jobs.values())
 
 
 def _worker(rank: int, jobs: list, group: int, counts) -> None:
+    from quantbridge.kernels import int4_configs as kc
     from quantbridge.kernels import int4_layouts as lay
+    from quantbridge.kernels import int4_settings as settings
     from quantbridge.kernels import int4_triton as kt
     from quantbridge.plugin.packed import quantize_rtn
     from quantbridge.plugin.spec import QuantSpec
@@ -85,7 +88,7 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
             continue
         if mode in VARIANTS:
             _apply(VARIANTS[mode])
-        kt.CODE_MODE = "operand" if mode in OPERAND_MODES else mode
+        settings.CODE_MODE = "operand" if mode in OPERAND_MODES else mode
         dtype, w = DTYPES[dt], weights[dt]
         x = torch.randn(mb, k, device="cuda", dtype=dtype)
         out = torch.empty(mb, n, device="cuda", dtype=dtype)
@@ -95,8 +98,8 @@ def _worker(rank: int, jobs: list, group: int, counts) -> None:
             if mode in OPERAND_MODES:
                 layout, reads_packed, _ = OPERAND_MODES[mode]
                 kt.launch(x, laid[layout, dt], out, cfg, layout=layout,
-                          sz=packed[kt.SZ_SPLIT, dt] if reads_packed else None)
-            elif mode == "tiled" and cfg != kt.DEQUANT_CUBLAS:
+                          sz=packed[settings.SZ_SPLIT, dt] if reads_packed else None)
+            elif mode == "tiled" and cfg != kc.DEQUANT_CUBLAS:
                 kt.launch(x, laid[mode, dt], out, cfg, layout=mode)
             else:
                 kt.launch(x, w, out, cfg)
@@ -122,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("precompile_triton: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from quantbridge.kernels import int4_triton as kt
+    from quantbridge.kernels import int4_settings as settings
 
-    modes = a.modes.split(",") if a.modes else [default_mode() or kt.CODE_MODE]
-    unknown = [m for m in modes if m not in kt.CODE_MODES and m not in OPERAND_MODES]
+    modes = a.modes.split(",") if a.modes else [default_mode() or settings.CODE_MODE]
+    unknown = [m for m in modes if m not in settings.CODE_MODES and m not in OPERAND_MODES]
     if unknown:
-        print(f"precompile_triton: no mode {', '.join(unknown)}; modes: {', '.join([*kt.CODE_MODES, *OPERAND_MODES])}",
-              file=sys.stderr)
+        known = ", ".join([*settings.CODE_MODES, *OPERAND_MODES])
+        print(f"precompile_triton: no mode {', '.join(unknown)}; modes: {known}", file=sys.stderr)
         return 2
     jobs = _jobs(parse_shapes(a.shapes), [int(m) for m in a.batch.split(",")], a.dtypes.split(","),
                  a.group_size, modes)

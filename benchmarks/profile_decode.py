@@ -11,20 +11,20 @@ Usage: python3 benchmarks/profile_decode.py [K N M [KERNEL]] [--config BM,BN,BK,
 (default: 8192 28672 1, Llama-3-70B gate/up)
 KERNEL: a registered kernel (marlin, machete, ...) run on round-to-nearest codes, as bench's rtn+K
 rows are; without it, the native backend. ncu's --kernel-name must then match that kernel's name.
---config: the native kernel with this configuration (int4_triton.Config) instead of the tuned one,
+--config: the native kernel with this configuration (int4_configs.Config) instead of the tuned one,
 to profile a tile the tuner did not keep (its choice moves between tiles that time within 2 %).
---fixup-rows: int4_wgmma.FIXUP_ROWS for the warp-specialized tiles (how stream-K parts are summed).
---fixup-loads: int4_wgmma.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
---[no-]fixup-sliced: int4_wgmma.FIXUP_SLICED on (a split run's parts summed by all its programs, a slice
+--fixup-rows: int4_settings.FIXUP_ROWS for the warp-specialized tiles (how stream-K parts are summed).
+--fixup-loads: int4_settings.FIXUP_LOADS (parts whose loads the row-chunk fix-up issues at once).
+--[no-]fixup-sliced: int4_settings.FIXUP_SLICED on (a split run's parts summed by all its programs, a slice
 each; the default since r11) or off.
---sz-split: int4_triton.SZ_SPLIT (the tiles read split scale and zero-point words, 2.5 bytes a row and group).
+--sz-split: int4_settings.SZ_SPLIT (the tiles read split scale and zero-point words, 2.5 bytes a row and group).
 """
 
 import argparse
 import sys
 
 import torch
-from kernel_variants import _apply  # benchmarks/: sets A/B settings on int4_triton or int4_wgmma
+from kernel_variants import _apply  # benchmarks/: sets A/B settings on int4_settings
 
 from quantbridge.plugin.backend import get
 from quantbridge.plugin.kernel import build_exactly
@@ -38,7 +38,7 @@ def _six_ints(text: str) -> tuple[int, ...]:
     except ValueError:
         cfg = ()
     if len(cfg) != 6:
-        raise argparse.ArgumentTypeError("six integers: BM,BN,BK,SPLIT_K,WARPS,STAGES (int4_triton.Config)")
+        raise argparse.ArgumentTypeError("six integers: BM,BN,BK,SPLIT_K,WARPS,STAGES (int4_configs.Config)")
     return cfg
 
 
@@ -46,11 +46,11 @@ def _args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shape", nargs="*", help="K N M [KERNEL]")
     ap.add_argument("--config", type=_six_ints, help="BM,BN,BK,SPLIT_K,WARPS,STAGES")
-    ap.add_argument("--fixup-rows", type=int, help="int4_wgmma.FIXUP_ROWS")
-    ap.add_argument("--fixup-loads", type=int, help="int4_wgmma.FIXUP_LOADS")
+    ap.add_argument("--fixup-rows", type=int, help="int4_settings.FIXUP_ROWS")
+    ap.add_argument("--fixup-loads", type=int, help="int4_settings.FIXUP_LOADS")
     ap.add_argument("--fixup-sliced", action=argparse.BooleanOptionalAction,
-                    help="int4_wgmma.FIXUP_SLICED on or off (default: the module's)")
-    ap.add_argument("--sz-split", action="store_true", help="int4_triton.SZ_SPLIT")
+                    help="int4_settings.FIXUP_SLICED on or off (default: the module's)")
+    ap.add_argument("--sz-split", action="store_true", help="int4_settings.SZ_SPLIT")
     a = ap.parse_args(argv)
     if len(a.shape) not in (0, 3, 4) or not all(v.isdigit() for v in a.shape[:3]):
         ap.error("the shape is K N M (integers), then optionally a kernel's name")
@@ -61,7 +61,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 def main() -> None:
     a = _args(sys.argv[1:])
-    # the kernel settings asked for, each set on the module that holds it (as the A/B variants are)
+    # the kernel settings asked for, set as the A/B variants set theirs
     _apply({key: value for key, value in (("FIXUP_ROWS", a.fixup_rows), ("FIXUP_LOADS", a.fixup_loads),
                                           ("FIXUP_SLICED", a.fixup_sliced),
                                           ("SZ_SPLIT", a.sz_split or None)) if value is not None})

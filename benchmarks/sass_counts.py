@@ -37,6 +37,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from quantbridge.kernels import int4_configs as kc
+from quantbridge.kernels import int4_settings as settings
 from quantbridge.kernels import int4_triton as kt
 
 _TY = {"bf16": "bf16", "fp16": "fp16"}
@@ -56,13 +58,13 @@ def _signature(fn, dtype: str, words: bool, offsets: bool) -> dict[str, str]:
     return sig
 
 
-def compile_sass(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192,
+def compile_sass(cfg: kc.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192,
                  offsets: bool = False, arch: int = 90) -> str:
     """SASS of the kernel one configuration launches (M = 1 for GEMV tiles, 16 otherwise)."""
     return _compile(cfg, mode, dtype, group, k, offsets, arch)[0]
 
 
-def ptxas_verdict(cfg: kt.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192) -> str:
+def ptxas_verdict(cfg: kc.Config, mode: str, dtype: str = "bf16", group: int = 128, k: int = 8192) -> str:
     """ptxas -v on the kernel's PTX for sm_90a: registers, and its performance warnings (or none)."""
     return _ptxas(_compile(cfg, mode, dtype, group, k, False, 90)[1])
 
@@ -84,20 +86,21 @@ def _ptxas(ptx: str) -> str:
     return f"ptxas: {regs}; " + ("; ".join(warn) if warn else "no performance warning")
 
 
-def _compile(cfg: kt.Config, mode: str, dtype: str, group: int, k: int, offsets: bool, arch: int) -> tuple[str, str]:
+def _compile(cfg: kc.Config, mode: str, dtype: str, group: int, k: int, offsets: bool, arch: int) -> tuple[str, str]:
     """(SASS, PTX) of one configuration's kernel."""
     bm, bn, bk, sk, warps, stages = cfg
-    mode_i = kt.CODE_MODES[mode]
-    slices = kt.warp_k(cfg)
+    mode_i = settings.CODE_MODES[mode]
+    slices = kc.warp_k(cfg)
     words = bm == 1 or (mode_i >= 3 and bk // slices <= group and (bm <= 64 or mode_i == 8))  # the kernel's WORD_TILES
     fn = kt._int4_gemv_kernel if bm == 1 else kt._int4_matmul_kernel
     head = (group, bn, bk, sk) if bm == 1 else (group, bm, bn, bk, sk, bm <= 16)
     consts = head + (False, offsets, mode_i, k % bk == 0, True) + ((stages if mode_i == 5 else 1,) if bm == 1 else ()) \
-        + (mode == "tiled" or (mode == "operand" and kt.OPERAND_TILED),)
+        + (mode == "tiled" or (mode == "operand" and settings.OPERAND_TILED),)
     sig = _signature(fn, _TY[dtype], words, offsets)
     if bm != 1:  # operand tiles read packed scales and zero points, as a bound layer's do (SCALES_PACKED)
-        packed = kt.SCALES_PACKED and mode == "operand" and not offsets
-        consts += ((2 if kt.SZ_SPLIT else 1) if packed else 0, slices)  # SZ_PACKED (int4_triton.sz_format), WARP_K
+        packed = settings.SCALES_PACKED and mode == "operand" and not offsets
+        # SZ_PACKED (int4_layouts.sz_format), WARP_K
+        consts += ((2 if settings.SZ_SPLIT else 1) if packed else 0, slices)
         if packed:
             sig["s_ptr"] = "*i32"
     if bm == 1 and mode == "xprep":
@@ -137,9 +140,10 @@ def compile_ws(cfg: tuple[int, int, int], dtype: str = "bf16", group: int = 128,
     fn = ws._int4_ws_kernel
     consts = {"HAS_BIAS": False, "ASM": (ASM_FP16_SCALED if dtype == "fp16" else ASM_BF16_SCALED).value,
               "TWO_E": 1024.0 if dtype == "fp16" else 128.0, "BLOCK_N": cfg[1], "STAGES": cfg[2],
-              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": ws.RELEASE_LAG, "FIXUP": ws.FIXUP_ROWS, "LOADS": ws.FIXUP_LOADS,
-              "SPLIT": kt.SZ_SPLIT, "SLICED": sliced, "PARTS": ws.CONSUMER_PARTS,
-              "num_warps": 8 // ws.CONSUMER_PARTS}  # a consumer partition's warps, as launch passes them
+              "IN_FLIGHT": ws.IN_FLIGHT, "LAG": settings.RELEASE_LAG, "FIXUP": settings.FIXUP_ROWS,
+              "LOADS": settings.FIXUP_LOADS,
+              "SPLIT": settings.SZ_SPLIT, "SLICED": sliced, "PARTS": settings.CONSUMER_PARTS,
+              "num_warps": 8 // settings.CONSUMER_PARTS}  # a consumer partition's warps, as launch passes them
     if group == 128:  # Triton specializes an integer argument equal to 1 as a constant, as a launch's is here
         consts["GROUP_TILES"] = 1
     sig = {a: "constexpr" if a in consts else "i32" for a in fn.arg_names}
@@ -197,7 +201,7 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
 
 
-def report(cfg: kt.Config, mode: str, dtype: str, offsets: bool = False, count: tuple[str, ...] = ()) -> str:
+def report(cfg: kc.Config, mode: str, dtype: str, offsets: bool = False, count: tuple[str, ...] = ()) -> str:
     """One line: the K loop's length, instructions per code, its six commonest opcodes, and how many
     of its opcodes start with each prefix in `count` (e.g. BAR, LDG, LDGSTS)."""
     loop = main_loop(compile_sass(cfg, mode, dtype, offsets=offsets))
@@ -208,7 +212,7 @@ def report(cfg: kt.Config, mode: str, dtype: str, offsets: bool = False, count: 
     return f"{str(cfg):26} {mode:8} {dtype} {len(loop):5} instr  {len(loop) / codes:5.2f}/code  {top}{counted}"
 
 
-def listing(cfg: kt.Config, mode: str, dtype: str, offsets: bool, prefixes: tuple[str, ...]) -> str:
+def listing(cfg: kc.Config, mode: str, dtype: str, offsets: bool, prefixes: tuple[str, ...]) -> str:
     """The K loop's instructions with the given opcode prefixes, each with its position in the loop:
     where the wgmma, their waits and the barriers sit against the rest (dequantization, loads)."""
     loop = main_loop(compile_sass(cfg, mode, dtype, offsets=offsets))
@@ -217,7 +221,7 @@ def listing(cfg: kt.Config, mode: str, dtype: str, offsets: bool, prefixes: tupl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default=",".join(kt.CODE_MODES))
+    ap.add_argument("--modes", default=",".join(settings.CODE_MODES))
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TY))
     ap.add_argument("--config", action="append", help="BM,BN,BK,SPLIT_K,warps,stages (repeatable)")
     ap.add_argument("--offsets", action="store_true", help="float offsets per group (GGUF Q4_1/Q4_K)")
@@ -235,40 +239,38 @@ def main(argv: list[str] | None = None) -> int:
                     help="BLOCK_M,BLOCK_N,STAGES of kernels/int4_wgmma.py's warp-specialized tile (repeatable; "
                          "replaces --config and --modes; counts HGMMA, WARPGROUP.DEPBAR.LE and STS by default)")
     ap.add_argument("--release-lag", type=int, choices=(1, 2),
-                    help="int4_wgmma.RELEASE_LAG for --ws: when a consumer frees a stage (default: the module's)")
+                    help="int4_settings.RELEASE_LAG for --ws: when a consumer frees a stage (default: the module's)")
     ap.add_argument("--fixup-rows", type=int,
-                    help="int4_wgmma.FIXUP_ROWS for --ws: a stream-K tile summed whole (0) or R rows of x at a time")
+                    help="int4_settings.FIXUP_ROWS for --ws: a stream-K tile summed whole (0) or R rows of x at a time")
     ap.add_argument("--fixup-loads", type=int,
-                    help="int4_wgmma.FIXUP_LOADS for --ws: parts whose loads a row-chunk fix-up issues at once")
+                    help="int4_settings.FIXUP_LOADS for --ws: parts whose loads a row-chunk fix-up issues at once")
     ap.add_argument("--fixup-sliced", action="store_true",
-                    help="--ws compiled as a split run summed in slices (int4_wgmma.FIXUP_SLICED's launches), "
+                    help="--ws compiled as a split run summed in slices (int4_settings.FIXUP_SLICED's launches), "
                          "not as every other launch")
     ap.add_argument("--consumer-parts", type=int, choices=(1, 2),
-                    help="int4_wgmma.CONSUMER_PARTS for --ws: the consumer warpgroups as one partition or two")
+                    help="int4_settings.CONSUMER_PARTS for --ws: the consumer warpgroups as one partition or two")
     ap.add_argument("--sz-split", action="store_true",
                     help="packed scales and zero points split into group-major words, 2.5 bytes a row and group "
-                         "(int4_triton.SZ_SPLIT), for operand and --ws tiles")
+                         "(int4_settings.SZ_SPLIT), for operand and --ws tiles")
     a = ap.parse_args(argv)
-    kt.SZ_SPLIT = a.sz_split
+    settings.SZ_SPLIT = a.sz_split
     if a.ws:
-        from quantbridge.kernels import int4_wgmma as ws
-
         if a.release_lag is not None:
-            ws.RELEASE_LAG = a.release_lag
+            settings.RELEASE_LAG = a.release_lag
         if a.fixup_rows is not None:
-            ws.FIXUP_ROWS = a.fixup_rows
+            settings.FIXUP_ROWS = a.fixup_rows
         if a.fixup_loads is not None:
-            ws.FIXUP_LOADS = a.fixup_loads
+            settings.FIXUP_LOADS = a.fixup_loads
         if a.consumer_parts is not None:
-            ws.CONSUMER_PARTS = a.consumer_parts
+            settings.CONSUMER_PARTS = a.consumer_parts
         count = tuple(p for p in (a.count or "HGMMA,WARPGROUP.DEPBAR.LE,STS").split(",") if p)
         for c in a.ws:
             print(report_ws(tuple(int(v) for v in c.split(",")), a.dtype, count, a.ptxas, a.fixup_sliced), flush=True)
         return 0
     if a.unpacked:
-        kt.SCALES_PACKED = False
+        settings.SCALES_PACKED = False
     if a.row_major:
-        kt.OPERAND_TILED = False
+        settings.OPERAND_TILED = False
     count = tuple(p for p in a.count.split(",") if p)
     cfgs = [tuple(int(v) for v in c.split(",")) for c in a.config] if a.config else [
         (1, 128, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 4, 8, 4), (64, 128, 64, 2, 4, 3)]

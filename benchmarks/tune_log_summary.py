@@ -1,4 +1,4 @@
-"""One line per search of a tuner log ($QUANTBRIDGE_TUNE_LOG, kernels/int4_triton.log_search): its key,
+"""One line per search of a tuner log ($QUANTBRIDGE_TUNE_LOG, kernels/int4_tuner.log_search): its key,
 timing, pick, and the fastest first-pass time of a warp-specialized (ws) candidate and of a Triton one.
 
 Where eager timing adds a launch's host cost, the ws candidates' best time sits far above their kernel
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-WS_WARPS = 12  # int4_triton.WS_WARPS: the num_warps that marks a ws configuration
+WS_WARPS = 12  # int4_configs.WS_WARPS: the num_warps that marks a ws configuration
 
 
 def summarize(lines: list[str], key_part: str = "") -> list[str]:

@@ -11,6 +11,8 @@ import argparse
 
 import torch
 
+from quantbridge.kernels import int4_configs as kc
+from quantbridge.kernels import int4_settings as settings
 from quantbridge.kernels import int4_triton as kt
 from quantbridge.kernels import int4_wgmma as ws
 from quantbridge.plugin.packed import quantize_rtn
@@ -20,8 +22,8 @@ from quantbridge.plugin.spec import QuantSpec
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in-flight", default="0,1,2,3")
-    ap.add_argument("--lag", default="1,2", help="int4_wgmma.RELEASE_LAG values")
-    ap.add_argument("--fixup", default="0", help="int4_wgmma.FIXUP_ROWS values (0: the whole tile at once)")
+    ap.add_argument("--lag", default="1,2", help="int4_settings.RELEASE_LAG values")
+    ap.add_argument("--fixup", default="0", help="int4_settings.FIXUP_ROWS values (0: the whole tile at once)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--shape", default="512x1024", help="NxK")
     a = ap.parse_args(argv)
@@ -32,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_w = qw.dequantize(torch.float64)
     for f, lag, fix in ((int(v), int(g), int(r)) for r in a.fixup.split(",") for g in a.lag.split(",")
                         for v in a.in_flight.split(",")):
-        ws.IN_FLIGHT, ws.RELEASE_LAG, ws.FIXUP_ROWS = f, lag, fix
+        ws.IN_FLIGHT, settings.RELEASE_LAG, settings.FIXUP_ROWS = f, lag, fix
         for bm, bn, st in ws.configs(512, n, k, 128) + ws.configs(16, n, k, 128):
             for sk in (1, -5):
-                bound = kt.BoundLinear(qw, None, config=(bm, bn, 128, sk, kt.WS_WARPS, st))
+                bound = kt.BoundLinear(qw, None, config=(bm, bn, 128, sk, kc.WS_WARPS, st))
                 errs = []
                 for m in (1, bm, 3 * bm):
                     x = torch.randn(m, k, generator=gen).to("cuda", dtype)

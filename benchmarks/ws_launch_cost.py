@@ -1,7 +1,7 @@
 """Host cost of a native layer call by configuration, through each of the ws tile's launch paths.
 
 For each case (a layer K x N at M rows, held to one configuration) and each launch path of the ws
-tile (LAUNCHES: "gluon", int4_wgmma.FAST_LAUNCH off, Gluon's own launch every call; "fast", on, in a
+tile (LAUNCHES: "gluon", int4_settings.FAST_LAUNCH off, Gluon's own launch every call; "fast", on, in a
 layer whose plan was made with it off, so each call goes through int4_triton._run and the compiled
 launcher; "bound", on from the layer's first call, so its plan holds an int4_wgmma.BoundLaunch), after
 warm-up:
@@ -32,7 +32,8 @@ from launch_overhead import CALLS
 from launch_overhead import measure as per_call  # benchmarks/: host, eager and graph time of a call
 from profile_decode import _six_ints  # benchmarks/: a configuration given as BM,BN,BK,SPLIT_K,WARPS,STAGES
 
-from quantbridge.kernels import int4_wgmma, tune_timing
+from quantbridge.kernels import int4_settings as settings
+from quantbridge.kernels import tune_timing
 from quantbridge.kernels.int4_triton import BoundLinear
 from quantbridge.measure.hardware import device_info
 from quantbridge.plugin.backend import get
@@ -59,9 +60,9 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
     # "gluon" and "fast" share a layer whose plan was made with the fast launch off (not bound)
     unbound, bound = BoundLinear(packed, None, config=cfg), BoundLinear(packed, None, config=cfg)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    rows, outs, default = [], {}, int4_wgmma.FAST_LAUNCH
+    rows, outs, default = [], {}, settings.FAST_LAUNCH
     for path in LAUNCHES:
-        int4_wgmma.FAST_LAUNCH = path != "gluon"
+        settings.FAST_LAUNCH = path != "gluon"
         layer = bound if path == "bound" else unbound
         for _ in range(20):
             outs[path] = layer(x)
@@ -91,7 +92,7 @@ def measure(k: int, n: int, m: int, cfg: tuple) -> list[dict]:
         for timing in tune_timing.TIMINGS:
             row[f"tune_{timing}_us"] = 1e3 * tune_timing.time_ms(lambda: layer(x), x.device, timing, 10, 100)
         rows.append(row)
-    int4_wgmma.FAST_LAUNCH = default
+    settings.FAST_LAUNCH = default
     tune_timing.release(x.device)
     same = all(torch.equal(outs[p], outs["gluon"]) for p in LAUNCHES)
     for row in rows:

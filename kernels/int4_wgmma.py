@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from quantbridge.kernels import int4_settings as settings
 from quantbridge.kernels._fast_launch import run_compiled, sm_count, tma_launcher
 from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
 from quantbridge.kernels.int4_layouts import sz_format
@@ -73,7 +74,7 @@ def smem_bytes(cfg: WsConfig) -> int:
 
 def counter_count(m: int, n: int, cfg: WsConfig) -> int:
     """int32 counters a stream-K launch uses: one per output tile and consumer partition (CONSUMER_PARTS)."""
-    return tiles(m, n, cfg) * CONSUMER_PARTS
+    return tiles(m, n, cfg) * settings.CONSUMER_PARTS
 
 
 # wgmma groups a consumer leaves in flight before it unpacks the next chunk (one group per 32-column
@@ -81,56 +82,6 @@ def counter_count(m: int, n: int, cfg: WsConfig) -> int:
 # (0 serializes them: the diagnostic in benchmarks/wgmma_check.py)
 IN_FLIGHT = 3
 
-# When a consumer frees a stage: 1, the step after it, once its four groups are done (at the fourth
-# chunk's wait); 2, the step after that, just before waiting for the stage it is about to read. Gluon
-# puts a barrier of all consumer threads around each release (one thread arrives) and before each
-# wait: two release points and one wait are three barriers a step; a release next to the wait shares
-# one, two a step, at the cost of one stage of the producer's lead (ncu at M >= 128:
-# benchmarks/NOTES.md): the producer runs STAGES - 2 steps ahead, not STAGES - 1 (every tile has 3 or more).
-RELEASE_LAG = 1
-
-# How a stream-K tile's parts are kept and summed: 0, all BLOCK_M rows of each part stored as the
-# accumulator holds them, and the last program sums whole parts (128 more floats a thread), then
-# stores through shared memory; R > 0, the parts stored x-row-major for the rows of x that exist
-# only, with an L2 evict_last hint, and summed R rows of x at a time (R x BLOCK_N floats a chunk).
-# ncu saw the 128x256 tile's 132-program twin take 23 % more cycles a step than the whole tile and
-# write its 35 MB of parts back to DRAM. With R = 16 the twin took 7 % fewer cycles (its parts still
-# reach DRAM) and, on an H100, M=128 ran 3 % faster and M=512 1 % in four processes each, on the
-# same tiles as R = 0 (benchmarks/NOTES.md, r8); 0 stays as the A/B variant.
-FIXUP_ROWS = 16
-# Parts whose loads a row-chunk fix-up issues before adding them (FIXUP_ROWS > 0): 1, one part at a
-# time, each load waiting on the last add; L > 1, L parts' loads in flight at once (added in program
-# order either way, so the sum is the same bits). A tile split into s runs has its last program make
-# s x BLOCK_M / FIXUP_ROWS such round trips while the SMs of the other runs sit idle: ncu of 4096x1024
-# at M=512 on 32 tiles x 4 runs saw the SMs active 57 % of the time (benchmarks/NOTES.md, r9). 4 is the
-# default since r10: its A/B on an H100 took 4096x1024 at M=512 from 23.8 to 19.5 us and 14336x4096 at
-# M=64 from 33.8 to 30.2 us, the other shapes alike; 1 stays as the A/B variant.
-FIXUP_LOADS = 4
-# Who sums a split run's parts (FIXUP_ROWS > 0; programs = tiles x s, each tile's K in s runs, one per
-# program): False, the tile's last program to arrive sums all its row chunks while the other s - 1
-# have ended (the tail ncu saw, above); True, every program of the tile waits until all s parts are
-# stored, then sums every s-th row chunk, in program order as before (the same bits). The wait needs
-# all programs resident at once, which only a cooperative launch guarantees (other streams, graph
-# branches or processes may hold SMs): such launches are cooperative, and the driver refuses one
-# whose programs cannot all be resident. On since r11: with FAST_LAUNCH (which took the eager-timing
-# floor off the tuner) an H100 ran the small layers' split runs 3.5-9 % faster tile for tile, and in
-# two processes 3.2-5.8 % faster where both tuners picked a split run (benchmarks/NOTES.md, sixth and
-# seventh sessions). False stays as the A/B variant.
-FIXUP_SLICED = True
-
-# How many partitions the consumer warpgroups are: 1, one partition of two warpgroups (8 warps) holding
-# the whole [BLOCK_N, BLOCK_M] accumulator; 2, two partitions of one warpgroup each, partition h holding
-# weight rows h * BLOCK_N / 2 .. of the tile (its codes, scales, accumulator and output columns), both
-# waiting on the same `ready` barriers and each arriving on `empty` (count 2). Gluon's mbarrier.arrive is
-# one thread's, so each release and each wait is fenced by a barrier of the whole partition: ncu on an
-# H100 at M=512 saw the consumers stall on barriers 5.3 times per issued instruction, Machete's 3.4
-# (benchmarks/NOTES.md); with two partitions each barrier holds 128 threads, not 256, and one warpgroup
-# waits on it while the other goes on. A stream-K part is summed per half: a counter per (tile, half),
-# and each half's last program sums that half's columns, in program order (the same bits as 1). An A/B
-# setting, off: on an H100 it ran 5-26 % slower in 7 of 9 large-layer cells at M >= 64 (the same 64x256
-# tile 8.5 % slower at 8192x28672 M=64; the 256-wide tiles it cannot offer won at M=512) and within 2 %
-# in the other two (benchmarks/NOTES.md, sixth session).
-CONSUMER_PARTS = 1
 # With two partitions every warp keeps the launch's 168 registers (65,536 over 12 warps: no setmaxnreg,
 # see _int4_ws_kernel), which holds a consumer warpgroup's 64 accumulator floats a thread but not 128:
 # the (128, 256) and (256, 128) tiles then serialize their wgmma (ptxas C7511/C7512), and configs() leaves
@@ -155,7 +106,7 @@ def configs(m: int, n: int, k: int, group: int, decode: bool = True) -> list[WsC
         bm = min(m, 128)
         tiles = [(bm, 128, 4), (bm, 256, 3)] + ([(256, 128, 3)] if m >= 256 else [])
     return [c for c in tiles if fits(n, k, group, c[1]) and smem_bytes(c) <= SMEM_LIMIT
-            and (CONSUMER_PARTS == 1 or c[0] * c[1] <= ACC_LIMIT_2P)]
+            and (settings.CONSUMER_PARTS == 1 or c[0] * c[1] <= ACC_LIMIT_2P)]
 
 
 if gluon is not None:
@@ -487,23 +438,16 @@ def sums_sliced(m: int, n: int, k: int, cfg: WsConfig, programs: int | None, sms
     multiple s >= 2 of the tiles in programs (each program's run then lies in one tile: program
     a*s + b runs steps floor(b*K/s) .. floor((b+1)*K/s) of tile a), no more runs a tile than K steps,
     at least two row chunks to share, and no more programs than SMs (a cooperative launch's bound)."""
-    if not (FIXUP_SLICED and FIXUP_ROWS and programs):
+    if not (settings.FIXUP_SLICED and settings.FIXUP_ROWS and programs):
         return False
     t = tiles(m, n, cfg)
     s = programs // t
-    chunks = -(-min(m, cfg[0]) // FIXUP_ROWS)
+    chunks = -(-min(m, cfg[0]) // settings.FIXUP_ROWS)
     return programs % t == 0 and 2 <= s <= k // TILE_K and chunks >= 2 and programs <= sms
 
 
-# Launches after the first of each specialization call the compiled kernel's launcher directly, as
-# _fast_launch does for the Triton tiles: Gluon's own path binds and specializes every argument and
-# looks the kernel up on each call. Eager timing on an H100 found no ws tile below ~50-110 us, kernels
-# of 15-80 us under graph replay: that host cost, paid by the tuner's eager timings and by any eager
-# caller. A BoundLinear plan is bound (BoundLaunch) and the tuner times candidates so (int4_triton):
-# on an H100 a ws call then cost the host 12-19 us against 111-126 through Gluon, and eager time was
-# the kernel's (benchmarks/NOTES.md, seventh session). Its GPU test passed there, bit for bit against
-# Gluon's launch; on since r11. False (the A/B variant): every launch through Gluon.
-FAST_LAUNCH = True
+# Launches after the first of each specialization call the compiled launcher directly (FAST_LAUNCH,
+# int4_settings says why): the compiled kernels by launch_key.
 _COMPILED: dict[tuple, object] = {}
 # the kernel's constexpr parameters, in its signature's order (num_warps last)
 _CONSTEXPRS = ("HAS_BIAS", "ASM", "TWO_E", "BLOCK_N", "STAGES", "IN_FLIGHT", "LAG", "FIXUP", "LOADS", "SPLIT",
@@ -532,20 +476,21 @@ def _arguments(x2: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, cfg: WsCon
                          f"groups of 128 or a multiple and packed int32 scales; got {x2.dtype}, N={n}, K={k}, "
                          f"group {group}, scales {sz.dtype}")
     p = tiles(m, n, cfg) if programs is None else programs
-    if CONSUMER_PARTS not in (1, 2) or (CONSUMER_PARTS == 2 and bm * bn > ACC_LIMIT_2P):
-        raise ValueError(f"CONSUMER_PARTS is 1 or 2 (not {CONSUMER_PARTS}), and with 2 a tile holds at most "
+    parts = settings.CONSUMER_PARTS
+    if parts not in (1, 2) or (parts == 2 and bm * bn > ACC_LIMIT_2P):
+        raise ValueError(f"CONSUMER_PARTS is 1 or 2 (not {parts}), and with 2 a tile holds at most "
                          f"{ACC_LIMIT_2P} outputs (64 accumulator floats a consumer thread); got {cfg}")
     if programs is not None and (ws is None or counters is None or ws.numel() < 2 * p * bm * bn
                                  or counters.numel() < counter_count(m, n, cfg)):
         raise ValueError(f"stream-K over {p} programs needs a workspace of {2 * p * bm * bn} floats and "
-                         f"{counter_count(m, n, cfg)} zeroed counters ({CONSUMER_PARTS} a tile: CONSUMER_PARTS)")
+                         f"{counter_count(m, n, cfg)} zeroed counters ({parts} a tile: CONSUMER_PARTS)")
     split = sz_format(sz, n, k // group) == 2
     sliced = sums_sliced(m, n, k, cfg, programs, sm_count(x2.device.index))
     fp16 = x2.dtype == torch.float16
     ints = (m, n, k // group, group // TILE_K, out.stride(0), p)
     consts = (bias is not None, (ASM_FP16_SCALED if fp16 else ASM_BF16_SCALED).value, 1024.0 if fp16 else 128.0, bn,
-              stages, IN_FLIGHT, RELEASE_LAG, FIXUP_ROWS, FIXUP_LOADS, split, sliced, CONSUMER_PARTS,
-              8 // CONSUMER_PARTS)
+              stages, IN_FLIGHT, settings.RELEASE_LAG, settings.FIXUP_ROWS, settings.FIXUP_LOADS, split, sliced, parts,
+              8 // parts)
     return p, ints, consts, sliced
 
 
@@ -560,13 +505,13 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: torch.T
     p, ints, consts, sliced = _arguments(x2, sz, out, cfg, group, bias, programs, ws, counters)
     descs = descriptors(x2, codes, cfg)
     ptrs = (sz, out, out if bias is None else bias, out if ws is None else ws, sz if counters is None else counters)
-    key = launch_key(x2.device.index, x2.dtype, cfg[0], consts, ptrs, ints) if FAST_LAUNCH else None
-    kernel = _COMPILED.get(key) if FAST_LAUNCH else None
+    key = launch_key(x2.device.index, x2.dtype, cfg[0], consts, ptrs, ints) if settings.FAST_LAUNCH else None
+    kernel = _COMPILED.get(key) if settings.FAST_LAUNCH else None
     if kernel is None:
         kernel = _int4_ws_kernel[(p,)](
             *descs, *ptrs, *ints, **dict(zip(_CONSTEXPRS, consts)),
             launch_cooperative_grid=sliced)  # the sliced sum's programs wait on each other: all resident
-        if FAST_LAUNCH and kernel is not None:
+        if settings.FAST_LAUNCH and kernel is not None:
             _COMPILED[key] = kernel
         return kernel
     # The compiled kernel's own launcher encodes the two TMA descriptors (a driver call each) and
@@ -599,7 +544,7 @@ def bind(kernel, x2: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, out: t
     later calls that differ only in x's, out's and the workspace's addresses: x contiguous and
     16-byte aligned, out fresh from torch.empty, ws of the same size. None with FAST_LAUNCH off
     or where the compiled launcher's C entry cannot be called directly (tma_launcher)."""
-    tma = tma_launcher(kernel) if FAST_LAUNCH else None
+    tma = tma_launcher(kernel) if settings.FAST_LAUNCH else None
     if tma is None or len(tma.encodings) != 2 or not x2.is_contiguous():
         return None
     p, ints, consts, _ = _arguments(x2, sz, out, cfg, group, bias, programs, ws, counters)

@@ -1,6 +1,6 @@
 """How the tuner times one candidate: median milliseconds of a launch, L2 emptied before each.
 
-Three ways (int4_triton.TUNE_TIMING picks one):
+Three ways (int4_settings.TUNE_TIMING picks one):
 - "do_bench": triton.testing.do_bench. Its L2 flush zeroes a 256 MB buffer, so each timed launch
   starts with L2 full of dirty lines that are written back while the launch reads its weight.
 - "read": launched as do_bench does (eagerly, CUDA events around each), but L2 is emptied by a read

@@ -12,8 +12,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from quantbridge.kernels import int4_configs as kc  # noqa: E402
 from quantbridge.kernels import int4_layouts as lay  # noqa: E402
+from quantbridge.kernels import int4_settings as settings  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
+from quantbridge.kernels import int4_tuner as tn  # noqa: E402
 from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
 from quantbridge.plugin.spec import QuantSpec  # noqa: E402
 
@@ -32,7 +35,7 @@ def _check(x, qw, ref, cfg, tol):
     xp = x.index_select(-1, qw.perm) if qw.perm is not None else x
     out = torch.full((x.shape[0], qw.out_features), float("nan"), device=x.device, dtype=x.dtype)
     k = qw.in_features
-    if cfg != kt.DEQUANT_CUBLAS and cfg[0] != 1 and not kt.splits(k, cfg[2], cfg[3]):
+    if cfg != kc.DEQUANT_CUBLAS and cfg[0] != 1 and not kc.splits(k, cfg[2], cfg[3]):
         with pytest.raises(ValueError, match="leaves a split empty"):  # refused, never run
             kt.launch(xp.contiguous(), qw, out, cfg)
         return
@@ -53,7 +56,7 @@ INTERPRETER_CASES = [
     (20, 24, 256, -1, False, (32, 16, 64, 1, 4, 3)),  # per-channel
     (70, 20, 128, 64, False, (64, 16, 64, 1, 4, 3)),  # M not a multiple of BLOCK_M, dequantize-then-dot
     (130, 40, 512, 128, False, (128, 32, 64, 4, 8, 3)),  # large-M tile split over K (M=64..256 candidates)
-    (40, 36, 256, 128, True, kt.DEQUANT_CUBLAS),       # large-M path: Triton dequantize + matmul
+    (40, 36, 256, 128, True, kc.DEQUANT_CUBLAS),       # large-M path: Triton dequantize + matmul
     # CUDA-core GEMV (BLOCK_M = 1): words of 8 codes, one group per tile
     (1, 40, 256, 128, False, (1, 32, 128, 1, 4, 3)),
     (2, 33, 512, 64, True, (1, 32, 64, 4, 4, 3)),     # two rows, N ragged, split-K
@@ -143,7 +146,7 @@ def test_interpreter_dequantize_offsets_is_exact(gs):
 @pytest.mark.parametrize("offsets", [False, True])
 def test_interpreter_other_code_modes_match(m, n, k, gs, sym, cfg, mode, offsets, monkeypatch):
     # The modes kept for A/B timing beside the default (benchmarks/kernel_variants.py).
-    monkeypatch.setattr(kt, "CODE_MODE", mode)
+    monkeypatch.setattr(settings, "CODE_MODE", mode)
     x, qw, _ = _case(m, n, k, gs, sym, torch.float32, "cpu", seed=m * 7 + n)
     if offsets:
         qw = _with_offsets(qw, torch.float32, seed=m)
@@ -153,17 +156,17 @@ def test_interpreter_other_code_modes_match(m, n, k, gs, sym, cfg, mode, offsets
 
 def test_configs_are_valid_for_shapes():
     for m in (1, 2, 16, 64, 128, 4096):
-        cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128)
-        assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[2] % 2 == 0 and c[3] >= 1) for c in cfgs)
+        cfgs = kc.candidate_configs(kc.m_bucket(m), 4096, 4096, 128)
+        assert cfgs and all(c == kc.DEQUANT_CUBLAS or (c[2] % 2 == 0 and c[3] >= 1) for c in cfgs)
         # GEMV tiles only for the smallest M, each inside one group
         assert all(c[0] != 1 or (m <= 2 and 128 % c[2] == 0) for c in cfgs)
-    assert kt.m_bucket(1) == 1 and kt.m_bucket(3) == 4 and kt.m_bucket(5000) == 4096
+    assert kc.m_bucket(1) == 1 and kc.m_bucket(3) == 4 and kc.m_bucket(5000) == 4096
 
 
 # One configuration per kernel path, so the GPU tests compile a handful of kernels
 # instead of tuning every shape (the tuner itself is tested once below).
 GPU_CONFIGS = [(1, 64, 32, 4, 4, 3), (16, 64, 256, 4, 4, 3), (16, 64, 128, 4, 4, 3), (32, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
-               (128, 128, 64, 2, 8, 3), kt.DEQUANT_CUBLAS]
+               (128, 128, 64, 2, 8, 3), kc.DEQUANT_CUBLAS]
 GPU_SHAPES = [(1, 4096, 4096), (3, 1000, 1152), (16, 264, 640), (33, 4096, 1024), (600, 1000, 1152)]
 
 
@@ -194,7 +197,7 @@ def test_gpu_float_offsets_match_reference(dtype, off_dtype):
         layer = get_kernel("triton").build(qw, None)  # the bound launch path, as gguf weights take it on CUDA
         assert layer.kernel == "quantbridge.triton"
         for cfg in GPU_CONFIGS[:-1]:
-            if cfg[0] != 1 and not kt.splits(k, cfg[2], cfg[3]):
+            if cfg[0] != 1 and not kc.splits(k, cfg[2], cfg[3]):
                 continue  # refused (an empty split over whole K-tiles): _check above asserts it
             layer._bound.config, layer._bound.plans = cfg, {}
             rel = ((layer(x).double() - ref).norm() / ref.norm()).item()
@@ -205,7 +208,7 @@ def test_gpu_float_offsets_match_reference(dtype, off_dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["i2f", "magic", "inplace", "prefetch", "async", "xprep"])
 def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
-    monkeypatch.setattr(kt, "CODE_MODE", mode)  # the modes benchmarks/kernel_variants.py times
+    monkeypatch.setattr(settings, "CODE_MODE", mode)  # the modes benchmarks/kernel_variants.py times
     x, qw, ref = _case(3, 1000, 1152, 128, False, dtype, "cuda", seed=5)
     for cfg in GPU_CONFIGS:
         _check(x, qw, ref, cfg, 1e-2)
@@ -218,7 +221,7 @@ def test_gpu_other_code_modes_match(dtype, mode, monkeypatch):
     ("operand", [(16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
                  (256, 128, 64, 1, 8, 3), (128, 128, 64, -64, 4, 4), (64, 128, 128, -48, 4, 3)]),
     ("operand-tiled", [(1, 64, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 64, 1, 4, 3), (64, 128, 128, 1, 4, 3),
-                       (128, 128, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3), kt.DEQUANT_CUBLAS])])
+                       (128, 128, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3), kc.DEQUANT_CUBLAS])])
 def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
     """"xprep" runs two launches per call (activations prepared, then the GEMV); "tiled" reads a
     tile-major copy of the codes; "operand" its operand layout, scales applied in bf16;
@@ -226,8 +229,8 @@ def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
     dequantize + cuBLAS; negative split-K: stream-K over that many programs. A bound layer gives
     the reference product on its first call, on later calls and replayed in a CUDA graph. bf16
     outputs: 1e-2 covers their rounding and, for the operand layouts, the weight's."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand" if mode == "operand-tiled" else mode)
-    monkeypatch.setattr(kt, "OPERAND_TILED", mode == "operand-tiled")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand" if mode == "operand-tiled" else mode)
+    monkeypatch.setattr(settings, "OPERAND_TILED", mode == "operand-tiled")
     for i, cfg in enumerate(configs):
         m = 2 if cfg[0] <= 1 else cfg[0] - 3
         x, qw, ref = _case(m, 1024, 1024, 128, False, torch.bfloat16, "cuda", seed=70 + i)
@@ -251,14 +254,14 @@ def test_gpu_bound_layer_modes_eager_and_in_a_graph(mode, configs, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_tuner_picks_a_correct_config_and_caches_it(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
-    tuner = kt._Tuner()
+    tuner = tn.Tuner(kt.candidate_run)
     # K/g = 32: the specialization benchmarks/precompile_triton.py compiles, so the search hits its cache
     x, qw, ref = _case(16, 2048, 4096, 128, False, torch.bfloat16, "cuda", seed=3)
     cfg = tuner.config(x, qw)
     _check(x, qw, ref, cfg, 1e-2)
     cached = list(tmp_path.glob("triton-int4-*.json"))
     assert len(cached) == 1 and "m16-n2048-k4096-g128-bfloat16" in cached[0].read_text()
-    again = kt._Tuner()
+    again = tn.Tuner(kt.candidate_run)
     again._search = None  # a second tuner must read the file, not search again
     assert again.config(x, qw) == cfg
 
@@ -267,15 +270,15 @@ def test_gpu_tuner_picks_a_correct_config_and_caches_it(tmp_path, monkeypatch):
 @pytest.mark.parametrize("timing", ["read", "graph"])
 def test_gpu_tuner_timed_as_the_bench_picks_a_correct_config_under_its_own_key(timing, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBRIDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(kt, "TUNE_TIMING", timing)
-    tuner = kt._Tuner()
+    monkeypatch.setattr(settings, "TUNE_TIMING", timing)
+    tuner = tn.Tuner(kt.candidate_run)
     x, qw, ref = _case(16, 2048, 4096, 128, False, torch.bfloat16, "cuda", seed=5)
     cfg = tuner.config(x, qw)
     _check(x, qw, ref, cfg, 1e-2)
-    assert cfg in kt.candidate_configs(16, 2048, 4096, 128)
+    assert cfg in kc.candidate_configs(16, 2048, 4096, 128)
     keys = json.loads(next(tmp_path.glob("triton-int4-*.json")).read_text())
     assert [key for key in keys if key.startswith("m16-n2048-k4096-g128-bfloat16")] == \
-        [kt.tuner_key(16, 2048, 4096, 128, torch.bfloat16, "canonical", 0)]
+        [tn.tuner_key(16, 2048, 4096, 128, torch.bfloat16, "canonical", 0)]
     assert next(iter(keys)).endswith({"read": "-frd", "graph": "-tgr"}[timing])
 
 
@@ -296,7 +299,7 @@ def test_gpu_act_order_and_bias_via_native_backend():
 def test_gpu_cached_launches_match_reference():
     """After the first call, launches skip Triton's binder: shapes that share a configuration
     but not a specialization (M = 1 vs 3, aligned vs offset pointers) must still be right."""
-    cfg = (16, 64, 128, 3, 4, 3)  # split-K 3 over K = 9 whole tiles: no split empty (kt.splits)
+    cfg = (16, 64, 128, 3, 4, 3)  # split-K 3 over K = 9 whole tiles: no split empty (kc.splits)
     cases = [_case(m, 1000, 1152, 128, False, torch.bfloat16, "cuda", seed=10 + m) for m in (1, 3, 16, 1, 3)]
     for _ in range(3):  # every case runs through the cached launcher at least twice
         for x, qw, ref in cases:
@@ -383,7 +386,7 @@ def test_tiled_layout_round_trips_bit_exact():
 def test_interpreter_tiled_bound_layer_matches_reference(cfg, monkeypatch):
     """"tiled": a bound layer reads its tile-major copy through every kernel path (GEMV, word tiles,
     byte tiles), with N a whole number of tiles but not of BLOCK_N, and split-K."""
-    monkeypatch.setattr(kt, "CODE_MODE", "tiled")
+    monkeypatch.setattr(settings, "CODE_MODE", "tiled")
     qw, b = _bound_case(192, 512, 128, torch.float32, "cpu", False, True, seed=cfg[1] + cfg[0])
     bound = kt.BoundLinear(qw, b, config=cfg)
     assert bound.layout == "tiled" and not torch.equal(bound.weight.qweight, qw.qweight)
@@ -454,8 +457,8 @@ def fixed_tuner(monkeypatch):
         if m <= 2:
             return (1, 64, 128, 4, 4, 3)
         if m <= 16:  # the most splits (4 or fewer) that leave none empty
-            return (16, 64, 128, next(sk for sk in (4, 3, 2, 1) if kt.splits(k, 128, sk)), 4, 3)
-        return (32, 64, 64, 2, 4, 3) if m < 128 else kt.DEQUANT_CUBLAS
+            return (16, 64, 128, next(sk for sk in (4, 3, 2, 1) if kc.splits(k, 128, sk)), 4, 3)
+        return (32, 64, 64, 2, 4, 3) if m < 128 else kc.DEQUANT_CUBLAS
     monkeypatch.setattr(kt.TUNER, "config", config)
 
 
@@ -503,7 +506,7 @@ def test_gpu_native_linear_bound_path(dtype, act_order, bias, fixed_tuner):
         assert _rel(out.reshape(-1, 1000), kt.int4_linear(x, qw, b).reshape(-1, 1000).double()) < 1e-2
     plans = layer._bound.plans
     assert set(plans) == {1, 3, 16, 40}
-    assert all(p.raw is not None for p in plans.values() if p.cfg != kt.DEQUANT_CUBLAS)
+    assert all(p.raw is not None for p in plans.values() if p.cfg != kc.DEQUANT_CUBLAS)
     torch.cuda.synchronize()
     assert all(p.counters is None or not p.counters.any() for p in plans.values())
 
@@ -596,7 +599,7 @@ def test_interpreter_operand_bound_layer_matches_reference(cfg, sym, offsets, mo
     last M tile, split-K with a ragged split), zero-points and symmetric codes. Float offsets
     (GGUF's q * s + m) keep the canonical layout: m rounded to bf16 before the sum would lose the
     weights where q * s is close to -m."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", False, True, seed=cfg[0] + cfg[1] + sym)
     if sym or offsets:
         x0, qw, _ = _case(1, 72, 640, 128, sym, torch.float32, "cpu", seed=cfg[1] + 2 * sym)
@@ -625,9 +628,9 @@ def test_interpreter_operand_codes_are_the_one_copy_dequantize_cublas_reads(monk
     """The operand layout is a bound layer's only copy of the codes: dequantize + cuBLAS reads it as
     codes, each value stored at the column it holds, act-order permutation included; canonical()
     gives the codes back bit-exactly."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float32, "cpu", True, True, seed=11)
-    bound = kt.BoundLinear(qw, b, config=kt.DEQUANT_CUBLAS)
+    bound = kt.BoundLinear(qw, b, config=kc.DEQUANT_CUBLAS)
     assert bound.layout == "operand" and bound._dq_w is bound.weight
     assert torch.equal(bound.canonical().qweight, qw.qweight)
     assert torch.equal(kt.dequantize(bound.weight, torch.float32, "operand"), kt.dequantize(qw, torch.float32))
@@ -655,7 +658,7 @@ def test_interpreter_stream_k_matches_reference(programs, k):
     m, n = 37, 72
     x, qw, ref = _case(m, n, k, 64 if k % 64 == 0 else -1, False, torch.float32, "cpu", seed=programs + k)
     cfg = (16, 32, 64, -programs, 4, 3)
-    counters = torch.zeros(kt.counter_slots(cfg, m, n), dtype=torch.int32)
+    counters = torch.zeros(kc.counter_slots(cfg, m, n), dtype=torch.int32)
     outs = []
     for _ in range(2):
         out = torch.full((m, n), float("nan"))
@@ -667,7 +670,7 @@ def test_interpreter_stream_k_matches_reference(programs, k):
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError, match="at least as many"):
         kt.launch(x, qw, torch.empty(m, n), (16, 32, 64, -91, 4, 3))  # 90 steps: a program would get none
-    assert kt.partials_numel(cfg, m, n) == 2 * programs * 16 * 32
+    assert kc.partials_numel(cfg, m, n) == 2 * programs * 16 * 32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -678,11 +681,11 @@ def test_interpreter_stream_k_partials_only_for_rows_of_x(m):
     n, k, programs = 72, 640, 7
     x, qw, ref = _case(m, n, k, 64, False, torch.float32, "cpu", seed=70 + m)
     cfg = (16, 32, 64, -programs, 4, 3)
-    numel = kt.partials_numel(cfg, m, n)
+    numel = kc.partials_numel(cfg, m, n)
     ws = kt._workspace(torch.device("cpu"), 0, numel)[2]
     ws.fill_(float("nan"))
     out = torch.full((m, n), float("nan"))
-    kt.launch(x, qw, out, cfg, counters=torch.zeros(kt.counter_slots(cfg, m, n), dtype=torch.int32))
+    kt.launch(x, qw, out, cfg, counters=torch.zeros(kc.counter_slots(cfg, m, n), dtype=torch.int32))
     assert _rel(out, ref) < 1e-5
     slots = ws[:numel].view(2 * programs, 16, 32)
     assert slots[:, m:].isnan().all()  # rows past M: never written
@@ -695,8 +698,8 @@ def test_interpreter_stream_k_operand_tiles_with_packed_scales(tiled, monkeypatc
     """Stream-K through a bound operand layer's tiles (W x^T, packed scales, bias), codes row-major
     or tile-major (OPERAND_TILED), runs crossing tiles, against float64 through the same dequantized
     weight (fp16 activations)."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
-    monkeypatch.setattr(kt, "OPERAND_TILED", tiled)
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "OPERAND_TILED", tiled)
     qw, b = _bound_case(192, 768, 128, torch.float16, "cpu", True, True, seed=61)
     gen = torch.Generator().manual_seed(62)
     for cfg in ((64, 64, 64, -5, 4, 3), (16, 128, 128, -4, 4, 3)):
@@ -712,23 +715,23 @@ def test_interpreter_stream_k_operand_tiles_with_packed_scales(tiled, monkeypatc
 def test_stream_k_candidates_only_where_asked_and_where_they_fit(monkeypatch):
     """The tuner tries stream-K (STREAM_K) on operand tiles: at M >= 64 with one and two programs per
     SM of the device, at M <= 16 with one to three, and never where a program would get no step."""
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
-    monkeypatch.setattr(kt, "STREAM_K", False)
-    assert not any(c[3] < 0 for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))
-    monkeypatch.setattr(kt, "STREAM_K", True)
-    got = [c for c in kt.candidate_configs(128, 28672, 8192, 128, "operand") if c[3] < 0]
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
+    monkeypatch.setattr(settings, "STREAM_K", False)
+    assert not any(c[3] < 0 for c in kc.candidate_configs(128, 28672, 8192, 128, "operand"))
+    monkeypatch.setattr(settings, "STREAM_K", True)
+    got = [c for c in kc.candidate_configs(128, 28672, 8192, 128, "operand") if c[3] < 0]
     assert got == [(128, 128, 64, -132, 4, 4), (128, 128, 64, -264, 4, 4), (128, 256, 64, -132, 8, 3)]
-    assert not any(c[3] < 0 and c[1] == 256 for c in kt.candidate_configs(64, 28672, 8192, 128, "operand"))
-    assert [c for c in kt.candidate_configs(64, 28672, 8192, 128, "operand") if c[3] < 0] == [
+    assert not any(c[3] < 0 and c[1] == 256 for c in kc.candidate_configs(64, 28672, 8192, 128, "operand"))
+    assert [c for c in kc.candidate_configs(64, 28672, 8192, 128, "operand") if c[3] < 0] == [
         (64, 128, 64, -132, 4, 4), (64, 128, 64, -264, 4, 4), (64, 128, 128, -132, 4, 3), (64, 128, 128, -264, 4, 3)]
-    got = {c[3] for c in kt.candidate_configs(512, 28672, 8192, 128, "operand") if c[3] < 0}
+    got = {c[3] for c in kc.candidate_configs(512, 28672, 8192, 128, "operand") if c[3] < 0}
     assert got == {-132, -264}
-    got = [c for c in kt.candidate_configs(16, 28672, 8192, 128, "operand") if c[3] < 0]
+    got = [c for c in kc.candidate_configs(16, 28672, 8192, 128, "operand") if c[3] < 0]
     assert got == [(16, 128, 128, -132, 4, 4), (16, 128, 128, -264, 4, 4), (16, 128, 128, -396, 4, 4)]
-    assert [c for c in kt.candidate_configs(1, 28672, 8192, 128, "operand") if c[3] < 0] == got  # beside the GEMV
+    assert [c for c in kc.candidate_configs(1, 28672, 8192, 128, "operand") if c[3] < 0] == got  # beside the GEMV
     # 4096x1024: 8 x 32 = 256 steps of 16x128x128, enough for 132 programs, not for 264
-    assert [c[3] for c in kt.candidate_configs(4, 1024, 4096, 128, "operand") if c[3] < 0] == [-132]
-    assert not any(c[3] < 0 for c in kt.candidate_configs(64, 128, 128, 128, "operand"))  # 2 steps
+    assert [c[3] for c in kc.candidate_configs(4, 1024, 4096, 128, "operand") if c[3] < 0] == [-132]
+    assert not any(c[3] < 0 for c in kc.candidate_configs(64, 128, 128, 128, "operand"))  # 2 steps
 
 
 def test_operand_tiled_layout_round_trips_bit_exact():
@@ -753,14 +756,14 @@ def test_operand_tiled_layout_round_trips_bit_exact():
 @pytest.mark.parametrize("cfg", [(1, 64, 128, 3, 4, 3), (1, 128, 64, 2, 4, 3), (16, 64, 128, 2, 4, 3),
                                  (16, 128, 64, 1, 4, 3), (64, 64, 64, 2, 4, 3), (128, 128, 64, 1, 8, 3),
                                  (128, 64, 128, 1, 4, 3), (128, 256, 64, -3, 8, 3), (64, 128, 128, -5, 4, 3),
-                                 kt.DEQUANT_CUBLAS])
+                                 kc.DEQUANT_CUBLAS])
 def test_interpreter_operand_tiled_bound_layer_matches_reference(cfg, monkeypatch):
     """OPERAND_TILED: a bound layer of whole tiles stores its operand codes tile-major, the one copy
     that the GEMV, the tensor-core tiles (packed scales, split-K) and dequantize + cuBLAS all read;
     N a whole number of tiles but not of every BLOCK_N, act-order, fp16 activations. Layers that are
     not whole tiles keep the row-major operand layout."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
-    monkeypatch.setattr(kt, "OPERAND_TILED", True)
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "OPERAND_TILED", True)
     qw, b = _bound_case(192, 768, 128, torch.float16, "cpu", True, True, seed=cfg[1] + cfg[0] + 3)
     bound = kt.BoundLinear(qw, b, config=cfg)
     assert bound.layout == "operand-tiled" and bound._dq_w is bound.weight
@@ -770,7 +773,7 @@ def test_interpreter_operand_tiled_bound_layer_matches_reference(cfg, monkeypatc
     for m in ((1, 2) if cfg[0] <= 1 else (1, cfg[0] - 3)):
         x = torch.randn(m, 768, generator=gen).to(torch.float16)
         assert _rel(bound(x), _ref(x, qw, b)) < 3e-3, m
-    if cfg == kt.DEQUANT_CUBLAS:
+    if cfg == kc.DEQUANT_CUBLAS:
         dense = kt.dequantize(bound.weight, torch.float32, "operand-tiled")
         assert torch.equal(dense, kt.dequantize(qw, torch.float32))
     ragged, _ = _bound_case(40, 384, 128, torch.float16, "cpu", False, False, seed=5)
@@ -829,10 +832,10 @@ def test_interpreter_operand_tiles_read_split_scales(cfg, monkeypatch):
     groups: a ragged last word of each kind): the product of the [N, groups] words bit for bit, within
     3e-3 of float64 through the same dequantized weight; a layer whose zero points pass 4 bits keeps
     none and reads its own."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
     qw, b = _bound_case(192, 640, 128, torch.float16, "cpu", False, True, seed=cfg[1] + 5)
     whole = kt.BoundLinear(qw, b, config=cfg)
-    monkeypatch.setattr(kt, "SZ_SPLIT", True)
+    monkeypatch.setattr(settings, "SZ_SPLIT", True)
     split = kt.BoundLinear(qw, b, config=cfg)
     assert split.layout == "operand-tiled" and split._sz.shape == (3 + 1, 192)
     gen = torch.Generator().manual_seed(cfg[0] + 9)
@@ -853,7 +856,7 @@ def test_interpreter_operand_tiles_read_packed_scales(cfg, monkeypatch):
     (SCALES_PACKED) and its tensor-core tiles read those words. The product is the one of the
     separate loads, bit for bit, and within 3e-3 of float64 through the same dequantized weight
     (fp16 activations, weights rounded to fp16 after the scale; the interpreter runs no bf16)."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float16, "cpu", False, True, seed=cfg[0] + 7)
     bound = kt.BoundLinear(qw, b, config=cfg)
     assert bound.layout == "operand" and bound._sz is not None
@@ -864,7 +867,7 @@ def test_interpreter_operand_tiles_read_packed_scales(cfg, monkeypatch):
         outs[m] = (x, bound(x))
         assert _rel(outs[m][1], _ref(x, qw, b)) < 3e-3, m
         assert bound.plans[m].s_ptr == bound._sz.data_ptr()
-    monkeypatch.setattr(kt, "SCALES_PACKED", False)
+    monkeypatch.setattr(settings, "SCALES_PACKED", False)
     apart = kt.BoundLinear(qw, b, config=cfg)
     assert apart._sz is None
     for m, (x, y) in outs.items():
@@ -879,7 +882,7 @@ def test_interpreter_packed_scales_follow_the_weight_and_the_gemv_reads_its_own(
     words. Scales and zero points overwritten in place (a state dict loaded into the same buffers)
     reach both after weights_changed(), the packed words at their old address (plans and captured
     graphs hold it)."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
     qw, b = _bound_case(72, 640, 128, torch.float16, "cpu", False, True, seed=31)
     bound = kt.BoundLinear(qw, b)
     gen = torch.Generator().manual_seed(32)
@@ -929,10 +932,10 @@ def test_operand_tiles_stage_their_scales_asynchronously_in_sass():
 
 def test_operand_mode_tunes_tensor_core_tiles_inside_one_group():
     for m in (1, 16, 64, 128, 512):
-        cfgs = kt.candidate_configs(kt.m_bucket(m), 4096, 4096, 128, layout="operand")
-        assert cfgs and all(c == kt.DEQUANT_CUBLAS or (c[2] <= 128 and c[2] % 32 == 0) for c in cfgs)
+        cfgs = kc.candidate_configs(kc.m_bucket(m), 4096, 4096, 128, layout="operand")
+        assert cfgs and all(c == kc.DEQUANT_CUBLAS or (c[2] <= 128 and c[2] % 32 == 0) for c in cfgs)
         assert any(c[0] == 1 for c in cfgs) == (m == 1)  # the GEMV beside the 16-row tiles at M=1
-    assert (256, 128, 64, 1, 8, 3) in kt.candidate_configs(512, 4096, 4096, 128, layout="operand")
+    assert (256, 128, 64, 1, 8, 3) in kc.candidate_configs(512, 4096, 4096, 128, layout="operand")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -940,10 +943,10 @@ def test_operand_codes_refuse_a_launch_that_would_misread_them(monkeypatch):
     qw, _ = _bound_case(64, 256, 128, torch.float32, "cpu", False, False, seed=4)
     laid = replace(qw, qweight=lay.to_operand(qw.qweight))
     out = torch.empty(2, 64)
-    monkeypatch.setattr(kt, "CODE_MODE", "asm")
+    monkeypatch.setattr(settings, "CODE_MODE", "asm")
     with pytest.raises(ValueError, match="operand layout need"):
         kt.launch(torch.randn(2, 256), laid, out, (16, 64, 128, 1, 4, 3), layout="operand")
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
     with pytest.raises(ValueError, match="operand layout need"):
         kt.launch(torch.randn(2, 256), laid, out, (16, 64, 256, 1, 4, 3), layout="operand")  # a tile over two groups
     with pytest.raises(ValueError, match="operand layout need"):  # float offsets
@@ -967,8 +970,8 @@ def test_operand_tiles_keep_their_wgmma_pipelined_in_ptxas():
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
     # Every operand tile the tuner tries at M = 128 and 512 on a Llama-3-70B shape, and an M=16 one.
-    tiles = {c for m in (128, 512) for c in kt.candidate_configs(m, 28672, 8192, 128, "operand")
-             if c != kt.DEQUANT_CUBLAS} | {(16, 128, 128, 1, 8, 3)}
+    tiles = {c for m in (128, 512) for c in kc.candidate_configs(m, 28672, 8192, 128, "operand")
+             if c != kc.DEQUANT_CUBLAS} | {(16, 128, 128, 1, 8, 3)}
     cfgs = [",".join(map(str, c)) for c in sorted(tiles)]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "sass_counts.py"), "--modes", "operand", "--ptxas",
                         *[a for c in cfgs for a in ("--config", c)]], capture_output=True, text=True, env=env,
@@ -981,15 +984,27 @@ def test_operand_tiles_keep_their_wgmma_pipelined_in_ptxas():
 def test_split_k_never_leaves_a_split_empty():
     """The tile kernel runs every split at least once, so configurations with an empty split are
     not candidates and are refused when given."""
-    assert kt.splits(8192, 64, 4) and kt.splits(576, 64, 2)
-    assert not kt.splits(576, 64, 4)  # 9 K-tiles in splits of 3: the fourth has none
-    assert not kt.splits(576, 64, 8)
-    assert kt.splits(1152, 256, 4)  # a ragged K masks every tile: an empty last split adds zeros
+    assert kc.splits(8192, 64, 4) and kc.splits(576, 64, 2)
+    assert not kc.splits(576, 64, 4)  # 9 K-tiles in splits of 3: the fourth has none
+    assert not kc.splits(576, 64, 8)
+    assert kc.splits(1152, 256, 4)  # a ragged K masks every tile: an empty last split adds zeros
     for m in (16, 64, 128, 512):
         for layout in ("canonical", "operand"):
-            for c in kt.candidate_configs(m, 576, 576, 64, layout):
-                assert c == kt.DEQUANT_CUBLAS or c[0] == 1 or kt.splits(576, c[2], c[3]), (m, layout, c)
+            for c in kc.candidate_configs(m, 576, 576, 64, layout):
+                assert c == kc.DEQUANT_CUBLAS or c[0] == 1 or kc.splits(576, c[2], c[3]), (m, layout, c)
     qw = quantize_rtn(torch.randn(64, 576, generator=torch.Generator().manual_seed(5)), QuantSpec(group_size=64))
     x = torch.randn(16, 576)
     with pytest.raises(ValueError, match="leaves a split empty"):
         kt.launch(x, qw, torch.empty(16, 64), (16, 64, 64, 4, 4, 3))
+
+
+def test_candidate_run_leaves_out_a_ws_tile_where_the_layer_has_no_packed_scales():
+    """What the tuner is handed (TUNER's candidate_run): a ws tile reads packed scales of operand-tiled
+    codes, so without them it is no candidate (None, nothing launched); any other tile is a launch."""
+    w = quantize_rtn(torch.randn(256, 512), QuantSpec(group_size=128), scale_dtype=torch.float32)
+    x, out = torch.randn(64, 512), torch.empty(64, 256)
+    ws_cfg = (64, 128, 128, 1, kc.WS_WARPS, 4)
+    assert kt.candidate_run(ws_cfg, x, out, None, w, None, "operand-tiled", None) is None
+    assert kt.candidate_run(ws_cfg, x, out, None, w, w, "operand-tiled", None) is None
+    assert callable(kt.candidate_run((32, 64, 64, 1, 4, 3), x, out, None, w, None, "canonical", None))
+    assert kt.TUNER.run_candidate is kt.candidate_run

@@ -16,8 +16,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from quantbridge.kernels import int4_configs as kc  # noqa: E402
 from quantbridge.kernels import int4_layouts as lay  # noqa: E402
+from quantbridge.kernels import int4_settings as settings  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
+from quantbridge.kernels import int4_tuner as tn  # noqa: E402
 from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
 from quantbridge.plugin.spec import QuantSpec  # noqa: E402
 
@@ -40,39 +43,39 @@ def _rel_to_float64(out, x, qw, b):
 def test_warp_k_marks_only_tiles_of_8_rows():
     """BLOCK_M 8 marks a warp-K tile; every other tuple keeps its meaning (a 16-row tile with a long step
     is the tile over several groups it always was, which operand codes cannot hold)."""
-    assert kt.warp_k((8, 16, 512, 1, 4, 3)) == 4 and kt.warp_k((8, 32, 1024, 2, 8, 3)) == 8
+    assert kc.warp_k((8, 16, 512, 1, 4, 3)) == 4 and kc.warp_k((8, 32, 1024, 2, 8, 3)) == 8
     for cfg in [(16, 64, 128, 4, 4, 3), (16, 16, 512, 1, 4, 3), (1, 64, 256, 4, 4, 3), (128, 128, 64, 1, 8, 3),
-                (16, 256, 128, 1, kt.WS_WARPS, 6), kt.DEQUANT_CUBLAS]:
-        assert kt.warp_k(cfg) == 1, cfg
-    assert not kt.operand_config((16, 16, 256, 2, 4, 3), 128)
+                (16, 256, 128, 1, kc.WS_WARPS, 6), kc.DEQUANT_CUBLAS]:
+        assert kc.warp_k(cfg) == 1, cfg
+    assert not kc.operand_config((16, 16, 256, 2, 4, 3), 128)
     # a slice lies inside one group: 4 slices of 128 in groups of 128, not of 64; 4 of 64 in groups of 64
-    assert kt.operand_config((8, 16, 512, 1, 4, 3), 128) and not kt.operand_config((8, 16, 512, 1, 4, 3), 64)
-    assert kt.operand_config((8, 16, 256, 1, 4, 3), 64) and not kt.operand_config((8, 16, 256, 1, 4, 3), 96)
+    assert kc.operand_config((8, 16, 512, 1, 4, 3), 128) and not kc.operand_config((8, 16, 512, 1, 4, 3), 64)
+    assert kc.operand_config((8, 16, 256, 1, 4, 3), 64) and not kc.operand_config((8, 16, 256, 1, 4, 3), 96)
 
 
 def test_warp_k_candidates_only_where_asked(monkeypatch):
     """DECODE_WARP_K off (the default): no warp-K candidate and the key as it was; on: warp-K tiles at
     M <= 8 on operand codes only, each a valid operand configuration, and the key says so (-wk)."""
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
     args = (4096, 4096, 128, torch.bfloat16, "operand-tiled", 1)
-    off = {m: kt.candidate_configs(m, 4096, 4096, 128, "operand-tiled") for m in (1, 16, 64)}
-    key_off = kt.tuner_key(1, *args)
-    assert not any(kt.warp_k(c) > 1 for cs in off.values() for c in cs)
-    monkeypatch.setattr(kt, "DECODE_WARP_K", True)
+    off = {m: kc.candidate_configs(m, 4096, 4096, 128, "operand-tiled") for m in (1, 16, 64)}
+    key_off = tn.tuner_key(1, *args)
+    assert not any(kc.warp_k(c) > 1 for cs in off.values() for c in cs)
+    monkeypatch.setattr(settings, "DECODE_WARP_K", True)
     for m in (1, 4, 8):
-        wk = [c for c in kt.candidate_configs(m, 4096, 4096, 128, "operand-tiled") if kt.warp_k(c) > 1]
-        assert wk and all(kt.operand_config(c, 128) for c in wk), m
+        wk = [c for c in kc.candidate_configs(m, 4096, 4096, 128, "operand-tiled") if kc.warp_k(c) > 1]
+        assert wk and all(kc.operand_config(c, 128) for c in wk), m
         assert {c[1] for c in wk} == {16, 32, 64} and {c[4] for c in wk} == {4, 8}
-    assert kt.candidate_configs(16, 4096, 4096, 128, "operand-tiled") == off[16]
-    assert kt.candidate_configs(64, 4096, 4096, 128, "operand-tiled") == off[64]
-    assert not any(kt.warp_k(c) > 1 for c in kt.candidate_configs(1, 4096, 4096, 128, "canonical"))
-    assert kt.tuner_key(1, *args) == key_off + "-wk" and "-wk" not in kt.tuner_key(16, *args)
+    assert kc.candidate_configs(16, 4096, 4096, 128, "operand-tiled") == off[16]
+    assert kc.candidate_configs(64, 4096, 4096, 128, "operand-tiled") == off[64]
+    assert not any(kc.warp_k(c) > 1 for c in kc.candidate_configs(1, 4096, 4096, 128, "canonical"))
+    assert tn.tuner_key(1, *args) == key_off + "-wk" and "-wk" not in tn.tuner_key(16, *args)
     # K split over programs only where the split before left fewer than two programs an SM
-    assert {c[3] for c in kt.warp_k_configs(28672, 8192, 128, 132)} == {1}
-    small = kt.warp_k_configs(4096, 4096, 128, 132)
+    assert {c[3] for c in kc.warp_k_configs(28672, 8192, 128, 132)} == {1}
+    small = kc.warp_k_configs(4096, 4096, 128, 132)
     assert {c[3] for c in small if c[1] == 16} == {1, 2} and {c[3] for c in small if c[1] == 64} == {1, 2, 4}
-    assert {c[3] for c in kt.warp_k_configs(4096, 4096, 128, None)} == {1}
-    assert {c[2] // c[4] for c in kt.warp_k_configs(4096, 4096, 64, 132)} == {64}  # slices inside groups of 64
+    assert {c[3] for c in kc.warp_k_configs(4096, 4096, 128, None)} == {1}
+    assert {c[2] // c[4] for c in kc.warp_k_configs(4096, 4096, 64, 132)} == {64}  # slices inside groups of 64
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU-only machines")
@@ -91,10 +94,10 @@ def test_interpreter_warp_k_bound_layer_matches_reference(cfg, sz, monkeypatch):
     (1024) and one that is not (1280: the last step's upper slices past K, masked, with their scales),
     split over one or two programs, scales packed as [N, groups] words, split words or read apart;
     act-order and bias; within 3e-3 of float64 through the same dequantized weight (fp16 activations)."""
-    monkeypatch.setattr(kt, "CODE_MODE", "operand")
-    monkeypatch.setattr(kt, "OPERAND_TILED", True)
-    monkeypatch.setattr(kt, "SZ_SPLIT", sz == "split")
-    monkeypatch.setattr(kt, "SCALES_PACKED", sz != "apart")
+    monkeypatch.setattr(settings, "CODE_MODE", "operand")
+    monkeypatch.setattr(settings, "OPERAND_TILED", True)
+    monkeypatch.setattr(settings, "SZ_SPLIT", sz == "split")
+    monkeypatch.setattr(settings, "SCALES_PACKED", sz != "apart")
     gen = torch.Generator().manual_seed(cfg[1] + cfg[2])
     for k in (1024, 1280):
         qw, b = _layer(128, k, 128, torch.float16, "cpu", seed=k + cfg[4], act_order=True)
@@ -112,12 +115,12 @@ def test_interpreter_warp_k_tile_in_groups_of_64():
     laid = replace(qw, qweight=lay.to_operand(qw.qweight))
     x = torch.randn(5, 640, generator=torch.Generator().manual_seed(12)).to(torch.float16)
     out = torch.empty(5, 80, dtype=torch.float16)
-    old = kt.CODE_MODE
-    kt.CODE_MODE = "operand"
+    old = settings.CODE_MODE
+    settings.CODE_MODE = "operand"
     try:
         kt.launch(x, laid, out, (8, 16, 256, 1, 4, 3), bias=b, layout="operand")
     finally:
-        kt.CODE_MODE = old
+        settings.CODE_MODE = old
     assert _rel_to_float64(out, x, qw, b) < 3e-3
 
 
@@ -150,7 +153,7 @@ def test_gpu_warp_k_bound_layer_matches_reference(dtype):
     split runs' counters left zeroed for the next replay)."""
     qw, b = _layer(4096, 4096, 128, dtype, "cuda", seed=7)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for cfg in [c for c in kt.warp_k_configs(4096, 4096, 128, sms) if c[3] == 1 or (c[1] == 64 and c[4] == 8)]:
+    for cfg in [c for c in kc.warp_k_configs(4096, 4096, 128, sms) if c[3] == 1 or (c[1] == 64 and c[4] == 8)]:
         bound = kt.BoundLinear(qw, b, config=cfg)
         for m in (1, 4, 8, 16):
             x = torch.randn(m, 4096, device="cuda", dtype=dtype)
@@ -173,9 +176,9 @@ def test_precompile_compiles_the_warp_k_tiles_for_their_variant_only(monkeypatch
     import kernel_variants as kv
     import precompile_triton as pre
 
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
     base = "operand-tiled-ws-fixup16-loads4-sliced-fast"
     assert kv.VARIANTS[base + "-warpk"] == {**kv.VARIANTS[base], "DECODE_WARP_K": True}
     jobs = pre._jobs([(4096, 4096)], [1, 16], ["bf16"], 128, [base, base + "-warpk"])
-    assert {mode for mb, cfg, dt, mode in jobs if kt.warp_k(cfg) > 1} == {base + "-warpk"}
-    assert kt.DECODE_WARP_K is False
+    assert {mode for mb, cfg, dt, mode in jobs if kc.warp_k(cfg) > 1} == {base + "-warpk"}
+    assert settings.DECODE_WARP_K is False

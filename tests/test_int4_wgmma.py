@@ -16,7 +16,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from quantbridge.kernels import int4_configs as kc  # noqa: E402
+from quantbridge.kernels import int4_settings as settings  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
+from quantbridge.kernels import int4_tuner as tn  # noqa: E402
 from quantbridge.kernels import int4_wgmma as ws  # noqa: E402
 from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
 from quantbridge.plugin.spec import QuantSpec  # noqa: E402
@@ -48,33 +51,33 @@ def test_configs_fit_shared_memory_and_the_shape():
 
 
 def test_tuner_offers_them_on_operand_tiled_layers_only_when_asked(monkeypatch):
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
-    monkeypatch.setattr(kt, "_ws_module", lambda: ws)  # as on an H100
-    got = [c for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c)]
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kc, "ws_module", lambda: ws)  # as on an H100
+    got = [c for c in kc.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kc.is_ws(c)]
     # whole tiles, and stream-K over one program per SM where the tiles leave a last wave part-empty
     assert got == [(128, 128, 128, 1, 12, 4), (128, 128, 128, -132, 12, 4), (128, 256, 128, 1, 12, 3),
                    (128, 256, 128, -132, 12, 3)]
-    monkeypatch.setattr(kt, "_sm_count", lambda: 112)  # 112 tiles of 128x256: whole tiles only
-    assert (128, 256, 128, -112, 12, 3) not in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled")
-    assert not any(kt.is_ws(c) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand"))  # row-major codes
-    assert not any(kt.is_ws(c) for c in kt.candidate_configs(32, 28672, 8192, 128, "operand-tiled"))
+    monkeypatch.setattr(kc, "_sm_count", lambda: 112)  # 112 tiles of 128x256: whole tiles only
+    assert (128, 256, 128, -112, 12, 3) not in kc.candidate_configs(128, 28672, 8192, 128, "operand-tiled")
+    assert not any(kc.is_ws(c) for c in kc.candidate_configs(128, 28672, 8192, 128, "operand"))  # row-major codes
+    assert not any(kc.is_ws(c) for c in kc.candidate_configs(32, 28672, 8192, 128, "operand-tiled"))
     # decode: 16-row tiles on deep rings, whole (224 or 112 tiles) and stream-K over one program per SM,
     # only when asked (WGMMA_WS_DECODE: not yet timed on a GPU)
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
-    assert not any(kt.is_ws(c) for c in kt.candidate_configs(1, 28672, 8192, 128, "operand-tiled"))
-    monkeypatch.setattr(kt, "WGMMA_WS_DECODE", True)
-    assert [c for c in kt.candidate_configs(1, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c)] == [
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
+    assert not any(kc.is_ws(c) for c in kc.candidate_configs(1, 28672, 8192, 128, "operand-tiled"))
+    monkeypatch.setattr(settings, "WGMMA_WS_DECODE", True)
+    assert [c for c in kc.candidate_configs(1, 28672, 8192, 128, "operand-tiled") if kc.is_ws(c)] == [
         (16, 128, 128, 1, 12, 8), (16, 128, 128, -132, 12, 8), (16, 256, 128, 1, 12, 6), (16, 256, 128, -132, 12, 6)]
-    assert not kt.is_ws(kt.DEQUANT_CUBLAS)
+    assert not kc.is_ws(kc.DEQUANT_CUBLAS)
 
 
 def test_few_tiles_get_runs_that_split_each_tiles_k(monkeypatch):
     """A layer with fewer ws tiles than half the SMs also gets stream-K on tiles x s programs, s
     dividing its K steps, between half and twice the SMs: every run inside one tile, s parts a tile.
     A layer of many tiles gets none of them."""
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
-    monkeypatch.setattr(kt, "_ws_module", lambda: ws)
-    got = [c for c in kt.candidate_configs(512, 1024, 4096, 128, "operand-tiled") if kt.is_ws(c)]
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kc, "ws_module", lambda: ws)
+    got = [c for c in kc.candidate_configs(512, 1024, 4096, 128, "operand-tiled") if kc.is_ws(c)]
     for c in got:
         count, k_steps = ws.tiles(512, 1024, (c[0], c[1], c[5])), 4096 // 128
         if c[3] < 0 and -c[3] != 132:
@@ -82,22 +85,22 @@ def test_few_tiles_get_runs_that_split_each_tiles_k(monkeypatch):
     # 32 tiles of 128x128 (s = 4 and 8) and 16 of 128x256 and of 256x128 (s = 8 and 16)
     assert {(c[0], c[1], -c[3]) for c in got if c[3] < 0 and c[3] != -132} == {
         (128, 128, 128), (128, 128, 256), (128, 256, 128), (128, 256, 256), (256, 128, 128), (256, 128, 256)}
-    assert all(c[3] in (1, -132) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kt.is_ws(c))
-    monkeypatch.setattr(kt, "STREAM_K", False)
-    assert all(c[3] == 1 for c in kt.candidate_configs(512, 1024, 4096, 128, "operand-tiled") if kt.is_ws(c))
+    assert all(c[3] in (1, -132) for c in kc.candidate_configs(128, 28672, 8192, 128, "operand-tiled") if kc.is_ws(c))
+    monkeypatch.setattr(settings, "STREAM_K", False)
+    assert all(c[3] == 1 for c in kc.candidate_configs(512, 1024, 4096, 128, "operand-tiled") if kc.is_ws(c))
 
 
 def test_the_ab_setting_turns_them_off(monkeypatch):
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
-    monkeypatch.setattr(kt, "WGMMA_WS", False)
-    assert kt._ws_module() is None
-    assert not any(kt.is_ws(c) for c in kt.candidate_configs(128, 28672, 8192, 128, "operand-tiled"))
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
+    monkeypatch.setattr(settings, "WGMMA_WS", False)
+    assert kc.ws_module() is None
+    assert not any(kc.is_ws(c) for c in kc.candidate_configs(128, 28672, 8192, 128, "operand-tiled"))
 
 
 def test_a_ws_config_is_refused_where_it_cannot_read_the_weight(monkeypatch):
     qw, _, _ = _case(128, 256, 128, torch.float32, False, seed=3)
     with pytest.raises(ValueError, match="warp-specialized Hopper tile"):
-        kt.launch(torch.randn(64, 256), qw, torch.empty(64, 128), (64, 128, 128, 1, kt.WS_WARPS, 4))
+        kt.launch(torch.randn(64, 256), qw, torch.empty(64, 128), (64, 128, 128, 1, kc.WS_WARPS, 4))
 
 
 def test_env_says_whether_the_native_kernel_gets_these_tiles(monkeypatch):
@@ -108,7 +111,7 @@ def test_env_says_whether_the_native_kernel_gets_these_tiles(monkeypatch):
         monkeypatch.setattr(ws, "available", lambda hopper=hopper: hopper)
         got = triton_kernel.available(torch.device("cuda"))
         assert got.ok and want in got.reason, got.reason
-    monkeypatch.setattr(kt, "WGMMA_WS", False)  # the A/B setting off: not offered, whatever the GPU
+    monkeypatch.setattr(settings, "WGMMA_WS", False)  # the A/B setting off: not offered, whatever the GPU
     assert "without" in triton_kernel.available(torch.device("cuda")).reason
 
 
@@ -182,7 +185,7 @@ def test_sass_fixup_loads_go_out_before_the_adds(monkeypatch):
     import sass_counts
 
     for loads in (1, 4):
-        monkeypatch.setattr(ws, "FIXUP_LOADS", loads)
+        monkeypatch.setattr(settings, "FIXUP_LOADS", loads)
         sass = sass_counts.compile_ws((128, 128, 4))[0]
         seq = "".join("L" if "LDG" in ln else "A" for ln in sass.splitlines() if "LDG" in ln or "FADD" in ln)
         # the fix-up's chunk: its loads (two 16-byte loads a part a thread), then its adds
@@ -201,15 +204,15 @@ def test_gpu_ws_tiles_fixup_in_row_chunks(rows, loads, monkeypatch):
     default 4, its last group masked where the parts run out, is every other ws test's): the same tiles,
     M below, at and above BLOCK_M (tail rows masked in the parts and the output), bias or not, within
     3e-3 of float64."""
-    monkeypatch.setattr(ws, "FIXUP_ROWS", rows)
-    monkeypatch.setattr(ws, "FIXUP_LOADS", loads)
+    monkeypatch.setattr(settings, "FIXUP_ROWS", rows)
+    monkeypatch.setattr(settings, "FIXUP_LOADS", loads)
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True), (768, 2048, True, False)))
 
 
 def test_split_runs_are_summed_in_slices_only_where_every_program_is_resident(monkeypatch):
     """FIXUP_SLICED applies to split runs (each tile's K in s >= 2 equal runs, one a program) of no
     more programs than SMs, with the row-chunk fix-up; any other launch keeps the last-arriver sum."""
-    monkeypatch.setattr(ws, "FIXUP_SLICED", True)
+    monkeypatch.setattr(settings, "FIXUP_SLICED", True)
     cfg = (128, 128, 4)  # 4096x1024 at M=512: 32 tiles, 32 K steps
     assert ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)  # s = 4
     assert ws.sums_sliced(100, 1024, 4096, cfg, 16, 132)  # 8 tiles, s = 2
@@ -220,10 +223,10 @@ def test_split_runs_are_summed_in_slices_only_where_every_program_is_resident(mo
     assert not ws.sums_sliced(16, 1024, 4096, cfg, 16, 132)  # one row chunk (M <= 16): nothing to share
     assert not ws.sums_sliced(512, 1024, 4096, cfg, 32, 132)  # s = 1: whole tiles, no parts
     assert not ws.sums_sliced(512, 1024, 4096, cfg, None, 132)
-    monkeypatch.setattr(ws, "FIXUP_ROWS", 0)
+    monkeypatch.setattr(settings, "FIXUP_ROWS", 0)
     assert not ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)  # parts summed whole: the last arriver's
-    monkeypatch.setattr(ws, "FIXUP_ROWS", 16)
-    monkeypatch.setattr(ws, "FIXUP_SLICED", False)
+    monkeypatch.setattr(settings, "FIXUP_ROWS", 16)
+    monkeypatch.setattr(settings, "FIXUP_SLICED", False)
     assert not ws.sums_sliced(512, 1024, 4096, cfg, 128, 132)
 
 
@@ -270,17 +273,17 @@ def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
     last program summing alone (the same parts added in the same order) in each of several launches
     back to back on fresh inputs, and in replays of a CUDA graph holding the (cooperative) launch,
     counters left zeroed after each."""
-    monkeypatch.setattr(ws, "FIXUP_SLICED", True)
+    monkeypatch.setattr(settings, "FIXUP_SLICED", True)
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True),))
     qw, b, gen = _case(1024, 2048, 128, torch.bfloat16, True, seed=11)
     qw, b = qw.to("cuda"), b.to("cuda")
     for s in (2, 3, 4):
         for m in (128, 100):
-            cfg = (128, 128, 128, -s * ws.tiles(m, 1024, (128, 128, 4)), kt.WS_WARPS, 4)
+            cfg = (128, 128, 128, -s * ws.tiles(m, 1024, (128, 128, 4)), kc.WS_WARPS, 4)
             bound = {}
             x = torch.randn(m, 2048, generator=gen).to("cuda", torch.bfloat16)
             for sliced in (True, False):  # a layer each, its plan made (first call) under its setting
-                monkeypatch.setattr(ws, "FIXUP_SLICED", sliced)
+                monkeypatch.setattr(settings, "FIXUP_SLICED", sliced)
                 assert ws.sums_sliced(m, 1024, 2048, (128, 128, 4), -cfg[3], 132) == sliced
                 bound[sliced] = kt.BoundLinear(qw, b, config=cfg)
                 bound[sliced](x)
@@ -291,14 +294,14 @@ def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
                 assert not any(bound[sliced].plans[m].counters.any() for sliced in (True, False))
     # captured in a CUDA graph, as a served model runs it: the cooperative launch as a graph node
     static = torch.randn(128, 2048, generator=gen).to("cuda", torch.bfloat16)
-    cfg = (128, 128, 128, -4 * ws.tiles(128, 1024, (128, 128, 4)), kt.WS_WARPS, 4)
-    monkeypatch.setattr(ws, "FIXUP_SLICED", True)
+    cfg = (128, 128, 128, -4 * ws.tiles(128, 1024, (128, 128, 4)), kc.WS_WARPS, 4)
+    monkeypatch.setattr(settings, "FIXUP_SLICED", True)
     sliced_layer = kt.BoundLinear(qw, b, config=cfg)
     sliced_layer(static)  # first call: compile and plan outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y = sliced_layer(static)
-    monkeypatch.setattr(ws, "FIXUP_SLICED", False)
+    monkeypatch.setattr(settings, "FIXUP_SLICED", False)
     alone = kt.BoundLinear(qw, b, config=cfg)
     for _ in range(2):
         static.copy_(torch.randn(128, 2048, generator=gen).to("cuda", torch.bfloat16))
@@ -310,7 +313,7 @@ def test_gpu_ws_split_runs_summed_in_slices(monkeypatch):
 @needs_gluon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for sm_90 on CPU-only machines")
 def test_sass_split_scales_leave_the_k_loop_asynchronous():
-    """The split scale and zero-point words (int4_triton.SZ_SPLIT: two loads a step, not one) change
+    """The split scale and zero-point words (int4_settings.SZ_SPLIT: two loads a step, not one) change
     only how a step's scales are read: the K loop keeps its wgmma, waits and no shared-memory stores,
     and ptxas serializes nothing."""
     lines = _sass_lines("128,256,3", "--sz-split")
@@ -322,9 +325,9 @@ def test_sass_split_scales_leave_the_k_loop_asynchronous():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ws.available(), reason="needs an sm_90 GPU and Gluon")
 def test_gpu_ws_tiles_read_split_scales(monkeypatch):
-    """Scales and zero points in split group-major words (int4_triton.SZ_SPLIT), five groups (a ragged
+    """Scales and zero points in split group-major words (int4_settings.SZ_SPLIT), five groups (a ragged
     last word of each kind) and sixteen: every tile, whole and stream-K, within 3e-3 of float64."""
-    monkeypatch.setattr(kt, "SZ_SPLIT", True)
+    monkeypatch.setattr(settings, "SZ_SPLIT", True)
     _check_tiles(torch.bfloat16, 128, ((512, 640, False, True), (768, 2048, True, False)))
 
 
@@ -333,7 +336,7 @@ def test_gpu_ws_tiles_read_split_scales(monkeypatch):
 def test_gpu_ws_tiles_release_lag_2(monkeypatch):
     """The stages freed one step later (RELEASE_LAG 2): the same tiles, whole and stream-K (runs of one
     step and runs crossing tiles free their stages at the tile's end), within 3e-3 of float64."""
-    monkeypatch.setattr(ws, "RELEASE_LAG", 2)
+    monkeypatch.setattr(settings, "RELEASE_LAG", 2)
     _check_tiles(torch.bfloat16, 128, ((512, 1024, False, True),))
 
 
@@ -352,7 +355,7 @@ def _check_tiles(dtype: torch.dtype, gs: int, cases) -> None:
             # and over twice the tiles at M = BLOCK_M (each tile's K in two runs, as the tuner offers
             # layers of few tiles; other M: runs that cross tiles again)
             for sk in (1, -5, -2 * ws.tiles(bm, n, (bm, bn, st))):
-                bound = kt.BoundLinear(qw, b, config=(bm, bn, 128, sk, kt.WS_WARPS, st))
+                bound = kt.BoundLinear(qw, b, config=(bm, bn, 128, sk, kc.WS_WARPS, st))
                 assert bound.layout == "operand-tiled" and bound._sz is not None
                 for m in (1, bm - 5, bm, bm + 7, 3 * bm):
                     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
@@ -368,7 +371,7 @@ def _check_tiles(dtype: torch.dtype, gs: int, cases) -> None:
 def test_gpu_ws_tile_in_a_cuda_graph_reads_each_replays_input():
     qw, b, gen = _case(1024, 4096, 128, torch.bfloat16, True, seed=9)
     qw, b = qw.to("cuda"), b.to("cuda")
-    bound = kt.BoundLinear(qw, b, config=(128, 128, 128, -3, kt.WS_WARPS, 4))
+    bound = kt.BoundLinear(qw, b, config=(128, 128, 128, -3, kc.WS_WARPS, 4))
     static = torch.randn(200, 4096, generator=gen).to("cuda", torch.bfloat16)
     bound(static)  # first call: compile and plan outside the capture
     g = torch.cuda.CUDAGraph()
@@ -436,18 +439,18 @@ def test_gpu_fast_launch_is_gluons_launch_bit_for_bit(dtype, monkeypatch):
     monkeypatch.setattr(ws, "_COMPILED", {})
     qw, b, gen = _case(768, 2048, 128, dtype, True, seed=23)
     qw, b = qw.to("cuda"), b.to("cuda")
-    for cfg in ((128, 128, 128, 1, kt.WS_WARPS, 4), (128, 128, 128, -5, kt.WS_WARPS, 4),
-                (64, 256, 128, -12, kt.WS_WARPS, 3)):
+    for cfg in ((128, 128, 128, 1, kc.WS_WARPS, 4), (128, 128, 128, -5, kc.WS_WARPS, 4),
+                (64, 256, 128, -12, kc.WS_WARPS, 3)):
         bound = {}
         for fast in (True, False):
-            monkeypatch.setattr(ws, "FAST_LAUNCH", fast)
+            monkeypatch.setattr(settings, "FAST_LAUNCH", fast)
             bound[fast] = kt.BoundLinear(qw, b, config=cfg)
         for m in (1, 37, 64, 200):  # 200 is 37's class: its first launch is already fast
             for step in range(3):
                 x = torch.randn(m, 2048, generator=gen).to("cuda", dtype)
                 outs = {}
                 for fast in (True, False):
-                    monkeypatch.setattr(ws, "FAST_LAUNCH", fast)
+                    monkeypatch.setattr(settings, "FAST_LAUNCH", fast)
                     before, known = counting.calls, len(ws._COMPILED)
                     outs[fast] = bound[fast](x)
                     # Gluon's path: every launch without the fast path; with it, only a launch of a
@@ -458,8 +461,8 @@ def test_gpu_fast_launch_is_gluons_launch_bit_for_bit(dtype, monkeypatch):
                 assert torch.equal(outs[True], outs[False]), (cfg, m, step)  # step >= 1: the bound plan's
                 # the fast side's later calls went through its bound plan (int4_wgmma.BoundLaunch)
                 assert bound[True].plans[m].bound is not None and bound[False].plans[m].bound is None, (cfg, m)
-    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
-    layer = kt.BoundLinear(qw, b, config=(128, 128, 128, -5, kt.WS_WARPS, 4))
+    monkeypatch.setattr(settings, "FAST_LAUNCH", True)
+    layer = kt.BoundLinear(qw, b, config=(128, 128, 128, -5, kc.WS_WARPS, 4))
     static = torch.randn(96, 2048, generator=gen).to("cuda", dtype)
     layer(static)
     calls = counting.calls
@@ -507,7 +510,7 @@ def test_bound_launch_hands_the_c_launcher_what_tritons_wrapper_does(bias, progr
     monkeypatch.setattr(_fast_launch.driver, "_active", fake)
     monkeypatch.setattr(_fast_launch, "_INTERPRET", False)  # CPU test runs set TRITON_INTERPRET
     monkeypatch.setattr(ws, "sm_count", lambda i: 132)
-    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    monkeypatch.setattr(settings, "FAST_LAUNCH", True)
     m, n, k, group, cfg = 96, 256, 512, 128, (64, 128, 4)
     metas = [{"swizzle": 3, "elem_size": 2, "elem_type": 10, "block_size": [64, 128], "fp4_padded": False},
              {"swizzle": 1, "elem_size": 4, "elem_type": 3, "block_size": [64, 16], "fp4_padded": False}]
@@ -547,21 +550,21 @@ def test_the_tuner_times_a_ws_candidate_as_a_bound_layer_launches_it(binds, monk
     monkeypatch.setattr(kt, "_run", lambda *a, **k: launched.append(a) or "kernel")
     fake = type("Ws", (), {"bind": staticmethod(lambda *a: binds_with.append(a) or (
         (lambda *c: bound_calls.append(c)) if binds else None))})
-    monkeypatch.setattr(kt, "_ws_module", lambda: fake)
+    monkeypatch.setattr(kc, "ws_module", lambda: fake)
     streams = iter([11, 22])
     monkeypatch.setattr(kt, "_current_raw_stream", lambda i: next(streams))
     monkeypatch.setattr(kt, "_raw_stream", lambda i: 5)
     monkeypatch.setattr(kt, "_WORKSPACES", {})  # the fake streams' workspaces go with the test
     qw, _, gen = _case(256, 512, 128, torch.bfloat16, False, seed=31)
     x, out = torch.randn(64, 512, generator=gen).to(torch.bfloat16), torch.empty(64, 256, dtype=torch.bfloat16)
-    cfg = (64, 128, 128, -8, kt.WS_WARPS, 4)
+    cfg = (64, 128, 128, -8, kc.WS_WARPS, 4)
     cnt = torch.zeros(ws.counter_count(64, 256, (64, 128, 4)), dtype=torch.int32)
     sz = kt.pack_scales_zeros(qw)
     run = kt._ws_candidate(cfg, x, qw, out, cnt, sz)
     assert len(launched) == 1 and launched[0][0] == cfg and launched[0][6] == 5
     (args,) = binds_with
     assert args[0] == "kernel" and args[1] is x and args[4] is out and args[5] == (64, 128, 4) and args[8] == 8
-    assert args[10] is cnt and args[9].numel() >= kt.partials_numel(cfg, 64, 256)
+    assert args[10] is cnt and args[9].numel() >= kc.partials_numel(cfg, 64, 256)
     run()
     run()
     if binds:
@@ -578,14 +581,15 @@ def test_gpu_tuner_candidate_under_fast_launch_is_the_launch_bit_for_bit(monkeyp
     """What the tuner times of a ws candidate (int4_triton._ws_candidate: the bound launch, with
     FAST_LAUNCH) computes what `launch` does, bit for bit, whole tiles and stream-K, on the current
     stream and on another one (the graph timing's), the input rewritten between calls."""
-    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    monkeypatch.setattr(settings, "FAST_LAUNCH", True)
     qw, _, gen = _case(768, 2048, 128, torch.bfloat16, False, seed=29)
     qw = qw.to("cuda")
-    for cfg in ((128, 128, 128, 1, kt.WS_WARPS, 4), (64, 256, 128, -12, kt.WS_WARPS, 3)):
+    for cfg in ((128, 128, 128, 1, kc.WS_WARPS, 4), (64, 256, 128, -12, kc.WS_WARPS, 3)):
         layer = kt.BoundLinear(qw, None, config=cfg)  # the operand-tiled codes and packed scales
         x = torch.randn(96, 2048, generator=gen).to("cuda", torch.bfloat16)
-        out, want = torch.empty(96, 768, device="cuda", dtype=torch.bfloat16), torch.empty_like(out)
-        cnt = torch.zeros(kt.counter_slots(cfg, 96, 768), device="cuda", dtype=torch.int32)
+        out = torch.empty(96, 768, device="cuda", dtype=torch.bfloat16)
+        want = torch.empty_like(out)
+        cnt = torch.zeros(kc.counter_slots(cfg, 96, 768), device="cuda", dtype=torch.int32)
         run = kt._ws_candidate(cfg, x, layer.weight, out, cnt, layer._sz)
         side = torch.cuda.Stream()
         for step in range(3):
@@ -606,17 +610,17 @@ def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key
     them (counter_slots: the tuner's search and the bound layers' plans), and a launch handed one per
     tile is refused; the tiles whose consumers would hold 128 accumulator floats a thread are left out
     and refused; the tuned table keys it apart (-cp2)."""
-    cfg = (128, 128, 128, -132, kt.WS_WARPS, 4)
-    assert kt.counter_slots(cfg, 512, 1024) == ws.counter_count(512, 1024, (128, 128, 4)) == 32
-    assert kt.counter_slots((128, 128, 64, -132, 8, 3), 512, 1024) == 32  # a Triton tile: one a tile, always
+    cfg = (128, 128, 128, -132, kc.WS_WARPS, 4)
+    assert kc.counter_slots(cfg, 512, 1024) == ws.counter_count(512, 1024, (128, 128, 4)) == 32
+    assert kc.counter_slots((128, 128, 64, -132, 8, 3), 512, 1024) == 32  # a Triton tile: one a tile, always
     args = (512, 1024, 4096, 128, torch.bfloat16, "operand-tiled", 1)
-    key1 = kt.tuner_key(*args, ws)
-    monkeypatch.setattr(ws, "CONSUMER_PARTS", 2)
-    assert kt.counter_slots(cfg, 512, 1024) == ws.counter_count(512, 1024, (128, 128, 4)) == 64
-    assert kt.counter_slots((128, 128, 64, -132, 8, 3), 512, 1024) == 32
-    key2 = kt.tuner_key(*args, ws)
+    key1 = tn.tuner_key(*args, ws)
+    monkeypatch.setattr(settings, "CONSUMER_PARTS", 2)
+    assert kc.counter_slots(cfg, 512, 1024) == ws.counter_count(512, 1024, (128, 128, 4)) == 64
+    assert kc.counter_slots((128, 128, 64, -132, 8, 3), 512, 1024) == 32
+    key2 = tn.tuner_key(*args, ws)
     assert "-cp2" in key2 and key2.replace("-cp2", "") == key1 and "-cp2" not in key1
-    assert "-cp2" not in kt.tuner_key(*args, None)  # no ws tiles among the candidates: nothing to tell apart
+    assert "-cp2" not in tn.tuner_key(*args, None)  # no ws tiles among the candidates: nothing to tell apart
     assert ws.configs(512, 28672, 8192, 128) == [(128, 128, 4)]  # not (128, 256, 3) nor (256, 128, 3)
     assert ws.configs(64, 28672, 8192, 128) == [(64, 128, 4), (64, 256, 3)]
     assert ws.configs(16, 28672, 8192, 128) == [(16, 128, 8), (16, 256, 6)]
@@ -632,30 +636,29 @@ def test_two_consumer_partitions_count_a_tile_twice_and_keep_their_own_tuner_key
         ws.launch(x, codes, sz, out, (128, 256, 3), 128)
 
 
-def test_the_two_consumer_variant_sets_the_ws_module():
+def test_the_two_consumer_variant_sets_consumer_parts():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import kernel_variants as kv
 
     v = kv.VARIANTS["operand-tiled-ws-fixup16-loads4-2cons"]
     assert v == {**kv.VARIANTS["operand-tiled-ws-fixup16-loads4"], "CONSUMER_PARTS": 2}
-    assert kv._module("CONSUMER_PARTS") is ws and kv.VARIANTS["operand-tiled-ws-fixup16-loads4"]["CONSUMER_PARTS"] == 1
+    assert kv.VARIANTS["operand-tiled-ws-fixup16-loads4"]["CONSUMER_PARTS"] == 1
 
 
 def test_fast_launch_keeps_its_own_tuner_key_and_variants(monkeypatch):
     """FAST_LAUNCH changes what the tuner's eager timings see of a ws candidate (the host's cost), so a
-    table tuned with it is keyed apart (-fl); its variants set it on the ws module and nothing else."""
+    table tuned with it is keyed apart (-fl); its variants set it and nothing else."""
     args = (512, 1024, 4096, 128, torch.bfloat16, "operand-tiled", 1)
-    monkeypatch.setattr(ws, "FAST_LAUNCH", False)
-    key = kt.tuner_key(*args, ws)
-    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
-    assert kt.tuner_key(*args, ws) == key + "-fl" and "-fl" not in kt.tuner_key(*args, None)
+    monkeypatch.setattr(settings, "FAST_LAUNCH", False)
+    key = tn.tuner_key(*args, ws)
+    monkeypatch.setattr(settings, "FAST_LAUNCH", True)
+    assert tn.tuner_key(*args, ws) == key + "-fl" and "-fl" not in tn.tuner_key(*args, None)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import kernel_variants as kv
 
     for base in ("operand-tiled-ws-fixup16-loads4", "operand-tiled-ws-fixup16-loads4-sliced"):
         assert kv.VARIANTS[base + "-fast"] == {**kv.VARIANTS[base], "FAST_LAUNCH": True}
         assert kv.VARIANTS[base]["FAST_LAUNCH"] is False
-    assert kv._module("FAST_LAUNCH") is ws
 
 
 @needs_gluon
@@ -669,7 +672,7 @@ def test_sass_two_consumer_partitions_fence_128_threads_and_keep_the_wgmma_async
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import sass_counts
 
-    monkeypatch.setattr(ws, "CONSUMER_PARTS", 2)
+    monkeypatch.setattr(settings, "CONSUMER_PARTS", 2)
     for cfg, hgmma in (((128, 128, 4), 8), ((16, 256, 6), 16)):
         sass, ptx, _ = sass_counts.compile_ws(cfg)
         assert "no performance warning" in sass_counts._ptxas(ptx) and "USETMAXREG" not in sass, cfg
@@ -713,7 +716,7 @@ def test_sass_one_consumer_partition_is_the_kernel_it_was(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import sass_counts
 
-    monkeypatch.setattr(ws, "CONSUMER_PARTS", 1)
+    monkeypatch.setattr(settings, "CONSUMER_PARTS", 1)
     sass = sass_counts.compile_ws((128, 128, 4))[0]
     loop = sass_counts.main_loop(sass, holding="HGMMA")
     assert len(loop) == 234 and sum(t.startswith("HGMMA") for t in loop) == 8, len(loop)
@@ -730,28 +733,28 @@ def test_gpu_ws_two_consumer_partitions_match_float64_and_one_partition(dtype, r
     stream-K parts summed whole (FIXUP_ROWS 0) or 16 rows at a time, M = 16, 64, 128, 512 and a ragged
     one: within 3e-3 of float64, and bit for bit the output of one consumer partition on the same launch
     configuration (the same products, the parts added in the same order), counters left zeroed."""
-    monkeypatch.setattr(ws, "FIXUP_ROWS", rows)
-    monkeypatch.setattr(ws, "FIXUP_SLICED", sliced)
+    monkeypatch.setattr(settings, "FIXUP_ROWS", rows)
+    monkeypatch.setattr(settings, "FIXUP_SLICED", sliced)
     for n, k, sym, bias in ((512, 1024, False, True), (768, 2048, True, False)):
         qw, b, gen = _case(n, k, 128, dtype, bias, seed=n + 17, sym=sym)
         qw, b = qw.to("cuda"), None if b is None else b.to("cuda")
         w_kernel = qw.dequantize_stored(dtype).double()
-        monkeypatch.setattr(ws, "CONSUMER_PARTS", 2)
+        monkeypatch.setattr(settings, "CONSUMER_PARTS", 2)
         tiles = ws.configs(512, n, k, 128) + ws.configs(64, n, k, 128) + ws.configs(16, n, k, 128)
         assert len(tiles) == 5 and all(bm * bn <= ws.ACC_LIMIT_2P for bm, bn, _ in tiles), tiles
         for bm, bn, st in tiles:
             for sk in (1, -5, -2 * ws.tiles(bm, n, (bm, bn, st))):
-                cfg = (bm, bn, 128, sk, kt.WS_WARPS, st)
+                cfg = (bm, bn, 128, sk, kc.WS_WARPS, st)
                 bound = {}
                 for parts in (1, 2):  # a layer each: its plans' counters are sized under its setting
-                    monkeypatch.setattr(ws, "CONSUMER_PARTS", parts)
+                    monkeypatch.setattr(settings, "CONSUMER_PARTS", parts)
                     bound[parts] = kt.BoundLinear(qw, b, config=cfg)
                 for m in sorted({16, 64, 128, 512, bm + 7}):
                     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
                     ref = x.double() @ w_kernel.T + (0 if b is None else b.double())
                     outs = {}
                     for parts in (1, 2):
-                        monkeypatch.setattr(ws, "CONSUMER_PARTS", parts)  # launch reads it per call
+                        monkeypatch.setattr(settings, "CONSUMER_PARTS", parts)  # launch reads it per call
                         outs[parts] = bound[parts](x)
                         if sk < 0:
                             plan = bound[parts].plans[m]

@@ -11,15 +11,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_variants as kv  # noqa: E402
 import precompile_triton as pre  # noqa: E402
 
+from quantbridge.kernels import int4_configs as kc  # noqa: E402
+from quantbridge.kernels import int4_settings as settings  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
 from quantbridge.kernels import int4_wgmma as ws  # noqa: E402
 
 
-def test_every_variant_setting_is_one_the_kernel_modules_hold():
-    for name, settings in kv.VARIANTS.items():
-        for key in settings:
-            assert hasattr(ws if key in kv._WS_SETTINGS else kt, key), (name, key)
-            kv.current(key)  # raises if the setting is looked up in the wrong module
+def test_every_variant_setting_is_one_the_settings_module_holds():
+    for name, values in kv.VARIANTS.items():
+        for key in values:
+            assert hasattr(settings, key), (name, key)
+            kv.current(key)
+    with pytest.raises(AttributeError):
+        kv.current("FIXUP_ROWZ")
 
 
 def test_default_mode_is_the_kernels_own_settings():
@@ -30,28 +34,31 @@ def test_default_mode_is_the_kernels_own_settings():
     assert all(kv.current(key) == value for key, value in kv.VARIANTS[mode].items())
 
 
-def test_apply_sets_each_setting_on_its_module(monkeypatch):
-    for key in ("SZ_SPLIT", "WGMMA_WS"):
-        monkeypatch.setattr(kt, key, getattr(kt, key))
-    for key in ("FIXUP_ROWS", "RELEASE_LAG"):
-        monkeypatch.setattr(ws, key, getattr(ws, key))
+def test_apply_sets_each_setting_on_the_settings_module_and_refuses_a_name_it_lacks(monkeypatch):
+    for key in ("SZ_SPLIT", "WGMMA_WS", "FIXUP_ROWS", "RELEASE_LAG"):
+        monkeypatch.setattr(settings, key, getattr(settings, key))
     kv._apply({"SZ_SPLIT": True, "FIXUP_ROWS": 16, "RELEASE_LAG": 2, "WGMMA_WS": False})
-    assert kt.SZ_SPLIT is True and ws.FIXUP_ROWS == 16 and ws.RELEASE_LAG == 2 and kt.WGMMA_WS is False
-    assert not hasattr(kt, "FIXUP_ROWS") and not hasattr(ws, "SZ_SPLIT")
+    assert settings.SZ_SPLIT is True and settings.FIXUP_ROWS == 16 and settings.RELEASE_LAG == 2
+    assert settings.WGMMA_WS is False
+    # the kernel modules hold no copy that a variant could set instead
+    assert not any(hasattr(mod, key) for mod in (kt, ws) for key in ("SZ_SPLIT", "FIXUP_ROWS", "CODE_MODE"))
+    with pytest.raises(AttributeError):
+        kv._apply({"FIXUP_ROWZ": 16})
+    assert not hasattr(settings, "FIXUP_ROWZ")
     assert pre.default_mode() != "operand-tiled-ws"
 
 
 def test_precompile_lists_each_modes_candidates_under_its_tile_settings(monkeypatch):
     """precompile_triton compiles a mode's candidates as the tuner will try them: the 16-row ws decode
     tiles for a mode with WGMMA_WS_DECODE (and not for its A/B twin), the settings restored after."""
-    monkeypatch.setattr(kt, "_ws_module", lambda: ws)  # the ws tiles as on a Hopper GPU
-    monkeypatch.setattr(kt, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kc, "ws_module", lambda: ws)  # the ws tiles as on a Hopper GPU
+    monkeypatch.setattr(kc, "_sm_count", lambda: 132)
     base, decode = "operand-tiled-ws-fixup16-loads4-graphtimed", "operand-tiled-ws-fixup16-loads4-decode-graphtimed"
-    before = (kt.WGMMA_WS_DECODE, ws.FAST_LAUNCH, ws.FIXUP_SLICED)
+    before = (settings.WGMMA_WS_DECODE, settings.FAST_LAUNCH, settings.FIXUP_SLICED)
     jobs = pre._jobs([(8192, 28672)], [1, 4, 16], ["bf16"], 128, [base, decode])
-    ws_decode = {mode for mb, cfg, dt, mode in jobs if kt.is_ws(cfg) and cfg[0] == 16}
+    ws_decode = {mode for mb, cfg, dt, mode in jobs if kc.is_ws(cfg) and cfg[0] == 16}
     assert ws_decode == {decode}
-    assert (kt.WGMMA_WS_DECODE, ws.FAST_LAUNCH, ws.FIXUP_SLICED) == before
+    assert (settings.WGMMA_WS_DECODE, settings.FAST_LAUNCH, settings.FIXUP_SLICED) == before
 
 
 def test_tune_log_summary_sets_the_best_ws_and_triton_candidates_side_by_side():

@@ -78,19 +78,20 @@ def test_the_tuners_timing_is_in_its_key_and_an_unknown_one_is_refused(monkeypat
     pytest.importorskip("triton")
     import torch
 
-    from quantbridge.kernels import int4_triton as kt
+    from quantbridge.kernels import int4_settings as settings
+    from quantbridge.kernels import int4_tuner as tn
     from quantbridge.kernels.tune_timing import check_timing, time_ms
 
     args = (4, 28672, 8192, 128, torch.bfloat16, "operand-tiled", 1)
     keys = {}
     for timing in ("do_bench", "read", "graph"):
-        monkeypatch.setattr(kt, "TUNE_TIMING", timing)
-        keys[timing] = kt.tuner_key(*args)
+        monkeypatch.setattr(settings, "TUNE_TIMING", timing)
+        keys[timing] = tn.tuner_key(*args)
     assert keys["read"] == keys["do_bench"] + "-frd" and keys["graph"] == keys["do_bench"] + "-tgr"
     assert keys["do_bench"].startswith("m4-n28672-k8192-g128-bfloat16-")
-    monkeypatch.setattr(kt, "TUNE_TIMING", "reed")
+    monkeypatch.setattr(settings, "TUNE_TIMING", "reed")
     with pytest.raises(ValueError, match="'reed'.*do_bench, read, graph"):
-        kt.tuner_key(*args)
+        tn.tuner_key(*args)
     with pytest.raises(ValueError, match="do_bench, read, graph"):
         check_timing("none")
     with pytest.raises(ValueError, match="do_bench, read, graph"):
@@ -129,7 +130,8 @@ def test_each_search_is_logged_where_asked_and_nowhere_otherwise(tmp_path, monke
     pytest.importorskip("triton")
     import json
 
-    from quantbridge.kernels import int4_triton as kt
+    from quantbridge.kernels import int4_settings as settings
+    from quantbridge.kernels import int4_tuner as tn
 
     rng = random.Random()
     searches = []
@@ -139,14 +141,47 @@ def test_each_search_is_logged_where_asked_and_nowhere_otherwise(tmp_path, monke
         again = {timed[0][0]: [rng.uniform(0.05, 0.07) for _ in range(5)]}
         searches.append((f"m{rng.choice([1, 4, 16])}-n28672-k8192", timed, again, timed[0][0]))
     monkeypatch.delenv("QUANTBRIDGE_TUNE_LOG", raising=False)
-    kt.log_search(*searches[0])  # not asked: nothing written anywhere
+    tn.log_search(*searches[0])  # not asked: nothing written anywhere
     log = tmp_path / "tune.jsonl"
     monkeypatch.setenv("QUANTBRIDGE_TUNE_LOG", str(log))
     for s in searches:
-        kt.log_search(*s)
+        tn.log_search(*s)
     lines = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert len(lines) == len(searches)
     for got, (key, timed, again, best) in zip(lines, searches):
-        assert got["key"] == key and got["pick"] == list(best) and got["timing"] == kt.TUNE_TIMING
+        assert got["key"] == key and got["pick"] == list(best) and got["timing"] == settings.TUNE_TIMING
         assert [t for _, t in got["first_ms"]] == sorted(t for _, t in timed)
         assert got["again_ms"] == [[list(c), ts] for c, ts in again.items()]
+
+
+def test_the_tuner_times_the_candidates_its_caller_launches_and_keeps_the_fastest(monkeypatch):
+    """The tuner never launches on its own: every candidate of the M bucket goes to the run_candidate it
+    was built with (the tuner's own x and out), a candidate that cannot run (None) or fails to compile
+    (RuntimeError) is left out, and the fastest of the rest is the pick. Times here are drawn at random."""
+    pytest.importorskip("triton")
+    import torch
+
+    from quantbridge.kernels import int4_configs as kc
+    from quantbridge.kernels import int4_tuner as tn
+    from quantbridge.plugin.packed import quantize_rtn
+    from quantbridge.plugin.spec import QuantSpec
+
+    rng = random.Random()
+    w = quantize_rtn(torch.randn(256, 512), QuantSpec(group_size=128), scale_dtype=torch.float32)
+    cands = kc.candidate_configs(4, 256, 512, 128)
+    times = {c: rng.uniform(0.05, 0.07) for c in cands}
+    cannot, fails = rng.sample(cands, 2)
+    times[cannot] = times[fails] = 0.0  # faster than any: must still not be picked
+    seen = []
+
+    def run_candidate(cfg, xb, out, counters, w_, laid, layout, sz):
+        assert xb.shape == (4, 512) and out.shape == (4, 256) and w_ is w and laid is None and sz is None
+        seen.append(cfg)
+        if cfg == fails:
+            raise RuntimeError("out of shared memory")
+        return None if cfg == cannot else (lambda: cfg)
+
+    monkeypatch.setattr(tn, "time_ms", lambda run, device, timing, warmup, rep_ms: times[run()])
+    best = tn.Tuner(run_candidate)._search(torch.randn(3, 512), w, 4)
+    assert seen == cands
+    assert best == min((c for c in cands if c not in (cannot, fails)), key=times.__getitem__)

@@ -63,20 +63,35 @@ def as_float(q, DT: tl.constexpr, MODE: tl.constexpr):
         return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+# -(2^e + z) as the bits of the output dtype: 2^e + z for a zero point z below 2^7 (bf16) or 2^10 (fp16) is
+# 2^e with z as its mantissa bits, so its negation is z ORed into these (-2^7 in bf16, -2^10 in fp16). Integer
+# work only, where converting z to fp32, adding, negating and rounding to the dtype took four instructions a
+# row and group (INT4 zero points are 0..15: the same bits, tests/test_int4_triton.py).
+NEG_MAGIC_BF16 = tl.constexpr(0xC300)
+NEG_MAGIC_FP16 = tl.constexpr(0xE400)
+
+
+@triton.jit
+def neg_magic_zero(z, DT: tl.constexpr):
+    """The 16-bit pattern of -(2^e + z) in DT (int32 lanes), for integer zero points z in 0..15."""
+    if DT == tl.float16:
+        return z | NEG_MAGIC_FP16
+    else:
+        return z | NEG_MAGIC_BF16
+
+
 @triton.jit
 def dequant_words(words, z, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 words [R, W] and zero-points z [R] (uint8) -> q - z as DT [R, W, 2, 2, 2]
     (reshape to [R, 8W] for the canonical column order). USE_ASM False (Triton's
     interpreter, which runs no PTX): the same values by plain integer ops."""
     if USE_ASM:
+        bias = neg_magic_zero(z.to(tl.int32), DT)
+        bias = (bias | (bias << 16))[:, None] + tl.zeros_like(words)
         if DT == tl.float16:
-            bias = (-(1024.0 + z.to(tl.float32))).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            bias = (bias | (bias << 16))[:, None] + tl.zeros_like(words)
             q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
                 ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, bias], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
         else:
-            bias = (-(128.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            bias = (bias | (bias << 16))[:, None] + tl.zeros_like(words)
             q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
                 ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, bias], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
     else:
@@ -130,18 +145,16 @@ def dequant_operand(words, z, s, DT: tl.constexpr, USE_ASM: tl.constexpr):
     b and c gives the columns in order, and that order is the tensor-core register operand's
     (kWidth 2), so the join, permute and reshape are free register renames."""
     if USE_ASM:
-        if DT == tl.float16:  # 2^e of the bit trick: fp16's 2^10, bf16's 2^7
-            two_e = 1024.0
+        if DT == tl.float16:  # the bit trick's 2^e: fp16's 2^10, bf16's 2^7
             asm: tl.constexpr = ASM_FP16_SCALED
             out: tl.constexpr = (tl.float16,) * 8
         else:
-            two_e = 128.0
             asm: tl.constexpr = ASM_BF16_SCALED
             out: tl.constexpr = (tl.bfloat16,) * 8
-        bias = (-(two_e + z.to(tl.float32))).to(DT).to(tl.int16, bitcast=True)
         q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
             asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-            [words, _pair(bias, words), _pair(s.to(DT).to(tl.int16, bitcast=True), words)],
+            [words, _pair(neg_magic_zero(z.to(tl.int32), DT), words),
+             _pair(s.to(DT).to(tl.int16, bitcast=True), words)],
             dtype=out, is_pure=True, pack=1)
     else:
         zf = tl.expand_dims(z.to(tl.float32), len(words.shape) - 1)

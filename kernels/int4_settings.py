@@ -27,7 +27,9 @@ import os
 # r11: ws tiles launched bound (FAST_LAUNCH), so the tuner's eager timings of a ws candidate
 # see its kernel, not ~110 us of Gluon's launch; a split run's parts summed by all its programs
 # (FIXUP_SLICED).
-REVISION = "r11"
+# r12: each K step's zero-point bias -(2^e + z) built by integer ops (int4_codes.neg_magic_zero), the same
+# bits: 7-29 fewer instructions a step in every tile's K loop compiled for sm_90 (benchmarks/NOTES.md).
+REVISION = "r12"
 
 # How codes become floats, each mode adding to the one before (int4_codes, the kernels'
 # docstrings): "i2f" converts (the kernels' first form); "magic" uses the bit trick;

@@ -249,6 +249,11 @@ if gluon is not None:
         """Consumer partition H of PARTS (num_warps warps): the tile's weight rows H * ROWS_H .. of each
         stage, its own accumulator [ROWS_H, BLOCK_M], the output's columns n0 + H * ROWS_H .."""
         DT: gl.constexpr = x_bufs.dtype
+        # -(2^e + z) in DT is z ORed into -2^e's bits (int4_codes.neg_magic_zero: integer work only)
+        if TWO_E == 1024.0:
+            NEG_MAGIC: gl.constexpr = 0xE400
+        else:
+            NEG_MAGIC: gl.constexpr = 0xC300
         ROWS_H: gl.constexpr = BLOCK_N // PARTS
         COL0: gl.constexpr = H * ROWS_H  # (PARTS 1: every offset by it is left out, as is every other change)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -281,8 +286,7 @@ if gluon is not None:
                 sz = sz_next
                 sz_next = _load_sz(s_ptr, rows, gl.minimum(kt + 1, ke - 1) // GROUP_TILES, N, NGROUPS, SPLIT)
                 scale2 = _pair16(sz)
-                bias2 = _pair16((-(TWO_E + ((sz >> 16) & 0xFF).to(gl.float32))).to(DT).to(gl.int16, bitcast=True)
-                                .to(gl.int32))
+                bias2 = _pair16(((sz >> 16) & 0xFF) | NEG_MAGIC)
                 if LAG == 2:  # the stage two steps back: the last step's fourth wait saw its groups done
                     mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), pred=kt > ks + 1)
                 mbarrier.wait(ready.index(st), (j // STAGES) & 1)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 from quantbridge.kernels import int4_configs as kc  # noqa: E402
+from quantbridge.kernels.int4_codes import neg_magic_zero  # noqa: E402
 from quantbridge.kernels import int4_layouts as lay  # noqa: E402
 from quantbridge.kernels import int4_settings as settings  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
@@ -1008,3 +1010,21 @@ def test_candidate_run_leaves_out_a_ws_tile_where_the_layer_has_no_packed_scales
     assert kt.candidate_run(ws_cfg, x, out, None, w, w, "operand-tiled", None) is None
     assert callable(kt.candidate_run((32, 64, 64, 1, 4, 3), x, out, None, w, None, "canonical", None))
     assert kt.TUNER.run_candidate is kt.candidate_run
+
+
+@triton.jit
+def _neg_magic_kernel(z_ptr, out_ptr, DT: tl.constexpr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, neg_magic_zero(tl.load(z_ptr + i), DT))
+
+
+@pytest.mark.parametrize("dtype, two_e", [(torch.bfloat16, 128.0), (torch.float16, 1024.0)])
+def test_the_bit_tricks_bias_is_built_by_integer_ops_to_the_same_bits(dtype, two_e):
+    """int4_codes.neg_magic_zero, which the tiles subtract (q - z by (2^e + q) - (2^e + z)): for every INT4
+    zero point, in a fresh order, the bits of -(2^e + z) rounded to the dtype as the float path gave them."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    z = torch.randperm(16, dtype=torch.int32, device=device)
+    out = torch.empty_like(z)
+    _neg_magic_kernel[(1,)](z, out, tl.float16 if dtype == torch.float16 else tl.bfloat16, 16)
+    want = (-(two_e + z.double())).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(out, want), (out, want)

@@ -719,7 +719,7 @@ def test_sass_one_consumer_partition_is_the_kernel_it_was(monkeypatch):
     monkeypatch.setattr(settings, "CONSUMER_PARTS", 1)
     sass = sass_counts.compile_ws((128, 128, 4))[0]
     loop = sass_counts.main_loop(sass, holding="HGMMA")
-    assert len(loop) == 234 and sum(t.startswith("HGMMA") for t in loop) == 8, len(loop)
+    assert len(loop) == 227 and sum(t.startswith("HGMMA") for t in loop) == 8, len(loop)
     assert [t for t in loop if t.startswith("BAR.SYNC")] == ["BAR.SYNC.DEFER_BLOCKING 0x0, 0x100"] * 3
 
 

@@ -1018,13 +1018,25 @@ def _neg_magic_kernel(z_ptr, out_ptr, DT: tl.constexpr, N: tl.constexpr):
     tl.store(out_ptr + i, neg_magic_zero(tl.load(z_ptr + i), DT))
 
 
-@pytest.mark.parametrize("dtype, two_e", [(torch.bfloat16, 128.0), (torch.float16, 1024.0)])
-def test_the_bit_tricks_bias_is_built_by_integer_ops_to_the_same_bits(dtype, two_e):
-    """int4_codes.neg_magic_zero, which the tiles subtract (q - z by (2^e + q) - (2^e + z)): for every INT4
-    zero point, in a fresh order, the bits of -(2^e + z) rounded to the dtype as the float path gave them."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def _bias_bits_match(dtype: torch.dtype, two_e: float, device: str) -> None:
     z = torch.randperm(16, dtype=torch.int32, device=device)
     out = torch.empty_like(z)
     _neg_magic_kernel[(1,)](z, out, tl.float16 if dtype == torch.float16 else tl.bfloat16, 16)
     want = (-(two_e + z.double())).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     assert torch.equal(out, want), (out, want)
+
+
+@pytest.mark.parametrize("dtype, two_e", [(torch.bfloat16, 128.0), (torch.float16, 1024.0)])
+def test_the_bit_tricks_bias_is_built_by_integer_ops_to_the_same_bits(dtype, two_e):
+    """int4_codes.neg_magic_zero, which the tiles subtract (q - z by (2^e + q) - (2^e + z)): for every INT4
+    zero point, in a fresh order, the bits of -(2^e + z) rounded to the dtype as the float path gave them
+    (in Triton's interpreter on a CPU-only machine, compiled on a GPU)."""
+    _bias_bits_match(dtype, two_e, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, two_e", [(torch.bfloat16, 128.0), (torch.float16, 1024.0)])
+def test_gpu_the_bit_tricks_bias_is_built_by_integer_ops_to_the_same_bits(dtype, two_e):
+    """The same, compiled (the GPU runs select -m gpu)."""
+    _bias_bits_match(dtype, two_e, "cuda")

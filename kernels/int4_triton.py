@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from quantbridge.kernels import int4_configs as configs
+from quantbridge.kernels import int4_configs as configs  # configs.ws_module(): looked up when called (tests stand in)
 from quantbridge.kernels import int4_settings as settings
 from quantbridge.kernels._fast_launch import FastLauncher, hooks_active, raw_launcher
 from quantbridge.kernels.int4_configs import (DEQUANT_CUBLAS, Config, cdiv, counter_slots, is_ws, operand_config,

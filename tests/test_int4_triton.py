@@ -14,11 +14,11 @@ triton = pytest.importorskip("triton")
 tl = triton.language
 
 from quantbridge.kernels import int4_configs as kc  # noqa: E402
-from quantbridge.kernels.int4_codes import neg_magic_zero  # noqa: E402
 from quantbridge.kernels import int4_layouts as lay  # noqa: E402
 from quantbridge.kernels import int4_settings as settings  # noqa: E402
 from quantbridge.kernels import int4_triton as kt  # noqa: E402
 from quantbridge.kernels import int4_tuner as tn  # noqa: E402
+from quantbridge.kernels.int4_codes import neg_magic_zero  # noqa: E402
 from quantbridge.plugin.packed import quantize_rtn  # noqa: E402
 from quantbridge.plugin.spec import QuantSpec  # noqa: E402
 

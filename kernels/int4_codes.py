@@ -86,8 +86,7 @@ def dequant_words(words, z, DT: tl.constexpr, USE_ASM: tl.constexpr):
     (reshape to [R, 8W] for the canonical column order). USE_ASM False (Triton's
     interpreter, which runs no PTX): the same values by plain integer ops."""
     if USE_ASM:
-        bias = neg_magic_zero(z.to(tl.int32), DT)
-        bias = (bias | (bias << 16))[:, None] + tl.zeros_like(words)
+        bias = _pair(neg_magic_zero(z.to(tl.int32), DT), words)
         if DT == tl.float16:
             q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
                 ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, bias], dtype=(tl.float16,) * 8, is_pure=True, pack=1)

@@ -28,7 +28,7 @@ import torch
 
 from quantbridge.kernels import int4_settings as settings
 from quantbridge.kernels._fast_launch import run_compiled, sm_count, tma_launcher
-from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED
+from quantbridge.kernels.int4_codes import ASM_BF16_SCALED, ASM_FP16_SCALED, NEG_MAGIC_BF16, NEG_MAGIC_FP16
 from quantbridge.kernels.int4_layouts import sz_format
 
 try:  # Gluon ships with Triton 3.5+; without it the tuner offers none of these tiles
@@ -251,9 +251,9 @@ if gluon is not None:
         DT: gl.constexpr = x_bufs.dtype
         # -(2^e + z) in DT is z ORed into -2^e's bits (int4_codes.neg_magic_zero: integer work only)
         if TWO_E == 1024.0:
-            NEG_MAGIC: gl.constexpr = 0xE400
+            NEG_MAGIC: gl.constexpr = NEG_MAGIC_FP16
         else:
-            NEG_MAGIC: gl.constexpr = 0xC300
+            NEG_MAGIC: gl.constexpr = NEG_MAGIC_BF16
         ROWS_H: gl.constexpr = BLOCK_N // PARTS
         COL0: gl.constexpr = H * ROWS_H  # (PARTS 1: every offset by it is left out, as is every other change)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
